@@ -1,0 +1,197 @@
+"""Tuning knobs of the RMSNorm-family kernels: one frozen dataclass, fixed choice lists, constraints
+and the analytical heuristic (the fallback of dispatch and trial 0 of every search).
+
+A knob has one name everywhere: this dataclass field, the Optuna parameter, the Parquet column
+`knob_<name>` and the LUT value.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+from .problem import ELEM_BYTES, FP4_BLOCK, Problem
+
+# Fixed, full choice lists (Optuna cannot vary a categorical's choices between trials).
+KNOB_CHOICES: dict[str, tuple] = {
+    "threads": (32, 64, 128, 256, 512, 1024),  # threads per CTA
+    "threads_per_row": (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),  # rows per CTA = threads / this
+    "vec_bytes": (2, 4, 8, 16),  # bytes of x per vector load
+    "cluster": (1, 2, 4, 8),  # CTAs of a cluster splitting one row (SM90+)
+    "stage": ("reg", "smem"),  # x kept in registers, or staged in shared memory by cp.async
+    "ctas_per_sm": (0, 1, 2, 4, 8),  # 0: one CTA per row block; N: persistent grid of N x SMs
+    "weight_smem": (False, True),  # weight read from shared memory instead of held in registers
+}
+
+MAX_SMEM_BYTES = 227 * 1024  # SM90/SM100 opt-in shared memory per CTA
+REG_VALUES_BUDGET = 32768  # fp32 row values a CTA may hold in registers (half the register file)
+MAX_REG_VALUES_PER_THREAD = 128
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    threads: int = 128
+    threads_per_row: int = 32
+    vec_bytes: int = 16
+    cluster: int = 1
+    stage: str = "reg"
+    ctas_per_sm: int = 0
+    weight_smem: bool = False
+
+    @property
+    def rows_per_cta(self) -> int:
+        return self.threads // self.threads_per_row
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "KernelConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown knobs {sorted(unknown)}; knobs are {sorted(names)}")
+        return cls(**{k: d[k] for k in names if k in d})
+
+    def short(self) -> str:
+        return (f"t{self.threads}/r{self.threads_per_row}/v{self.vec_bytes}/c{self.cluster}/{self.stage}"
+                f"/p{self.ctas_per_sm}/{'wsm' if self.weight_smem else 'wrg'}")
+
+
+def vec_elems(p: Problem, cfg: KernelConfig) -> int:
+    return cfg.vec_bytes // ELEM_BYTES[p.in_dtype]
+
+
+def chunk_cols(p: Problem, cfg: KernelConfig) -> int:
+    """Columns of a row one CTA owns: the row split evenly over the cluster in whole vectors (whole
+    FP4 scale blocks where the output has them)."""
+    unit = max(vec_elems(p, cfg), FP4_BLOCK.get(p.out_format, 1))
+    n_units = -(-p.C // unit)
+    return -(-n_units // cfg.cluster) * unit
+
+
+def iters_per_row(p: Problem, cfg: KernelConfig) -> int:
+    """Vector loads one thread issues per row (a compile-time loop count)."""
+    return -(-chunk_cols(p, cfg) // (cfg.threads_per_row * vec_elems(p, cfg)))
+
+
+def smem_bytes(p: Problem, cfg: KernelConfig) -> int:
+    """Shared memory the config asks for: staged x tile, weight copy, reduction scratch."""
+    e = ELEM_BYTES[p.in_dtype]
+    tile = cfg.rows_per_cta * iters_per_row(p, cfg) * cfg.threads_per_row * vec_elems(p, cfg) * e
+    total = 0
+    if cfg.stage == "smem":
+        total += tile
+    if cfg.weight_smem:
+        total += iters_per_row(p, cfg) * cfg.threads_per_row * vec_elems(p, cfg) * e
+    warps_per_row = max(1, cfg.threads_per_row // 32)
+    total += cfg.rows_per_cta * warps_per_row * 4 + cfg.rows_per_cta * cfg.cluster * 4 + 64
+    return total
+
+
+def violations(p: Problem, cfg: KernelConfig, arch: int = 90, row_stride: int | None = None) -> list[str]:
+    """Every reason `cfg` cannot run `p` on `arch` (empty list = valid).
+
+    `row_stride` (elements) is the actual stride between rows when it differs from C; vector loads
+    must stay aligned on every row.
+    """
+    why = []
+    for name, choices in KNOB_CHOICES.items():
+        if getattr(cfg, name) not in choices:
+            why.append(f"{name}={getattr(cfg, name)!r} not in {choices}")
+    if why:
+        return why
+    e = ELEM_BYTES[p.in_dtype]
+    v = vec_elems(p, cfg)
+    if v < 1:
+        why.append(f"vec_bytes={cfg.vec_bytes} is smaller than one {p.in_dtype} element")
+        return why
+    stride = p.C if row_stride is None else row_stride
+    if (stride * e) % cfg.vec_bytes:
+        why.append(f"row stride {stride * e} B is not a multiple of vec_bytes={cfg.vec_bytes}")
+    if p.spec.per_head and (p.C * e) % cfg.vec_bytes:
+        why.append(f"head_dim {p.C} x {e} B is not a multiple of vec_bytes={cfg.vec_bytes}")
+    if cfg.threads_per_row > cfg.threads:
+        why.append(f"threads_per_row={cfg.threads_per_row} > threads={cfg.threads}")
+    if cfg.threads_per_row * v > max(32 * v, _next_pow2(chunk_cols(p, cfg))):
+        why.append(f"threads_per_row x vector = {cfg.threads_per_row * v} elements is wider than the row "
+                   f"chunk ({chunk_cols(p, cfg)}): idle threads")
+    if cfg.cluster > 1:
+        if arch < 90:
+            why.append("clusters need SM90+")
+        if cfg.rows_per_cta != 1:
+            why.append("a cluster splits one row: threads_per_row must equal threads")
+        if cfg.cluster * v > p.C:
+            why.append(f"cluster={cfg.cluster} leaves a CTA without a vector of the row")
+    if p.out_format in FP4_BLOCK:
+        blk = FP4_BLOCK[p.out_format]
+        if blk % v:
+            why.append(f"{p.out_format} block {blk} is not a multiple of the vector ({v} elements)")
+        elif blk // v > cfg.threads_per_row:
+            why.append(f"{p.out_format} block spans {blk // v} lanes but threads_per_row={cfg.threads_per_row}")
+    vals = iters_per_row(p, cfg) * v
+    if cfg.stage == "reg" and (vals > MAX_REG_VALUES_PER_THREAD or vals * cfg.threads > REG_VALUES_BUDGET):
+        why.append(f"{vals} row values per thread x {cfg.threads} threads do not fit in registers; "
+                   "use stage=smem, more threads or a cluster")
+    if smem_bytes(p, cfg) > MAX_SMEM_BYTES:
+        why.append(f"needs {smem_bytes(p, cfg)} B shared memory > {MAX_SMEM_BYTES}")
+    return why
+
+
+def is_valid(p: Problem, cfg: KernelConfig, arch: int = 90, row_stride: int | None = None) -> bool:
+    return not violations(p, cfg, arch, row_stride)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def max_vec_bytes(p: Problem, row_stride: int | None = None, ptr_align: int = 16) -> int:
+    """Widest vector (bytes) that keeps every row's loads aligned."""
+    e = ELEM_BYTES[p.in_dtype]
+    stride_b = (p.C if row_stride is None else row_stride) * e
+    if p.spec.per_head:
+        stride_b = _gcd(stride_b, p.C * e)
+    for vb in (16, 8, 4, 2):
+        if stride_b % vb == 0 and ptr_align % vb == 0:
+            return vb
+    return 2
+
+
+def _gcd(a: int, b: int) -> int:
+    while b:
+        a, b = b, a % b
+    return a
+
+
+def heuristic(p: Problem, arch: int = 90, row_stride: int | None = None, ptr_align: int = 16) -> KernelConfig:
+    """A valid config for any problem, from the shape alone.
+
+    Aim: 16-byte vectors, about four vector loads in flight per thread, 128+ threads per CTA, and
+    enough rows per CTA that short rows still give every thread work.
+    """
+    vb = max_vec_bytes(p, row_stride, ptr_align)
+    if p.out_format in FP4_BLOCK:
+        vb = min(vb, FP4_BLOCK[p.out_format] * ELEM_BYTES[p.in_dtype])
+    v = vb // ELEM_BYTES[p.in_dtype]
+    n_vec = -(-p.C // v)
+    tpr = min(1024, _next_pow2(-(-n_vec // 4)))
+    if p.out_format in FP4_BLOCK:
+        tpr = max(tpr, FP4_BLOCK[p.out_format] // v)
+    threads = max(128, tpr)
+    cfg = KernelConfig(threads=threads, threads_per_row=tpr, vec_bytes=vb)
+    if is_valid(p, cfg, arch, row_stride):
+        return cfg
+    # Long rows: spread over a cluster (SM90+) or stage x through shared memory.
+    candidates = []
+    if arch >= 90:
+        candidates += [KernelConfig(threads=1024, threads_per_row=1024, vec_bytes=vb, cluster=c) for c in (2, 4, 8)]
+    candidates += [KernelConfig(threads=1024, threads_per_row=1024, vec_bytes=vb, stage="smem")]
+    for c in candidates:
+        if is_valid(p, c, arch, row_stride):
+            return c
+    # Last resort: smallest vector, one row per CTA, staged (valid for any C the smem can hold).
+    for vb2 in (vb, 2):
+        c = KernelConfig(threads=1024, threads_per_row=1024, vec_bytes=vb2, stage="smem",
+                         cluster=8 if arch >= 90 else 1)
+        if is_valid(p, c, arch, row_stride):
+            return c
+    raise ValueError(f"no valid kernel config for {p} (row_stride={row_stride}); C too large?")

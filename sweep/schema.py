@@ -1,0 +1,70 @@
+"""The Parquet row schema: one row per trial (or per bench measurement), shared by sweep, export,
+heatmaps and reports. Bump SCHEMA_VERSION on any incompatible change.
+"""
+from __future__ import annotations
+
+import pyarrow as pa
+
+from kernels.config import KNOB_CHOICES
+
+SCHEMA_VERSION = 1
+
+STATUSES = ("ok", "invalid", "compile_error", "runtime_error", "timeout", "wrong_result")
+BACKENDS = ("gpu", "synthetic")
+
+
+def _knob_type(choices: tuple) -> pa.DataType:
+    if all(isinstance(c, bool) for c in choices):
+        return pa.bool_()
+    if all(isinstance(c, int) for c in choices):
+        return pa.int64()
+    return pa.string()
+
+
+FIELDS: list[pa.Field] = [
+    pa.field("schema_version", pa.int32()),
+    pa.field("run_id", pa.string()),
+    pa.field("study", pa.string()),
+    pa.field("trial", pa.int64()),  # Optuna trial number; -1 for bench rows
+    pa.field("kind", pa.string()),  # trial | rebench | bench
+    pa.field("impl", pa.string()),  # lutforge | lutforge_heuristic | torch_eager | torch_compile | quack | liger | flashinfer
+    pa.field("config_source", pa.string()),  # search | heuristic | lut_exact | lut_range | lut_nearest | peer
+    pa.field("problem_set", pa.string()),
+    pa.field("op", pa.string()),
+    pa.field("out_format", pa.string()),
+    pa.field("scale_layout", pa.string()),
+    pa.field("in_dtype", pa.string()),
+    pa.field("T", pa.int64()),
+    pa.field("C", pa.int64()),
+    pa.field("heads", pa.int64()),
+    *[pa.field(f"knob_{k}", _knob_type(v)) for k, v in KNOB_CHOICES.items()],
+    pa.field("status", pa.string()),
+    pa.field("error", pa.string()),
+    pa.field("median_us", pa.float64()),
+    pa.field("p20_us", pa.float64()),
+    pa.field("p80_us", pa.float64()),
+    pa.field("bytes", pa.int64()),
+    pa.field("gbps", pa.float64()),
+    pa.field("pct_copy", pa.float64()),
+    pa.field("copy_gbps", pa.float64()),
+    pa.field("rel_err", pa.float64()),
+    pa.field("max_ulp", pa.float64()),
+    pa.field("compile_s", pa.float64()),
+    pa.field("device_name", pa.string()),
+    pa.field("device_class", pa.string()),  # e.g. h100, h200, b200
+    pa.field("sm", pa.int32()),  # compute capability as 90, 100, ...
+    pa.field("sm_count", pa.int32()),
+    pa.field("sm_clock_mhz", pa.float64()),
+    pa.field("mem_clock_mhz", pa.float64()),
+    pa.field("driver", pa.string()),
+    pa.field("cuda", pa.string()),
+    pa.field("torch", pa.string()),
+    pa.field("cutlass_dsl", pa.string()),
+    pa.field("lutforge", pa.string()),
+    pa.field("git_commit", pa.string()),
+    pa.field("timestamp", pa.string()),  # ISO 8601 UTC
+    pa.field("backend", pa.string()),  # gpu | synthetic
+]
+
+SCHEMA = pa.schema(FIELDS, metadata={"lutforge_schema_version": str(SCHEMA_VERSION)})
+KNOB_COLUMNS = [f"knob_{k}" for k in KNOB_CHOICES]
