@@ -1,0 +1,396 @@
+"""The one CuTe-DSL kernel behind every RMSNorm-family op.
+
+Each thread owns `iters` vectors of `v` elements of one row: vector i of lane l sits at vector index
+i*threads_per_row + l of the CTA's column chunk, so a warp's loads are contiguous. The row's sum of
+squares is reduced in registers, then across the row's lanes (shuffles), warps (shared memory) and
+CTAs of a cluster (distributed shared memory). Everything the op fuses (residual add, Gemma offset,
+SiLU, FP8/FP4 quantisation) is a compile-time branch, so a compiled kernel carries no dead code.
+
+Tensors arrive as 3D views [T, H, C] (H = 1 except for per-head ops) with dynamic, 64-bit strides
+whose divisibility by the vector width is part of the compile-time signature.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import cutlass
+import cutlass.cute as cute
+from cutlass import Float32, Int32, Uint8, Uint32, const_expr
+
+from .config import KernelConfig, chunk_cols, iters_per_row, vec_elems
+from .problem import FP4_BLOCK, Problem
+
+E4M3_MAX = 448.0
+FLT_MIN = 1.1754943508222875e-38
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """Everything fixed at compile time: the problem's static part, the knobs and the arch."""
+
+    problem: Problem  # T is ignored (dynamic); C, heads, dtypes, out format, layout matter
+    cfg: KernelConfig
+    arch: int  # 90, 100, ...
+
+    @property
+    def key(self) -> tuple:
+        p = self.problem
+        return (p.op, p.in_dtype, p.out_format, p.C, p.heads, p.scale_layout, self.cfg, self.arch)
+
+
+class NormKernel:
+    def __init__(self, spec: KernelSpec):
+        p, cfg = spec.problem, spec.cfg
+        self.spec = spec
+        self.op = p.spec
+        self.C = p.C
+        self.H = p.heads
+        self.out_format = p.out_format
+        self.cfg = cfg
+        self.v = vec_elems(p, cfg)
+        self.tpr = cfg.threads_per_row
+        self.rpc = cfg.rows_per_cta
+        self.iters = iters_per_row(p, cfg)
+        self.chunk_vecs = chunk_cols(p, cfg) // self.v
+        self.n_vec = -(-p.C // self.v)
+        self.cluster = cfg.cluster
+        self.warps_per_row = max(1, self.tpr // 32)
+        # Vectors that may fall outside the row/chunk need a predicate; exact tilings need none.
+        self.even = (self.iters * self.tpr == self.chunk_vecs) and (self.chunk_vecs * self.cluster == self.n_vec)
+        self.fp4_block = FP4_BLOCK.get(p.out_format, 0)
+        self.hw_fp4 = spec.arch >= 100
+
+    # ------------------------------------------------------------------ host side
+    @cute.jit
+    def __call__(self, mX: cute.Tensor, mW: cute.Tensor, mRes, mY: cute.Tensor, mSF, mGS,
+                 eps: Float32, qscale: Float32, grid_limit: Int32, stream):
+        rows = mX.shape[0] * self.H
+        n_blocks = cute.ceil_div(rows, self.rpc)
+        grid_x = n_blocks
+        if const_expr(self.cfg.ctas_per_sm > 0):
+            grid_x = cutlass.min(n_blocks, grid_limit)
+        self.kernel(mX, mW, mRes, mY, mSF, mGS, eps, qscale).launch(
+            grid=[grid_x, self.cluster, 1],
+            block=[self.cfg.threads, 1, 1],
+            cluster=[1, self.cluster, 1] if const_expr(self.cluster > 1) else None,
+            stream=stream,
+        )
+
+    # ------------------------------------------------------------------ device side
+    @cute.kernel
+    def kernel(self, mX: cute.Tensor, mW: cute.Tensor, mRes, mY: cute.Tensor, mSF, mGS,
+               eps: Float32, qscale: Float32):
+        v, tpr, iters, rpc = self.v, self.tpr, self.iters, self.rpc
+        tidx, _, _ = cute.arch.thread_idx()
+        bidx, rank, _ = cute.arch.block_idx()
+        if const_expr(self.cluster == 1):
+            rank = Int32(0)
+        lane = tidx % tpr
+        r_in_cta = tidx // tpr
+        rows = mX.shape[0] * self.H
+
+        smem = cutlass.utils.SmemAllocator()
+        red_buf = None
+        if const_expr(self.warps_per_row > 1):
+            red_buf = smem.allocate_tensor(Float32, cute.make_layout((rpc, self.warps_per_row, 2)), byte_alignment=16)
+        cl_buf = None
+        if const_expr(self.cluster > 1):
+            cl_buf = smem.allocate_tensor(Float32, cute.make_layout((self.cluster, 2)), byte_alignment=16)
+        sX = None
+        if const_expr(self.cfg.stage == "smem"):
+            sX = smem.allocate_tensor(mX.element_type, cute.make_layout((v, iters, tpr, rpc)), byte_alignment=16)
+        sW = None
+        if const_expr(self.cfg.weight_smem):
+            sW = smem.allocate_tensor(mW.element_type, cute.make_layout((v, iters, tpr)), byte_alignment=16)
+
+        mXv = cute.zipped_divide(mX, (1, 1, v))
+        mWv = cute.zipped_divide(mW, (v,))
+        mResv = None
+        if const_expr(self.op.residual):
+            mResv = cute.zipped_divide(mRes, (1, v))
+
+        # Weight: once per CTA, into registers (or shared memory).
+        w_frag = cute.make_rmem_tensor((v, iters), mW.element_type)
+        w_frag.fill(0.0)
+        for i in cutlass.range_constexpr(iters):
+            vi_local = i * tpr + lane
+            vi = rank * self.chunk_vecs + vi_local
+            if self._vec_ok(vi_local, vi):
+                if const_expr(self.cfg.weight_smem):
+                    if r_in_cta == 0:
+                        cute.autovec_copy(mWv[(None,), (vi,)], sW[None, i, lane])
+                else:
+                    cute.autovec_copy(mWv[(None,), (vi,)], w_frag[None, i])
+        if const_expr(self.cfg.weight_smem):
+            cute.arch.barrier()
+        if const_expr(self.cluster > 1):
+            cute.arch.cluster_arrive_relaxed()
+            cute.arch.cluster_wait()
+
+        n_blocks = cute.ceil_div(rows, rpc)
+        if const_expr(self.cfg.ctas_per_sm > 0):
+            grid_x, _, _ = cute.arch.grid_dim()
+            parity = Int32(0)
+            for rb in cutlass.range(bidx, n_blocks, grid_x, unroll=1):
+                self._row_block(rb, parity, lane, r_in_cta, rank, rows, mXv, mWv, mResv, mX, mY, mSF, mGS,
+                                w_frag, sW, sX, red_buf, cl_buf, eps, qscale)
+                parity = parity ^ 1
+        else:
+            self._row_block(bidx, Int32(0), lane, r_in_cta, rank, rows, mXv, mWv, mResv, mX, mY, mSF, mGS,
+                            w_frag, sW, sX, red_buf, cl_buf, eps, qscale)
+
+    @cute.jit
+    def _vec_ok(self, vi_local, vi):
+        """Whether this lane's vector lies inside its CTA's chunk and inside the row."""
+        ok = True
+        if const_expr(not self.even):
+            ok = vi_local < self.chunk_vecs and vi < self.n_vec
+        return ok
+
+    @cute.jit
+    def _row_block(self, rb, parity, lane, r_in_cta, rank, rows, mXv, mWv, mResv, mX, mY, mSF, mGS,
+                   w_frag, sW, sX, red_buf, cl_buf, eps, qscale):
+        v, tpr, iters = self.v, self.tpr, self.iters
+        staged = const_expr(self.cfg.stage == "smem")
+        row = rb * self.rpc + r_in_cta
+        t = row // self.H
+        h = row % self.H
+        row_ok = row < rows
+
+        # Pass 1: load x (+ residual), accumulate the sum of squares. Staged configs keep x in
+        # shared memory (cp.async) and only one vector at a time in registers.
+        x_frag = cute.make_rmem_tensor((v, 1 if staged else iters), mX.element_type)
+        x_frag.fill(0.0)
+        if const_expr(staged):
+            atom = cute.make_copy_atom(cute.nvgpu.cpasync.CopyG2SOp(), mX.element_type,
+                                       num_bits_per_copy=v * mX.element_type.width)
+            for i in cutlass.range_constexpr(iters):
+                vi_local = i * tpr + lane
+                vi = rank * self.chunk_vecs + vi_local
+                if row_ok and self._vec_ok(vi_local, vi):
+                    cute.copy(atom, mXv[(0, 0, None), (t, h, vi)], sX[None, i, lane, r_in_cta])
+                else:
+                    sX[None, i, lane, r_in_cta].fill(0.0)
+            cute.arch.cp_async_commit_group()
+        else:
+            for i in cutlass.range_constexpr(iters):
+                vi_local = i * tpr + lane
+                vi = rank * self.chunk_vecs + vi_local
+                if row_ok and self._vec_ok(vi_local, vi):
+                    cute.autovec_copy(mXv[(0, 0, None), (t, h, vi)], x_frag[None, i])
+        res_frag = None
+        if const_expr(self.op.residual):
+            res_frag = cute.make_rmem_tensor((v, iters), mX.element_type)
+            res_frag.fill(0.0)
+            for i in cutlass.range_constexpr(iters):
+                vi_local = i * tpr + lane
+                vi = rank * self.chunk_vecs + vi_local
+                if row_ok and self._vec_ok(vi_local, vi):
+                    cute.autovec_copy(mResv[(0, None), (t, vi)], res_frag[None, i])
+        if const_expr(staged):
+            cute.arch.cp_async_wait_group(0)
+
+        ssq = Float32(0.0)
+        for i in cutlass.range_constexpr(iters):
+            xv = self._x_vec(x_frag, sX, i, lane, r_in_cta)
+            if const_expr(self.op.residual):
+                xv = xv + res_frag[None, i].load().to(Float32)
+                res_frag[None, i].store(xv.to(mX.element_type))
+                vi_local = i * tpr + lane
+                vi = rank * self.chunk_vecs + vi_local
+                if row_ok and self._vec_ok(vi_local, vi):
+                    cute.autovec_copy(res_frag[None, i], mResv[(0, None), (t, vi)])
+            ssq = ssq + (xv * xv).reduce(cute.ReductionOp.ADD, init_val=0.0, reduction_profile=0)
+        ssq = self._row_sum(ssq, parity, lane, r_in_cta, rank, red_buf, cl_buf)
+        rstd = cute.math.rsqrt(ssq / self.C + eps, fastmath=False)
+
+        # Pass 2: normalise, fuse, convert and store one vector at a time.
+        gs = Float32(1.0)
+        if const_expr(mGS is not None):
+            gs = mGS[0]
+        for i in cutlass.range_constexpr(iters):
+            vi_local = i * tpr + lane
+            vi = rank * self.chunk_vecs + vi_local
+            store_ok = row_ok and self._vec_ok(vi_local, vi)
+            if const_expr(self.op.residual):
+                xv = res_frag[None, i].load().to(Float32)  # the stored (rounded) sum
+            else:
+                xv = self._x_vec(x_frag, sX, i, lane, r_in_cta)
+            if const_expr(self.cfg.weight_smem):
+                cute.autovec_copy(sW[None, i, lane], w_frag[None, i])
+            w = w_frag[None, i].load().to(Float32)
+            if const_expr(self.op.gemma):
+                w = w + 1.0
+            y = xv * rstd * w
+            if const_expr(self.op.silu):
+                y = y / (1.0 + cute.math.exp(-y, fastmath=True))
+            if const_expr(self.fp4_block > 0):
+                self._store_fp4_vec(y, t, h, row, vi, store_ok, lane, mY, mSF, gs)
+            else:
+                if const_expr(self.out_format == "fp8"):
+                    if const_expr(not self.op.silu):
+                        y = y / qscale
+                    y = self._clamp(y, E4M3_MAX)
+                y_frag = cute.make_rmem_tensor((v,), mY.element_type)
+                y_frag.store(y.to(mY.element_type))
+                if store_ok:
+                    mYv = cute.zipped_divide(mY, (1, 1, v))
+                    cute.autovec_copy(y_frag, mYv[(0, 0, None), (t, h, vi)])
+
+    @cute.jit
+    def _x_vec(self, x_frag, sX, i, lane, r_in_cta):
+        """Vector i of this lane's part of the row, as fp32 (from registers or shared memory)."""
+        if const_expr(self.cfg.stage == "smem"):
+            cute.autovec_copy(sX[None, i, lane, r_in_cta], x_frag[None, 0])
+            return x_frag[None, 0].load().to(Float32)
+        return x_frag[None, i].load().to(Float32)
+
+    @cute.jit
+    def _clamp(self, y, lim):
+        f = cute.make_rmem_tensor(y.shape, Float32)
+        f.store(y)
+        for j in cutlass.range_constexpr(cute.size(f)):
+            f[j] = cute.arch.fmin(cute.arch.fmax(f[j], -lim), lim)
+        return f.load()
+
+    @cute.jit
+    def _row_sum(self, val, parity, lane, r_in_cta, rank, red_buf, cl_buf):
+        """Sum `val` over the row's lanes, warps and cluster CTAs."""
+        val = cute.arch.warp_reduction(val, operator.add, threads_in_group=min(self.tpr, 32))
+        if const_expr(self.warps_per_row > 1):
+            warp_in_row = lane // 32
+            if lane % 32 == 0:
+                red_buf[r_in_cta, warp_in_row, parity] = val
+            cute.arch.barrier()
+            total = Float32(0.0)
+            for j in cutlass.range_constexpr(self.warps_per_row):
+                total = total + red_buf[r_in_cta, j, parity]
+            val = total
+        if const_expr(self.cluster > 1):
+            if lane < self.cluster:
+                # st.shared::cluster of this CTA's partial into slot `rank` of CTA `lane`
+                local = (cl_buf.iterator + (rank + parity * self.cluster)).toint()
+                cute.arch.inline_ptx(
+                    "{ .reg .u32 la, ra; cvt.u32.u64 la, {$r0}; mapa.shared::cluster.u32 ra, la, {$r1}; "
+                    "st.shared::cluster.f32 [ra], {$r2}; }",
+                    read_only_args=[cutlass.Uint64(local), Uint32(lane), val])
+            cute.arch.cluster_arrive(aligned=True)
+            cute.arch.cluster_wait()
+            total = Float32(0.0)
+            for j in cutlass.range_constexpr(self.cluster):
+                total = total + cl_buf[j, parity]
+            val = total
+        return val
+
+    # ------------------------------------------------------------------ FP4 output
+    @cute.jit
+    def _store_fp4_vec(self, y, t, h, row, vi, store_ok, lane, mY, mSF, gs):
+        """Quantise one vector (part of a scale block spread over adjacent lanes) and store it."""
+        v, blk = self.v, self.fp4_block
+        lanes_per_block = blk // v
+        f = cute.make_rmem_tensor((v,), Float32)
+        f.store(y)
+        amax = Float32(0.0)
+        for j in cutlass.range_constexpr(v):
+            amax = cute.arch.fmax(amax, cute.arch.fmax(f[j], -f[j]))
+        if const_expr(lanes_per_block > 1):
+            amax = cute.arch.warp_reduction(amax, cute.arch.fmax, threads_in_group=lanes_per_block)
+        mult, sf_byte = self._fp4_scale(amax, gs)
+        out = cute.make_rmem_tensor((v // 2,), Uint8)
+        for j in cutlass.range_constexpr(v // 2):
+            lo = self._e2m1(f[2 * j] * mult)
+            hi = self._e2m1(f[2 * j + 1] * mult)
+            out[j] = Uint8(lo | (hi << 4))
+        if store_ok:
+            mYv = cute.zipped_divide(mY, (1, 1, v // 2))
+            cute.autovec_copy(out, mYv[(0, 0, None), (t, h, vi)])
+            if lane % lanes_per_block == 0:
+                self._store_sf(mSF, row, (vi * v) // blk, sf_byte)
+
+    @cute.jit
+    def _fp4_scale(self, amax, gs):
+        """(value multiplier, scale byte) for one block, per the op's scale convention."""
+        mult = Float32(0.0)
+        sf_byte = Uint32(0)
+        if const_expr(self.out_format == "mxfp4"):
+            q = amax / 6.0
+            bits = cutlass.Uint32(cute.arch.inline_ptx("mov.b32 {$w0}, {$r0};", write_only_types=[Uint32],
+                                                       read_only_args=[q]))
+            exp = (bits >> 23) & 0xFF
+            mant = bits & 0x7FFFFF
+            e8 = exp
+            if exp != 0 and exp != 255 and mant != 0:
+                e8 = exp + 1
+            if exp == 255:
+                e8 = Uint32(255)
+            sf_byte = e8
+            # multiplier 2^(127 - e8) built from bits: normal for e8 <= 253, subnormal above
+            mbits = Uint32(0)
+            if e8 <= 253:
+                mbits = (254 - e8) << 23
+            else:
+                mbits = Uint32(0x400000) >> (e8 - 254)
+            mult = Float32(cute.arch.inline_ptx("mov.b32 {$w0}, {$r0};", write_only_types=[Float32],
+                                                read_only_args=[mbits]))
+        elif const_expr(self.op.fp4_scales):
+            # rmsnorm_fp4quant NVFP4: rounded e4m3 scale of global_scale*amax/6; values times gs/f32(s)
+            s = gs * amax / 6.0
+            s = cutlass.min(s, E4M3_MAX)
+            s8 = self._to_e4m3_bits(s)
+            s_f = self._e4m3_bits_to_f32(s8)
+            sf_byte = s8
+            if s_f != 0.0:
+                mult = gs / s_f
+        else:
+            # fused_rmsnorm_silu NVFP4: unrounded fp32 sf = max(amax/6, FLT_MIN); values / sf
+            sf = cute.arch.fmax(amax / 6.0, FLT_MIN)
+            sf_byte = self._to_e4m3_bits(cutlass.min(sf, E4M3_MAX))
+            mult = 1.0 / sf
+        return mult, sf_byte
+
+    @cute.jit
+    def _to_e4m3_bits(self, s):
+        """fp32 -> e4m3 byte, round to nearest even, saturating (hardware cvt on SM89+)."""
+        b = cute.arch.inline_ptx(
+            "{ .reg .b16 t; cvt.rn.satfinite.e4m3x2.f32 t, {$r0}, {$r1}; cvt.u32.u16 {$w0}, t; }",
+            write_only_types=[Uint32], read_only_args=[Float32(0.0), s])
+        return Uint32(b) & 0xFF
+
+    @cute.jit
+    def _e4m3_bits_to_f32(self, b):
+        f = cute.arch.inline_ptx(
+            "{ .reg .b16 t; .reg .b32 hh; .reg .f16 lo, hi; cvt.u16.u32 t, {$r0}; "
+            "cvt.rn.f16x2.e4m3x2 hh, t; mov.b32 {lo, hi}, hh; cvt.f32.f16 {$w0}, lo; }",
+            write_only_types=[Float32], read_only_args=[b])
+        return Float32(f)
+
+    @cute.jit
+    def _e2m1(self, a):
+        """One fp32 -> e2m1 code (4 bits), round to nearest even, saturating at 6.
+
+        SM100 has the instruction; SM90 computes the same bits with seven comparisons."""
+        code = Uint32(0)
+        if const_expr(self.hw_fp4):
+            code = Uint32(cute.arch.inline_ptx(
+                "{ .reg .b8 t; cvt.rn.satfinite.e2m1x2.f32 t, {$r0}, {$r1}; cvt.u32.u8 {$w0}, t; }",
+                write_only_types=[Uint32], read_only_args=[Float32(0.0), a])) & 0xF
+        else:
+            m = cute.arch.fmax(a, -a)
+            mag = (Uint32(m > 0.25) + Uint32(m >= 0.75) + Uint32(m > 1.25) + Uint32(m >= 1.75)
+                   + Uint32(m > 2.5) + Uint32(m >= 3.5) + Uint32(m > 5.0))
+            bits = Uint32(cute.arch.inline_ptx("mov.b32 {$w0}, {$r0};", write_only_types=[Uint32],
+                                               read_only_args=[a]))
+            code = mag | ((bits >> 28) & 0x8)
+        return code
+
+    @cute.jit
+    def _store_sf(self, mSF, row, sf_col, sf_byte):
+        if const_expr(self.spec.problem.scale_layout == "swizzled"):
+            n_sf = self.C // self.fp4_block
+            k_tiles = -(-n_sf // 4)
+            off = ((row // 128) * (k_tiles * 512) + (sf_col // 4) * 512 + (row % 32) * 16
+                   + ((row % 128) // 32) * 4 + (sf_col % 4))
+            mSF[off] = Uint8(sf_byte)
+        else:
+            mSF[row, sf_col] = Uint8(sf_byte)
