@@ -1,0 +1,245 @@
+"""Runtime choice of kernel knobs for a problem: exact LUT entry -> range along T -> nearest valid
+neighbour in C -> analytical heuristic.
+
+Tables are per arch; where a LUT module of the caller's device class exists (H100 and H200 are both
+sm90 but differ in bandwidth) it is asked first, then any other module of the arch. Whatever a table
+says, the answer is re-checked against the actual shape, row stride and pointer alignment (the vector
+width is narrowed when the data is less aligned than the tuned case), so dispatch never returns a config
+the kernel cannot run. Answers are memoised: a repeated call costs a dict hit, not a search.
+"""
+from __future__ import annotations
+
+import bisect
+import functools
+import logging
+import math
+import re
+from dataclasses import dataclass, replace
+
+from .config import KernelConfig, heuristic, max_vec_bytes, violations
+from .luts import EXACT_KEY, RANGE_KEY, LutModule, load_shipped, read_lut
+from .problem import ELEM_BYTES, Problem
+
+TIERS = ("exact", "range", "nearest", "heuristic")
+CACHE_SIZE = 65536  # memoised (problem, arch, class, stride, alignment) answers; T varies per batch
+
+_log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """A dispatch answer and where it came from (for `lutforge explain` and logs)."""
+
+    config: KernelConfig
+    tier: str  # one of TIERS
+    source: str | None = None  # LUT module that answered
+    key: tuple | None = None  # the LUT key that answered (EXACT_KEY or RANGE_KEY layout)
+
+
+class _LutIndex:
+    """One LUT module arranged for lookup: configs as KernelConfig, ranges as sorted breakpoints."""
+
+    def __init__(self, lut: LutModule):
+        self.name = lut.name
+        self.arch = lut.arch
+        self.device_class = lut.device_class
+        self.exact: dict[tuple, KernelConfig] = {}
+        self.range: dict[tuple, tuple[list[int], list[KernelConfig]]] = {}
+        bad = 0
+        for key, knobs in lut.exact.items():
+            try:
+                if not _key_ok(key, EXACT_KEY):
+                    raise ValueError(f"key {key!r} is not {EXACT_KEY}")
+                self.exact[key] = KernelConfig.from_dict(knobs)
+            except (TypeError, ValueError, AttributeError):
+                bad += 1
+        for key, segments in lut.range.items():
+            try:
+                if not _key_ok(key, RANGE_KEY):
+                    raise ValueError(f"key {key!r} is not {RANGE_KEY}")
+                bounds = [int(b) for b, _ in segments[:-1]]
+                if segments[-1][0] is not None or bounds != sorted(bounds):
+                    raise ValueError("segments must ascend and end unbounded")
+                self.range[key] = (bounds, [KernelConfig.from_dict(k) for _, k in segments])
+            except (TypeError, ValueError, AttributeError, IndexError):
+                bad += 1
+        if bad:
+            _log.error("LUT module %s: skipped %d malformed entries (run `lutforge validate`)", self.name, bad)
+        # Neighbours for the nearest tier: (op, out, layout, dtype) -> [(C, heads), ...]
+        self.families: dict[tuple, list[tuple[int, int]]] = {}
+        for key in self.range:
+            self.families.setdefault(key[:4], []).append((key[4], key[5]))
+
+    def at(self, key: tuple, T: int) -> KernelConfig | None:
+        """The range table's config for T under `key` (None if the key is absent)."""
+        entry = self.range.get(key)
+        if entry is None:
+            return None
+        bounds, cfgs = entry
+        return cfgs[bisect.bisect_right(bounds, T)]
+
+
+def _key_ok(key, layout: tuple) -> bool:
+    """A LUT key of `layout`: four names, then C >= 1, heads >= 1 (and T >= 0) as ints."""
+    if not (isinstance(key, tuple) and len(key) == len(layout)):
+        return False
+    names, sizes = key[:4], key[4:]
+    return (all(isinstance(n, str) for n in names)
+            and all(type(v) is int for v in sizes) and sizes[0] >= 1 and sizes[1] >= 1 and min(sizes) >= 0)
+
+
+class Dispatcher:
+    """Lookup over a set of LUT modules; `select_config` below uses the modules shipped in kernels/luts/."""
+
+    def __init__(self, luts=()):
+        self._indexes = []
+        for lut in luts:
+            if not isinstance(lut, LutModule):
+                raise TypeError(f"expected LutModule, got {type(lut).__name__}")
+            if isinstance(lut.arch, bool) or not isinstance(lut.arch, int) or not isinstance(lut.device_class, str):
+                _log.error("skipping LUT module %s: METADATA needs int arch and str device_class", lut.name)
+                continue
+            self._indexes.append(_LutIndex(lut))
+        self._indexes.sort(key=lambda i: i.name)
+        self._logged: set = set()
+        self._lookup = functools.lru_cache(maxsize=CACHE_SIZE)(self._lookup_uncached)
+        self._tables = functools.lru_cache(maxsize=None)(self._tables_uncached)
+
+    @classmethod
+    def from_paths(cls, paths) -> "Dispatcher":
+        """A dispatcher over LUT module files (e.g. a freshly exported one, before it ships)."""
+        return cls([read_lut(p) for p in paths])
+
+    @property
+    def modules(self) -> list[str]:
+        return [i.name for i in self._indexes]
+
+    def _tables_uncached(self, arch: int, device_class: str | None) -> tuple[_LutIndex, ...]:
+        same_arch = [i for i in self._indexes if i.arch == arch]
+        first = [i for i in same_arch if i.device_class == device_class]
+        return tuple(first + [i for i in same_arch if i.device_class != device_class])
+
+    def lookup(self, problem: Problem, arch: int, device_class: str | None = None,
+               row_stride: int | None = None, ptr_align: int = 16) -> Selection:
+        """The config for `problem` and the tier that answered; see the module docstring for the order."""
+        if type(problem) is not Problem:
+            raise TypeError(f"problem must be kernels.problem.Problem, got {type(problem).__name__}")
+        if type(arch) is not int or arch <= 0:
+            raise TypeError(f"arch must be a positive int such as 90 (sm90), got {arch!r}")
+        if device_class is not None:
+            if not isinstance(device_class, str):
+                raise TypeError(f"device_class must be str or None, got {type(device_class).__name__}")
+            device_class = device_class.lower()
+        if row_stride is not None:
+            if type(row_stride) is not int or row_stride < problem.C:
+                raise ValueError(f"row_stride must be an int >= C={problem.C} (elements), got {row_stride!r}")
+            if row_stride == problem.C:
+                row_stride = None
+        if type(ptr_align) is not int or ptr_align < ELEM_BYTES[problem.in_dtype] or ptr_align & (ptr_align - 1):
+            raise ValueError(f"ptr_align must be a power of two >= the {problem.in_dtype} element size "
+                             f"({ELEM_BYTES[problem.in_dtype]} B), got {ptr_align!r}")
+        return self._lookup(problem, arch, device_class, row_stride, min(ptr_align, 16))
+
+    def select_config(self, problem: Problem, arch: int, device_class: str | None = None,
+                      row_stride: int | None = None, ptr_align: int = 16) -> tuple[KernelConfig, str]:
+        s = self.lookup(problem, arch, device_class, row_stride, ptr_align)
+        return s.config, s.tier
+
+    def _lookup_uncached(self, p: Problem, arch: int, device_class, row_stride, ptr_align) -> Selection:
+        def fit(cfg: KernelConfig | None) -> KernelConfig | None:
+            # Narrow the vector to what the actual stride/alignment allows, then re-check every constraint.
+            if cfg is None:
+                return None
+            vb = max_vec_bytes(p, row_stride, ptr_align)
+            if cfg.vec_bytes > vb:
+                cfg = replace(cfg, vec_bytes=vb)
+            return None if violations(p, cfg, arch, row_stride) else cfg
+
+        tables = self._tables(arch, device_class)
+        family = (p.op, p.out_format, p.scale_layout, p.in_dtype)
+        rkey = family + (p.C, p.heads)
+        ekey = rkey + (p.T,)
+        for t in tables:
+            cfg = fit(t.exact.get(ekey))
+            if cfg is not None:
+                return Selection(cfg, "exact", t.name, ekey)
+        for t in tables:
+            cfg = fit(t.at(rkey, p.T))
+            if cfg is not None:
+                return Selection(cfg, "range", t.name, rkey)
+        for t in tables:
+            neighbours = sorted(
+                (n for n in t.families.get(family, ()) if n != (p.C, p.heads)),
+                key=lambda n: (abs(math.log(n[0] / p.C)), abs(math.log(n[1] / p.heads)), n))
+            for c, h in neighbours:
+                cfg = fit(t.at(family + (c, h), p.T))
+                if cfg is not None:
+                    sel = Selection(cfg, "nearest", t.name, family + (c, h))
+                    self._log_fallback(p, arch, device_class, sel)
+                    return sel
+        cfg = heuristic(p, arch, row_stride, ptr_align)
+        why = violations(p, cfg, arch, row_stride)
+        if why or ptr_align % cfg.vec_bytes:
+            raise ValueError(f"no valid config for {p} on sm{arch} (row_stride={row_stride}, ptr_align={ptr_align}): "
+                             f"heuristic gave {cfg.short()}: {'; '.join(why) or 'vector wider than alignment'}")
+        sel = Selection(cfg, "heuristic")
+        self._log_fallback(p, arch, device_class, sel)
+        return sel
+
+    def _log_fallback(self, p: Problem, arch: int, device_class, sel: Selection) -> None:
+        shape_class = (arch, device_class, p.op, p.out_format, p.scale_layout, p.in_dtype, p.C, p.heads, sel.tier)
+        if shape_class in self._logged:
+            return
+        self._logged.add(shape_class)
+        where = f"sm{arch}" + (f"/{device_class}" if device_class else "")
+        what = (f"nearest tuned C={sel.key[4]} heads={sel.key[5]} from {sel.source}" if sel.tier == "nearest"
+                else "the analytical heuristic")
+        _log.info("no tuned entry for %s %s->%s (%s) C=%d heads=%d on %s; using %s: %s", p.op, p.in_dtype,
+                  p.out_format, p.scale_layout, p.C, p.heads, where, what, sel.config.short())
+
+    def cache_info(self):
+        return self._lookup.cache_info()
+
+
+_default: Dispatcher | None = None
+
+
+def default_dispatcher() -> Dispatcher:
+    """The dispatcher over the LUT modules shipped in kernels/luts/ (loaded on first use)."""
+    global _default
+    if _default is None:
+        _default = Dispatcher(load_shipped())
+    return _default
+
+
+def reload_luts() -> None:
+    """Forget the loaded LUTs and memoised answers (after kernels/luts/ changed on disk)."""
+    global _default
+    _default = None
+
+
+def select_config(problem: Problem, arch: int, device_class: str | None = None,
+                  row_stride: int | None = None, ptr_align: int = 16) -> tuple[KernelConfig, str]:
+    """(config, tier) for `problem` on `arch` (e.g. 90); tier is one of TIERS.
+
+    `row_stride` is the distance between rows in elements when it is not C; `ptr_align` the byte
+    alignment of the data pointers (the smallest over the tensors the kernel reads and writes).
+    """
+    s = (_default or default_dispatcher()).lookup(problem, arch, device_class, row_stride, ptr_align)
+    return s.config, s.tier
+
+
+def device_class_of(device_name: str) -> str:
+    """The device class a LUT is keyed by, from a CUDA device name: "NVIDIA H100 80GB HBM3" -> "h100",
+    "NVIDIA H100 PCIe" -> "h100_pcie" (different bandwidth, so a different class), "NVIDIA B200" -> "b200".
+    Sweeps record the same string in the `device_class` column, so LUT modules and runtime agree."""
+    if not isinstance(device_name, str) or not device_name.strip():
+        raise ValueError(f"device_name must be a non-empty str, got {device_name!r}")
+    m = re.search(r"\b(G?[A-Z]{1,2}\d{2,4}[A-Z]?)\b", device_name.upper())
+    if m is None:  # no datacenter model token (e.g. "NVIDIA GeForce RTX 4090"): the whole name, as a slug
+        return re.sub(r"[^a-z0-9]+", "_", device_name.lower().replace("nvidia", "")).strip("_")
+    cls = m.group(1).lower()
+    for variant in ("PCIE", "NVL"):
+        if re.search(rf"\b{variant}\b", device_name.upper()):
+            cls += "_" + variant.lower()
+    return cls
