@@ -11,3 +11,7 @@ def main():
 
 
 # Subcommands register here, one line each.
+from .heatmap import heatmap_command  # noqa: E402
+main.add_command(heatmap_command)
+from .report import report_command  # noqa: E402
+main.add_command(report_command)

@@ -1,0 +1,279 @@
+"""The benchmark report: which row stands for each problem (lutforge tuned, its heuristic, each peer),
+their geomeans and speedup ratios per problem set, rendered as BENCHMARKS.md-style markdown.
+
+Everything in the report is computed from the Parquet rows; the heatmaps use the same per-problem picks
+(`picks`) so both views agree on which measurement a problem's number comes from.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import click
+import numpy as np
+import pandas as pd
+
+from kernels.config import KNOB_CHOICES
+from kernels.problem import OPS
+
+from .results_io import read_results
+from .schema import KNOB_COLUMNS
+
+# A problem: the shape and formats one measurement answers (the device is fixed per report/heatmap).
+PROBLEM_KEY = ["op", "out_format", "in_dtype", "scale_layout", "heads", "T", "C"]
+# Absent key columns mean the `kernels.problem.Problem` default.
+KEY_DEFAULTS = {"scale_layout": "rowmajor", "heads": 1}
+REQUIRED_COLUMNS = {"kind", "impl", "config_source", "status", "problem_set", "median_us", "gbps", "pct_copy",
+                    "copy_gbps", "device_name", "backend", "run_id", *PROBLEM_KEY, *KNOB_COLUMNS}
+LUTFORGE_IMPLS = ("lutforge", "lutforge_heuristic")
+TUNED, HEURISTIC, BEST_PEER = "lutforge tuned", "lutforge heuristic", "best peer"
+# Which kind of row stands for a problem when several exist: interleaved re-bench of the finalists is
+# the most careful timing, then the search trials, then bench runs (lutforge as dispatched).
+KIND_PREFERENCE = ("rebench", "trial", "bench")
+VERSION_FIELDS = ("device_name", "device_class", "sm", "sm_count", "sm_clock_mhz", "mem_clock_mhz", "driver",
+                  "cuda", "torch", "cutlass_dsl", "lutforge", "git_commit")
+
+
+def load_ok_rows(results_dir: str | os.PathLike, ops: tuple[str, ...] = (), device: str | None = None) -> pd.DataFrame:
+    """The ok rows of one device under `results_dir`, restricted to `ops`; ValueError says what is missing."""
+    df = read_results(results_dir)
+    missing = REQUIRED_COLUMNS - set(df.columns)
+    if missing:
+        raise ValueError(f"{results_dir}: rows lack columns {sorted(missing)}; not lutforge results")
+    if df.empty:
+        raise ValueError(f"{results_dir}: the results hold no rows")
+    unknown = set(ops) - set(OPS)
+    if unknown:
+        raise ValueError(f"unknown op(s) {sorted(unknown)}; known: {', '.join(OPS)}")
+    if ops:
+        present = sorted(df["op"].dropna().unique())
+        df = df[df["op"].isin(ops)]
+        if df.empty:
+            raise ValueError(f"no rows for op(s) {', '.join(ops)} in {results_dir}; ops there: {', '.join(present)}")
+    ok = df[df["status"] == "ok"].copy()
+    if ok.empty:
+        seen = ", ".join(f"{s}: {n}" for s, n in df["status"].value_counts(dropna=False).items())
+        raise ValueError(f"no rows with status ok in {results_dir} (statuses: {seen})")
+    devices = sorted(ok["device_name"].dropna().unique())
+    if device is not None:
+        ok = ok[ok["device_name"] == device]
+        if ok.empty:
+            raise ValueError(f"no ok rows for device {device!r}; devices there: {', '.join(devices) or 'none named'}")
+    elif len(devices) > 1:
+        raise ValueError(f"ok rows come from several devices ({'; '.join(devices)}); choose one with --device")
+    for col in ("op", "out_format", "in_dtype", "T", "C", "kind", "impl"):
+        if ok[col].isna().any():
+            raise ValueError(f"{int(ok[col].isna().sum())} ok rows have no {col}; the results are damaged")
+    bad_time = ~(ok["median_us"] > 0)
+    if bad_time.any():
+        raise ValueError(f"{int(bad_time.sum())} ok rows have no positive median_us; the results are damaged")
+    for col, default in KEY_DEFAULTS.items():
+        ok[col] = ok[col].fillna(default)
+    ok = ok.astype({"heads": "int64", "T": "int64", "C": "int64"})
+    return ok
+
+
+def _knob_value(name: str, v):
+    """A knob value as its choice list types it (pandas turns int columns with gaps into floats)."""
+    kind = type(KNOB_CHOICES[name][0])
+    return kind(v) if kind in (bool, int) else v
+
+
+def knob_text(row: pd.Series, sep: str = ", ") -> str:
+    """The knobs a row ran with, as name=value (empty for peers, which have none)."""
+    return sep.join(f"{c[len('knob_'):]}={_knob_value(c[len('knob_'):], row[c])}"
+                    for c in KNOB_COLUMNS if pd.notna(row[c]))
+
+
+def _pick(rows: pd.DataFrame, series: str) -> pd.DataFrame:
+    """Per problem: among rows of the most preferred kind present, the fastest."""
+    rank = rows["kind"].map({k: i for i, k in enumerate(KIND_PREFERENCE)}).fillna(len(KIND_PREFERENCE))
+    best = (rows.assign(_rank=rank).sort_values(["_rank", "median_us"], kind="stable")
+            .groupby(PROBLEM_KEY, sort=True).head(1).drop(columns="_rank"))
+    best = best.assign(series=series)
+    best["knobs"] = best.apply(knob_text, axis=1) if len(best) else pd.Series(dtype=str)
+    return best
+
+
+def picks(rows: pd.DataFrame) -> pd.DataFrame:
+    """The row that stands for each (problem, series): series are `TUNED` (best lutforge row), `HEURISTIC`
+    (the analytical config: config_source heuristic, or the lutforge_heuristic bench impl) and every peer
+    measured by a bench run (kind bench, by impl)."""
+    impl, src = rows["impl"], rows["config_source"]
+    parts = [_pick(rows[impl == "lutforge"], TUNED),
+             _pick(rows[(impl == "lutforge_heuristic") | ((impl == "lutforge") & (src == "heuristic"))], HEURISTIC)]
+    peers = rows[(rows["kind"] == "bench") & ~impl.isin(LUTFORGE_IMPLS)]
+    parts += [_pick(g, name) for name, g in peers.groupby("impl", sort=True)]
+    return pd.concat(parts, ignore_index=True)
+
+
+def peer_names(p: pd.DataFrame) -> list[str]:
+    return sorted(set(p["series"]) - {TUNED, HEURISTIC, BEST_PEER})
+
+
+def best_peer(p: pd.DataFrame) -> pd.DataFrame:
+    """Per problem, the fastest peer's pick (its `impl` names which peer), as series `BEST_PEER`."""
+    peers = p[p["series"].isin(peer_names(p))]
+    best = peers.sort_values("median_us", kind="stable").groupby(PROBLEM_KEY, sort=True).head(1)
+    return best.assign(series=BEST_PEER)
+
+
+def speedups(p: pd.DataFrame, against: str) -> pd.DataFrame:
+    """Per problem having both: `against`'s time / lutforge tuned time (> 1: lutforge is faster), with both picks."""
+    both = p[p["series"] == TUNED].merge(p[p["series"] == against], on=PROBLEM_KEY, suffixes=("", "_other"))
+    both["speedup"] = both["median_us_other"] / both["median_us"]
+    return both
+
+
+def geomean(values) -> float:
+    v = np.asarray(list(values), dtype=float)
+    if v.size == 0 or not np.all(v > 0):
+        raise ValueError("geomean needs one or more positive values")
+    return float(np.exp(np.mean(np.log(v))))
+
+
+def section_summary(p: pd.DataFrame) -> pd.DataFrame:
+    """One row per series of a section's picks: shapes, geomean µs/GB/s/% of copy (over shapes with
+    positive bandwidth) and lutforge tuned's geomean speedup over that series on the shapes both have."""
+    if len(peer_names(p)) > 1:
+        p = pd.concat([p, best_peer(p)], ignore_index=True)
+    order = [TUNED, HEURISTIC, *peer_names(p), BEST_PEER]
+    out = []
+    for s in order:
+        sp = p[p["series"] == s]
+        if sp.empty:
+            continue
+        pos = sp[sp["gbps"] > 0]
+        ratio = speedups(p, s) if s != TUNED else None
+        out.append({
+            "series": s,
+            "shapes": len(sp),
+            "geomean_us": geomean(sp["median_us"]),
+            "geomean_gbps": geomean(pos["gbps"]) if len(pos) else math.nan,
+            "geomean_pct_copy": geomean(pos["pct_copy"]) if len(pos) and (pos["pct_copy"] > 0).all() else math.nan,
+            "speedup": geomean(ratio["speedup"]) if ratio is not None and len(ratio) else math.nan,
+            "speedup_shapes": len(ratio) if ratio is not None else len(sp),
+            "synthetic": int((sp["backend"] == "synthetic").sum()),
+        })
+    return pd.DataFrame(out)
+
+
+def shape_text(row: pd.Series) -> str:
+    """T x C, plus what else tells this problem apart from its neighbours in a section."""
+    s = f"{row['T']} × {row['C']}"
+    if OPS[row["op"]].per_head:
+        s += f" ({row['heads']} heads)"
+    if OPS[row["op"]].fp4_scales:
+        s += f", {row['scale_layout']} scales"
+    return s + f", {row['in_dtype']} in"
+
+
+def _fmt(x: float, spec: str) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return lines + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def _distinct(values) -> str:
+    vals = sorted({str(v) for v in values if pd.notna(v) and str(v) != ""})
+    return "; ".join(vals) if vals else "not recorded"
+
+
+def render_report(rows: pd.DataFrame, source: str = "", worst: int = 5, allow_synthetic: bool = False) -> str:
+    """Markdown for `rows` (the output of `load_ok_rows`). Refuses synthetic-backend rows unless
+    `allow_synthetic`, and then labels them on every level they appear."""
+    if worst < 0:
+        raise ValueError(f"worst must be >= 0, got {worst}")
+    synthetic = rows[rows["backend"] == "synthetic"]
+    if len(synthetic) and not allow_synthetic:
+        raise ValueError(f"{len(synthetic)} of {len(rows)} ok rows come from the synthetic backend "
+                         f"(runs {_distinct(synthetic['run_id'])}): they are not measurements. Point --results at "
+                         "GPU runs, or pass --allow-synthetic for a report labelled as synthetic.")
+    p = picks(rows)
+    lines = ["# lutforge benchmarks", ""]
+    if len(synthetic):
+        lines += [f"> **⚠ SYNTHETIC BACKEND — NOT MEASUREMENTS.** {len(synthetic)} of {len(rows)} rows come from "
+                  f"the synthetic backend (runs {_distinct(synthetic['run_id'])}); numbers computed from them describe "
+                  "the test generator, not a GPU. Sections below say how many of their picks are synthetic.", ""]
+    lines += [f"Generated by `lutforge report` from {len(rows)} ok rows" + (f" under `{source}`" if source else "")
+              + ". Per problem, lutforge tuned is its best row (re-bench preferred over search trials over bench "
+              "runs), lutforge heuristic the analytical config, and each peer its bench row. Speedup = the other "
+              "time / lutforge tuned time on the shapes both have (> 1: lutforge is faster). Geomeans of GB/s and "
+              "% of copy leave out shapes with no bandwidth (T = 0).", ""]
+    lines += ["## Device and versions", ""]
+    info = [[f, _distinct(rows[f])] for f in VERSION_FIELDS if f in rows.columns]
+    copy = rows["copy_gbps"].dropna()
+    info.append(["copy roofline GB/s (median, min–max of rows)",
+                 f"{copy.median():.0f} ({copy.min():.0f}–{copy.max():.0f})" if len(copy) else "not recorded"])
+    info.append(["runs", _distinct(rows["run_id"])])
+    info.append(["timestamps", f"{rows['timestamp'].min()} – {rows['timestamp'].max()}"
+                 if "timestamp" in rows.columns and rows["timestamp"].notna().any() else "not recorded"])
+    info.append(["rows by backend", "; ".join(f"{b}: {n}" for b, n in rows["backend"].fillna("unknown")
+                                              .value_counts().sort_index().items())])
+    lines += _table(["field", "value"], info) + [""]
+
+    members = rows[PROBLEM_KEY + ["problem_set"]].assign(problem_set=rows["problem_set"].fillna("(no problem set)"))
+    members = members.drop_duplicates()
+    for (pset, op, out), mem in members.groupby(["problem_set", "op", "out_format"], sort=True):
+        sec = p.merge(mem[PROBLEM_KEY].drop_duplicates(), on=PROBLEM_KEY, how="inner")
+        if sec.empty:
+            continue
+        lines += _section(pset, op, out, sec, worst)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _section(pset: str, op: str, out: str, sec: pd.DataFrame, worst: int) -> list[str]:
+    n_shapes = len(sec[PROBLEM_KEY].drop_duplicates())
+    lines = [f"## {pset} — {op} → {out}", "", f"{n_shapes} shapes."]
+    n_syn = int((sec["backend"] == "synthetic").sum())
+    if n_syn:
+        lines[-1] += f" **⚠ {n_syn} of {len(sec)} picks here are synthetic-backend rows.**"
+    zero = sec[(sec["series"] == TUNED) & ~(sec["gbps"] > 0)]
+    if len(zero):
+        lines[-1] += f" {len(zero)} shapes without bandwidth (T = 0) left out of the GB/s geomeans."
+    summary = section_summary(sec)
+    body = []
+    for r in summary.itertuples():
+        speed = "1 (reference)" if r.series == TUNED else f"{_fmt(r.speedup, '.2f')}× ({r.speedup_shapes} shapes)"
+        name = r.series + (" ⚠ synthetic" if r.synthetic else "")
+        body.append([name, str(r.shapes), _fmt(r.geomean_us, ".2f"), _fmt(r.geomean_gbps, ".0f"),
+                     _fmt(r.geomean_pct_copy, ".1f"), speed])
+    lines += [""] + _table(["implementation", "shapes", "geomean µs", "geomean GB/s", "geomean % of copy",
+                            "lutforge tuned speedup (geomean)"], body) + [""]
+    tuned = sec[sec["series"] == TUNED].sort_values(["pct_copy", "T", "C"], kind="stable").head(worst)
+    if len(tuned):
+        lines += [f"Worst shapes for lutforge tuned (lowest % of copy, {len(tuned)} of {n_shapes}):", ""]
+        body = [[shape_text(r), _fmt(r["median_us"], ".2f"), _fmt(r["gbps"], ".0f"), _fmt(r["pct_copy"], ".1f"),
+                 r["backend"], r["knobs"] or "–"] for _, r in tuned.iterrows()]
+        lines += _table(["shape (T × C)", "µs", "GB/s", "% of copy", "backend", "knobs"], body) + [""]
+    return lines
+
+
+@click.command("report")
+@click.option("--results", "results_dir", required=True, type=click.Path(path_type=Path),
+              help="Directory of Parquet results (searched recursively).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Markdown file to write (default: print to stdout).")
+@click.option("--op", "ops", multiple=True, type=click.Choice(list(OPS)), help="Only these ops (repeatable).")
+@click.option("--device", default=None, help="Device name to report on when the rows span several.")
+@click.option("--worst", default=5, show_default=True, type=click.IntRange(min=0),
+              help="Worst shapes listed per section.")
+@click.option("--allow-synthetic", is_flag=True,
+              help="Accept synthetic-backend rows; the report is then labelled as synthetic throughout.")
+def report_command(results_dir, output, ops, device, worst, allow_synthetic):
+    """Write a BENCHMARKS.md-style summary: geomean GB/s, % of copy and speedups per problem set."""
+    try:
+        rows = load_ok_rows(results_dir, tuple(ops), device)
+        text = render_report(rows, source=str(results_dir), worst=worst, allow_synthetic=allow_synthetic)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    if output is None:
+        click.echo(text, nl=False)
+    else:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(text)
+        click.echo(f"wrote {output}", err=True)
