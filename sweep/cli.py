@@ -15,3 +15,5 @@ from .heatmap import heatmap_command  # noqa: E402
 main.add_command(heatmap_command)
 from .report import report_command  # noqa: E402
 main.add_command(report_command)
+from .problems_cmd import problems_command  # noqa: E402
+main.add_command(problems_command)
