@@ -15,7 +15,7 @@ import pandas as pd
 
 from kernels.problem import OPS
 
-from .report import BEST_PEER, HEURISTIC, PROBLEM_KEY, TUNED, best_peer, load_ok_rows, peer_names, picks, speedups
+from .report import BEST_PEER, HEURISTIC, TUNED, best_peer, load_ok_rows, peer_names, picks, speedups
 
 METRICS = ("gbps", "pct_copy", "speedup_vs_heuristic", "vs_peer")
 FACET_KEY = ["op", "out_format", "in_dtype", "scale_layout", "heads"]
@@ -88,7 +88,7 @@ def heatmap_figure(rows: pd.DataFrame, metric: str = "gbps", peer: str | None = 
     speedup = metric in ("speedup_vs_heuristic", "vs_peer")
     cells["z"] = np.log2(cells["value"]) if speedup else cells["value"]
     op_order = {op: i for i, op in enumerate(OPS)}
-    facets = sorted(cells.groupby(FACET_KEY, sort=False), key=lambda kv: (op_order[kv[0][0]], *map(str, kv[0][1:])))
+    facets = sorted(cells.groupby(FACET_KEY, sort=False), key=lambda kv: (op_order[kv[0][0]], *kv[0][1:]))
     n_cols = 1 if len(facets) == 1 else 2
     n_rows = -(-len(facets) // n_cols)
     fig = make_subplots(rows=n_rows, cols=n_cols, subplot_titles=[_facet_title(*k) for k, _ in facets],
@@ -135,7 +135,8 @@ def write_heatmap(fig, path: str | os.PathLike) -> Path:
               help="Directory of Parquet results (searched recursively).")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="HTML file to write.")
-@click.option("--op", "ops", multiple=True, type=click.Choice(list(OPS)), help="Only these ops (repeatable).")
+@click.option("--op", "ops", multiple=True, type=click.Choice(list(OPS)), metavar="OP",
+              help=f"Only these ops (repeatable): {', '.join(OPS)}.")
 @click.option("--metric", type=click.Choice(METRICS), default="gbps", show_default=True,
               help="Colour: bandwidth, % of copy, tuned/heuristic speedup, or lutforge/peer speedup.")
 @click.option("--peer", default=None, help="For vs_peer: a peer impl name, or 'best' (default) per shape.")
@@ -146,5 +147,8 @@ def heatmap_command(results_dir, output, ops, metric, peer, device):
         fig = heatmap_figure(load_ok_rows(results_dir, tuple(ops), device), metric, peer)
     except ValueError as e:
         raise click.ClickException(str(e)) from None
-    path = write_heatmap(fig, output)
+    try:
+        path = write_heatmap(fig, output)
+    except OSError as e:
+        raise click.ClickException(f"cannot write {output}: {e}") from None
     click.echo(f"wrote {path} ({len(fig.data)} facets, metric {metric})")

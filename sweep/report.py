@@ -62,9 +62,14 @@ def load_ok_rows(results_dir: str | os.PathLike, ops: tuple[str, ...] = (), devi
             raise ValueError(f"no ok rows for device {device!r}; devices there: {', '.join(devices) or 'none named'}")
     elif len(devices) > 1:
         raise ValueError(f"ok rows come from several devices ({'; '.join(devices)}); choose one with --device")
+    own = ok["kind"].isin(("trial", "rebench"))
+    ok.loc[own, "impl"] = ok.loc[own, "impl"].fillna("lutforge")  # search rows are lutforge's own configs
     for col in ("op", "out_format", "in_dtype", "T", "C", "kind", "impl"):
         if ok[col].isna().any():
             raise ValueError(f"{int(ok[col].isna().sum())} ok rows have no {col}; the results are damaged")
+    foreign = sorted(set(ok["op"]) - set(OPS))
+    if foreign:
+        raise ValueError(f"rows name ops this lutforge does not know: {', '.join(foreign)}")
     bad_time = ~(ok["median_us"] > 0)
     if bad_time.any():
         raise ValueError(f"{int(bad_time.sum())} ok rows have no positive median_us; the results are damaged")
@@ -258,7 +263,8 @@ def _section(pset: str, op: str, out: str, sec: pd.DataFrame, worst: int) -> lis
               help="Directory of Parquet results (searched recursively).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Markdown file to write (default: print to stdout).")
-@click.option("--op", "ops", multiple=True, type=click.Choice(list(OPS)), help="Only these ops (repeatable).")
+@click.option("--op", "ops", multiple=True, type=click.Choice(list(OPS)), metavar="OP",
+              help=f"Only these ops (repeatable): {', '.join(OPS)}.")
 @click.option("--device", default=None, help="Device name to report on when the rows span several.")
 @click.option("--worst", default=5, show_default=True, type=click.IntRange(min=0),
               help="Worst shapes listed per section.")
@@ -273,7 +279,10 @@ def report_command(results_dir, output, ops, device, worst, allow_synthetic):
         raise click.ClickException(str(e)) from None
     if output is None:
         click.echo(text, nl=False)
-    else:
+        return
+    try:
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(text)
-        click.echo(f"wrote {output}", err=True)
+    except OSError as e:
+        raise click.ClickException(f"cannot write {output}: {e}") from None
+    click.echo(f"wrote {output}", err=True)

@@ -12,8 +12,8 @@ COPY_GBPS = 2976.0
 def row(op: str, out_format: str, T: int, C: int, us: float, *, kind: str = "trial", impl: str = "lutforge",
         config_source: str = "search", cfg: KernelConfig | None = None, status: str = "ok",
         problem_set: str = "demo", backend: str = "gpu", run_id: str = "run-a", heads: int = 1,
-        in_dtype: str = "bf16", device: str = DEVICE, trial: int = 1) -> dict:
-    p = Problem(op, T, C, in_dtype=in_dtype, out_format=out_format, heads=heads)
+        in_dtype: str = "bf16", device: str = DEVICE, trial: int = 1, scale_layout: str = "rowmajor") -> dict:
+    p = Problem(op, T, C, in_dtype=in_dtype, out_format=out_format, heads=heads, scale_layout=scale_layout)
     b = ideal_bytes(p)
     gbps = b / us / 1e3
     r = dict(run_id=run_id, study=f"{op}-{out_format}-{T}x{C}", trial=trial if kind != "bench" else -1, kind=kind,

@@ -58,6 +58,21 @@ def test_gbps_cells_are_the_rebench_rows_with_knobs_on_hover(results):
     assert {tr.zmin for tr in fig.data} == {min(zs)} and {tr.zmax for tr in fig.data} == {max(zs)}
 
 
+def test_facets_split_scale_layouts_and_head_counts(tmp_path):
+    append_rows(tmp_path, [
+        row("rmsnorm_fp4quant", "nvfp4", 64, 4096, 5.0),
+        row("rmsnorm_fp4quant", "nvfp4", 64, 4096, 6.0, scale_layout="swizzled"),
+        row("qk_rmsnorm", "bf16", 64, 128, 3.0, heads=8),
+        row("qk_rmsnorm", "bf16", 64, 128, 4.0, heads=32),
+        row("qk_rmsnorm", "bf16", 1024, 128, 9.0, heads=32),
+    ])
+    fig = heatmap_figure(load_ok_rows(tmp_path), "gbps")
+    assert [a.text for a in fig.layout.annotations] == [
+        "qk_rmsnorm: bf16 → bf16, 8 heads", "qk_rmsnorm: bf16 → bf16, 32 heads",
+        "rmsnorm_fp4quant: bf16 → nvfp4, rowmajor scales", "rmsnorm_fp4quant: bf16 → nvfp4, swizzled scales"]
+    assert [len(t.x) for t in fig.data] == [1, 2, 1, 1]
+
+
 def test_speedup_views_diverge_around_one(results):
     rows = load_ok_rows(results)
     fig = heatmap_figure(rows, "speedup_vs_heuristic")
@@ -68,7 +83,8 @@ def test_speedup_views_diverge_around_one(results):
     for t in fig.data:
         assert t.colorscale[0][1] != t.colorscale[-1][1] and t.zmid == 0 and t.zmin == -t.zmax
     labels = fig.data[0].colorbar.ticktext
-    assert labels[len(labels) // 2] == "1×" and float(labels[0][:-1]) == pytest.approx(1 / float(labels[-1][:-1]), 0.05)
+    assert labels[len(labels) // 2] == "1×"
+    assert float(labels[0][:-1]) == pytest.approx(1 / float(labels[-1][:-1]), 0.05)  # 1/x below, x above
 
     fig = heatmap_figure(rows, "vs_peer", "quack")
     quack = next(r for r in src if r["impl"] == "quack")["median_us"]
@@ -141,6 +157,12 @@ def test_bad_inputs_end_in_a_click_error(tmp_path, make, args, message):
     assert res.exit_code != 0 and isinstance(res.exception, SystemExit), res.output
     assert message in res.output
     assert not (tmp_path / "h.html").exists()
+
+
+def test_unwritable_output_is_a_click_error(results, tmp_path):
+    (tmp_path / "file").write_text("")
+    res = run("heatmap", "--results", results, "-o", tmp_path / "file" / "h.html")
+    assert res.exit_code != 0 and isinstance(res.exception, SystemExit) and "cannot write" in res.output
 
 
 def test_two_devices_plot_one_when_chosen(tmp_path):

@@ -1,0 +1,148 @@
+"""`lutforge report`: numbers computed from a small hand-built results set match hand-computed geomeans
+and ratios; synthetic rows are refused or labelled; bad inputs end in a click error."""
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+from kernels.config import KernelConfig
+from results_rows import DEVICE, row
+from sweep.cli import main
+from sweep.report import BEST_PEER, HEURISTIC, TUNED, load_ok_rows, picks, section_summary
+from sweep.results_io import append_rows
+
+A, B, C = (16, 1024), (256, 4096), (4096, 8192)
+TUNED_CFG = KernelConfig(threads=256, threads_per_row=128, vec_bytes=16)
+
+
+def hand(shape, us, gbps, pct, **kw):
+    """A row whose time, GB/s and % of copy are the given round numbers (so geomeans are easy by hand)."""
+    return row("rmsnorm", "bf16", *shape, us, problem_set="hand", **kw) | dict(median_us=us, gbps=gbps, pct_copy=pct)
+
+
+def hand_rows():
+    rows = []
+    # lutforge tuned: re-bench rows stand for the problem, even where a search trial looked faster.
+    for shape, us, gbps, pct in ((A, 10, 1000, 25), (B, 20, 2000, 50), (C, 40, 500, 12.5)):
+        rows += [hand(shape, us, gbps, pct, kind="rebench", cfg=TUNED_CFG),
+                 hand(shape, us / 2, 9999, 99, cfg=TUNED_CFG),
+                 hand(shape, 0.1, 1e5, 999, cfg=TUNED_CFG, status="wrong_result")]
+    # heuristic (trial 0): times 20, 20, 80 -> tuned speedups 2, 1, 2
+    for shape, us, gbps, pct in ((A, 20, 500, 12.5), (B, 20, 2000, 50), (C, 80, 250, 6.25)):
+        rows.append(hand(shape, us, gbps, pct, config_source="heuristic", trial=0, cfg=TUNED_CFG))
+    bench = dict(kind="bench", config_source="peer", run_id="bench-1")
+    # quack on A and C only: times 5, 80 -> speedups 0.5, 2
+    rows += [hand(A, 5, 2000, 50, impl="quack", **bench), hand(C, 80, 250, 6.25, impl="quack", **bench)]
+    # torch_compile: times 30, 40, 40 -> speedups 3, 2, 1
+    rows += [hand(s, us, 1, 1, impl="torch_compile", **bench) for s, us in ((A, 30), (B, 40), (C, 40))]
+    return rows
+
+
+@pytest.fixture
+def results(tmp_path):
+    append_rows(tmp_path / "r", hand_rows())
+    return tmp_path / "r"
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_section_numbers_match_hand_computed_geomeans(results):
+    s = section_summary(picks(load_ok_rows(results))).set_index("series")
+    assert list(s.index) == [TUNED, HEURISTIC, "quack", "torch_compile", BEST_PEER]
+    assert s.loc[TUNED, "geomean_gbps"] == pytest.approx((1000 * 2000 * 500) ** (1 / 3))  # = 1000
+    assert s.loc[TUNED, "geomean_gbps"] == pytest.approx(1000)
+    assert s.loc[TUNED, "geomean_pct_copy"] == pytest.approx(25)
+    assert s.loc[TUNED, "geomean_us"] == pytest.approx(20)
+    assert s.loc[HEURISTIC, "geomean_gbps"] == pytest.approx((500 * 2000 * 250) ** (1 / 3))
+    assert s.loc[HEURISTIC, "speedup"] == pytest.approx(4 ** (1 / 3))
+    assert (s.loc["quack", "speedup"], s.loc["quack", "speedup_shapes"]) == (pytest.approx(1.0), 2)
+    assert s.loc["torch_compile", "speedup"] == pytest.approx(6 ** (1 / 3))
+    # fastest peer per shape: quack 5 on A, torch_compile 40 on B and C -> speedups 0.5, 2, 1
+    assert (s.loc[BEST_PEER, "speedup"], s.loc[BEST_PEER, "speedup_shapes"]) == (pytest.approx(1.0), 3)
+
+
+def test_markdown_report(results):
+    res = run("report", "--results", results, "--worst", "2")
+    assert res.exit_code == 0, res.output
+    md = res.output
+    assert "## hand — rmsnorm → bf16" in md and "3 shapes." in md
+    assert "| lutforge tuned | 3 | 20.00 | 1000 | 25.0 | 1 (reference) |" in md
+    assert "| lutforge heuristic | 3 | 31.75 | 630 | 15.7 | 1.59× (3 shapes) |" in md
+    assert "| quack | 2 | 20.00 | 707 | 17.7 | 1.00× (2 shapes) |" in md
+    assert "| torch_compile | 3 | 36.34 | 1 | 1.0 | 1.82× (3 shapes) |" in md
+    worst = md.split("Worst shapes for lutforge tuned (lowest % of copy, 2 of 3):")[1].splitlines()
+    assert worst[4].startswith("| 4096 × 8192, bf16 in | 40.00 | 500 | 12.5 | gpu | threads=256, threads_per_row=128")
+    assert worst[5].startswith("| 16 × 1024, bf16 in | 10.00 | 1000 | 25.0 |")
+    assert f"| device_name | {DEVICE} |" in md and "| torch | 2.13.0 |" in md and "| runs | bench-1; run-a |" in md
+    assert "rows by backend | gpu: 14" in md and "SYNTHETIC" not in md
+
+
+def test_problem_sets_versions_and_output_file(results, tmp_path):
+    append_rows(results, [row("rmsnorm", "bf16", *B, 25.0, problem_set="llm", cfg=TUNED_CFG) | {"torch": "2.14.0"},
+                          row("fused_rmsnorm_silu", "fp8", *A, 4.0, problem_set="llm", cfg=TUNED_CFG)])
+    out = tmp_path / "docs" / "BENCHMARKS.md"
+    res = run("report", "--results", results, "-o", out)
+    assert res.exit_code == 0, res.output
+    md = out.read_text()
+    heads = [line for line in md.splitlines() if line.startswith("## ") and "—" in line]
+    assert heads == ["## hand — rmsnorm → bf16", "## llm — fused_rmsnorm_silu → fp8",
+                     "## llm — rmsnorm → bf16"]
+    llm_rms = md.split("## llm — rmsnorm → bf16")[1]
+    assert "1 shapes." in llm_rms and "| 256 × 4096, bf16 in | 20.00 | 2000 | 50.0 |" in llm_rms  # re-bench row
+    assert "| torch | 2.13.0; 2.14.0 |" in md
+    assert run("report", "--results", results, "--op", "fused_rmsnorm_silu").output.count("\n## ") == 2
+
+
+def test_sweep_rows_without_impl_count_as_lutforge(tmp_path):
+    append_rows(tmp_path, [r | {"impl": None} for r in hand_rows() if r["kind"] != "bench"])
+    s = section_summary(picks(load_ok_rows(tmp_path))).set_index("series")
+    assert s.loc[TUNED, "geomean_gbps"] == pytest.approx(1000)
+    assert s.loc[HEURISTIC, "speedup"] == pytest.approx(4 ** (1 / 3))
+
+
+def test_synthetic_rows_are_refused_unless_allowed_then_labelled(results):
+    append_rows(results, [row("rmsnorm", "bf16", *B, 5.0, problem_set="hand", backend="synthetic",
+                              run_id="synth-7", kind="rebench", cfg=TUNED_CFG)])
+    res = run("report", "--results", results)
+    assert res.exit_code != 0 and isinstance(res.exception, SystemExit)
+    assert "1 of 15 ok rows come from the synthetic backend (runs synth-7)" in res.output
+    res = run("report", "--results", results, "--allow-synthetic")
+    assert res.exit_code == 0, res.output
+    assert "**⚠ SYNTHETIC BACKEND — NOT MEASUREMENTS.** 1 of 15 rows" in res.output
+    assert "**⚠ 1 of 11 picks here are synthetic-backend rows.**" in res.output
+    assert "| lutforge tuned ⚠ synthetic | 3 |" in res.output and "gpu: 14; synthetic: 1" in res.output
+
+
+def bad_schema_version(d):
+    d.mkdir()
+    pq.write_table(pa.table({"schema_version": pa.array([99], pa.int32())}), d / "x.parquet")
+
+
+def missing_columns(d):
+    d.mkdir()
+    pq.write_table(pa.table({"schema_version": pa.array([1], pa.int32()), "op": ["rmsnorm"]}), d / "x.parquet")
+
+
+@pytest.mark.parametrize("make, args, message", [
+    (lambda d: None, (), "does not exist"),
+    (lambda d: d.mkdir(), (), "no Parquet files"),
+    (bad_schema_version, (), "schema version [99]"),
+    (missing_columns, (), "rows lack columns"),
+    (lambda d: append_rows(d, [row("rmsnorm", "bf16", *A, 1.0, status="timeout")]), (), "statuses: timeout: 1"),
+    (lambda d: append_rows(d, hand_rows()), ("--op", "qk_rmsnorm"), "ops there: rmsnorm"),
+    (lambda d: append_rows(d, hand_rows()), ("--op", "nonsense"), "Invalid value for '--op'"),
+    (lambda d: append_rows(d, hand_rows()), ("--worst", "-1"), "Invalid value for '--worst'"),
+    (lambda d: append_rows(d, [row("rmsnorm", "bf16", *A, 1.0) | {"op": "layernorm"}]), (), "does not know: layernorm"),
+    (lambda d: append_rows(d, [row("rmsnorm", "bf16", *A, 1.0, kind="bench") | {"impl": None}]), (),
+     "1 ok rows have no impl"),
+])
+def test_bad_inputs_end_in_a_click_error(tmp_path, make, args, message):
+    d = tmp_path / "results"
+    make(d)
+    res = run("report", "--results", d, *args)
+    assert res.exit_code != 0 and isinstance(res.exception, SystemExit), res.output
+    assert message in res.output
