@@ -18,7 +18,7 @@ LUT_FORMAT = 1  # bump on any change to the layout below
 EXACT_KEY = ("op", "out_format", "scale_layout", "in_dtype", "C", "heads", "T")
 RANGE_KEY = EXACT_KEY[:-1]  # RANGE[key] = [(T_below, knobs), ...]; the last T_below is None (no bound)
 TABLES = ("METADATA", "EXACT", "RANGE")
-MODULE_NAME = re.compile(r"^sm(?P<arch>\d+)_(?P<device_class>[a-z0-9][a-z0-9_-]*)$")
+MODULE_NAME = re.compile(r"^sm(?P<arch>\d+)_(?P<device_class>[a-z0-9][a-z0-9_]*)$")
 
 _log = logging.getLogger(__name__)
 

@@ -1,0 +1,80 @@
+"""On a GPU: every EXACT entry of a LUT module must give correct results, and must not be slower than
+the analytical heuristic by more than noise (re-timed here, interleaved, with rotated buffers)."""
+from __future__ import annotations
+
+from kernels.config import KernelConfig, heuristic
+from kernels.luts import LutModule
+from kernels.problem import Problem
+
+from .winners import TIE
+
+ROUNDS = 2  # interleaved tuned/heuristic timing rounds; the best median of each counts
+MAX_SETS = 256  # rotation sets per config; tinier problems are launch-bound, L2 residency barely moves them
+
+
+def _time(problem: Problem, cfg: KernelConfig, cases, arch: str):
+    from kernels.runner import launcher
+    from sweep.timer import time_launchers
+
+    launchers = [launcher(problem, cfg, c, arch) for c in cases]
+    return time_launchers(launchers, set_bytes=cases[0].nbytes)
+
+
+def gpu_check(lut: LutModule, device: int = 0) -> list[str]:
+    """Problems found by running the module's EXACT entries on GPU `device` (empty list = all good)."""
+    import torch
+
+    from kernels.compile_cache import arch_name
+    from kernels.dispatch import device_class_of
+    from kernels.runner import arch_of, check, launcher, make_case
+    from sweep.timer import l2_bytes, rotation_sets
+
+    if not torch.cuda.is_available():
+        return ["--gpu needs a CUDA device; none is visible"]
+    torch.cuda.set_device(device)
+    arch = arch_name(lut.metadata["arch"])
+    here = arch_of(device)
+    if here != arch:
+        return [f"{lut.name} is for {arch} but this GPU is {here}"]
+    cls = device_class_of(torch.cuda.get_device_name(device))
+    if cls != lut.metadata["device_class"]:
+        return [f"{lut.name} was tuned on {lut.metadata['device_class']} but this GPU is {cls}; "
+                "re-time it on its own device class"]
+    errs = []
+    for key, knobs in lut.exact.items():
+        op, out, layout, dtype, C, heads, T = key
+        p = Problem(op=op, T=T, C=C, in_dtype=dtype, out_format=out, heads=heads, scale_layout=layout)
+        cfg = KernelConfig(**knobs)
+        where = f"EXACT[{key!r}] {cfg.short()}"
+        try:
+            case = make_case(p, seed=0)
+            launcher(p, cfg, case, arch)()
+            torch.cuda.synchronize()
+            res = check(p, case)
+        except Exception as e:  # a CUDA fault or compile failure is a finding, not a crash of the validator
+            errs.append(f"{where}: failed to run: {type(e).__name__}: {e}")
+            continue
+        if not res.ok:
+            errs.append(f"{where}: wrong result: {res.message}")
+            continue
+        if T == 0:
+            continue  # nothing to time
+        h = heuristic(p, lut.metadata["arch"])
+        if h == cfg:
+            continue
+        sets = min(MAX_SETS, rotation_sets(max(1, case.nbytes), l2_bytes(device)))
+        cases = [case] + [make_case(p, seed=i) for i in range(1, sets)]
+        best = {"tuned": None, "heuristic": None}
+        for _ in range(ROUNDS):
+            for name, c in (("tuned", cfg), ("heuristic", h)):
+                t = _time(p, c, cases, arch)
+                if best[name] is None or t.median_us < best[name].median_us:
+                    best[name] = t
+        tuned, heur = best["tuned"], best["heuristic"]
+        spread = sum((t.p80_us - t.p20_us) / t.median_us for t in (tuned, heur))
+        noise = max(TIE, spread)
+        if tuned.median_us > heur.median_us * (1 + noise):
+            errs.append(f"{where}: {tuned.median_us:.2f} us, slower than the heuristic {h.short()} "
+                        f"({heur.median_us:.2f} us) by more than noise ({100 * noise:.1f} %)")
+        del cases
+    return errs

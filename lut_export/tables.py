@@ -1,0 +1,47 @@
+"""Exact and range tables from per-problem winners.
+
+The range table covers every T of a (op, out, layout, dtype, C, heads) family: a swept point's config
+holds from the geometric mean with its lower neighbour up to the geometric mean with its upper one (the
+rule flashinfer's rmsnorm_silu table uses); neighbours that share a config are merged.
+"""
+from __future__ import annotations
+
+from math import isqrt
+
+from kernels.config import KernelConfig
+
+
+def breakpoint_between(t_lo: int, t_hi: int) -> int:
+    """First T that belongs to `t_hi`: ceil(sqrt(t_lo * t_hi)), kept strictly above t_lo."""
+    if not (isinstance(t_lo, int) and isinstance(t_hi, int)) or not 0 <= t_lo < t_hi:
+        raise ValueError(f"need 0 <= t_lo < t_hi, got {t_lo}, {t_hi}")
+    n = t_lo * t_hi
+    r = isqrt(n)
+    if r * r < n:
+        r += 1
+    return max(r, t_lo + 1)
+
+
+def range_segments(points: dict[int, KernelConfig]) -> list[tuple[int | None, KernelConfig]]:
+    """[(T_below, config), ...] covering all T >= 0: a T < T_below of the first segment it fits; the last
+    T_below is None. Consecutive segments with the same config are merged."""
+    if not points:
+        raise ValueError("a range needs at least one swept T")
+    ts = sorted(points)
+    segments: list[tuple[int | None, KernelConfig]] = []
+    for i, t in enumerate(ts):
+        bound = breakpoint_between(t, ts[i + 1]) if i + 1 < len(ts) else None
+        if segments and segments[-1][1] == points[t]:
+            segments[-1] = (bound, points[t])
+        else:
+            segments.append((bound, points[t]))
+    return segments
+
+
+def build_tables(winners: dict[tuple, KernelConfig]) -> tuple[dict, dict]:
+    """(EXACT, RANGE) from {EXACT_KEY tuple: config}."""
+    exact = dict(sorted(winners.items()))
+    families: dict[tuple, dict[int, KernelConfig]] = {}
+    for key, cfg in exact.items():
+        families.setdefault(key[:-1], {})[key[-1]] = cfg
+    return exact, {k: range_segments(v) for k, v in sorted(families.items())}

@@ -1,0 +1,232 @@
+"""Checks a LUT module must pass before it ships: well-formed literals, complete provenance, arch and
+device class matching the file name, known knobs, every config valid for its shape, the range table
+agreeing with the exact one; optionally that every entry compiles for its arch (CPU) and, on a GPU, that
+it is correct and not slower than the heuristic beyond noise."""
+from __future__ import annotations
+
+import datetime as _dt
+from pathlib import Path
+
+from kernels.config import KNOB_CHOICES, KernelConfig, violations
+from kernels.luts import EXACT_KEY, LUT_FORMAT, MODULE_NAME, RANGE_KEY, LutFormatError, LutModule, read_lut
+from kernels.problem import Problem
+from sweep.schema import BACKENDS, SCHEMA_VERSION
+
+from .render import VERSION_COLUMNS
+
+METADATA_TYPES = {
+    "lut_format": int, "schema_version": int, "arch": int, "device_class": str, "devices": list, "backend": str,
+    "generated_at": str, "source_run_ids": list, "git_commits": list, "versions": dict,
+}
+
+
+def luts_dir() -> Path:
+    """kernels/luts/, where shipped modules live."""
+    import kernels.luts
+
+    return Path(kernels.luts.__file__).resolve().parent
+
+
+def shipped_paths() -> list[Path]:
+    return sorted(p for p in luts_dir().glob("sm*.py") if MODULE_NAME.match(p.stem))
+
+
+def is_shipped(path) -> bool:
+    return Path(path).resolve().parent == luts_dir()
+
+
+def check_metadata(lut: LutModule, shipped: bool) -> list[str]:
+    md, errs = lut.metadata, []
+    for k, t in METADATA_TYPES.items():
+        if k not in md:
+            errs.append(f"METADATA misses {k!r}")
+        elif not isinstance(md[k], t) or (t is int and isinstance(md[k], bool)):
+            errs.append(f"METADATA[{k!r}] must be {t.__name__}, got {md[k]!r}")
+    errs += [f"METADATA has unknown key {k!r}" for k in md if k not in METADATA_TYPES]
+    if errs:
+        return errs
+    if md["lut_format"] != LUT_FORMAT:
+        errs.append(f"lut_format {md['lut_format']} but this lutforge reads {LUT_FORMAT}; re-export")
+    if not 1 <= md["schema_version"] <= SCHEMA_VERSION:
+        errs.append(f"schema_version {md['schema_version']} unknown (current {SCHEMA_VERSION})")
+    m = MODULE_NAME.match(lut.name)
+    if m is None:
+        errs.append(f"module name {lut.name!r} is not sm<arch>_<device class>")
+    else:
+        if int(m["arch"]) != md["arch"]:
+            errs.append(f"METADATA arch {md['arch']} does not match module {lut.name} (sm{m['arch']})")
+        if m["device_class"] != md["device_class"]:
+            errs.append(f"METADATA device_class {md['device_class']!r} does not match module {lut.name} "
+                        f"({m['device_class']!r})")
+    if md["backend"] not in BACKENDS:
+        errs.append(f"backend {md['backend']!r} not in {BACKENDS}")
+    elif md["backend"] != "gpu" and shipped:
+        errs.append(f"backend {md['backend']!r}: only GPU measurements may ship in kernels/luts/")
+    # A GPU run records everything; the synthetic model has no driver, CUDA or (outside git) commit.
+    gpu_only = ("git_commits", "cuda", "driver") if md["backend"] != "gpu" else ()
+    for k in ("devices", "source_run_ids", "git_commits"):
+        if not isinstance(md[k], list) or not all(isinstance(v, str) and v for v in md[k]) \
+                or (not md[k] and k not in gpu_only):
+            errs.append(f"METADATA[{k!r}] must be a non-empty list of names")
+    if set(md["versions"]) != set(VERSION_COLUMNS):
+        errs.append(f"METADATA['versions'] must have exactly {sorted(VERSION_COLUMNS)}, got {sorted(md['versions'])}")
+    else:
+        for k, v in md["versions"].items():
+            if not isinstance(v, list) or not all(isinstance(x, str) and x for x in v) or (not v and k not in gpu_only):
+                errs.append(f"METADATA['versions'][{k!r}] must be a non-empty list of version strings")
+    try:
+        _dt.datetime.strptime(md["generated_at"], "%Y-%m-%dT%H:%M:%SZ")
+    except ValueError:
+        errs.append(f"generated_at {md['generated_at']!r} is not YYYY-MM-DDTHH:MM:SSZ")
+    return errs
+
+
+def _check_key(key, layout: tuple) -> str | None:
+    if not isinstance(key, tuple) or len(key) != len(layout):
+        return f"key must be a {len(layout)}-tuple {layout}"
+    for name, v in zip(layout, key):
+        want_int = name in ("C", "heads", "T")
+        if want_int and (type(v) is not int or v < (0 if name == "T" else 1)):
+            return f"{name}={v!r} must be an int >= {0 if name == 'T' else 1}"
+        if not want_int and not isinstance(v, str):
+            return f"{name}={v!r} must be a str"
+    return None
+
+
+def _problem(key: tuple, T: int) -> Problem:
+    op, out, layout, dtype, C, heads = key[:6]
+    return Problem(op=op, T=T, C=C, in_dtype=dtype, out_format=out, heads=heads, scale_layout=layout)
+
+
+def _config(knobs) -> tuple[KernelConfig | None, list[str]]:
+    """The config of a knob dict, or the reasons it is not one (names and values checked strictly)."""
+    if not isinstance(knobs, dict):
+        return None, [f"knobs must be a dict, got {type(knobs).__name__}"]
+    errs = [f"unknown knob {k!r}" for k in knobs if k not in KNOB_CHOICES]
+    errs += [f"missing knob {k!r}" for k in KNOB_CHOICES if k not in knobs]
+    for k, choices in KNOB_CHOICES.items():
+        if k in knobs:
+            v = knobs[k]
+            if type(v) is not type(choices[0]) or v not in choices:
+                errs.append(f"{k}={v!r} not in {choices}")
+    return (None, errs) if errs else (KernelConfig(**knobs), [])
+
+
+def _entry(lut: LutModule, where: str, p: Problem, knobs) -> tuple[KernelConfig | None, list[str]]:
+    """The entry's config if its knobs are known and valid for `p` on the module's arch."""
+    cfg, errs = _config(knobs)
+    if errs:
+        return None, [f"{where}: {e}" for e in errs]
+    why = violations(p, cfg, lut.metadata.get("arch", 0))
+    if why:
+        return None, [f"{where}: {cfg.short()} invalid for the shape: {'; '.join(why)}"]
+    return cfg, []
+
+
+def _keyed_problem(where: str, key, layout: tuple) -> tuple[Problem | None, list[str]]:
+    bad = _check_key(key, layout)
+    if bad:
+        return None, [f"{where}: {bad}"]
+    try:
+        return _problem(key, key[6] if len(key) == 7 else 0), []
+    except ValueError as e:
+        return None, [f"{where}: {e}"]
+
+
+def check_tables(lut: LutModule) -> list[str]:
+    errs: list[str] = []
+    exact: dict[tuple, KernelConfig] = {}
+    for key, knobs in lut.exact.items():
+        where = f"EXACT[{key!r}]"
+        p, e = _keyed_problem(where, key, EXACT_KEY)
+        cfg, e2 = _entry(lut, where, p, knobs) if p else (None, [])
+        errs += e + e2
+        if cfg is not None:
+            exact[key] = cfg
+    ranges: dict[tuple, list] = {}
+    for key, segments in lut.range.items():
+        where = f"RANGE[{key!r}]"
+        p, e = _keyed_problem(where, key, RANGE_KEY)
+        if p is None:
+            errs += e
+            continue
+        if not isinstance(segments, list) or not segments:
+            errs.append(f"{where}: must be a non-empty list of (T_below, knobs)")
+            continue
+        segs, prev, before = [], 0, len(errs)
+        for i, seg in enumerate(segments):
+            if not isinstance(seg, tuple) or len(seg) != 2:
+                errs.append(f"{where}[{i}]: must be a (T_below, knobs) pair")
+                continue
+            bound, knobs = seg
+            if i == len(segments) - 1:
+                if bound is not None:
+                    errs.append(f"{where}: the last segment must have T_below=None (cover every larger T)")
+            elif type(bound) is not int or bound <= prev:
+                errs.append(f"{where}[{i}]: T_below={bound!r} must be an int above {prev}")
+            else:
+                prev = bound
+            cfg, e = _entry(lut, f"{where}[{i}]", p, knobs)
+            errs += e
+            segs.append((bound, cfg))
+        if len(errs) == before:
+            ranges[key] = segs
+    for key, cfg in exact.items():
+        if key[:-1] not in lut.range:
+            errs.append(f"EXACT[{key!r}]: no RANGE entry for {key[:-1]!r}")
+        elif key[:-1] in ranges:
+            at = next(c for b, c in ranges[key[:-1]] if b is None or key[-1] < b)
+            if at != cfg:
+                errs.append(f"EXACT[{key!r}]: RANGE gives {at.short()} at T={key[-1]} but EXACT says {cfg.short()}")
+    swept = {k[:-1] for k in lut.exact if isinstance(k, tuple)}
+    errs += [f"RANGE[{k!r}]: no EXACT (swept) point backs it" for k in lut.range if k not in swept]
+    if not lut.exact:
+        errs.append("EXACT is empty: a LUT with no tuned entries is not worth shipping")
+    return errs
+
+
+def check_module(lut: LutModule, shipped: bool = False) -> list[str]:
+    """Every static problem of a parsed LUT module (empty list = valid)."""
+    return check_metadata(lut, shipped) + check_tables(lut)
+
+
+def compile_entries(lut: LutModule) -> list[str]:
+    """Compile every distinct (problem family, config) of the module for its arch (no GPU needed)."""
+    from kernels.compile_cache import KernelCompileError, arch_name, precompile
+
+    arch = arch_name(lut.metadata["arch"])
+    todo: dict[tuple, tuple[Problem, KernelConfig]] = {}
+    for key, knobs in lut.exact.items():
+        todo[(key[:-1], tuple(knobs.items()))] = (_problem(key, key[-1]), KernelConfig(**knobs))
+    for key, segments in lut.range.items():
+        for _, knobs in segments:
+            todo[(key, tuple(knobs.items()))] = (_problem(key, 1), KernelConfig(**knobs))
+    errs = []
+    for p, cfg in todo.values():
+        try:
+            precompile(p, cfg, arch)
+        except KernelCompileError as e:
+            errs.append(f"compile {arch}: {e}")
+        except Exception as e:  # any other failure is a kernel bug the LUT must not ship with
+            errs.append(f"compile {arch}: {p.op}/{p.out_format} C={p.C} {cfg.short()}: {type(e).__name__}: {e}")
+    return errs
+
+
+def validate_file(path, compile: bool = False, gpu: bool = False) -> list[str]:
+    """All problems of the LUT module at `path`; later stages run only when the earlier ones pass."""
+    try:
+        lut = read_lut(path)
+    except (LutFormatError, ValueError) as e:
+        return [str(e)]
+    errs = check_module(lut, shipped=is_shipped(path))
+    if errs:
+        return errs
+    if compile:
+        errs = compile_entries(lut)
+        if errs:
+            return errs
+    if gpu:
+        from .gpu_check import gpu_check
+
+        errs = gpu_check(lut)
+    return errs

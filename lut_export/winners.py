@@ -1,0 +1,149 @@
+"""Pick the winning config per problem from result rows: measured on a GPU, status ok, re-bench rows
+preferred over trial rows, and differences under 2 % treated as ties won by the simpler config."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+
+from kernels.config import KNOB_CHOICES, KernelConfig, heuristic, violations
+from kernels.luts import EXACT_KEY
+from kernels.problem import Problem
+
+TIE = 0.02  # differences under 2 % are noise between interleaved re-bench runs (DESIGN.md §3)
+USED_KINDS = ("trial", "rebench")  # bench rows measure peers or already-exported LUTs
+OWN_IMPLS = ("lutforge", "lutforge_heuristic")
+DEFAULTS = {"scale_layout": "rowmajor", "heads": 1}
+
+
+@dataclass(frozen=True)
+class Winner:
+    config: KernelConfig
+    median_us: float
+    kind: str  # rows it was chosen from: rebench | trial
+    candidates: int  # distinct valid configs compared
+    run_ids: tuple[str, ...]  # runs whose rows were compared
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The rows an export uses and the device they describe."""
+
+    rows: pd.DataFrame
+    arch: int
+    device_class: str
+    backend: str  # gpu | synthetic
+
+
+def parse_arch(arch) -> int | None:
+    """"sm90", "sm_90a", "90" or 90 -> 90."""
+    if arch is None:
+        return None
+    if isinstance(arch, bool):
+        raise ValueError(f"arch must look like sm90 or 90, got {arch!r}")
+    if isinstance(arch, int):
+        n = arch
+    else:
+        s = str(arch).strip().lower().removeprefix("sm").lstrip("_").rstrip("a")
+        if not s.isdigit():
+            raise ValueError(f"arch must look like sm90 or 90, got {arch!r}")
+        n = int(s)
+    if n < 1:
+        raise ValueError(f"arch must be positive, got {arch!r}")
+    return n
+
+
+def select_rows(df: pd.DataFrame, arch=None, device_class: str | None = None,
+                allow_synthetic: bool = False) -> Selection:
+    """The usable rows for one (arch, device class): status ok, with knobs, from trials or re-benches of
+    lutforge itself. Synthetic-backend rows are refused unless `allow_synthetic` (tests only)."""
+    if not isinstance(df, pd.DataFrame):
+        raise TypeError(f"expected a DataFrame of result rows, got {type(df).__name__}")
+    arch = parse_arch(arch)
+    knob_cols = [f"knob_{k}" for k in KNOB_CHOICES]
+    df = df.assign(scale_layout=df["scale_layout"].fillna(DEFAULTS["scale_layout"]),
+                   heads=df["heads"].fillna(DEFAULTS["heads"]))
+    own = (df["kind"].isin(USED_KINDS) & (df["impl"].isna() | df["impl"].isin(OWN_IMPLS))
+           & df[knob_cols].notna().all(axis=1))
+    ok = own & (df["status"] == "ok") & (df["median_us"] > 0)
+    if arch is not None:
+        ok &= df["sm"] == arch
+    if device_class is not None:
+        ok &= df["device_class"] == device_class.lower()
+    rows = df[ok]
+    where = f"sm{arch}" if arch is not None else "any arch"
+    where += f"/{device_class}" if device_class else ""
+    if rows.empty:
+        statuses = df.loc[own, "status"].value_counts().to_dict()
+        raise ValueError(f"no usable rows for {where}: need kind in {USED_KINDS} with status ok and knobs; "
+                         f"{len(df)} rows in all, statuses of lutforge rows {statuses}, "
+                         f"devices {sorted(set(zip(df['sm'].dropna().astype(int), df['device_class'].dropna())))}")
+    for col, label, opt in (("sm", "archs", "--arch"), ("device_class", "device classes", "--device-class")):
+        values = sorted(rows[col].dropna().unique().tolist())
+        if len(values) != 1 or rows[col].isna().any():
+            raise ValueError(f"rows for {where} span {label} {values}{' and missing values' * rows[col].isna().any()}; "
+                             f"pick one with {opt}")
+    synthetic = int((rows["backend"] == "synthetic").sum())
+    if synthetic and not allow_synthetic:
+        raise ValueError(f"{synthetic} of {len(rows)} usable rows for {where} come from the synthetic backend; "
+                         "a LUT ships only GPU measurements (--allow-synthetic exists for tests)")
+    bad_backend = sorted(set(rows["backend"].fillna("<missing>")) - {"gpu", "synthetic"})
+    if bad_backend:
+        raise ValueError(f"rows with unknown backend {bad_backend}; expected gpu")
+    backend = "synthetic" if synthetic else "gpu"
+    return Selection(rows, int(rows["sm"].iloc[0]), str(rows["device_class"].iloc[0]), backend)
+
+
+def row_config(row) -> KernelConfig:
+    """The KernelConfig of a result row, knob values converted to the Python types of KNOB_CHOICES."""
+    d = {}
+    for name, choices in KNOB_CHOICES.items():
+        v = row[f"knob_{name}"]
+        t = type(choices[0])
+        d[name] = bool(v) if t is bool else int(v) if t is int else str(v)
+    return KernelConfig(**d)
+
+
+def complexity(cfg: KernelConfig) -> int:
+    """How many optional mechanisms a config switches on; fewer = simpler and more general."""
+    return (cfg.cluster > 1) + (cfg.stage != "reg") + (cfg.ctas_per_sm != 0) + bool(cfg.weight_smem)
+
+
+def pick_winners(sel: Selection) -> tuple[dict[tuple, Winner], list[str]]:
+    """Winner per EXACT_KEY problem, and notes about rows that could not be used."""
+    notes = []
+    winners: dict[tuple, Winner] = {}
+    rows = sel.rows
+    for key, group in rows.groupby(list(EXACT_KEY), sort=True):
+        op, out, layout, dtype, C, heads, T = key
+        key = (str(op), str(out), str(layout), str(dtype), int(C), int(heads), int(T))
+        try:
+            p = Problem(op=key[0], T=key[6], C=key[4], in_dtype=key[3], out_format=key[1], heads=key[5],
+                        scale_layout=key[2])
+        except ValueError as e:
+            notes.append(f"{key}: not a valid problem ({e}); skipped")
+            continue
+        kind = "rebench" if (group["kind"] == "rebench").any() else "trial"
+        group = group[group["kind"] == kind]
+        times: dict[KernelConfig, list[float]] = {}
+        for _, r in group.iterrows():
+            try:
+                cfg = row_config(r)
+            except (TypeError, ValueError) as e:
+                notes.append(f"{key}: unreadable knobs ({e}); row skipped")
+                continue
+            why = violations(p, cfg, sel.arch)
+            if why:
+                notes.append(f"{key}: {cfg.short()} breaks current constraints ({why[0]}); row skipped")
+                continue
+            times.setdefault(cfg, []).append(float(r["median_us"]))
+        if not times:
+            notes.append(f"{key}: no valid measured config; left to the heuristic")
+            continue
+        med = {cfg: float(pd.Series(ts).median()) for cfg, ts in times.items()}
+        best = min(med.values())
+        h = heuristic(p, sel.arch)
+        ties = [cfg for cfg, t in med.items() if t <= best * (1 + TIE)]
+        win = min(ties, key=lambda c: (complexity(c), c != h, med[c], c.short()))
+        winners[key] = Winner(win, med[win], kind, len(med), tuple(sorted(set(group["run_id"].dropna()))))
+    return winners, notes
