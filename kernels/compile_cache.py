@@ -108,40 +108,33 @@ def _target_arch(arch: str):
 
 
 def _fake_args(problem: Problem, cfg: KernelConfig):
+    """Compile-time stand-ins for the kernel's runtime arguments (see NormKernel.__call__)."""
     import cutlass
-    import cutlass.cute as cute
-    from cutlass.cute.runtime import make_fake_stream, make_fake_tensor
+    from cutlass.cute.runtime import make_fake_stream, nullptr
+    from cutlass.base_dsl.enums import AddressSpace
 
     dt = {"bf16": cutlass.BFloat16, "fp16": cutlass.Float16}[problem.in_dtype]
-    v = vec_elems(problem, cfg)
     vb = cfg.vec_bytes
-    C, H = problem.C, problem.heads
-    T = cute.sym_int()
+    v = vec_elems(problem, cfg)
 
-    def strides(div):
-        return (cute.sym_int(64, divisibility=div), cute.sym_int(64, divisibility=div), 1)
+    def ptr(dtype, align):
+        return nullptr(dtype, AddressSpace.gmem, assumed_align=align)
 
-    x = make_fake_tensor(dt, (T, H, C), stride=strides(v), assumed_align=vb)
-    w = make_fake_tensor(dt, (C,), stride=(1,), assumed_align=vb)
-    res = None
-    if problem.spec.residual:
-        res = make_fake_tensor(dt, (T, C), stride=(cute.sym_int(64, divisibility=v), 1), assumed_align=vb)
+    x = ptr(dt, vb)
+    w = ptr(dt, vb)
+    res = ptr(dt, vb) if problem.spec.residual else None
     sf = gs = None
     if problem.out_format in FP4_BLOCK:
-        y = make_fake_tensor(cutlass.Uint8, (T, H, C // 2), stride=strides(v // 2), assumed_align=max(1, v // 2))
-        if problem.scale_layout == "swizzled":
-            sf = make_fake_tensor(cutlass.Uint8, (cute.sym_int(),), stride=(1,), assumed_align=4)
-        else:
-            n_sf = C // FP4_BLOCK[problem.out_format]
-            sf = make_fake_tensor(cutlass.Uint8, (cute.sym_int(), n_sf), stride=(cute.sym_int(64), 1), assumed_align=1)
+        y = ptr(cutlass.Uint8, max(1, v // 2))
+        sf = ptr(cutlass.Uint8, 4 if problem.scale_layout == "swizzled" else 1)
         if problem.spec.fp4_scales:
-            gs = make_fake_tensor(cutlass.Float32, (1,), stride=(1,), assumed_align=4)
+            gs = ptr(cutlass.Float32, 4)
     else:
         ydt = cutlass.Float8E4M3FN if problem.out_format == "fp8" else dt
-        e_out = ELEM_BYTES[problem.out_format]
-        y = make_fake_tensor(ydt, (T, H, C), stride=strides(v), assumed_align=v * e_out)
-    return (x, w, res, y, sf, gs, cutlass.Float32(1e-6), cutlass.Float32(1.0), cutlass.Int32(1),
-            make_fake_stream())
+        y = ptr(ydt, v * ELEM_BYTES[problem.out_format])
+    i64 = cutlass.Int64(0)
+    return (x, w, res, y, sf, gs, cutlass.Int32(0), i64, i64, i64, i64, i64, cutlass.Int32(0), i64,
+            cutlass.Float32(1e-6), cutlass.Float32(1.0), cutlass.Int32(1), make_fake_stream())
 
 
 def _compile(problem: Problem, cfg: KernelConfig, arch: str):

@@ -1,0 +1,196 @@
+"""Run one (problem, config) on the GPU: random inputs, poisoned outputs, a graph-capturable launch
+closure, and a check against the torch reference. Used by the sweep, the GPU tests and validation.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+from .compile_cache import arch_name, get_compiled
+from .config import KernelConfig
+from .problem import FP4_BLOCK, Problem, scale_bytes
+
+TORCH_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16}
+POISON_BYTE = 0xFF  # NaN in bf16/fp16/e4m3, -6 in e2m1, NaN as ue8m0
+
+
+@dataclass
+class Case:
+    """Tensors of one problem instance. `inputs` are pristine copies for the reference; the kernel
+    reads/writes `args` (in-place ops mutate them)."""
+
+    problem: Problem
+    inputs: dict
+    args: dict
+    eps: float = 1e-6
+    scale: float = 1.0
+    outputs: tuple = field(default_factory=tuple)  # names in args the kernel writes
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.args.values() if isinstance(t, torch.Tensor))
+
+
+@dataclass
+class CheckResult:
+    ok: bool
+    rel_err: float
+    max_ulp: float | None
+    message: str
+
+
+def arch_of(device=None) -> str:
+    major, minor = torch.cuda.get_device_capability(device)
+    return arch_name(major * 10 + minor)
+
+
+def make_case(problem: Problem, device="cuda", seed: int = 0, row_pad: int = 0) -> Case:
+    """Random inputs (randn*5+5, weights in [0.5, 2]) and poisoned outputs. `row_pad` > 0 makes x's
+    rows (and heads) strided: each row lives in a buffer row_pad elements wider than C."""
+    p = problem
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    dt = TORCH_DTYPE[p.in_dtype]
+    H, C = p.heads, p.C
+
+    def rand(*shape, pad=0):
+        full = (torch.randn(*shape[:-1], shape[-1] + pad, generator=g) * 5 + 5).to(dt).to(device)
+        return full[..., : shape[-1]] if pad else full
+
+    x = rand(p.T, H, C, pad=row_pad)
+    w = (torch.rand(C, generator=g) * 1.5 + 0.5).to(dt).to(device)
+    inputs = {"x": x.clone(), "weight": w}
+    args = {"x": x, "weight": w}
+    outputs = []
+    scale = 1.0
+    if p.spec.residual:
+        r = rand(p.T, C)
+        inputs["residual"] = r.clone()
+        args["residual"] = r
+        outputs.append("residual")
+    if p.out_format in FP4_BLOCK:
+        args["y"] = torch.empty(p.T, H, C // 2, dtype=torch.uint8, device=device)
+        if p.scale_layout == "swizzled":
+            args["block_scale"] = torch.empty(scale_bytes(p), dtype=torch.uint8, device=device)
+        else:
+            args["block_scale"] = torch.empty(p.rows, C // FP4_BLOCK[p.out_format], dtype=torch.uint8, device=device)
+        outputs += ["y", "block_scale"]
+        if p.spec.fp4_scales and p.out_format == "nvfp4":
+            gs = torch.tensor([float(torch.rand(1, generator=g)) * 4 + 0.5], dtype=torch.float32, device=device)
+            inputs["global_scale"] = gs
+            args["global_scale"] = gs
+    elif p.spec.residual and p.out_format == p.in_dtype:
+        outputs.append("x")  # normalised in place
+    else:
+        ydt = torch.float8_e4m3fn if p.out_format == "fp8" else dt
+        args["y"] = torch.empty(p.T, H, C, dtype=ydt, device=device)
+        outputs.append("y")
+        if p.out_format == "fp8" and not p.spec.silu:
+            scale = 0.02  # static quant scale: values up to ~10 hit the +-448 saturation
+    case = Case(p, inputs, args, scale=scale, outputs=tuple(outputs))
+    poison(case)
+    return case
+
+
+def poison(case: Case) -> None:
+    """Fill every output with a pattern a kernel must overwrite; in-place tensors are restored."""
+    for name in case.outputs:
+        t = case.args[name]
+        if name in case.inputs:
+            t.copy_(case.inputs[name])
+        else:
+            t.view(torch.uint8).fill_(POISON_BYTE)
+
+
+_CUTE_DTYPES: dict = {}
+
+
+def _cute_dtype(t: torch.Tensor):
+    if not _CUTE_DTYPES:
+        import cutlass
+
+        _CUTE_DTYPES.update({torch.bfloat16: cutlass.BFloat16, torch.float16: cutlass.Float16,
+                             torch.float8_e4m3fn: cutlass.Float8E4M3FN, torch.uint8: cutlass.Uint8,
+                             torch.float32: cutlass.Float32})
+    return _CUTE_DTYPES[t.dtype]
+
+
+def kernel_args(problem: Problem, cfg: KernelConfig, x, weight, residual, y, block_scale, global_scale) -> list:
+    """Runtime arguments of NormKernel.__call__ (pointers with their alignment, sizes, strides).
+
+    x and y are 3D [T, H, C] views (y [T, H, C/2] bytes for FP4); residual is [T, C]."""
+    from cutlass import Int32, Int64
+    from cutlass.base_dsl.enums import AddressSpace
+    from cutlass.cute.runtime import make_ptr
+
+    vb = cfg.vec_bytes
+
+    def ptr(t, align):
+        return None if t is None else make_ptr(_cute_dtype(t), t.data_ptr(), AddressSpace.gmem, assumed_align=align)
+
+    if problem.out_format in FP4_BLOCK:
+        y_align = max(1, vb // 4)
+    elif problem.out_format == "fp8":
+        y_align = vb // 2
+    else:
+        y_align = vb
+    sf_rows, sf0 = 0, 0
+    if block_scale is not None:
+        sf_rows = block_scale.shape[0]
+        sf0 = block_scale.stride(0) if block_scale.dim() == 2 else 1
+    return [ptr(x, vb), ptr(weight, vb), ptr(residual, vb), ptr(y, y_align),
+            ptr(block_scale, 4 if problem.scale_layout == "swizzled" else 1), ptr(global_scale, 4),
+            Int32(x.shape[0]), Int64(x.stride(0)), Int64(x.stride(1)),
+            Int64(residual.stride(0) if residual is not None else 0), Int64(y.stride(0)), Int64(y.stride(1)),
+            Int32(sf_rows), Int64(sf0)]
+
+
+def _case_kernel_args(case: Case, cfg: KernelConfig) -> list:
+    a = case.args
+    return kernel_args(case.problem, cfg, a["x"], a["weight"], a.get("residual"), a.get("y", a["x"]),
+                       a.get("block_scale"), a.get("global_scale"))
+
+
+def launcher(problem: Problem, cfg: KernelConfig, case: Case, arch: str | None = None):
+    """A zero-argument callable launching the kernel on the current stream (CUDA-graph capturable)."""
+    import cuda.bindings.driver as cuda
+    from cutlass import Float32, Int32
+
+    arch = arch or arch_of(case.args["x"].device)
+    fn = get_compiled(problem, cfg, arch)
+    targs = _case_kernel_args(case, cfg)
+    sm_count = torch.cuda.get_device_properties(case.args["x"].device).multi_processor_count
+    grid_limit = Int32(max(1, sm_count * cfg.ctas_per_sm))
+    eps, qscale = Float32(case.eps), Float32(case.scale)
+
+    def launch():
+        fn(*targs, eps, qscale, grid_limit, cuda.CUstream(torch.cuda.current_stream().cuda_stream))
+
+    return launch
+
+
+def check(problem: Problem, case: Case) -> CheckResult:
+    """Compare the kernel's outputs with the torch reference (tolerances in reference.compare)."""
+    from . import reference
+
+    expected = reference.reference_outputs(problem, _reference_inputs(case))
+    got = {name: case.args[name] for name in case.outputs}
+    return reference_compare(problem, got, expected)
+
+
+def _reference_inputs(case: Case) -> dict:
+    p = case.problem
+    inp = dict(case.inputs)
+    if not p.spec.per_head:
+        inp["x"] = inp["x"].reshape(p.T, p.C) if p.heads == 1 else inp["x"]
+    inp["eps"] = case.eps
+    inp["scale"] = case.scale
+    inp.setdefault("global_scale", None)
+    return inp
+
+
+def reference_compare(problem: Problem, got: dict, expected: dict) -> CheckResult:
+    from .check import compare_outputs
+
+    return compare_outputs(problem, got, expected)
