@@ -406,6 +406,7 @@ def test_swizzle_validation():
         E.swizzle_scales(torch.zeros(4, 4))
 
 
+@pytest.mark.gpu
 def test_cuda_matches_cpu_if_available():
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")

@@ -238,6 +238,7 @@ def test_reference_outputs_validation():
         R.rms_norm(x, bf([1.0, 2.0]))
 
 
+@pytest.mark.gpu
 def test_cuda_reference_matches_cpu_if_available():
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
