@@ -29,10 +29,10 @@ def _fail(e: Exception) -> click.ClickException:
               help="Where --wheel writes the wheel.")
 def export_command(results, arch, device_class, out, allow_synthetic, wheel, dist):
     """Export tuned winners as a LUT module and/or build the runtime wheel."""
-    if results is None and not wheel:
-        raise click.UsageError("give --results DIR to export a LUT, --wheel to build the runtime wheel, or both")
     if results is None and (arch or device_class or out or allow_synthetic):
         raise click.UsageError("--arch/--device-class/--out/--allow-synthetic need --results")
+    if results is None and not wheel:
+        raise click.UsageError("give --results DIR to export a LUT, --wheel to build the runtime wheel, or both")
     if results is not None:
         from .export import export_lut
 

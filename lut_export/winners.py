@@ -80,9 +80,10 @@ def select_rows(df: pd.DataFrame, arch=None, device_class: str | None = None,
                          f"devices {sorted(set(zip(df['sm'].dropna().astype(int), df['device_class'].dropna())))}")
     for col, label, opt in (("sm", "archs", "--arch"), ("device_class", "device classes", "--device-class")):
         values = sorted(rows[col].dropna().unique().tolist())
-        if len(values) != 1 or rows[col].isna().any():
-            raise ValueError(f"rows for {where} span {label} {values}{' and missing values' * rows[col].isna().any()}; "
-                             f"pick one with {opt}")
+        if rows[col].isna().any():
+            raise ValueError(f"rows for {where} lack {col}; every result row must name its device")
+        if len(values) != 1:
+            raise ValueError(f"rows for {where} span {label} {values}; pick one with {opt}")
     synthetic = int((rows["backend"] == "synthetic").sum())
     if synthetic and not allow_synthetic:
         raise ValueError(f"{synthetic} of {len(rows)} usable rows for {where} come from the synthetic backend; "
