@@ -104,6 +104,10 @@ def violations(p: Problem, cfg: KernelConfig, arch: int = 90, row_stride: int | 
     if v < 1:
         why.append(f"vec_bytes={cfg.vec_bytes} is smaller than one {p.in_dtype} element")
         return why
+    if p.C % v:
+        why.append(f"C={p.C} is not a multiple of the vector ({v} elements); vectors never straddle rows")
+    if cfg.stage == "smem" and cfg.vec_bytes < 4:
+        why.append("stage=smem copies with cp.async, which moves 4, 8 or 16 bytes")
     stride = p.C if row_stride is None else row_stride
     if (stride * e) % cfg.vec_bytes:
         why.append(f"row stride {stride * e} B is not a multiple of vec_bytes={cfg.vec_bytes}")
@@ -147,9 +151,7 @@ def _next_pow2(n: int) -> int:
 def max_vec_bytes(p: Problem, row_stride: int | None = None, ptr_align: int = 16) -> int:
     """Widest vector (bytes) that keeps every row's loads aligned."""
     e = ELEM_BYTES[p.in_dtype]
-    stride_b = (p.C if row_stride is None else row_stride) * e
-    if p.spec.per_head:
-        stride_b = _gcd(stride_b, p.C * e)
+    stride_b = _gcd((p.C if row_stride is None else row_stride) * e, p.C * e)
     for vb in (16, 8, 4, 2):
         if stride_b % vb == 0 and ptr_align % vb == 0:
             return vb

@@ -21,7 +21,6 @@ from cutlass import Float32, Int32, Uint8, Uint32, const_expr
 from .config import KernelConfig, chunk_cols, iters_per_row, vec_elems
 from .problem import FP4_BLOCK, Problem
 
-E4M3_MAX = 448.0
 FLT_MIN = 1.1754943508222875e-38
 
 
@@ -251,10 +250,8 @@ class NormKernel:
             if const_expr(self.fp4_block > 0):
                 self._store_fp4_vec(y, t, h, row, vi, store_ok, lane, mY, mSF, gs)
             else:
-                if const_expr(self.out_format == "fp8"):
-                    if const_expr(not self.op.silu):
-                        y = y / qscale
-                    y = self._clamp(y, E4M3_MAX)
+                if const_expr(self.out_format == "fp8" and not self.op.silu):
+                    y = y / qscale  # IEEE division, as the reference; the e4m3 cvt saturates at +-448
                 y_frag = cute.make_rmem_tensor((v,), mY.element_type)
                 y_frag.store(y.to(mY.element_type))
                 if store_ok:
@@ -268,14 +265,6 @@ class NormKernel:
             cute.autovec_copy(sX[None, i, lane, r_in_cta], x_frag[None, 0])
             return x_frag[None, 0].load().to(Float32)
         return x_frag[None, i].load().to(Float32)
-
-    @cute.jit
-    def _clamp(self, y, lim):
-        f = cute.make_rmem_tensor(y.shape, Float32)
-        f.store(y)
-        for j in cutlass.range_constexpr(cute.size(f)):
-            f[j] = cute.arch.fmin(cute.arch.fmax(f[j], -lim), lim)
-        return f.load()
 
     @cute.jit
     def _row_sum(self, val, parity, lane, r_in_cta, rank, red_buf, cl_buf):
@@ -322,8 +311,8 @@ class NormKernel:
         mult, sf_byte = self._fp4_scale(amax, gs)
         out = cute.make_rmem_tensor((v // 2,), Uint8)
         for j in cutlass.range_constexpr(v // 2):
-            lo = self._e2m1(f[2 * j] * mult)
-            hi = self._e2m1(f[2 * j + 1] * mult)
+            lo = self._e2m1(self._fp4_apply(f[2 * j], mult))
+            hi = self._e2m1(self._fp4_apply(f[2 * j + 1], mult))
             out[j] = Uint8(lo | (hi << 4))
         if store_ok:
             mYv = cute.zipped_divide(mY, (1, 1, v // 2))
@@ -358,9 +347,7 @@ class NormKernel:
                                                 read_only_args=[mbits]))
         elif const_expr(self.op.fp4_scales):
             # rmsnorm_fp4quant NVFP4: rounded e4m3 scale of global_scale*amax/6; values times gs/f32(s)
-            s = gs * amax / 6.0
-            s = cutlass.min(s, E4M3_MAX)
-            s8 = self._to_e4m3_bits(s)
+            s8 = self._to_e4m3_bits((gs * amax) / 6.0)  # the cvt saturates at 448
             s_f = self._e4m3_bits_to_f32(s8)
             sf_byte = s8
             if s_f != 0.0:
@@ -368,9 +355,17 @@ class NormKernel:
         else:
             # fused_rmsnorm_silu NVFP4: unrounded fp32 sf = max(amax/6, FLT_MIN); values / sf
             sf = cute.arch.fmax(amax / 6.0, FLT_MIN)
-            sf_byte = self._to_e4m3_bits(cutlass.min(sf, E4M3_MAX))
-            mult = 1.0 / sf
+            sf_byte = self._to_e4m3_bits(sf)
+            mult = sf  # a divisor here: values are divided by the unrounded sf (_fp4_apply)
         return mult, sf_byte
+
+    @cute.jit
+    def _fp4_apply(self, y, mult):
+        """Scale one value into the e2m1 range the way the op's reference does (multiply or divide)."""
+        r = y * mult
+        if const_expr(self.out_format == "nvfp4" and not self.op.fp4_scales):
+            r = y / mult
+        return r
 
     @cute.jit
     def _to_e4m3_bits(self, s):
@@ -405,6 +400,8 @@ class NormKernel:
             bits = Uint32(cute.arch.inline_ptx("mov.b32 {$w0}, {$r0};", write_only_types=[Uint32],
                                                read_only_args=[a]))
             code = mag | ((bits >> 28) & 0x8)
+            if a != a:
+                code = Uint32(0x7)  # NaN -> +6, as cvt.rn.satfinite.e2m1x2 does
         return code
 
     @cute.jit
