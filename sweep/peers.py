@@ -1,0 +1,194 @@
+"""Peer implementations `lutforge bench` times beside lutforge, on the same timer and the same inputs.
+
+Each peer does the op the way its users call it: torch eager and torch.compile run the reference
+formula (fp32 inside, SiLU, static fp8 quantisation) writing into the preallocated outputs; quack's
+rmsnorm_fwd, liger's LigerRMSNormFunction and flashinfer's norm ops are called through their public
+APIs. A peer is checked against lutforge's reference (kernels.runner.check) before it is timed, so a
+peer that computes something else is recorded wrong_result, not compared. A peer that cannot do an
+op/output format is skipped with the reason `unsupported` gives.
+"""
+from __future__ import annotations
+
+import importlib.util
+from typing import Callable
+
+from kernels.problem import FP4_BLOCK, Problem
+
+PEERS = ("torch_eager", "torch_compile", "quack", "liger", "flashinfer")
+_MODULE = {"torch_eager": "torch", "torch_compile": "torch", "quack": "quack", "liger": "liger_kernel",
+           "flashinfer": "flashinfer"}
+_QUACK_OPS = {"rmsnorm", "fused_add_rmsnorm"}
+_LIGER_OPS = {"rmsnorm", "gemma_rmsnorm", "qk_rmsnorm", "gemma_qk_rmsnorm"}
+_FLASHINFER_OPS = {"rmsnorm", "gemma_rmsnorm", "fused_add_rmsnorm", "gemma_fused_add_rmsnorm", "rmsnorm_quant",
+                   "fused_add_rmsnorm_quant", "qk_rmsnorm", "gemma_qk_rmsnorm", "fused_rmsnorm_silu",
+                   "rmsnorm_fp4quant"}
+
+
+def parse_peers(spec: str) -> list[str]:
+    """'all' or a comma list of PEERS names."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"peers must be 'all' or a comma list of {PEERS}")
+    if spec.strip() == "all":
+        return list(PEERS)
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    bad = [n for n in names if n not in PEERS]
+    if bad:
+        raise ValueError(f"unknown peers {bad}; known: {', '.join(PEERS)}")
+    return list(dict.fromkeys(names))
+
+
+def unsupported(problem: Problem, impl: str) -> str | None:
+    """Why `impl` cannot run `problem` here (None = it can). Checks importability without importing."""
+    if impl not in PEERS:
+        raise ValueError(f"unknown peer {impl!r}; known: {', '.join(PEERS)}")
+    if importlib.util.find_spec(_MODULE[impl]) is None:
+        return f"{_MODULE[impl]} is not installed"
+    op, out = problem.op, problem.out_format
+    if impl in ("torch_eager", "torch_compile"):
+        if out in FP4_BLOCK:
+            return "no torch formula for FP4 block quantisation in the peers"
+        return None
+    if impl == "quack":
+        if op not in _QUACK_OPS:
+            return f"quack has no {op}"
+        return None
+    if impl == "liger":
+        if op not in _LIGER_OPS:
+            return f"liger has no {op}"
+        return None
+    if op not in _FLASHINFER_OPS:
+        return f"flashinfer has no {op}"
+    return None
+
+
+_COMPILED: dict = {}
+
+
+def _eager_fn(p: Problem, eps: float, scale: float):
+    """The reference formula as torch ops, writing the op's outputs in place (fp32 inside)."""
+    import torch
+
+    def fn(x, w, r, y):
+        wf = w.float() + 1.0 if p.spec.gemma else w.float()
+        if p.spec.residual:
+            s = x.float() + r.float()
+            r.copy_(s)
+        else:
+            s = x.float()
+        v = s * torch.rsqrt(s.square().mean(-1, keepdim=True) + eps) * wf
+        if p.spec.silu:
+            v = v * torch.sigmoid(v)
+        if p.out_format == "fp8":
+            y.copy_((v / scale).clamp(-448.0, 448.0))
+        elif y is None:
+            x.copy_(v)  # fused add: the normalised value overwrites x
+        else:
+            y.copy_(v)
+
+    return fn
+
+
+def build(impl: str, problem: Problem, case) -> tuple[Callable[[], object], Callable[[object], None]]:
+    """(launch, write_back): launch runs the peer once on `case`; write_back puts a returned result into
+    the case's output tensors so kernels.runner.check can judge it (no-op for peers writing in place)."""
+    import torch
+
+    p, a = problem, case.args
+    x, w, r, y = a["x"], a["weight"], a.get("residual"), a.get("y")
+    rows2d = not p.spec.per_head
+    x2 = x.view(p.T, p.C) if rows2d else x
+    y2 = None if y is None else (y.view(p.T, -1) if rows2d else y)
+    none = lambda _res: None  # noqa: E731
+    if impl in ("torch_eager", "torch_compile"):
+        fn = _eager_fn(p, case.eps, case.scale)
+        if impl == "torch_compile":
+            key = (p, case.eps, case.scale)
+            if key not in _COMPILED:  # one compiled graph per problem, shared by its rotation sets
+                torch._dynamo.reset()  # forget earlier problems' graphs: no recompile-limit fallback
+                _COMPILED.clear()
+                _COMPILED[key] = torch.compile(fn, dynamic=False)
+            fn = _COMPILED[key]
+        return (lambda: fn(x2, w, r, y2)), none
+    if impl == "quack":
+        from quack.rmsnorm import rmsnorm_fwd
+
+        if p.spec.residual:
+            def write_back(res):
+                out, res_out, _ = res
+                r.copy_(res_out)
+                x2.copy_(out)
+            return (lambda: rmsnorm_fwd(x2, w, residual=r, eps=case.eps)), write_back
+        return (lambda: rmsnorm_fwd(x2, w, eps=case.eps)), (lambda res: y2.copy_(res[0]))
+    if impl == "liger":
+        from liger_kernel.ops.rms_norm import LigerRMSNormFunction
+
+        offset, mode = (1.0, "gemma") if p.spec.gemma else (0.0, "llama")
+
+        def launch():
+            with torch.no_grad():
+                return LigerRMSNormFunction.apply(x2, w, case.eps, offset, mode, False)
+        return launch, (lambda res: y2.copy_(res.view_as(y2)))
+    import flashinfer
+
+    norm, eps = flashinfer.norm, case.eps
+    op = p.op
+    if op in ("rmsnorm", "qk_rmsnorm"):
+        return (lambda: norm.rmsnorm(x2, w, eps, out=y2)), none
+    if op in ("gemma_rmsnorm", "gemma_qk_rmsnorm"):
+        return (lambda: norm.gemma_rmsnorm(x2, w, eps, out=y2)), none
+    if op == "fused_add_rmsnorm":
+        return (lambda: norm.fused_add_rmsnorm(x2, r, w, eps)), none
+    if op == "gemma_fused_add_rmsnorm":
+        return (lambda: norm.gemma_fused_add_rmsnorm(x2, r, w, eps)), none
+    scale_t = torch.tensor([case.scale], dtype=torch.float32, device=x.device)
+    if op == "rmsnorm_quant":
+        return (lambda: norm.rmsnorm_quant(y2, x2, w, scale_t, eps)), none
+    if op == "fused_add_rmsnorm_quant":
+        return (lambda: norm.fused_add_rmsnorm_quant(y2, x2, r, w, scale_t, eps)), none
+    bs = a.get("block_scale")
+    if op == "fused_rmsnorm_silu":
+        if p.out_format == "nvfp4":
+            yq, bq = y2.view(torch.float4_e2m1fn_x2), bs.view(torch.float8_e4m3fn)
+            return (lambda: norm.fused_rmsnorm_silu(x2, w, eps, out=yq, block_scale=bq)), none
+        return (lambda: norm.fused_rmsnorm_silu(x2, w, eps, out=y2)), none
+    if op == "rmsnorm_fp4quant":
+        from flashinfer.cute_dsl import rmsnorm_fp4quant
+
+        block = FP4_BLOCK[p.out_format]
+        fmt = "e4m3" if p.out_format == "nvfp4" else "ue8m0"
+        yq = y2.view(torch.float4_e2m1fn_x2)
+        bq = bs.view(torch.float8_e4m3fn) if fmt == "e4m3" else bs
+        gs = a.get("global_scale")
+        return (lambda: rmsnorm_fp4quant(x2, w, y_fp4=yq, block_scale=bq, global_scale=gs, eps=eps,
+                                         block_size=block, scale_format=fmt,
+                                         is_sf_swizzled_layout=p.scale_layout == "swizzled")), none
+    raise ValueError(f"flashinfer peer has no mapping for {op}")
+
+
+def measure_peer(problem: Problem, impl: str) -> dict:
+    """Check then time one peer on rotated buffers (runs in the timing process, on the GPU)."""
+    import torch
+
+    from kernels import runner
+
+    from .timer import l2_bytes, rotation_sets, time_launchers
+    from .trial_worker import _finite
+
+    reason = unsupported(problem, impl)
+    if reason:
+        raise ValueError(f"{impl} cannot run {problem.op}/{problem.out_format}: {reason}")
+    case0 = runner.make_case(problem, device="cuda", seed=0)
+    launch0, write_back = build(impl, problem, case0)
+    runner.poison(case0)
+    write_back(launch0())
+    torch.cuda.synchronize()
+    chk = runner.check(problem, case0)
+    common = {"rel_err": _finite(chk.rel_err), "max_ulp": _finite(chk.max_ulp)}
+    if not chk.ok:
+        return {"status": "wrong_result", "error": chk.message[:4000], **common}
+    sets = rotation_sets(case0.nbytes, l2_bytes())
+    cases = [case0] + [runner.make_case(problem, device="cuda", seed=i) for i in range(1, sets)]
+    launchers = [launch0] + [build(impl, problem, c)[0] for c in cases[1:]]
+    t = time_launchers(launchers, set_bytes=case0.nbytes)
+    return {"status": "ok", "median_us": t.median_us, "p20_us": t.p20_us, "p80_us": t.p80_us,
+            "samples_us": list(t.samples_us), **common}

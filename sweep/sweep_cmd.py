@@ -1,0 +1,272 @@
+"""`lutforge sweep`: search the knobs of every problem of a problem set, on one or many GPUs (or the
+synthetic cost model), resumably, and print the winners."""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import threading
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+
+from kernels.problem import OPS, Problem, out_formats
+
+from .study import MEASURED
+from .trial_worker import BACKENDS
+
+
+@dataclass
+class SweepSpec:
+    """Everything a worker process needs (picklable: it crosses a spawn)."""
+
+    problems: list[tuple[Problem, str]]  # (problem, problem set)
+    backend: str
+    storage: str
+    results: str
+    run_id: str
+    trials: int | None
+    time_budget: float | None
+    trial_timeout: float
+    compile_workers: int
+    finalists: int
+    seed: int | None = None
+    env: dict = field(default_factory=dict)
+
+
+def split_list(value: str, what: str) -> list[str]:
+    items = [s.strip() for s in (value or "").split(",") if s.strip()]
+    if not items:
+        raise click.BadParameter(f"give at least one {what}")
+    return list(dict.fromkeys(items))
+
+
+def select_problems(problem_set: str, ops: list[str], outs: list[str], in_dtype: str,
+                    limit_shapes: int | None) -> tuple[list[tuple[Problem, str]], list[str]]:
+    """(problems, skipped (op, out) descriptions). `limit_shapes` keeps that many shapes per (op, out),
+    spread evenly over the set so the sample spans small to large."""
+    import problem_sets
+
+    if problem_set not in problem_sets.list_sets():
+        raise click.BadParameter(f"unknown problem set {problem_set!r}; known: {', '.join(problem_sets.list_sets())}",
+                                 param_hint="--problem-set")
+    bad = [o for o in ops if o not in OPS]
+    if bad:
+        raise click.BadParameter(f"unknown ops {bad}; known: {', '.join(OPS)}", param_hint="--op")
+    chosen, skipped = [], []
+    for op in ops:
+        for out in outs:
+            if out not in out_formats(op, in_dtype):
+                skipped.append(f"{op}/{out} (outputs of {op} with {in_dtype} input: {out_formats(op, in_dtype)})")
+                continue
+            try:
+                ps = problem_sets.problems(problem_set, op, in_dtype, out)
+            except ValueError as e:
+                skipped.append(f"{op}/{out} ({e})")
+                continue
+            if limit_shapes is not None and len(ps) > limit_shapes:
+                idx = sorted({round(i * (len(ps) - 1) / max(1, limit_shapes - 1)) for i in range(limit_shapes)})
+                ps = [ps[i] for i in idx]
+            chosen += [(p, problem_set) for p in ps]
+    return chosen, skipped
+
+
+def check_gpus(backend: str, gpus: list[str] | None) -> None:
+    if backend != "gpu":
+        return
+    try:
+        import torch
+    except ImportError as e:
+        raise click.ClickException(f"--backend gpu needs torch with CUDA ({e})")
+    if not torch.cuda.is_available():
+        raise click.ClickException("--backend gpu needs a CUDA GPU, but none is visible (torch.cuda.is_available() "
+                                   "is False). Run on a GPU host, or use --backend synthetic to exercise the "
+                                   "pipeline on a CPU.")
+    n = torch.cuda.device_count()
+    for g in gpus or []:
+        if int(g) >= n:
+            raise click.BadParameter(f"GPU {g} does not exist; {n} visible", param_hint="--gpus")
+
+
+def run_worker(spec: SweepSpec, gpu: str | None, progress, search: bool = True, rebench: bool = True) -> dict:
+    """Search (and/or re-benchmark) every problem of `spec` on one device; returns the device info."""
+    from .study import Claims, RowWriter, StudyRun, open_storage, reconcile_rows
+    from .trial_worker import Evaluator
+
+    env = dict(spec.env)
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpu
+    ev = Evaluator(spec.backend, spec.compile_workers, spec.trial_timeout, env=env)
+    claims = None
+    writer = RowWriter(spec.results)
+    try:
+        ev.start()
+        storage = open_storage(spec.storage)
+        claims = Claims(spec.storage)
+        run = StudyRun(ev, storage, claims, writer, spec.run_id, Path(spec.results), spec.trials, spec.time_budget,
+                       n_jobs=spec.compile_workers, seed=spec.seed, on_trial=progress)
+        reconcile_rows(storage, [run.name(p) for p, _ in spec.problems], spec.results)
+        if search:
+            for p, pset in spec.problems:
+                run.run(p, pset)
+        if rebench:
+            for p, pset in spec.problems:
+                run.rebench(p, pset, spec.finalists)
+        return ev.info
+    finally:
+        writer.flush()
+        ev.close()
+        if claims is not None:
+            claims.close()
+
+
+def _worker_process(spec: SweepSpec, gpu: str, progress_q) -> None:
+    os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+    run_worker(spec, gpu, lambda status: progress_q.put(status), search=True, rebench=False)
+
+
+def _progress_thread(q, bar) -> threading.Thread:
+    def drain():
+        while True:
+            item = q.get()
+            if item is StopIteration or item == "__stop__":
+                return
+            if item in MEASURED:  # invalid prefixes and duplicates are not measurements
+                bar.update(1)
+            bar.set_postfix_str(str(item))
+
+    t = threading.Thread(target=drain, daemon=True)
+    t.start()
+    return t
+
+
+def format_summary(storage_url: str, spec: SweepSpec, info: dict) -> str:
+    from .study import open_storage, study_name, summary
+    from .timer import gbps
+
+    from kernels.problem import ideal_bytes
+
+    storage = open_storage(storage_url)
+    dev_class = info["provenance"]["device_class"]
+    copy = info["copy_gbps"]
+    head = f"{'op':<24} {'out':<6} {'T':>8} {'C':>6}  {'best config':<34} {'us':>9} {'GB/s':>8} {'%copy':>6} " \
+           f"{'vs heur':>7}  trials"
+    lines = [head, "-" * len(head)]
+    for p, _ in spec.problems:
+        s = summary(storage, study_name(p, dev_class))
+        if s is None:
+            continue
+        st = s["statuses"]
+        counts = " ".join(f"{k}={v}" for k, v in sorted(st.items()))
+        if s["config"] is None:
+            lines.append(f"{p.op:<24} {p.out_format:<6} {p.T:>8} {p.C:>6}  {'(no ok trial)':<34} {'':>9} {'':>8} "
+                         f"{'':>6} {'':>7}  {counts}")
+            continue
+        g = gbps(ideal_bytes(p), s["median_us"])
+        sp = f"{s['heuristic_us'] / s['median_us']:.2f}x" if s["heuristic_us"] else "-"
+        mark = "" if s["rebenched"] else "*"
+        lines.append(f"{p.op:<24} {p.out_format:<6} {p.T:>8} {p.C:>6}  {s['config'].short() + mark:<34} "
+                     f"{s['median_us']:>9.2f} {g:>8.0f} {100 * g / copy:>6.1f} {sp:>7}  {counts}")
+    lines.append(f"copy roofline {copy:.0f} GB/s on {info['provenance']['device_name']} "
+                 f"(backend {info['provenance']['backend']}); * = not re-benchmarked")
+    return "\n".join(lines)
+
+
+@click.command("sweep")
+@click.option("--op", "ops", required=True, help="Op or comma list of ops (e.g. fused_rmsnorm_silu,rmsnorm).")
+@click.option("--problem-set", required=True, help="Problem set name (problem_sets/*.toml).")
+@click.option("--out", "outs", required=True, help="Output format(s), comma list (e.g. bf16,fp8).")
+@click.option("--in-dtype", default="bf16", show_default=True, type=click.Choice(["bf16", "fp16"]))
+@click.option("--trials", type=click.IntRange(min=1), default=None,
+              help="Configs to measure per problem (total in the study, so a resume continues to N). "
+                   "Default 100 when no --time-budget is given.")
+@click.option("--time-budget", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Seconds of search per problem and worker process.")
+@click.option("--storage", default=None, help="Optuna storage URL; default sqlite file <results>/optuna.db. "
+                                              "postgresql://... lets many GPUs/hosts share one sweep.")
+@click.option("--gpus", default=None, help="Comma list of GPU indices: one worker process per GPU on the same studies.")
+@click.option("--results", "results_dir", default="results", show_default=True, type=click.Path(file_okay=False),
+              help="Directory for Parquet rows (and the default sqlite storage).")
+@click.option("--backend", default="gpu", show_default=True, type=click.Choice(list(BACKENDS)),
+              help="gpu: real kernels; synthetic: the CPU cost model (rows marked backend=synthetic).")
+@click.option("--limit-shapes", type=click.IntRange(min=1), default=None,
+              help="At most N shapes per (op, out), spread over the set.")
+@click.option("--trial-timeout", type=click.FloatRange(min=0, min_open=True), default=120.0, show_default=True,
+              help="Seconds a timed trial may take before its process is killed (status timeout).")
+@click.option("--compile-workers", type=click.IntRange(min=1), default=None,
+              help="Compile processes (and concurrent trials) per worker; default: CPU cores.")
+@click.option("--finalists", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Best configs re-benchmarked (interleaved, with the heuristic) per problem.")
+@click.option("--seed", type=int, default=None, help="Sampler seed.")
+def sweep_command(ops, problem_set, outs, in_dtype, trials, time_budget, storage, gpus, results_dir, backend,
+                  limit_shapes, trial_timeout, compile_workers, finalists, seed):
+    """Tune the knobs of OP on every shape of a problem set (resumes by default)."""
+    from tqdm import tqdm
+
+    op_list = split_list(ops, "op")
+    out_list = split_list(outs, "output format")
+    gpu_list = None
+    if gpus is not None:
+        gpu_list = split_list(gpus, "GPU index")
+        if not all(g.isdigit() for g in gpu_list):
+            raise click.BadParameter(f"GPU indices must be non-negative integers, got {gpus!r}", param_hint="--gpus")
+    check_gpus(backend, gpu_list)
+    problems, skipped = select_problems(problem_set, op_list, out_list, in_dtype, limit_shapes)
+    for s in skipped:
+        click.echo(f"skipped {s}", err=True)
+    if not problems:
+        raise click.UsageError("no problem to sweep: every op/output format combination was skipped")
+    if trials is None and time_budget is None:
+        trials = 100
+    results = Path(results_dir).resolve()
+    results.mkdir(parents=True, exist_ok=True)
+    storage_url = storage
+    if storage_url is None:
+        from .study import default_storage_url
+
+        storage_url = default_storage_url(results)
+    try:
+        from .study import open_storage
+
+        open_storage(storage_url)
+    except Exception as e:  # a bad URL, an unreachable server, a missing driver: say which, no traceback
+        raise click.ClickException(f"cannot open storage {storage_url}: {type(e).__name__}: {e}")
+    spec = SweepSpec(problems=problems, backend=backend, storage=storage_url, results=str(results),
+                     run_id=uuid.uuid4().hex[:12], trials=trials, time_budget=time_budget,
+                     trial_timeout=trial_timeout, compile_workers=compile_workers or os.cpu_count() or 1,
+                     finalists=finalists, seed=seed)
+    total = len(problems) * trials if trials is not None else None
+    click.echo(f"sweep {spec.run_id}: {len(problems)} problems, backend {backend}, storage {storage_url}", err=True)
+    bar = tqdm(total=total, unit="trial", desc="sweep", file=click.get_text_stream("stderr"), dynamic_ncols=True)
+    try:
+        if gpu_list is None or len(gpu_list) == 1:
+            q: queue.Queue = queue.Queue()
+            t = _progress_thread(q, bar)
+            gpu = gpu_list[0] if gpu_list else None
+            try:
+                info = run_worker(spec, gpu, q.put)
+            finally:
+                q.put("__stop__")
+                t.join()
+        else:
+            ctx = mp.get_context("spawn")
+            q = ctx.Queue()
+            t = _progress_thread(q, bar)
+            procs = [ctx.Process(target=_worker_process, args=(spec, g, q), name=f"sweep-gpu{g}") for g in gpu_list]
+            for p in procs:
+                p.start()
+            for p in procs:
+                p.join()
+            q.put("__stop__")
+            t.join()
+            failed = [f"GPU {g} ({p.exitcode})" for g, p in zip(gpu_list, procs) if p.exitcode != 0]
+            if failed:
+                raise click.ClickException(f"worker processes failed: {', '.join(failed)}; rerun to resume")
+            # One process re-benchmarks finalists (and writes rows a dead worker left unflushed).
+            info = run_worker(spec, gpu_list[0], None, search=False, rebench=True)
+    finally:
+        bar.close()
+    click.echo(format_summary(storage_url, spec, info))
+    click.echo(f"rows under {results}")

@@ -1,0 +1,148 @@
+"""A deterministic cost model standing in for the GPU so CI can run the whole sweep pipeline on a CPU.
+
+Its numbers are a model, not measurements: every row it produces carries backend=synthetic and LUT
+export refuses such rows. The model follows the physics the real kernels face - ideal bytes over a
+bandwidth limited by loads in flight (Little's law), a launch floor, waves of CTAs, reduction and
+cluster synchronisation costs - so a search over it has a landscape with structure to find.
+
+Test-only fault injection: LUTFORGE_SYNTHETIC_FAULTS holds a JSON list of
+{"when": {knob: value, ...}, "fault": "abort" | "hang" | "wrong" | "compile_error"}; a config that
+matches every knob in "when" triggers the fault in the compile or timing process, exercising the
+same isolation paths a CUDA fault or a hung kernel takes on a GPU.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+
+from kernels.config import KernelConfig, iters_per_row, smem_bytes
+from kernels.problem import Problem, ideal_bytes
+
+from .provenance import software
+
+FAULTS_ENV = "LUTFORGE_SYNTHETIC_FAULTS"
+FAULT_KINDS = ("abort", "hang", "wrong", "compile_error")
+
+# Model device: an H100 SXM-like part.
+SM_COUNT = 132
+COPY_GBPS = 2976.0  # device-to-device copy measured on H100 80GB HBM3 (shared/DESIGN.md section 8)
+LATENCY_S = 700e-9  # DRAM round trip a load must cover; Little's law gives bytes in flight needed
+LAUNCH_US = 1.1  # smallest-shape time of the fastest peer (DESIGN.md section 8): the launch floor
+WAVE_US = 0.25  # CTA scheduling and prologue per wave
+MAX_THREADS_PER_SM = 2048
+MAX_CTAS_PER_SM = 32
+SMEM_PER_SM = 228 * 1024
+LOADS_IN_FLIGHT = 4  # unrolled vector loads a thread keeps outstanding
+BLOCK_REDUCE_US = 0.04  # one shared-memory reduction step across warps, per wave
+CLUSTER_SYNC_US = 0.6  # cluster barrier + DSMEM exchange, per wave
+
+
+def device_info() -> dict:
+    """Provenance columns of a synthetic row (the model device, plus the real software versions)."""
+    return {
+        "device_name": "synthetic cost model (H100 SXM-like)",
+        "device_class": "synthetic",
+        "sm": 90,
+        "sm_count": SM_COUNT,
+        "sm_clock_mhz": None,
+        "mem_clock_mhz": None,
+        "driver": None,
+        "cuda": None,
+        "backend": "synthetic",
+        **software(),
+    }
+
+
+def model_us(p: Problem, cfg: KernelConfig) -> float:
+    """Modelled kernel time in microseconds (launch-bound when small, bandwidth-bound when large)."""
+    rows = p.rows
+    rows_per_cta = cfg.rows_per_cta
+    row_blocks = max(1, -(-rows // rows_per_cta))
+    grid = row_blocks * cfg.cluster
+    resident = min(MAX_THREADS_PER_SM // cfg.threads, MAX_CTAS_PER_SM,
+                   max(1, SMEM_PER_SM // max(1, smem_bytes(p, cfg))))
+    if cfg.ctas_per_sm:
+        resident = min(resident, cfg.ctas_per_sm)
+        grid = min(grid, cfg.ctas_per_sm * SM_COUNT)
+    slots = resident * SM_COUNT
+    concurrent = min(grid, slots)
+    loads = min(iters_per_row(p, cfg), LOADS_IN_FLIGHT)
+    if cfg.stage == "smem":
+        loads = LOADS_IN_FLIGHT  # cp.async issues the whole tile before waiting
+    inflight = concurrent * cfg.threads * cfg.vec_bytes * loads
+    bw = min(COPY_GBPS * 1e9, inflight / LATENCY_S)
+    waves = -(-grid // slots) if not cfg.ctas_per_sm else -(-row_blocks * cfg.cluster // slots)
+    # Persistent grids pay one prologue but loop over row blocks; plain grids pay a prologue per wave.
+    t = LAUNCH_US + (WAVE_US if cfg.ctas_per_sm else WAVE_US * waves)
+    moved = ideal_bytes(p)
+    if not cfg.weight_smem and rows_per_cta == 1 and p.C * 2 > 8192:
+        moved += grid * p.C * 2 // 8  # weight re-fetched from L2 per CTA, partly overlapping HBM traffic
+    t += moved / bw * 1e6
+    warps_per_row = max(1, cfg.threads_per_row // 32)
+    if warps_per_row > 1:
+        t += BLOCK_REDUCE_US * math.log2(warps_per_row) * waves
+    if cfg.cluster > 1:
+        t += CLUSTER_SYNC_US * waves
+    if cfg.stage == "smem":
+        t *= 1.02  # the extra shared-memory round trip
+    return t
+
+
+def _spread(p: Problem, cfg: KernelConfig) -> float:
+    """A deterministic relative spread in [0.5 %, 2 %) per (problem, config), for p20/p80."""
+    h = hashlib.sha256(repr((p, cfg)).encode()).digest()
+    return 0.005 + (h[0] / 255.0) * 0.015
+
+
+def copy_gbps() -> float:
+    return COPY_GBPS
+
+
+def _faults() -> list[dict]:
+    raw = os.environ.get(FAULTS_ENV)
+    if not raw:
+        return []
+    try:
+        faults = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{FAULTS_ENV} is not JSON: {e}") from e
+    if not isinstance(faults, list) or not all(isinstance(f, dict) and f.get("fault") in FAULT_KINDS
+                                               and isinstance(f.get("when"), dict) for f in faults):
+        raise ValueError(f"{FAULTS_ENV} must be a list of {{'when': {{knob: value}}, 'fault': one of {FAULT_KINDS}}}")
+    return faults
+
+
+def fault_for(cfg: KernelConfig) -> str | None:
+    d = cfg.as_dict()
+    for f in _faults():
+        if all(d.get(k) == v for k, v in f["when"].items()):
+            return f["fault"]
+    return None
+
+
+def precompile(p: Problem, cfg: KernelConfig) -> dict:
+    """The synthetic 'compile': nothing to build, but injected compile faults raise here."""
+    t0 = time.perf_counter()
+    if fault_for(cfg) == "compile_error":
+        raise RuntimeError(f"injected synthetic compile error for {cfg.short()}")
+    return {"compile_s": time.perf_counter() - t0, "registers": None, "smem_bytes": smem_bytes(p, cfg)}
+
+
+def measure(p: Problem, cfg: KernelConfig) -> dict:
+    """One synthetic timed trial, in the timing process (so injected aborts and hangs kill/stall it)."""
+    fault = fault_for(cfg)
+    if fault == "abort":
+        os.abort()
+    if fault == "hang":
+        while True:
+            time.sleep(3600)
+    if fault == "wrong":
+        return {"status": "wrong_result", "error": "injected synthetic wrong result", "rel_err": None,
+                "max_ulp": None}
+    us = model_us(p, cfg)
+    s = _spread(p, cfg)
+    return {"status": "ok", "median_us": us, "p20_us": us * (1 - s), "p80_us": us * (1 + s),
+            "rel_err": 0.0, "max_ulp": 0.0}

@@ -1,0 +1,147 @@
+"""The GPU timer every lutforge number comes from (trials, re-benchmarks, peers, the copy roofline).
+
+Method (shared/DESIGN.md section 3): the caller builds one launcher per *rotation set* - a distinct
+set of input and output buffers - with enough sets that together they exceed 3x the L2 cache, so no
+launch reads or writes data a previous launch left in L2. N launches cycling over the sets are
+captured in one CUDA graph; each replay is timed with CUDA events; the result is the median of >= 7
+replays, with p20/p80 as the spread. Launch overhead inside the graph stays in the number: small
+problems are launch-bound and that is what a user sees.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+from typing import Callable
+
+L2_FACTOR = 3  # rotate at least this many L2 sizes of distinct buffers
+MIN_REPLAYS = 7
+MAX_SETS = 1 << 15  # below ~5 KB per set the rotation is capped; such problems are launch-bound anyway
+COPY_BYTES = 256 << 20  # bytes per copy-roofline buffer (read once, written once per launch)
+
+
+@dataclass(frozen=True)
+class Timing:
+    median_us: float
+    p20_us: float
+    p80_us: float
+    samples_us: tuple[float, ...]  # per-launch time of each replay
+    launches: int  # launches per replay
+    sets: int  # rotation sets
+    rotated_bytes: int  # distinct bytes touched per pass over the sets
+    l2_bytes: int
+
+
+def percentile(xs, q: float) -> float:
+    """Linear-interpolated percentile, q in [0, 100]."""
+    s = sorted(xs)
+    if not s:
+        raise ValueError("percentile of no samples")
+    k = (len(s) - 1) * q / 100.0
+    lo, hi = math.floor(k), math.ceil(k)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def summarize(samples_us, *, launches: int = 0, sets: int = 0, rotated_bytes: int = 0, l2_bytes: int = 0) -> Timing:
+    samples = tuple(float(x) for x in samples_us)
+    return Timing(statistics.median(samples), percentile(samples, 20), percentile(samples, 80), samples,
+                  launches, sets, rotated_bytes, l2_bytes)
+
+
+def rotation_sets(set_bytes: int, l2_bytes: int, factor: int = L2_FACTOR, max_sets: int = MAX_SETS) -> int:
+    """How many distinct buffer sets make the rotation exceed `factor` x L2 (at least 2)."""
+    if set_bytes <= 0:
+        raise ValueError(f"set_bytes must be positive, got {set_bytes}")
+    if l2_bytes <= 0:
+        raise ValueError(f"l2_bytes must be positive, got {l2_bytes}")
+    return int(min(max_sets, max(2, -(-factor * l2_bytes // set_bytes))))
+
+
+def l2_bytes(device=None) -> int:
+    import torch
+
+    return int(torch.cuda.get_device_properties(device).L2_cache_size)
+
+
+def time_launchers(launchers: list[Callable[[], object]], *, set_bytes: int = 0, replays: int = 9,
+                   target_ms: float = 2.0, max_launches: int = 1 << 15) -> Timing:
+    """Time one launch by CUDA-graph replay over `launchers` (one per rotation set, in order).
+
+    Launchers run once eagerly first (warm-up: module load, lazy allocations, autotuning of peers).
+    Whatever a launcher returns is kept alive until timing ends, so a peer that allocates its output
+    gets a fresh buffer per launch instead of re-using one that sits in L2.
+    """
+    import torch
+
+    if not launchers:
+        raise ValueError("time_launchers needs at least one launcher")
+    if replays < MIN_REPLAYS:
+        raise ValueError(f"need >= {MIN_REPLAYS} replays for a stable median, got {replays}")
+    n = len(launchers)
+    keep = [f() for f in launchers]  # warm-up, eager
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    keep += [f() for f in launchers]
+    end.record()
+    end.synchronize()
+    est_us = max(start.elapsed_time(end) * 1000.0 / n, 0.5)  # eager: an upper bound per launch
+    passes = max(1, min(math.ceil(target_ms * 1000.0 / (est_us * n)), max_launches // n))
+    launches = n * passes
+    del keep
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.graph(graph, stream=stream):
+        keep = [launchers[i % n]() for i in range(launches)]
+    graph.replay()  # first replay uploads the graph
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(replays):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) * 1000.0 / launches)
+    del keep, graph
+    return summarize(samples, launches=launches, sets=n, rotated_bytes=set_bytes * n,
+                     l2_bytes=l2_bytes(torch.cuda.current_device()))
+
+
+@dataclass(frozen=True)
+class CopyRoofline:
+    gbps: float
+    timing: Timing
+    bytes_per_launch: int  # bytes read + bytes written
+
+
+def copy_roofline(nbytes: int = COPY_BYTES, replays: int = 9) -> CopyRoofline:
+    """Device-to-device copy bandwidth on the current device, timed exactly like a kernel.
+
+    Counts bytes read plus bytes written, the same accounting as ideal_bytes, so pct_copy compares
+    like with like.
+    """
+    import torch
+
+    if nbytes <= 0:
+        raise ValueError(f"nbytes must be positive, got {nbytes}")
+    dev = torch.cuda.current_device()
+    sets = rotation_sets(2 * nbytes, l2_bytes(dev))
+    bufs = [(torch.empty(nbytes, dtype=torch.uint8, device=dev).fill_(i % 251),
+             torch.empty(nbytes, dtype=torch.uint8, device=dev)) for i in range(sets)]
+
+    def copier(src, dst):
+        return lambda: dst.copy_(src)
+
+    launchers = [copier(s, d) for s, d in bufs]
+    timing = time_launchers(launchers, set_bytes=2 * nbytes, replays=replays)
+    if not torch.equal(bufs[0][0], bufs[0][1]):
+        raise RuntimeError("copy roofline: the copied buffer differs from its source")
+    return CopyRoofline(2 * nbytes / (timing.median_us * 1e-6) / 1e9, timing, 2 * nbytes)
+
+
+def gbps(nbytes: int, us: float | None) -> float | None:
+    """Achieved GB/s (1e9 bytes per second) for `nbytes` moved in `us` microseconds."""
+    if us is None or us <= 0:
+        return None
+    return nbytes / (us * 1e-6) / 1e9

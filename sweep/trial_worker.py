@@ -1,0 +1,366 @@
+"""Processes that compile and time trials, so a compiler crash, a CUDA fault or a hung kernel costs one
+trial and never the sweep.
+
+- `IsolatedWorker`: one `spawn`ed child serving requests over a pipe. A reply that does not come
+  within the timeout kills the child (status timeout); a child that dies mid-request (abort, CUDA
+  fault, OOM kill) is reported as a crash (status runtime_error). The next request restarts it.
+- `Evaluator`: a pool of compile workers (CuTe-DSL compilation is not thread-safe, and fork after CUDA
+  init breaks, hence spawned processes), results cached per compile key, plus ONE long-lived timing
+  worker per GPU that keeps its CUDA context (slow to create) until a fault forces a restart.
+
+Nothing here imports torch at module level: compile workers and the synthetic backend never need it.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import signal
+import threading
+import time
+import traceback
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+from kernels.config import KernelConfig
+from kernels.problem import Problem
+
+from . import synthetic
+
+BACKENDS = ("gpu", "synthetic")
+START_TIMEOUT_S = 600.0  # CUDA context + copy roofline, or a cold import of the CuTe DSL
+
+
+@dataclass(frozen=True)
+class Reply:
+    kind: str  # ok | error | crash | timeout
+    value: Any = None
+    message: str = ""
+
+
+def _watch_parent(ppid: int) -> None:
+    """Exit when the parent goes away (kill -9 included), even while the main thread is stuck."""
+    while True:
+        if os.getppid() != ppid:
+            os._exit(1)
+        time.sleep(0.5)
+
+
+def _child_main(conn, factory, args: tuple, env: dict, ppid: int) -> None:
+    threading.Thread(target=_watch_parent, args=(ppid,), daemon=True).start()
+    os.environ.update(env)
+    try:
+        service = factory(*args)
+    except BaseException as e:  # report why the service could not start, then exit
+        conn.send(("init_error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+        return
+    conn.send(("ready", service.info))
+    while True:
+        try:
+            req = conn.recv()
+        except (EOFError, OSError):
+            return
+        if req is None:
+            return
+        try:
+            conn.send(("ok", service.handle(req)))
+        except Exception as e:  # the request failed; tell the parent and, if state may be poisoned, exit
+            conn.send(("error", f"{type(e).__name__}: {e}"))
+            if service.restart_on_error:
+                return
+
+
+def _signal_name(code: int | None) -> str:
+    if code is None:
+        return "still running"
+    if code < 0:
+        try:
+            return f"signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"signal {-code}"
+    return f"exit code {code}"
+
+
+class IsolatedWorker:
+    """A spawned child process running `factory(*args)` (a service with .info, .handle, .restart_on_error)."""
+
+    def __init__(self, factory, args: tuple = (), env: dict | None = None, name: str = "worker",
+                 start_timeout: float = START_TIMEOUT_S):
+        self.factory, self.args, self.env, self.name = factory, args, dict(env or {}), name
+        self.start_timeout = start_timeout
+        self.proc = None
+        self.conn = None
+        self.info = None
+        self.restarts = 0
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.is_alive()
+
+    def start(self) -> Any:
+        """Start the child and wait for its service to be ready; returns the service's info."""
+        self.close()
+        ctx = mp.get_context("spawn")
+        parent, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_child_main, args=(child, self.factory, self.args, self.env, os.getpid()),
+                                name=self.name, daemon=True)
+        self.proc.start()
+        child.close()
+        self.conn = parent
+        if not parent.poll(self.start_timeout):
+            self.close()
+            raise RuntimeError(f"{self.name}: did not start within {self.start_timeout:.0f} s")
+        try:
+            kind, value = parent.recv()
+        except (EOFError, OSError):
+            self.proc.join(5)
+            code = self.proc.exitcode
+            self.close()
+            raise RuntimeError(f"{self.name}: died while starting ({_signal_name(code)})")
+        if kind != "ready":
+            self.close()
+            raise RuntimeError(f"{self.name}: could not start: {value}")
+        self.info = value
+        return value
+
+    def call(self, request, timeout: float) -> Reply:
+        """Send one request; never raises for a child that crashes or hangs."""
+        if not self.alive():
+            if self.proc is not None:
+                self.restarts += 1
+            self.start()
+        try:
+            self.conn.send(request)
+        except (BrokenPipeError, OSError):
+            self.close()
+            return Reply("crash", message=f"{self.name} process was gone before the request")
+        if self.conn.poll(timeout):
+            try:
+                kind, value = self.conn.recv()
+            except (EOFError, OSError):
+                self.proc.join(5)
+                code = self.proc.exitcode
+                self.close()
+                return Reply("crash", message=f"{self.name} process died ({_signal_name(code)})")
+            if kind == "ok":
+                return Reply("ok", value)
+            if not self.proc.is_alive() or kind == "error":
+                self.proc.join(0.1)
+            return Reply("error", message=str(value))
+        self.close()
+        return Reply("timeout", message=f"{self.name}: no answer within {timeout:.0f} s; process killed")
+
+    def close(self) -> None:
+        if self.proc is not None:
+            if self.proc.is_alive():
+                self.proc.kill()
+            self.proc.join(10)
+        if self.conn is not None:
+            self.conn.close()
+        self.proc, self.conn = None, None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Services (run inside the children)
+
+
+class CompileService:
+    """Compiles one (problem, config) for an arch into the on-disk cache (kernels.compile_cache)."""
+
+    restart_on_error = False
+
+    def __init__(self, backend: str):
+        self.backend = backend
+        self.info = {"pid": os.getpid()}
+
+    def handle(self, req) -> dict:
+        problem, cfg, arch = req
+        if self.backend == "synthetic":
+            try:
+                return {"status": "ok", **synthetic.precompile(problem, cfg)}
+            except RuntimeError as e:
+                return {"status": "compile_error", "error": str(e)}
+        from kernels.compile_cache import precompile
+
+        try:
+            info = precompile(problem, cfg, arch)
+        except Exception as e:  # KernelCompileError and whatever the DSL raises: the config does not compile
+            return {"status": "compile_error", "error": f"{type(e).__name__}: {e}"[:4000]}
+        return {"status": "ok", "compile_s": info.compile_s, "registers": info.registers,
+                "smem_bytes": info.smem_bytes}
+
+
+class TimingService:
+    """Checks then times trials (and peers) on one device, measuring the copy roofline once at start."""
+
+    def __init__(self, backend: str):
+        self.backend = backend
+        if backend == "synthetic":
+            self.restart_on_error = False
+            self.info = {"provenance": synthetic.device_info(), "arch": "sm_90a",
+                         "copy_gbps": synthetic.copy_gbps(), "pid": os.getpid()}
+            return
+        import torch
+
+        from kernels.runner import arch_of
+
+        from .provenance import gpu_provenance
+        from .timer import copy_roofline
+
+        if not torch.cuda.is_available():
+            raise RuntimeError("no CUDA device visible to the timing process")
+        torch.cuda.set_device(0)
+        self.restart_on_error = True  # after an exception the CUDA context may be unusable
+        self.arch = arch_of(torch.device("cuda", 0))
+        copy = copy_roofline()
+        self.info = {"provenance": gpu_provenance(0), "arch": self.arch, "copy_gbps": copy.gbps,
+                     "copy_median_us": copy.timing.median_us, "pid": os.getpid()}
+
+    def handle(self, req) -> dict:
+        kind = req[0]
+        if kind == "kernel":
+            _, problem, cfg = req
+            if self.backend == "synthetic":
+                return synthetic.measure(problem, cfg)
+            return measure_kernel(problem, cfg, self.arch)
+        if kind == "peer":
+            _, problem, impl = req
+            if self.backend == "synthetic":
+                raise ValueError("peers run only on the gpu backend")
+            from .peers import measure_peer
+
+            return measure_peer(problem, impl)
+        raise ValueError(f"unknown request kind {kind!r}")
+
+
+def measure_kernel(problem: Problem, cfg: KernelConfig, arch: str) -> dict:
+    """Check one config against the reference, then time it over rotated buffers (GPU, in the child)."""
+    import torch
+
+    from kernels import runner
+
+    from .timer import l2_bytes, rotation_sets, time_launchers
+
+    case0 = runner.make_case(problem, device="cuda", seed=0)
+    launch0 = runner.launcher(problem, cfg, case0, arch)
+    runner.poison(case0)
+    launch0()
+    torch.cuda.synchronize()
+    chk = runner.check(problem, case0)
+    common = {"rel_err": _finite(chk.rel_err), "max_ulp": _finite(chk.max_ulp)}
+    if not chk.ok:
+        return {"status": "wrong_result", "error": chk.message[:4000], **common}
+    sets = rotation_sets(case0.nbytes, l2_bytes())
+    cases = [case0] + [runner.make_case(problem, device="cuda", seed=i) for i in range(1, sets)]
+    launchers = [launch0] + [runner.launcher(problem, cfg, c, arch) for c in cases[1:]]
+    t = time_launchers(launchers, set_bytes=case0.nbytes)
+    return {"status": "ok", "median_us": t.median_us, "p20_us": t.p20_us, "p80_us": t.p80_us,
+            "samples_us": list(t.samples_us), **common}
+
+
+def _finite(x):
+    if x is None:
+        return None
+    x = float(x)
+    return x if x == x and abs(x) != float("inf") else None
+
+
+# ---------------------------------------------------------------------------------------------------
+# The parent side
+
+
+def compile_key(problem: Problem, cfg: KernelConfig, arch: str) -> tuple:
+    """What a compiled kernel depends on: everything but T."""
+    return (problem.op, problem.in_dtype, problem.out_format, problem.C, problem.heads, problem.scale_layout,
+            cfg, arch)
+
+
+class Evaluator:
+    """Compile pool + one timing process for one device; thread-safe (study threads share it)."""
+
+    def __init__(self, backend: str, compile_workers: int | None = None, trial_timeout: float = 120.0,
+                 compile_timeout: float = 900.0, env: dict | None = None):
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        n = compile_workers or os.cpu_count() or 1
+        if n < 1:
+            raise ValueError(f"compile_workers must be >= 1, got {n}")
+        if trial_timeout <= 0 or compile_timeout <= 0:
+            raise ValueError("timeouts must be positive")
+        self.backend, self.trial_timeout, self.compile_timeout = backend, trial_timeout, compile_timeout
+        self.timing = IsolatedWorker(TimingService, (backend,), env, name="timing")
+        self._idle: queue.Queue[IsolatedWorker] = queue.Queue()
+        for i in range(n):
+            self._idle.put(IsolatedWorker(CompileService, (backend,), env, name=f"compile-{i}"))
+        self._all_compile = list(self._idle.queue)
+        self._timing_lock = threading.Lock()
+        self._compiled: dict[tuple, Future] = {}
+        self._compiled_lock = threading.Lock()
+        self.info: dict | None = None
+
+    def start(self) -> dict:
+        """Start the timing process; returns its info (provenance, arch, copy_gbps)."""
+        self.info = self.timing.start()
+        return self.info
+
+    @property
+    def arch(self) -> str:
+        return self.info["arch"]
+
+    def compile(self, problem: Problem, cfg: KernelConfig) -> dict:
+        key = compile_key(problem, cfg, self.arch)
+        with self._compiled_lock:
+            fut = self._compiled.get(key)
+            owner = fut is None
+            if owner:
+                fut = self._compiled[key] = Future()
+        if not owner:
+            return fut.result()
+        worker = self._idle.get()
+        try:
+            r = worker.call((problem, cfg, self.arch), self.compile_timeout)
+        finally:
+            self._idle.put(worker)
+        if r.kind == "ok":
+            res = r.value
+        elif r.kind == "timeout":
+            res = {"status": "timeout", "error": f"compile: {r.message}"}
+        else:
+            res = {"status": "compile_error", "error": f"compile: {r.message}"}
+        if res["status"] == "timeout":
+            with self._compiled_lock:  # a later request may retry a compile that only ran out of time
+                self._compiled.pop(key, None)
+        fut.set_result(res)
+        return res
+
+    def _timed(self, request) -> dict:
+        with self._timing_lock:
+            restarts = self.timing.restarts
+            r = self.timing.call(request, self.trial_timeout)
+            if self.timing.restarts != restarts and self.timing.info is not None:
+                self.info = self.timing.info  # a restarted child re-measured the copy roofline
+        if r.kind == "ok":
+            return r.value
+        if r.kind == "timeout":
+            return {"status": "timeout", "error": r.message}
+        return {"status": "runtime_error", "error": r.message[:4000]}
+
+    def time(self, problem: Problem, cfg: KernelConfig) -> dict:
+        return self._timed(("kernel", problem, cfg))
+
+    def evaluate(self, problem: Problem, cfg: KernelConfig) -> dict:
+        """Compile (cached) then check and time: a dict with status and, when ok, the timings."""
+        c = self.compile(problem, cfg)
+        if c["status"] != "ok":
+            return {"status": c["status"], "error": c.get("error")}
+        res = dict(self.time(problem, cfg))
+        res["compile_s"] = c.get("compile_s")
+        return res
+
+    def measure_peer(self, problem: Problem, impl: str) -> dict:
+        return self._timed(("peer", problem, impl))
+
+    def close(self) -> None:
+        self.timing.close()
+        for w in self._all_compile:
+            w.close()
