@@ -21,3 +21,7 @@ from lut_export.cli import explain_command, export_command, validate_command  # 
 main.add_command(export_command)
 main.add_command(validate_command)
 main.add_command(explain_command)
+from .sweep_cmd import sweep_command  # noqa: E402
+main.add_command(sweep_command)
+from .bench_cmd import bench_command  # noqa: E402
+main.add_command(bench_command)

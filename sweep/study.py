@@ -120,6 +120,18 @@ def simplicity(cfg: KernelConfig, heur: KernelConfig) -> tuple:
     return (cfg != heur, cfg.cluster, cfg.stage != "reg", cfg.ctas_per_sm != 0, cfg.weight_smem)
 
 
+def pick_winner(medians: dict[KernelConfig, float], heur: KernelConfig) -> tuple[KernelConfig, str]:
+    """The simplest config among those within TIE_FRACTION of the fastest median, and why."""
+    if not medians:
+        raise ValueError("pick_winner needs at least one measured config")
+    fastest = min(medians, key=medians.get)
+    tied = [c for c, us in medians.items() if us <= medians[fastest] * (1 + TIE_FRACTION)]
+    win = min(tied, key=lambda c: (simplicity(c, heur), medians[c]))
+    if win == fastest:
+        return win, "fastest"
+    return win, f"tie within {TIE_FRACTION:.0%} of {fastest.short()}: simpler config preferred"
+
+
 # ---------------------------------------------------------------------------------------------------
 # Storage, process identity, claims
 
@@ -514,17 +526,12 @@ class StudyRun:
         self.writer.flush()
         if not stats:
             return None
-        best = min(stats.values(), key=lambda s: s.median_us).median_us
-        tied = [c for c, s in stats.items() if s.median_us <= best * (1 + TIE_FRACTION)]
-        win = min(tied, key=lambda c: (simplicity(c, heur), stats[c].median_us))
-        fastest = min(stats, key=lambda c: stats[c].median_us)
+        win, reason = pick_winner({c: s.median_us for c, s in stats.items()}, heur)
         result = {
             "key": key, "winner_trial": cands[win], "winner": win.as_dict(), "median_us": stats[win].median_us,
             "p20_us": stats[win].p20_us, "p80_us": stats[win].p80_us,
             "heuristic_us": stats[heur].median_us if heur in stats else None,
-            "reason": "fastest" if win == fastest else
-                      f"tie within {TIE_FRACTION:.0%} of {fastest.short()}: simpler config preferred",
-            "run_id": self.run_id,
+            "reason": reason, "run_id": self.run_id,
         }
         study.set_user_attr("rebench", result)
         return result

@@ -6,9 +6,10 @@ bandwidth limited by loads in flight (Little's law), a launch floor, waves of CT
 cluster synchronisation costs - so a search over it has a landscape with structure to find.
 
 Test-only fault injection: LUTFORGE_SYNTHETIC_FAULTS holds a JSON list of
-{"when": {knob: value, ...}, "fault": "abort" | "hang" | "wrong" | "compile_error"}; a config that
-matches every knob in "when" triggers the fault in the compile or timing process, exercising the
-same isolation paths a CUDA fault or a hung kernel takes on a GPU.
+{"when": {name: value, ...}, "fault": "abort" | "hang" | "wrong" | "compile_error" | "slow"}; a trial
+whose knobs (and problem fields T, C, op, out_format) match every entry of "when" triggers the fault
+in the compile or timing process, exercising the same isolation paths a CUDA fault or a hung kernel
+takes on a GPU ("slow" only stretches the trial, so a test can interrupt a sweep mid-trial).
 """
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ from kernels.problem import Problem, ideal_bytes
 from .provenance import software
 
 FAULTS_ENV = "LUTFORGE_SYNTHETIC_FAULTS"
-FAULT_KINDS = ("abort", "hang", "wrong", "compile_error")
+FAULT_KINDS = ("abort", "hang", "wrong", "compile_error", "slow")
+SLOW_S = 0.3
 
 # Model device: an H100 SXM-like part.
 SM_COUNT = 132
@@ -115,8 +117,8 @@ def _faults() -> list[dict]:
     return faults
 
 
-def fault_for(cfg: KernelConfig) -> str | None:
-    d = cfg.as_dict()
+def fault_for(p: Problem, cfg: KernelConfig) -> str | None:
+    d = {**cfg.as_dict(), "T": p.T, "C": p.C, "op": p.op, "out_format": p.out_format}
     for f in _faults():
         if all(d.get(k) == v for k, v in f["when"].items()):
             return f["fault"]
@@ -126,14 +128,16 @@ def fault_for(cfg: KernelConfig) -> str | None:
 def precompile(p: Problem, cfg: KernelConfig) -> dict:
     """The synthetic 'compile': nothing to build, but injected compile faults raise here."""
     t0 = time.perf_counter()
-    if fault_for(cfg) == "compile_error":
+    if fault_for(p, cfg) == "compile_error":
         raise RuntimeError(f"injected synthetic compile error for {cfg.short()}")
     return {"compile_s": time.perf_counter() - t0, "registers": None, "smem_bytes": smem_bytes(p, cfg)}
 
 
 def measure(p: Problem, cfg: KernelConfig) -> dict:
     """One synthetic timed trial, in the timing process (so injected aborts and hangs kill/stall it)."""
-    fault = fault_for(cfg)
+    fault = fault_for(p, cfg)
+    if fault == "slow":
+        time.sleep(SLOW_S)
     if fault == "abort":
         os.abort()
     if fault == "hang":

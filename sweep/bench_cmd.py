@@ -1,0 +1,116 @@
+"""`lutforge bench`: lutforge as users get it (runtime dispatch) and its heuristic, side by side with
+the importable peers, all on the same timer, inputs and correctness check; rows kind=bench."""
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import click
+
+from .sweep_cmd import check_gpus, select_problems, split_list
+from .trial_worker import BACKENDS
+
+_SOURCE = {"exact": "lut_exact", "range": "lut_range", "nearest": "lut_nearest", "heuristic": "heuristic"}
+
+
+def bench(problems, peers: list[str], backend: str, results_dir: Path, trial_timeout: float = 120.0,
+          compile_workers: int | None = None) -> tuple[list[dict], dict[str, list[str]], dict]:
+    """Measure every problem; returns (rows, skipped peers -> reasons, device info). Rows are appended
+    to Parquet under `results_dir`."""
+    from kernels.compile_cache import arch_number
+    from kernels.config import heuristic
+    from kernels.dispatch import select_config
+
+    from .peers import unsupported
+    from .provenance import make_row
+    from .results_io import append_rows
+    from .trial_worker import Evaluator
+
+    ev = Evaluator(backend, compile_workers or min(4, os.cpu_count() or 1), trial_timeout)
+    run_id = uuid.uuid4().hex[:12]
+    rows: list[dict] = []
+    skipped: dict[str, list[str]] = {}
+    try:
+        info = ev.start()
+        dev, copy = info["provenance"], info["copy_gbps"]
+        arch = arch_number(ev.arch)
+
+        def row(p, pset, res, knobs, impl, source):
+            return make_row(problem=p, result=res, device=dev, copy_gbps=copy, knobs=knobs, run_id=run_id,
+                            study=None, trial=-1, kind="bench", impl=impl, config_source=source, problem_set=pset)
+
+        for p, pset in problems:
+            cfg, tier = select_config(p, arch, dev["device_class"])
+            rows.append(row(p, pset, ev.evaluate(p, cfg), cfg.as_dict(), "lutforge", _SOURCE[tier]))
+            heur = heuristic(p, arch)
+            rows.append(row(p, pset, ev.evaluate(p, heur), heur.as_dict(), "lutforge_heuristic", "heuristic"))
+            for peer in peers:
+                why = "peers run only on the gpu backend" if backend != "gpu" else unsupported(p, peer)
+                if why:
+                    skipped.setdefault(peer, []).append(f"{p.op}/{p.out_format}: {why}")
+                    continue
+                rows.append(row(p, pset, ev.measure_peer(p, peer), None, peer, "peer"))
+    finally:
+        ev.close()
+        append_rows(results_dir, rows, prefix="bench")
+    return rows, skipped, info
+
+
+def format_table(rows: list[dict], impls: list[str]) -> str:
+    by_problem: dict[tuple, dict[str, dict]] = {}
+    for r in rows:
+        by_problem.setdefault((r["op"], r["out_format"], r["T"], r["C"], r["heads"]), {})[r["impl"]] = r
+    head = f"{'op':<24} {'out':<6} {'T':>8} {'C':>6}  " + " ".join(f"{i[:18]:>18}" for i in impls)
+    lines = [head, "-" * len(head), "(GB/s; us in brackets; a status where the impl did not measure ok)"]
+    for (op, out, T, C, _h), by_impl in by_problem.items():
+        cells = []
+        for i in impls:
+            r = by_impl.get(i)
+            if r is None:
+                cells.append(f"{'-':>18}")
+            elif r["status"] != "ok":
+                cells.append(f"{r['status']:>18}")
+            else:
+                cells.append(f"{r['gbps']:>8.0f} ({r['median_us']:>7.2f})")
+        lines.append(f"{op:<24} {out:<6} {T:>8} {C:>6}  " + " ".join(cells))
+    return "\n".join(lines)
+
+
+@click.command("bench")
+@click.option("--problem-set", required=True, help="Problem set name (problem_sets/*.toml).")
+@click.option("--op", "ops", required=True, help="Op or comma list of ops.")
+@click.option("--out", "outs", required=True, help="Output format(s), comma list.")
+@click.option("--in-dtype", default="bf16", show_default=True, type=click.Choice(["bf16", "fp16"]))
+@click.option("--peers", "peer_spec", default="all", show_default=True,
+              help="all, or a comma list of torch_eager,torch_compile,quack,liger,flashinfer.")
+@click.option("--results", "results_dir", default="results", show_default=True, type=click.Path(file_okay=False))
+@click.option("--backend", default="gpu", show_default=True, type=click.Choice(list(BACKENDS)),
+              help="synthetic times only lutforge, with the CPU cost model (for CI).")
+@click.option("--limit-shapes", type=click.IntRange(min=1), default=None, help="At most N shapes per (op, out).")
+@click.option("--trial-timeout", type=click.FloatRange(min=0, min_open=True), default=120.0, show_default=True)
+def bench_command(problem_set, ops, outs, in_dtype, peer_spec, results_dir, backend, limit_shapes, trial_timeout):
+    """Time lutforge (dispatch and heuristic) beside the importable peers on one problem set."""
+    from .peers import parse_peers
+
+    try:
+        peers = parse_peers(peer_spec)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--peers")
+    check_gpus(backend, None)
+    problems, skipped_combos = select_problems(problem_set, split_list(ops, "op"), split_list(outs, "output format"),
+                                               in_dtype, limit_shapes)
+    for s in skipped_combos:
+        click.echo(f"skipped {s}", err=True)
+    if not problems:
+        raise click.UsageError("no problem to bench: every op/output format combination was skipped")
+    results = Path(results_dir).resolve()
+    rows, skipped, info = bench(problems, peers, backend, results, trial_timeout)
+    impls = ["lutforge", "lutforge_heuristic"] + [p for p in peers if p not in skipped or
+                                                  len(skipped[p]) < len(problems)]
+    click.echo(format_table(rows, impls))
+    for peer, reasons in skipped.items():
+        shown = sorted(set(reasons))
+        click.echo(f"skipped {peer}: " + "; ".join(shown[:5]) + (" ..." if len(shown) > 5 else ""))
+    click.echo(f"copy roofline {info['copy_gbps']:.0f} GB/s on {info['provenance']['device_name']}; "
+               f"{len(rows)} rows under {results}")
