@@ -62,17 +62,18 @@ def check_metadata(lut: LutModule, shipped: bool) -> list[str]:
         errs.append(f"backend {md['backend']!r} not in {BACKENDS}")
     elif md["backend"] != "gpu" and shipped:
         errs.append(f"backend {md['backend']!r}: only GPU measurements may ship in kernels/luts/")
-    # A GPU run records everything; the synthetic model has no driver, CUDA or (outside git) commit.
-    gpu_only = ("git_commits", "cuda", "driver") if md["backend"] != "gpu" else ()
+    # Lists that may be empty: a commit outside git, a driver without nvidia-smi, CUDA on the synthetic model.
+    may_be_empty = {"git_commits", "driver"} | ({"cuda"} if md["backend"] != "gpu" else set())
     for k in ("devices", "source_run_ids", "git_commits"):
         if not isinstance(md[k], list) or not all(isinstance(v, str) and v for v in md[k]) \
-                or (not md[k] and k not in gpu_only):
+                or (not md[k] and k not in may_be_empty):
             errs.append(f"METADATA[{k!r}] must be a non-empty list of names")
     if set(md["versions"]) != set(VERSION_COLUMNS):
         errs.append(f"METADATA['versions'] must have exactly {sorted(VERSION_COLUMNS)}, got {sorted(md['versions'])}")
     else:
         for k, v in md["versions"].items():
-            if not isinstance(v, list) or not all(isinstance(x, str) and x for x in v) or (not v and k not in gpu_only):
+            if not isinstance(v, list) or not all(isinstance(x, str) and x for x in v) \
+                    or (not v and k not in may_be_empty):
                 errs.append(f"METADATA['versions'][{k!r}] must be a non-empty list of version strings")
     try:
         _dt.datetime.strptime(md["generated_at"], "%Y-%m-%dT%H:%M:%SZ")
@@ -117,7 +118,10 @@ def _entry(lut: LutModule, where: str, p: Problem, knobs) -> tuple[KernelConfig 
     cfg, errs = _config(knobs)
     if errs:
         return None, [f"{where}: {e}" for e in errs]
-    why = violations(p, cfg, lut.metadata.get("arch", 0))
+    arch = lut.metadata.get("arch")
+    if type(arch) is not int:
+        return cfg, []  # constraints depend on the arch; check_metadata already reports it
+    why = violations(p, cfg, arch)
     if why:
         return None, [f"{where}: {cfg.short()} invalid for the shape: {'; '.join(why)}"]
     return cfg, []

@@ -226,3 +226,34 @@ def test_breakpoints_and_merging():
         breakpoint_between(5, 5)
     with pytest.raises(ValueError):
         range_segments({})
+
+
+def test_explain_names_the_tier_and_knobs(exported):
+    _, out = exported
+    lut = read_lut(out)
+    run = CliRunner().invoke
+    r = run(main, ["explain", "--op", "rmsnorm", "--shape", "1560,1024", "--out", "bf16", "--arch", "sm90",
+                   "--device-class", "synthetic", "--lut", str(out)])
+    assert r.exit_code == 0, r.output
+    knobs = lut.exact[("rmsnorm", "bf16", "rowmajor", "bf16", 1024, 1, 1560)]
+    assert "tier:    exact (from sm90_synthetic" in r.output
+    assert "knobs:   " + " ".join(f"{k}={v}" for k, v in knobs.items()) in r.output
+    r = run(main, ["explain", "--op", "qk_rmsnorm", "--shape", "300,128,8", "--out", "bf16", "--lut", str(out)])
+    assert r.exit_code == 0 and "tier:    range" in r.output and "heads=8" in r.output
+    r = run(main, ["explain", "--op", "rmsnorm_fp4quant", "--shape", "64,2048", "--out", "nvfp4",
+                   "--scale-layout", "rowmajor", "--lut", str(out)])
+    assert r.exit_code == 0 and "tier:    heuristic" in r.output  # only the swizzled layout was tuned
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--op", "rmsnorm", "--shape", "12", "--out", "bf16"], "expected T,C or T,C,heads"),
+    (["--op", "rmsnorm", "--shape", "a,b", "--out", "bf16"], "expected T,C or T,C,heads"),
+    (["--op", "rmsnorm", "--shape", "4,64", "--out", "nvfp4"], "has out formats"),
+    (["--op", "rmsnorm", "--shape", "4,64", "--arch", "hopper"], "arch must look like sm90"),
+    (["--op", "rmsnorm", "--shape", "4,64", "--row-stride", "8"], "row_stride must be"),
+    (["--op", "rmsnorm_fp4quant", "--shape", "4,20", "--out", "nvfp4"], "needs C divisible by 16"),
+    (["--op", "softmax", "--shape", "4,64"], "Invalid value for '--op'"),
+])
+def test_explain_bad_input_is_a_clear_error(args, message):
+    r = CliRunner().invoke(main, ["explain", *args])
+    assert r.exit_code != 0 and message in r.output, r.output
