@@ -124,8 +124,10 @@ class Dispatcher:
         """The config for `problem` and the tier that answered; see the module docstring for the order."""
         if type(problem) is not Problem:
             raise TypeError(f"problem must be kernels.problem.Problem, got {type(problem).__name__}")
-        if type(arch) is not int or arch <= 0:
-            raise TypeError(f"arch must be a positive int such as 90 (sm90), got {arch!r}")
+        if type(arch) is not int:
+            raise TypeError(f"arch must be an int such as 90 (sm_90a), got {arch!r}")
+        if arch <= 0:
+            raise ValueError(f"arch must be positive, got {arch}")
         if device_class is not None:
             if not isinstance(device_class, str):
                 raise TypeError(f"device_class must be str or None, got {type(device_class).__name__}")
@@ -220,10 +222,12 @@ def reload_luts() -> None:
 
 def select_config(problem: Problem, arch: int, device_class: str | None = None,
                   row_stride: int | None = None, ptr_align: int = 16) -> tuple[KernelConfig, str]:
-    """(config, tier) for `problem` on `arch` (e.g. 90); tier is one of TIERS.
+    """(config, tier) for `problem` on `arch`; tier is one of TIERS.
 
-    `row_stride` is the distance between rows in elements when it is not C; `ptr_align` the byte
-    alignment of the data pointers (the smallest over the tensors the kernel reads and writes).
+    `arch` is the compile target's number (90 for sm_90a, 100 for sm_100a: compile_cache.arch_number),
+    `device_class` what device_class_of(device name) gives. `row_stride` is the distance between rows in
+    elements when it is not C; `ptr_align` the byte alignment of the data pointers (the smallest over
+    the tensors the kernel reads and writes).
     """
     s = (_default or default_dispatcher()).lookup(problem, arch, device_class, row_stride, ptr_align)
     return s.config, s.tier

@@ -26,7 +26,7 @@ class Winner:
 
 
 @dataclass(frozen=True)
-class Selection:
+class UsableRows:
     """The rows an export uses and the device they describe."""
 
     rows: pd.DataFrame
@@ -54,7 +54,7 @@ def parse_arch(arch) -> int | None:
 
 
 def select_rows(df: pd.DataFrame, arch=None, device_class: str | None = None,
-                allow_synthetic: bool = False) -> Selection:
+                allow_synthetic: bool = False) -> UsableRows:
     """The usable rows for one (arch, device class): status ok, with knobs, from trials or re-benches of
     lutforge itself. Synthetic-backend rows are refused unless `allow_synthetic` (tests only)."""
     if not isinstance(df, pd.DataFrame):
@@ -92,7 +92,7 @@ def select_rows(df: pd.DataFrame, arch=None, device_class: str | None = None,
     if bad_backend:
         raise ValueError(f"rows with unknown backend {bad_backend}; expected gpu")
     backend = "synthetic" if synthetic else "gpu"
-    return Selection(rows, int(rows["sm"].iloc[0]), str(rows["device_class"].iloc[0]), backend)
+    return UsableRows(rows, int(rows["sm"].iloc[0]), str(rows["device_class"].iloc[0]), backend)
 
 
 def row_config(row) -> KernelConfig:
@@ -110,7 +110,7 @@ def complexity(cfg: KernelConfig) -> int:
     return (cfg.cluster > 1) + (cfg.stage != "reg") + (cfg.ctas_per_sm != 0) + bool(cfg.weight_smem)
 
 
-def pick_winners(sel: Selection) -> tuple[dict[tuple, Winner], list[str]]:
+def pick_winners(sel: UsableRows) -> tuple[dict[tuple, Winner], list[str]]:
     """Winner per EXACT_KEY problem, and notes about rows that could not be used."""
     notes = []
     winners: dict[tuple, Winner] = {}
