@@ -174,6 +174,8 @@ def _serialise_sqlite(engine) -> None:
     @sa.event.listens_for(engine, "connect")
     def _no_implicit_transactions(dbapi_conn, _record):
         dbapi_conn.isolation_level = None
+        dbapi_conn.execute("PRAGMA journal_mode=WAL")  # readers do not block the writer
+        dbapi_conn.execute("PRAGMA synchronous=NORMAL")  # durable at checkpoints; a crash loses no commit order
 
     @sa.event.listens_for(engine, "begin")
     def _begin_immediate(conn):
@@ -240,8 +242,6 @@ class Claims:
                 owner = c.execute(sa.select(t.c.trial).where(t.c.study == study, t.c.key == key)).scalar()
             if owner is None:
                 continue  # released in between; try the insert again
-            if owner == trial:
-                return None
             if not takeover(owner):
                 return owner
             with self.engine.begin() as c:
@@ -264,7 +264,7 @@ def reap_dead_trials(study: optuna.Study, storage: optuna.storages.RDBStorage) -
     failed = []
     callback = storage.get_heartbeat_stale_trial_callback()
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        owner = t.user_attrs.get("owner")
+        owner = (t.user_attrs.get("worker") or {}).get("owner")
         if not owner or not owner_dead(owner):
             continue
         try:
@@ -331,7 +331,7 @@ def reconcile_rows(storage: optuna.storages.RDBStorage, studies: list[str], resu
                 continue
             study = optuna.load_study(study_name=name, storage=storage)
             for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
-                row, writer = t.user_attrs.get("row"), t.user_attrs.get("writer")
+                row, writer = t.user_attrs.get("row"), t.user_attrs.get("worker")
                 if not row or t.user_attrs.get("duplicate_of") is not None or not writer:
                     continue
                 if writer.get("results") != str(rdir) or not owner_dead(writer["owner"]):
@@ -404,7 +404,7 @@ class StudyRun:
         n = total = 0
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
             total += 1
-            if t.user_attrs.get("duplicate_of") is None and t.user_attrs.get("status") in MEASURED:
+            if t.user_attrs.get("duplicate_of") is None and status_of(t) in MEASURED:
                 n += 1
         return n, total
 
@@ -420,13 +420,14 @@ class StudyRun:
         if self.trials is not None and self.measured(study)[0] >= self.trials:
             return study
         heur = heuristic(p, self.arch_num)
+        results = str(self.results_dir.resolve())
 
         def objective(trial: optuna.Trial) -> float:
-            for k in ("row", "status", "duplicate_of"):  # a retried trial inherits its predecessor's attrs
-                trial.set_user_attr(k, None)
-            trial.set_user_attr("owner", self.owner)
-            trial.set_user_attr("writer", {"owner": self.owner, "results": str(self.results_dir.resolve())})
-            trial.set_user_attr("sampler", sampler_name)
+            inherited = trial.user_attrs  # a retry of a killed trial starts with its predecessor's attrs
+            for k in ("row", "duplicate_of"):
+                if inherited.get(k) is not None:
+                    trial.set_user_attr(k, None)
+            trial.set_user_attr("worker", {"owner": self.owner, "results": results, "sampler": sampler_name})
             params: dict = {}
             for k in KNOB_ORDER:
                 params[k] = trial.suggest_categorical(k, list(KNOB_CHOICES[k]))
@@ -447,7 +448,6 @@ class StudyRun:
             cfg_source = "heuristic" if (not space.dead_end(params) and KernelConfig(**params) == heur) else "search"
             row = self.row(p, problem_set, result, params, trial.number, "trial", "lutforge", cfg_source)
             trial.set_user_attr("row", row)
-            trial.set_user_attr("status", result["status"])
             if result["status"] == "ok":
                 return result["median_us"]
             raise optuna.TrialPruned(result["status"])
@@ -459,7 +459,7 @@ class StudyRun:
                     and t.state in (TrialState.COMPLETE, TrialState.PRUNED):
                 self.writer.add(t.user_attrs["row"])
             if self.on_trial is not None:
-                self.on_trial(t.user_attrs.get("status"))
+                self.on_trial(status_of(t))
             if self.trials is not None:
                 n, total = self.measured(study)
                 if n >= self.trials or total >= cap:
@@ -480,7 +480,7 @@ class StudyRun:
             return None
         heur = heuristic(p, self.arch_num)
         ok = sorted((t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                     if t.user_attrs.get("status") == "ok" and t.user_attrs.get("duplicate_of") is None),
+                     if status_of(t) == "ok" and t.user_attrs.get("duplicate_of") is None),
                     key=lambda t: t.value)
         if not ok:
             return None
@@ -537,6 +537,12 @@ class StudyRun:
         return result
 
 
+def status_of(t: optuna.trial.FrozenTrial) -> str | None:
+    """The lutforge status of a finished trial (from its row), None for duplicates and unfinished ones."""
+    row = t.user_attrs.get("row")
+    return row["status"] if row else None
+
+
 def _state(study: optuna.Study, number: int) -> TrialState:
     return study.get_trials(deepcopy=False)[number].state
 
@@ -551,8 +557,8 @@ def summary(storage: optuna.storages.RDBStorage, name: str) -> dict | None:
     statuses: dict[str, int] = {}
     heur_us = None
     for t in trials:
-        if t.user_attrs.get("duplicate_of") is None and t.user_attrs.get("status"):
-            statuses[t.user_attrs["status"]] = statuses.get(t.user_attrs["status"], 0) + 1
+        if t.user_attrs.get("duplicate_of") is None and status_of(t):
+            statuses[status_of(t)] = statuses.get(status_of(t), 0) + 1
         if (t.user_attrs.get("row") or {}).get("config_source") == "heuristic" and t.state == TrialState.COMPLETE:
             heur_us = t.value
     rb = study.user_attrs.get("rebench")

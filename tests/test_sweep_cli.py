@@ -1,0 +1,133 @@
+"""`lutforge sweep` / `lutforge bench` end to end on the synthetic backend, and their input errors."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from kernels.config import KNOB_CHOICES, KernelConfig, heuristic
+from sweep.cli import main
+from sweep.results_io import read_results
+from sweep.schema import KNOB_COLUMNS, STATUSES
+from sweep.study import study_name
+from sweep.sweep_cmd import select_problems
+from sweep.synthetic import FAULTS_ENV
+
+from sweep_helpers import assert_one_row_per_trial, run_cli, studies
+
+
+def test_wan_vae_synthetic_sweep_end_to_end(tmp_path):
+    res = tmp_path / "results"
+    r = CliRunner().invoke(main, ["sweep", "--op", "fused_rmsnorm_silu", "--problem-set", "wan_vae",
+                                  "--out", "bf16,fp8", "--backend", "synthetic", "--trials", "2",
+                                  "--results", str(res), "--seed", "1"])
+    assert r.exit_code == 0, r.output
+    problems, skipped = select_problems("wan_vae", ["fused_rmsnorm_silu"], ["bf16", "fp8"], "bf16", None)
+    assert len(problems) == 80 and not skipped
+    table = [ln for ln in r.output.splitlines() if ln.startswith("fused_rmsnorm_silu")]
+    assert len(table) == 80  # one summary line per problem
+
+    df = read_results(res)
+    url = f"sqlite:///{res / 'optuna.db'}"
+    assert_one_row_per_trial(url, df)
+    assert set(df["backend"]) == {"synthetic"} and set(df["status"]) <= set(STATUSES)
+    assert set(df["problem_set"]) == {"wan_vae"}
+    trials = df[df["kind"] == "trial"]
+    assert set(trials["study"]) == {study_name(p, "synthetic") for p, _ in problems}
+
+    ok = df[df["status"] == "ok"]
+    assert len(ok) and ok[["median_us", "p20_us", "p80_us", "gbps", "pct_copy", "copy_gbps"]].notna().all().all()
+    assert (ok["p20_us"] <= ok["median_us"]).all() and (ok["median_us"] <= ok["p80_us"]).all()
+    assert ((ok["gbps"] - ok["bytes"] / (ok["median_us"] * 1e-6) / 1e9).abs() < 1e-6 * ok["gbps"]).all()
+    assert (ok["pct_copy"] <= 100.0).all()  # the model never beats its own copy roofline
+    assert ok[KNOB_COLUMNS].notna().all().all()
+    bad = df[df["status"] != "ok"]
+    assert bad["median_us"].isna().all() and bad["gbps"].isna().all() and bad["error"].notna().all()
+    for _, row in df[df["status"] == "invalid"].iterrows():
+        assert row["error"].startswith("no valid config has")  # the reason, from kernels.config.violations
+        assert row["knob_threads"] in KNOB_CHOICES["threads"]
+    # Trial 0 of every study is the heuristic; every study re-benchmarked its finalists with it.
+    heur = trials[trials["trial"] == 0]
+    assert len(heur) == 80 and set(heur["config_source"]) == {"heuristic"}
+    for _, row in heur.iterrows():
+        p = next(p for p, _ in problems if study_name(p, "synthetic") == row["study"])
+        assert KernelConfig(**{k: row[f"knob_{k}"] for k in KNOB_CHOICES}) == heuristic(p, 90)
+    rebench = df[df["kind"] == "rebench"]
+    assert set(rebench["study"]) == set(trials["study"])
+    for st in studies(url).values():
+        assert st.user_attrs["rebench"]["median_us"] > 0
+
+    # A second run resumes: nothing left to do, so no trial and no row is added.
+    n_trials = {n: len(s.trials) for n, s in studies(url).items()}
+    r2 = CliRunner().invoke(main, ["sweep", "--op", "fused_rmsnorm_silu", "--problem-set", "wan_vae",
+                                   "--out", "bf16,fp8", "--backend", "synthetic", "--trials", "2",
+                                   "--results", str(res)])
+    assert r2.exit_code == 0, r2.output
+    assert {n: len(s.trials) for n, s in studies(url).items()} == n_trials
+    assert len(read_results(res)) == len(df)
+
+
+def _trial_rows(res, study):
+    df = read_results(res)
+    return df[(df["kind"] == "trial") & (df["study"] == study)].set_index("trial")
+
+
+def test_faulting_trials_are_recorded_and_the_sweep_continues(tmp_path):
+    """abort in the timing process -> runtime_error, hang -> timeout (process killed), wrong output ->
+    wrong_result, compiler failure -> compile_error; every other trial still measures ok."""
+    problems, _ = select_problems("wan_vae", ["rmsnorm"], ["bf16"], "bf16", 4)
+    faults = []
+    for (p, _), kind in zip(problems, ["abort", "hang", "wrong", "compile_error"]):
+        faults.append({"when": {"T": p.T, "C": p.C, **heuristic(p, 90).as_dict()}, "fault": kind})
+    res = tmp_path / "results"
+    r = run_cli(["sweep", "--op", "rmsnorm", "--problem-set", "wan_vae", "--out", "bf16", "--backend", "synthetic",
+                 "--trials", "3", "--limit-shapes", "4", "--results", str(res), "--trial-timeout", "3"],
+                **{FAULTS_ENV: json.dumps(faults)})
+    assert r.returncode == 0, r.stderr
+    expected = {"abort": ("runtime_error", "SIGABRT"), "hang": ("runtime_error", ""), "wrong": ("wrong_result", ""),
+                "compile_error": ("compile_error", "injected synthetic compile error")}
+    expected["hang"] = ("timeout", "process killed")
+    for (p, _), f in zip(problems, faults):
+        rows = _trial_rows(res, study_name(p, "synthetic"))
+        status, text = expected[f["fault"]]
+        assert rows.loc[0, "status"] == status and text in rows.loc[0, "error"], rows.loc[0, "error"]
+        assert (rows.drop(index=0)["status"].isin(["ok", "invalid"])).all()
+        assert (rows["status"] == "ok").sum() >= 2  # the sweep went on after the fault
+    assert_one_row_per_trial(f"sqlite:///{res / 'optuna.db'}", read_results(res))
+
+
+def test_bench_synthetic_times_dispatch_and_heuristic_and_lists_skipped_peers(tmp_path):
+    res = tmp_path / "b"
+    r = CliRunner().invoke(main, ["bench", "--problem-set", "wan_vae", "--op", "fused_rmsnorm_silu", "--out", "fp8",
+                                  "--backend", "synthetic", "--limit-shapes", "2", "--results", str(res),
+                                  "--peers", "torch_eager,flashinfer"])
+    assert r.exit_code == 0, r.output
+    df = read_results(res)
+    assert set(df["kind"]) == {"bench"} and set(df["impl"]) == {"lutforge", "lutforge_heuristic"}
+    assert (df["status"] == "ok").all() and (df["trial"] == -1).all()
+    assert set(df["config_source"]) <= {"lut_exact", "lut_range", "lut_nearest", "heuristic"}
+    assert "skipped torch_eager" in r.output and "skipped flashinfer" in r.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["sweep", "--op", "rmsnorm", "--problem-set", "wan_vae", "--out", "bf16"], "needs a CUDA GPU"),
+    (["sweep", "--op", "rmsnorm", "--problem-set", "nope", "--out", "bf16", "--backend", "synthetic"],
+     "unknown problem set"),
+    (["sweep", "--op", "nope", "--problem-set", "wan_vae", "--out", "bf16", "--backend", "synthetic"], "unknown ops"),
+    (["sweep", "--op", "rmsnorm", "--problem-set", "wan_vae", "--out", "nvfp4", "--backend", "synthetic"],
+     "no problem to sweep"),
+    (["sweep", "--op", "rmsnorm", "--problem-set", "wan_vae", "--out", "bf16", "--backend", "synthetic",
+      "--gpus", "a,b"], "non-negative integers"),
+    (["sweep", "--op", "rmsnorm", "--problem-set", "wan_vae", "--out", "bf16", "--backend", "synthetic",
+      "--storage", "nodb"], "cannot open storage"),
+    (["sweep", "--op", "rmsnorm", "--problem-set", "wan_vae", "--out", "bf16", "--backend", "synthetic",
+      "--trials", "0"], "--trials"),
+    (["bench", "--op", "rmsnorm", "--problem-set", "wan_vae", "--out", "bf16", "--peers", "bogus"], "unknown peers"),
+    (["bench", "--op", "rmsnorm", "--problem-set", "wan_vae", "--out", "bf16"], "needs a CUDA GPU"),
+])
+def test_bad_input_is_a_clear_error_not_a_traceback(tmp_path, args, message):
+    r = CliRunner().invoke(main, args + ["--results", str(tmp_path / "r")])
+    assert r.exit_code != 0
+    assert message in r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit)
