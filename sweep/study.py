@@ -140,6 +140,18 @@ def default_storage_url(results_dir: str | os.PathLike) -> str:
     return f"sqlite:///{Path(results_dir).resolve() / 'optuna.db'}"
 
 
+def normalize_url(url: str) -> str:
+    """postgresql://... with whichever PostgreSQL driver is installed (SQLAlchemy 2.1 defaults to psycopg 3;
+    the test extra installs psycopg2-binary)."""
+    import importlib.util
+
+    for scheme in ("postgresql://", "postgres://"):
+        if url.startswith(scheme) and importlib.util.find_spec("psycopg") is None \
+                and importlib.util.find_spec("psycopg2") is not None:
+            return "postgresql+psycopg2://" + url[len(scheme):]
+    return url
+
+
 def _engine_kwargs(url: str) -> dict:
     if url.startswith("sqlite"):
         return {"connect_args": {"timeout": 120}}
@@ -150,6 +162,7 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
     """Optuna RDB storage with heartbeats; stale trials are failed and their configs retried."""
     if not isinstance(url, str) or "://" not in url:
         raise ValueError(f"storage must be a database URL such as sqlite:///path.db or postgresql://..., got {url!r}")
+    url = normalize_url(url)
     if url.startswith("sqlite:///"):
         Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
@@ -212,6 +225,7 @@ class Claims:
         import sqlalchemy as sa
 
         self.sa = sa
+        url = normalize_url(url)
         self.engine = sa.create_engine(url, **_engine_kwargs(url))
         meta = sa.MetaData()
         self.table = sa.Table("lutforge_claims", meta,
@@ -399,14 +413,18 @@ class StudyRun:
             study.enqueue_trial(heuristic(p, self.arch_num).as_dict())
         return study
 
-    def measured(self, study: optuna.Study) -> tuple[int, int]:
-        """(configs measured, trials finished) - duplicates and invalid prefixes are not measurements."""
-        n = total = 0
-        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
-            total += 1
-            if t.user_attrs.get("duplicate_of") is None and status_of(t) in MEASURED:
-                n += 1
-        return n, total
+    def measured(self, study: optuna.Study) -> tuple[int, int, int]:
+        """(configs measured, trials finished, trials waiting) - duplicates and invalid prefixes are not
+        measurements; waiting trials are retries of killed ones (and the heuristic) still to run."""
+        n = total = waiting = 0
+        for t in study.get_trials(deepcopy=False):
+            if t.state == TrialState.WAITING:
+                waiting += 1
+            elif t.state in (TrialState.COMPLETE, TrialState.PRUNED):
+                total += 1
+                if t.user_attrs.get("duplicate_of") is None and status_of(t) in MEASURED:
+                    n += 1
+        return n, total, waiting
 
     def run(self, p: Problem, problem_set: str | None = None) -> optuna.Study:
         """Search one problem until the budget is spent (or brute force is exhausted)."""
@@ -417,7 +435,8 @@ class StudyRun:
         study = self.open_study(p, sampler)
         name = study.study_name
         reap_dead_trials(study, self.storage)
-        if self.trials is not None and self.measured(study)[0] >= self.trials:
+        n, _, waiting = self.measured(study)
+        if self.trials is not None and n >= self.trials and not waiting:
             return study
         heur = heuristic(p, self.arch_num)
         results = str(self.results_dir.resolve())
@@ -461,8 +480,8 @@ class StudyRun:
             if self.on_trial is not None:
                 self.on_trial(status_of(t))
             if self.trials is not None:
-                n, total = self.measured(study)
-                if n >= self.trials or total >= cap:
+                n, total, waiting = self.measured(study)
+                if (n >= self.trials and not waiting) or total >= cap:
                     study.stop()
 
         study.optimize(objective, timeout=self.time_budget, n_jobs=self.n_jobs, callbacks=[after],

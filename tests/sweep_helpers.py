@@ -25,7 +25,9 @@ def run_cli(args: list[str], timeout: float = 300, **env) -> subprocess.Complete
 
 
 def studies(url: str) -> dict[str, optuna.Study]:
-    storage = optuna.storages.RDBStorage(url)
+    from sweep.study import normalize_url
+
+    storage = optuna.storages.RDBStorage(normalize_url(url))
     return {s.study_name: optuna.load_study(study_name=s.study_name, storage=storage)
             for s in storage.get_all_studies()}
 
