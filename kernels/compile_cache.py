@@ -127,8 +127,8 @@ def _fake_args(problem: Problem, cfg: KernelConfig):
     if problem.out_format in FP4_BLOCK:
         y = ptr(cutlass.Uint8, max(1, v // 2))
         sf = ptr(cutlass.Uint8, 4 if problem.scale_layout == "swizzled" else 1)
-        if problem.spec.fp4_scales:
-            gs = ptr(cutlass.Float32, 4)
+        if problem.spec.fp4_scales and problem.out_format == "nvfp4":
+            gs = ptr(cutlass.Float32, 4)  # always passed (ops substitute 1.0 when the caller gives none)
     else:
         ydt = cutlass.Float8E4M3FN if problem.out_format == "fp8" else dt
         y = ptr(ydt, v * ELEM_BYTES[problem.out_format])

@@ -123,31 +123,36 @@ def _ptr_align(tensors) -> int:
     return a
 
 
+def _stride_with_divisibility(g: int, C: int) -> int:
+    """A row stride >= C divisible by exactly the powers of two (up to 16) that divide g: what the
+    knob constraints need to know about the real strides."""
+    p = 1
+    while p < 16 and g % (2 * p) == 0:
+        p *= 2
+    return p * (2 * (-(-C // (2 * p))) + 1)
+
+
 def _launch(problem: Problem, x3, weight, residual, y3, block_scale, global_scale, eps: float, scale: float):
     """Pick knobs, compile (cached) and launch on the current stream. Shapes are validated already."""
     import cuda.bindings.driver as cuda
     from cutlass import Float32, Int32
 
-    from .runner import kernel_args
+    from .runner import kernel_args, zero_scale_padding
 
     if problem.T == 0:
         return
     sm, dev_class, sm_count = _device_info(x3.device)
-    e = ELEM_BYTES[problem.in_dtype]
-    strides = [x3.stride(0), x3.stride(1) if problem.heads > 1 else problem.C]
+    # Every stride must be a multiple of the vector (in elements; FP4 bytes hold two elements).
+    y_unit = 2 if problem.out_format in FP4_BLOCK else 1
+    strides = [x3.stride(0), y3.stride(0) * y_unit]
+    if problem.heads > 1:
+        strides += [x3.stride(1), y3.stride(1) * y_unit]
     if residual is not None:
         strides.append(residual.stride(0))
-    if problem.out_format not in FP4_BLOCK:
-        y_e = ELEM_BYTES[problem.out_format]
-        # the kernel's vector of v input elements is v output elements: express y's strides in x units
-        strides += [y3.stride(0) * y_e // e if (y3.stride(0) * y_e) % e == 0 else 1,
-                    (y3.stride(1) * y_e // e if (y3.stride(1) * y_e) % e == 0 else 1) if problem.heads > 1
-                    else problem.C]
-    else:
-        strides += [y3.stride(0) * 2, y3.stride(1) * 2 if problem.heads > 1 else problem.C]
-    row_stride = 0
+    g = 0
     for s in strides:
-        row_stride = math.gcd(row_stride, int(s))
+        g = math.gcd(g, int(s))
+    row_stride = _stride_with_divisibility(g, problem.C)
     align = _ptr_align([x3, weight, residual, y3])
     if problem.out_format == "fp8":  # y vectors are half as wide in bytes
         align = min(align, 2 * _ptr_align([y3]))
@@ -157,6 +162,7 @@ def _launch(problem: Problem, x3, weight, residual, y3, block_scale, global_scal
     fn = get_compiled(problem, cfg, arch_name(sm))
     args = kernel_args(problem, cfg, x3, weight, residual, y3, block_scale, global_scale)
     with torch.cuda.device(x3.device):
+        zero_scale_padding(problem, block_scale)
         stream = cuda.CUstream(torch.cuda.current_stream().cuda_stream)
         fn(*args, Float32(eps), Float32(scale), Int32(max(1, sm_count * cfg.ctas_per_sm)), stream)
 
@@ -182,9 +188,21 @@ def _norm_kernel_fake(x, weight, residual, y, block_scale, global_scale, op, in_
     return None
 
 
+_ONES: dict = {}
+
+
+def _unit_global_scale(device: torch.device) -> torch.Tensor:
+    t = _ONES.get(device)
+    if t is None:
+        t = _ONES[device] = torch.ones(1, dtype=torch.float32, device=device)
+    return t
+
+
 def _run(op, x3, weight, residual, y3, block_scale=None, global_scale=None, *, out_format, heads=1,
          scale_layout="rowmajor", eps=1e-6, scale=1.0):
     in_dtype = _IN_DTYPES[x3.dtype]
+    if op == "rmsnorm_fp4quant" and out_format == "nvfp4" and global_scale is None:
+        global_scale = _unit_global_scale(x3.device)
     Problem(op, x3.shape[0], weight.shape[0], in_dtype, out_format, heads, scale_layout)  # validates combination
     if x3.shape[0] == 0:
         return
@@ -375,9 +393,7 @@ def rmsnorm_fp4quant(input: torch.Tensor, weight: torch.Tensor, y_fp4: torch.Ten
         raise ValueError(f"hidden size {C} is not divisible by block_size {block_size}")
     _check_weight(weight, C, input.dtype)
     _check_last_dim_contiguous(input, "input")
-    x3 = input if input.dim() == 3 else input.unsqueeze(1)
-    B, S = x3.shape[0], x3.shape[1]
-    rows = B * S
+    rows = math.prod(lead)
     if global_scale is not None:
         if not isinstance(global_scale, torch.Tensor) or global_scale.dtype != torch.float32 \
                 or global_scale.numel() != 1:
@@ -411,14 +427,12 @@ def rmsnorm_fp4quant(input: torch.Tensor, weight: torch.Tensor, y_fp4: torch.Ten
     _same_device({"input": input, "weight": weight, "y_fp4": y_fp4, "block_scale": block_scale,
                   "global_scale": global_scale})
     _no_overlap({"input": input, "y_fp4": y_fp4, "block_scale": block_scale})
-    y3 = y_fp4.view(torch.uint8)
-    y3 = y3 if y3.dim() == 3 else y3.unsqueeze(1)
-    # 3D input is flattened to rows: per-row scales need rows = B*S in row-major order
-    if input.dim() == 3 and S > 1:
-        if x3.stride(0) != S * x3.stride(1) or y3.stride(0) != S * y3.stride(1):
-            raise ValueError("3D input and y_fp4 must have rows laid out batch-major (stride(0) == S*stride(1))")
-        x3 = x3.reshape(rows, 1, C) if x3.stride(1) == C else x3.as_strided((rows, 1, C), (x3.stride(1), C, 1))
-        y3 = y3.as_strided((rows, 1, C // 2), (y3.stride(1), C // 2, 1))
+    # rows are flattened (B*S for 3D input); the input may be copied to get there, the output may not
+    x3 = input.reshape(rows, 1, C) if input.dim() == 3 else input.unsqueeze(1)
+    try:
+        y3 = y_fp4.view(torch.uint8).view(rows, 1, C // 2)
+    except RuntimeError as e:
+        raise ValueError(f"y_fp4 rows must be flattenable to [{rows}, {C // 2}] without a copy: {e}") from None
     layout = "swizzled" if is_sf_swizzled_layout else "rowmajor"
     _run("rmsnorm_fp4quant", x3, weight, None, y3, sf_view, global_scale, out_format=fmt, scale_layout=layout, eps=eps)
     return y_fp4, block_scale

@@ -50,16 +50,16 @@ def make_case(problem: Problem, device="cuda", seed: int = 0, row_pad: int = 0) 
     """Random inputs (randn*5+5, weights in [0.5, 2]) and poisoned outputs. `row_pad` > 0 makes x's
     rows (and heads) strided: each row lives in a buffer row_pad elements wider than C."""
     p = problem
-    g = torch.Generator(device="cpu").manual_seed(seed)
+    g = torch.Generator(device=device).manual_seed(seed)
     dt = TORCH_DTYPE[p.in_dtype]
     H, C = p.heads, p.C
 
     def rand(*shape, pad=0):
-        full = (torch.randn(*shape[:-1], shape[-1] + pad, generator=g) * 5 + 5).to(dt).to(device)
+        full = (torch.randn(*shape[:-1], shape[-1] + pad, generator=g, device=device) * 5 + 5).to(dt)
         return full[..., : shape[-1]] if pad else full
 
     x = rand(p.T, H, C, pad=row_pad)
-    w = (torch.rand(C, generator=g) * 1.5 + 0.5).to(dt).to(device)
+    w = (torch.rand(C, generator=g, device=device) * 1.5 + 0.5).to(dt)
     inputs = {"x": x.clone(), "weight": w}
     args = {"x": x, "weight": w}
     outputs = []
@@ -77,7 +77,7 @@ def make_case(problem: Problem, device="cuda", seed: int = 0, row_pad: int = 0) 
             args["block_scale"] = torch.empty(p.rows, C // FP4_BLOCK[p.out_format], dtype=torch.uint8, device=device)
         outputs += ["y", "block_scale"]
         if p.spec.fp4_scales and p.out_format == "nvfp4":
-            gs = torch.tensor([float(torch.rand(1, generator=g)) * 4 + 0.5], dtype=torch.float32, device=device)
+            gs = torch.rand(1, generator=g, device=device, dtype=torch.float32) * 4 + 0.5
             inputs["global_scale"] = gs
             args["global_scale"] = gs
     elif p.spec.residual and p.out_format == p.in_dtype:
@@ -93,14 +93,14 @@ def make_case(problem: Problem, device="cuda", seed: int = 0, row_pad: int = 0) 
     return case
 
 
-def poison(case: Case) -> None:
+def poison(case: Case, byte: int = POISON_BYTE) -> None:
     """Fill every output with a pattern a kernel must overwrite; in-place tensors are restored."""
     for name in case.outputs:
         t = case.args[name]
         if name in case.inputs:
             t.copy_(case.inputs[name])
         else:
-            t.view(torch.uint8).fill_(POISON_BYTE)
+            t.view(torch.uint8).fill_(byte)
 
 
 _CUTE_DTYPES: dict = {}
@@ -124,6 +124,13 @@ def kernel_args(problem: Problem, cfg: KernelConfig, x, weight, residual, y, blo
     from cutlass.base_dsl.enums import AddressSpace
     from cutlass.cute.runtime import make_ptr
 
+    fp4 = problem.out_format in FP4_BLOCK
+    expect = {"residual": (residual, problem.spec.residual), "block_scale": (block_scale, fp4),
+              "global_scale": (global_scale, fp4 and problem.spec.fp4_scales and problem.out_format == "nvfp4")}
+    for name, (t, needed) in expect.items():
+        if (t is not None) != needed:  # a mismatch with the compiled signature would crash the host
+            raise ValueError(f"{problem.op}/{problem.out_format}: {name} must be "
+                             f"{'given' if needed else 'None'}")
     vb = cfg.vec_bytes
 
     def ptr(t, align):
@@ -146,6 +153,21 @@ def kernel_args(problem: Problem, cfg: KernelConfig, x, weight, residual, y, blo
             Int32(sf_rows), Int64(sf0)]
 
 
+def zero_scale_padding(problem: Problem, block_scale: torch.Tensor | None) -> None:
+    """The 128x4 swizzled scale buffer has entries for rows past T and scale columns past C/block;
+    they are defined as zero. The kernel writes only real entries, so clear the padding first: the
+    whole buffer when columns are padded, else only the last 128-row tile."""
+    if block_scale is None or problem.scale_layout != "swizzled":
+        return
+    n_sf = problem.C // FP4_BLOCK[problem.out_format]
+    k_tiles = -(-n_sf // 4)
+    size = -(-problem.rows // 128) * k_tiles * 512
+    if n_sf % 4:
+        block_scale[:size].zero_()
+    elif problem.rows % 128:
+        block_scale[(problem.rows // 128) * k_tiles * 512:size].zero_()
+
+
 def _case_kernel_args(case: Case, cfg: KernelConfig) -> list:
     a = case.args
     return kernel_args(case.problem, cfg, a["x"], a["weight"], a.get("residual"), a.get("y", a["x"]),
@@ -164,7 +186,10 @@ def launcher(problem: Problem, cfg: KernelConfig, case: Case, arch: str | None =
     grid_limit = Int32(max(1, sm_count * cfg.ctas_per_sm))
     eps, qscale = Float32(case.eps), Float32(case.scale)
 
+    sf = case.args.get("block_scale")
+
     def launch():
+        zero_scale_padding(problem, sf)
         fn(*targs, eps, qscale, grid_limit, cuda.CUstream(torch.cuda.current_stream().cuda_stream))
 
     return launch
