@@ -100,6 +100,8 @@ class IsolatedWorker:
     def start(self) -> Any:
         """Start the child and wait for its service to be ready; returns the service's info."""
         self.close()
+        if self.info is not None:
+            self.restarts += 1
         ctx = mp.get_context("spawn")
         parent, child = ctx.Pipe()
         self.proc = ctx.Process(target=_child_main, args=(child, self.factory, self.args, self.env, os.getpid()),
@@ -126,8 +128,6 @@ class IsolatedWorker:
     def call(self, request, timeout: float) -> Reply:
         """Send one request; never raises for a child that crashes or hangs."""
         if not self.alive():
-            if self.proc is not None:
-                self.restarts += 1
             self.start()
         try:
             self.conn.send(request)

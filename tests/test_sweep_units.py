@@ -1,0 +1,190 @@
+"""Pure pieces of the sweep: rotation and percentiles, search space and sampler choice, tie-breaks,
+claims, process identity, provenance, peers' capability table and the isolated worker."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import optuna
+import pytest
+
+from kernels.config import KernelConfig, heuristic, violations
+from kernels.problem import Problem, ideal_bytes
+from sweep.peers import PEERS, parse_peers, unsupported
+from sweep.provenance import make_row, software
+from sweep.schema import SCHEMA
+from sweep.study import (Claims, SearchSpace, choose_sampler, owner_dead, owner_id, pick_winner, search_space,
+                         simplicity, study_name)
+from sweep.synthetic import COPY_GBPS, device_info, model_us
+from sweep.timer import percentile, rotation_sets, summarize
+from sweep.trial_worker import Evaluator, IsolatedWorker, TimingService
+
+
+def test_rotation_covers_three_l2_with_distinct_sets():
+    l2 = 50 << 20
+    for set_bytes in (1, 4096, 400_000, 60 << 20, 2 << 30):
+        n = rotation_sets(set_bytes, l2, max_sets=1 << 40)
+        assert n >= 2 and n * set_bytes >= 3 * l2
+        assert (n - 1) * set_bytes < 3 * l2 or n == 2  # no more sets than needed
+    assert rotation_sets(1, l2) == 1 << 15  # tiny sets are capped
+    with pytest.raises(ValueError):
+        rotation_sets(0, l2)
+
+
+def test_percentiles_and_summary():
+    xs = [5.0, 1.0, 3.0, 2.0, 4.0, 6.0, 7.0]
+    assert percentile(xs, 50) == 4.0 and percentile(xs, 0) == 1.0 and percentile(xs, 100) == 7.0
+    assert percentile([1.0, 2.0], 20) == pytest.approx(1.2)
+    t = summarize(xs)
+    assert (t.median_us, t.p20_us, t.p80_us) == (4.0, pytest.approx(2.2), pytest.approx(5.8))
+    with pytest.raises(ValueError):
+        percentile([], 50)
+
+
+def test_search_space_prefixes_agree_with_violations():
+    p = Problem("fused_rmsnorm_silu", 1000, 160, out_format="bf16")
+    space = search_space(p, 90)
+    assert space is search_space(Problem("fused_rmsnorm_silu", 7, 160), 90)  # T does not matter
+    valid = {tuple(v) for v in space.valid}
+    assert tuple(heuristic(p, 90).as_dict().values()) in valid
+    for v in list(valid)[::97]:
+        assert not violations(p, KernelConfig(*v), 90)
+        assert not space.dead_end(dict(zip(KernelConfig().as_dict(), v)))
+    dead = {"threads": 32, "threads_per_row": 64}
+    assert space.dead_end(dead) and "no valid config has threads=32, threads_per_row=64" in space.explain(dead)
+
+
+def test_sampler_is_brute_force_only_when_the_valid_space_fits_the_budget():
+    space = SearchSpace(Problem("rmsnorm", 1, 64), 90)
+    assert isinstance(choose_sampler(space, space.n_valid)[0], optuna.samplers.BruteForceSampler)
+    assert isinstance(choose_sampler(space, space.n_valid - 1)[0], optuna.samplers.TPESampler)
+
+
+def test_ties_go_to_the_simpler_config():
+    p = Problem("rmsnorm", 4096, 4096)
+    heur = heuristic(p, 90)
+    fancy = KernelConfig(threads=1024, threads_per_row=1024, vec_bytes=16, cluster=2)
+    other = KernelConfig(threads=256, threads_per_row=256, vec_bytes=16, ctas_per_sm=2)
+    assert simplicity(heur, heur) < simplicity(other, heur) < simplicity(fancy, heur)
+    win, why = pick_winner({fancy: 10.0, heur: 10.15, other: 10.1}, heur)
+    assert win == heur and "tie within 2%" in why
+    win, why = pick_winner({fancy: 10.0, heur: 10.5, other: 10.1}, heur)
+    assert win == other and "simpler" in why
+    assert pick_winner({fancy: 9.0, heur: 10.0}, heur) == (fancy, "fastest")
+
+
+def test_study_names_are_deterministic_and_distinct():
+    a = Problem("qk_rmsnorm", 128, 128, heads=8)
+    assert study_name(a, "h100") == "qk_rmsnorm:bf16:bf16:T128:C128:H8:h100"
+    assert study_name(Problem("rmsnorm_fp4quant", 8, 64, out_format="nvfp4", scale_layout="swizzled"), "b200") \
+        == "rmsnorm_fp4quant:nvfp4:bf16:T8:C64:swizzled:b200"
+    with pytest.raises(ValueError):
+        study_name(a, "")
+
+
+def test_claims_give_a_key_to_one_trial(tmp_path):
+    c = Claims(f"sqlite:///{tmp_path / 'c.db'}")
+    assert c.claim("s", "k", 1) is None
+    assert c.claim("s", "k", 2) == 1
+    assert c.claim("s", "k", 3, takeover=lambda owner: owner == 1) is None  # a failed owner is replaced
+    assert c.claim("s", "k", 4) == 3
+    assert c.claim("t", "k", 5) is None  # per study
+    assert c.claim("s", "once", -1) is None and c.claim("s", "once", -1) == -1  # one-time claims are not re-granted
+
+
+def test_owner_identity_detects_a_dead_process():
+    me = owner_id()
+    assert not owner_dead(me)
+    p = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host, _, start = me.rsplit(":", 2)
+    assert owner_dead(f"{host}:{p.stdout.strip()}:{start}")
+    assert not owner_dead(f"another-host-name:{os.getpid()}:1")  # other hosts are left to heartbeats
+
+
+def test_rows_fit_the_schema_and_count_gbps_from_ideal_bytes():
+    p = Problem("fused_rmsnorm_silu", 1560, 64)
+    cfg = heuristic(p, 90)
+    us = model_us(p, cfg)
+    row = make_row(problem=p, result={"status": "ok", "median_us": us, "p20_us": us, "p80_us": us}, device=device_info(),
+                   copy_gbps=COPY_GBPS, knobs=cfg.as_dict(), run_id="r", study="s", trial=0, kind="trial",
+                   impl="lutforge", config_source="heuristic", problem_set="wan_vae")
+    assert set(row) <= set(SCHEMA.names)
+    assert row["bytes"] == ideal_bytes(p) and row["gbps"] == pytest.approx(ideal_bytes(p) / us / 1e3)
+    assert row["pct_copy"] == pytest.approx(100 * row["gbps"] / COPY_GBPS) and row["backend"] == "synthetic"
+    assert software()["torch"] is not None
+
+
+def test_synthetic_model_is_deterministic_and_launch_bound_when_small():
+    small, big = Problem("rmsnorm", 1560, 64), Problem("rmsnorm", 399360, 1024)
+    cfg_s, cfg_b = heuristic(small, 90), heuristic(big, 90)
+    assert model_us(small, cfg_s) == model_us(small, cfg_s)
+    assert model_us(small, cfg_s) < 5.0  # a few microseconds: the launch floor dominates
+    assert ideal_bytes(big) / model_us(big, cfg_b) / 1e3 <= COPY_GBPS
+
+
+def test_peers_capabilities():
+    assert parse_peers("all") == list(PEERS)
+    assert parse_peers("quack, liger,quack") == ["quack", "liger"]
+    with pytest.raises(ValueError):
+        parse_peers("cudnn")
+    fp4 = Problem("rmsnorm_fp4quant", 16, 64, out_format="nvfp4")
+    assert "FP4" in unsupported(fp4, "torch_eager")
+    assert unsupported(Problem("rmsnorm", 1, 64), "torch_eager") is None  # torch is installed
+    gemma = Problem("gemma_rmsnorm", 1, 64)
+    assert unsupported(gemma, "quack") is not None  # not installed here, or no gemma op: skipped either way
+
+
+def _boom():
+    os.abort()
+
+
+class _Echo:
+    restart_on_error = False
+
+    def __init__(self):
+        self.info = {"pid": os.getpid()}
+
+    def handle(self, req):
+        if req == "abort":
+            _boom()
+        if req == "hang":
+            import time
+
+            time.sleep(60)
+        if req == "raise":
+            raise KeyError("bad request")
+        return req * 2
+
+
+def test_isolated_worker_survives_crash_hang_and_errors():
+    w = IsolatedWorker(_Echo, name="echo")
+    try:
+        assert w.call(21, 10).value == 42
+        pid = w.info["pid"]
+        r = w.call("abort", 10)
+        assert r.kind == "crash" and "SIGABRT" in r.message
+        r = w.call("hang", 1)
+        assert r.kind == "timeout"
+        r = w.call("raise", 10)
+        assert r.kind == "error" and "KeyError" in r.message
+        assert w.call(1, 10).value == 2 and w.info["pid"] != pid and w.restarts == 2
+    finally:
+        w.close()
+
+
+def test_evaluator_synthetic_compiles_once_per_key():
+    ev = Evaluator("synthetic", compile_workers=1)
+    try:
+        info = ev.start()
+        assert info["provenance"]["backend"] == "synthetic" and info["copy_gbps"] == COPY_GBPS
+        p = Problem("rmsnorm", 1560, 64)
+        cfg = heuristic(p, 90)
+        first = ev.evaluate(p, cfg)
+        assert first["status"] == "ok" and first["median_us"] == model_us(p, cfg)
+        assert ev.compile(Problem("rmsnorm", 99, 64), cfg) is ev.compile(p, cfg)  # cached: T is not in the key
+    finally:
+        ev.close()
+    with pytest.raises(ValueError):
+        Evaluator("tpu")
+    assert TimingService("synthetic").handle(("kernel", p, cfg))["status"] == "ok"
