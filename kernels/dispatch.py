@@ -102,7 +102,7 @@ class Dispatcher:
             self._indexes.append(_LutIndex(lut))
         self._indexes.sort(key=lambda i: i.name)
         self._logged: set = set()
-        self._lookup = functools.lru_cache(maxsize=CACHE_SIZE)(self._lookup_uncached)
+        self._answers: dict[tuple, Selection] = {}  # memo keyed by the caller's arguments as given
         self._tables = functools.lru_cache(maxsize=None)(self._tables_uncached)
 
     @classmethod
@@ -122,6 +122,13 @@ class Dispatcher:
     def lookup(self, problem: Problem, arch: int, device_class: str | None = None,
                row_stride: int | None = None, ptr_align: int = 16) -> Selection:
         """The config for `problem` and the tier that answered; see the module docstring for the order."""
+        args = (problem, arch, device_class, row_stride, ptr_align)
+        try:
+            hit = self._answers.get(args)
+        except TypeError:  # an unhashable argument: let the checks below name it
+            hit = None
+        if hit is not None:
+            return hit
         if type(problem) is not Problem:
             raise TypeError(f"problem must be kernels.problem.Problem, got {type(problem).__name__}")
         if type(arch) is not int:
@@ -140,14 +147,18 @@ class Dispatcher:
         if type(ptr_align) is not int or ptr_align < ELEM_BYTES[problem.in_dtype] or ptr_align & (ptr_align - 1):
             raise ValueError(f"ptr_align must be a power of two >= the {problem.in_dtype} element size "
                              f"({ELEM_BYTES[problem.in_dtype]} B), got {ptr_align!r}")
-        return self._lookup(problem, arch, device_class, row_stride, min(ptr_align, 16))
+        sel = self._lookup(problem, arch, device_class, row_stride, min(ptr_align, 16))
+        if len(self._answers) >= CACHE_SIZE:
+            self._answers.clear()
+        self._answers[args] = sel
+        return sel
 
     def select_config(self, problem: Problem, arch: int, device_class: str | None = None,
                       row_stride: int | None = None, ptr_align: int = 16) -> tuple[KernelConfig, str]:
         s = self.lookup(problem, arch, device_class, row_stride, ptr_align)
         return s.config, s.tier
 
-    def _lookup_uncached(self, p: Problem, arch: int, device_class, row_stride, ptr_align) -> Selection:
+    def _lookup(self, p: Problem, arch: int, device_class, row_stride, ptr_align) -> Selection:
         def fit(cfg: KernelConfig | None) -> KernelConfig | None:
             # Narrow the vector to what the actual stride/alignment allows, then re-check every constraint.
             if cfg is None:
@@ -198,9 +209,6 @@ class Dispatcher:
                 else "the analytical heuristic")
         _log.info("no tuned entry for %s %s->%s (%s) C=%d heads=%d on %s; using %s: %s", p.op, p.in_dtype,
                   p.out_format, p.scale_layout, p.C, p.heads, where, what, sel.config.short())
-
-    def cache_info(self):
-        return self._lookup.cache_info()
 
 
 _default: Dispatcher | None = None
