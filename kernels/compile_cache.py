@@ -76,14 +76,6 @@ def _kernel_source_hash() -> str:
     return _SRC_HASH
 
 
-def _dump_dir_for_cubins() -> None:
-    """--keep-cubin (resource usage) writes files; keep them out of the caller's working directory."""
-    if "CUTE_DSL_DUMP_DIR" not in os.environ:
-        d = cache_dir() / "dump"
-        d.mkdir(exist_ok=True)
-        os.environ["CUTE_DSL_DUMP_DIR"] = str(d)
-
-
 def cache_dir() -> Path:
     d = Path(os.environ.get("LUTFORGE_CACHE_DIR", Path.home() / ".cache" / "lutforge"))
     d.mkdir(parents=True, exist_ok=True)
@@ -146,10 +138,12 @@ def _compile(problem: Problem, cfg: KernelConfig, arch: str):
     if why:
         raise ValueError(f"invalid config {cfg.short()} for {problem}: {'; '.join(why)}")
     kernel = NormKernel(KernelSpec(canonical(problem), cfg, arch_number(arch)))
-    _dump_dir_for_cubins()
     with _LOCK, _target_arch(arch):
         try:
-            return cute.compile(kernel, *_fake_args(problem, cfg), options="--keep-cubin")
+            # --keep-cubin lets resource_usage read registers/smem; its files go to the cache, not the cwd
+            dump = cache_dir() / "dump"
+            dump.mkdir(exist_ok=True)
+            return cute.compile(kernel, *_fake_args(problem, cfg), options=f"--keep-cubin --dump-dir {dump}")
         except Exception as e:  # the DSL raises many exception types
             raise KernelCompileError(f"{problem.op}/{problem.out_format} C={problem.C} {cfg.short()} {arch}: "
                                      f"{type(e).__name__}: {e}") from e

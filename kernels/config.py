@@ -127,6 +127,8 @@ def violations(p: Problem, cfg: KernelConfig, arch: int = 90, row_stride: int | 
             why.append(f"cluster={cfg.cluster} leaves a CTA without a vector of the row")
     if p.out_format in FP4_BLOCK:
         blk = FP4_BLOCK[p.out_format]
+        if v < 2:
+            why.append("FP4 packs element pairs into bytes: the vector needs >= 2 elements (vec_bytes >= 4)")
         if blk % v:
             why.append(f"{p.out_format} block {blk} is not a multiple of the vector ({v} elements)")
         elif blk // v > cfg.threads_per_row:

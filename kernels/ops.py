@@ -153,11 +153,9 @@ def _launch(problem: Problem, x3, weight, residual, y3, block_scale, global_scal
     for s in strides:
         g = math.gcd(g, int(s))
     row_stride = _stride_with_divisibility(g, problem.C)
-    align = _ptr_align([x3, weight, residual, y3])
-    if problem.out_format == "fp8":  # y vectors are half as wide in bytes
-        align = min(align, 2 * _ptr_align([y3]))
-    elif problem.out_format in FP4_BLOCK:
-        align = min(align, 4 * _ptr_align([y3]))
+    # y vectors hold the same element count in 1/2 (fp8) or 1/4 (FP4) of the bytes
+    y_scale = {"fp8": 2}.get(problem.out_format, 4 if problem.out_format in FP4_BLOCK else 1)
+    align = min(_ptr_align([x3, weight, residual]), y_scale * _ptr_align([y3]))
     cfg, _tier = select_config(problem, sm, dev_class, row_stride=row_stride, ptr_align=align)
     fn = get_compiled(problem, cfg, arch_name(sm))
     args = kernel_args(problem, cfg, x3, weight, residual, y3, block_scale, global_scale)

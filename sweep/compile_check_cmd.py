@@ -1,0 +1,71 @@
+"""`lutforge compile-check`: compile every op x out format x a spread of C values and knob configs for
+one arch on a CPU-only machine, and print registers / shared memory per kernel. A config that passes
+the knob constraints but fails to compile is a kernel bug (or a missing constraint): exit non-zero."""
+from __future__ import annotations
+
+import random
+import time
+
+import click
+
+from kernels.compile_cache import ARCHS, KernelCompileError, _compile, arch_number, resource_usage
+from kernels.config import KNOB_CHOICES, KernelConfig, heuristic, is_valid
+from kernels.problem import FP4_BLOCK, OPS, Problem, out_formats
+
+C_SPREAD = (1, 64, 160, 1000, 4096, 65536)
+
+
+def check_problems(quick: bool) -> list[Problem]:
+    out = []
+    for op, spec in OPS.items():
+        for fmt in out_formats(op, "bf16"):
+            for layout in (("rowmajor", "swizzled") if spec.fp4_scales else ("rowmajor",)):
+                for C in (C_SPREAD[2:5] if quick else C_SPREAD):
+                    if fmt in FP4_BLOCK and C % FP4_BLOCK[fmt]:
+                        C = (C // FP4_BLOCK[fmt] + 1) * FP4_BLOCK[fmt]
+                    out.append(Problem(op, 0, C, "bf16", fmt, 8 if spec.per_head else 1, layout))
+    out.append(Problem("rmsnorm", 0, 4096, "fp16", "fp16"))
+    return out
+
+
+def config_spread(p: Problem, sm: int, n: int, seed: int) -> list[KernelConfig]:
+    """The heuristic plus `n` random valid configs (deterministic per problem)."""
+    rng = random.Random(seed)
+    cfgs = [heuristic(p, sm)]
+    for _ in range(2000):
+        if len(cfgs) > n:
+            break
+        c = KernelConfig(**{k: rng.choice(v) for k, v in KNOB_CHOICES.items()})
+        if c not in cfgs and is_valid(p, c, sm):
+            cfgs.append(c)
+    return cfgs
+
+
+@click.command("compile-check")
+@click.option("--arch", type=click.Choice(sorted(ARCHS)), required=True, help="compile target")
+@click.option("--configs", default=2, show_default=True, help="random valid configs per problem besides the heuristic")
+@click.option("--quick", is_flag=True, help="fewer C values")
+def compile_check(arch: str, configs: int, quick: bool):
+    """Compile kernels for ARCH without a GPU and report their resource use."""
+    sm = arch_number(arch)
+    failures, n = [], 0
+    click.echo(f"{'op':24s} {'out':6s} {'layout':9s} {'C':>6s} {'config':38s} {'regs':>4s} {'smem':>6s} {'s':>5s}")
+    for i, p in enumerate(check_problems(quick)):
+        for cfg in config_spread(p, sm, configs, seed=i):
+            n += 1
+            t0 = time.perf_counter()
+            try:
+                regs, smem = resource_usage(_compile(p, cfg, arch))
+                status = ""
+            except KernelCompileError as e:
+                regs = smem = None
+                status = "FAILED"
+                failures.append(f"{p} {cfg.short()}: {e}")
+            click.echo(f"{p.op:24s} {p.out_format:6s} {p.scale_layout:9s} {p.C:6d} {cfg.short():38s} "
+                       f"{regs if regs is not None else '-':>4} {smem if smem is not None else '-':>6} "
+                       f"{time.perf_counter() - t0:5.2f} {status}")
+    click.echo(f"{n - len(failures)}/{n} kernels compiled for {arch}")
+    if failures:
+        for f in failures:
+            click.echo(f, err=True)
+        raise SystemExit(1)
