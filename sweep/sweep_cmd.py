@@ -135,7 +135,7 @@ def _progress_thread(q, bar) -> threading.Thread:
                 return
             if item in MEASURED:  # invalid prefixes and duplicates are not measurements
                 bar.update(1)
-            bar.set_postfix_str(str(item))
+            bar.set_postfix_str(item or "duplicate")
 
     t = threading.Thread(target=drain, daemon=True)
     t.start()

@@ -62,7 +62,8 @@ def test_tiny_real_sweep_writes_gpu_rows(cuda, tmp_path, monkeypatch):
     assert set(df["backend"]) == {"gpu"} and df["device_name"].notna().all() and df["cutlass_dsl"].notna().all()
     print(r.output)  # the summary table, for the log of a GPU run
     ok = df[df["status"] == "ok"]
-    assert len(ok) >= 4 and (ok["pct_copy"] < 103).all() and (ok["compile_s"].notna()).all()
+    assert len(ok) >= 4 and (ok["pct_copy"] < 103).all()
+    assert ok[ok["kind"] == "trial"]["compile_s"].notna().all()  # re-bench rows only re-time
     assert set(df[df["kind"] == "rebench"]["study"]) == set(df[df["kind"] == "trial"]["study"])
 
 
