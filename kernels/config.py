@@ -19,6 +19,7 @@ KNOB_CHOICES: dict[str, tuple] = {
     "stage": ("reg", "smem"),  # x kept in registers, or staged in shared memory by cp.async
     "ctas_per_sm": (0, 1, 2, 4, 8),  # 0: one CTA per row block; N: persistent grid of N x SMs
     "weight_smem": (False, True),  # weight read from shared memory instead of held in registers
+    "pdl": (False, True),  # programmatic dependent launch: start while the previous kernel drains (SM90+)
 }
 
 MAX_SMEM_BYTES = 227 * 1024  # SM90/SM100 opt-in shared memory per CTA
@@ -35,6 +36,7 @@ class KernelConfig:
     stage: str = "reg"
     ctas_per_sm: int = 0
     weight_smem: bool = False
+    pdl: bool = False
 
     @property
     def rows_per_cta(self) -> int:
@@ -53,7 +55,7 @@ class KernelConfig:
 
     def short(self) -> str:
         return (f"t{self.threads}/r{self.threads_per_row}/v{self.vec_bytes}/c{self.cluster}/{self.stage}"
-                f"/p{self.ctas_per_sm}/{'wsm' if self.weight_smem else 'wrg'}")
+                f"/p{self.ctas_per_sm}/{'wsm' if self.weight_smem else 'wrg'}{'/pdl' if self.pdl else ''}")
 
 
 def vec_elems(p: Problem, cfg: KernelConfig) -> int:
@@ -118,6 +120,8 @@ def violations(p: Problem, cfg: KernelConfig, arch: int = 90, row_stride: int | 
     if cfg.threads_per_row * v > max(32 * v, _next_pow2(chunk_cols(p, cfg))):
         why.append(f"threads_per_row x vector = {cfg.threads_per_row * v} elements is wider than the row "
                    f"chunk ({chunk_cols(p, cfg)}): idle threads")
+    if cfg.pdl and arch < 90:
+        why.append("programmatic dependent launch needs SM90+")
     if cfg.cluster > 1:
         if arch < 90:
             why.append("clusters need SM90+")

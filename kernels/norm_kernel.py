@@ -97,6 +97,7 @@ class NormKernel:
             block=[self.cfg.threads, 1, 1],
             cluster=[1, self.cluster, 1] if const_expr(self.cluster > 1) else None,
             stream=stream,
+            use_pdl=self.cfg.pdl,
         )
 
     # ------------------------------------------------------------------ device side
@@ -111,6 +112,10 @@ class NormKernel:
         lane = tidx % tpr
         r_in_cta = tidx // tpr
         rows = mX.shape[0] * self.H
+        if const_expr(self.cfg.pdl):
+            # wait for the previous grid's writes, then let the next kernel start its launch early
+            cute.arch.griddepcontrol_wait()
+            cute.arch.griddepcontrol_launch_dependents()
 
         smem = cutlass.utils.SmemAllocator()
         red_buf = None

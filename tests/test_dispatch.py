@@ -77,16 +77,20 @@ def test_vector_narrowed_to_the_actual_alignment(h100):
 
 
 def test_entry_that_cannot_run_the_actual_layout_falls_through():
-    # Two threads per row cover an NVFP4 block of 16 with 8-element vectors; an odd row stride forces
-    # 1-element vectors and the block would span 16 lanes, so the entry must not be returned.
+    # Two threads per row cover an NVFP4 block of 16 with 8-element vectors; a row stride of 66
+    # elements (132 B) allows only 4-byte (2-element) vectors, so the block would span 8 lanes and
+    # the entry must not be returned.
     key = ("rmsnorm_fp4quant", "nvfp4", "rowmajor", "bf16", 64, 1)
     tight = KernelConfig(threads=128, threads_per_row=2, vec_bytes=16)
     d = Dispatcher([make_lut("sm90_h100", {key + (64,): tight})])
     p = Problem("rmsnorm_fp4quant", 64, 64, out_format="nvfp4")
     assert d.select_config(p, 90) == (tight, "exact")
-    assert violations(p, KernelConfig(threads=128, threads_per_row=2, vec_bytes=2), 90, 65)
-    cfg, tier = d.select_config(p, 90, row_stride=65)
-    assert tier == "heuristic" and not violations(p, cfg, 90, 65) and cfg.vec_bytes == 2
+    assert violations(p, KernelConfig(threads=128, threads_per_row=2, vec_bytes=4), 90, 66)
+    cfg, tier = d.select_config(p, 90, row_stride=66)
+    assert tier == "heuristic" and not violations(p, cfg, 90, 66) and cfg.vec_bytes == 4
+    # FP4 packs element pairs per thread: an odd stride leaves no valid config, and says so
+    with pytest.raises(ValueError, match="no valid kernel config"):
+        d.select_config(p, 90, row_stride=65)
 
 
 def test_zero_modules_is_a_normal_state():
