@@ -116,8 +116,10 @@ def choose_sampler(space: SearchSpace, trials: int | None, seed: int | None = No
 
 def simplicity(cfg: KernelConfig, heur: KernelConfig) -> tuple:
     """Sort key, smaller = simpler: the heuristic itself, then no cluster, registers-only staging,
-    a plain (non-persistent) grid and the weight in registers - the configs with fewest moving parts."""
-    return (cfg != heur, cfg.cluster, cfg.stage != "reg", cfg.ctas_per_sm != 0, cfg.weight_smem)
+    a plain (non-persistent) grid, the weight in registers and no programmatic dependent launch - the
+    configs with fewest moving parts."""
+    return (cfg != heur, cfg.cluster, cfg.stage != "reg", cfg.ctas_per_sm != 0, cfg.weight_smem,
+            bool(getattr(cfg, "pdl", False)))
 
 
 def pick_winner(medians: dict[KernelConfig, float], heur: KernelConfig) -> tuple[KernelConfig, str]:
