@@ -27,3 +27,7 @@ from .bench_cmd import bench_command  # noqa: E402
 main.add_command(bench_command)
 from .compile_check_cmd import compile_check  # noqa: E402
 main.add_command(compile_check)
+
+
+if __name__ == "__main__":
+    main()
