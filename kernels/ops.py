@@ -177,6 +177,9 @@ def _norm_kernel(x: torch.Tensor, weight: torch.Tensor, residual, y: torch.Tenso
                  op: str, in_dtype: str, out_format: str, heads: int, scale_layout: str, eps: float,
                  scale: float) -> None:
     p = Problem(op, x.shape[0], weight.shape[0], in_dtype, out_format, heads, scale_layout)
+    # Aliasing needs data pointers, which torch.compile cannot trace: checked here, still before launch.
+    outputs = {} if y is x else {"out": y, "block_scale": block_scale}
+    _no_overlap({"input": x, "residual": residual, **outputs})
     _launch(p, x, weight, residual, y, block_scale, global_scale, eps, scale)
 
 
@@ -219,7 +222,6 @@ def _plain(op: str, input, weight, eps, out):
     _check_out(out, x.shape, x.dtype)
     _same_device({"input": x, "weight": weight, "out": out})
     _check_last_dim_contiguous(x, "input")
-    _no_overlap({"input": x, "out": out})
     _run(op, x.unsqueeze(1), weight, None, out.unsqueeze(1), out_format=dt, eps=eps)
     return out
 
@@ -247,7 +249,6 @@ def _fused_add(op, input, residual, weight, eps, out=None, scale=None):
     _check_last_dim_contiguous(x, "input")
     _check_last_dim_contiguous(residual, "residual")
     _same_device({"input": x, "residual": residual, "weight": weight, "out": out})
-    _no_overlap({"input": x, "residual": residual, "out": out})
     if out is None:
         _run(op, x.unsqueeze(1), weight, residual, x.unsqueeze(1), out_format=dt, eps=eps)
     else:
@@ -285,7 +286,6 @@ def rmsnorm_quant(out: torch.Tensor, input: torch.Tensor, weight: torch.Tensor, 
     _check_out(out, x.shape, torch.float8_e4m3fn)
     _check_last_dim_contiguous(x, "input")
     _same_device({"input": x, "weight": weight, "out": out})
-    _no_overlap({"input": x, "out": out})
     _run("rmsnorm_quant", x.unsqueeze(1), weight, None, out.unsqueeze(1), out_format="fp8", eps=eps, scale=scale)
     return out
 
@@ -312,7 +312,6 @@ def _qk(op, input, weight, eps, out):
     _check_out(out, (T, H, D), input.dtype)
     _check_last_dim_contiguous(input, "input")
     _same_device({"input": input, "weight": weight, "out": out})
-    _no_overlap({"input": input, "out": out})
     _run(op, input, weight, None, out, out_format=dt, heads=H, eps=eps)
     return out
 
@@ -352,7 +351,6 @@ def fused_rmsnorm_silu(input: torch.Tensor, weight: torch.Tensor, eps: float = 1
         if block_scale.stride(0) != C // 16 and T > 1:
             raise ValueError("block_scale must be contiguous")
         _same_device({"input": x, "weight": weight, "out": out, "block_scale": block_scale})
-        _no_overlap({"input": x, "out": out, "block_scale": block_scale})
         _run("fused_rmsnorm_silu", x.unsqueeze(1), weight, None, out.view(torch.uint8).unsqueeze(1),
              block_scale.view(torch.uint8), out_format="nvfp4", eps=eps)
         return out, block_scale
@@ -360,7 +358,6 @@ def fused_rmsnorm_silu(input: torch.Tensor, weight: torch.Tensor, eps: float = 1
         raise TypeError(f"out dtype must be {x.dtype}, float8_e4m3fn or float4_e2m1fn_x2; got {out.dtype}")
     _check_out(out, (T, C), out.dtype)
     _same_device({"input": x, "weight": weight, "out": out})
-    _no_overlap({"input": x, "out": out})
     fmt = "fp8" if out.dtype == torch.float8_e4m3fn else dt
     _run("fused_rmsnorm_silu", x.unsqueeze(1), weight, None, out.unsqueeze(1), out_format=fmt, eps=eps)
     return out
@@ -424,7 +421,6 @@ def rmsnorm_fp4quant(input: torch.Tensor, weight: torch.Tensor, y_fp4: torch.Ten
         sf_view = block_scale.view(torch.uint8).reshape(rows, n_sf)
     _same_device({"input": input, "weight": weight, "y_fp4": y_fp4, "block_scale": block_scale,
                   "global_scale": global_scale})
-    _no_overlap({"input": input, "y_fp4": y_fp4, "block_scale": block_scale})
     # rows are flattened (B*S for 3D input); the input may be copied to get there, the output may not
     x3 = input.reshape(rows, 1, C) if input.dim() == 3 else input.unsqueeze(1)
     try:
