@@ -62,8 +62,15 @@ def test_dispatch_never_returns_an_invalid_config(lut_path, with_lut):
     tuned = sorted({k[:-1] for k in read_lut(lut_path).exact})
     rng = random.Random(20261122)
     tiers = Counter()
+    unsupported = 0
     for _ in range(N):
         p, stride, align = random_case(rng, tuned)
+        if p.out_format in FP4_BLOCK and max_vec_bytes(p, stride, align) < 4:
+            # FP4 packs element pairs per thread: 2-byte aligned data has no valid config, and says so
+            with pytest.raises(ValueError, match="no valid kernel config"):
+                d.select_config(p, 90, "synthetic", row_stride=stride, ptr_align=align)
+            unsupported += 1
+            continue
         cfg, tier = d.select_config(p, 90, "synthetic", row_stride=stride, ptr_align=align)
         tiers[tier] += 1
         why = violations(p, cfg, 90, stride)
@@ -74,4 +81,5 @@ def test_dispatch_never_returns_an_invalid_config(lut_path, with_lut):
     if with_lut:
         assert all(tiers[t] > 100 for t in TIERS), tiers  # every tier was exercised
     else:
-        assert tiers == {"heuristic": N}
+        assert tiers == {"heuristic": N - unsupported}
+    assert unsupported < N // 10
