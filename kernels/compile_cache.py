@@ -129,7 +129,8 @@ def _fake_args(problem: Problem, cfg: KernelConfig):
             cutlass.Float32(1e-6), cutlass.Float32(1.0), cutlass.Int32(1), make_fake_stream())
 
 
-def _compile(problem: Problem, cfg: KernelConfig, arch: str):
+def compile_kernel(problem: Problem, cfg: KernelConfig, arch: str):
+    """Compile one config for `arch` (no GPU needed); raises KernelCompileError when the DSL fails."""
     import cutlass.cute as cute
 
     from .norm_kernel import KernelSpec, NormKernel
@@ -156,7 +157,7 @@ def precompile(problem: Problem, cfg: KernelConfig, arch: str) -> CompileInfo:
     if path.exists():
         return CompileInfo(0.0, None, None, True)
     t0 = time.perf_counter()
-    compiled = _compile(problem, cfg, arch)
+    compiled = compile_kernel(problem, cfg, arch)
     dt = time.perf_counter() - t0
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_bytes(compiled.dump_to_object(f"lf_{key}"))

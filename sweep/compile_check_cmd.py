@@ -8,7 +8,7 @@ import time
 
 import click
 
-from kernels.compile_cache import ARCHS, KernelCompileError, _compile, arch_number, resource_usage
+from kernels.compile_cache import ARCHS, KernelCompileError, arch_number, compile_kernel, resource_usage
 from kernels.config import KNOB_CHOICES, KernelConfig, heuristic, is_valid
 from kernels.problem import FP4_BLOCK, OPS, Problem, out_formats
 
@@ -55,7 +55,7 @@ def compile_check(arch: str, configs: int, quick: bool):
             n += 1
             t0 = time.perf_counter()
             try:
-                regs, smem = resource_usage(_compile(p, cfg, arch))
+                regs, smem = resource_usage(compile_kernel(p, cfg, arch))
                 status = ""
             except KernelCompileError as e:
                 regs = smem = None

@@ -167,28 +167,14 @@ def build(impl: str, problem: Problem, case) -> tuple[Callable[[], object], Call
 
 def measure_peer(problem: Problem, impl: str) -> dict:
     """Check then time one peer on rotated buffers (runs in the timing process, on the GPU)."""
-    import torch
-
-    from kernels import runner
-
-    from .timer import l2_bytes, rotation_sets, time_launchers
-    from .trial_worker import _finite
+    from .trial_worker import check_then_time
 
     reason = unsupported(problem, impl)
     if reason:
         raise ValueError(f"{impl} cannot run {problem.op}/{problem.out_format}: {reason}")
-    case0 = runner.make_case(problem, device="cuda", seed=0)
-    launch0, write_back = build(impl, problem, case0)
-    runner.poison(case0)
-    write_back(launch0())
-    torch.cuda.synchronize()
-    chk = runner.check(problem, case0)
-    common = {"rel_err": _finite(chk.rel_err), "max_ulp": _finite(chk.max_ulp)}
-    if not chk.ok:
-        return {"status": "wrong_result", "error": chk.message[:4000], **common}
-    sets = rotation_sets(case0.nbytes, l2_bytes())
-    cases = [case0] + [runner.make_case(problem, device="cuda", seed=i) for i in range(1, sets)]
-    launchers = [launch0] + [build(impl, problem, c)[0] for c in cases[1:]]
-    t = time_launchers(launchers, set_bytes=case0.nbytes)
-    return {"status": "ok", "median_us": t.median_us, "p20_us": t.p20_us, "p80_us": t.p80_us,
-            "samples_us": list(t.samples_us), **common}
+
+    def make_launch(case):
+        launch, write_back = build(impl, problem, case)
+        return launch, lambda: write_back(launch())
+
+    return check_then_time(problem, make_launch)

@@ -233,8 +233,10 @@ class TimingService:
         raise ValueError(f"unknown request kind {kind!r}")
 
 
-def measure_kernel(problem: Problem, cfg: KernelConfig, arch: str) -> dict:
-    """Check one config against the reference, then time it over rotated buffers (GPU, in the child)."""
+def check_then_time(problem: Problem, make_launch) -> dict:
+    """Check one implementation against the reference, then time it over rotated buffers (GPU, in the
+    timing child). `make_launch(case)` returns (timed, checked): zero-argument callables, where
+    `checked()` must leave the outputs in `case` and `timed()` is what the graph replays."""
     import torch
 
     from kernels import runner
@@ -242,20 +244,31 @@ def measure_kernel(problem: Problem, cfg: KernelConfig, arch: str) -> dict:
     from .timer import l2_bytes, rotation_sets, time_launchers
 
     case0 = runner.make_case(problem, device="cuda", seed=0)
-    launch0 = runner.launcher(problem, cfg, case0, arch)
+    timed0, checked0 = make_launch(case0)
     runner.poison(case0)
-    launch0()
+    checked0()
     torch.cuda.synchronize()
     chk = runner.check(problem, case0)
     common = {"rel_err": _finite(chk.rel_err), "max_ulp": _finite(chk.max_ulp)}
     if not chk.ok:
         return {"status": "wrong_result", "error": chk.message[:4000], **common}
     sets = rotation_sets(case0.nbytes, l2_bytes())
-    cases = [case0] + [runner.make_case(problem, device="cuda", seed=i) for i in range(1, sets)]
-    launchers = [launch0] + [runner.launcher(problem, cfg, c, arch) for c in cases[1:]]
+    cases = [runner.make_case(problem, device="cuda", seed=i) for i in range(1, sets)]
+    launchers = [timed0] + [make_launch(c)[0] for c in cases]
     t = time_launchers(launchers, set_bytes=case0.nbytes)
     return {"status": "ok", "median_us": t.median_us, "p20_us": t.p20_us, "p80_us": t.p80_us,
             "samples_us": list(t.samples_us), **common}
+
+
+def measure_kernel(problem: Problem, cfg: KernelConfig, arch: str) -> dict:
+    """Check then time one kernel config."""
+    from kernels import runner
+
+    def make_launch(case):
+        launch = runner.launcher(problem, cfg, case, arch)
+        return launch, launch
+
+    return check_then_time(problem, make_launch)
 
 
 def _finite(x):
