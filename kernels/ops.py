@@ -215,13 +215,13 @@ def _run(op, x3, weight, residual, y3, block_scale=None, global_scale=None, *, o
 def _plain(op: str, input, weight, eps, out):
     dt = _dtype_name(input, "input")
     x = _as_2d(input)
+    _check_last_dim_contiguous(x, "input")
     eps = _check_eps(eps)
     _check_weight(weight, x.shape[1], x.dtype)
     if out is None:
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     _check_out(out, x.shape, x.dtype)
     _same_device({"input": x, "weight": weight, "out": out})
-    _check_last_dim_contiguous(x, "input")
     _run(op, x.unsqueeze(1), weight, None, out.unsqueeze(1), out_format=dt, eps=eps)
     return out
 
