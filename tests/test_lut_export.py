@@ -40,7 +40,8 @@ def _ok_times(results_dir) -> dict[tuple, dict[KernelConfig, float]]:
         key = (r.op, r.out_format, r.scale_layout, r.in_dtype, int(r.C), int(r.heads), int(r["T"]))
         cfg = KernelConfig(threads=int(r.knob_threads), threads_per_row=int(r.knob_threads_per_row),
                            vec_bytes=int(r.knob_vec_bytes), cluster=int(r.knob_cluster), stage=r.knob_stage,
-                           ctas_per_sm=int(r.knob_ctas_per_sm), weight_smem=bool(r.knob_weight_smem))
+                           ctas_per_sm=int(r.knob_ctas_per_sm), weight_smem=bool(r.knob_weight_smem),
+                           pdl=bool(r.knob_pdl))
         out.setdefault(key, {})[cfg] = r.median_us
     return out
 
