@@ -1,5 +1,6 @@
 """Pick the winning config per problem from result rows: measured on a GPU, status ok, re-bench rows
-preferred over trial rows, and differences under 2 % treated as ties won by the simpler config."""
+preferred over trial rows, and ties broken by the sweep's own `pick_winner`, so the exported LUT holds
+the config the sweep reported as the winner."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,8 +10,9 @@ import pandas as pd
 from kernels.config import KNOB_CHOICES, KernelConfig, heuristic, violations
 from kernels.luts import EXACT_KEY
 from kernels.problem import Problem
+from sweep.study import TIE_FRACTION, pick_winner
 
-TIE = 0.02  # differences under 2 % are noise between interleaved re-bench runs (DESIGN.md §3)
+TIE = TIE_FRACTION  # the sweep's tie margin, named here for gpu_check
 USED_KINDS = ("trial", "rebench")  # bench rows measure peers or already-exported LUTs
 OWN_IMPLS = ("lutforge", "lutforge_heuristic")
 DEFAULTS = {"scale_layout": "rowmajor", "heads": 1}
@@ -23,6 +25,7 @@ class Winner:
     kind: str  # rows it was chosen from: rebench | trial
     candidates: int  # distinct valid configs compared
     run_ids: tuple[str, ...]  # runs whose rows were compared
+    reason: str  # pick_winner's why: "fastest" or the tie it broke
 
 
 @dataclass(frozen=True)
@@ -105,11 +108,6 @@ def row_config(row) -> KernelConfig:
     return KernelConfig(**d)
 
 
-def complexity(cfg: KernelConfig) -> int:
-    """How many optional mechanisms a config switches on; fewer = simpler and more general."""
-    return (cfg.cluster > 1) + (cfg.stage != "reg") + (cfg.ctas_per_sm != 0) + bool(cfg.weight_smem)
-
-
 def pick_winners(sel: UsableRows) -> tuple[dict[tuple, Winner], list[str]]:
     """Winner per EXACT_KEY problem, and notes about rows that could not be used."""
     notes = []
@@ -141,10 +139,9 @@ def pick_winners(sel: UsableRows) -> tuple[dict[tuple, Winner], list[str]]:
         if not times:
             notes.append(f"{key}: no valid measured config; left to the heuristic")
             continue
-        med = {cfg: float(pd.Series(ts).median()) for cfg, ts in times.items()}
-        best = min(med.values())
-        h = heuristic(p, sel.arch)
-        ties = [cfg for cfg, t in med.items() if t <= best * (1 + TIE)]
-        win = min(ties, key=lambda c: (complexity(c), c != h, med[c], c.short()))
-        winners[key] = Winner(win, med[win], kind, len(med), tuple(sorted(set(group["run_id"].dropna()))))
+        # Sorted so that full ties (same simplicity and median) do not depend on row order.
+        med = {cfg: float(pd.Series(times[cfg]).median()) for cfg in sorted(times, key=KernelConfig.short)}
+        win, reason = pick_winner(med, heuristic(p, sel.arch))
+        winners[key] = Winner(win, med[win], kind, len(med), tuple(sorted(set(group["run_id"].dropna()))),
+                              reason)
     return winners, notes

@@ -3,6 +3,7 @@ rows written to a temp results dir; GPU-only and provenance rules; the re-bench 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 from click.testing import CliRunner
@@ -13,12 +14,13 @@ from kernels.luts import read_lut
 from kernels.problem import Problem
 from lut_export.tables import breakpoint_between, range_segments
 from lut_export.validate import luts_dir
-from lut_export.winners import TIE, complexity
+from lut_export.winners import TIE, Winner, pick_winners, select_rows
 from lut_rows import FAMILIES, TOKENS, synthetic_rows
 from results_rows import row
 from sweep.cli import main
 from sweep.results_io import append_rows, read_results
 from sweep.schema import SCHEMA_VERSION
+from sweep.study import pick_winner
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +62,7 @@ def test_round_trip_exact_entries_are_the_fastest_simplest_configs(exported):
         assert cfg == KernelConfig(**lut.exact[key])
         best = min(by_cfg.values())
         assert by_cfg[cfg] <= best * (1 + TIE)  # never worse than the fastest beyond the tie margin
-        ties = [c for c, t in by_cfg.items() if t <= best * (1 + TIE)]
-        assert complexity(cfg) == min(complexity(c) for c in ties)
+        assert cfg == pick_winner(by_cfg, heuristic(p, 90))[0]  # the sweep would report the same winner
 
 
 def test_round_trip_range_breakpoints_sit_at_geometric_means(exported):
@@ -175,6 +176,43 @@ def test_ties_under_two_percent_go_to_the_simpler_config(tmp_path):
     exact = read_lut(out).exact
     assert KernelConfig(**exact[("rmsnorm", "bf16", "rowmajor", "bf16", 4096, 1, 4096)]) == A
     assert KernelConfig(**exact[("rmsnorm", "bf16", "rowmajor", "bf16", 4096, 1, 64)]) == CLUSTERED
+
+
+def _winner(tmp_path, rows) -> Winner:
+    append_rows(tmp_path / "res", rows)
+    winners, notes = pick_winners(select_rows(read_results(tmp_path / "res")))
+    assert notes == [] and len(winners) == 1
+    return next(iter(winners.values()))
+
+
+BIG_HEUR = heuristic(Problem("rmsnorm", 4096, 65536), 90)  # a 2-CTA cluster: the row overflows one CTA's registers
+SMEM = KernelConfig(threads=1024, threads_per_row=1024, vec_bytes=16, stage="smem")
+
+
+@pytest.mark.parametrize("C, fast, simpler", [
+    # pdl is the only difference: the launch without it wins (a mechanism count ignoring pdl took the faster).
+    (4096, replace(A, pdl=True), A),
+    # The heuristic outranks every mechanism: its cluster beats a single-CTA config staged in shared memory.
+    (65536, SMEM, BIG_HEUR),
+    # Not a count of mechanisms: a bigger cluster loses to staging plus a persistent grid.
+    (65536, replace(BIG_HEUR, cluster=4), replace(SMEM, ctas_per_sm=1)),
+], ids=["pdl", "heuristic", "cluster-first"])
+def test_ties_follow_the_sweeps_pick_winner(tmp_path, C, fast, simpler):
+    # `fast` is 1 % faster: a tie, won by the simpler config. At 5 % `fast` wins outright.
+    w = _winner(tmp_path, [row("rmsnorm", "bf16", 4096, C, 10.0, cfg=fast, trial=1),
+                           row("rmsnorm", "bf16", 4096, C, 10.1, cfg=simpler, trial=2)])
+    assert (w.config, w.median_us) == (simpler, 10.1)
+    assert w.reason == f"tie within 2% of {fast.short()}: simpler config preferred"
+    w = _winner(tmp_path / "beyond", [row("rmsnorm", "bf16", 4096, C, 10.0, cfg=fast, trial=1),
+                                      row("rmsnorm", "bf16", 4096, C, 10.5, cfg=simpler, trial=2)])
+    assert (w.config, w.reason) == (fast, "fastest")
+
+
+def test_full_ties_do_not_depend_on_row_order(tmp_path):
+    # Same simplicity, same median: the winner is fixed by the config, not by which row came first.
+    for i, order in enumerate(((A, B), (B, A))):
+        rows = [_gpu_rows(us=10.0, cfg=cfg, trial=t) for t, cfg in enumerate(order)]
+        assert _winner(tmp_path / str(i), rows).config == A
 
 
 def test_failed_rows_and_peers_never_win(tmp_path):
