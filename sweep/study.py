@@ -23,6 +23,7 @@ import fcntl
 import functools
 import itertools
 import json
+import math
 import os
 import socket
 import threading
@@ -39,6 +40,7 @@ from kernels.problem import Problem
 
 from .provenance import make_row
 from .results_io import append_rows, read_results
+from .sampler import ValidConfigSampler
 from .timer import summarize
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # per-trial INFO lines would drown the progress bar
@@ -47,6 +49,7 @@ KNOB_ORDER = tuple(KNOB_CHOICES)
 BRUTE_FORCE_MAX = 512  # valid configs brute force may enumerate when no trial budget is given
 TIE_FRACTION = 0.02  # re-benchmarked medians closer than this are ties
 FINALISTS = 3
+SEEDS = 3  # winners of sibling studies (other T) enqueued after the heuristic
 REBENCH_ROUNDS = 3
 HEARTBEAT_S = 30
 GRACE_S = 120
@@ -104,14 +107,10 @@ def search_space(p: Problem, arch: int) -> SearchSpace:
     return _space(Problem(p.op, 0, p.C, p.in_dtype, p.out_format, p.heads, p.scale_layout), arch)
 
 
-def choose_sampler(space: SearchSpace, trials: int | None, seed: int | None = None):
-    """(sampler, name): brute force when the counted valid space fits the budget, TPE otherwise."""
+def choose_sampler(space: SearchSpace, trials: int | None, seed: int | None = None) -> ValidConfigSampler:
+    """Exhaustive when the counted valid space fits the budget, Parzen scoring otherwise."""
     limit = trials if trials is not None else BRUTE_FORCE_MAX
-    if space.n_valid <= limit:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.samplers.BruteForceSampler(seed=seed), "bruteforce"
-    return optuna.samplers.TPESampler(seed=seed, constant_liar=True, n_startup_trials=10), "tpe"
+    return ValidConfigSampler(space.valid, exhaustive=space.n_valid <= limit, seed=seed)
 
 
 def simplicity(cfg: KernelConfig, heur: KernelConfig) -> tuple:
@@ -119,7 +118,7 @@ def simplicity(cfg: KernelConfig, heur: KernelConfig) -> tuple:
     a plain (non-persistent) grid, the weight in registers and no programmatic dependent launch - the
     configs with fewest moving parts."""
     return (cfg != heur, cfg.cluster, cfg.stage != "reg", cfg.ctas_per_sm != 0, cfg.weight_smem,
-            bool(getattr(cfg, "pdl", False)))
+            cfg.pdl)
 
 
 def pick_winner(medians: dict[KernelConfig, float], heur: KernelConfig) -> tuple[KernelConfig, str]:
@@ -412,8 +411,39 @@ class StudyRun:
             study = optuna.create_study(study_name=name, storage=self.storage, direction="minimize",
                                         sampler=sampler, load_if_exists=True)
         if self.claims.claim(name, "enqueue:heuristic", -1) is None:
-            study.enqueue_trial(heuristic(p, self.arch_num).as_dict())
+            heur = heuristic(p, self.arch_num)
+            study.enqueue_trial(heur.as_dict())
+            for cfg in self.sibling_winners(p):
+                if cfg != heur:
+                    study.enqueue_trial(cfg.as_dict())
         return study
+
+    def sibling_winners(self, p: Problem, limit: int = SEEDS) -> list[KernelConfig]:
+        """Best configs of studies of the same kernel at other token counts, nearest T first.
+
+        The winner at a neighbouring size is the best first guess for this one, and always valid here
+        (T does not change validity); seeding with it lets a short search start where the last ended."""
+        mine = self.name(p).split(":")
+        found = []
+        for st in self.storage.get_all_studies():
+            parts = st.study_name.split(":")
+            if len(parts) != len(mine) or parts[:3] + parts[4:] != mine[:3] + mine[4:] or parts[3] == mine[3]:
+                continue
+            rb = st.user_attrs.get("rebench")
+            if rb:
+                params = rb["winner"]
+            else:
+                try:
+                    params = self.storage.get_best_trial(st._study_id).params
+                except ValueError:  # no finished trial yet
+                    continue
+            t = int(parts[3][1:])
+            found.append((abs(math.log((t + 1) / (p.T + 1))), KernelConfig(**params)))
+        out: list[KernelConfig] = []
+        for _, cfg in sorted(found, key=lambda x: x[0]):
+            if cfg not in out:
+                out.append(cfg)
+        return out[:limit]
 
     def measured(self, study: optuna.Study) -> tuple[int, int, int]:
         """(configs measured, trials finished, trials waiting) - duplicates and invalid prefixes are not
@@ -433,12 +463,14 @@ class StudyRun:
         if self.trials is None and self.time_budget is None:
             raise ValueError("give a trial budget, a time budget or both")
         space = search_space(p, self.arch_num)
-        sampler, sampler_name = choose_sampler(space, self.trials, self.seed)
+        sampler = choose_sampler(space, self.trials, self.seed)
+        sampler_name = sampler.name
         study = self.open_study(p, sampler)
         name = study.study_name
         reap_dead_trials(study, self.storage)
+        budget = None if self.trials is None else min(self.trials, space.n_valid)
         n, _, waiting = self.measured(study)
-        if self.trials is not None and n >= self.trials and not waiting:
+        if budget is not None and n >= budget and not waiting:
             return study
         heur = heuristic(p, self.arch_num)
         results = str(self.results_dir.resolve())
@@ -483,7 +515,7 @@ class StudyRun:
                 self.on_trial(status_of(t))
             if self.trials is not None:
                 n, total, waiting = self.measured(study)
-                if (n >= self.trials and not waiting) or total >= cap:
+                if (n >= budget and not waiting) or total >= cap:
                     study.stop()
 
         study.optimize(objective, timeout=self.time_budget, n_jobs=self.n_jobs, callbacks=[after],

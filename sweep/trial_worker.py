@@ -233,6 +233,50 @@ class TimingService:
         raise ValueError(f"unknown request kind {kind!r}")
 
 
+class PreparedProblem:
+    """The rotation sets of one problem and its reference outputs (GPU, timing child).
+
+    Every trial of a study times the same problem; building hundreds of random rotation sets and a
+    fp32 reference per trial would cost more than timing a small kernel, so they are built once and
+    kept (`PREPARED`). Outputs are poisoned (in-place inputs restored) before every check, so trials
+    sharing buffers cannot see each other's results."""
+
+    def __init__(self, problem: Problem):
+        from kernels import reference, runner
+
+        from .timer import l2_bytes, rotation_sets
+
+        self.problem = problem
+        first = runner.make_case(problem, device="cuda", seed=0)
+        sets = rotation_sets(first.nbytes, l2_bytes())
+        self.cases = [first] + [runner.make_case(problem, device="cuda", seed=i) for i in range(1, sets)]
+        self.expected = reference.reference_outputs(problem, runner.reference_inputs(problem, first))
+        # arguments plus the pristine input copies (at most as large again) plus the reference
+        self.nbytes = 2 * sum(c.nbytes for c in self.cases) + sum(
+            t.numel() * t.element_size() for t in self.expected.values())
+
+
+class PreparedCache:
+    """Most recently used PreparedProblems, kept while their GPU memory stays under `max_bytes` (the
+    newest is always kept)."""
+
+    def __init__(self, max_bytes: int = 16 << 30):
+        self.max_bytes = max_bytes
+        self._items: dict[Problem, PreparedProblem] = {}
+
+    def get(self, problem: Problem) -> PreparedProblem:
+        item = self._items.pop(problem, None)
+        if item is None:
+            item = PreparedProblem(problem)
+        self._items[problem] = item  # most recent last
+        while len(self._items) > 1 and sum(i.nbytes for i in self._items.values()) > self.max_bytes:
+            self._items.pop(next(iter(self._items)))
+        return item
+
+
+PREPARED = PreparedCache()
+
+
 def check_then_time(problem: Problem, make_launch) -> dict:
     """Check one implementation against the reference, then time it over rotated buffers (GPU, in the
     timing child). `make_launch(case)` returns (timed, checked): zero-argument callables, where
@@ -241,20 +285,19 @@ def check_then_time(problem: Problem, make_launch) -> dict:
 
     from kernels import runner
 
-    from .timer import l2_bytes, rotation_sets, time_launchers
+    from .timer import time_launchers
 
-    case0 = runner.make_case(problem, device="cuda", seed=0)
+    prep = PREPARED.get(problem)
+    case0 = prep.cases[0]
     timed0, checked0 = make_launch(case0)
     runner.poison(case0)
     checked0()
     torch.cuda.synchronize()
-    chk = runner.check(problem, case0)
+    chk = runner.check(problem, case0, prep.expected)
     common = {"rel_err": _finite(chk.rel_err), "max_ulp": _finite(chk.max_ulp)}
     if not chk.ok:
         return {"status": "wrong_result", "error": chk.message[:4000], **common}
-    sets = rotation_sets(case0.nbytes, l2_bytes())
-    cases = [runner.make_case(problem, device="cuda", seed=i) for i in range(1, sets)]
-    launchers = [timed0] + [make_launch(c)[0] for c in cases]
+    launchers = [timed0] + [make_launch(c)[0] for c in prep.cases[1:]]
     t = time_launchers(launchers, set_bytes=case0.nbytes)
     return {"status": "ok", "median_us": t.median_us, "p20_us": t.p20_us, "p80_us": t.p80_us,
             "samples_us": list(t.samples_us), **common}

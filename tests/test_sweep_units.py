@@ -55,10 +55,10 @@ def test_search_space_prefixes_agree_with_violations():
     assert space.dead_end(dead) and "no valid config has threads=32, threads_per_row=64" in space.explain(dead)
 
 
-def test_sampler_is_brute_force_only_when_the_valid_space_fits_the_budget():
+def test_sampler_is_exhaustive_only_when_the_valid_space_fits_the_budget():
     space = SearchSpace(Problem("rmsnorm", 1, 64), 90)
-    assert isinstance(choose_sampler(space, space.n_valid)[0], optuna.samplers.BruteForceSampler)
-    assert isinstance(choose_sampler(space, space.n_valid - 1)[0], optuna.samplers.TPESampler)
+    assert choose_sampler(space, space.n_valid).name == "exhaustive"
+    assert choose_sampler(space, space.n_valid - 1).name == "parzen"
 
 
 def test_ties_go_to_the_simpler_config():
