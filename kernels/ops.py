@@ -178,7 +178,10 @@ def _norm_kernel(x: torch.Tensor, weight: torch.Tensor, residual, y: torch.Tenso
                  scale: float) -> None:
     p = Problem(op, x.shape[0], weight.shape[0], in_dtype, out_format, heads, scale_layout)
     # Aliasing needs data pointers, which torch.compile cannot trace: checked here, still before launch.
-    outputs = {} if y is x else {"out": y, "block_scale": block_scale}
+    # The fused-add ops with an input-dtype output normalise x in place: y is a second view of x.
+    in_place = p.spec.residual and out_format == in_dtype and y.data_ptr() == x.data_ptr() \
+        and y.shape == x.shape and y.stride() == x.stride()
+    outputs = {} if in_place else {"out": y, "block_scale": block_scale}
     _no_overlap({"input": x, "residual": residual, **outputs})
     _launch(p, x, weight, residual, y, block_scale, global_scale, eps, scale)
 

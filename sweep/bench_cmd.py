@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import click
@@ -27,7 +28,7 @@ def bench(problems, peers: list[str], backend: str, results_dir: Path, trial_tim
     from .results_io import append_rows
     from .trial_worker import Evaluator
 
-    ev = Evaluator(backend, compile_workers or min(4, os.cpu_count() or 1), trial_timeout)
+    ev = Evaluator(backend, compile_workers or os.cpu_count() or 1, trial_timeout)
     run_id = uuid.uuid4().hex[:12]
     rows: list[dict] = []
     skipped: dict[str, list[str]] = {}
@@ -40,10 +41,11 @@ def bench(problems, peers: list[str], backend: str, results_dir: Path, trial_tim
             return make_row(problem=p, result=res, device=dev, copy_gbps=copy, knobs=knobs, run_id=run_id,
                             study=None, trial=-1, kind="bench", impl=impl, config_source=source, problem_set=pset)
 
-        for p, pset in problems:
-            cfg, tier = select_config(p, arch, dev["device_class"])
+        chosen = [(p, pset, *select_config(p, arch, dev["device_class"]), heuristic(p, arch)) for p, pset in problems]
+        with ThreadPoolExecutor(ev.n_compile) as pool:  # compile everything first, in parallel
+            list(pool.map(lambda pc: ev.compile(*pc), {(c[0], k) for c in chosen for k in (c[2], c[4])}))
+        for p, pset, cfg, tier, heur in chosen:
             rows.append(row(p, pset, ev.evaluate(p, cfg), cfg.as_dict(), "lutforge", _SOURCE[tier]))
-            heur = heuristic(p, arch)
             rows.append(row(p, pset, ev.evaluate(p, heur), heur.as_dict(), "lutforge_heuristic", "heuristic"))
             for peer in peers:
                 why = "peers run only on the gpu backend" if backend != "gpu" else unsupported(p, peer)

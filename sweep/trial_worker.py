@@ -349,6 +349,7 @@ class Evaluator:
         for i in range(n):
             self._idle.put(IsolatedWorker(CompileService, (backend,), env, name=f"compile-{i}"))
         self._all_compile = list(self._idle.queue)
+        self.n_compile = n
         self._timing_lock = threading.Lock()
         self._compiled: dict[tuple, Future] = {}
         self._compiled_lock = threading.Lock()

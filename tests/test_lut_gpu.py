@@ -13,7 +13,7 @@ from lut_export.tables import build_tables
 from sweep.cli import main
 from sweep.results_io import append_rows
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.timing]
 
 PROBLEMS = (Problem("rmsnorm", 16384, 4096), Problem("fused_rmsnorm_silu", 1560, 320, out_format="fp8"))
 SLOW = KernelConfig(threads=32, threads_per_row=32, vec_bytes=2)  # one warp per row, 2-byte loads

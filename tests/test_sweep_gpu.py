@@ -7,7 +7,7 @@ from kernels.config import heuristic
 from kernels.problem import Problem, ideal_bytes
 from sweep.results_io import read_results
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.timing]
 
 
 @pytest.fixture(scope="module")
