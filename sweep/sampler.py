@@ -17,6 +17,7 @@ import math
 import random
 import threading
 
+import numpy as np
 import optuna
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState
@@ -38,6 +39,9 @@ class ValidConfigSampler(optuna.samplers.BaseSampler):
         self._proposed: set[tuple] = set()  # handed to trials of this process, maybe not yet stored
         self._lock = threading.Lock()
         self._fallback = optuna.samplers.RandomSampler(seed=seed)
+        # Configs as rows of choice indices, so scoring every valid config is one vector sum per knob.
+        self._index = [{v: j for j, v in enumerate(KNOB_CHOICES[k])} for k in KNOB_ORDER]
+        self._codes = np.array([[self._index[i][v] for i, v in enumerate(c)] for c in self.valid], dtype=np.int64)
 
     @property
     def name(self) -> str:
@@ -61,23 +65,27 @@ class ValidConfigSampler(optuna.samplers.BaseSampler):
     def _pick(self, trials, taken: set) -> tuple | None:
         if self.exhaustive:
             return next((c for c in self._order if c not in taken), None)
-        free = [c for c in self.valid if c not in taken]
-        if not free:
+        free = np.array([c not in taken for c in self.valid])
+        if not free.any():
             return None
         done = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
                 and len(t.params) == len(KNOB_ORDER)]
         ok = sorted((t for t in done if t.state == TrialState.COMPLETE and t.value is not None),
                     key=lambda t: t.value)
         if len(ok) < self.n_startup:
-            return self._rng.choice(free)
+            return self.valid[self._rng.choice(np.flatnonzero(free).tolist())]
         n_good = max(1, math.ceil(self.gamma * len(ok)))
-        good = [_config(t.params) for t in ok[:n_good]]
-        good_set = {id(t) for t in ok[:n_good]}
-        bad = [_config(t.params) for t in done if id(t) not in good_set]
-        lg = [_log_density(good, i, len(KNOB_CHOICES[k]), self.prior) for i, k in enumerate(KNOB_ORDER)]
-        lb = [_log_density(bad, i, len(KNOB_CHOICES[k]), self.prior) for i, k in enumerate(KNOB_ORDER)]
-        scored = sorted(free, key=lambda c: -sum(lg[i](v) - lb[i](v) for i, v in enumerate(c)))
-        return self._rng.choice(scored[:self.top])
+        good = {t.number for t in ok[:n_good]}
+        score = np.zeros(len(self.valid))
+        for i, k in enumerate(KNOB_ORDER):  # sum over knobs of log l(value) - log g(value)
+            n = len(KNOB_CHOICES[k])
+            cg, cb = np.full(n, self.prior), np.full(n, self.prior)
+            for t in done:
+                (cg if t.number in good else cb)[self._index[i][t.params[k]]] += 1
+            score += (np.log(cg / cg.sum()) - np.log(cb / cb.sum()))[self._codes[:, i]]
+        score[~free] = -np.inf
+        best = np.argsort(-score, kind="stable")[:min(self.top, int(free.sum()))]
+        return self.valid[int(self._rng.choice(best.tolist()))]
 
     def sample_independent(self, study, trial, param_name, param_distribution):
         # Only reached for a parameter outside the relative space (none today): stay correct anyway.
@@ -86,12 +94,3 @@ class ValidConfigSampler(optuna.samplers.BaseSampler):
 
 def _config(params: dict) -> tuple:
     return tuple(params.get(k) for k in KNOB_ORDER)
-
-
-def _log_density(configs: list[tuple], i: int, n_choices: int, prior: float):
-    """log of the smoothed frequency of each value of knob i among `configs`."""
-    counts: dict = {}
-    for c in configs:
-        counts[c[i]] = counts.get(c[i], 0) + 1
-    total = len(configs) + prior * n_choices
-    return lambda v: math.log((counts.get(v, 0) + prior) / total)

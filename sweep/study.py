@@ -1,12 +1,12 @@
 """The search: one Optuna study per (op, out format, problem, device class), its storage, and the
 bookkeeping that makes a sweep resumable and safe to run from many processes at once.
 
-- Parameters are the knobs with their fixed full choice lists (kernels.config.KNOB_CHOICES),
-  suggested in a fixed order. As soon as the knobs suggested so far admit no valid config the trial
-  stops, is recorded `invalid` with the reason, and is pruned - so brute force never walks the
-  invalid part of the grid and TPE learns it quickly.
-- The heuristic config is enqueued first; BruteForceSampler when the valid space (counted) fits in
-  the trial budget, TPE otherwise. The objective is the median microseconds (minimised).
+- Parameters are the knobs with their fixed full choice lists (kernels.config.KNOB_CHOICES).
+  The sampler (sweep.sampler) proposes only valid configs no trial has taken: exhaustive when the
+  counted valid space fits the budget, Parzen scoring otherwise. A config that is still invalid (an
+  enqueued one, say) stops at the first knob that admits no valid completion and is recorded
+  `invalid` with the reason. The objective is the median microseconds (minimised).
+- The heuristic config is enqueued first, then the winners of sibling studies (same kernel, other T).
 - A claims table beside Optuna's tables (same database) gives each (study, config) to exactly one
   trial: a config another trial already measured is never measured again, across processes and
   hosts. A trial of a process that died (kill -9) is failed at once when its owner is a dead local
@@ -403,8 +403,9 @@ class StudyRun:
                         run_id=self.run_id, study=self.name(p), trial=trial, kind=kind, impl=impl,
                         config_source=source, problem_set=problem_set)
 
-    def open_study(self, p: Problem, sampler=None) -> optuna.Study:
-        """Create or load the study; the creating process enqueues the heuristic exactly once."""
+    def open_study(self, p: Problem, sampler=None, seeds: int = SEEDS) -> optuna.Study:
+        """Create or load the study; the creating process enqueues the heuristic and up to `seeds`
+        sibling winners exactly once."""
         name = self.name(p)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -413,7 +414,7 @@ class StudyRun:
         if self.claims.claim(name, "enqueue:heuristic", -1) is None:
             heur = heuristic(p, self.arch_num)
             study.enqueue_trial(heur.as_dict())
-            for cfg in self.sibling_winners(p):
+            for cfg in self.sibling_winners(p, seeds):
                 if cfg != heur:
                     study.enqueue_trial(cfg.as_dict())
         return study
@@ -465,17 +466,33 @@ class StudyRun:
         space = search_space(p, self.arch_num)
         sampler = choose_sampler(space, self.trials, self.seed)
         sampler_name = sampler.name
-        study = self.open_study(p, sampler)
+        budget = None if self.trials is None else min(self.trials, space.n_valid)
+        study = self.open_study(p, sampler, SEEDS if budget is None else min(SEEDS, budget - 1))
         name = study.study_name
         reap_dead_trials(study, self.storage)
-        budget = None if self.trials is None else min(self.trials, space.n_valid)
         n, _, waiting = self.measured(study)
         if budget is not None and n >= budget and not waiting:
             return study
         heur = heuristic(p, self.arch_num)
         results = str(self.results_dir.resolve())
 
+        # Parallel trials (n_jobs) would overshoot the budget by up to n_jobs - 1: each takes a slot first.
+        slots = [None if budget is None else budget - n]
+        slot_lock = threading.Lock()
+
+        def take_slot(delta: int, force: bool = False) -> bool:
+            with slot_lock:
+                if slots[0] is None:
+                    return True
+                if delta < 0 and slots[0] <= 0 and not force:
+                    return False
+                slots[0] += delta
+                return True
+
         def objective(trial: optuna.Trial) -> float:
+            if not take_slot(-1, force=bool(trial._fixed_params)):  # enqueued configs always run
+                study.stop()
+                raise optuna.TrialPruned("trial budget spent")
             inherited = trial.user_attrs  # a retry of a killed trial starts with its predecessor's attrs
             for k in ("row", "duplicate_of"):
                 if inherited.get(k) is not None:
@@ -489,6 +506,7 @@ class StudyRun:
             dup = self.claims.claim(name, config_key(params), trial.number,
                                     takeover=lambda owner: _state(study, owner) == TrialState.FAIL)
             if dup is not None:
+                take_slot(+1)  # nothing was measured
                 trial.set_user_attr("duplicate_of", dup)
                 prev = study.get_trials(deepcopy=False)[dup]
                 if prev.state == TrialState.COMPLETE:
