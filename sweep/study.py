@@ -35,7 +35,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from kernels.config import KNOB_CHOICES, KernelConfig, heuristic, violations
+from kernels.config import KNOB_CHOICES, KernelConfig, heuristic, iters_per_row, violations
 from kernels.problem import Problem
 
 from .provenance import make_row
@@ -49,6 +49,7 @@ KNOB_ORDER = tuple(KNOB_CHOICES)
 BRUTE_FORCE_MAX = 512  # valid configs brute force may enumerate when no trial budget is given
 TIE_FRACTION = 0.02  # re-benchmarked medians closer than this are ties
 FINALISTS = 3
+MAX_SEARCH_ITERS = 32
 SEEDS = 3  # winners of sibling studies (other T) enqueued after the heuristic
 REBENCH_ROUNDS = 3
 HEARTBEAT_S = 30
@@ -81,6 +82,12 @@ class SearchSpace:
             if not violations(p, KernelConfig(**dict(zip(KNOB_ORDER, combo))), arch):
                 self.valid.append(combo)
         self.prefixes = {v[:i] for v in self.valid for i in range(1, len(KNOB_ORDER) + 1)}
+        # What the sampler proposes: valid configs whose unrolled row loop stays short. Longer ones take
+        # 10-80 s to compile and never won (max 10 iterations among the 80 WAN winners on the H100,
+        # results/h100); kept only for a problem that has nothing else.
+        short = [v for v in self.valid
+                 if iters_per_row(p, KernelConfig(**dict(zip(KNOB_ORDER, v)))) <= MAX_SEARCH_ITERS]
+        self.searched = short or self.valid
 
     @property
     def n_valid(self) -> int:
@@ -110,7 +117,7 @@ def search_space(p: Problem, arch: int) -> SearchSpace:
 def choose_sampler(space: SearchSpace, trials: int | None, seed: int | None = None) -> ValidConfigSampler:
     """Exhaustive when the counted valid space fits the budget, Parzen scoring otherwise."""
     limit = trials if trials is not None else BRUTE_FORCE_MAX
-    return ValidConfigSampler(space.valid, exhaustive=space.n_valid <= limit, seed=seed)
+    return ValidConfigSampler(space.searched, exhaustive=len(space.searched) <= limit, seed=seed)
 
 
 def simplicity(cfg: KernelConfig, heur: KernelConfig) -> tuple:
@@ -466,7 +473,7 @@ class StudyRun:
         space = search_space(p, self.arch_num)
         sampler = choose_sampler(space, self.trials, self.seed)
         sampler_name = sampler.name
-        budget = None if self.trials is None else min(self.trials, space.n_valid)
+        budget = None if self.trials is None else min(self.trials, len(space.searched))
         study = self.open_study(p, sampler, SEEDS if budget is None else min(SEEDS, budget - 1))
         name = study.study_name
         reap_dead_trials(study, self.storage)

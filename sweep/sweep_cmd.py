@@ -109,8 +109,7 @@ def run_worker(spec: SweepSpec, gpu: str | None, progress, search: bool = True, 
                        n_jobs=spec.compile_workers, seed=spec.seed, on_trial=progress)
         reconcile_rows(storage, [run.name(p) for p, _ in spec.problems], spec.results)
         if search:
-            for p, pset in spec.problems:
-                run.run(p, pset)
+            search_groups(run, spec.problems)
         if rebench:
             for p, pset in spec.problems:
                 run.rebench(p, pset, spec.finalists)
@@ -120,6 +119,29 @@ def run_worker(spec: SweepSpec, gpu: str | None, progress, search: bool = True, 
         ev.close()
         if claims is not None:
             claims.close()
+
+
+STUDY_GROUPS_AT_ONCE = 4
+
+
+def search_groups(run, problems: list[tuple[Problem, str]], at_once: int = STUDY_GROUPS_AT_ONCE) -> None:
+    """Search problems that share a compiled kernel (all but T) one after another, so each study is
+    seeded by its siblings' winners, and up to `at_once` such groups side by side, so the GPU keeps
+    timing one group's trials while another waits for compiles (a study ends only when its slowest
+    compile does)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    groups: dict[tuple, list] = {}
+    for p, pset in problems:
+        groups.setdefault((p.op, p.in_dtype, p.out_format, p.C, p.heads, p.scale_layout), []).append((p, pset))
+
+    def one(group):
+        for p, pset in group:
+            run.run(p, pset)
+
+    with ThreadPoolExecutor(max(1, min(at_once, len(groups)))) as pool:
+        for f in [pool.submit(one, g) for g in groups.values()]:
+            f.result()
 
 
 def _worker_process(spec: SweepSpec, gpu: str, progress_q) -> None:

@@ -257,14 +257,19 @@ class PreparedProblem:
 
 
 class PreparedCache:
-    """Most recently used PreparedProblems, kept while their GPU memory stays under `max_bytes` (the
-    newest is always kept)."""
+    """Most recently used PreparedProblems, kept while their GPU memory stays under a fraction of the
+    device's (the newest is always kept)."""
 
-    def __init__(self, max_bytes: int = 16 << 30):
-        self.max_bytes = max_bytes
+    def __init__(self, max_fraction: float = 0.4):
+        self.max_fraction = max_fraction  # of the GPU's memory; concurrent studies each keep a problem
+        self.max_bytes: int | None = None
         self._items: dict[Problem, PreparedProblem] = {}
 
     def get(self, problem: Problem) -> PreparedProblem:
+        if self.max_bytes is None:
+            import torch
+
+            self.max_bytes = int(self.max_fraction * torch.cuda.get_device_properties(0).total_memory)
         item = self._items.pop(problem, None)
         if item is None:
             item = PreparedProblem(problem)

@@ -57,8 +57,25 @@ def test_search_space_prefixes_agree_with_violations():
 
 def test_sampler_is_exhaustive_only_when_the_valid_space_fits_the_budget():
     space = SearchSpace(Problem("rmsnorm", 1, 64), 90)
-    assert choose_sampler(space, space.n_valid).name == "exhaustive"
-    assert choose_sampler(space, space.n_valid - 1).name == "parzen"
+    assert choose_sampler(space, len(space.searched)).name == "exhaustive"
+    assert choose_sampler(space, len(space.searched) - 1).name == "parzen"
+
+
+def test_search_leaves_out_long_row_loops_unless_nothing_else_is_valid(monkeypatch):
+    import sweep.study
+
+    from kernels.config import iters_per_row
+    from sweep.study import MAX_SEARCH_ITERS
+
+    def iters(space, v):
+        return iters_per_row(space.problem, KernelConfig(*v))
+
+    space = SearchSpace(Problem("rmsnorm", 1, 1024), 90)
+    assert all(iters(space, v) <= MAX_SEARCH_ITERS for v in space.searched)
+    assert any(iters(space, v) > MAX_SEARCH_ITERS for v in space.valid)  # still valid, just not searched
+    monkeypatch.setattr(sweep.study, "MAX_SEARCH_ITERS", 0)  # as if every valid config looped too long
+    fallback = SearchSpace(Problem("rmsnorm", 1, 1024), 90)
+    assert fallback.valid and fallback.searched == fallback.valid
 
 
 def test_ties_go_to_the_simpler_config():
