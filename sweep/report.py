@@ -220,6 +220,9 @@ def render_report(rows: pd.DataFrame, source: str = "", worst: int = 5, allow_sy
     info.append(["rows by backend", "; ".join(f"{b}: {n}" for b, n in rows["backend"].fillna("unknown")
                                               .value_counts().sort_index().items())])
     lines += _table(["field", "value"], info) + [""]
+    from .targets import render as render_targets  # targets build on this module's picks
+
+    lines += render_targets(rows)
 
     members = rows[PROBLEM_KEY + ["problem_set"]].assign(problem_set=rows["problem_set"].fillna("(no problem set)"))
     members = members.drop_duplicates()

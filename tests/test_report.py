@@ -94,7 +94,7 @@ def test_problem_sets_versions_and_output_file(results, tmp_path):
     llm_rms = md.split("## llm — rmsnorm → bf16")[1]
     assert "1 shapes." in llm_rms and "| 256 × 4096, bf16 in | 20.00 | 2000 | 50.0 |" in llm_rms  # re-bench row
     assert "| torch | 2.13.0; 2.14.0 |" in md
-    assert run("report", "--results", results, "--op", "fused_rmsnorm_silu").output.count("\n## ") == 2
+    assert run("report", "--results", results, "--op", "fused_rmsnorm_silu").output.count("\n## ") == 3  # + Targets
 
 
 def test_sweep_rows_without_impl_count_as_lutforge(tmp_path):

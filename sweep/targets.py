@@ -1,0 +1,140 @@
+"""The product's performance targets, checked against measured rows so BENCHMARKS.md says which are met.
+
+Each target is computed from the same per-problem picks as the rest of the report (`report.picks`), so a
+target's number can be traced to rows in the tables. A target whose rows are absent says so rather than
+passing.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+import problem_sets
+
+from .report import HEURISTIC, TUNED, best_peer, geomean, picks, speedups
+
+WAN, LLM = "wan_vae", "llm"
+BIG_BYTES = 64 * 10**6  # "shapes >= 64 MB" of ideal traffic
+MATCH = ["in_dtype", "T", "C"]  # cross-op comparisons (fused op vs a peer's rms-only op) match on these
+
+
+@dataclass(frozen=True)
+class Outcome:
+    target: str
+    goal: str
+    measured: str
+    met: bool | None  # None: not measured
+
+
+def _section(rows: pd.DataFrame, pset: str, op: str, out: str) -> pd.DataFrame:
+    sel = rows[(rows["problem_set"] == pset) & (rows["op"] == op) & (rows["out_format"] == out)]
+    return picks(sel) if len(sel) else sel.assign(series=pd.Series(dtype=str))
+
+
+def _series(p: pd.DataFrame, name: str) -> pd.DataFrame:
+    return p[p["series"] == name] if len(p) else p
+
+
+def _vs_quack(rows: pd.DataFrame) -> Outcome:
+    target, goal = "fused_rmsnorm_silu bf16 vs quack rms-only (WAN)", "geomean ≥ 1.10×"
+    ours = _series(_section(rows, WAN, "fused_rmsnorm_silu", "bf16"), TUNED)
+    quack = _series(_section(rows, WAN, "rmsnorm", "bf16"), "quack")
+    both = ours.merge(quack, on=MATCH, suffixes=("", "_q")) if len(ours) and len(quack) else pd.DataFrame()
+    if both.empty:
+        return Outcome(target, goal, "no quack rmsnorm bench rows on the WAN set", None)
+    g = geomean(both["median_us_q"] / both["median_us"])
+    return Outcome(target, goal, f"{g:.2f}× over {len(both)} shapes "
+                   f"(range {np.min(both['median_us_q'] / both['median_us']):.2f}–"
+                   f"{np.max(both['median_us_q'] / both['median_us']):.2f}×)", g >= 1.10)
+
+
+def _big_shapes(rows: pd.DataFrame) -> Outcome:
+    target, goal = "fused_rmsnorm_silu bf16, WAN shapes ≥ 64 MB", "every one ≥ 95 % of copy"
+    ours = _series(_section(rows, WAN, "fused_rmsnorm_silu", "bf16"), TUNED)
+    big = ours[ours["bytes"] >= BIG_BYTES] if len(ours) else ours
+    if big.empty:
+        return Outcome(target, goal, "no tuned rows for shapes ≥ 64 MB", None)
+    low = big[big["pct_copy"] < 95.0].sort_values("pct_copy")
+    worst = big.sort_values("pct_copy").iloc[0]
+    text = (f"{len(big) - len(low)} of {len(big)} shapes ≥ 95 %; lowest {worst['pct_copy']:.1f} % "
+            f"({worst['T']} × {worst['C']})")
+    return Outcome(target, goal, text, low.empty)
+
+
+def _tiny_shape(rows: pd.DataFrame) -> Outcome:
+    target, goal = "fused_rmsnorm_silu bf16, 1560 × 64", "≤ 1.2 µs"
+    ours = _series(_section(rows, WAN, "fused_rmsnorm_silu", "bf16"), TUNED)
+    hit = ours[(ours["T"] == 1560) & (ours["C"] == 64)] if len(ours) else ours
+    if hit.empty:
+        return Outcome(target, goal, "not measured", None)
+    us = float(hit["median_us"].min())
+    return Outcome(target, goal, f"{us:.2f} µs", us <= 1.2)
+
+
+def _fp8_vs_compile(rows: pd.DataFrame) -> Outcome:
+    target, goal = "fused_rmsnorm_silu fp8 vs torch.compile (WAN)", "geomean ≥ 3×"
+    sp = speedups(_section(rows, WAN, "fused_rmsnorm_silu", "fp8"), "torch_compile")
+    if sp.empty:
+        return Outcome(target, goal, "no torch_compile bench rows", None)
+    g = geomean(sp["speedup"])
+    return Outcome(target, goal, f"{g:.2f}× over {len(sp)} shapes", g >= 3.0)
+
+
+def _llm_rmsnorm(rows: pd.DataFrame) -> Outcome:
+    target, goal = "rmsnorm bf16, LLM set", "no shape slower than the best peer (±3 %)"
+    p = _section(rows, LLM, "rmsnorm", "bf16")
+    if p.empty or _series(p, TUNED).empty:
+        return Outcome(target, goal, "no tuned rows", None)
+    best = best_peer(p)
+    if best.empty:
+        return Outcome(target, goal, "no peer bench rows", None)
+    sp = speedups(pd.concat([p, best], ignore_index=True), "best peer")
+    slow = sp[sp["speedup"] < 1 / 1.03]
+    text = f"{len(sp) - len(slow)} of {len(sp)} shapes within 3 % of the best peer or faster"
+    if len(slow):
+        w = slow.sort_values("speedup").iloc[0]
+        text += f"; worst {w['T']} × {w['C']}: {1 / w['speedup']:.2f}× slower than {w['impl_other']}"
+    return Outcome(target, goal, text, slow.empty)
+
+
+def _tuned_vs_heuristic(rows: pd.DataFrame, out: str) -> Outcome:
+    target, goal = f"fused_rmsnorm_silu {out}: tuned LUT vs heuristic (WAN)", "geomean ≥ 1.15×"
+    sp = speedups(_section(rows, WAN, "fused_rmsnorm_silu", out), HEURISTIC)
+    if sp.empty:
+        return Outcome(target, goal, "no heuristic rows", None)
+    g = geomean(sp["speedup"])
+    return Outcome(target, goal, f"{g:.2f}× over {len(sp)} shapes", g >= 1.15)
+
+
+def _sweep_wall(rows: pd.DataFrame) -> Outcome:
+    target, goal = "WAN sweep fused_rmsnorm_silu bf16+fp8 on one GPU", "< 10 min wall"
+    sel = rows[(rows["problem_set"] == WAN) & (rows["op"] == "fused_rmsnorm_silu")
+               & rows["kind"].isin(("trial", "rebench")) & (rows["backend"] == "gpu")]
+    shapes = {(t, c) for t, c, _h in problem_sets.load(WAN).shapes}
+    spans = []
+    for run, g in sel.groupby("run_id"):
+        done = {out: set(zip(h["T"], h["C"])) for out, h in g.groupby("out_format")}
+        if all(done.get(out, set()) >= shapes for out in ("bf16", "fp8")):
+            t = pd.to_datetime(g["timestamp"], utc=True, format="ISO8601")
+            spans.append(((t.max() - t.min()).total_seconds(), run))
+    if not spans:
+        return Outcome(target, goal, "no complete bf16+fp8 WAN sweep run in the rows", None)
+    secs, run = min(spans)
+    return Outcome(target, goal, f"{secs:.0f} s from first to last trial row (run {run})", secs < 600)
+
+
+def evaluate(rows: pd.DataFrame) -> list[Outcome]:
+    """Every target against `rows` (the output of `report.load_ok_rows`)."""
+    return [_vs_quack(rows), _big_shapes(rows), _tiny_shape(rows), _fp8_vs_compile(rows), _llm_rmsnorm(rows),
+            _tuned_vs_heuristic(rows, "bf16"), _tuned_vs_heuristic(rows, "fp8"), _sweep_wall(rows)]
+
+
+def render(rows: pd.DataFrame) -> list[str]:
+    """The targets as a markdown section."""
+    verdict = {True: "met", False: "**not met**", None: "not measured"}
+    body = [[o.target, o.goal, o.measured, verdict[o.met]] for o in evaluate(rows)]
+    lines = ["## Targets", "", "Computed from the same picks as the sections below (lutforge tuned = its best row).", ""]
+    lines += ["| target | goal | measured | verdict |", "|---|---|---|---|"]
+    return lines + ["| " + " | ".join(r) + " |" for r in body] + [""]
