@@ -312,8 +312,13 @@ def measure_kernel(problem: Problem, cfg: KernelConfig, arch: str) -> dict:
     """Check then time one kernel config."""
     from kernels import runner
 
+    from . import gpu_faults
+
     def make_launch(case):
-        launch = runner.launcher(problem, cfg, case, arch)
+        if gpu_faults.wants_fault(problem, cfg):  # test-only: a real illegal-address fault
+            launch = gpu_faults.out_of_bounds_launcher(case.args["x"])
+        else:
+            launch = runner.launcher(problem, cfg, case, arch)
         return launch, launch
 
     return check_then_time(problem, make_launch)

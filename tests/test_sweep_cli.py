@@ -97,6 +97,30 @@ def test_faulting_trials_are_recorded_and_the_sweep_continues(tmp_path):
     assert_one_row_per_trial(f"sqlite:///{res / 'optuna.db'}", read_results(res))
 
 
+@pytest.mark.gpu
+def test_a_real_illegal_address_fault_costs_one_trial_on_the_gpu(tmp_path):
+    """A trial whose kernel stores far out of bounds (sweep/gpu_faults.py) poisons the timing process's CUDA
+    context: it is recorded runtime_error, the process restarts, and every other trial still measures ok."""
+    from sweep.gpu_faults import FAULTS_ENV as GPU_FAULTS_ENV
+
+    problems, _ = select_problems("wan_vae", ["rmsnorm"], ["bf16"], "bf16", 2)
+    p = problems[0][0]
+    when = {"T": p.T, "C": p.C, **heuristic(p, 90).as_dict()}
+    res = tmp_path / "results"
+    r = run_cli(["sweep", "--op", "rmsnorm", "--problem-set", "wan_vae", "--out", "bf16", "--trials", "3",
+                 "--limit-shapes", "2", "--results", str(res), "--compile-workers", "4"], timeout=600,
+                **{GPU_FAULTS_ENV: json.dumps([{"when": when}]), "LUTFORGE_CACHE_DIR": str(tmp_path / "cache")})
+    assert r.returncode == 0, r.stderr[-3000:]
+    device_class = read_results(res)["device_class"].iloc[0]
+    faulted = _trial_rows(res, study_name(p, device_class))
+    assert faulted.loc[0, "status"] == "runtime_error", faulted.loc[0, "error"]
+    assert "illegal" in faulted.loc[0, "error"].lower(), faulted.loc[0, "error"]
+    assert (faulted.drop(index=0)["status"] == "ok").sum() >= 2  # the same study went on after the restart
+    other = _trial_rows(res, study_name(problems[1][0], device_class))
+    assert (other["status"] == "ok").all() and len(other) >= 2
+    assert_one_row_per_trial(f"sqlite:///{res / 'optuna.db'}", read_results(res))
+
+
 def test_bench_synthetic_times_dispatch_and_heuristic_and_lists_skipped_peers(tmp_path):
     res = tmp_path / "b"
     r = CliRunner().invoke(main, ["bench", "--problem-set", "wan_vae", "--op", "fused_rmsnorm_silu", "--out", "fp8",

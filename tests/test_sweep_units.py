@@ -2,6 +2,7 @@
 claims, process identity, provenance, peers' capability table and the isolated worker."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -205,3 +206,18 @@ def test_evaluator_synthetic_compiles_once_per_key():
     with pytest.raises(ValueError):
         Evaluator("tpu")
     assert TimingService("synthetic").handle(("kernel", p, cfg))["status"] == "ok"
+
+
+def test_gpu_fault_selection_matches_knobs_and_rejects_bad_specs(monkeypatch):
+    from sweep import gpu_faults
+
+    p = Problem("rmsnorm", 1560, 64)
+    cfg = heuristic(p, 90)
+    monkeypatch.delenv(gpu_faults.FAULTS_ENV, raising=False)
+    assert not gpu_faults.wants_fault(p, cfg)
+    monkeypatch.setenv(gpu_faults.FAULTS_ENV, json.dumps([{"when": {"T": 1560, "threads": cfg.threads}}]))
+    assert gpu_faults.wants_fault(p, cfg) and not gpu_faults.wants_fault(Problem("rmsnorm", 6240, 64), cfg)
+    for bad in ("{not json", json.dumps({"when": {}}), json.dumps([{"fault": "abort"}])):
+        monkeypatch.setenv(gpu_faults.FAULTS_ENV, bad)
+        with pytest.raises(ValueError, match=gpu_faults.FAULTS_ENV):
+            gpu_faults.wants_fault(p, cfg)
