@@ -37,9 +37,13 @@ def _series(p: pd.DataFrame, name: str) -> pd.DataFrame:
     return p[p["series"] == name] if len(p) else p
 
 
+def _fused_bf16_tuned(rows: pd.DataFrame) -> pd.DataFrame:
+    return _series(_section(rows, WAN, "fused_rmsnorm_silu", "bf16"), TUNED)
+
+
 def _vs_quack(rows: pd.DataFrame) -> Outcome:
     target, goal = "fused_rmsnorm_silu bf16 vs quack rms-only (WAN)", "geomean ≥ 1.10×"
-    ours = _series(_section(rows, WAN, "fused_rmsnorm_silu", "bf16"), TUNED)
+    ours = _fused_bf16_tuned(rows)
     quack = _series(_section(rows, WAN, "rmsnorm", "bf16"), "quack")
     both = ours.merge(quack, on=MATCH, suffixes=("", "_q")) if len(ours) and len(quack) else pd.DataFrame()
     if both.empty:
@@ -52,7 +56,7 @@ def _vs_quack(rows: pd.DataFrame) -> Outcome:
 
 def _big_shapes(rows: pd.DataFrame) -> Outcome:
     target, goal = "fused_rmsnorm_silu bf16, WAN shapes ≥ 64 MB", "every one ≥ 95 % of copy"
-    ours = _series(_section(rows, WAN, "fused_rmsnorm_silu", "bf16"), TUNED)
+    ours = _fused_bf16_tuned(rows)
     big = ours[ours["bytes"] >= BIG_BYTES] if len(ours) else ours
     if big.empty:
         return Outcome(target, goal, "no tuned rows for shapes ≥ 64 MB", None)
@@ -65,7 +69,7 @@ def _big_shapes(rows: pd.DataFrame) -> Outcome:
 
 def _tiny_shape(rows: pd.DataFrame) -> Outcome:
     target, goal = "fused_rmsnorm_silu bf16, 1560 × 64", "≤ 1.2 µs"
-    ours = _series(_section(rows, WAN, "fused_rmsnorm_silu", "bf16"), TUNED)
+    ours = _fused_bf16_tuned(rows)
     hit = ours[(ours["T"] == 1560) & (ours["C"] == 64)] if len(ours) else ours
     if hit.empty:
         return Outcome(target, goal, "not measured", None)
