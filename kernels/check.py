@@ -81,6 +81,9 @@ def _fp4_check(problem, out, scales, ref_out, ref_scales):
         idx = (s_dist > 1).nonzero()[0].tolist()
         return False, int(s_dist.max()), (f"block_scale: codes differ by up to {int(s_dist.max())}, first at block "
                                           f"{idx}: got {int(gs[tuple(idx)])}, expected {int(rs[tuple(idx)])}")
+    if problem.scale_layout == "swizzled" and not torch.equal(scales.reshape(-1).view(torch.uint8),
+                                                              encoders.swizzle_scales(gs)):
+        return False, 0, "block_scale: the swizzled layout's padding bytes are not zero"
     n_moved = int((s_dist > 0).sum())
     if n_moved > FP4_MISMATCH_FRACTION * max(s_dist.numel(), 1):
         return False, 1, f"block_scale: {n_moved} of {s_dist.numel()} block scales differ"

@@ -314,8 +314,10 @@ def measure_kernel(problem: Problem, cfg: KernelConfig, arch: str) -> dict:
 
     from . import gpu_faults
 
+    fault = gpu_faults.wants_fault(problem, cfg)  # test-only: a real illegal-address fault
+
     def make_launch(case):
-        if gpu_faults.wants_fault(problem, cfg):  # test-only: a real illegal-address fault
+        if fault:
             launch = gpu_faults.out_of_bounds_launcher(case.args["x"])
         else:
             launch = runner.launcher(problem, cfg, case, arch)

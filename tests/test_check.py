@@ -62,6 +62,17 @@ def test_neighbouring_scale_passes_and_corruption_fails(fmt, layout):
     assert not res.ok and "block_scale" in res.message
 
 
+def test_swizzled_padding_must_be_zero():
+    p = Problem(op="rmsnorm_fp4quant", T=T - 3, C=C, out_format="nvfp4", scale_layout="swizzled")
+    y = torch.randn(T - 3, C, generator=torch.Generator().manual_seed(2))
+    ref = _outputs(p, y)
+    got = {k: v.clone() for k, v in ref.items()}
+    assert compare_outputs(p, got, ref).ok
+    got["block_scale"][-1] = 0x7F  # the last byte pads rows T-3..127 of the last 128-row tile
+    res = compare_outputs(p, got, ref)
+    assert not res.ok and "padding" in res.message
+
+
 def test_many_moved_scales_fail():
     p = Problem(op="rmsnorm_fp4quant", T=T, C=C, out_format="mxfp4")
     y = torch.randn(T, C, generator=torch.Generator().manual_seed(1))
