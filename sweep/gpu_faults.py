@@ -1,23 +1,24 @@
-"""Test-only: chosen GPU trials launch a kernel that stores far out of bounds of the trial's output.
+"""Test-only: chosen GPU trials launch a kernel that stores far out of bounds of the trial's input.
 
 A real illegal-address fault is sticky: it poisons the CUDA context of the timing process, which is
 exactly what the sweep's process isolation must survive (the trial is recorded runtime_error, the
 timing process restarts, the sweep goes on). The synthetic backend can only imitate that with an abort;
 this makes the GPU do it for real.
 
-LUTFORGE_GPU_FAULTS holds a JSON list of {"when": {name: value, ...}}; a trial whose knobs and problem
-fields (T, C, op, out_format) match every entry of one "when" runs the faulting kernel instead of its own.
+LUTFORGE_GPU_FAULTS holds a JSON list of {"when": {name: value, ...}, "fault": "illegal_address"} (matching
+as in sweep/fault_injection.py); a selected trial runs the faulting kernel instead of its own.
 """
 from __future__ import annotations
 
 import ctypes
-import json
-import os
 
 from kernels.config import KernelConfig
 from kernels.problem import Problem
 
+from . import fault_injection
+
 FAULTS_ENV = "LUTFORGE_GPU_FAULTS"
+FAULT_KINDS = ("illegal_address",)
 OOB_BYTES = 1 << 44  # far past any allocation: the store hits unmapped device memory
 
 _PTX = b"""
@@ -37,23 +38,8 @@ _PTX = b"""
 _FUNCTION: list = []  # the loaded CUfunction, once per process
 
 
-def _whens() -> list[dict]:
-    raw = os.environ.get(FAULTS_ENV)
-    if not raw:
-        return []
-    try:
-        faults = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{FAULTS_ENV} is not JSON: {e}") from e
-    if not isinstance(faults, list) or not all(isinstance(f, dict) and isinstance(f.get("when"), dict)
-                                               for f in faults):
-        raise ValueError(f"{FAULTS_ENV} must be a list of {{'when': {{knob or T/C/op/out_format: value}}}}")
-    return [f["when"] for f in faults]
-
-
 def wants_fault(p: Problem, cfg: KernelConfig) -> bool:
-    d = {**cfg.as_dict(), "T": p.T, "C": p.C, "op": p.op, "out_format": p.out_format}
-    return any(all(d.get(k) == v for k, v in when.items()) for when in _whens())
+    return fault_injection.fault_for(FAULTS_ENV, FAULT_KINDS, p, cfg) is not None
 
 
 def _driver_call(lib, name: str, *args) -> None:

@@ -14,7 +14,6 @@ takes on a GPU ("slow" only stretches the trial, so a test can interrupt a sweep
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import time
@@ -22,6 +21,7 @@ import time
 from kernels.config import KernelConfig, iters_per_row, smem_bytes
 from kernels.problem import Problem, ideal_bytes
 
+from . import fault_injection
 from .provenance import software
 
 FAULTS_ENV = "LUTFORGE_SYNTHETIC_FAULTS"
@@ -103,26 +103,8 @@ def copy_gbps() -> float:
     return COPY_GBPS
 
 
-def _faults() -> list[dict]:
-    raw = os.environ.get(FAULTS_ENV)
-    if not raw:
-        return []
-    try:
-        faults = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{FAULTS_ENV} is not JSON: {e}") from e
-    if not isinstance(faults, list) or not all(isinstance(f, dict) and f.get("fault") in FAULT_KINDS
-                                               and isinstance(f.get("when"), dict) for f in faults):
-        raise ValueError(f"{FAULTS_ENV} must be a list of {{'when': {{knob: value}}, 'fault': one of {FAULT_KINDS}}}")
-    return faults
-
-
 def fault_for(p: Problem, cfg: KernelConfig) -> str | None:
-    d = {**cfg.as_dict(), "T": p.T, "C": p.C, "op": p.op, "out_format": p.out_format}
-    for f in _faults():
-        if all(d.get(k) == v for k, v in f["when"].items()):
-            return f["fault"]
-    return None
+    return fault_injection.fault_for(FAULTS_ENV, FAULT_KINDS, p, cfg)
 
 
 def precompile(p: Problem, cfg: KernelConfig) -> dict:
