@@ -217,8 +217,7 @@ def heuristic(p: Problem, arch: int = 90, row_stride: int | None = None, ptr_ali
     cfg = KernelConfig(threads=threads, threads_per_row=tpr, vec_bytes=vb, pdl=pdl)
     if is_valid(p, cfg, arch, row_stride):
         return cfg
-    cfg = KernelConfig(threads=max(128, tpr), threads_per_row=tpr, vec_bytes=vb)
-    cfg = KernelConfig(threads=threads, threads_per_row=tpr, vec_bytes=vb)
+    cfg = KernelConfig(threads=threads, threads_per_row=tpr, vec_bytes=vb)  # without PDL
     if is_valid(p, cfg, arch, row_stride):
         return cfg
     # Long rows: spread over a cluster (SM90+) or stage x through shared memory.
