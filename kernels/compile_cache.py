@@ -7,6 +7,7 @@ compile workers and later processes share them.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import re
@@ -55,6 +56,7 @@ def canonical(problem: Problem) -> Problem:
                    problem.scale_layout)
 
 
+@functools.lru_cache(maxsize=4096)  # asked once per rotation set of every timed trial
 def cache_key(problem: Problem, cfg: KernelConfig, arch: str) -> str:
     p = canonical(problem)
     raw = repr((_CACHE_VERSION, p, sorted(cfg.as_dict().items()), arch, _kernel_source_hash()))

@@ -27,6 +27,7 @@ class Case:
     eps: float = 1e-6
     scale: float = 1.0
     outputs: tuple = field(default_factory=tuple)  # names in args the kernel writes
+    kernel_args_cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def nbytes(self) -> int:
@@ -169,9 +170,17 @@ def zero_scale_padding(problem: Problem, block_scale: torch.Tensor | None) -> No
 
 
 def _case_kernel_args(case: Case, cfg: KernelConfig) -> list:
+    """kernel_args of a case, built once per vector width and tensor layout: a timed trial binds every
+    rotation set (thousands for decode shapes) and building the pointers costs ~0.1-0.3 ms a set."""
     a = case.args
-    return kernel_args(case.problem, cfg, a["x"], a["weight"], a.get("residual"), a.get("y", a["x"]),
-                       a.get("block_scale"), a.get("global_scale"))
+    key = (cfg.vec_bytes,) + tuple((n, t.data_ptr(), t.shape, t.stride()) for n, t in a.items()
+                                   if isinstance(t, torch.Tensor))
+    args = case.kernel_args_cache.get(key)
+    if args is None:
+        args = kernel_args(case.problem, cfg, a["x"], a["weight"], a.get("residual"), a.get("y", a["x"]),
+                           a.get("block_scale"), a.get("global_scale"))
+        case.kernel_args_cache[key] = args
+    return args
 
 
 def launcher(problem: Problem, cfg: KernelConfig, case: Case, arch: str | None = None):
