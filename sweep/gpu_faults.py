@@ -11,6 +11,7 @@ as in sweep/fault_injection.py); a selected trial runs the faulting kernel inste
 from __future__ import annotations
 
 import ctypes
+import functools
 
 from kernels.config import KernelConfig
 from kernels.problem import Problem
@@ -35,7 +36,6 @@ _PTX = b"""
   ret;
 }
 """
-_FUNCTION: list = []  # the loaded CUfunction, once per process
 
 
 def wants_fault(p: Problem, cfg: KernelConfig) -> bool:
@@ -48,17 +48,15 @@ def _driver_call(lib, name: str, *args) -> None:
         raise RuntimeError(f"{name} failed with CUresult {rc}")
 
 
+@functools.lru_cache(maxsize=None)  # load the module once per process
 def _function():
-    if not _FUNCTION:
-        lib = ctypes.CDLL("libcuda.so.1")
-        lib.cuLaunchKernel.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 7 + [ctypes.c_void_p,
-                                                                                   ctypes.POINTER(ctypes.c_void_p),
-                                                                                   ctypes.c_void_p]
-        mod, fn = ctypes.c_void_p(), ctypes.c_void_p()
-        _driver_call(lib, "cuModuleLoadData", ctypes.byref(mod), ctypes.c_char_p(_PTX))
-        _driver_call(lib, "cuModuleGetFunction", ctypes.byref(fn), mod, b"lutforge_oob_store")
-        _FUNCTION.extend([lib, fn])
-    return _FUNCTION
+    lib = ctypes.CDLL("libcuda.so.1")
+    lib.cuLaunchKernel.argtypes = ([ctypes.c_void_p] + [ctypes.c_uint] * 7
+                                   + [ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p])
+    mod, fn = ctypes.c_void_p(), ctypes.c_void_p()
+    _driver_call(lib, "cuModuleLoadData", ctypes.byref(mod), ctypes.c_char_p(_PTX))
+    _driver_call(lib, "cuModuleGetFunction", ctypes.byref(fn), mod, b"lutforge_oob_store")
+    return lib, fn
 
 
 def out_of_bounds_launcher(target):

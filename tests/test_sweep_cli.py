@@ -109,7 +109,8 @@ def test_a_real_illegal_address_fault_costs_one_trial_on_the_gpu(tmp_path):
     res = tmp_path / "results"
     r = run_cli(["sweep", "--op", "rmsnorm", "--problem-set", "wan_vae", "--out", "bf16", "--trials", "3",
                  "--limit-shapes", "2", "--results", str(res), "--compile-workers", "4"], timeout=600,
-                **{GPU_FAULTS_ENV: json.dumps([{"when": when, "fault": "illegal_address"}]), "LUTFORGE_CACHE_DIR": str(tmp_path / "cache")})
+                **{GPU_FAULTS_ENV: json.dumps([{"when": when, "fault": "illegal_address"}]),
+                   "LUTFORGE_CACHE_DIR": str(tmp_path / "cache")})
     assert r.returncode == 0, r.stderr[-3000:]
     device_class = read_results(res)["device_class"].iloc[0]
     faulted = _trial_rows(res, study_name(p, device_class))

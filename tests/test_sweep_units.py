@@ -215,7 +215,8 @@ def test_gpu_fault_selection_matches_knobs_and_rejects_bad_specs(monkeypatch):
     cfg = heuristic(p, 90)
     monkeypatch.delenv(gpu_faults.FAULTS_ENV, raising=False)
     assert not gpu_faults.wants_fault(p, cfg)
-    monkeypatch.setenv(gpu_faults.FAULTS_ENV, json.dumps([{"when": {"T": 1560, "threads": cfg.threads}, "fault": "illegal_address"}]))
+    spec = [{"when": {"T": 1560, "threads": cfg.threads}, "fault": "illegal_address"}]
+    monkeypatch.setenv(gpu_faults.FAULTS_ENV, json.dumps(spec))
     assert gpu_faults.wants_fault(p, cfg) and not gpu_faults.wants_fault(Problem("rmsnorm", 6240, 64), cfg)
     for bad in ("{not json", json.dumps({"when": {}}), json.dumps([{"when": {}, "fault": "abort"}])):
         monkeypatch.setenv(gpu_faults.FAULTS_ENV, bad)
