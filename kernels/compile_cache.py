@@ -59,15 +59,15 @@ def canonical(problem: Problem) -> Problem:
 @functools.lru_cache(maxsize=4096)  # asked once per rotation set of every timed trial
 def cache_key(problem: Problem, cfg: KernelConfig, arch: str) -> str:
     p = canonical(problem)
-    raw = repr((_CACHE_VERSION, p, sorted(cfg.as_dict().items()), arch, _kernel_source_hash()))
+    raw = repr((_CACHE_VERSION, p, sorted(cfg.as_dict().items()), arch, kernel_source_hash()))
     return hashlib.sha256(raw.encode()).hexdigest()[:24]
 
 
 _SRC_HASH: str | None = None
 
 
-def _kernel_source_hash() -> str:
-    """Cached objects are invalid once the kernel source changes."""
+def kernel_source_hash() -> str:
+    """The kernel's source version: cached objects, studies and measured rows belong to one version."""
     global _SRC_HASH
     if _SRC_HASH is None:
         here = Path(__file__).parent

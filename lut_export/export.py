@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kernels.luts import MODULE_NAME, parse_lut
-from sweep.results_io import read_results
+from sweep.results_io import current_kernel_rows, read_results
 
 from .render import build_metadata, render, write_atomic
 from .tables import build_tables
@@ -40,7 +40,7 @@ def export_lut(results_dir, out=None, arch=None, device_class: str | None = None
     arch = parse_arch(arch)
     if allow_synthetic and (out is None or _inside(Path(out), luts_dir())):
         raise ValueError("--allow-synthetic never writes into kernels/luts/; give --out outside it")
-    sel = select_rows(read_results(results_dir), arch, device_class, allow_synthetic)
+    sel = select_rows(current_kernel_rows(read_results(results_dir)), arch, device_class, allow_synthetic)
     path = Path(out) if out is not None else luts_dir() / f"sm{sel.arch}_{sel.device_class}.py"
     expected = f"sm{sel.arch}_{sel.device_class}"
     if not MODULE_NAME.match(expected):

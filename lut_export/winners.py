@@ -10,11 +10,11 @@ import pandas as pd
 from kernels.config import KNOB_CHOICES, KernelConfig, heuristic, violations
 from kernels.luts import EXACT_KEY
 from kernels.problem import Problem
+from sweep.results_io import OWN_IMPLS
 from sweep.study import TIE_FRACTION, pick_winner
 
 TIE = TIE_FRACTION  # the sweep's tie margin, named here for gpu_check
 USED_KINDS = ("trial", "rebench")  # bench rows measure peers or already-exported LUTs
-OWN_IMPLS = ("lutforge", "lutforge_heuristic")
 DEFAULTS = {"scale_layout": "rowmajor", "heads": 1}
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from .sweep_cmd import check_gpus, select_problems, split_list
+from .sweep_cmd import SCALE_LAYOUT_HELP, check_gpus, select_problems, split_layouts, split_list
 from .trial_worker import BACKENDS
 
 _SOURCE = {"exact": "lut_exact", "range": "lut_range", "nearest": "lut_nearest", "heuristic": "heuristic"}
@@ -62,8 +62,9 @@ def bench(problems, peers: list[str], backend: str, results_dir: Path, trial_tim
 def format_table(rows: list[dict], impls: list[str]) -> str:
     by_problem: dict[tuple, dict[str, dict]] = {}
     for r in rows:
-        by_problem.setdefault((r["op"], r["out_format"], r["T"], r["C"], r["heads"]), {})[r["impl"]] = r
-    head = f"{'op':<24} {'out':<6} {'T':>8} {'C':>6}  " + " ".join(f"{i[:18]:>18}" for i in impls)
+        out = r["out_format"] + ("/swz" if r["scale_layout"] == "swizzled" else "")
+        by_problem.setdefault((r["op"], out, r["T"], r["C"], r["heads"]), {})[r["impl"]] = r
+    head = f"{'op':<24} {'out':<10} {'T':>8} {'C':>6}  " + " ".join(f"{i[:18]:>18}" for i in impls)
     lines = [head, "-" * len(head), "(GB/s; us in brackets; a status where the impl did not measure ok)"]
     for (op, out, T, C, _h), by_impl in by_problem.items():
         cells = []
@@ -75,7 +76,7 @@ def format_table(rows: list[dict], impls: list[str]) -> str:
                 cells.append(f"{r['status']:>18}")
             else:
                 cells.append(f"{r['gbps']:>8.0f} ({r['median_us']:>7.2f})")
-        lines.append(f"{op:<24} {out:<6} {T:>8} {C:>6}  " + " ".join(cells))
+        lines.append(f"{op:<24} {out:<10} {T:>8} {C:>6}  " + " ".join(cells))
     return "\n".join(lines)
 
 
@@ -84,6 +85,7 @@ def format_table(rows: list[dict], impls: list[str]) -> str:
 @click.option("--op", "ops", required=True, help="Op or comma list of ops.")
 @click.option("--out", "outs", required=True, help="Output format(s), comma list.")
 @click.option("--in-dtype", default="bf16", show_default=True, type=click.Choice(["bf16", "fp16"]))
+@click.option("--scale-layout", "layouts", default="rowmajor", show_default=True, help=SCALE_LAYOUT_HELP)
 @click.option("--peers", "peer_spec", default="all", show_default=True,
               help="all, or a comma list of torch_eager,torch_compile,quack,liger,flashinfer.")
 @click.option("--results", "results_dir", default="results", show_default=True, type=click.Path(file_okay=False))
@@ -91,7 +93,7 @@ def format_table(rows: list[dict], impls: list[str]) -> str:
               help="synthetic times only lutforge, with the CPU cost model (for CI).")
 @click.option("--limit-shapes", type=click.IntRange(min=1), default=None, help="At most N shapes per (op, out).")
 @click.option("--trial-timeout", type=click.FloatRange(min=0, min_open=True), default=120.0, show_default=True)
-def bench_command(problem_set, ops, outs, in_dtype, peer_spec, results_dir, backend, limit_shapes, trial_timeout):
+def bench_command(problem_set, ops, outs, in_dtype, layouts, peer_spec, results_dir, backend, limit_shapes, trial_timeout):
     """Time lutforge (dispatch and heuristic) beside the importable peers on one problem set."""
     from .peers import parse_peers
 
@@ -101,7 +103,7 @@ def bench_command(problem_set, ops, outs, in_dtype, peer_spec, results_dir, back
         raise click.BadParameter(str(e), param_hint="--peers")
     check_gpus(backend, None)
     problems, skipped_combos = select_problems(problem_set, split_list(ops, "op"), split_list(outs, "output format"),
-                                               in_dtype, limit_shapes)
+                                               in_dtype, limit_shapes, split_layouts(layouts))
     for s in skipped_combos:
         click.echo(f"skipped {s}", err=True)
     if not problems:

@@ -12,6 +12,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from kernels.compile_cache import kernel_source_hash
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -66,6 +68,7 @@ def software() -> dict:
         "cutlass_dsl": _version("nvidia-cutlass-dsl"),
         "lutforge": lutforge_version(),
         "git_commit": git_commit(),
+        "kernel_source": kernel_source_hash(),
     }
 
 
@@ -167,6 +170,6 @@ def make_row(*, problem, result: dict, device: dict, copy_gbps: float | None, kn
     for k, v in (knobs or {}).items():
         row[f"knob_{k}"] = v
     for k in ("device_name", "device_class", "sm", "sm_count", "sm_clock_mhz", "mem_clock_mhz", "driver", "cuda",
-              "torch", "cutlass_dsl", "lutforge", "git_commit", "backend"):
+              "torch", "cutlass_dsl", "lutforge", "git_commit", "kernel_source", "backend"):
         row[k] = device.get(k)
     return row

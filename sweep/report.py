@@ -17,7 +17,7 @@ import pandas as pd
 from kernels.config import KNOB_CHOICES
 from kernels.problem import OPS
 
-from .results_io import read_results
+from .results_io import current_kernel_rows, read_results
 from .schema import KNOB_COLUMNS
 
 # A problem: the shape and formats one measurement answers (the device is fixed per report/heatmap).
@@ -43,6 +43,7 @@ def load_ok_rows(results_dir: str | os.PathLike, ops: tuple[str, ...] = (), devi
         raise ValueError(f"{results_dir}: rows lack columns {sorted(missing)}; not lutforge results")
     if df.empty:
         raise ValueError(f"{results_dir}: the results hold no rows")
+    df = current_kernel_rows(df)
     unknown = set(ops) - set(OPS)
     if unknown:
         raise ValueError(f"unknown op(s) {sorted(unknown)}; known: {', '.join(OPS)}")

@@ -1,5 +1,5 @@
 """Append-only Parquet storage of trial rows: one file per writer batch under a results directory,
-read back as one DataFrame with the schema version checked."""
+read back as one DataFrame with the schema version checked (older versions upgraded on read)."""
 from __future__ import annotations
 
 import os
@@ -10,7 +10,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .schema import SCHEMA, SCHEMA_VERSION
+from .schema import ADDED_IN, READABLE_VERSIONS, SCHEMA, SCHEMA_VERSION
+
+PROBLEM_COLUMNS = ("op", "out_format", "scale_layout", "in_dtype", "T", "C", "heads")
+OWN_IMPLS = ("lutforge", "lutforge_heuristic")
 
 
 def append_rows(results_dir: str | os.PathLike, rows: list[dict], prefix: str = "trials") -> Path | None:
@@ -48,7 +51,28 @@ def read_results(results_dir: str | os.PathLike) -> pd.DataFrame:
         if "schema_version" not in t.column_names:
             raise ValueError(f"{f}: no schema_version column; not a lutforge results file")
         versions = set(t.column("schema_version").to_pylist())
-        if versions != {SCHEMA_VERSION}:
-            raise ValueError(f"{f}: schema version {sorted(versions)} but this lutforge reads v{SCHEMA_VERSION}")
-        frames.append(t.to_pandas())
+        if not versions <= set(READABLE_VERSIONS):
+            raise ValueError(f"{f}: schema version {sorted(versions)} but this lutforge reads "
+                             f"v{', v'.join(map(str, READABLE_VERSIONS))}")
+        frame = t.to_pandas()
+        for name, version in ADDED_IN.items():
+            if name not in frame.columns and min(versions) < version:
+                frame[name] = None
+        frames.append(frame)
     return pd.concat(frames, ignore_index=True)
+
+
+def current_kernel_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """Drop lutforge's own rows measured on a kernel source that a later run replaced on the same problem.
+
+    Per problem and device class, lutforge rows (trials, re-benches, lutforge bench rows) are kept only for the kernel
+    source of the newest such row; rows without a kernel_source (schema v1) count as one older source.
+    Peer rows are kept: they time other libraries and do not go stale when our kernel changes."""
+    own = df["kind"].isin(("trial", "rebench")) | df["impl"].isin(OWN_IMPLS)
+    if not own.any():
+        return df
+    mine = df[own].assign(_src=df.loc[own, "kernel_source"].fillna(""),
+                          _key=df.loc[own, [*PROBLEM_COLUMNS, "device_class"]].astype(str).agg("|".join, axis=1))
+    newest = mine.sort_values("timestamp", kind="stable").groupby("_key")["_src"].last()
+    keep = mine["_src"].to_numpy() == newest.reindex(mine["_key"]).to_numpy()
+    return pd.concat([df[~own], df[own][keep]]).sort_index()

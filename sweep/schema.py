@@ -7,7 +7,9 @@ import pyarrow as pa
 
 from kernels.config import KNOB_CHOICES
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+ADDED_IN = {"kernel_source": 2}  # columns a file of an older version lacks; read as empty
 
 STATUSES = ("ok", "invalid", "compile_error", "runtime_error", "timeout", "wrong_result")
 BACKENDS = ("gpu", "synthetic")
@@ -62,6 +64,7 @@ FIELDS: list[pa.Field] = [
     pa.field("cutlass_dsl", pa.string()),
     pa.field("lutforge", pa.string()),
     pa.field("git_commit", pa.string()),
+    pa.field("kernel_source", pa.string()),  # kernels.compile_cache.kernel_source_hash() of the measured kernel
     pa.field("timestamp", pa.string()),  # ISO 8601 UTC
     pa.field("backend", pa.string()),  # gpu | synthetic
 ]

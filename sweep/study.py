@@ -35,6 +35,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
+from kernels.compile_cache import kernel_source_hash
 from kernels.config import KNOB_CHOICES, KernelConfig, heuristic, iters_per_row, violations
 from kernels.problem import Problem
 
@@ -61,7 +62,8 @@ MEASURED = ("ok", "compile_error", "runtime_error", "timeout", "wrong_result")
 
 
 def study_name(p: Problem, device_class: str) -> str:
-    """Deterministic study name: the problem key plus the device class the numbers belong to."""
+    """Deterministic study name: the problem key, the device class the numbers belong to and the kernel source
+    version (a changed kernel starts new studies instead of resuming stale measurements)."""
     if not device_class or not isinstance(device_class, str):
         raise ValueError(f"device_class must be a non-empty str, got {device_class!r}")
     parts = [p.op, p.out_format, p.in_dtype, f"T{p.T}", f"C{p.C}"]
@@ -69,7 +71,7 @@ def study_name(p: Problem, device_class: str) -> str:
         parts.append(f"H{p.heads}")
     if p.scale_layout != "rowmajor":
         parts.append(p.scale_layout)
-    return ":".join(parts + [device_class])
+    return ":".join(parts + [device_class, f"k{kernel_source_hash()[:8]}"])
 
 
 class SearchSpace:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from kernels.problem import OPS, Problem, out_formats
+from kernels.problem import FP4_BLOCK, OPS, SCALE_LAYOUTS, Problem, out_formats
 
 from .study import MEASURED
 from .trial_worker import BACKENDS
@@ -43,10 +43,25 @@ def split_list(value: str, what: str) -> list[str]:
     return list(dict.fromkeys(items))
 
 
+def split_layouts(value: str) -> tuple[str, ...]:
+    layouts = split_list(value, "scale layout")
+    bad = [x for x in layouts if x not in SCALE_LAYOUTS]
+    if bad:
+        raise click.BadParameter(f"unknown scale layouts {bad}; known: {', '.join(SCALE_LAYOUTS)}",
+                                 param_hint="--scale-layout")
+    return tuple(layouts)
+
+
+SCALE_LAYOUT_HELP = ("FP4 block-scale layout(s), comma list of rowmajor,swizzled (swizzled applies to ops that "
+                     "write FP4 scales).")
+
+
 def select_problems(problem_set: str, ops: list[str], outs: list[str], in_dtype: str,
-                    limit_shapes: int | None) -> tuple[list[tuple[Problem, str]], list[str]]:
-    """(problems, skipped (op, out) descriptions). `limit_shapes` keeps that many shapes per (op, out),
-    spread evenly over the set so the sample spans small to large."""
+                    limit_shapes: int | None, layouts: tuple[str, ...] = ("rowmajor",)
+                    ) -> tuple[list[tuple[Problem, str]], list[str]]:
+    """(problems, skipped (op, out, layout) descriptions). `limit_shapes` keeps that many shapes per
+    (op, out, layout), spread evenly over the set so the sample spans small to large. `layouts` are the FP4
+    block-scale layouts; swizzled applies to ops that write FP4 scales and is skipped for the others."""
     import problem_sets
 
     if problem_set not in problem_sets.list_sets():
@@ -61,15 +76,19 @@ def select_problems(problem_set: str, ops: list[str], outs: list[str], in_dtype:
             if out not in out_formats(op, in_dtype):
                 skipped.append(f"{op}/{out} (outputs of {op} with {in_dtype} input: {out_formats(op, in_dtype)})")
                 continue
-            try:
-                ps = problem_sets.problems(problem_set, op, in_dtype, out)
-            except ValueError as e:
-                skipped.append(f"{op}/{out} ({e})")
-                continue
-            if limit_shapes is not None and len(ps) > limit_shapes:
-                idx = sorted({round(i * (len(ps) - 1) / max(1, limit_shapes - 1)) for i in range(limit_shapes)})
-                ps = [ps[i] for i in idx]
-            chosen += [(p, problem_set) for p in ps]
+            for layout in layouts:
+                if layout != "rowmajor" and not (out in FP4_BLOCK and OPS[op].fp4_scales):
+                    skipped.append(f"{op}/{out}/{layout} (only ops writing FP4 block scales have a {layout} layout)")
+                    continue
+                try:
+                    ps = problem_sets.problems(problem_set, op, in_dtype, out, scale_layout=layout)
+                except ValueError as e:
+                    skipped.append(f"{op}/{out}/{layout} ({e})")
+                    continue
+                if limit_shapes is not None and len(ps) > limit_shapes:
+                    idx = sorted({round(i * (len(ps) - 1) / max(1, limit_shapes - 1)) for i in range(limit_shapes)})
+                    ps = [ps[i] for i in idx]
+                chosen += [(p, problem_set) for p in ps]
     return chosen, skipped
 
 
@@ -173,7 +192,7 @@ def format_summary(storage_url: str, spec: SweepSpec, info: dict) -> str:
     storage = open_storage(storage_url)
     dev_class = info["provenance"]["device_class"]
     copy = info["copy_gbps"]
-    head = f"{'op':<24} {'out':<6} {'T':>8} {'C':>6}  {'best config':<34} {'us':>9} {'GB/s':>8} {'%copy':>6} " \
+    head = f"{'op':<24} {'out':<10} {'T':>8} {'C':>6}  {'best config':<34} {'us':>9} {'GB/s':>8} {'%copy':>6} " \
            f"{'vs heur':>7}  trials"
     lines = [head, "-" * len(head)]
     for p, _ in spec.problems:
@@ -182,14 +201,15 @@ def format_summary(storage_url: str, spec: SweepSpec, info: dict) -> str:
             continue
         st = s["statuses"]
         counts = " ".join(f"{k}={v}" for k, v in sorted(st.items()))
+        out = p.out_format + ("/swz" if p.scale_layout == "swizzled" else "")
         if s["config"] is None:
-            lines.append(f"{p.op:<24} {p.out_format:<6} {p.T:>8} {p.C:>6}  {'(no ok trial)':<34} {'':>9} {'':>8} "
+            lines.append(f"{p.op:<24} {out:<10} {p.T:>8} {p.C:>6}  {'(no ok trial)':<34} {'':>9} {'':>8} "
                          f"{'':>6} {'':>7}  {counts}")
             continue
         g = gbps(ideal_bytes(p), s["median_us"])
         sp = f"{s['heuristic_us'] / s['median_us']:.2f}x" if s["heuristic_us"] else "-"
         mark = "" if s["rebenched"] else "*"
-        lines.append(f"{p.op:<24} {p.out_format:<6} {p.T:>8} {p.C:>6}  {s['config'].short() + mark:<34} "
+        lines.append(f"{p.op:<24} {out:<10} {p.T:>8} {p.C:>6}  {s['config'].short() + mark:<34} "
                      f"{s['median_us']:>9.2f} {g:>8.0f} {100 * g / copy:>6.1f} {sp:>7}  {counts}")
     lines.append(f"copy roofline {copy:.0f} GB/s on {info['provenance']['device_name']} "
                  f"(backend {info['provenance']['backend']}); * = not re-benchmarked")
@@ -201,6 +221,7 @@ def format_summary(storage_url: str, spec: SweepSpec, info: dict) -> str:
 @click.option("--problem-set", required=True, help="Problem set name (problem_sets/*.toml).")
 @click.option("--out", "outs", required=True, help="Output format(s), comma list (e.g. bf16,fp8).")
 @click.option("--in-dtype", default="bf16", show_default=True, type=click.Choice(["bf16", "fp16"]))
+@click.option("--scale-layout", "layouts", default="rowmajor", show_default=True, help=SCALE_LAYOUT_HELP)
 @click.option("--trials", type=click.IntRange(min=1), default=None,
               help="Configs to measure per problem (total in the study, so a resume continues to N). "
                    "Default 100 when no --time-budget is given.")
@@ -222,7 +243,7 @@ def format_summary(storage_url: str, spec: SweepSpec, info: dict) -> str:
 @click.option("--finalists", type=click.IntRange(min=1), default=3, show_default=True,
               help="Best configs re-benchmarked (interleaved, with the heuristic) per problem.")
 @click.option("--seed", type=int, default=None, help="Sampler seed.")
-def sweep_command(ops, problem_set, outs, in_dtype, trials, time_budget, storage, gpus, results_dir, backend,
+def sweep_command(ops, problem_set, outs, in_dtype, layouts, trials, time_budget, storage, gpus, results_dir, backend,
                   limit_shapes, trial_timeout, compile_workers, finalists, seed):
     """Tune the knobs of OP on every shape of a problem set (resumes by default)."""
     from tqdm import tqdm
@@ -235,7 +256,7 @@ def sweep_command(ops, problem_set, outs, in_dtype, trials, time_budget, storage
         if not all(g.isdigit() for g in gpu_list):
             raise click.BadParameter(f"GPU indices must be non-negative integers, got {gpus!r}", param_hint="--gpus")
     check_gpus(backend, gpu_list)
-    problems, skipped = select_problems(problem_set, op_list, out_list, in_dtype, limit_shapes)
+    problems, skipped = select_problems(problem_set, op_list, out_list, in_dtype, limit_shapes, split_layouts(layouts))
     for s in skipped:
         click.echo(f"skipped {s}", err=True)
     if not problems:

@@ -10,6 +10,7 @@ import sys
 import optuna
 import pytest
 
+from kernels.compile_cache import kernel_source_hash
 from kernels.config import KernelConfig, heuristic, violations
 from kernels.problem import Problem, ideal_bytes
 from sweep.peers import PEERS, parse_peers, unsupported
@@ -94,9 +95,10 @@ def test_ties_go_to_the_simpler_config():
 
 def test_study_names_are_deterministic_and_distinct():
     a = Problem("qk_rmsnorm", 128, 128, heads=8)
-    assert study_name(a, "h100") == "qk_rmsnorm:bf16:bf16:T128:C128:H8:h100"
+    k = f"k{kernel_source_hash()[:8]}"  # a changed kernel source starts new studies
+    assert study_name(a, "h100") == f"qk_rmsnorm:bf16:bf16:T128:C128:H8:h100:{k}"
     assert study_name(Problem("rmsnorm_fp4quant", 8, 64, out_format="nvfp4", scale_layout="swizzled"), "b200") \
-        == "rmsnorm_fp4quant:nvfp4:bf16:T8:C64:swizzled:b200"
+        == f"rmsnorm_fp4quant:nvfp4:bf16:T8:C64:swizzled:b200:{k}"
     with pytest.raises(ValueError):
         study_name(a, "")
 

@@ -1,0 +1,84 @@
+"""Result files across schema versions, and rows of a replaced kernel source dropping out per problem."""
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from kernels.compile_cache import kernel_source_hash
+from kernels.config import KernelConfig
+from lut_export.export import export_lut
+from sweep.results_io import append_rows, current_kernel_rows, read_results
+from sweep.schema import SCHEMA
+
+from results_rows import row
+
+CFG_OLD = KernelConfig(threads=128, threads_per_row=32, vec_bytes=16)
+CFG_NEW = KernelConfig(threads=256, threads_per_row=32, vec_bytes=8)
+
+
+def _write_v1(path, rows):
+    """A file as schema v1 wrote it: no kernel_source column, version 1."""
+    fields = [f for f in SCHEMA if f.name != "kernel_source"]
+    full = [{f.name: r.get(f.name) for f in fields} | {"schema_version": 1} for r in rows]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(full, schema=pa.schema(fields)), path)
+
+
+def test_v1_files_read_with_an_empty_kernel_source(tmp_path):
+    _write_v1(tmp_path / "old.parquet", [row("rmsnorm", "bf16", 1560, 64, 2.0, cfg=CFG_OLD)])
+    append_rows(tmp_path, [row("rmsnorm", "bf16", 1560, 128, 3.0, cfg=CFG_OLD) | {"kernel_source": "abc"}])
+    df = read_results(tmp_path).sort_values("C")
+    assert df["schema_version"].tolist() == [1, 2]
+    assert df["kernel_source"].isna().tolist() == [True, False]
+
+
+def test_unknown_schema_versions_are_refused(tmp_path):
+    _write_v1(tmp_path / "old.parquet", [row("rmsnorm", "bf16", 1560, 64, 2.0) | {"schema_version": 99}])
+    t = pq.read_table(tmp_path / "old.parquet")
+    pq.write_table(t.set_column(0, "schema_version", pa.array([99], pa.int32())), tmp_path / "old.parquet")
+    with pytest.raises(ValueError, match=r"schema version \[99\]"):
+        read_results(tmp_path)
+
+
+def _rows():
+    """Problem A measured on a v1 kernel (old) and later on source 'new'; problem B only on the old one;
+    a quack bench row on A from before the kernel changed."""
+    old = dict(timestamp="2026-11-20T10:00:00Z")
+    new = dict(timestamp="2026-11-23T10:00:00Z", kernel_source="new")
+    return [
+        row("fused_rmsnorm_silu", "bf16", 6240, 160, 3.0, cfg=CFG_OLD) | old,   # A, old kernel, fastest number
+        row("fused_rmsnorm_silu", "bf16", 6240, 160, 3.5, cfg=CFG_NEW) | new,   # A, current kernel
+        row("fused_rmsnorm_silu", "bf16", 1560, 64, 1.7, cfg=CFG_OLD) | old,    # B, only measured before
+        row("fused_rmsnorm_silu", "bf16", 6240, 160, 4.0, kind="bench", impl="quack", config_source="peer") | old,
+    ]
+
+
+def test_rows_of_a_replaced_kernel_source_drop_out_per_problem(tmp_path):
+    _write_v1(tmp_path / "old.parquet", [r for r in _rows() if "kernel_source" not in r])
+    append_rows(tmp_path, [r for r in _rows() if "kernel_source" in r])
+    cur = current_kernel_rows(read_results(tmp_path))
+    a = cur[cur["T"] == 6240]
+    assert sorted(a["impl"]) == ["lutforge", "quack"]  # the peer row stays
+    assert a.loc[a["impl"] == "lutforge", "median_us"].tolist() == [3.5]
+    assert cur.loc[cur["T"] == 1560, "median_us"].tolist() == [1.7]  # no newer source measured B
+
+
+def test_export_takes_winners_from_the_current_kernel_source(tmp_path):
+    _write_v1(tmp_path / "res" / "old.parquet", [r for r in _rows() if "kernel_source" not in r])
+    append_rows(tmp_path / "res", [r for r in _rows() if "kernel_source" in r])
+    out = tmp_path / "sm90_h100.py"
+    export_lut(tmp_path / "res", out, arch="sm90", device_class="h100")
+    ns: dict = {}
+    exec(compile(out.read_text(), str(out), "exec"), ns)
+    exact = ns["EXACT"]
+    key = ("fused_rmsnorm_silu", "bf16", "rowmajor", "bf16", 160, 1, 6240)
+    assert KernelConfig.from_dict(exact[key]) == CFG_NEW  # the current kernel's config, though its time is slower
+    only_old = ("fused_rmsnorm_silu", "bf16", "rowmajor", "bf16", 64, 1, 1560)
+    assert KernelConfig.from_dict(exact[only_old]) == CFG_OLD
+
+
+def test_rows_record_the_kernel_source():
+    from sweep.provenance import software
+
+    assert software()["kernel_source"] == kernel_source_hash()
