@@ -18,44 +18,47 @@ _SOURCE = {"exact": "lut_exact", "range": "lut_range", "nearest": "lut_nearest",
 def bench(problems, peers: list[str], backend: str, results_dir: Path, trial_timeout: float = 120.0,
           compile_workers: int | None = None) -> tuple[list[dict], dict[str, list[str]], dict]:
     """Measure every problem; returns (rows, skipped peers -> reasons, device info). Rows are appended
-    to Parquet under `results_dir`."""
+    to Parquet under `results_dir` as they are measured (in batches), so a stopped bench keeps them."""
     from kernels.compile_cache import arch_number
     from kernels.config import heuristic
     from kernels.dispatch import select_config
 
     from .peers import unsupported
     from .provenance import make_row
-    from .results_io import append_rows
+    from .study import RowWriter
     from .trial_worker import Evaluator
 
     ev = Evaluator(backend, compile_workers or os.cpu_count() or 1, trial_timeout)
     run_id = uuid.uuid4().hex[:12]
     rows: list[dict] = []
+    writer = RowWriter(results_dir, prefix="bench")
     skipped: dict[str, list[str]] = {}
     try:
         info = ev.start()
         dev, copy = info["provenance"], info["copy_gbps"]
         arch = arch_number(ev.arch)
 
-        def row(p, pset, res, knobs, impl, source):
-            return make_row(problem=p, result=res, device=dev, copy_gbps=copy, knobs=knobs, run_id=run_id,
-                            study=None, trial=-1, kind="bench", impl=impl, config_source=source, problem_set=pset)
+        def add(p, pset, res, knobs, impl, source):
+            r = make_row(problem=p, result=res, device=dev, copy_gbps=copy, knobs=knobs, run_id=run_id,
+                         study=None, trial=-1, kind="bench", impl=impl, config_source=source, problem_set=pset)
+            rows.append(r)
+            writer.add(r)
 
         chosen = [(p, pset, *select_config(p, arch, dev["device_class"]), heuristic(p, arch)) for p, pset in problems]
         with ThreadPoolExecutor(ev.n_compile) as pool:  # compile everything first, in parallel
             list(pool.map(lambda pc: ev.compile(*pc), {(c[0], k) for c in chosen for k in (c[2], c[4])}))
         for p, pset, cfg, tier, heur in chosen:
-            rows.append(row(p, pset, ev.evaluate(p, cfg), cfg.as_dict(), "lutforge", _SOURCE[tier]))
-            rows.append(row(p, pset, ev.evaluate(p, heur), heur.as_dict(), "lutforge_heuristic", "heuristic"))
+            add(p, pset, ev.evaluate(p, cfg), cfg.as_dict(), "lutforge", _SOURCE[tier])
+            add(p, pset, ev.evaluate(p, heur), heur.as_dict(), "lutforge_heuristic", "heuristic")
             for peer in peers:
                 why = "peers run only on the gpu backend" if backend != "gpu" else unsupported(p, peer)
                 if why:
                     skipped.setdefault(peer, []).append(f"{p.op}/{p.out_format}: {why}")
                     continue
-                rows.append(row(p, pset, ev.measure_peer(p, peer), None, peer, "peer"))
+                add(p, pset, ev.measure_peer(p, peer), None, peer, "peer")
     finally:
         ev.close()
-        append_rows(results_dir, rows, prefix="bench")
+        writer.flush()
     return rows, skipped, info
 
 

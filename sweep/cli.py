@@ -1,13 +1,23 @@
 """The `lutforge` command line: one click group; each subcommand lives beside the code it drives."""
 from __future__ import annotations
 
+import signal
+import sys
+import threading
+
 import click
+
+
+def _exit_on_sigterm(signum, frame):
+    sys.exit(128 + signum)  # unwinds like Ctrl-C: `finally` blocks flush buffered rows and stop workers
 
 
 @click.group()
 @click.version_option(package_name="lutforge")
 def main():
     """Tune RMSNorm-family GPU kernels, export the winners as lookup tables, look at the results."""
+    if threading.current_thread() is threading.main_thread():  # `timeout`/`kill` stop a sweep or bench cleanly
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
 
 
 # Subcommands register here, one line each.

@@ -17,7 +17,7 @@ import pandas as pd
 from kernels.config import KNOB_CHOICES
 from kernels.problem import OPS
 
-from .results_io import current_kernel_rows, read_results
+from .results_io import read_results, superseded
 from .schema import KNOB_COLUMNS
 
 # A problem: the shape and formats one measurement answers (the device is fixed per report/heatmap).
@@ -43,7 +43,7 @@ def load_ok_rows(results_dir: str | os.PathLike, ops: tuple[str, ...] = (), devi
         raise ValueError(f"{results_dir}: rows lack columns {sorted(missing)}; not lutforge results")
     if df.empty:
         raise ValueError(f"{results_dir}: the results hold no rows")
-    df = current_kernel_rows(df)
+    df = df.assign(superseded=superseded(df))  # kept for harness facts (sweep wall time); picks skip them
     unknown = set(ops) - set(OPS)
     if unknown:
         raise ValueError(f"unknown op(s) {sorted(unknown)}; known: {', '.join(OPS)}")
@@ -105,7 +105,10 @@ def _pick(rows: pd.DataFrame, series: str) -> pd.DataFrame:
 def picks(rows: pd.DataFrame) -> pd.DataFrame:
     """The row that stands for each (problem, series): series are `TUNED` (best lutforge row), `HEURISTIC`
     (the analytical config: config_source heuristic, or the lutforge_heuristic bench impl) and every peer
-    measured by a bench run (kind bench, by impl)."""
+    measured by a bench run (kind bench, by impl). Rows of a replaced kernel source (`superseded`) stand for
+    nothing."""
+    if "superseded" in rows.columns:
+        rows = rows[~rows["superseded"]]
     impl, src = rows["impl"], rows["config_source"]
     parts = [_pick(rows[impl == "lutforge"], TUNED),
              _pick(rows[(impl == "lutforge_heuristic") | ((impl == "lutforge") & (src == "heuristic"))], HEURISTIC)]
@@ -209,7 +212,10 @@ def render_report(rows: pd.DataFrame, source: str = "", worst: int = 5, allow_sy
               + ". Per problem, lutforge tuned is its best row (re-bench preferred over search trials over bench "
               "runs), lutforge heuristic the analytical config, and each peer its bench row. Speedup = the other "
               "time / lutforge tuned time on the shapes both have (> 1: lutforge is faster). Geomeans of GB/s and "
-              "% of copy leave out shapes with no bandwidth (T = 0).", ""]
+              "% of copy leave out shapes with no bandwidth (T = 0)."
+              + (f" {int(rows['superseded'].sum())} lutforge rows measured a kernel source that a later run "
+                 "replaced on the same problem; they stand for nothing here except the sweep wall time."
+                 if "superseded" in rows.columns and rows["superseded"].any() else ""), ""]
     lines += ["## Device and versions", ""]
     info = [[f, _distinct(rows[f])] for f in VERSION_FIELDS if f in rows.columns]
     copy = rows["copy_gbps"].dropna()

@@ -62,17 +62,23 @@ def read_results(results_dir: str | os.PathLike) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
-def current_kernel_rows(df: pd.DataFrame) -> pd.DataFrame:
-    """Drop lutforge's own rows measured on a kernel source that a later run replaced on the same problem.
+def superseded(df: pd.DataFrame) -> pd.Series:
+    """True for lutforge's own rows measured on a kernel source that a later run replaced on the same problem.
 
-    Per problem and device class, lutforge rows (trials, re-benches, lutforge bench rows) are kept only for the kernel
-    source of the newest such row; rows without a kernel_source (schema v1) count as one older source.
-    Peer rows are kept: they time other libraries and do not go stale when our kernel changes."""
+    Per problem and device class, lutforge rows (trials, re-benches, lutforge bench rows) stand only for the
+    kernel source of the newest such row; rows without a kernel_source (schema v1) count as one older source.
+    Peer rows never are: they time other libraries and do not go stale when our kernel changes."""
+    out = pd.Series(False, index=df.index)
     own = df["kind"].isin(("trial", "rebench")) | df["impl"].isin(OWN_IMPLS)
     if not own.any():
-        return df
+        return out
     mine = df[own].assign(_src=df.loc[own, "kernel_source"].fillna(""),
                           _key=df.loc[own, [*PROBLEM_COLUMNS, "device_class"]].astype(str).agg("|".join, axis=1))
     newest = mine.sort_values("timestamp", kind="stable").groupby("_key")["_src"].last()
-    keep = mine["_src"].to_numpy() == newest.reindex(mine["_key"]).to_numpy()
-    return pd.concat([df[~own], df[own][keep]]).sort_index()
+    out[own] = mine["_src"].to_numpy() != newest.reindex(mine["_key"]).to_numpy()
+    return out
+
+
+def current_kernel_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """`df` without the rows of replaced kernel sources (`superseded`)."""
+    return df[~superseded(df)]

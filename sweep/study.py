@@ -308,8 +308,10 @@ def reap_dead_trials(study: optuna.Study, storage: optuna.storages.RDBStorage) -
 class RowWriter:
     """Buffers rows and appends them to Parquet in batches (a batch file per flush, never rewritten)."""
 
-    def __init__(self, results_dir: str | os.PathLike, flush_rows: int = FLUSH_ROWS, flush_s: float = FLUSH_S):
+    def __init__(self, results_dir: str | os.PathLike, flush_rows: int = FLUSH_ROWS, flush_s: float = FLUSH_S,
+                 prefix: str = "trials"):
         self.results_dir = Path(results_dir)
+        self.prefix = prefix
         self.flush_rows, self.flush_s = flush_rows, flush_s
         self._rows: list[dict] = []
         self._lock = threading.Lock()
@@ -327,7 +329,7 @@ class RowWriter:
             rows, self._rows = self._rows, []
             self._last = time.monotonic()
             if rows:
-                append_rows(self.results_dir, rows)
+                append_rows(self.results_dir, rows, prefix=self.prefix)
 
 
 def _existing_trial_rows(results_dir: Path, studies: set[str]) -> set[tuple[str, int]]:

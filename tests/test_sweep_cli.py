@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import time
 
 import pytest
 from click.testing import CliRunner
@@ -14,7 +17,7 @@ from sweep.study import study_name
 from sweep.sweep_cmd import select_problems
 from sweep.synthetic import FAULTS_ENV
 
-from sweep_helpers import assert_one_row_per_trial, run_cli, studies
+from sweep_helpers import CLI, REPO, assert_one_row_per_trial, cli_env, run_cli, studies
 
 
 def test_wan_vae_synthetic_sweep_end_to_end(tmp_path):
@@ -133,6 +136,41 @@ def test_bench_synthetic_times_dispatch_and_heuristic_and_lists_skipped_peers(tm
     assert (df["status"] == "ok").all() and (df["trial"] == -1).all()
     assert set(df["config_source"]) <= {"lut_exact", "lut_range", "lut_nearest", "heuristic"}
     assert "skipped torch_eager" in r.output and "skipped flashinfer" in r.output
+
+
+def test_scale_layouts_select_swizzled_problems_only_for_ops_that_write_fp4_scales():
+    problems, skipped = select_problems("wan_vae", ["rmsnorm_fp4quant", "fused_rmsnorm_silu"], ["nvfp4"], "bf16", 2,
+                                        ("rowmajor", "swizzled"))
+    got = sorted((p.op, p.scale_layout) for p, _ in problems)
+    assert got == [("fused_rmsnorm_silu", "rowmajor")] * 2 + [("rmsnorm_fp4quant", "rowmajor")] * 2 \
+        + [("rmsnorm_fp4quant", "swizzled")] * 2
+    assert any(s.startswith("fused_rmsnorm_silu/nvfp4/swizzled") for s in skipped)
+    r = CliRunner().invoke(main, ["sweep", "--op", "rmsnorm", "--problem-set", "wan_vae", "--out", "bf16",
+                                  "--backend", "synthetic", "--scale-layout", "diagonal"])
+    assert r.exit_code != 0 and "unknown scale layouts ['diagonal']" in r.output
+
+
+def test_a_bench_stopped_by_sigterm_keeps_the_rows_it_measured(tmp_path):
+    """The last problem's heuristic hangs; SIGTERM (as `timeout` sends) while it hangs still leaves the
+    rows of the problems measured before it in Parquet."""
+    problems, _ = select_problems("wan_vae", ["rmsnorm"], ["bf16"], "bf16", 3)
+    p = problems[-1][0]
+    faults = [{"when": {"T": p.T, "C": p.C, **heuristic(p, 90).as_dict()}, "fault": "hang"}]
+    res = tmp_path / "b"
+    proc = subprocess.Popen(CLI + ["bench", "--problem-set", "wan_vae", "--op", "rmsnorm", "--out", "bf16",
+                                   "--backend", "synthetic", "--limit-shapes", "3", "--results", str(res),
+                                   "--peers", "torch_eager", "--trial-timeout", "120"],
+                            cwd=REPO, env=cli_env(**{FAULTS_ENV: json.dumps(faults)}),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    time.sleep(20)  # the synthetic backend measures the first problems in well under this; then it hangs
+    assert proc.poll() is None, proc.communicate()[0]
+    assert not list(res.glob("*.parquet"))  # the row writer batches: nothing is flushed yet
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 128 + signal.SIGTERM, out
+    df = read_results(res)
+    assert set(df["status"]) == {"ok"} and len(df) >= 2 * (len(problems) - 1)
+    assert set(zip(df["T"], df["C"])) >= {(q.T, q.C) for q, _ in problems[:-1]}
 
 
 @pytest.mark.parametrize("args, message", [
