@@ -44,7 +44,7 @@ class _LutIndex:
         self.arch = lut.arch
         self.device_class = lut.device_class
         self.exact: dict[tuple, KernelConfig] = {}
-        self.range: dict[tuple, tuple[list[int], list[KernelConfig]]] = {}
+        self.range: dict[tuple, tuple[list[int], list[KernelConfig | None]]] = {}
         bad = 0
         for key, knobs in lut.exact.items():
             try:
@@ -60,7 +60,7 @@ class _LutIndex:
                 bounds = [int(b) for b, _ in segments[:-1]]
                 if segments[-1][0] is not None or bounds != sorted(bounds):
                     raise ValueError("segments must ascend and end unbounded")
-                self.range[key] = (bounds, [KernelConfig.from_dict(k) for _, k in segments])
+                self.range[key] = (bounds, [None if k is None else KernelConfig.from_dict(k) for _, k in segments])
             except (TypeError, ValueError, AttributeError, IndexError):
                 bad += 1
         if bad:
@@ -71,7 +71,8 @@ class _LutIndex:
             self.families.setdefault(key[:4], []).append((key[4], key[5]))
 
     def at(self, key: tuple, T: int) -> KernelConfig | None:
-        """The range table's config for T under `key` (None if the key is absent)."""
+        """The range table's config for T under `key` (None if the key is absent or T lies too far from the
+        swept T for the table to answer)."""
         entry = self.range.get(key)
         if entry is None:
             return None

@@ -50,8 +50,8 @@ def _lit(v) -> str:
     raise TypeError(f"cannot write {type(v).__name__} into a LUT literal")
 
 
-def _knobs(cfg: KernelConfig) -> str:
-    return _lit({k: getattr(cfg, k) for k in KNOB_CHOICES})
+def _knobs(cfg: KernelConfig | None) -> str:
+    return "None" if cfg is None else _lit({k: getattr(cfg, k) for k in KNOB_CHOICES})
 
 
 def render(metadata: dict, exact: dict, ranges: dict) -> str:
@@ -70,7 +70,8 @@ def render(metadata: dict, exact: dict, ranges: dict) -> str:
         *(f"    {_lit(k)}: {_knobs(c)}," for k, c in exact.items()),
         "}",
         "",
-        f"# {RANGE_KEY} -> [(T_below, knobs), ...]: a T takes the first segment with T < T_below (None: any T)",
+        f"# {RANGE_KEY} -> [(T_below, knobs), ...]: a T takes the first segment with T < T_below (None: any T);",
+        "# knobs None: too far from the swept T, the runtime's later tiers answer",
         "RANGE = {",
     ]
     for k, segments in ranges.items():

@@ -170,9 +170,14 @@ def check_tables(lut: LutModule) -> list[str]:
                 errs.append(f"{where}[{i}]: T_below={bound!r} must be an int above {prev}")
             else:
                 prev = bound
+            if knobs is None:  # beyond the swept T: the runtime's later tiers answer
+                segs.append((bound, None))
+                continue
             cfg, e = _entry(lut, f"{where}[{i}]", p, knobs)
             errs += e
             segs.append((bound, cfg))
+        if all(c is None for _, c in segs):
+            errs.append(f"{where}: no segment has knobs")
         if len(errs) == before:
             ranges[key] = segs
     for key, cfg in exact.items():
@@ -181,7 +186,8 @@ def check_tables(lut: LutModule) -> list[str]:
         elif key[:-1] in ranges:
             at = next(c for b, c in ranges[key[:-1]] if b is None or key[-1] < b)
             if at != cfg:
-                errs.append(f"EXACT[{key!r}]: RANGE gives {at.short()} at T={key[-1]} but EXACT says {cfg.short()}")
+                errs.append(f"EXACT[{key!r}]: RANGE gives {at.short() if at else 'no config'} at T={key[-1]} but "
+                            f"EXACT says {cfg.short()}")
     swept = {k[:-1] for k in lut.exact if isinstance(k, tuple)}
     errs += [f"RANGE[{k!r}]: no EXACT (swept) point backs it" for k in lut.range if k not in swept]
     if not lut.exact:
@@ -204,7 +210,8 @@ def compile_entries(lut: LutModule) -> list[str]:
         todo[(key[:-1], tuple(knobs.items()))] = (_problem(key, key[-1]), KernelConfig(**knobs))
     for key, segments in lut.range.items():
         for _, knobs in segments:
-            todo[(key, tuple(knobs.items()))] = (_problem(key, 1), KernelConfig(**knobs))
+            if knobs is not None:
+                todo[(key, tuple(knobs.items()))] = (_problem(key, 1), KernelConfig(**knobs))
     errs = []
     for p, cfg in todo.values():
         try:

@@ -65,15 +65,19 @@ def read_results(results_dir: str | os.PathLike) -> pd.DataFrame:
 def superseded(df: pd.DataFrame) -> pd.Series:
     """True for lutforge's own rows measured on a kernel source that a later run replaced on the same problem.
 
-    Per problem and device class, lutforge rows (trials, re-benches, lutforge bench rows) stand only for the
-    kernel source of the newest such row; rows without a kernel_source (schema v1) count as one older source.
-    Peer rows never are: they time other libraries and do not go stale when our kernel changes."""
+    Per problem and device class, lutforge's sweep rows (trials, re-benches) stand only for the kernel source
+    of the newest sweep row, and its bench rows for that of the newest bench row (a bench of a newer kernel
+    does not void the sweep that chose the configs it ran); rows without a kernel_source (schema v1) count
+    as one older source. Peer rows never are: they time other libraries and do not go stale when our kernel
+    changes."""
     out = pd.Series(False, index=df.index)
-    own = df["kind"].isin(("trial", "rebench")) | df["impl"].isin(OWN_IMPLS)
+    sweep_row = df["kind"].isin(("trial", "rebench"))
+    own = sweep_row | df["impl"].isin(OWN_IMPLS)
     if not own.any():
         return out
+    key = df.loc[own, [*PROBLEM_COLUMNS, "device_class"]].astype(str).agg("|".join, axis=1)
     mine = df[own].assign(_src=df.loc[own, "kernel_source"].fillna(""),
-                          _key=df.loc[own, [*PROBLEM_COLUMNS, "device_class"]].astype(str).agg("|".join, axis=1))
+                          _key=key + sweep_row[own].map({True: "|sweep", False: "|bench"}))
     newest = mine.sort_values("timestamp", kind="stable").groupby("_key")["_src"].last()
     out[own] = mine["_src"].to_numpy() != newest.reindex(mine["_key"]).to_numpy()
     return out

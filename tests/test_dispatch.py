@@ -27,7 +27,7 @@ def make_lut(name: str, winners: dict) -> LutModule:
     exact, ranges = build_tables(winners)
     return LutModule(name, {"arch": int(arch), "device_class": cls},
                      {k: c.as_dict() for k, c in exact.items()},
-                     {k: [(b, c.as_dict()) for b, c in segs] for k, segs in ranges.items()})
+                     {k: [(b, c and c.as_dict()) for b, c in segs] for k, segs in ranges.items()})
 
 
 @pytest.fixture
@@ -41,7 +41,10 @@ def test_tiers_in_order(h100):
     # breakpoint between 16 and 1560 is ceil(sqrt(16 * 1560)) = 158
     assert d.select_config(Problem("rmsnorm", 157, 4096), 90, "h100") == (X, "range")
     assert d.select_config(Problem("rmsnorm", 158, 4096), 90, "h100") == (Y, "range")
-    assert d.select_config(Problem("rmsnorm", 10 ** 6, 4096), 90, "h100") == (Z, "range")
+    assert d.select_config(Problem("rmsnorm", 24960 * 64, 4096), 90, "h100") == (Z, "range")
+    # beyond 64x the largest swept T the table does not answer: no other family, so the heuristic does
+    p = Problem("rmsnorm", 24960 * 64 + 1, 4096)
+    assert d.select_config(p, 90, "h100") == (heuristic(p, 90), "heuristic")
     s = d.lookup(Problem("rmsnorm", 1560, 5120), 90, "h100")
     assert (s.config, s.tier, s.source, s.key) == (Y, "nearest", "sm90_h100", KEY)
     p = Problem("gemma_rmsnorm", 1560, 4096)
@@ -108,7 +111,7 @@ def test_broken_shipped_module_is_skipped_and_logged(tmp_path, monkeypatch, capl
 
     good = render({"arch": 90, "device_class": "h100"},
                   {k: KernelConfig(**v) for k, v in h100.exact.items()},
-                  {k: [(b, KernelConfig(**c)) for b, c in s] for k, s in h100.range.items()})
+                  {k: [(b, c and KernelConfig(**c)) for b, c in s] for k, s in h100.range.items()})
     (tmp_path / "sm90_h100.py").write_text(good)
     (tmp_path / "sm90_h200.py").write_text("METADATA = {\n")
     monkeypatch.setattr(luts, "shipped_names", lambda: ["sm90_h100", "sm90_h200"])

@@ -259,8 +259,10 @@ def test_breakpoints_and_merging():
     assert breakpoint_between(0, 16) == 1  # T=0 stays with the lowest point
     assert breakpoint_between(16, 1560) == math.ceil(math.sqrt(16 * 1560))
     segs = range_segments({1560: A, 6240: A, 24960: B, 99840: A})
-    assert segs == [(12480, A), (49920, B), (None, A)]
-    assert range_segments({7: B}) == [(None, B)]
+    # below 1560 / 64 and above 99840 * 64 the swept winners do not answer (None: later tiers)
+    assert segs == [(24, None), (12480, A), (49920, B), (99840 * 64 + 1, A), (None, None)]
+    assert range_segments({7: B}) == [(7 * 64 + 1, B), (None, None)]
+    assert range_segments({32768: B}, extrapolate=4) == [(8192, None), (131073, B), (None, None)]
     with pytest.raises(ValueError):
         breakpoint_between(5, 5)
     with pytest.raises(ValueError):

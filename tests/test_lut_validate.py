@@ -7,7 +7,7 @@ import re
 import pytest
 from click.testing import CliRunner
 
-from kernels.luts import parse_lut, read_lut
+from kernels.luts import LUT_FORMAT, parse_lut, read_lut
 from lut_export.validate import check_module
 from lut_rows import synthetic_rows
 from sweep.cli import main
@@ -66,7 +66,8 @@ CORRUPTIONS = {
     "code instead of literals": (lambda t: t + "\nimport os\n", r"only `NAME = <literal>` assignments"),
     "computed value": (lambda t: t + "\nEXACT = dict()\n", r"EXACT assigned twice|not a plain literal"),
     "missing table": (lambda t: t[: t.index("\nRANGE = {")] + "\n", r"missing RANGE"),
-    "future format": (lambda t: t.replace('"lut_format": 1,', '"lut_format": 2,', 1), r"lut_format 2 but this"),
+    "future format": (lambda t: t.replace(f'"lut_format": {LUT_FORMAT},', f'"lut_format": {LUT_FORMAT + 1},', 1),
+                      rf"lut_format {LUT_FORMAT + 1} but this"),
 }
 
 
@@ -114,6 +115,15 @@ def test_synthetic_modules_never_ship(good):
     lut = parse_lut(good, "sm90_synthetic")
     assert check_module(lut, shipped=False) == []
     assert any("only GPU measurements may ship" in e for e in check_module(lut, shipped=True))
+
+
+def test_range_segments_without_knobs_defer_to_later_tiers_but_not_all_of_them(good):
+    lut = parse_lut(good, "sm90_synthetic")
+    key, segs = next((k, s) for k, s in lut.range.items() if any(c is None for _, c in s))
+    assert check_module(lut) == []  # None segments beyond the swept T are valid
+    lut.range[key] = [(b, None) for b, _ in segs]
+    errs = check_module(lut)
+    assert f"RANGE[{key!r}]: no segment has knobs" in errs
 
 
 def test_validate_without_modules_checks_the_shipped_ones():

@@ -8,7 +8,7 @@ import pytest
 from kernels.compile_cache import kernel_source_hash
 from kernels.config import KernelConfig
 from lut_export.export import export_lut
-from sweep.results_io import append_rows, current_kernel_rows, read_results
+from sweep.results_io import append_rows, current_kernel_rows, read_results, superseded
 from sweep.schema import SCHEMA
 
 from results_rows import row
@@ -94,3 +94,14 @@ def test_report_picks_skip_superseded_rows_and_says_how_many(tmp_path):
     tuned = picks(rows).query("series == @TUNED").set_index("T")["median_us"]
     assert tuned.to_dict() == {6240: 3.5, 1560: 1.7}
     assert "1 lutforge rows measured a kernel source that a later run replaced" in render_report(rows)
+
+
+def test_a_newer_bench_does_not_void_the_sweep_rows_its_configs_came_from(tmp_path):
+    old = dict(timestamp="2026-11-20T10:00:00Z")
+    new = dict(timestamp="2026-11-23T10:00:00Z", kernel_source="new")
+    _write_v1(tmp_path / "old.parquet", [row("rmsnorm", "bf16", 2, 16384, 2.0, cfg=CFG_OLD) | old,
+                                         row("rmsnorm", "bf16", 2, 16384, 2.2, kind="bench", cfg=CFG_OLD) | old])
+    append_rows(tmp_path, [row("rmsnorm", "bf16", 2, 16384, 1.9, kind="bench", cfg=CFG_OLD) | new])
+    df = read_results(tmp_path)
+    stale = df[superseded(df)]
+    assert stale[["kind", "median_us"]].values.tolist() == [["bench", 2.2]]  # only the older bench row

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-LUT_FORMAT = 1  # bump on any change to the layout below
+LUT_FORMAT = 2  # bump on any change to the layout below (2: RANGE knobs may be None)
 EXACT_KEY = ("op", "out_format", "scale_layout", "in_dtype", "C", "heads", "T")
 RANGE_KEY = EXACT_KEY[:-1]  # RANGE[key] = [(T_below, knobs), ...]; the last T_below is None (no bound)
 TABLES = ("METADATA", "EXACT", "RANGE")
