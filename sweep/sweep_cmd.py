@@ -176,7 +176,7 @@ def _progress_thread(q, bar) -> threading.Thread:
                 return
             if item in MEASURED:  # invalid prefixes and duplicates are not measurements
                 bar.update(1)
-            bar.set_postfix_str(item or "duplicate")
+            bar.set_postfix_str(item or "duplicate", refresh=False)  # redrawn at the bar's own interval
 
     t = threading.Thread(target=drain, daemon=True)
     t.start()
@@ -282,7 +282,10 @@ def sweep_command(ops, problem_set, outs, in_dtype, layouts, trials, time_budget
                      finalists=finalists, seed=seed)
     total = len(problems) * trials if trials is not None else None
     click.echo(f"sweep {spec.run_id}: {len(problems)} problems, backend {backend}, storage {storage_url}", err=True)
-    bar = tqdm(total=total, unit="trial", desc="sweep", file=click.get_text_stream("stderr"), dynamic_ncols=True)
+    err = click.get_text_stream("stderr")
+    # a terminal gets a live bar; a log file (batch jobs) a line every 10 s instead of one per trial
+    bar = tqdm(total=total, unit="trial", desc="sweep", file=err, dynamic_ncols=True,
+               mininterval=0.1 if err.isatty() else 10.0)
     try:
         if gpu_list is None or len(gpu_list) == 1:
             q: queue.Queue = queue.Queue()

@@ -69,10 +69,12 @@ def l2_bytes(device=None) -> int:
 
 
 def time_launchers(launchers: list[Callable[[], object]], *, set_bytes: int = 0, replays: int = 9,
-                   target_ms: float = 2.0, max_launches: int = 1 << 15) -> Timing:
+                   target_ms: float = 2.0, max_launches: int = 1 << 15, warm_all: bool = True) -> Timing:
     """Time one launch by CUDA-graph replay over `launchers` (one per rotation set, in order).
 
-    Launchers run once eagerly first (warm-up: module load, lazy allocations, autotuning of peers).
+    Launchers run once eagerly first (warm-up: module load, lazy allocations, autotuning of peers);
+    `warm_all=False` warms only the first, for launchers that differ in nothing but their buffers (a
+    decode shape has thousands of sets, and each eager launch costs Python time, not GPU time).
     Whatever a launcher returns is kept alive until timing ends, so a peer that allocates its output
     gets a fresh buffer per launch instead of re-using one that sits in L2.
     """
@@ -83,7 +85,7 @@ def time_launchers(launchers: list[Callable[[], object]], *, set_bytes: int = 0,
     if replays < MIN_REPLAYS:
         raise ValueError(f"need >= {MIN_REPLAYS} replays for a stable median, got {replays}")
     n = len(launchers)
-    keep = [f() for f in launchers]  # warm-up, eager
+    keep = [f() for f in (launchers if warm_all else launchers[:1])]  # warm-up, eager
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     passes = 1  # enough when the rotation alone fills target_ms at the shortest launch time we assume

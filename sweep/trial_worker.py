@@ -282,10 +282,11 @@ class PreparedCache:
 PREPARED = PreparedCache()
 
 
-def check_then_time(problem: Problem, make_launch) -> dict:
+def check_then_time(problem: Problem, make_launch, warm_all: bool = True) -> dict:
     """Check one implementation against the reference, then time it over rotated buffers (GPU, in the
     timing child). `make_launch(case)` returns (timed, checked): zero-argument callables, where
-    `checked()` must leave the outputs in `case` and `timed()` is what the graph replays."""
+    `checked()` must leave the outputs in `case` and `timed()` is what the graph replays. `warm_all`
+    as in `time_launchers`."""
     import torch
 
     from kernels import runner
@@ -303,7 +304,7 @@ def check_then_time(problem: Problem, make_launch) -> dict:
     if not chk.ok:
         return {"status": "wrong_result", "error": chk.message[:4000], **common}
     launchers = [timed0] + [make_launch(c)[0] for c in prep.cases[1:]]
-    t = time_launchers(launchers, set_bytes=case0.nbytes)
+    t = time_launchers(launchers, set_bytes=case0.nbytes, warm_all=warm_all)
     return {"status": "ok", "median_us": t.median_us, "p20_us": t.p20_us, "p80_us": t.p80_us,
             "samples_us": list(t.samples_us), **common}
 
@@ -323,7 +324,7 @@ def measure_kernel(problem: Problem, cfg: KernelConfig, arch: str) -> dict:
             launch = runner.launcher(problem, cfg, case, arch)
         return launch, launch
 
-    return check_then_time(problem, make_launch)
+    return check_then_time(problem, make_launch, warm_all=False)  # one compiled kernel, loaded by the check
 
 
 def _finite(x):
