@@ -391,6 +391,7 @@ class StudyRun:
     seed: int | None = None
     on_trial: object = None  # callable(status) for progress
     owner: str = field(default_factory=owner_id)
+    deadline: float | None = None  # epoch seconds: no search trial starts after it
 
     @property
     def device(self) -> dict:
@@ -470,10 +471,13 @@ class StudyRun:
                     n += 1
         return n, total, waiting
 
-    def run(self, p: Problem, problem_set: str | None = None) -> optuna.Study:
-        """Search one problem until the budget is spent (or brute force is exhausted)."""
+    def run(self, p: Problem, problem_set: str | None = None) -> optuna.Study | None:
+        """Search one problem until the budget is spent (or brute force is exhausted); None when the
+        sweep's deadline has passed before it started."""
         if self.trials is None and self.time_budget is None:
             raise ValueError("give a trial budget, a time budget or both")
+        if self.deadline is not None and time.time() >= self.deadline:
+            return None
         space = search_space(p, self.arch_num)
         sampler = choose_sampler(space, self.trials, self.seed)
         sampler_name = sampler.name
@@ -542,13 +546,18 @@ class StudyRun:
                 self.writer.add(t.user_attrs["row"])
             if self.on_trial is not None:
                 self.on_trial(status_of(t))
-            if self.trials is not None:
+            if self.deadline is not None and time.time() >= self.deadline:
+                study.stop()
+            elif self.trials is not None:
                 n, total, waiting = self.measured(study)
                 if (n >= budget and not waiting) or total >= cap:
                     study.stop()
 
-        study.optimize(objective, timeout=self.time_budget, n_jobs=self.n_jobs, callbacks=[after],
-                       gc_after_trial=False)
+        timeout = self.time_budget
+        if self.deadline is not None:
+            left = max(self.deadline - time.time(), 1e-3)
+            timeout = left if timeout is None else min(timeout, left)
+        study.optimize(objective, timeout=timeout, n_jobs=self.n_jobs, callbacks=[after], gc_after_trial=False)
         self.writer.flush()
         return study
 

@@ -6,6 +6,7 @@ import multiprocessing as mp
 import os
 import queue
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,7 @@ class SweepSpec:
     finalists: int
     seed: int | None = None
     env: dict = field(default_factory=dict)
+    search_deadline: float | None = None  # epoch seconds after which no search trial starts (--wall-budget)
 
 
 def split_list(value: str, what: str) -> list[str]:
@@ -125,7 +127,7 @@ def run_worker(spec: SweepSpec, gpu: str | None, progress, search: bool = True, 
         storage = open_storage(spec.storage)
         claims = Claims(spec.storage)
         run = StudyRun(ev, storage, claims, writer, spec.run_id, Path(spec.results), spec.trials, spec.time_budget,
-                       n_jobs=spec.compile_workers, seed=spec.seed, on_trial=progress)
+                       n_jobs=spec.compile_workers, seed=spec.seed, on_trial=progress, deadline=spec.search_deadline)
         reconcile_rows(storage, [run.name(p) for p, _ in spec.problems], spec.results)
         if search:
             search_groups(run, spec.problems)
@@ -227,6 +229,9 @@ def format_summary(storage_url: str, spec: SweepSpec, info: dict) -> str:
                    "Default 100 when no --time-budget is given.")
 @click.option("--time-budget", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Seconds of search per problem and worker process.")
+@click.option("--wall-budget", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Seconds of search for the whole sweep: after them no trial starts, finalists are "
+                   "re-benchmarked and the sweep ends (problems not reached keep what they had; rerun to resume).")
 @click.option("--storage", default=None, help="Optuna storage URL; default sqlite file <results>/optuna.db. "
                                               "postgresql://... lets many GPUs/hosts share one sweep.")
 @click.option("--gpus", default=None, help="Comma list of GPU indices: one worker process per GPU on the same studies.")
@@ -243,7 +248,7 @@ def format_summary(storage_url: str, spec: SweepSpec, info: dict) -> str:
 @click.option("--finalists", type=click.IntRange(min=1), default=3, show_default=True,
               help="Best configs re-benchmarked (interleaved, with the heuristic) per problem.")
 @click.option("--seed", type=int, default=None, help="Sampler seed.")
-def sweep_command(ops, problem_set, outs, in_dtype, layouts, trials, time_budget, storage, gpus, results_dir, backend,
+def sweep_command(ops, problem_set, outs, in_dtype, layouts, trials, time_budget, wall_budget, storage, gpus, results_dir, backend,
                   limit_shapes, trial_timeout, compile_workers, finalists, seed):
     """Tune the knobs of OP on every shape of a problem set (resumes by default)."""
     from tqdm import tqdm
@@ -279,7 +284,8 @@ def sweep_command(ops, problem_set, outs, in_dtype, layouts, trials, time_budget
     spec = SweepSpec(problems=problems, backend=backend, storage=storage_url, results=str(results),
                      run_id=uuid.uuid4().hex[:12], trials=trials, time_budget=time_budget,
                      trial_timeout=trial_timeout, compile_workers=compile_workers or os.cpu_count() or 1,
-                     finalists=finalists, seed=seed)
+                     finalists=finalists, seed=seed,
+                     search_deadline=None if wall_budget is None else time.time() + wall_budget)
     total = len(problems) * trials if trials is not None else None
     click.echo(f"sweep {spec.run_id}: {len(problems)} problems, backend {backend}, storage {storage_url}", err=True)
     err = click.get_text_stream("stderr")

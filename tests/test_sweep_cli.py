@@ -138,6 +138,21 @@ def test_bench_synthetic_times_dispatch_and_heuristic_and_lists_skipped_peers(tm
     assert "skipped torch_eager" in r.output and "skipped flashinfer" in r.output
 
 
+def test_wall_budget_stops_the_search_then_rebenches_what_it_reached(tmp_path):
+    res = tmp_path / "results"
+    t0 = time.monotonic()
+    r = run_cli(["sweep", "--op", "fused_rmsnorm_silu", "--problem-set", "wan_vae", "--out", "bf16,fp8",
+                 "--backend", "synthetic", "--trials", "100", "--wall-budget", "4", "--results", str(res)])
+    wall = time.monotonic() - t0
+    assert r.returncode == 0, r.stderr
+    df = read_results(res)
+    trials, rebench = df[df["kind"] == "trial"], df[df["kind"] == "rebench"]
+    reached = set(trials["study"])
+    assert 0 < len(reached) < 80 and len(trials) < 80 * 100  # the budget, not the trial count, ended it
+    assert set(rebench["study"]) == {s for s in reached if (trials[trials["study"] == s]["status"] == "ok").any()}
+    assert wall < 4 + 60  # start-up, the last trials in flight and the re-bench
+
+
 def test_scale_layouts_select_swizzled_problems_only_for_ops_that_write_fp4_scales():
     problems, skipped = select_problems("wan_vae", ["rmsnorm_fp4quant", "fused_rmsnorm_silu"], ["nvfp4"], "bf16", 2,
                                         ("rowmajor", "swizzled"))
