@@ -90,7 +90,7 @@ def format_table(rows: list[dict], impls: list[str]) -> str:
 @click.option("--in-dtype", default="bf16", show_default=True, type=click.Choice(["bf16", "fp16"]))
 @click.option("--scale-layout", "layouts", default="rowmajor", show_default=True, help=SCALE_LAYOUT_HELP)
 @click.option("--peers", "peer_spec", default="all", show_default=True,
-              help="all, or a comma list of torch_eager,torch_compile,quack,liger,flashinfer.")
+              help="all, none, or a comma list of torch_eager,torch_compile,quack,liger,flashinfer.")
 @click.option("--results", "results_dir", default="results", show_default=True, type=click.Path(file_okay=False))
 @click.option("--backend", default="gpu", show_default=True, type=click.Choice(list(BACKENDS)),
               help="synthetic times only lutforge, with the CPU cost model (for CI).")

@@ -25,11 +25,13 @@ _FLASHINFER_OPS = {"rmsnorm", "gemma_rmsnorm", "fused_add_rmsnorm", "gemma_fused
 
 
 def parse_peers(spec: str) -> list[str]:
-    """'all' or a comma list of PEERS names."""
+    """'all', 'none' (lutforge alone: comparing versions of our own kernel) or a comma list of PEERS names."""
     if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"peers must be 'all' or a comma list of {PEERS}")
+        raise ValueError(f"peers must be 'all', 'none' or a comma list of {PEERS}")
     if spec.strip() == "all":
         return list(PEERS)
+    if spec.strip() == "none":
+        return []
     names = [s.strip() for s in spec.split(",") if s.strip()]
     bad = [n for n in names if n not in PEERS]
     if bad:

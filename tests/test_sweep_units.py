@@ -146,6 +146,7 @@ def test_synthetic_model_is_deterministic_and_launch_bound_when_small():
 def test_peers_capabilities():
     assert parse_peers("all") == list(PEERS)
     assert parse_peers("quack, liger,quack") == ["quack", "liger"]
+    assert parse_peers("none") == []  # lutforge alone
     with pytest.raises(ValueError):
         parse_peers("cudnn")
     fp4 = Problem("rmsnorm_fp4quant", 16, 64, out_format="nvfp4")
