@@ -17,7 +17,7 @@ import pandas as pd
 from kernels.config import KNOB_CHOICES
 from kernels.problem import OPS
 
-from .results_io import read_results, superseded
+from .results_io import OWN_IMPLS, read_results, superseded
 from .schema import KNOB_COLUMNS
 
 # A problem: the shape and formats one measurement answers (the device is fixed per report/heatmap).
@@ -26,7 +26,6 @@ PROBLEM_KEY = ["op", "out_format", "in_dtype", "scale_layout", "heads", "T", "C"
 KEY_DEFAULTS = {"scale_layout": "rowmajor", "heads": 1}
 REQUIRED_COLUMNS = {"kind", "impl", "config_source", "status", "problem_set", "median_us", "gbps", "pct_copy",
                     "copy_gbps", "device_name", "backend", "run_id", *PROBLEM_KEY, *KNOB_COLUMNS}
-LUTFORGE_IMPLS = ("lutforge", "lutforge_heuristic")
 TUNED, HEURISTIC, BEST_PEER = "lutforge tuned", "lutforge heuristic", "best peer"
 # Which kind of row stands for a problem when several exist: interleaved re-bench of the finalists is
 # the most careful timing, then the search trials, then bench runs (lutforge as dispatched).
@@ -112,7 +111,7 @@ def picks(rows: pd.DataFrame) -> pd.DataFrame:
     impl, src = rows["impl"], rows["config_source"]
     parts = [_pick(rows[impl == "lutforge"], TUNED),
              _pick(rows[(impl == "lutforge_heuristic") | ((impl == "lutforge") & (src == "heuristic"))], HEURISTIC)]
-    peers = rows[(rows["kind"] == "bench") & ~impl.isin(LUTFORGE_IMPLS)]
+    peers = rows[(rows["kind"] == "bench") & ~impl.isin(OWN_IMPLS)]
     parts += [_pick(g, name) for name, g in peers.groupby("impl", sort=True)]
     return pd.concat(parts, ignore_index=True)
 
