@@ -30,6 +30,7 @@ from . import synthetic
 
 BACKENDS = ("gpu", "synthetic")
 START_TIMEOUT_S = 600.0  # CUDA context + copy roofline, or a cold import of the CuTe DSL
+COMPILE_NICE = 10  # compile processes yield the CPU to the timing process (see CompileService)
 
 
 @dataclass(frozen=True)
@@ -170,6 +171,13 @@ class CompileService:
     restart_on_error = False
 
     def __init__(self, backend: str):
+        # One compile process per core keeps every core busy, while the timing process is single-threaded
+        # Python too: capturing a decode shape's graph issues one launch per rotation set (tens of
+        # thousands). Lower priority lets timing run first whenever both want a core.
+        try:
+            os.nice(COMPILE_NICE)
+        except OSError:
+            pass  # not permitted here: compile at normal priority
         self.backend = backend
         self.info = {"pid": os.getpid()}
 

@@ -204,6 +204,9 @@ def test_evaluator_synthetic_compiles_once_per_key():
         first = ev.evaluate(p, cfg)
         assert first["status"] == "ok" and first["median_us"] == model_us(p, cfg)
         assert ev.compile(Problem("rmsnorm", 99, 64), cfg) is ev.compile(p, cfg)  # cached: T is not in the key
+        compile_pid = ev._all_compile[0].proc.pid
+        assert os.getpriority(os.PRIO_PROCESS, compile_pid) >= min(19, os.getpriority(os.PRIO_PROCESS, 0) + 10)
+        assert os.getpriority(os.PRIO_PROCESS, ev.timing.proc.pid) == os.getpriority(os.PRIO_PROCESS, 0)
     finally:
         ev.close()
     with pytest.raises(ValueError):
