@@ -47,51 +47,86 @@ def arch_of(device=None) -> str:
     return arch_name(major * 10 + minor)
 
 
+SLOT_ALIGN = 256  # bytes: each instance's tensors start on their own aligned slot of a shared buffer
+
+
 def make_case(problem: Problem, device="cuda", seed: int = 0, row_pad: int = 0) -> Case:
     """Random inputs (randn*5+5, weights in [0.5, 2]) and poisoned outputs. `row_pad` > 0 makes x's
     rows (and heads) strided: each row lives in a buffer row_pad elements wider than C."""
+    return make_cases(problem, 1, device, seed, row_pad)[0]
+
+
+def make_cases(problem: Problem, n: int, device="cuda", seed: int = 0, row_pad: int = 0) -> list[Case]:
+    """`n` independent instances (the timer's rotation sets), as `make_case` builds one. Each tensor role is
+    one buffer of n aligned slots and each instance holds views on its slot, so a decode shape's tens of
+    thousands of sets cost a few kernel launches instead of ~10 per set."""
+    if n < 1:
+        raise ValueError(f"need at least one case, got {n}")
     p = problem
     g = torch.Generator(device=device).manual_seed(seed)
     dt = TORCH_DTYPE[p.in_dtype]
     H, C = p.heads, p.C
 
-    def rand(*shape, pad=0):
-        full = (torch.randn(*shape[:-1], shape[-1] + pad, generator=g, device=device) * 5 + 5).to(dt)
-        return full[..., : shape[-1]] if pad else full
+    def slots(shape, dtype, fill=None):
+        """(buffer [n, slot], the n views of `shape`) with every slot starting SLOT_ALIGN-aligned."""
+        numel = 1
+        for d in shape:
+            numel *= d
+        esz = torch.empty(0, dtype=dtype).element_size()
+        per = -(-numel * esz // SLOT_ALIGN) * SLOT_ALIGN // esz
+        buf = fill(n, per) if fill is not None else torch.empty(n, per, dtype=dtype, device=device)
+        return buf, [buf[i, :numel].view(shape) for i in range(n)]
 
-    x = rand(p.T, H, C, pad=row_pad)
-    w = (torch.rand(C, generator=g, device=device) * 1.5 + 0.5).to(dt)
-    inputs = {"x": x.clone(), "weight": w}
-    args = {"x": x, "weight": w}
+    def uniform(shape, lo, span, dtype=dt):
+        return slots(shape, dtype, lambda *nk: (torch.rand(*nk, generator=g, device=device) * span + lo).to(dtype))
+
+    def rand(*shape, pad=0):
+        full = (*shape[:-1], shape[-1] + pad)
+        buf, views = slots(full, dt, lambda *nk: (torch.randn(*nk, generator=g, device=device) * 5 + 5).to(dt))
+        return buf, [v[..., : shape[-1]] for v in views] if pad else views
+
+    def clone_views(buf, views):
+        copy = buf.clone()
+        return [copy.as_strided(v.shape, v.stride(), v.storage_offset()) for v in views]
+
+    xbuf, xs = rand(p.T, H, C, pad=row_pad)
+    _, ws = uniform((C,), 0.5, 1.5)
+    inputs = [{"x": x, "weight": w} for x, w in zip(clone_views(xbuf, xs), ws)]
+    args = [{"x": x, "weight": w} for x, w in zip(xs, ws)]
     outputs = []
+    out_bufs = []  # buffers the kernel writes and nothing restores: poisoned here
     scale = 1.0
     if p.spec.residual:
-        r = rand(p.T, C)
-        inputs["residual"] = r.clone()
-        args["residual"] = r
+        rbuf, rs = rand(p.T, C)
+        for i, (r, r0) in enumerate(zip(rs, clone_views(rbuf, rs))):
+            args[i]["residual"], inputs[i]["residual"] = r, r0
         outputs.append("residual")
     if p.out_format in FP4_BLOCK:
-        args["y"] = torch.empty(p.T, H, C // 2, dtype=torch.uint8, device=device)
-        if p.scale_layout == "swizzled":
-            args["block_scale"] = torch.empty(scale_bytes(p), dtype=torch.uint8, device=device)
-        else:
-            args["block_scale"] = torch.empty(p.rows, C // FP4_BLOCK[p.out_format], dtype=torch.uint8, device=device)
+        ybuf, ys = slots((p.T, H, C // 2), torch.uint8)
+        sf_shape = (scale_bytes(p),) if p.scale_layout == "swizzled" else (p.rows, C // FP4_BLOCK[p.out_format])
+        sbuf, sfs = slots(sf_shape, torch.uint8)
+        out_bufs += [ybuf, sbuf]
+        for a, y, sf in zip(args, ys, sfs):
+            a["y"], a["block_scale"] = y, sf
         outputs += ["y", "block_scale"]
         if p.spec.fp4_scales and p.out_format == "nvfp4":
-            gs = torch.rand(1, generator=g, device=device, dtype=torch.float32) * 4 + 0.5
-            inputs["global_scale"] = gs
-            args["global_scale"] = gs
+            _, gss = uniform((1,), 0.5, 4.0, torch.float32)
+            for a, i, gs in zip(args, inputs, gss):
+                a["global_scale"] = i["global_scale"] = gs
     elif p.spec.residual and p.out_format == p.in_dtype:
         outputs.append("x")  # normalised in place
     else:
         ydt = torch.float8_e4m3fn if p.out_format == "fp8" else dt
-        args["y"] = torch.empty(p.T, H, C, dtype=ydt, device=device)
+        ybuf, ys = slots((p.T, H, C), ydt)
+        out_bufs.append(ybuf)
+        for a, y in zip(args, ys):
+            a["y"] = y
         outputs.append("y")
         if p.out_format == "fp8" and not p.spec.silu:
             scale = 0.02  # static quant scale: values up to ~10 hit the +-448 saturation
-    case = Case(p, inputs, args, scale=scale, outputs=tuple(outputs))
-    poison(case)
-    return case
+    for b in out_bufs:
+        b.view(torch.uint8).fill_(POISON_BYTE)  # what `poison` does, for all instances at once
+    return [Case(p, i, a, scale=scale, outputs=tuple(outputs)) for i, a in zip(inputs, args)]
 
 
 def poison(case: Case, byte: int = POISON_BYTE) -> None:

@@ -26,7 +26,7 @@ def gpu_check(lut: LutModule, device: int = 0) -> list[str]:
 
     from kernels.compile_cache import arch_name
     from kernels.dispatch import device_class_of
-    from kernels.runner import arch_of, check, launcher, make_case
+    from kernels.runner import arch_of, check, launcher, make_case, make_cases
     from sweep.timer import l2_bytes, rotation_sets
 
     if not torch.cuda.is_available():
@@ -63,7 +63,7 @@ def gpu_check(lut: LutModule, device: int = 0) -> list[str]:
         if h == cfg:
             continue
         sets = min(MAX_SETS, rotation_sets(max(1, case.nbytes), l2_bytes(device)))
-        cases = [case] + [make_case(p, seed=i) for i in range(1, sets)]
+        cases = [case] + make_cases(p, sets - 1, seed=1)  # sets >= 2
         best = {"tuned": None, "heuristic": None}
         for _ in range(ROUNDS):
             for name, c in (("tuned", cfg), ("heuristic", h)):
