@@ -3,6 +3,7 @@ closure, and a check against the torch reference. Used by the sweep, the GPU tes
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -69,9 +70,7 @@ def make_cases(problem: Problem, n: int, device="cuda", seed: int = 0, row_pad: 
 
     def slots(shape, dtype, fill=None):
         """(buffer [n, slot], the n views of `shape`) with every slot starting SLOT_ALIGN-aligned."""
-        numel = 1
-        for d in shape:
-            numel *= d
+        numel = math.prod(shape)
         esz = torch.empty(0, dtype=dtype).element_size()
         per = -(-numel * esz // SLOT_ALIGN) * SLOT_ALIGN // esz
         buf = fill(n, per) if fill is not None else torch.empty(n, per, dtype=dtype, device=device)

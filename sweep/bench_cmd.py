@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from .sweep_cmd import SCALE_LAYOUT_HELP, check_gpus, select_problems, split_layouts, split_list
+from .sweep_cmd import SCALE_LAYOUT_HELP, check_gpus, out_label, select_problems, split_layouts, split_list
 from .trial_worker import BACKENDS
 
 _SOURCE = {"exact": "lut_exact", "range": "lut_range", "nearest": "lut_nearest", "heuristic": "heuristic"}
@@ -65,7 +65,7 @@ def bench(problems, peers: list[str], backend: str, results_dir: Path, trial_tim
 def format_table(rows: list[dict], impls: list[str]) -> str:
     by_problem: dict[tuple, dict[str, dict]] = {}
     for r in rows:
-        out = r["out_format"] + ("/swz" if r["scale_layout"] == "swizzled" else "")
+        out = out_label(r["out_format"], r["scale_layout"])
         by_problem.setdefault((r["op"], out, r["T"], r["C"], r["heads"]), {})[r["impl"]] = r
     head = f"{'op':<24} {'out':<10} {'T':>8} {'C':>6}  " + " ".join(f"{i[:18]:>18}" for i in impls)
     lines = [head, "-" * len(head), "(GB/s; us in brackets; a status where the impl did not measure ok)"]

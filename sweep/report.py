@@ -17,11 +17,11 @@ import pandas as pd
 from kernels.config import KNOB_CHOICES
 from kernels.problem import OPS
 
-from .results_io import OWN_IMPLS, read_results, superseded
+from .results_io import OWN_IMPLS, PROBLEM_COLUMNS, read_results, superseded
 from .schema import KNOB_COLUMNS
 
 # A problem: the shape and formats one measurement answers (the device is fixed per report/heatmap).
-PROBLEM_KEY = ["op", "out_format", "in_dtype", "scale_layout", "heads", "T", "C"]
+PROBLEM_KEY = list(PROBLEM_COLUMNS)
 # Absent key columns mean the `kernels.problem.Problem` default.
 KEY_DEFAULTS = {"scale_layout": "rowmajor", "heads": 1}
 REQUIRED_COLUMNS = {"kind", "impl", "config_source", "status", "problem_set", "median_us", "gbps", "pct_copy",

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 
 from .schema import ADDED_IN, READABLE_VERSIONS, SCHEMA, SCHEMA_VERSION
 
-PROBLEM_COLUMNS = ("op", "out_format", "scale_layout", "in_dtype", "T", "C", "heads")
+PROBLEM_COLUMNS = ("op", "out_format", "in_dtype", "scale_layout", "heads", "T", "C")  # what one measurement answers
 OWN_IMPLS = ("lutforge", "lutforge_heuristic")
 
 

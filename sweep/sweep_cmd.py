@@ -54,6 +54,11 @@ def split_layouts(value: str) -> tuple[str, ...]:
     return tuple(layouts)
 
 
+def out_label(out_format: str, scale_layout: str) -> str:
+    """An output format as the sweep and bench tables show it: swizzled FP4 scales marked /swz."""
+    return out_format + ("/swz" if scale_layout == "swizzled" else "")
+
+
 SCALE_LAYOUT_HELP = ("FP4 block-scale layout(s), comma list of rowmajor,swizzled (swizzled applies to ops that "
                      "write FP4 scales).")
 
@@ -203,7 +208,7 @@ def format_summary(storage_url: str, spec: SweepSpec, info: dict) -> str:
             continue
         st = s["statuses"]
         counts = " ".join(f"{k}={v}" for k, v in sorted(st.items()))
-        out = p.out_format + ("/swz" if p.scale_layout == "swizzled" else "")
+        out = out_label(p.out_format, p.scale_layout)
         if s["config"] is None:
             lines.append(f"{p.op:<24} {out:<10} {p.T:>8} {p.C:>6}  {'(no ok trial)':<34} {'':>9} {'':>8} "
                          f"{'':>6} {'':>7}  {counts}")
