@@ -83,6 +83,20 @@ def superseded(df: pd.DataFrame) -> pd.Series:
     return out
 
 
+def swept_keys(df: pd.DataFrame, device_class: str, kernel_source: str) -> set[tuple]:
+    """Problem keys (PROBLEM_COLUMNS order) whose sweep finished, i.e. has an ok re-bench row, on this
+    device class and kernel source: what a sweep on a machine without the study database can skip."""
+    done = df[(df["kind"] == "rebench") & (df["status"] == "ok") & (df["device_class"] == device_class)
+              & (df["kernel_source"] == kernel_source)]
+    return {problem_key(r) for r in done[list(PROBLEM_COLUMNS)].to_dict("records")}
+
+
+def problem_key(p) -> tuple:
+    """A problem's key from a Problem or a row dict, comparable between the two."""
+    get = p.get if isinstance(p, dict) else lambda k: getattr(p, k)
+    return tuple(int(get(k)) if k in ("heads", "T", "C") else str(get(k)) for k in PROBLEM_COLUMNS)
+
+
 def current_kernel_rows(df: pd.DataFrame) -> pd.DataFrame:
     """`df` without the rows of replaced kernel sources (`superseded`)."""
     return df[~superseded(df)]

@@ -36,6 +36,7 @@ class SweepSpec:
     seed: int | None = None
     env: dict = field(default_factory=dict)
     search_deadline: float | None = None  # epoch seconds after which no search trial starts (--wall-budget)
+    skip_swept: bool = False  # leave out problems whose re-bench rows for this device and kernel are in `results`
 
 
 def split_list(value: str, what: str) -> list[str]:
@@ -129,15 +130,20 @@ def run_worker(spec: SweepSpec, gpu: str | None, progress, search: bool = True, 
     writer = RowWriter(spec.results)
     try:
         ev.start()
+        problems = spec.problems
+        if spec.skip_swept:
+            problems = unswept(problems, spec.results, ev.info["provenance"]["device_class"])
+            click.echo(f"--skip-swept: {len(spec.problems) - len(problems)} of {len(spec.problems)} problems "
+                       f"already swept on this device class and kernel source", err=True)
         storage = open_storage(spec.storage)
         claims = Claims(spec.storage)
         run = StudyRun(ev, storage, claims, writer, spec.run_id, Path(spec.results), spec.trials, spec.time_budget,
                        n_jobs=spec.compile_workers, seed=spec.seed, on_trial=progress, deadline=spec.search_deadline)
-        reconcile_rows(storage, [run.name(p) for p, _ in spec.problems], spec.results)
+        reconcile_rows(storage, [run.name(p) for p, _ in problems], spec.results)
         if search:
-            search_groups(run, spec.problems)
+            search_groups(run, problems)
         if rebench:
-            for p, pset in spec.problems:
+            for p, pset in problems:
                 run.rebench(p, pset, spec.finalists)
         return ev.info
     finally:
@@ -145,6 +151,21 @@ def run_worker(spec: SweepSpec, gpu: str | None, progress, search: bool = True, 
         ev.close()
         if claims is not None:
             claims.close()
+
+
+def unswept(problems: list[tuple[Problem, str]], results: str, device_class: str) -> list[tuple[Problem, str]]:
+    """`problems` less those whose sweep finished on this device class and kernel source, per the Parquet
+    rows under `results` (the committed record, where the study database may be gone)."""
+    from kernels.compile_cache import kernel_source_hash
+
+    from .results_io import problem_key, read_results, swept_keys
+
+    try:
+        df = read_results(results)
+    except ValueError:  # no rows yet
+        return problems
+    done = swept_keys(df, device_class, kernel_source_hash())
+    return [(p, s) for p, s in problems if problem_key(p) not in done]
 
 
 STUDY_GROUPS_AT_ONCE = 4
@@ -253,8 +274,11 @@ def format_summary(storage_url: str, spec: SweepSpec, info: dict) -> str:
 @click.option("--finalists", type=click.IntRange(min=1), default=3, show_default=True,
               help="Best configs re-benchmarked (interleaved, with the heuristic) per problem.")
 @click.option("--seed", type=int, default=None, help="Sampler seed.")
+@click.option("--skip-swept", is_flag=True, default=False,
+              help="Leave out problems whose re-bench rows for this device class and kernel source are already "
+                   "under --results: resumes from the committed Parquet on a machine without the study database.")
 def sweep_command(ops, problem_set, outs, in_dtype, layouts, trials, time_budget, wall_budget, storage, gpus, results_dir, backend,
-                  limit_shapes, trial_timeout, compile_workers, finalists, seed):
+                  limit_shapes, trial_timeout, compile_workers, finalists, seed, skip_swept):
     """Tune the knobs of OP on every shape of a problem set (resumes by default)."""
     from tqdm import tqdm
 
@@ -290,7 +314,8 @@ def sweep_command(ops, problem_set, outs, in_dtype, layouts, trials, time_budget
                      run_id=uuid.uuid4().hex[:12], trials=trials, time_budget=time_budget,
                      trial_timeout=trial_timeout, compile_workers=compile_workers or os.cpu_count() or 1,
                      finalists=finalists, seed=seed,
-                     search_deadline=None if wall_budget is None else time.time() + wall_budget)
+                     search_deadline=None if wall_budget is None else time.time() + wall_budget,
+                     skip_swept=skip_swept)
     total = len(problems) * trials if trials is not None else None
     click.echo(f"sweep {spec.run_id}: {len(problems)} problems, backend {backend}, storage {storage_url}", err=True)
     err = click.get_text_stream("stderr")

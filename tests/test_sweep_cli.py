@@ -209,3 +209,23 @@ def test_bad_input_is_a_clear_error_not_a_traceback(tmp_path, args, message):
     assert r.exit_code != 0
     assert message in r.output
     assert r.exception is None or isinstance(r.exception, SystemExit)
+
+
+def test_skip_swept_resumes_from_parquet_without_the_study_database(tmp_path):
+    res = tmp_path / "results"
+    args = ["sweep", "--op", "rmsnorm", "--problem-set", "llm", "--out", "bf16", "--backend", "synthetic",
+            "--trials", "2", "--limit-shapes", "3", "--results", str(res)]
+    assert run_cli(args).returncode == 0
+    first = read_results(res)
+    (res / "optuna.db").unlink()  # the database is not committed; the Parquet rows are
+    r = run_cli(args + ["--skip-swept"])
+    assert r.returncode == 0, r.stderr
+    assert "3 of 3 problems already swept" in r.stderr
+    assert len(read_results(res)) == len(first)  # nothing measured again
+    r = run_cli(args[:-4] + ["--limit-shapes", "5", "--results", str(res), "--skip-swept"])
+    assert r.returncode == 0, r.stderr
+    three = {study_name(p, "synthetic") for p, _ in select_problems("llm", ["rmsnorm"], ["bf16"], "bf16", 3)[0]}
+    five = {study_name(p, "synthetic") for p, _ in select_problems("llm", ["rmsnorm"], ["bf16"], "bf16", 5)[0]}
+    assert f"{len(three & five)} of 5 problems already swept" in r.stderr and three & five
+    df = read_results(res)
+    assert set(df["study"]) - set(first["study"]) == five - three  # only the new shapes were swept
