@@ -1,5 +1,9 @@
-"""Runtime choice of kernel knobs for a problem: exact LUT entry -> range along T -> nearest valid
-neighbour in C -> analytical heuristic.
+"""Runtime choice of kernel knobs for a problem: exact LUT entry -> range along T -> analytical heuristic.
+
+There is no guess from a neighbouring C: knobs tuned for another row length (and another T) lost to the
+heuristic on the H100 (rmsnorm_quant fp8 32768x16384 with C=7168's config: 2.5x slower; geomean 0.90x over
+the 10 benched shapes that tier answered), so an unswept C gets the heuristic, which is within a few percent
+of the tuned configs on most shapes (BENCHMARKS.md).
 
 Tables are per arch; where a LUT module of the caller's device class exists (H100 and H200 are both
 sm90 but differ in bandwidth) it is asked first, then any other module of the arch. Whatever a table
@@ -12,7 +16,6 @@ from __future__ import annotations
 import bisect
 import functools
 import logging
-import math
 import re
 from dataclasses import dataclass, replace
 
@@ -20,7 +23,7 @@ from .config import KernelConfig, heuristic, max_vec_bytes, violations
 from .luts import EXACT_KEY, RANGE_KEY, LutModule, load_shipped, read_lut
 from .problem import ELEM_BYTES, Problem
 
-TIERS = ("exact", "range", "nearest", "heuristic")
+TIERS = ("exact", "range", "heuristic")
 CACHE_SIZE = 65536  # memoised (problem, arch, class, stride, alignment) answers; T varies per batch
 
 _log = logging.getLogger(__name__)
@@ -65,10 +68,6 @@ class _LutIndex:
                 bad += 1
         if bad:
             _log.error("LUT module %s: skipped %d malformed entries (run `lutforge validate`)", self.name, bad)
-        # Neighbours for the nearest tier: (op, out, layout, dtype) -> [(C, heads), ...]
-        self.families: dict[tuple, list[tuple[int, int]]] = {}
-        for key in self.range:
-            self.families.setdefault(key[:4], []).append((key[4], key[5]))
 
     def at(self, key: tuple, T: int) -> KernelConfig | None:
         """The range table's config for T under `key` (None if the key is absent or T lies too far from the
@@ -170,8 +169,7 @@ class Dispatcher:
             return None if violations(p, cfg, arch, row_stride) else cfg
 
         tables = self._tables(arch, device_class)
-        family = (p.op, p.out_format, p.scale_layout, p.in_dtype)
-        rkey = family + (p.C, p.heads)
+        rkey = (p.op, p.out_format, p.scale_layout, p.in_dtype, p.C, p.heads)
         ekey = rkey + (p.T,)
         for t in tables:
             cfg = fit(t.exact.get(ekey))
@@ -181,16 +179,6 @@ class Dispatcher:
             cfg = fit(t.at(rkey, p.T))
             if cfg is not None:
                 return Selection(cfg, "range", t.name, rkey)
-        for t in tables:
-            neighbours = sorted(
-                (n for n in t.families.get(family, ()) if n != (p.C, p.heads)),
-                key=lambda n: (abs(math.log(n[0] / p.C)), abs(math.log(n[1] / p.heads)), n))
-            for c, h in neighbours:
-                cfg = fit(t.at(family + (c, h), p.T))
-                if cfg is not None:
-                    sel = Selection(cfg, "nearest", t.name, family + (c, h))
-                    self._log_fallback(p, arch, device_class, sel)
-                    return sel
         cfg = heuristic(p, arch, row_stride, ptr_align)
         why = violations(p, cfg, arch, row_stride)
         if why or ptr_align % cfg.vec_bytes:
@@ -201,15 +189,13 @@ class Dispatcher:
         return sel
 
     def _log_fallback(self, p: Problem, arch: int, device_class, sel: Selection) -> None:
-        shape_class = (arch, device_class, p.op, p.out_format, p.scale_layout, p.in_dtype, p.C, p.heads, sel.tier)
+        shape_class = (arch, device_class, p.op, p.out_format, p.scale_layout, p.in_dtype, p.C, p.heads)
         if shape_class in self._logged:
             return
         self._logged.add(shape_class)
         where = f"sm{arch}" + (f"/{device_class}" if device_class else "")
-        what = (f"nearest tuned C={sel.key[4]} heads={sel.key[5]} from {sel.source}" if sel.tier == "nearest"
-                else "the analytical heuristic")
-        _log.info("no tuned entry for %s %s->%s (%s) C=%d heads=%d on %s; using %s: %s", p.op, p.in_dtype,
-                  p.out_format, p.scale_layout, p.C, p.heads, where, what, sel.config.short())
+        _log.info("no tuned entry for %s %s->%s (%s) C=%d heads=%d on %s; using the analytical heuristic: %s",
+                  p.op, p.in_dtype, p.out_format, p.scale_layout, p.C, p.heads, where, sel.config.short())
 
 
 _default: Dispatcher | None = None

@@ -12,7 +12,7 @@ import click
 from .sweep_cmd import SCALE_LAYOUT_HELP, check_gpus, out_label, select_problems, split_layouts, split_list
 from .trial_worker import BACKENDS
 
-_SOURCE = {"exact": "lut_exact", "range": "lut_range", "nearest": "lut_nearest", "heuristic": "heuristic"}
+_SOURCE = {"exact": "lut_exact", "range": "lut_range", "heuristic": "heuristic"}
 
 
 def bench(problems, peers: list[str], backend: str, results_dir: Path, trial_timeout: float = 120.0,

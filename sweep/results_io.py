@@ -83,12 +83,17 @@ def superseded(df: pd.DataFrame) -> pd.Series:
     return out
 
 
-def swept_keys(df: pd.DataFrame, device_class: str, kernel_source: str) -> set[tuple]:
-    """Problem keys (PROBLEM_COLUMNS order) whose sweep finished, i.e. has an ok re-bench row, on this
-    device class and kernel source: what a sweep on a machine without the study database can skip."""
-    done = df[(df["kind"] == "rebench") & (df["status"] == "ok") & (df["device_class"] == device_class)
-              & (df["kernel_source"] == kernel_source)]
-    return {problem_key(r) for r in done[list(PROBLEM_COLUMNS)].to_dict("records")}
+def swept_keys(df: pd.DataFrame, device_class: str, kernel_source: str, trials: int | None = None) -> set[tuple]:
+    """Problem keys (PROBLEM_COLUMNS order) swept on this device class and kernel source: with an ok re-bench
+    row, or at least `trials` trial rows (a sweep stopped before its re-bench). What a sweep on a machine
+    without the study database can skip."""
+    mine = df[(df["device_class"] == device_class) & (df["kernel_source"] == kernel_source)]
+    done = {problem_key(r) for r in
+            mine[(mine["kind"] == "rebench") & (mine["status"] == "ok")][list(PROBLEM_COLUMNS)].to_dict("records")}
+    if trials is not None:
+        counts = mine[mine["kind"] == "trial"].groupby(list(PROBLEM_COLUMNS), dropna=False).size()
+        done |= {problem_key(dict(zip(PROBLEM_COLUMNS, k))) for k, n in counts.items() if n >= trials}
+    return done
 
 
 def problem_key(p) -> tuple:

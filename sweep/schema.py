@@ -30,7 +30,7 @@ FIELDS: list[pa.Field] = [
     pa.field("trial", pa.int64()),  # Optuna trial number; -1 for bench rows
     pa.field("kind", pa.string()),  # trial | rebench | bench
     pa.field("impl", pa.string()),  # lutforge | lutforge_heuristic | torch_eager | torch_compile | quack | liger | flashinfer
-    pa.field("config_source", pa.string()),  # search | heuristic | lut_exact | lut_range | lut_nearest | peer
+    pa.field("config_source", pa.string()),  # search | heuristic | lut_exact | lut_range | peer (lut_nearest: old rows)
     pa.field("problem_set", pa.string()),
     pa.field("op", pa.string()),
     pa.field("out_format", pa.string()),

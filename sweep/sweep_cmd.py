@@ -132,7 +132,7 @@ def run_worker(spec: SweepSpec, gpu: str | None, progress, search: bool = True, 
         ev.start()
         problems = spec.problems
         if spec.skip_swept:
-            problems = unswept(problems, spec.results, ev.info["provenance"]["device_class"])
+            problems = unswept(problems, spec.results, ev.info["provenance"]["device_class"], spec.trials)
             click.echo(f"--skip-swept: {len(spec.problems) - len(problems)} of {len(spec.problems)} problems "
                        f"already swept on this device class and kernel source", err=True)
         storage = open_storage(spec.storage)
@@ -153,9 +153,11 @@ def run_worker(spec: SweepSpec, gpu: str | None, progress, search: bool = True, 
             claims.close()
 
 
-def unswept(problems: list[tuple[Problem, str]], results: str, device_class: str) -> list[tuple[Problem, str]]:
-    """`problems` less those whose sweep finished on this device class and kernel source, per the Parquet
-    rows under `results` (the committed record, where the study database may be gone)."""
+def unswept(problems: list[tuple[Problem, str]], results: str, device_class: str, trials: int | None
+            ) -> list[tuple[Problem, str]]:
+    """`problems` less those already swept on this device class and kernel source (re-benchmarked, or with
+    `trials` trial rows), per the Parquet rows under `results`: the committed record, where the study
+    database may be gone."""
     from kernels.compile_cache import kernel_source_hash
 
     from .results_io import problem_key, read_results, swept_keys
@@ -164,7 +166,7 @@ def unswept(problems: list[tuple[Problem, str]], results: str, device_class: str
         df = read_results(results)
     except ValueError:  # no rows yet
         return problems
-    done = swept_keys(df, device_class, kernel_source_hash())
+    done = swept_keys(df, device_class, kernel_source_hash(), trials)
     return [(p, s) for p, s in problems if problem_key(p) not in done]
 
 
@@ -275,8 +277,9 @@ def format_summary(storage_url: str, spec: SweepSpec, info: dict) -> str:
               help="Best configs re-benchmarked (interleaved, with the heuristic) per problem.")
 @click.option("--seed", type=int, default=None, help="Sampler seed.")
 @click.option("--skip-swept", is_flag=True, default=False,
-              help="Leave out problems whose re-bench rows for this device class and kernel source are already "
-                   "under --results: resumes from the committed Parquet on a machine without the study database.")
+              help="Leave out problems already swept on this device class and kernel source per the rows under "
+                   "--results (a re-bench, or --trials trials): resumes from the committed Parquet on a machine "
+                   "without the study database.")
 def sweep_command(ops, problem_set, outs, in_dtype, layouts, trials, time_budget, wall_budget, storage, gpus, results_dir, backend,
                   limit_shapes, trial_timeout, compile_workers, finalists, seed, skip_swept):
     """Tune the knobs of OP on every shape of a problem set (resumes by default)."""

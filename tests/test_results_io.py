@@ -8,7 +8,8 @@ import pytest
 from kernels.compile_cache import kernel_source_hash
 from kernels.config import KernelConfig
 from lut_export.export import export_lut
-from sweep.results_io import append_rows, current_kernel_rows, read_results, superseded
+from kernels.problem import Problem
+from sweep.results_io import append_rows, current_kernel_rows, problem_key, read_results, superseded, swept_keys
 from sweep.schema import SCHEMA
 
 from results_rows import row
@@ -105,3 +106,18 @@ def test_a_newer_bench_does_not_void_the_sweep_rows_its_configs_came_from(tmp_pa
     df = read_results(tmp_path)
     stale = df[superseded(df)]
     assert stale[["kind", "median_us"]].values.tolist() == [["bench", 2.2]]  # only the older bench row
+
+
+def test_swept_keys_count_a_rebench_or_enough_trials_on_this_device_and_kernel(tmp_path):
+    k = {"kernel_source": "new"}
+    append_rows(tmp_path, [row("rmsnorm", "bf16", 1, 4096, 2.0, kind="rebench") | k]  # re-benchmarked
+                + [row("rmsnorm", "bf16", 16, 4096, 2.0, trial=i) | k for i in range(3)]  # stopped before re-bench
+                + [row("rmsnorm", "bf16", 256, 4096, 2.0, trial=i) | k for i in range(2)]  # stopped early
+                + [row("rmsnorm", "bf16", 4096, 4096, 2.0, kind="rebench") | {"kernel_source": "old"}]
+                + [row("rmsnorm", "bf16", 8192, 4096, 2.0, kind="rebench", status="timeout") | k])
+    df = read_results(tmp_path)
+    key = lambda T: problem_key(Problem("rmsnorm", T, 4096))
+    assert swept_keys(df, "h100", "new") == {key(1)}
+    assert swept_keys(df, "h100", "new", trials=3) == {key(1), key(16)}
+    assert swept_keys(df, "h200", "new", trials=1) == set()  # another device class swept nothing
+    assert swept_keys(df, "h100", "old") == {key(4096)}
