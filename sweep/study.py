@@ -391,7 +391,27 @@ class StudyRun:
     seed: int | None = None
     on_trial: object = None  # callable(status) for progress
     owner: str = field(default_factory=owner_id)
-    deadline: float | None = None  # epoch seconds: no search trial starts after it
+    deadline: float | None = None  # epoch seconds by which search and re-bench should be done (--wall-budget)
+    finalists: int = FINALISTS
+    rounds: int = REBENCH_ROUNDS
+    reached: set = field(default_factory=set)  # problems whose search started in this process
+
+    def rebench_reserve_s(self) -> float:
+        """Estimated seconds to re-benchmark every problem reached so far: (finalists + heuristic) x rounds
+        timings at the mean measured cost of one timing of that problem (of any problem, before its first)."""
+        cost = dict(getattr(self.evaluator, "timing_s", {}))
+        default = sum(cost.values()) / len(cost) if cost else 0.0
+        return sum((self.finalists + 1) * self.rounds * cost.get(p, default) for p in list(self.reached))
+
+    def search_time_left(self) -> float | None:
+        """Seconds the search may still run so that the re-bench of what it reached ends by the deadline."""
+        if self.deadline is None:
+            return None
+        return self.deadline - time.time() - self.rebench_reserve_s()
+
+    def in_time(self) -> bool:
+        left = self.search_time_left()
+        return left is None or left > 0
 
     @property
     def device(self) -> dict:
@@ -476,8 +496,10 @@ class StudyRun:
         sweep's deadline has passed before it started."""
         if self.trials is None and self.time_budget is None:
             raise ValueError("give a trial budget, a time budget or both")
-        if self.deadline is not None and time.time() >= self.deadline:
+        left = self.search_time_left()
+        if left is not None and left <= 0:
             return None
+        self.reached.add(p)
         space = search_space(p, self.arch_num)
         sampler = choose_sampler(space, self.trials, self.seed)
         sampler_name = sampler.name
@@ -519,7 +541,7 @@ class StudyRun:
                 if space.dead_end(params):
                     break
             dup = self.claims.claim(name, config_key(params), trial.number,
-                                    takeover=lambda owner: _state(study, owner) == TrialState.FAIL)
+                                    takeover=lambda owner: _reclaimable(study, owner))
             if dup is not None:
                 take_slot(+1)  # nothing was measured
                 trial.set_user_attr("duplicate_of", dup)
@@ -530,7 +552,11 @@ class StudyRun:
             if space.dead_end(params):
                 result = {"status": "invalid", "error": space.explain(params)}
             else:
-                result = self.evaluator.evaluate(p, KernelConfig(**params))
+                result = self.evaluator.evaluate(p, KernelConfig(**params), wanted=self.in_time)
+                if result is None:  # time ran out while it compiled or waited for the GPU: not measured
+                    take_slot(+1)
+                    trial.set_user_attr("unmeasured", True)
+                    raise optuna.TrialPruned("wall budget spent before it was timed")
             cfg_source = "heuristic" if (not space.dead_end(params) and KernelConfig(**params) == heur) else "search"
             row = self.row(p, problem_set, result, params, trial.number, "trial", "lutforge", cfg_source)
             trial.set_user_attr("row", row)
@@ -546,7 +572,8 @@ class StudyRun:
                 self.writer.add(t.user_attrs["row"])
             if self.on_trial is not None:
                 self.on_trial(status_of(t))
-            if self.deadline is not None and time.time() >= self.deadline:
+            left = self.search_time_left()
+            if left is not None and left <= 0:
                 study.stop()
             elif self.trials is not None:
                 n, total, waiting = self.measured(study)
@@ -555,15 +582,17 @@ class StudyRun:
 
         timeout = self.time_budget
         if self.deadline is not None:
-            left = max(self.deadline - time.time(), 1e-3)
+            left = max(self.search_time_left(), 1e-3)
             timeout = left if timeout is None else min(timeout, left)
         study.optimize(objective, timeout=timeout, n_jobs=self.n_jobs, callbacks=[after], gc_after_trial=False)
         self.writer.flush()
         return study
 
-    def rebench(self, p: Problem, problem_set: str | None = None, finalists: int = FINALISTS,
-                rounds: int = REBENCH_ROUNDS) -> dict | None:
+    def rebench(self, p: Problem, problem_set: str | None = None, finalists: int | None = None,
+                rounds: int | None = None) -> dict | None:
         """Re-time the best few configs and the heuristic interleaved; store and return the winner."""
+        finalists = self.finalists if finalists is None else finalists
+        rounds = self.rounds if rounds is None else rounds
         name = self.name(p)
         try:
             study = optuna.load_study(study_name=name, storage=self.storage)
@@ -634,8 +663,11 @@ def status_of(t: optuna.trial.FrozenTrial) -> str | None:
     return row["status"] if row else None
 
 
-def _state(study: optuna.Study, number: int) -> TrialState:
-    return study.get_trials(deepcopy=False)[number].state
+def _reclaimable(study: optuna.Study, number: int) -> bool:
+    """Whether trial `number`'s claim on its config may pass to a new trial: it failed (its process died),
+    or it stopped unmeasured when the wall budget ran out."""
+    t = study.get_trials(deepcopy=False)[number]
+    return t.state == TrialState.FAIL or (t.state == TrialState.PRUNED and bool(t.user_attrs.get("unmeasured")))
 
 
 def summary(storage: optuna.storages.RDBStorage, name: str) -> dict | None:

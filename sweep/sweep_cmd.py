@@ -35,8 +35,8 @@ class SweepSpec:
     finalists: int
     seed: int | None = None
     env: dict = field(default_factory=dict)
-    search_deadline: float | None = None  # epoch seconds after which no search trial starts (--wall-budget)
-    skip_swept: bool = False  # leave out problems whose re-bench rows for this device and kernel are in `results`
+    deadline: float | None = None  # epoch seconds by which search and re-bench should end (--wall-budget)
+    skip_swept: bool = False  # leave out problems `results` holds as swept on this device and kernel (unswept)
 
 
 def split_list(value: str, what: str) -> list[str]:
@@ -138,13 +138,14 @@ def run_worker(spec: SweepSpec, gpu: str | None, progress, search: bool = True, 
         storage = open_storage(spec.storage)
         claims = Claims(spec.storage)
         run = StudyRun(ev, storage, claims, writer, spec.run_id, Path(spec.results), spec.trials, spec.time_budget,
-                       n_jobs=spec.compile_workers, seed=spec.seed, on_trial=progress, deadline=spec.search_deadline)
+                       n_jobs=spec.compile_workers, seed=spec.seed, on_trial=progress, deadline=spec.deadline,
+                       finalists=spec.finalists)
         reconcile_rows(storage, [run.name(p) for p, _ in problems], spec.results)
         if search:
             search_groups(run, problems)
         if rebench:
             for p, pset in problems:
-                run.rebench(p, pset, spec.finalists)
+                run.rebench(p, pset)
         return ev.info
     finally:
         writer.flush()
@@ -258,8 +259,10 @@ def format_summary(storage_url: str, spec: SweepSpec, info: dict) -> str:
 @click.option("--time-budget", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Seconds of search per problem and worker process.")
 @click.option("--wall-budget", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Seconds of search for the whole sweep: after them no trial starts, finalists are "
-                   "re-benchmarked and the sweep ends (problems not reached keep what they had; rerun to resume).")
+              help="Seconds for the whole sweep, re-bench included: the search stops when the time left is what "
+                   "re-benchmarking the problems it reached will take (estimated from their measured timing "
+                   "cost), then the finalists are re-benchmarked. Problems not reached keep what they had; rerun "
+                   "to resume.")
 @click.option("--storage", default=None, help="Optuna storage URL; default sqlite file <results>/optuna.db. "
                                               "postgresql://... lets many GPUs/hosts share one sweep.")
 @click.option("--gpus", default=None, help="Comma list of GPU indices: one worker process per GPU on the same studies.")
@@ -317,7 +320,7 @@ def sweep_command(ops, problem_set, outs, in_dtype, layouts, trials, time_budget
                      run_id=uuid.uuid4().hex[:12], trials=trials, time_budget=time_budget,
                      trial_timeout=trial_timeout, compile_workers=compile_workers or os.cpu_count() or 1,
                      finalists=finalists, seed=seed,
-                     search_deadline=None if wall_budget is None else time.time() + wall_budget,
+                     deadline=None if wall_budget is None else time.time() + wall_budget,
                      skip_swept=skip_swept)
     total = len(problems) * trials if trials is not None else None
     click.echo(f"sweep {spec.run_id}: {len(problems)} problems, backend {backend}, storage {storage_url}", err=True)

@@ -375,6 +375,8 @@ class Evaluator:
         self._compiled: dict[tuple, Future] = {}
         self._compiled_lock = threading.Lock()
         self.info: dict | None = None
+        self.timing_s: dict[Problem, float] = {}  # mean wall seconds of one kernel timing, per problem
+        self._timings: dict[Problem, int] = {}
 
     def start(self) -> dict:
         """Start the timing process; returns its info (provenance, arch, copy_gbps)."""
@@ -411,10 +413,17 @@ class Evaluator:
         fut.set_result(res)
         return res
 
-    def _timed(self, request) -> dict:
+    def _timed(self, request, wanted=None) -> dict | None:
         with self._timing_lock:
+            if wanted is not None and not wanted():
+                return None
             restarts = self.timing.restarts
+            t0 = time.monotonic()
             r = self.timing.call(request, self.trial_timeout)
+            if request[0] == "kernel":  # what a re-bench will cost for this problem (StudyRun's budget)
+                p, n = request[1], self._timings.get(request[1], 0)
+                self.timing_s[p] = (self.timing_s.get(p, 0.0) * n + time.monotonic() - t0) / (n + 1)
+                self._timings[p] = n + 1
             if self.timing.restarts != restarts and self.timing.info is not None:
                 self.info = self.timing.info  # a restarted child re-measured the copy roofline
         if r.kind == "ok":
@@ -423,15 +432,20 @@ class Evaluator:
             return {"status": "timeout", "error": r.message}
         return {"status": "runtime_error", "error": r.message[:4000]}
 
-    def time(self, problem: Problem, cfg: KernelConfig) -> dict:
-        return self._timed(("kernel", problem, cfg))
+    def time(self, problem: Problem, cfg: KernelConfig, wanted=None) -> dict | None:
+        """Check and time a compiled kernel; None, untimed, when `wanted()` says no once the GPU is free."""
+        return self._timed(("kernel", problem, cfg), wanted)
 
-    def evaluate(self, problem: Problem, cfg: KernelConfig) -> dict:
-        """Compile (cached) then check and time: a dict with status and, when ok, the timings."""
+    def evaluate(self, problem: Problem, cfg: KernelConfig, wanted=None) -> dict | None:
+        """Compile (cached) then check and time: a dict with status and, when ok, the timings (None as in
+        `time`)."""
         c = self.compile(problem, cfg)
         if c["status"] != "ok":
             return {"status": c["status"], "error": c.get("error")}
-        res = dict(self.time(problem, cfg))
+        r = self.time(problem, cfg, wanted)
+        if r is None:
+            return None
+        res = dict(r)
         res["compile_s"] = c.get("compile_s")
         return res
 

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import time
 
+import pandas as pd
 import pytest
 from click.testing import CliRunner
 
@@ -151,6 +152,37 @@ def test_wall_budget_stops_the_search_then_rebenches_what_it_reached(tmp_path):
     assert 0 < len(reached) < 80 and len(trials) < 80 * 100  # the budget, not the trial count, ended it
     assert set(rebench["study"]) == {s for s in reached if (trials[trials["study"] == s]["status"] == "ok").any()}
     assert wall < 4 + 60  # start-up, the last trials in flight and the re-bench
+
+
+def test_wall_budget_leaves_time_for_the_rebench_of_what_the_search_reached(tmp_path):
+    # Every timing takes 0.3 s, so re-benchmarking 4 problems (finalist + heuristic, 3 rounds) costs ~7 s of
+    # a 15 s budget: the search must stop early enough for it, not at the budget's end.
+    res, budget = tmp_path / "results", 15.0
+    t0 = time.time()
+    r = run_cli(["sweep", "--op", "fused_rmsnorm_silu", "--problem-set", "wan_vae", "--out", "bf16", "--backend",
+                 "synthetic", "--trials", "500", "--limit-shapes", "4", "--finalists", "1", "--compile-workers", "2",
+                 "--wall-budget", str(budget), "--results", str(res)],
+                **{FAULTS_ENV: json.dumps([{"when": {}, "fault": "slow"}])})
+    assert r.returncode == 0, r.stderr
+    df = read_results(res)
+    stamp = lambda kind: pd.to_datetime(df[df["kind"] == kind]["timestamp"]).map(lambda t: t.timestamp())
+    trials, rebench = stamp("trial"), stamp("rebench")
+    assert df[df["kind"] == "rebench"]["study"].nunique() == 4  # every problem reached was re-benchmarked
+    assert rebench.max() <= t0 + budget + 2.0  # ... within the budget (the last trials in flight: < 1 s)
+    assert trials.max() >= t0 + budget / 3  # and the search used the time the re-bench left it
+    assert len(trials) < 4 * 500
+    # Trials stopped untimed by the budget (those waiting for the GPU when it ran out) hand their configs
+    # back: a resume measures them, never calls them duplicates.
+    first = studies(f"sqlite:///{res / 'optuna.db'}").values()
+    assert any(t.user_attrs.get("unmeasured") for s in first for t in s.get_trials(deepcopy=False))
+    r = run_cli(["sweep", "--op", "fused_rmsnorm_silu", "--problem-set", "wan_vae", "--out", "bf16", "--backend",
+                 "synthetic", "--trials", "40", "--limit-shapes", "4", "--results", str(res)])
+    assert r.returncode == 0, r.stderr
+    for study in studies(f"sqlite:///{res / 'optuna.db'}").values():
+        ts = study.get_trials(deepcopy=False)
+        assert not [t for t in ts if t.user_attrs.get("duplicate_of") is not None
+                    and ts[t.user_attrs["duplicate_of"]].user_attrs.get("unmeasured")]
+    assert_one_row_per_trial(f"sqlite:///{res / 'optuna.db'}", read_results(res))
 
 
 def test_scale_layouts_select_swizzled_problems_only_for_ops_that_write_fp4_scales():

@@ -204,6 +204,8 @@ def test_evaluator_synthetic_compiles_once_per_key():
         first = ev.evaluate(p, cfg)
         assert first["status"] == "ok" and first["median_us"] == model_us(p, cfg)
         assert ev.compile(Problem("rmsnorm", 99, 64), cfg) is ev.compile(p, cfg)  # cached: T is not in the key
+        assert ev.timing_s[p] > 0  # the cost of a timing, for --wall-budget's re-bench reserve
+        assert ev.evaluate(p, cfg, wanted=lambda: False) is None  # compiled, but not timed any more
         compile_pid = ev._all_compile[0].proc.pid
         assert os.getpriority(os.PRIO_PROCESS, compile_pid) >= min(19, os.getpriority(os.PRIO_PROCESS, 0) + 10)
         assert os.getpriority(os.PRIO_PROCESS, ev.timing.proc.pid) == os.getpriority(os.PRIO_PROCESS, 0)
