@@ -399,7 +399,7 @@ class StudyRun:
     def rebench_reserve_s(self) -> float:
         """Estimated seconds to re-benchmark every problem reached so far: (finalists + heuristic) x rounds
         timings at the mean measured cost of one timing of that problem (of any problem, before its first)."""
-        cost = dict(getattr(self.evaluator, "timing_s", {}))
+        cost = dict(self.evaluator.timing_s)
         default = sum(cost.values()) / len(cost) if cost else 0.0
         return sum((self.finalists + 1) * self.rounds * cost.get(p, default) for p in list(self.reached))
 
@@ -588,11 +588,10 @@ class StudyRun:
         self.writer.flush()
         return study
 
-    def rebench(self, p: Problem, problem_set: str | None = None, finalists: int | None = None,
-                rounds: int | None = None) -> dict | None:
-        """Re-time the best few configs and the heuristic interleaved; store and return the winner."""
-        finalists = self.finalists if finalists is None else finalists
-        rounds = self.rounds if rounds is None else rounds
+    def rebench(self, p: Problem, problem_set: str | None = None) -> dict | None:
+        """Re-time the best `finalists` configs and the heuristic interleaved, `rounds` times; store and return
+        the winner."""
+        finalists, rounds = self.finalists, self.rounds
         name = self.name(p)
         try:
             study = optuna.load_study(study_name=name, storage=self.storage)

@@ -143,7 +143,7 @@ def test_wall_budget_stops_the_search_then_rebenches_what_it_reached(tmp_path):
     res = tmp_path / "results"
     t0 = time.monotonic()
     r = run_cli(["sweep", "--op", "fused_rmsnorm_silu", "--problem-set", "wan_vae", "--out", "bf16,fp8",
-                 "--backend", "synthetic", "--trials", "100", "--wall-budget", "4", "--results", str(res)])
+                 "--backend", "synthetic", "--trials", "100", "--wall-budget", "10", "--results", str(res)])
     wall = time.monotonic() - t0
     assert r.returncode == 0, r.stderr
     df = read_results(res)
@@ -151,7 +151,7 @@ def test_wall_budget_stops_the_search_then_rebenches_what_it_reached(tmp_path):
     reached = set(trials["study"])
     assert 0 < len(reached) < 80 and len(trials) < 80 * 100  # the budget, not the trial count, ended it
     assert set(rebench["study"]) == {s for s in reached if (trials[trials["study"] == s]["status"] == "ok").any()}
-    assert wall < 4 + 60  # start-up, the last trials in flight and the re-bench
+    assert wall < 10 + 60  # start-up, the last trials in flight and the re-bench
 
 
 def test_wall_budget_leaves_time_for_the_rebench_of_what_the_search_reached(tmp_path):
