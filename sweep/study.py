@@ -395,6 +395,7 @@ class StudyRun:
     finalists: int = FINALISTS
     rounds: int = REBENCH_ROUNDS
     reached: set = field(default_factory=set)  # problems whose search started in this process
+    stopped: bool = False  # `stop` was called: no trial is timed any more
 
     def rebench_reserve_s(self) -> float:
         """Estimated seconds to re-benchmark every problem reached so far: (finalists + heuristic) x rounds
@@ -411,7 +412,13 @@ class StudyRun:
 
     def in_time(self) -> bool:
         left = self.search_time_left()
-        return left is None or left > 0
+        return not self.stopped and (left is None or left > 0)
+
+    def stop(self) -> None:
+        """Stop now (Ctrl-C, SIGTERM): trials waiting for the GPU stop untimed, those in flight fail with the
+        workers, and neither leaves a row; their configs go to the next run."""
+        self.stopped = True
+        self.evaluator.close()
 
     @property
     def device(self) -> dict:
@@ -496,8 +503,7 @@ class StudyRun:
         sweep's deadline has passed before it started."""
         if self.trials is None and self.time_budget is None:
             raise ValueError("give a trial budget, a time budget or both")
-        left = self.search_time_left()
-        if left is not None and left <= 0:
+        if not self.in_time():
             return None
         self.reached.add(p)
         space = search_space(p, self.arch_num)
@@ -572,8 +578,7 @@ class StudyRun:
                 self.writer.add(t.user_attrs["row"])
             if self.on_trial is not None:
                 self.on_trial(status_of(t))
-            left = self.search_time_left()
-            if left is not None and left <= 0:
+            if not self.in_time():
                 study.stop()
             elif self.trials is not None:
                 n, total, waiting = self.measured(study)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue
+import signal
+import sys
 import threading
 import time
 import uuid
@@ -190,11 +192,17 @@ def search_groups(run, problems: list[tuple[Problem, str]], at_once: int = STUDY
             run.run(p, pset)
 
     with ThreadPoolExecutor(max(1, min(at_once, len(groups)))) as pool:
-        for f in [pool.submit(one, g) for g in groups.values()]:
-            f.result()
+        futures = [pool.submit(one, g) for g in groups.values()]
+        try:
+            for f in futures:
+                f.result()
+        except BaseException:  # Ctrl-C, SIGTERM, a failed study: stop the others now, not after their budgets
+            run.stop()
+            raise
 
 
 def _worker_process(spec: SweepSpec, gpu: str, progress_q) -> None:
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # unwind: flush rows, stop workers
     os.environ["CUDA_VISIBLE_DEVICES"] = gpu
     run_worker(spec, gpu, lambda status: progress_q.put(status), search=True, rebench=False)
 

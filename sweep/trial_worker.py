@@ -4,6 +4,9 @@ trial and never the sweep.
 - `IsolatedWorker`: one `spawn`ed child serving requests over a pipe. A reply that does not come
   within the timeout kills the child (status timeout); a child that dies mid-request (abort, CUDA
   fault, OOM kill) is reported as a crash (status runtime_error). The next request restarts it.
+- Children ignore SIGINT and SIGTERM: a Ctrl-C or `timeout` reaches the whole process group, and a child
+  killed by it mid-request would read as a crashed trial. The parent stops them (`shutdown`), and a child
+  whose parent is gone exits by itself; requests cut off by a shutdown raise `WorkerShutDown`, never a status.
 - `Evaluator`: a pool of compile workers (CuTe-DSL compilation is not thread-safe, and fork after CUDA
   init breaks, hence spawned processes), results cached per compile key, plus ONE long-lived timing
   worker per GPU that keeps its CUDA context (slow to create) until a fault forces a restart.
@@ -33,6 +36,10 @@ START_TIMEOUT_S = 600.0  # CUDA context + copy roofline, or a cold import of the
 COMPILE_NICE = 10  # compile processes yield the CPU to the timing process (see CompileService)
 
 
+class WorkerShutDown(RuntimeError):
+    """The worker was shut down (the sweep or bench is stopping): the request was not answered."""
+
+
 @dataclass(frozen=True)
 class Reply:
     kind: str  # ok | error | crash | timeout
@@ -49,6 +56,8 @@ def _watch_parent(ppid: int) -> None:
 
 
 def _child_main(conn, factory, args: tuple, env: dict, ppid: int) -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):  # the parent ends this process (module docstring)
+        signal.signal(sig, signal.SIG_IGN)
     threading.Thread(target=_watch_parent, args=(ppid,), daemon=True).start()
     os.environ.update(env)
     try:
@@ -94,12 +103,15 @@ class IsolatedWorker:
         self.conn = None
         self.info = None
         self.restarts = 0
+        self.shut = False
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.is_alive()
 
     def start(self) -> Any:
         """Start the child and wait for its service to be ready; returns the service's info."""
+        if self.shut:
+            raise WorkerShutDown(f"{self.name} was shut down")
         self.close()
         if self.info is not None:
             self.restarts += 1
@@ -127,7 +139,15 @@ class IsolatedWorker:
         return value
 
     def call(self, request, timeout: float) -> Reply:
-        """Send one request; never raises for a child that crashes or hangs."""
+        """Send one request; never raises for a child that crashes or hangs (WorkerShutDown once `shutdown`)."""
+        try:
+            return self._call(request, timeout)
+        except (EOFError, OSError, ValueError, AttributeError):  # the connection was closed under it
+            if self.shut:
+                raise WorkerShutDown(f"{self.name} was shut down during the request") from None
+            raise
+
+    def _call(self, request, timeout: float) -> Reply:
         if not self.alive():
             self.start()
         try:
@@ -139,6 +159,8 @@ class IsolatedWorker:
             try:
                 kind, value = self.conn.recv()
             except (EOFError, OSError):
+                if self.shut:
+                    raise
                 self.proc.join(5)
                 code = self.proc.exitcode
                 self.close()
@@ -148,8 +170,15 @@ class IsolatedWorker:
             if not self.proc.is_alive() or kind == "error":
                 self.proc.join(0.1)
             return Reply("error", message=str(value))
+        if self.shut:
+            raise WorkerShutDown(f"{self.name} was shut down during the request")
         self.close()
         return Reply("timeout", message=f"{self.name}: no answer within {timeout:.0f} s; process killed")
+
+    def shutdown(self) -> None:
+        """Stop the child for good: a request in flight or made later raises WorkerShutDown."""
+        self.shut = True
+        self.close()
 
     def close(self) -> None:
         if self.proc is not None:
@@ -399,6 +428,11 @@ class Evaluator:
         worker = self._idle.get()
         try:
             r = worker.call((problem, cfg, self.arch), self.compile_timeout)
+        except BaseException as e:  # WorkerShutDown: threads waiting on this compile must not wait forever
+            with self._compiled_lock:
+                self._compiled.pop(key, None)
+            fut.set_exception(e)
+            raise
         finally:
             self._idle.put(worker)
         if r.kind == "ok":
@@ -453,6 +487,8 @@ class Evaluator:
         return self._timed(("peer", problem, impl))
 
     def close(self) -> None:
-        self.timing.close()
+        """Stop every worker; calls in flight on other threads raise WorkerShutDown instead of reporting a
+        crashed trial."""
+        self.timing.shutdown()
         for w in self._all_compile:
-            w.close()
+            w.shutdown()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import time
@@ -218,6 +219,32 @@ def test_a_bench_stopped_by_sigterm_keeps_the_rows_it_measured(tmp_path):
     df = read_results(res)
     assert set(df["status"]) == {"ok"} and len(df) >= 2 * (len(problems) - 1)
     assert set(zip(df["T"], df["C"])) >= {(q.T, q.C) for q, _ in problems[:-1]}
+
+
+def test_sigterm_to_the_whole_process_group_stops_a_sweep_without_failing_trials(tmp_path):
+    """`timeout` and Ctrl-C signal every process of the group: the compile and timing children must not die
+    mid-trial and turn valid configs into runtime_error rows. The sweep stops promptly; its cut-off trials
+    leave no row and are measured by the resume."""
+    res = tmp_path / "results"
+    args = ["sweep", "--op", "fused_rmsnorm_silu", "--problem-set", "wan_vae", "--out", "bf16", "--backend",
+            "synthetic", "--trials", "30", "--limit-shapes", "4", "--compile-workers", "2", "--results", str(res)]
+    slow = {FAULTS_ENV: json.dumps([{"when": {}, "fault": "slow"}])}  # every timing 0.3 s
+    proc = subprocess.Popen(CLI + args, cwd=REPO, env=cli_env(**slow), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    time.sleep(12)  # start-up, then some trials of the 4 x 30
+    assert proc.poll() is None, proc.communicate()[0]
+    os.killpg(proc.pid, signal.SIGTERM)
+    t0 = time.monotonic()
+    out = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 128 + signal.SIGTERM, out
+    assert time.monotonic() - t0 < 15, out  # stopped now, not after the studies' budgets
+    first = read_results(res)
+    assert 0 < len(first) < 4 * 30 and set(first["status"]) == {"ok"}
+    r = run_cli(args, **slow)
+    assert r.returncode == 0, r.stderr
+    df = read_results(res)
+    assert set(df["status"]) == {"ok"}
+    assert_one_row_per_trial(f"sqlite:///{res / 'optuna.db'}", df)
 
 
 @pytest.mark.parametrize("args, message", [
