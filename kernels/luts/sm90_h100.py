@@ -8,7 +8,7 @@ METADATA = {
     "device_class": "h100",
     "devices": ["NVIDIA H100 80GB HBM3"],
     "backend": "gpu",
-    "generated_at": "2026-11-23T17:40:30Z",
+    "generated_at": "2026-11-23T18:10:13Z",
     "source_run_ids": ["1085b4fa7d8c", "15c52640ebfc", "2ec7e1b46656", "3bc02495e559", "55695e3427df", "64ce4d001904", "64d1817c6dc6", "7392f9cea0e0", "7dfe683ed813", "900fb6a4cd59", "915aa5915792", "968498612878", "a2e3e430bd72", "a2fa805b1f67", "a83cf3d5c5c0"],
     "git_commits": ["03788cf8459002f3971792e50e03d7e6f95ed331+dirty", "53bfcad290f575a43fbad54884f014e5a6f8d307+dirty", "624b58586314989b968a248cb517f54608c47d7f+dirty"],
     "versions": {"torch": ["2.11.0"], "cutlass_dsl": ["4.8.1"], "cuda": ["13.0"], "driver": ["580.159.04"], "lutforge": ["0.1.0"]},
