@@ -10,12 +10,11 @@ import pandas as pd
 from kernels.config import KNOB_CHOICES, KernelConfig, heuristic, violations
 from kernels.luts import EXACT_KEY
 from kernels.problem import Problem
-from sweep.results_io import OWN_IMPLS
+from sweep.results_io import OWN_IMPLS, PROBLEM_DEFAULTS
 from sweep.study import TIE_FRACTION, pick_winner
 
 TIE = TIE_FRACTION  # the sweep's tie margin, named here for gpu_check
 USED_KINDS = ("trial", "rebench")  # bench rows measure peers or already-exported LUTs
-DEFAULTS = {"scale_layout": "rowmajor", "heads": 1}
 
 
 @dataclass(frozen=True)
@@ -64,8 +63,7 @@ def select_rows(df: pd.DataFrame, arch=None, device_class: str | None = None,
         raise TypeError(f"expected a DataFrame of result rows, got {type(df).__name__}")
     arch = parse_arch(arch)
     knob_cols = [f"knob_{k}" for k in KNOB_CHOICES]
-    df = df.assign(scale_layout=df["scale_layout"].fillna(DEFAULTS["scale_layout"]),
-                   heads=df["heads"].fillna(DEFAULTS["heads"]))
+    df = df.assign(**{col: df[col].fillna(default) for col, default in PROBLEM_DEFAULTS.items()})
     own = (df["kind"].isin(USED_KINDS) & (df["impl"].isna() | df["impl"].isin(OWN_IMPLS))
            & df[knob_cols].notna().all(axis=1))
     ok = own & (df["status"] == "ok") & (df["median_us"] > 0)

@@ -8,7 +8,7 @@ import threading
 import click
 
 
-def _exit_on_sigterm(signum, frame):
+def exit_on_sigterm(signum, frame):
     sys.exit(128 + signum)  # unwinds like Ctrl-C: `finally` blocks flush buffered rows and stop workers
 
 
@@ -17,7 +17,7 @@ def _exit_on_sigterm(signum, frame):
 def main():
     """Tune RMSNorm-family GPU kernels, export the winners as lookup tables, look at the results."""
     if threading.current_thread() is threading.main_thread():  # `timeout`/`kill` stop a sweep or bench cleanly
-        signal.signal(signal.SIGTERM, _exit_on_sigterm)
+        signal.signal(signal.SIGTERM, exit_on_sigterm)
 
 
 # Subcommands register here, one line each.

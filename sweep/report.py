@@ -17,13 +17,11 @@ import pandas as pd
 from kernels.config import KNOB_CHOICES
 from kernels.problem import OPS
 
-from .results_io import OWN_IMPLS, PROBLEM_COLUMNS, read_results, superseded
+from .results_io import OWN_IMPLS, PROBLEM_COLUMNS, PROBLEM_DEFAULTS, read_results, superseded
 from .schema import KNOB_COLUMNS
 
 # A problem: the shape and formats one measurement answers (the device is fixed per report/heatmap).
 PROBLEM_KEY = list(PROBLEM_COLUMNS)
-# Absent key columns mean the `kernels.problem.Problem` default.
-KEY_DEFAULTS = {"scale_layout": "rowmajor", "heads": 1}
 REQUIRED_COLUMNS = {"kind", "impl", "config_source", "status", "problem_set", "median_us", "gbps", "pct_copy",
                     "copy_gbps", "device_name", "backend", "run_id", *PROBLEM_KEY, *KNOB_COLUMNS}
 TUNED, HEURISTIC, BEST_PEER = "lutforge tuned", "lutforge heuristic", "best peer"
@@ -73,7 +71,7 @@ def load_ok_rows(results_dir: str | os.PathLike, ops: tuple[str, ...] = (), devi
     bad_time = ~(ok["median_us"] > 0)
     if bad_time.any():
         raise ValueError(f"{int(bad_time.sum())} ok rows have no positive median_us; the results are damaged")
-    for col, default in KEY_DEFAULTS.items():
+    for col, default in PROBLEM_DEFAULTS.items():
         ok[col] = ok[col].fillna(default)
     ok = ok.astype({"heads": "int64", "T": "int64", "C": "int64"})
     return ok

@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 from .schema import ADDED_IN, READABLE_VERSIONS, SCHEMA, SCHEMA_VERSION
 
 PROBLEM_COLUMNS = ("op", "out_format", "in_dtype", "scale_layout", "heads", "T", "C")  # what one measurement answers
+PROBLEM_DEFAULTS = {"scale_layout": "rowmajor", "heads": 1}  # key columns older rows lack: the Problem defaults
 OWN_IMPLS = ("lutforge", "lutforge_heuristic")
 
 

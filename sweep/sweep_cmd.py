@@ -6,7 +6,6 @@ import multiprocessing as mp
 import os
 import queue
 import signal
-import sys
 import threading
 import time
 import uuid
@@ -202,7 +201,9 @@ def search_groups(run, problems: list[tuple[Problem, str]], at_once: int = STUDY
 
 
 def _worker_process(spec: SweepSpec, gpu: str, progress_q) -> None:
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # unwind: flush rows, stop workers
+    from .cli import exit_on_sigterm
+
+    signal.signal(signal.SIGTERM, exit_on_sigterm)  # unwind: flush rows, stop workers
     os.environ["CUDA_VISIBLE_DEVICES"] = gpu
     run_worker(spec, gpu, lambda status: progress_q.put(status), search=True, rebench=False)
 
