@@ -137,9 +137,15 @@ def pick_winners(sel: UsableRows) -> tuple[dict[tuple, Winner], list[str]]:
         if not times:
             notes.append(f"{key}: no valid measured config; left to the heuristic")
             continue
+        heur = heuristic(p, sel.arch)
+        if heur not in times and not (group["config_source"] == "heuristic").any():
+            # A table entry must beat what dispatch does without it: unknown unless a heuristic (today's, or
+            # the one of the sweep's time) was timed alongside.
+            notes.append(f"{key}: the heuristic was not measured among the {kind} rows; left to the heuristic")
+            continue
         # Sorted so that full ties (same simplicity and median) do not depend on row order.
         med = {cfg: float(pd.Series(times[cfg]).median()) for cfg in sorted(times, key=KernelConfig.short)}
-        win, reason = pick_winner(med, heuristic(p, sel.arch))
+        win, reason = pick_winner(med, heur)
         winners[key] = Winner(win, med[win], kind, len(med), tuple(sorted(set(group["run_id"].dropna()))),
                               reason)
     return winners, notes

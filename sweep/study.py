@@ -399,7 +399,8 @@ class StudyRun:
 
     def rebench_reserve_s(self) -> float:
         """Estimated seconds to re-benchmark every problem reached so far: (finalists + heuristic) x rounds
-        timings at the mean measured cost of one timing of that problem (of any problem, before its first)."""
+        timings at the mean measured cost of one timing of that problem (of any problem, before its second;
+        nothing before any problem's second timing: first timings carry one-time set-up)."""
         cost = dict(self.evaluator.timing_s)
         default = sum(cost.values()) / len(cost) if cost else 0.0
         return sum((self.finalists + 1) * self.rounds * cost.get(p, default) for p in list(self.reached))
@@ -613,9 +614,9 @@ class StudyRun:
             cfg = KernelConfig(**t.params)
             if len(cands) < finalists and cfg not in cands:
                 cands[cfg] = t.number
-        for t in ok:
-            if KernelConfig(**t.params) == heur:
-                cands.setdefault(heur, t.number)
+        # The heuristic always competes (trial -1 when the search never timed it, e.g. a --wall-budget stop):
+        # a winner never compared with it could be slower than what dispatch would do without the table.
+        cands.setdefault(heur, next((t.number for t in ok if KernelConfig(**t.params) == heur), -1))
         key = "rebench:" + json.dumps(sorted(cands.values()))
         prior = study.user_attrs.get("rebench")
         if prior and prior.get("key") == key:
@@ -629,7 +630,7 @@ class StudyRun:
             for c in order[r % len(order):] + order[:r % len(order)]:  # rotate who goes first
                 if c in failed:
                     continue
-                res = self.evaluator.time(p, c)
+                res = self.evaluator.evaluate(p, c)  # compiles only a heuristic the search never reached
                 if res["status"] != "ok":
                     failed[c] = res
                 else:

@@ -45,9 +45,11 @@ def synthetic_rows(families=FAMILIES, tokens=TOKENS, run_id: str = "synthetic-ru
                     in_dtype=p.in_dtype, T=p.T, C=p.C, heads=p.heads, bytes=ideal_bytes(p),
                     timestamp="2026-11-22T10:00:00Z", **info)
         times = {cfg: synthetic.model_us(p, cfg) for cfg in candidates(p)}
+        heur = heuristic(p)
         for i, (cfg, us) in enumerate(times.items()):
             rows.append(base | {f"knob_{k}": v for k, v in cfg.as_dict().items()}
-                        | dict(trial=i, config_source="search", status="ok", median_us=us, p20_us=us, p80_us=us))
+                        | dict(trial=i, config_source="heuristic" if cfg == heur else "search", status="ok",
+                               median_us=us, p20_us=us, p80_us=us))
         # A failed trial of the slowest config, timed as if it beat everything: export must ignore it.
         slowest = max(times, key=times.get)
         rows.append(base | {f"knob_{k}": v for k, v in slowest.as_dict().items()}

@@ -18,7 +18,7 @@ from sweep.provenance import make_row, software
 from sweep.schema import SCHEMA
 from sweep.study import (Claims, SearchSpace, choose_sampler, owner_dead, owner_id, pick_winner, search_space,
                          simplicity, study_name)
-from sweep.synthetic import COPY_GBPS, device_info, model_us
+from sweep.synthetic import COPY_GBPS, FAULTS_ENV, SLOW_S, device_info, model_us
 from sweep.timer import percentile, rotation_sets, summarize
 from sweep.trial_worker import Evaluator, IsolatedWorker, TimingService
 
@@ -204,6 +204,8 @@ def test_evaluator_synthetic_compiles_once_per_key():
         first = ev.evaluate(p, cfg)
         assert first["status"] == "ok" and first["median_us"] == model_us(p, cfg)
         assert ev.compile(Problem("rmsnorm", 99, 64), cfg) is ev.compile(p, cfg)  # cached: T is not in the key
+        assert p not in ev.timing_s  # a first timing carries one-time set-up: not a re-bench's cost
+        assert ev.evaluate(p, KernelConfig(threads=64, threads_per_row=8))["status"] == "ok"
         assert ev.timing_s[p] > 0  # the cost of a timing, for --wall-budget's re-bench reserve
         assert ev.evaluate(p, cfg, wanted=lambda: False) is None  # compiled, but not timed any more
         compile_pid = ev._all_compile[0].proc.pid
@@ -230,3 +232,53 @@ def test_gpu_fault_selection_matches_knobs_and_rejects_bad_specs(monkeypatch):
         monkeypatch.setenv(gpu_faults.FAULTS_ENV, bad)
         with pytest.raises(ValueError, match=gpu_faults.FAULTS_ENV):
             gpu_faults.wants_fault(p, cfg)
+
+
+def test_a_slow_first_timing_does_not_set_the_rebench_estimate(monkeypatch):
+    """On the H200 a problem's first timing took 11 s (CUDA module loads, rotation sets) and --wall-budget 110
+    reserved that for every re-bench timing of every problem reached: the search stopped after one trial."""
+    p = Problem("rmsnorm", 1560, 64)
+    first = heuristic(p, 90)
+    monkeypatch.setenv(FAULTS_ENV, json.dumps([{"when": first.as_dict(), "fault": "slow"}]))
+    ev = Evaluator("synthetic", compile_workers=1)
+    try:
+        ev.start()
+        assert ev.evaluate(p, first)["status"] == "ok"
+        for threads in (64, 128):
+            assert ev.evaluate(p, KernelConfig(threads=threads, threads_per_row=8))["status"] == "ok"
+        assert 0 < ev.timing_s[p] < SLOW_S / 4
+    finally:
+        ev.close()
+
+
+def test_rebench_times_the_heuristic_even_when_the_search_never_did(tmp_path):
+    """A --wall-budget stop can leave the heuristic (trial 0) untimed while a search config was timed; the
+    re-bench still times the heuristic (trial -1), so the export can tell whether the winner beats it."""
+    from optuna.distributions import CategoricalDistribution
+
+    from kernels.config import KNOB_CHOICES
+    from sweep.study import Claims, RowWriter, StudyRun, open_storage
+    from sweep.results_io import read_results
+
+    p = Problem("rmsnorm", 1560, 1024)
+    heur = heuristic(p, 90)
+    other = KernelConfig(threads=256, threads_per_row=64, vec_bytes=8)
+    assert other != heur
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    ev = Evaluator("synthetic", compile_workers=1)
+    claims = Claims(url)
+    try:
+        ev.start()
+        run = StudyRun(ev, open_storage(url), claims, RowWriter(str(tmp_path)), "run-x", tmp_path)
+        study = optuna.create_study(study_name=run.name(p), storage=run.storage, direction="minimize")
+        dists = {k: CategoricalDistribution(list(v)) for k, v in KNOB_CHOICES.items()}
+        study.add_trial(optuna.trial.create_trial(params=other.as_dict(), distributions=dists, value=1.0,
+                                                  user_attrs={"row": {"status": "ok"}}))
+        result = run.rebench(p, "test")
+        assert result["heuristic_us"] is not None
+    finally:
+        ev.close()
+        claims.close()
+    rows = read_results(tmp_path)
+    heur_rows = rows[rows["config_source"] == "heuristic"]
+    assert len(heur_rows) == 1 and int(heur_rows["trial"].iloc[0]) == -1 and heur_rows["status"].iloc[0] == "ok"
