@@ -16,7 +16,7 @@ from sweep.cli import main
 from sweep.results_io import read_results
 from sweep.schema import KNOB_COLUMNS, STATUSES
 from sweep.study import study_name
-from sweep.sweep_cmd import select_problems
+from sweep.sweep_cmd import kernel_groups, select_problems
 from sweep.synthetic import FAULTS_ENV
 
 from sweep_helpers import CLI, REPO, assert_one_row_per_trial, cli_env, run_cli, studies
@@ -288,3 +288,15 @@ def test_skip_swept_resumes_from_parquet_without_the_study_database(tmp_path):
     assert f"{len(three & five)} of 5 problems already swept" in r.stderr and three & five
     df = read_results(res)
     assert set(df["study"]) - set(first["study"]) == five - three  # only the new shapes were swept
+
+
+def test_kernel_groups_take_every_op_in_turn():
+    problems, _ = select_problems("llm", ["rmsnorm", "rmsnorm_quant"], ["bf16", "fp8"], "bf16", None, ("rowmajor",))
+    groups = kernel_groups(problems)
+    flat = [p for g in groups for p in g]
+    assert len(flat) == len(problems) and set(flat) == set(problems)  # every problem once
+    for g in groups:  # one compiled kernel per group
+        assert len({(p.op, p.out_format, p.C) for p, _ in g}) == 1
+    ops = [g[0][0].op for g in groups]
+    n = min(ops.count("rmsnorm"), ops.count("rmsnorm_quant"))
+    assert set(zip(ops[:2 * n:2], ops[1:2 * n:2])) == {("rmsnorm", "rmsnorm_quant")}  # alternating
