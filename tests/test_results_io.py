@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from kernels.compile_cache import kernel_source_hash
-from kernels.config import KernelConfig
+from kernels.config import KernelConfig, heuristic
 from lut_export.export import export_lut
 from kernels.problem import Problem
 from sweep.results_io import append_rows, current_kernel_rows, problem_key, read_results, superseded, swept_keys
@@ -66,8 +66,13 @@ def test_rows_of_a_replaced_kernel_source_drop_out_per_problem(tmp_path):
 
 
 def test_export_takes_winners_from_the_current_kernel_source(tmp_path):
-    _write_v1(tmp_path / "res" / "old.parquet", [r for r in _rows() if "kernel_source" not in r])
-    append_rows(tmp_path / "res", [r for r in _rows() if "kernel_source" in r])
+    # Each problem's heuristic was timed beside the configs (slower): export only trusts winners compared with it.
+    heur = [row("fused_rmsnorm_silu", "bf16", T, C, 9.0, config_source="heuristic",
+                cfg=heuristic(Problem("fused_rmsnorm_silu", T, C), 90)) for T, C in ((6240, 160), (1560, 64))]
+    _write_v1(tmp_path / "res" / "old.parquet", [r for r in _rows() if "kernel_source" not in r] + heur[1:] +
+              [heur[0] | dict(timestamp="2026-11-20T10:00:00Z")])
+    append_rows(tmp_path / "res", [r for r in _rows() if "kernel_source" in r]
+                + [heur[0] | dict(timestamp="2026-11-23T10:00:00Z", kernel_source="new")])
     out = tmp_path / "sm90_h100.py"
     export_lut(tmp_path / "res", out, arch="sm90", device_class="h100")
     ns: dict = {}
