@@ -399,8 +399,8 @@ class StudyRun:
 
     def rebench_reserve_s(self) -> float:
         """Estimated seconds to re-benchmark every problem reached so far: (finalists + heuristic) x rounds
-        timings at the mean measured cost of one timing of that problem (of any problem, before its second;
-        nothing before any problem's second timing: first timings carry one-time set-up)."""
+        timings at the mean cost of one timing of that problem (`Evaluator.timing_s`, which leaves out first
+        timings: they carry one-time set-up), or the mean over problems for one not yet timed twice."""
         cost = dict(self.evaluator.timing_s)
         default = sum(cost.values()) / len(cost) if cost else 0.0
         return sum((self.finalists + 1) * self.rounds * cost.get(p, default) for p in list(self.reached))
