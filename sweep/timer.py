@@ -23,6 +23,10 @@ MAX_REPLAYS_FACTOR = 3
 MIN_LAUNCH_US = 0.5  # the shortest time per launch the graph sizing assumes
 MAX_SETS = 1 << 15  # below ~5 KB per set the rotation is capped; such problems are launch-bound anyway
 COPY_BYTES = 256 << 20  # bytes per copy-roofline buffer (read once, written once per launch)
+# GPU cycles of a spin kernel queued before each replay's start event, so the GPU is still busy while the
+# CPU submits the event, the graph and the end event: otherwise a descheduled submitting thread (a sweep's
+# compile processes fill every core) leaves the GPU idle inside the timed region. 200 us at ~2 GHz.
+SUBMIT_COVER_CYCLES = 400_000
 
 
 @dataclass(frozen=True)
@@ -69,14 +73,16 @@ def l2_bytes(device=None) -> int:
 
 
 def time_launchers(launchers: list[Callable[[], object]], *, set_bytes: int = 0, replays: int = 9,
-                   target_ms: float = 2.0, max_launches: int = 1 << 15, warm_all: bool = True) -> Timing:
+                   target_ms: float = 2.0, max_launches: int = 1 << 15, warm_all: bool = True,
+                   cover_submit: bool = True) -> Timing:
     """Time one launch by CUDA-graph replay over `launchers` (one per rotation set, in order).
 
     Launchers run once eagerly first (warm-up: module load, lazy allocations, autotuning of peers);
     `warm_all=False` warms only the first, for launchers that differ in nothing but their buffers (a
     decode shape has thousands of sets, and each eager launch costs Python time, not GPU time).
     Whatever a launcher returns is kept alive until timing ends, so a peer that allocates its output
-    gets a fresh buffer per launch instead of re-using one that sits in L2.
+    gets a fresh buffer per launch instead of re-using one that sits in L2. `cover_submit=False` drops the
+    spin kernel before each replay (SUBMIT_COVER_CYCLES), only to measure what it guards against.
     """
     import torch
 
@@ -108,6 +114,8 @@ def time_launchers(launchers: list[Callable[[], object]], *, set_bytes: int = 0,
     samples: list[float] = []
     while len(samples) < replays or (len(samples) < MAX_REPLAYS_FACTOR * replays
                                      and percentile(samples, 80) > NOISY_SPREAD * percentile(samples, 20)):
+        if cover_submit:
+            torch.cuda._sleep(SUBMIT_COVER_CYCLES)
         start.record()
         graph.replay()
         end.record()
