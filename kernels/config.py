@@ -20,6 +20,7 @@ KNOB_CHOICES: dict[str, tuple] = {
     "ctas_per_sm": (0, 1, 2, 4, 8),  # 0: one CTA per row block; N: persistent grid of N x SMs
     "weight_smem": (False, True),  # weight read from shared memory instead of held in registers
     "pdl": (False, True),  # programmatic dependent launch: start while the previous kernel drains (SM90+)
+    "l2_prefetch": (False, True),  # with pdl: prefetch the first rows of x into L2 before waiting on it
 }
 
 MAX_SMEM_BYTES = 227 * 1024  # SM90/SM100 opt-in shared memory per CTA
@@ -37,6 +38,7 @@ class KernelConfig:
     ctas_per_sm: int = 0
     weight_smem: bool = False
     pdl: bool = False
+    l2_prefetch: bool = False
 
     @property
     def rows_per_cta(self) -> int:
@@ -55,7 +57,8 @@ class KernelConfig:
 
     def short(self) -> str:
         return (f"t{self.threads}/r{self.threads_per_row}/v{self.vec_bytes}/c{self.cluster}/{self.stage}"
-                f"/p{self.ctas_per_sm}/{'wsm' if self.weight_smem else 'wrg'}{'/pdl' if self.pdl else ''}")
+                f"/p{self.ctas_per_sm}/{'wsm' if self.weight_smem else 'wrg'}{'/pdl' if self.pdl else ''}"
+                f"{'/pf' if self.l2_prefetch else ''}")
 
 
 def vec_elems(p: Problem, cfg: KernelConfig) -> int:
@@ -122,6 +125,8 @@ def violations(p: Problem, cfg: KernelConfig, arch: int = 90, row_stride: int | 
                    f"chunk ({chunk_cols(p, cfg)}): idle threads")
     if cfg.pdl and arch < 90:
         why.append("programmatic dependent launch needs SM90+")
+    if cfg.l2_prefetch and not cfg.pdl:
+        why.append("l2_prefetch overlaps the wait on the previous kernel, which only pdl has")
     if cfg.cluster > 1:
         if arch < 90:
             why.append("clusters need SM90+")
@@ -172,6 +177,7 @@ def _gcd(a: int, b: int) -> int:
 
 SM_COUNT_GUESS = 132  # H100 SXM; only shapes the grid for small problems
 SMALL_PROBLEM_BYTES = 32 << 20
+PREFETCH_BYTES = 10 << 20
 # Measurements behind the rules below: the H100 fused_rmsnorm_silu sweeps (bf16 and fp8), now results/h100;
 # on those shapes the heuristic reaches 95 % of the tuned geomean (BENCHMARKS.md).
 
@@ -214,7 +220,10 @@ def heuristic(p: Problem, arch: int = 90, row_stride: int | None = None, ptr_ali
     small = ideal_bytes(p) < SMALL_PROBLEM_BYTES
     # PDL won at every T=1560 and T=6240 shape of the WAN set (up to 1.8x with the CTA rule above).
     pdl = arch >= 90 and small
-    cfg = KernelConfig(threads=threads, threads_per_row=tpr, vec_bytes=vb, pdl=pdl)
+    # Prefetching x into L2 during the wait won 1.05-1.46x below ~10 MB and lost up to 0.87x above
+    # (H200, results/logs/ab_l2_prefetch_h200.log).
+    prefetch = pdl and ideal_bytes(p) < PREFETCH_BYTES
+    cfg = KernelConfig(threads=threads, threads_per_row=tpr, vec_bytes=vb, pdl=pdl, l2_prefetch=prefetch)
     if is_valid(p, cfg, arch, row_stride):
         return cfg
     cfg = KernelConfig(threads=threads, threads_per_row=tpr, vec_bytes=vb)  # without PDL

@@ -112,7 +112,13 @@ class NormKernel:
         lane = tidx % tpr
         r_in_cta = tidx // tpr
         rows = mX.shape[0] * self.H
+        mXv = cute.zipped_divide(mX, (1, 1, v))
+        mResv = None
+        if const_expr(self.op.residual):
+            mResv = cute.zipped_divide(mRes, (1, v))
         if const_expr(self.cfg.pdl):
+            if const_expr(self.cfg.l2_prefetch):
+                self._prefetch_l2(bidx, lane, r_in_cta, rank, rows, mXv, mResv)
             # wait for the previous grid's writes, then let the next kernel start its launch early
             cute.arch.griddepcontrol_wait()
             cute.arch.griddepcontrol_launch_dependents()
@@ -131,11 +137,7 @@ class NormKernel:
         if const_expr(self.cfg.weight_smem):
             sW = smem.allocate_tensor(mW.element_type, cute.make_layout((v, iters, tpr)), byte_alignment=16)
 
-        mXv = cute.zipped_divide(mX, (1, 1, v))
         mWv = cute.zipped_divide(mW, (v,))
-        mResv = None
-        if const_expr(self.op.residual):
-            mResv = cute.zipped_divide(mRes, (1, v))
 
         # Weight: once per CTA, into registers (or shared memory).
         w_frag = cute.make_rmem_tensor((v, iters), mW.element_type)
@@ -166,6 +168,29 @@ class NormKernel:
         else:
             self._row_block(bidx, Int32(0), lane, r_in_cta, rank, rows, mXv, mWv, mResv, mX, mY, mSF, mGS,
                             w_frag, sW, sX, red_buf, cl_buf, eps, qscale)
+
+    @cute.jit
+    def _prefetch_l2(self, rb, lane, r_in_cta, rank, rows, mXv, mResv):
+        """Pull this CTA's first row block of x (and residual) into L2 while the previous kernel drains.
+
+        Safe before griddepcontrol.wait: L2 is the device's point of coherence, so a line the previous
+        kernel writes later is updated there; nothing enters L1 or registers before the wait."""
+        row = rb * self.rpc + r_in_cta
+        t = row // self.H
+        h = row % self.H
+        if row < rows:
+            for i in cutlass.range_constexpr(self.iters):
+                vi_local = i * self.tpr + lane
+                vi = rank * self.chunk_vecs + vi_local
+                if self._vec_ok(vi_local, vi):
+                    self._prefetch_line(mXv[(0, 0, None), (t, h, vi)])
+                    if const_expr(self.op.residual):
+                        self._prefetch_line(mResv[(0, None), (t, vi)])
+
+    @cute.jit
+    def _prefetch_line(self, vec):
+        cute.arch.inline_ptx("prefetch.global.L2 [{$r0}];",
+                             read_only_args=[cutlass.Uint64(vec.iterator.toint())])
 
     @cute.jit
     def _vec_ok(self, vi_local, vi):

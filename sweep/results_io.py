@@ -10,7 +10,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .schema import ADDED_IN, READABLE_VERSIONS, SCHEMA, SCHEMA_VERSION
+from .schema import ADDED_IN, ADDED_KNOB_DEFAULTS, READABLE_VERSIONS, SCHEMA, SCHEMA_VERSION
 
 PROBLEM_COLUMNS = ("op", "out_format", "in_dtype", "scale_layout", "heads", "T", "C")  # what one measurement answers
 PROBLEM_DEFAULTS = {"scale_layout": "rowmajor", "heads": 1}  # key columns older rows lack: the Problem defaults
@@ -59,6 +59,9 @@ def read_results(results_dir: str | os.PathLike) -> pd.DataFrame:
         for name, version in ADDED_IN.items():
             if name not in frame.columns and min(versions) < version:
                 frame[name] = None
+                if name in ADDED_KNOB_DEFAULTS and "knob_threads" in frame.columns:
+                    frame[name] = frame[name].astype(object)
+                    frame.loc[frame["knob_threads"].notna(), name] = ADDED_KNOB_DEFAULTS[name]
         frames.append(frame)
     return pd.concat(frames, ignore_index=True)
 

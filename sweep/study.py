@@ -124,10 +124,10 @@ def choose_sampler(space: SearchSpace, trials: int | None, seed: int | None = No
 
 def simplicity(cfg: KernelConfig, heur: KernelConfig) -> tuple:
     """Sort key, smaller = simpler: the heuristic itself, then no cluster, registers-only staging,
-    a plain (non-persistent) grid, the weight in registers and no programmatic dependent launch - the
-    configs with fewest moving parts."""
+    a plain (non-persistent) grid, the weight in registers, no programmatic dependent launch and no L2
+    prefetch - the configs with fewest moving parts."""
     return (cfg != heur, cfg.cluster, cfg.stage != "reg", cfg.ctas_per_sm != 0, cfg.weight_smem,
-            cfg.pdl)
+            cfg.pdl, cfg.l2_prefetch)
 
 
 def pick_winner(medians: dict[KernelConfig, float], heur: KernelConfig) -> tuple[KernelConfig, str]:

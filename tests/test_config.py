@@ -47,6 +47,7 @@ def test_every_choice_list_is_fixed_and_the_default_config_uses_them():
     (KernelConfig(vec_bytes=16), "multiple of the vector"),  # C=33 is not a multiple of 8 elements
     (KernelConfig(stage="smem", vec_bytes=2, threads_per_row=32), "cp.async"),
     (KernelConfig(threads=17), "not in"),
+    (KernelConfig(l2_prefetch=True), "only pdl has"),  # the prefetch is issued before the PDL wait
 ])
 def test_violations_name_the_reason(cfg, needle):
     p = Problem("rmsnorm", 10, 33)
@@ -82,3 +83,16 @@ def test_ideal_bytes_counts_each_tensor_once():
     assert ideal_bytes(Problem("fused_add_rmsnorm", T, C)) == 4 * T * C * 2 + 2 * C  # x, res in; res, x out
     assert ideal_bytes(Problem("rmsnorm_quant", T, C, out_format="fp8")) == T * C * 3 + 2 * C
     assert ideal_bytes(Problem("fused_rmsnorm_silu", T, C, out_format="nvfp4")) == T * C * 2 + 2 * C + T * C // 2 + T * C // 16
+
+
+def test_heuristic_prefetches_into_l2_only_small_pdl_problems():
+    """Measured rule (results/logs/ab_l2_prefetch_h200.log): prefetch below PREFETCH_BYTES, never without PDL."""
+    from kernels.config import PREFETCH_BYTES
+    for T, C in ((1, 64), (1560, 64), (6240, 320), (256, 8192), (24960, 256), (99840, 1024), (1, 65536)):
+        for op in ("rmsnorm", "fused_rmsnorm_silu", "fused_add_rmsnorm"):
+            p = Problem(op, T, C)
+            cfg = heuristic(p, 90)
+            assert cfg.l2_prefetch == (cfg.pdl and ideal_bytes(p) < PREFETCH_BYTES), (p, cfg.short())
+            assert not heuristic(p, 80).l2_prefetch  # no PDL before SM90
+    assert heuristic(Problem("rmsnorm", 1560, 64), 90).l2_prefetch
+    assert not heuristic(Problem("rmsnorm", 99840, 1024), 90).l2_prefetch

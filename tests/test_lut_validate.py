@@ -86,7 +86,7 @@ def test_config_invalid_for_its_shape_is_rejected(tmp_path, good):
     key = '("rmsnorm", "bf16", "rowmajor", "bf16", 4096, 1, 99840): '
     line = next(line for line in good.splitlines() if line.strip().startswith(key))
     bad = '    ' + key + ('{"threads": 128, "threads_per_row": 1, "vec_bytes": 2, "cluster": 1, "stage": "reg", '
-                          '"ctas_per_sm": 0, "weight_smem": False, "pdl": False},')
+                          '"ctas_per_sm": 0, "weight_smem": False, "pdl": False, "l2_prefetch": False},')
     r = _validate(tmp_path, good.replace(line, bad))
     assert r.exit_code == 1
     assert "invalid for the shape" in r.output and "do not fit in registers" in r.output
@@ -97,7 +97,7 @@ def test_exact_and_range_must_agree(tmp_path, good):
     line = next(line for line in good.splitlines() if line.strip().startswith(key))
     knobs = line.split(": ", 1)[1]
     other = '{"threads": 1024, "threads_per_row": 1024, "vec_bytes": 2, "cluster": 1, "stage": "reg", ' \
-            '"ctas_per_sm": 0, "weight_smem": False, "pdl": False},'
+            '"ctas_per_sm": 0, "weight_smem": False, "pdl": False, "l2_prefetch": False},'
     assert knobs != other
     r = _validate(tmp_path, good.replace(line, "    " + key + other))
     assert r.exit_code == 1

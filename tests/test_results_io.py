@@ -10,7 +10,8 @@ from kernels.config import KernelConfig, heuristic
 from lut_export.export import export_lut
 from kernels.problem import Problem
 from sweep.results_io import append_rows, current_kernel_rows, problem_key, read_results, superseded, swept_keys
-from sweep.schema import SCHEMA
+from sweep.schema import SCHEMA, SCHEMA_VERSION
+from lut_export.winners import row_config
 
 from results_rows import row
 
@@ -19,8 +20,8 @@ CFG_NEW = KernelConfig(threads=256, threads_per_row=32, vec_bytes=8)
 
 
 def _write_v1(path, rows):
-    """A file as schema v1 wrote it: no kernel_source column, version 1."""
-    fields = [f for f in SCHEMA if f.name != "kernel_source"]
+    """A file as schema v1 wrote it: no kernel_source or l2_prefetch column, version 1."""
+    fields = [f for f in SCHEMA if f.name not in ("kernel_source", "knob_l2_prefetch")]
     full = [{f.name: r.get(f.name) for f in fields} | {"schema_version": 1} for r in rows]
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(full, schema=pa.schema(fields)), path)
@@ -30,8 +31,20 @@ def test_v1_files_read_with_an_empty_kernel_source(tmp_path):
     _write_v1(tmp_path / "old.parquet", [row("rmsnorm", "bf16", 1560, 64, 2.0, cfg=CFG_OLD)])
     append_rows(tmp_path, [row("rmsnorm", "bf16", 1560, 128, 3.0, cfg=CFG_OLD) | {"kernel_source": "abc"}])
     df = read_results(tmp_path).sort_values("C")
-    assert df["schema_version"].tolist() == [1, 2]
+    assert df["schema_version"].tolist() == [1, SCHEMA_VERSION]
     assert df["kernel_source"].isna().tolist() == [True, False]
+
+
+def test_older_rows_read_the_value_their_kernel_ran_with_for_knobs_added_later(tmp_path):
+    """A v1/v2 kernel had no L2 prefetch: its rows read l2_prefetch=False, peer rows (no knobs) stay empty."""
+    _write_v1(tmp_path / "old.parquet", [row("rmsnorm", "bf16", 1560, 64, 2.0, cfg=CFG_OLD),
+                                         row("rmsnorm", "bf16", 1560, 64, 3.0) | {"impl": "quack"}])
+    df = read_results(tmp_path)
+    ours, peer = df[df["knob_threads"].notna()], df[df["knob_threads"].isna()]
+    assert len(ours) == 1 and len(peer) == 1
+    assert ours["knob_l2_prefetch"].tolist() == [False]
+    assert peer["knob_l2_prefetch"].isna().all()
+    assert row_config(ours.iloc[0]) == CFG_OLD
 
 
 def test_unknown_schema_versions_are_refused(tmp_path):

@@ -8,6 +8,7 @@ Tolerances: kernels/check.py (bf16 2^-7 rel + 1e-3 abs, fp16 2^-9 rel, fp8 <= 1 
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -79,6 +80,23 @@ def test_strided_rows(op, fmt, C, pad):
     p = Problem(op, 1560, C, "bf16", fmt, 4 if OPS[op].per_head else 1)
     cfg = heuristic(p, SM, row_stride=C + pad)
     _run_checked(p, cfg, row_pad=pad)
+
+
+PREFETCH_CASES = [Problem(op, T, C, "bf16", fmt, 4 if OPS[op].per_head else 1, layout)
+                  for op, spec in OPS.items() for fmt in out_formats(op, "bf16")
+                  for layout in (("rowmajor", "swizzled") if spec.fp4_scales else ("rowmajor",))
+                  for T, C in ((1, 64), (1560, 160), (3001, 1024))]
+
+
+@pytest.mark.parametrize("p", PREFETCH_CASES, ids=lambda p: f"{p.op}-{p.out_format}-{p.scale_layout}-C{p.C}-T{p.T}")
+@pytest.mark.parametrize("ctas_per_sm", (0, 2))
+def test_l2_prefetch_matches_reference(p, ctas_per_sm):
+    """The prefetch before the PDL wait reads addresses only: results equal the plain kernel's reference,
+    on a plain grid and on a persistent one (which prefetches only its first row block)."""
+    cfg = replace(heuristic(p, SM), pdl=True, l2_prefetch=True, ctas_per_sm=ctas_per_sm)
+    assert is_valid(p, cfg, SM), cfg.short()
+    _run_checked(p, cfg)
+    _run_checked(p, cfg, row_pad=16 if p.C % 8 == 0 else 0)
 
 
 def _random_configs(p: Problem, n: int, seed: int):
