@@ -5,8 +5,11 @@ heuristic on the H100 (rmsnorm_quant fp8 32768x16384 with C=7168's config: 2.5x 
 the 10 benched shapes that tier answered), so an unswept C gets the heuristic, which is within a few percent
 of the tuned configs on most shapes (BENCHMARKS.md).
 
-Tables are per arch; where a LUT module of the caller's device class exists (H100 and H200 are both
-sm90 but differ in bandwidth) it is asked first, then any other module of the arch. Whatever a table
+Tables are per arch and device class (H100 and H200 are both sm90 but differ in bandwidth): only the
+caller's class answers, and a class with no module of its own gets the heuristic. Another class's knobs lost
+to the heuristic: on the H200 the H100 table's answers for 24 LLM rmsnorm shapes were 0.92x of the
+heuristic's speed (geomean, worst 0.81x; results/h200/bench/bench-0767dc6d4549.parquet). A caller that names
+no class gets every module of the arch, by name. Whatever a table
 says, the answer is re-checked against the actual shape, row stride and pointer alignment (the vector
 width is narrowed when the data is less aligned than the tuned case), so dispatch never returns a config
 the kernel cannot run. Answers are memoised: a repeated call costs a dict hit, not a search.
@@ -116,8 +119,7 @@ class Dispatcher:
 
     def _tables_uncached(self, arch: int, device_class: str | None) -> tuple[_LutIndex, ...]:
         same_arch = [i for i in self._indexes if i.arch == arch]
-        first = [i for i in same_arch if i.device_class == device_class]
-        return tuple(first + [i for i in same_arch if i.device_class != device_class])
+        return tuple(i for i in same_arch if device_class is None or i.device_class == device_class)
 
     def lookup(self, problem: Problem, arch: int, device_class: str | None = None,
                row_stride: int | None = None, ptr_align: int = 16) -> Selection:

@@ -4,8 +4,11 @@ The range table covers every T of a (op, out, layout, dtype, C, heads) family: a
 holds from the geometric mean with its lower neighbour up to the geometric mean with its upper one (the
 rule flashinfer's rmsnorm_silu table uses); neighbours that share a config are merged. Beyond the swept
 T, the outermost winners answer up to EXTRAPOLATE times further; past that a segment holds None and the
-runtime asks its later tiers (a winner at 32768 rows said nothing about 2 rows: on the H100 it was 1.3x
-slower there than the heuristic).
+runtime asks its later tiers. A winner says little about T far from where it won: at 32768 rows one was
+1.3x slower than the heuristic at 2 rows (H100), and on the H200 the rmsnorm C=64 winner at T=1560 ran
+0.66x, 0.33x and 0.27x of the heuristic's speed at 4x, 16x and 64x its T
+(results/h200/bench/bench-f73340197abc.parquet), so the outermost winners reach as far as interior ones
+(2x on the WAN set's 4x-spaced T).
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ def breakpoint_between(t_lo: int, t_hi: int) -> int:
     return max(r, t_lo + 1)
 
 
-EXTRAPOLATE = 64
+EXTRAPOLATE = 2
 
 
 def range_segments(points: dict[int, KernelConfig],

@@ -12,9 +12,9 @@ from kernels.config import KernelConfig, heuristic
 from kernels.dispatch import Dispatcher
 from kernels.luts import read_lut
 from kernels.problem import Problem
-from lut_export.tables import breakpoint_between, range_segments
+from lut_export.tables import EXTRAPOLATE, breakpoint_between, range_segments
 from lut_export.validate import luts_dir
-from lut_export.winners import TIE, Winner, pick_winners, select_rows
+from lut_export.winners import TIE, Winner, pick_winners, row_config, select_rows
 from lut_rows import FAMILIES, TOKENS, synthetic_rows
 from results_rows import row
 from sweep.cli import main
@@ -40,11 +40,7 @@ def _ok_times(results_dir) -> dict[tuple, dict[KernelConfig, float]]:
     out: dict = {}
     for _, r in df.iterrows():
         key = (r.op, r.out_format, r.scale_layout, r.in_dtype, int(r.C), int(r.heads), int(r["T"]))
-        cfg = KernelConfig(threads=int(r.knob_threads), threads_per_row=int(r.knob_threads_per_row),
-                           vec_bytes=int(r.knob_vec_bytes), cluster=int(r.knob_cluster), stage=r.knob_stage,
-                           ctas_per_sm=int(r.knob_ctas_per_sm), weight_smem=bool(r.knob_weight_smem),
-                           pdl=bool(r.knob_pdl))
-        out.setdefault(key, {})[cfg] = r.median_us
+        out.setdefault(key, {})[row_config(r)] = r.median_us
     return out
 
 
@@ -81,9 +77,11 @@ def test_round_trip_range_breakpoints_sit_at_geometric_means(exported):
                 cfg, tier = disp.select_config(p, 90)
                 assert tier == "range"
                 assert cfg == KernelConfig(**lut.exact[(op, fmt, layout, "bf16", C, heads, swept)]), (C, T)
-    # Beyond the swept T, the largest swept point's config holds.
-    p = Problem(op, 10 * TOKENS[-1], cs[0], out_format=fmt, heads=heads, scale_layout=layout)
+    # Up to EXTRAPOLATE x beyond the swept T the largest swept point's config holds; further out the heuristic.
+    p = Problem(op, EXTRAPOLATE * TOKENS[-1], cs[0], out_format=fmt, heads=heads, scale_layout=layout)
     assert disp.select_config(p, 90)[0] == KernelConfig(**lut.exact[(op, fmt, layout, "bf16", cs[0], heads, TOKENS[-1])])
+    p = Problem(op, EXTRAPOLATE * TOKENS[-1] + 1, cs[0], out_format=fmt, heads=heads, scale_layout=layout)
+    assert disp.select_config(p, 90) == (heuristic(p, 90), "heuristic")
 
 
 def test_round_trip_heuristic_tier(exported):
@@ -276,9 +274,10 @@ def test_breakpoints_and_merging():
     assert breakpoint_between(0, 16) == 1  # T=0 stays with the lowest point
     assert breakpoint_between(16, 1560) == math.ceil(math.sqrt(16 * 1560))
     segs = range_segments({1560: A, 6240: A, 24960: B, 99840: A})
-    # below 1560 / 64 and above 99840 * 64 the swept winners do not answer (None: later tiers)
-    assert segs == [(24, None), (12480, A), (49920, B), (99840 * 64 + 1, A), (None, None)]
-    assert range_segments({7: B}) == [(7 * 64 + 1, B), (None, None)]
+    # below 1560 / 2 and above 99840 * 2 the swept winners do not answer (None: later tiers)
+    assert segs == [(780, None), (12480, A), (49920, B), (99840 * 2 + 1, A), (None, None)]
+    assert range_segments({7: B}) == [(3, None), (15, B), (None, None)]
+    assert range_segments({1: B}) == [(3, B), (None, None)]  # T=0 and T=1 below 1 // 2: nothing to cut off
     assert range_segments({32768: B}, extrapolate=4) == [(8192, None), (131073, B), (None, None)]
     with pytest.raises(ValueError):
         breakpoint_between(5, 5)
@@ -322,4 +321,19 @@ def test_a_winner_never_compared_with_the_heuristic_is_not_exported(tmp_path):
     # heuristic timing: its entry could be slower than the heuristic dispatch falls back to.
     append_rows(tmp_path / "res", [_gpu_rows(us=10.0, cfg=A, kind="rebench"), _gpu_rows(us=12.0, cfg=A, trial=1)])
     winners, notes = pick_winners(select_rows(read_results(tmp_path / "res")))
-    assert winners == {} and "the heuristic was not measured among the rebench rows" in notes[0]
+    assert winners == {} and "was not measured among the rebench rows" in notes[0]
+
+
+def test_a_winner_compared_only_with_an_older_heuristic_is_not_exported(tmp_path):
+    """Rows whose heuristic-labelled config is no longer today's heuristic (the heuristic changed since the
+    sweep) say nothing about what the entry gains over dispatch without it."""
+    p = Problem("rmsnorm", 1560, 64)
+    old_heur = replace(heuristic(p, 90), l2_prefetch=False, pdl=False)
+    assert old_heur != heuristic(p, 90)
+    rows = [row("rmsnorm", "bf16", 1560, 64, 2.0, cfg=old_heur, kind="rebench", config_source="heuristic"),
+            row("rmsnorm", "bf16", 1560, 64, 1.5, cfg=replace(old_heur, threads=64), kind="rebench")]
+    append_rows(tmp_path / "res", rows)
+    winners, notes = pick_winners(select_rows(read_results(tmp_path / "res")))
+    key = ("rmsnorm", "bf16", "rowmajor", "bf16", 64, 1, 1560)
+    assert winners == {} and notes == [f"{key}: the heuristic ({heuristic(p, 90).short()}) was not "
+                                       "measured among the rebench rows; left to the heuristic"]
