@@ -5,7 +5,8 @@ set of input and output buffers - with enough sets that together they exceed 3x 
 launch reads or writes data a previous launch left in L2. N launches cycling over the sets are
 captured in one CUDA graph; each replay is timed with CUDA events; the result is the median of >= 7
 replays, with p20/p80 as the spread. Launch overhead inside the graph stays in the number: small
-problems are launch-bound and that is what a user sees.
+problems are launch-bound and that is what a user sees. A spin kernel ahead of each replay keeps the
+CPU's submission of the timed work out of the timed region (SUBMIT_COVER_CYCLES).
 """
 from __future__ import annotations
 
