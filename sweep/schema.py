@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from kernels.config import KNOB_CHOICES
+from kernels.config import KNOB_CHOICES, KernelConfig
 
 SCHEMA_VERSION = 3
 READABLE_VERSIONS = (1, 2, 3)
 # Columns a file of an older version lacks: read as empty, except knobs added later, which read as the
 # value the older kernel ran with (it had no such knob) on rows that carry knobs.
 ADDED_IN = {"kernel_source": 2, "knob_l2_prefetch": 3}
-ADDED_KNOB_DEFAULTS = {"knob_l2_prefetch": False}
+ADDED_KNOB_DEFAULTS = {c: getattr(KernelConfig(), c[len("knob_"):]) for c in ADDED_IN if c.startswith("knob_")}
 
 STATUSES = ("ok", "invalid", "compile_error", "runtime_error", "timeout", "wrong_result")
 BACKENDS = ("gpu", "synthetic")

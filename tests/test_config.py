@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from kernels.config import KNOB_CHOICES, KernelConfig, heuristic, is_valid, violations
+from kernels.config import KNOB_CHOICES, PREFETCH_BYTES, KernelConfig, heuristic, is_valid, violations
 from kernels.problem import FP4_BLOCK, OPS, Problem, ideal_bytes, out_formats
 
 
@@ -87,7 +87,6 @@ def test_ideal_bytes_counts_each_tensor_once():
 
 def test_heuristic_prefetches_into_l2_only_small_pdl_problems():
     """Measured rule (results/logs/ab_l2_prefetch_h200.log): prefetch below PREFETCH_BYTES, never without PDL."""
-    from kernels.config import PREFETCH_BYTES
     for T, C in ((1, 64), (1560, 64), (6240, 320), (256, 8192), (24960, 256), (99840, 1024), (1, 65536)):
         for op in ("rmsnorm", "fused_rmsnorm_silu", "fused_add_rmsnorm"):
             p = Problem(op, T, C)
