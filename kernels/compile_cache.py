@@ -1,8 +1,13 @@
 """Compile kernels once per (op, dtypes, C, heads, layout, knobs, arch) with T dynamic.
 
-Compilation needs no GPU: fake tensors carry the signature, CUTE_DSL_ARCH names the target. Compiled
-objects are kept in memory and on disk (LUTFORGE_CACHE_DIR, default ~/.cache/lutforge) so spawned
-compile workers and later processes share them.
+Compilation needs no GPU: fake arguments carry the signature, CUTE_DSL_ARCH names the target. Kernels are
+compiled with TVM-FFI (`--enable-tvm-ffi`): the host function is a `tvm_ffi.Function` that takes integer
+pointers, Python ints/floats and a raw stream, so a launch costs a C call instead of the DSL's Python
+argument packing. A compiled function is found, in order: in memory; in the ahead-of-time library shipped
+in the package (kernels/aot.py: no cutlass import, no compile); in the disk cache (LUTFORGE_CACHE_DIR,
+default ~/.cache/lutforge, one TVM-FFI object per key, shared by spawned compile workers and later
+processes); else it is compiled. `compile_count()` counts compiles in this process (a serving process
+that only meets covered shapes shows 0).
 """
 from __future__ import annotations
 
@@ -20,7 +25,8 @@ from .config import KernelConfig, vec_elems, violations
 from .problem import ELEM_BYTES, FP4_BLOCK, Problem
 
 ARCHS = {"sm_90a": 90, "sm_100a": 100}
-_CACHE_VERSION = "1"  # bump when the kernel source changes incompatibly with cached objects
+_CACHE_VERSION = "3"  # bump when cached objects change format (2: TVM-FFI host functions; 3: --gpu-arch)
+_SOURCE_FILES = ("norm_kernel.py", "config.py", "problem.py")  # what the generated kernel depends on
 
 
 class KernelCompileError(RuntimeError):
@@ -72,7 +78,7 @@ def kernel_source_hash() -> str:
     if _SRC_HASH is None:
         here = Path(__file__).parent
         h = hashlib.sha256()
-        for name in ("norm_kernel.py", "config.py", "problem.py", "compile_cache.py"):
+        for name in _SOURCE_FILES:
             h.update((here / name).read_bytes())
         _SRC_HASH = h.hexdigest()[:16]
     return _SRC_HASH
@@ -86,6 +92,17 @@ def cache_dir() -> Path:
 
 _MEM: dict[str, object] = {}
 _LOCK = threading.Lock()  # CuTe-DSL compilation is not thread-safe
+_COMPILES = 0
+
+
+def compile_count() -> int:
+    """Kernels compiled by this process so far (not loaded from the AOT library or the disk cache)."""
+    return _COMPILES
+
+
+def symbol(key: str) -> str:
+    """The TVM-FFI function name of a cache key in objects and in the AOT library."""
+    return f"lf_{key}"
 
 
 @contextlib.contextmanager
@@ -128,11 +145,13 @@ def _fake_args(problem: Problem, cfg: KernelConfig):
         y = ptr(ydt, v * ELEM_BYTES[problem.out_format])
     i64 = cutlass.Int64(0)
     return (x, w, res, y, sf, gs, cutlass.Int32(0), i64, i64, i64, i64, i64, cutlass.Int32(0), i64,
-            cutlass.Float32(1e-6), cutlass.Float32(1.0), cutlass.Int32(1), make_fake_stream())
+            cutlass.Float32(1e-6), cutlass.Float32(1.0), cutlass.Int32(1), make_fake_stream(use_tvm_ffi_env_stream=False))
 
 
 def compile_kernel(problem: Problem, cfg: KernelConfig, arch: str):
-    """Compile one config for `arch` (no GPU needed); raises KernelCompileError when the DSL fails."""
+    """Compile one config for `arch` (no GPU needed) as a TVM-FFI function; raises KernelCompileError when
+    the DSL fails."""
+    global _COMPILES
     import cutlass.cute as cute
 
     from .norm_kernel import KernelSpec, NormKernel
@@ -146,14 +165,28 @@ def compile_kernel(problem: Problem, cfg: KernelConfig, arch: str):
             # --keep-cubin lets resource_usage read registers/smem; its files go to the cache, not the cwd
             dump = cache_dir() / "dump"
             dump.mkdir(exist_ok=True)
-            return cute.compile(kernel, *_fake_args(problem, cfg), options=f"--keep-cubin --dump-dir {dump}")
+            # The target is an explicit option: CUTE_DSL_ARCH is read once, when cutlass is first imported, so
+            # setting it later (as _target_arch does) did not reach a DSL imported earlier in the process, whose
+            # objects were then built for the DSL's default (sm_100 without a GPU).
+            compiled = cute.compile(kernel, *_fake_args(problem, cfg),
+                                    options=f"--enable-tvm-ffi --gpu-arch {arch} --keep-cubin --dump-dir {dump}")
+            _COMPILES += 1
+            return compiled
         except Exception as e:  # the DSL raises many exception types
             raise KernelCompileError(f"{problem.op}/{problem.out_format} C={problem.C} {cfg.short()} {arch}: "
                                      f"{type(e).__name__}: {e}") from e
 
 
+def export_object(compiled, key: str, path: Path) -> None:
+    """Write a compiled function as a relocatable TVM-FFI object exporting only `__tvm_ffi_<symbol(key)>`
+    (the AOT library links many of them into one shared library)."""
+    tmp = path.with_suffix(f".{os.getpid()}.tmp.o")
+    compiled.export_to_c(str(tmp), function_name=symbol(key), export_only_tvm_ffi_symbols=True)
+    os.replace(tmp, path)
+
+
 def precompile(problem: Problem, cfg: KernelConfig, arch: str) -> CompileInfo:
-    """Compile one config for `arch` and store it in the disk cache (idempotent, no GPU needed)."""
+    """Compile one config for `arch` and store its object in the disk cache (idempotent, no GPU needed)."""
     key = cache_key(problem, cfg, arch)
     path = cache_dir() / f"{key}.o"
     if path.exists():
@@ -161,38 +194,47 @@ def precompile(problem: Problem, cfg: KernelConfig, arch: str) -> CompileInfo:
     t0 = time.perf_counter()
     compiled = compile_kernel(problem, cfg, arch)
     dt = time.perf_counter() - t0
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_bytes(compiled.dump_to_object(f"lf_{key}"))
-    os.replace(tmp, path)
-    with _LOCK:
-        _MEM[key] = compiled
+    export_object(compiled, key, path)
     return CompileInfo(dt, *resource_usage(compiled), from_cache=False)
 
 
+def _load_object(path: Path, key: str):
+    """The tvm_ffi.Function in a cached object, linked in-process against the CuTe-DSL runtime."""
+    import tvm_ffi
+    from cutlass._mlir._mlir_libs._cutlass_ir._execution_engine import BinaryExecutionEngine
+    from cutlass.base_dsl.env_manager import get_prefix_dsl_libs
+
+    libs = get_prefix_dsl_libs("CUTE_DSL")
+    engine = BinaryExecutionEngine(path.read_bytes(), libs.split(os.pathsep) if libs else [], True)
+    ptr = engine.lookup(f"__tvm_ffi_{symbol(key)}")
+    if not ptr:
+        raise KeyError(f"{path} does not export {symbol(key)}")
+    return tvm_ffi.Function.__from_extern_c__(ptr, keep_alive_object=engine)
+
+
 def get_compiled(problem: Problem, cfg: KernelConfig, arch: str):
-    """The callable for (problem, cfg, arch): memory cache, then disk cache, then compile."""
+    """The launchable tvm_ffi.Function for (problem, cfg, arch): memory, the shipped AOT library, the disk
+    cache, then compile. Its arguments are those of NormKernel.__call__, pointers as ints."""
     key = cache_key(problem, cfg, arch)
     fn = _MEM.get(key)
     if fn is not None:
         return fn
-    path = cache_dir() / f"{key}.o"
-    if path.exists():
-        from cutlass.cute.runtime import load_module
+    from . import aot
 
-        with _LOCK:
-            try:
-                fn = getattr(load_module(str(path)), f"lf_{key}")
-            except Exception:  # a stale or truncated object: recompile below
-                fn = None
+    fn = aot.lookup(arch, symbol(key))
     if fn is None:
-        precompile(problem, cfg, arch)
-        fn = _MEM.get(key)
-        if fn is None:  # another process wrote the object between our checks
-            from cutlass.cute.runtime import load_module
-
-            fn = getattr(load_module(str(path)), f"lf_{key}")
-    with _LOCK:
-        _MEM[key] = fn
+        path = cache_dir() / f"{key}.o"
+        with _LOCK:
+            if path.exists():
+                try:
+                    fn = _load_object(path, key)
+                except Exception:  # a stale or truncated object: recompile below
+                    fn = None
+        if fn is None:
+            export_object(compile_kernel(problem, cfg, arch), key, path)
+            with _LOCK:
+                fn = _load_object(path, key)
+    _MEM[key] = fn
     return fn
 
 

@@ -28,6 +28,7 @@ from .problem import ELEM_BYTES, Problem
 
 TIERS = ("exact", "range", "heuristic")
 CACHE_SIZE = 65536  # memoised (problem, arch, class, stride, alignment) answers; T varies per batch
+T_MAX = 1 << 24  # largest token count `segments` walks (16.7M rows: past every heuristic threshold)
 
 _log = logging.getLogger(__name__)
 
@@ -159,6 +160,58 @@ class Dispatcher:
                       row_stride: int | None = None, ptr_align: int = 16) -> tuple[KernelConfig, str]:
         s = self.lookup(problem, arch, device_class, row_stride, ptr_align)
         return s.config, s.tier
+
+    def segments(self, family: Problem, arch: int, device_class: str | None = None, row_stride: int | None = None,
+                 ptr_align: int = 16, t_max: int = T_MAX) -> list[tuple[int, int, Selection]]:
+        """Every answer dispatch gives for `family` (its T ignored) over T = 1..t_max, as (T_first, T_last,
+        selection) runs: what a warm-up must compile so that no later T compiles. The answer is piecewise
+        constant in T; its change points are the LUT's exact T (and T±1), its range bounds, and the
+        heuristic's thresholds (each monotone in T), found by bisection between powers of two."""
+        def at(T: int) -> Selection:
+            return self.lookup(replace(family, T=T), arch, device_class, row_stride, ptr_align)
+
+        points = {1, t_max}
+        rkey = (family.op, family.out_format, family.scale_layout, family.in_dtype, family.C, family.heads)
+        for t in self._tables(arch, device_class.lower() if device_class else None):
+            for key in t.exact:
+                if key[:-1] == rkey:
+                    points.update((key[-1] - 1, key[-1], key[-1] + 1))
+            if rkey in t.range:
+                for b in t.range[rkey][0]:
+                    points.update((b - 1, b))
+
+        def heur(T: int) -> KernelConfig:
+            return heuristic(replace(family, T=T), arch, row_stride, ptr_align)
+
+        grid = sorted({min(t_max, 1 << i) for i in range(t_max.bit_length() + 1)})
+
+        def split(lo: int, hi: int) -> None:  # heur(lo) != heur(hi): find every change point between them
+            if hi - lo <= 1:
+                points.update((lo, hi))
+                return
+            mid = (lo + hi) // 2
+            cm = heur(mid)
+            if cm != heur(lo):
+                split(lo, mid)
+            if cm != heur(hi):
+                split(mid, hi)
+
+        for lo, hi in zip(grid, grid[1:]):
+            if heur(lo) != heur(hi):
+                split(lo, hi)
+        runs: list[tuple[int, int, Selection]] = []
+        ts = sorted(t for t in points if 1 <= t <= t_max)
+        for i, T in enumerate(ts):
+            sel = at(T)
+            if runs and runs[-1][2] == sel:
+                runs[-1] = (runs[-1][0], T, sel)
+            else:
+                if runs:  # the previous answer holds up to the point before this one
+                    runs[-1] = (runs[-1][0], T - 1, runs[-1][2])
+                runs.append((T, T, sel))
+        if runs:
+            runs[-1] = (runs[-1][0], t_max, runs[-1][2])
+        return runs
 
     def _lookup(self, p: Problem, arch: int, device_class, row_stride, ptr_align) -> Selection:
         def fit(cfg: KernelConfig | None) -> KernelConfig | None:

@@ -28,7 +28,6 @@ class Case:
     eps: float = 1e-6
     scale: float = 1.0
     outputs: tuple = field(default_factory=tuple)  # names in args the kernel writes
-    kernel_args_cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def nbytes(self) -> int:
@@ -138,54 +137,29 @@ def poison(case: Case, byte: int = POISON_BYTE) -> None:
             t.view(torch.uint8).fill_(byte)
 
 
-_CUTE_DTYPES: dict = {}
-
-
-def _cute_dtype(t: torch.Tensor):
-    if not _CUTE_DTYPES:
-        import cutlass
-
-        _CUTE_DTYPES.update({torch.bfloat16: cutlass.BFloat16, torch.float16: cutlass.Float16,
-                             torch.float8_e4m3fn: cutlass.Float8E4M3FN, torch.uint8: cutlass.Uint8,
-                             torch.float32: cutlass.Float32})
-    return _CUTE_DTYPES[t.dtype]
-
-
 def kernel_args(problem: Problem, cfg: KernelConfig, x, weight, residual, y, block_scale, global_scale) -> list:
-    """Runtime arguments of NormKernel.__call__ (pointers with their alignment, sizes, strides).
-
-    x and y are 3D [T, H, C] views (y [T, H, C/2] bytes for FP4); residual is [T, C]."""
-    from cutlass import Int32, Int64
-    from cutlass.base_dsl.enums import AddressSpace
-    from cutlass.cute.runtime import make_ptr
-
+    """Runtime arguments of NormKernel.__call__ before (eps, qscale, grid_limit, stream): integer pointers,
+    sizes and strides in elements, as the compiled TVM-FFI function takes them. x and y are 3D [T, H, C]
+    views (y [T, H, C/2] bytes for FP4); residual is [T, C]. The pointers' alignment is the caller's
+    promise to the config (the vector width), checked by the ops' validation and the cases' slot alignment."""
     fp4 = problem.out_format in FP4_BLOCK
     expect = {"residual": (residual, problem.spec.residual), "block_scale": (block_scale, fp4),
               "global_scale": (global_scale, fp4 and problem.spec.fp4_scales and problem.out_format == "nvfp4")}
     for name, (t, needed) in expect.items():
-        if (t is not None) != needed:  # a mismatch with the compiled signature would crash the host
+        if (t is not None) != needed:  # a mismatch with the compiled signature is refused by the call
             raise ValueError(f"{problem.op}/{problem.out_format}: {name} must be "
                              f"{'given' if needed else 'None'}")
-    vb = cfg.vec_bytes
-
-    def ptr(t, align):
-        return None if t is None else make_ptr(_cute_dtype(t), t.data_ptr(), AddressSpace.gmem, assumed_align=align)
-
-    if problem.out_format in FP4_BLOCK:
-        y_align = max(1, vb // 4)
-    elif problem.out_format == "fp8":
-        y_align = vb // 2
-    else:
-        y_align = vb
     sf_rows, sf0 = 0, 0
     if block_scale is not None:
         sf_rows = block_scale.shape[0]
         sf0 = block_scale.stride(0) if block_scale.dim() == 2 else 1
-    return [ptr(x, vb), ptr(weight, vb), ptr(residual, vb), ptr(y, y_align),
-            ptr(block_scale, 4 if problem.scale_layout == "swizzled" else 1), ptr(global_scale, 4),
-            Int32(x.shape[0]), Int64(x.stride(0)), Int64(x.stride(1)),
-            Int64(residual.stride(0) if residual is not None else 0), Int64(y.stride(0)), Int64(y.stride(1)),
-            Int32(sf_rows), Int64(sf0)]
+
+    def ptr(t):
+        return None if t is None else t.data_ptr()
+
+    return [ptr(x), ptr(weight), ptr(residual), ptr(y), ptr(block_scale), ptr(global_scale),
+            x.shape[0], x.stride(0), x.stride(1), residual.stride(0) if residual is not None else 0,
+            y.stride(0), y.stride(1), sf_rows, sf0]
 
 
 def zero_scale_padding(problem: Problem, block_scale: torch.Tensor | None) -> None:
@@ -203,39 +177,22 @@ def zero_scale_padding(problem: Problem, block_scale: torch.Tensor | None) -> No
         block_scale[(problem.rows // 128) * k_tiles * 512:size].zero_()
 
 
-def _case_kernel_args(case: Case, cfg: KernelConfig) -> list:
-    """kernel_args of a case, built once per vector width and tensor layout: a timed trial binds every
-    rotation set (thousands for decode shapes) and building the pointers costs ~0.1-0.3 ms a set."""
-    a = case.args
-    key = (cfg.vec_bytes,) + tuple((n, t.data_ptr(), t.shape, t.stride()) for n, t in a.items()
-                                   if isinstance(t, torch.Tensor))
-    args = case.kernel_args_cache.get(key)
-    if args is None:
-        args = kernel_args(case.problem, cfg, a["x"], a["weight"], a.get("residual"), a.get("y", a["x"]),
-                           a.get("block_scale"), a.get("global_scale"))
-        case.kernel_args_cache[key] = args
-    return args
-
-
 def launcher(problem: Problem, cfg: KernelConfig, case: Case, arch: str | None = None):
     """A zero-argument callable launching the kernel on the current stream (CUDA-graph capturable)."""
-    import cuda.bindings.driver as cuda
-    from cutlass import Float32, Int32
-
     arch = arch or arch_of(case.args["x"].device)
     fn = get_compiled(problem, cfg, arch)
-    targs = _case_kernel_args(case, cfg)
-    sm_count = torch.cuda.get_device_properties(case.args["x"].device).multi_processor_count
-    grid_limit = Int32(max(1, sm_count * cfg.ctas_per_sm))
-    eps, qscale = Float32(case.eps), Float32(case.scale)
-
-    sf = case.args.get("block_scale")
+    a = case.args
+    targs = kernel_args(case.problem, cfg, a["x"], a["weight"], a.get("residual"), a.get("y", a["x"]),
+                        a.get("block_scale"), a.get("global_scale"))
+    sm_count = torch.cuda.get_device_properties(a["x"].device).multi_processor_count
+    tail = (case.eps, case.scale, max(1, sm_count * cfg.ctas_per_sm))
+    sf = a.get("block_scale")
     if problem.rows == 0:  # an empty grid is not a valid launch; there is nothing to do
         return lambda: None
 
     def launch():
         zero_scale_padding(problem, sf)
-        fn(*targs, eps, qscale, grid_limit, cuda.CUstream(torch.cuda.current_stream().cuda_stream))
+        fn(*targs, *tail, torch.cuda.current_stream().cuda_stream)
 
     return launch
 

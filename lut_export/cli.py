@@ -27,7 +27,9 @@ def _fail(e: Exception) -> click.ClickException:
 @click.option("--wheel", is_flag=True, help="Build the standalone lutforge_kernels runtime wheel.")
 @click.option("--dist", type=click.Path(file_okay=False, path_type=Path), default=Path("dist"), show_default=True,
               help="Where --wheel writes the wheel.")
-def export_command(results, arch, device_class, out, allow_synthetic, wheel, dist):
+@click.option("--aot-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="AOT kernel library folder the wheel ships (default kernels/aot/, built by `lutforge aot`).")
+def export_command(results, arch, device_class, out, allow_synthetic, wheel, dist, aot_dir):
     """Export tuned winners as a LUT module and/or build the runtime wheel."""
     if results is None and (arch or device_class or out or allow_synthetic):
         raise click.UsageError("--arch/--device-class/--out/--allow-synthetic need --results")
@@ -50,7 +52,7 @@ def export_command(results, arch, device_class, out, allow_synthetic, wheel, dis
         from .wheel import build_wheel
 
         try:
-            path = build_wheel(dist)
+            path = build_wheel(dist, aot_dir)
         except ValueError as e:
             raise _fail(e) from None
         click.echo(f"built {path}")
@@ -125,3 +127,51 @@ def explain_command(op, shape, out_format, in_dtype, scale_layout, arch, device_
     click.echo(f"tier:    {s.tier}" + (f" (from {s.source}, key {s.key})" if s.source else ""))
     click.echo("knobs:   " + " ".join(f"{k}={v}" for k, v in s.config.as_dict().items()))
     click.echo(f"LUTs:    {', '.join(d.modules) or 'none'}")
+
+
+def _ints(text: str, what: str) -> list[int]:
+    try:
+        vals = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        vals = []
+    if not vals or min(vals) < 1:
+        raise click.BadParameter(f"expected a comma list of positive integers, got {text!r}", param_hint=what)
+    return vals
+
+
+@click.command("aot")
+@click.option("--arch", default="sm_90a", show_default=True, help="Compile target (sm_90a, sm_100a).")
+@click.option("--device-class", "classes", default=None,
+              help="Comma list of device classes whose dispatch answers to cover (default: every shipped LUT's).")
+@click.option("--op", "ops", default=None, help="Declared ops (comma list) to cover besides the LUT families.")
+@click.option("--hidden", default=None, help="Row lengths C for the declared ops (comma list; per-head ops: head_dim).")
+@click.option("--heads", type=click.IntRange(min=1), default=1, show_default=True, help="Heads of per-head ops.")
+@click.option("--in-dtype", "in_dtypes", default="bf16", show_default=True, help="Comma list of bf16, fp16.")
+@click.option("--out", "outs", default=None, help="Output formats of the declared ops (default: all the op has).")
+@click.option("--no-luts", is_flag=True, help="Cover only the declared families, not the shipped LUTs' ones.")
+@click.option("--dest", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Library folder (default kernels/aot/, which the runtime and the wheel pick up).")
+@click.option("--jobs", type=click.IntRange(min=1), default=None, help="Compile processes (default: CPU count).")
+def aot_command(arch, classes, ops, hidden, heads, in_dtypes, outs, no_luts, dest, jobs):
+    """Compile, without a GPU, every kernel dispatch can return for the covered families, into one library."""
+    import os
+
+    from kernels import aot
+    from kernels.compile_cache import arch_number
+
+    from .aot_entries import declared_families, entries
+
+    if bool(ops) != bool(hidden):
+        raise click.UsageError("--op and --hidden go together")
+    try:
+        declared = declared_families(ops.split(","), _ints(hidden, "--hidden"), in_dtypes.split(","),
+                                     outs.split(",") if outs else None, heads) if ops else []
+        sm = arch_number(arch)
+        todo = entries(sm, classes.split(",") if classes else None, declared)
+        if no_luts:
+            keep = set(declared)
+            todo = [(f, c) for f, c in todo if f in keep]
+    except (ValueError, TypeError) as e:
+        raise _fail(e) from None
+    click.echo(f"{len(todo)} kernels for {arch} ({len({f for f, _ in todo})} problem families)")
+    aot.build_library(todo, arch, dest or aot.package_dir(), jobs or os.cpu_count() or 1, log=click.echo)

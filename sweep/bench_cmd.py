@@ -83,8 +83,58 @@ def format_table(rows: list[dict], impls: list[str]) -> str:
     return "\n".join(lines)
 
 
+def bench_host(problems, results_dir: Path) -> list[dict]:
+    """Host microseconds per eager call of every problem, lutforge's call paths beside torch and the peers,
+    in this process (sweep/host_cost.py); rows kind=host."""
+    from .host_cost import measure
+    from .provenance import gpu_provenance, make_row
+    from .study import RowWriter
+
+    run_id = uuid.uuid4().hex[:12]
+    dev = gpu_provenance(0)
+    writer = RowWriter(results_dir, prefix="host")
+    rows = []
+    try:
+        for p, pset in problems:
+            for res in measure(p):
+                r = make_row(problem=p, result=res, device=dev, copy_gbps=None, knobs=None, run_id=run_id,
+                             study=None, trial=-1, kind="host", impl=res["impl"], config_source=None,
+                             problem_set=pset)
+                rows.append(r)
+                writer.add(r)
+    finally:
+        writer.flush()
+    return rows
+
+
+def _host_cell(r: dict | None) -> str:
+    if r is None:
+        return "-"
+    return f"{r['host_us']:.1f}" if r["status"] == "ok" else r["status"]
+
+
+def format_host_table(rows: list[dict]) -> str:
+    from .host_cost import IMPLS
+
+    impls = [i for i in IMPLS if any(r["impl"] == i for r in rows)]
+    by_problem: dict[tuple, dict[str, dict]] = {}
+    for r in rows:
+        by_problem.setdefault((r["op"], out_label(r["out_format"], r["scale_layout"]), r["T"], r["C"], r["heads"]),
+                              {})[r["impl"]] = r
+    head = f"{'op':<24} {'out':<10} {'T':>6} {'C':>5} {'H':>3}  " + " ".join(f"{i[:14]:>14}" for i in impls)
+    lines = [head, "-" * len(head), "(host us per eager call, median of repeats)"]
+    for (op, out, T, C, H), by_impl in by_problem.items():
+        cells = [f"{_host_cell(by_impl.get(i)):>14}" for i in impls]
+        lines.append(f"{op:<24} {out:<10} {T:>6} {C:>5} {H:>3}  " + " ".join(cells))
+    return "\n".join(lines)
+
+
 @click.command("bench")
-@click.option("--problem-set", required=True, help="Problem set name (problem_sets/*.toml).")
+@click.option("--problem-set", default=None, help="Problem set name (problem_sets/*.toml).")
+@click.option("--shapes", default=None, help="Shapes instead of a set: TxC for row ops, TxHxD for per-head ops "
+                                             "(comma list, e.g. 1x4096,32x4096,1x32x128).")
+@click.option("--host", is_flag=True, help="Measure host microseconds per eager call (public op, custom op, bare "
+                                           "launch) beside torch and the peers instead of GPU time.")
 @click.option("--op", "ops", required=True, help="Op or comma list of ops.")
 @click.option("--out", "outs", required=True, help="Output format(s), comma list.")
 @click.option("--in-dtype", default="bf16", show_default=True, type=click.Choice(["bf16", "fp16"]))
@@ -96,22 +146,34 @@ def format_table(rows: list[dict], impls: list[str]) -> str:
               help="synthetic times only lutforge, with the CPU cost model (for CI).")
 @click.option("--limit-shapes", type=click.IntRange(min=1), default=None, help="At most N shapes per (op, out).")
 @click.option("--trial-timeout", type=click.FloatRange(min=0, min_open=True), default=120.0, show_default=True)
-def bench_command(problem_set, ops, outs, in_dtype, layouts, peer_spec, results_dir, backend, limit_shapes, trial_timeout):
+def bench_command(problem_set, shapes, host, ops, outs, in_dtype, layouts, peer_spec, results_dir, backend,
+                  limit_shapes, trial_timeout):
     """Time lutforge (dispatch and heuristic) beside the importable peers on one problem set."""
     from .peers import parse_peers
+    from .sweep_cmd import parse_shapes
 
+    if (problem_set is None) == (shapes is None):
+        raise click.UsageError("give exactly one of --problem-set and --shapes")
     try:
         peers = parse_peers(peer_spec)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--peers")
     check_gpus(backend, None)
     problems, skipped_combos = select_problems(problem_set, split_list(ops, "op"), split_list(outs, "output format"),
-                                               in_dtype, limit_shapes, split_layouts(layouts))
+                                               in_dtype, limit_shapes, split_layouts(layouts),
+                                               parse_shapes(shapes) if shapes else None)
     for s in skipped_combos:
         click.echo(f"skipped {s}", err=True)
     if not problems:
         raise click.UsageError("no problem to bench: every op/output format combination was skipped")
     results = Path(results_dir).resolve()
+    if host:
+        if backend != "gpu":
+            raise click.UsageError("--host measures real calls: it needs --backend gpu")
+        rows = bench_host(problems, results)
+        click.echo(format_host_table(rows))
+        click.echo(f"{len(rows)} rows under {results}")
+        return
     rows, skipped, info = bench(problems, peers, backend, results, trial_timeout)
     impls = ["lutforge", "lutforge_heuristic"] + [p for p in peers if p not in skipped or
                                                   len(skipped[p]) < len(problems)]

@@ -160,6 +160,7 @@ def make_row(*, problem, result: dict, device: dict, copy_gbps: float | None, kn
         "median_us": median,
         "p20_us": result.get("p20_us") if status == "ok" else None,
         "p80_us": result.get("p80_us") if status == "ok" else None,
+        **{k: result.get(k) if status == "ok" else None for k in ("host_us", "host_p20_us", "host_p80_us")},
         "bytes": nbytes, "gbps": g,
         "pct_copy": (100.0 * g / copy_gbps) if (g is not None and copy_gbps) else None,
         "copy_gbps": copy_gbps,

@@ -7,11 +7,11 @@ import pyarrow as pa
 
 from kernels.config import KNOB_CHOICES, KernelConfig
 
-SCHEMA_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+SCHEMA_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
 # Columns a file of an older version lacks: read as empty, except knobs added later, which read as the
 # value the older kernel ran with (it had no such knob) on rows that carry knobs.
-ADDED_IN = {"kernel_source": 2, "knob_l2_prefetch": 3}
+ADDED_IN = {"kernel_source": 2, "knob_l2_prefetch": 3, "host_us": 4, "host_p20_us": 4, "host_p80_us": 4}
 ADDED_KNOB_DEFAULTS = {c: getattr(KernelConfig(), c[len("knob_"):]) for c in ADDED_IN if c.startswith("knob_")}
 
 STATUSES = ("ok", "invalid", "compile_error", "runtime_error", "timeout", "wrong_result")
@@ -31,7 +31,7 @@ FIELDS: list[pa.Field] = [
     pa.field("run_id", pa.string()),
     pa.field("study", pa.string()),
     pa.field("trial", pa.int64()),  # Optuna trial number; -1 for bench rows
-    pa.field("kind", pa.string()),  # trial | rebench | bench
+    pa.field("kind", pa.string()),  # trial | rebench | bench | host
     pa.field("impl", pa.string()),  # lutforge | lutforge_heuristic | torch_eager | torch_compile | quack | liger | flashinfer
     pa.field("config_source", pa.string()),  # search | heuristic | lut_exact | lut_range | peer (lut_nearest: old rows)
     pa.field("problem_set", pa.string()),
@@ -48,6 +48,9 @@ FIELDS: list[pa.Field] = [
     pa.field("median_us", pa.float64()),
     pa.field("p20_us", pa.float64()),
     pa.field("p80_us", pa.float64()),
+    pa.field("host_us", pa.float64()),  # kind host: CPU microseconds per eager call (sweep/host_cost.py)
+    pa.field("host_p20_us", pa.float64()),
+    pa.field("host_p80_us", pa.float64()),
     pa.field("bytes", pa.int64()),
     pa.field("gbps", pa.float64()),
     pa.field("pct_copy", pa.float64()),

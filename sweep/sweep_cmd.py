@@ -65,15 +65,39 @@ SCALE_LAYOUT_HELP = ("FP4 block-scale layout(s), comma list of rowmajor,swizzled
                      "write FP4 scales).")
 
 
-def select_problems(problem_set: str, ops: list[str], outs: list[str], in_dtype: str,
-                    limit_shapes: int | None, layouts: tuple[str, ...] = ("rowmajor",)
-                    ) -> tuple[list[tuple[Problem, str]], list[str]]:
+INLINE_SET = "inline"  # problem_set label of shapes given with --shapes
+
+
+def parse_shapes(text: str) -> list[tuple[int, int, int | None]]:
+    """`--shapes 1x4096,32x4096,2048x32x128`: TxC for row ops -> (T, C, None), TxHxD for per-head ops ->
+    (T, D, H)."""
+    out = []
+    for item in (s.strip() for s in text.split(",")):
+        if not item:
+            continue
+        try:
+            dims = [int(v) for v in item.lower().split("x")]
+        except ValueError:
+            dims = []
+        if len(dims) not in (2, 3) or dims[0] < 0 or min(dims[1:]) < 1:
+            raise click.BadParameter(f"shape {item!r} is not TxC or TxHxD with T >= 0 and sizes >= 1",
+                                     param_hint="--shapes")
+        out.append((dims[0], dims[-1], dims[1]) if len(dims) == 3 else (dims[0], dims[1], None))
+    if not out:
+        raise click.BadParameter("no shapes given", param_hint="--shapes")
+    return out
+
+
+def select_problems(problem_set: str | None, ops: list[str], outs: list[str], in_dtype: str,
+                    limit_shapes: int | None, layouts: tuple[str, ...] = ("rowmajor",),
+                    shapes: list[tuple[int, int, int | None]] | None = None) -> tuple[list[tuple[Problem, str]], list[str]]:
     """(problems, skipped (op, out, layout) descriptions). `limit_shapes` keeps that many shapes per
     (op, out, layout), spread evenly over the set so the sample spans small to large. `layouts` are the FP4
-    block-scale layouts; swizzled applies to ops that write FP4 scales and is skipped for the others."""
+    block-scale layouts; swizzled applies to ops that write FP4 scales and is skipped for the others.
+    `shapes` (T, C, heads) replace the set: row ops take those with heads 1, per-head ops the others."""
     import problem_sets
 
-    if problem_set not in problem_sets.list_sets():
+    if shapes is None and problem_set not in problem_sets.list_sets():
         raise click.BadParameter(f"unknown problem set {problem_set!r}; known: {', '.join(problem_sets.list_sets())}",
                                  param_hint="--problem-set")
     bad = [o for o in ops if o not in OPS]
@@ -90,14 +114,20 @@ def select_problems(problem_set: str, ops: list[str], outs: list[str], in_dtype:
                     skipped.append(f"{op}/{out}/{layout} (only ops writing FP4 block scales have a {layout} layout)")
                     continue
                 try:
-                    ps = problem_sets.problems(problem_set, op, in_dtype, out, scale_layout=layout)
+                    if shapes is not None:
+                        ps = [Problem(op, t, c, in_dtype, out, h or 1, layout) for t, c, h in shapes
+                              if (h is not None) == OPS[op].per_head]
+                        if not ps:
+                            raise ValueError("no shape of its kind (row ops: TxC, per-head ops: TxHxD)")
+                    else:
+                        ps = problem_sets.problems(problem_set, op, in_dtype, out, scale_layout=layout)
                 except ValueError as e:
                     skipped.append(f"{op}/{out}/{layout} ({e})")
                     continue
                 if limit_shapes is not None and len(ps) > limit_shapes:
                     idx = sorted({round(i * (len(ps) - 1) / max(1, limit_shapes - 1)) for i in range(limit_shapes)})
                     ps = [ps[i] for i in idx]
-                chosen += [(p, problem_set) for p in ps]
+                chosen += [(p, INLINE_SET if shapes is not None else problem_set) for p in ps]
     return chosen, skipped
 
 

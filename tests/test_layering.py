@@ -1,5 +1,6 @@
 """kernels/ is the runtime library shipped alone as `lutforge_kernels`: it may import only the standard
-library, torch, and what nvidia-cutlass-dsl installs (cutlass and its cuda-bindings dependency), and
+library, torch, what nvidia-cutlass-dsl installs (cutlass and its cuda-bindings dependency) and tvm_ffi
+(apache-tvm-ffi, the call ABI of the compiled kernels), and
 reaches its own modules only through relative imports, so it works unchanged under another name."""
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 KERNELS = Path(__file__).resolve().parents[1] / "kernels"
-THIRD_PARTY = {"torch", "cutlass", "cuda"}  # cuda: cuda-bindings, a dependency of nvidia-cutlass-dsl
+THIRD_PARTY = {"torch", "cutlass", "cuda", "tvm_ffi"}  # cuda: cuda-bindings, a dependency of nvidia-cutlass-dsl
 PROJECT = {"kernels", "sweep", "lut_export", "problem_sets", "lutforge", "lutforge_kernels"}
 DYNAMIC_IMPORTERS = {"import_module", "__import__"}
 
@@ -31,7 +32,7 @@ def import_problems(path: Path) -> list[str]:
             out.append(f"{line}: absolute import of project module {name!r} (kernels/ must use relative "
                        "imports and never import sweep/ or lut_export/)")
         elif top not in THIRD_PARTY and top not in sys.stdlib_module_names and top != "__future__":
-            out.append(f"{line}: imports {name!r}; the runtime wheel depends only on torch and nvidia-cutlass-dsl")
+            out.append(f"{line}: imports {name!r}; the runtime wheel depends only on torch, nvidia-cutlass-dsl and apache-tvm-ffi")
 
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):

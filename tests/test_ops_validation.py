@@ -22,7 +22,7 @@ def _w(C=64, dtype=BF):
     (lambda: ops.rmsnorm(_x(dtype=torch.float32), _w()), TypeError, "bfloat16 or float16"),
     (lambda: ops.rmsnorm(_x(), _w(dtype=torch.float16)), TypeError, "must match input dtype"),
     (lambda: ops.rmsnorm(_x(), _w(65)), ValueError, "weight must have shape"),
-    (lambda: ops.rmsnorm(_x().reshape(-1), _w()), ValueError, "must be 2D"),
+    (lambda: ops.rmsnorm(_x().reshape(-1)[0], _w()), ValueError, "hidden"),
     (lambda: ops.rmsnorm(_x(), _w()), ValueError, "CUDA device"),
     (lambda: ops.rmsnorm(_x(64, 4).t(), _w(64)), ValueError, "contiguous in its last dimension"),
     (lambda: ops.rmsnorm(_x(), _w(), eps=-1.0), ValueError, "eps"),
@@ -45,7 +45,7 @@ def _w(C=64, dtype=BF):
     (lambda: ops.rmsnorm_fp4quant(_x(), _w(), block_size=32, global_scale=torch.ones(1)), ValueError, "NVFP4"),
     (lambda: ops.rmsnorm_fp4quant(_x(), _w(), block_scale=torch.empty(10, dtype=torch.float8_e4m3fn),
                                   is_sf_swizzled_layout=True), ValueError, "swizzled block_scale"),
-    (lambda: ops.rmsnorm_fp4quant(_x().reshape(1, 1, 4, 64), _w()), ValueError, "2D or 3D"),
+    (lambda: ops.rmsnorm(_x(6, 64).view(2, 3, 64).transpose(0, 1), _w()), ValueError, "flatten to rows"),
 ])
 def test_bad_input_raises_a_clear_error(call, err, needle):
     with pytest.raises(err, match=needle):

@@ -1,0 +1,46 @@
+"""What the ahead-of-time library holds: every config dispatch can return, over all T, for the problem
+families the shipped LUTs cover and for families a user declares (ops x row lengths x formats)."""
+from __future__ import annotations
+
+from kernels.dispatch import default_dispatcher
+from kernels.luts import load_shipped
+from kernels.problem import Problem
+from kernels.warmup import families, reachable_configs
+
+
+def lut_families(arch: int) -> dict[str, list[Problem]]:
+    """device class -> the (T-free) problem families its shipped LUT module of `arch` answers."""
+    out: dict[str, list[Problem]] = {}
+    for lut in load_shipped():
+        if lut.arch != arch:
+            continue
+        fams = set()
+        for key in list(lut.exact) + list(lut.range):
+            op, fmt, layout, dt, C, heads = key[:6]
+            fams.add(Problem(op, 0, C, dt, fmt, heads, layout))
+        out[lut.device_class] = sorted(fams, key=repr)
+    return out
+
+
+def declared_families(ops, Cs, in_dtypes, out_formats, heads: int = 1) -> list[Problem]:
+    fams = []
+    for op in ops:
+        for C in Cs:
+            fams += families(op, int(C), in_dtypes, out_formats, heads)
+    return fams
+
+
+def entries(arch: int, device_classes, declared: list[Problem]) -> list[tuple[Problem, object]]:
+    """(family, config) pairs to compile: for each device class (its LUT's families plus the declared ones)
+    every config dispatch returns across T; with no class, the heuristic's answers for the declared ones."""
+    default_dispatcher()
+    by_class = lut_families(arch)
+    classes = list(device_classes) if device_classes else sorted(by_class) or [None]
+    out, seen = [], set()
+    for cls in classes:
+        for fam in by_class.get(cls, []) + list(declared):
+            for cfg in reachable_configs(fam, arch, cls):
+                if (fam, cfg) not in seen:
+                    seen.add((fam, cfg))
+                    out.append((fam, cfg))
+    return out
