@@ -119,6 +119,57 @@ def test_ops_under_cuda_graph_capture():
     _close(out, reference.silu(reference.rms_norm(x, w, 1e-6)))
 
 
+def test_leading_dims_flatten_without_copy():
+    """[batch, seq, hidden] (and strided leading dims that still have one row stride) as serving code passes it."""
+    x3, w = (torch.randn(3, 37, 1024, device=DEV) * 5 + 5).to(BF), _w(1024)
+    _close(ops.rmsnorm(x3, w), reference.rms_norm(x3.reshape(-1, 1024), w, 1e-6).view_as(x3))
+    _close(ops.fused_rmsnorm_silu(x3, w), reference.silu(reference.rms_norm(x3.reshape(-1, 1024), w, 1e-6)).view_as(x3))
+    big = (torch.randn(4, 40, 1536, device=DEV) * 5 + 5).to(BF)
+    xs = big[:, :, :1024]  # rows of stride 1536: leading dims still flatten (stride 40*1536 = 40 rows)
+    _close(ops.rmsnorm(xs, w), reference.rms_norm(xs.reshape(-1, 1024), w, 1e-6).view_as(xs))
+    r3 = (torch.randn(3, 37, 1024, device=DEV)).to(BF)
+    y_ref, r_ref = reference.fused_add_rms_norm(x3.reshape(-1, 1024), r3.reshape(-1, 1024), w, 1e-6)
+    xa, ra = x3.clone(), r3.clone()
+    ops.fused_add_rmsnorm(xa, ra, w)
+    _close(xa.view(-1, 1024), y_ref)
+    _close(ra.view(-1, 1024), r_ref)
+    q = (torch.randn(2, 9, 8, 128, device=DEV) * 5 + 5).to(BF)  # [batch, seq, heads, head_dim]
+    wq = _w(128)
+    _close(ops.qk_rmsnorm(q, wq), reference.qk_rms_norm(q.reshape(18, 8, 128), wq, 1e-6).view_as(q))
+
+
+def test_cached_plan_follows_new_tensors_and_alignment():
+    """The second call of a signature reuses its plan: results follow the new tensors, and a pointer of another
+    alignment class gets its own plan (narrower vectors) instead of a misaligned launch."""
+    w = _w(4096)
+    for _ in range(3):
+        x = _x(32, 4096)
+        _close(ops.rmsnorm(x, w), reference.rms_norm(x, w, 1e-6))
+    base = _x(33, 4096 + 8)
+    for off in (0, 1, 2, 4):  # x starts 2, 4, 8 bytes past a 16-byte boundary
+        x = base.view(-1)[off: off + 32 * (4096 + 8)].view(32, 4096 + 8)[:, :4096]
+        _close(ops.rmsnorm(x, w), reference.rms_norm(x, w, 1e-6))
+
+
+def test_patch_rmsnorm_in_a_transformers_model():
+    transformers = pytest.importorskip("transformers")
+    from kernels import patch_rmsnorm, unpatch_rmsnorm
+
+    cfg = transformers.LlamaConfig(hidden_size=512, intermediate_size=1024, num_hidden_layers=2,
+                                   num_attention_heads=8, num_key_value_heads=2, vocab_size=1000)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).to(DEV, torch.bfloat16).eval()
+    ids = torch.randint(0, 1000, (2, 17), device=DEV)
+    with torch.inference_mode():
+        ref = model(input_ids=ids).logits.float()
+        assert patch_rmsnorm(model) == 2 * 2 + 1 and patch_rmsnorm(model) == 0
+        got = model(input_ids=ids).logits.float()
+        assert unpatch_rmsnorm(model) == 5
+        again = model(input_ids=ids).logits.float()
+    assert torch.equal(again, ref)
+    assert ((got - ref).norm() / ref.norm()).item() < 2e-2
+
+
 # ----------------------------------------------------------------------------- fuzz of bad inputs
 def _bad_case(rng: random.Random):
     """One call with exactly one thing wrong; returns (callable, tensors that must stay unchanged)."""
@@ -155,7 +206,7 @@ def _bad_case(rng: random.Random):
         o = torch.empty(T, C, device=DEV, dtype=torch.float8_e4m3fn)
         return (lambda: ops.rmsnorm_quant(o, x, w, s)), [x]
     elif kind == "dim":
-        x = x.reshape(1, 1, T, C)
+        x = x[0, 0]  # 0-D: no hidden dim
     elif kind == "fp4C":
         x, w = _x(T, 24), _w(24)
         return (lambda: ops.rmsnorm_fp4quant(x, w)), [x]
