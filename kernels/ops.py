@@ -138,12 +138,18 @@ class _Plan:
     change per call, the outputs to allocate and the byte extents for the per-call overlap check."""
 
     __slots__ = ("fn", "dev", "tail", "grid", "sf_zero", "y_shape", "y_dtype", "sf_shape", "sf_dtype", "device",
-                 "extents", "problem", "config", "tier")
+                 "extents", "problem", "config", "tier", "like")
 
     def __init__(self):
         self.fn = None
         self.sf_zero = None
         self.extents = ()
+        self.like = False  # y can be allocated as empty_like(x): x contiguous, y of x's shape (half the cost)
+
+    def new_y(self, x: torch.Tensor) -> torch.Tensor:
+        if self.like:
+            return torch.empty_like(x) if self.y_dtype is x.dtype else torch.empty_like(x, dtype=self.y_dtype)
+        return torch.empty(self.y_shape, dtype=self.y_dtype, device=self.device)
 
 
 def _device_info(device: torch.device) -> tuple[int, str, int]:
@@ -247,7 +253,7 @@ def _launch(plan: _Plan, xp: int, wp: int, rp, yp: int, sfp, gsp, eps: float, sc
 
 
 def _eps(eps) -> float:
-    return eps if eps.__class__ is float and 0.0 <= eps < _INF else _check_eps(eps)
+    return eps if isinstance(eps, float) and 0.0 <= eps < _INF else _check_eps(eps)
 
 
 # --------------------------------------------------------------------------- torch.compile path
@@ -295,6 +301,7 @@ def _plain_plan(op: str, x, w, out, out_dtype, key) -> _Plan:
     plan = _build_plan(p, dev, (x.data_ptr(), w.data_ptr()), 16 if out is None else _align(out.data_ptr()),
                        (sx, 0, 0, sy, 0))
     plan.y_shape, plan.y_dtype = tuple(x.shape), out_dtype
+    plan.like = x.is_contiguous()
     plan.extents = (_extent_bytes(x), _extent_bytes(w), 0 if out is None else _extent_bytes(out))
     return _remember(key, plan)
 
@@ -318,7 +325,7 @@ def _plain(op: str, x, w, eps, out, out_dtype=None, scale: float = 1.0):
         xp, wp = x.data_ptr(), w.data_ptr()
     eps = _eps(eps)
     if out is None:
-        out = torch.empty(plan.y_shape, dtype=plan.y_dtype, device=plan.device)
+        out = plan.new_y(x)
         yp = out.data_ptr()
     else:
         yp = out.data_ptr()
@@ -356,7 +363,7 @@ def rmsnorm_quant(out: torch.Tensor, input: torch.Tensor, weight: torch.Tensor, 
     """out (fp8 e4m3) = clamp(rmsnorm(input) * weight / scale, +-448), static per-tensor scale."""
     if out is None:
         raise TypeError("out must be a torch.Tensor, got NoneType")
-    scale = scale if scale.__class__ is float and 0.0 < scale < _INF else _check_scale(scale)
+    scale = scale if isinstance(scale, float) and 0.0 < scale < _INF else _check_scale(scale)
     return _plain("rmsnorm_quant", input, weight, eps, out, _FP8, scale)
 
 
@@ -458,7 +465,7 @@ def fused_add_rmsnorm_quant(out: torch.Tensor, input: torch.Tensor, residual: to
         raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
     if out.dtype != _FP8:
         raise TypeError(f"out must have dtype {_FP8}, got {out.dtype}")
-    scale = scale if scale.__class__ is float and 0.0 < scale < _INF else _check_scale(scale)
+    scale = scale if isinstance(scale, float) and 0.0 < scale < _INF else _check_scale(scale)
     _fused_add("fused_add_rmsnorm_quant", input, residual, weight, eps, out=out, scale=scale)
     return out
 
@@ -482,7 +489,7 @@ def _qk(op: str, x, w, eps, out):
         xp, wp = x.data_ptr(), w.data_ptr()
     eps = _eps(eps)
     if out is None:
-        out = torch.empty(plan.y_shape, dtype=plan.y_dtype, device=plan.device)
+        out = plan.new_y(x)
         yp = out.data_ptr()
     else:
         yp = out.data_ptr()
@@ -513,6 +520,7 @@ def _qk_plan(op, x, w, out, key) -> _Plan:
     plan = _build_plan(p, dev, (x.data_ptr(), w.data_ptr()), 16 if out is None else _align(out.data_ptr()),
                        (sx0, sx1, 0, sy0, sy1))
     plan.y_shape, plan.y_dtype = tuple(x.shape), x.dtype
+    plan.like = x.is_contiguous()
     plan.extents = (_extent_bytes(x), _extent_bytes(w), 0 if out is None else _extent_bytes(out))
     return _remember(key, plan)
 
@@ -660,13 +668,13 @@ def rmsnorm_fp4quant(input: torch.Tensor, weight: torch.Tensor, y_fp4: torch.Ten
     """RMSNorm then FP4 quantisation: NVFP4 (block 16, e4m3 scales, optional multiplicative global scale)
     or MXFP4 (block 32, ue8m0 scales); [..., C] input (rows flattened); row-major or 128x4 swizzled
     scales. Returns (y_fp4 [..., C/2], block_scale). `enable_pdl` is accepted for API compatibility."""
-    if block_size.__class__ is not int or block_size not in (16, 32):
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size not in (16, 32):
         raise ValueError(f"block_size must be 16 (NVFP4) or 32 (MXFP4), got {block_size!r}")
     if scale_format is not None:
         expected_sf = {16: "e4m3", 32: "ue8m0"}[block_size]
         if scale_format != expected_sf:
             raise ValueError(f"block_size={block_size} uses scale_format {expected_sf!r}, got {scale_format!r}")
-    if is_sf_swizzled_layout.__class__ is not bool:
+    if not isinstance(is_sf_swizzled_layout, bool):
         raise TypeError("is_sf_swizzled_layout must be a bool")
     return _fp4("rmsnorm_fp4quant", input, weight, y_fp4, block_scale, global_scale, eps, block_size,
                 is_sf_swizzled_layout)
