@@ -92,7 +92,7 @@ def bench_host(problems, results_dir: Path) -> list[dict]:
 
     run_id = uuid.uuid4().hex[:12]
     dev = gpu_provenance(0)
-    writer = RowWriter(results_dir, prefix="host")
+    writer = RowWriter(results_dir, flush_rows=1 << 30, flush_s=float("inf"), prefix="host")  # one file per run
     rows = []
     try:
         for p, pset in problems:

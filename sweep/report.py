@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from kernels.config import KNOB_CHOICES
-from kernels.problem import OPS
+from kernels.problem import FP4_BLOCK, OPS
 
 from .results_io import OWN_IMPLS, PROBLEM_COLUMNS, PROBLEM_DEFAULTS, read_results, superseded
 from .schema import KNOB_COLUMNS
@@ -49,7 +49,7 @@ def load_ok_rows(results_dir: str | os.PathLike, ops: tuple[str, ...] = (), devi
         df = df[df["op"].isin(ops)]
         if df.empty:
             raise ValueError(f"no rows for op(s) {', '.join(ops)} in {results_dir}; ops there: {', '.join(present)}")
-    ok = df[df["status"] == "ok"].copy()
+    ok = df[(df["status"] == "ok") & (df["kind"] != "host")].copy()  # host rows: load_host_rows
     if ok.empty:
         seen = ", ".join(f"{s}: {n}" for s, n in df["status"].value_counts(dropna=False).items())
         raise ValueError(f"no rows with status ok in {results_dir} (statuses: {seen})")
@@ -75,6 +75,57 @@ def load_ok_rows(results_dir: str | os.PathLike, ops: tuple[str, ...] = (), devi
         ok[col] = ok[col].fillna(default)
     ok = ok.astype({"heads": "int64", "T": "int64", "C": "int64"})
     return ok
+
+
+def load_host_rows(results_dir: str | os.PathLike, device: str | None = None) -> pd.DataFrame:
+    """The ok host-cost rows (kind host, `lutforge bench --host`) under `results_dir`; empty if none."""
+    df = read_results(results_dir)
+    if "host_us" not in df.columns:
+        return df.iloc[0:0]
+    host = df[(df["kind"] == "host") & (df["status"] == "ok") & (df["host_us"] > 0)]
+    if device is not None:
+        host = host[host["device_name"] == device]
+    for col, default in PROBLEM_DEFAULTS.items():
+        host = host.assign(**{col: host[col].fillna(default)})
+    return host
+
+
+HOST_IMPLS = ("lutforge", "lutforge_custom_op", "lutforge_launch", "cute_jit_launch", "torch_rms_norm", "torch_eager",
+              "quack", "liger", "flashinfer")
+HOST_BUDGET_FP4 = 2.0  # FP4 ops may cost up to 2x torch's F.rms_norm on the host (their outputs are two tensors)
+
+
+def render_host(host: pd.DataFrame) -> list[str]:
+    """Host microseconds per eager call per problem and impl (median over runs), with the verdict against
+    torch's F.rms_norm at the same shape: at or below it, FP4 outputs within HOST_BUDGET_FP4 of it."""
+    if host.empty:
+        return []
+    med = host.groupby(PROBLEM_KEY + ["impl"], sort=True)["host_us"].median().unstack("impl")
+    impls = [i for i in HOST_IMPLS if i in med.columns]
+    lines = ["## Host cost per eager call", "",
+             f"`lutforge bench --host` (sweep/host_cost.py), {len(host)} rows, runs {_distinct(host['run_id'])}: "
+             "median host µs per call over repeats of back-to-back calls while a sleep kernel keeps the GPU busy, "
+             "so the figure is CPU time only. lutforge = the public op; lutforge_custom_op = the torch custom op "
+             "torch.compile graphs call; lutforge_launch = the compiled TVM-FFI function alone (the floor); "
+             "cute_jit_launch = the same kernel through CuTe-DSL's own executor; torch_rms_norm = "
+             "F.rms_norm at that shape (the budget); torch_eager = the op as torch ops.", ""]
+    body, met, total = [], 0, 0
+    for key, r in med.iterrows():
+        k = dict(zip(PROBLEM_KEY, key))
+        op, out, layout = k["op"], k["out_format"], k["scale_layout"]
+        budget = r.get("torch_rms_norm")
+        limit = budget * (HOST_BUDGET_FP4 if out in FP4_BLOCK else 1.0) if budget == budget else None
+        ours = r.get("lutforge")
+        ok = limit is not None and ours == ours and ours <= limit
+        total += limit is not None and ours == ours
+        met += bool(ok)
+        shape = f"{k['T']}×{k['heads']}×{k['C']}" if k["heads"] > 1 else f"{k['T']}×{k['C']}"
+        body.append([op, out + ("/swz" if layout == "swizzled" else ""), shape]
+                    + [_fmt(r.get(i), ".1f") for i in impls] + ["yes" if ok else "**no**"])
+    lines += _table(["op", "out", "shape", *impls, "≤ budget"], body) + [""]
+    lines += [f"lutforge within budget on {met} of {total} problems (budget: torch's F.rms_norm at the same shape; "
+              f"FP4 outputs {HOST_BUDGET_FP4:g}× it).", ""]
+    return lines
 
 
 def _knob_value(name: str, v):
@@ -189,7 +240,8 @@ def _distinct(values) -> str:
     return "; ".join(vals) if vals else "not recorded"
 
 
-def render_report(rows: pd.DataFrame, source: str = "", worst: int = 5, allow_synthetic: bool = False) -> str:
+def render_report(rows: pd.DataFrame, source: str = "", worst: int = 5, allow_synthetic: bool = False,
+                  host: pd.DataFrame | None = None) -> str:
     """Markdown for `rows` (the output of `load_ok_rows`). Refuses synthetic-backend rows unless
     `allow_synthetic`, and then labels them on every level they appear."""
     if worst < 0:
@@ -227,6 +279,8 @@ def render_report(rows: pd.DataFrame, source: str = "", worst: int = 5, allow_sy
     from .targets import render as render_targets  # targets build on this module's picks
 
     lines += render_targets(rows)
+    if host is not None:
+        lines += render_host(host)
 
     members = rows[PROBLEM_KEY + ["problem_set"]].assign(problem_set=rows["problem_set"].fillna("(no problem set)"))
     members = members.drop_duplicates()
@@ -281,7 +335,10 @@ def report_command(results_dir, output, ops, device, worst, allow_synthetic):
     """Write a BENCHMARKS.md-style summary: geomean GB/s, % of copy and speedups per problem set."""
     try:
         rows = load_ok_rows(results_dir, tuple(ops), device)
-        text = render_report(rows, source=str(results_dir), worst=worst, allow_synthetic=allow_synthetic)
+        host = load_host_rows(results_dir, device)
+        if ops:
+            host = host[host["op"].isin(ops)]
+        text = render_report(rows, source=str(results_dir), worst=worst, allow_synthetic=allow_synthetic, host=host)
     except ValueError as e:
         raise click.ClickException(str(e)) from None
     if output is None:
