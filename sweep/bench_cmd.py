@@ -9,7 +9,8 @@ from pathlib import Path
 
 import click
 
-from .sweep_cmd import SCALE_LAYOUT_HELP, check_gpus, out_label, select_problems, split_layouts, split_list
+from .sweep_cmd import (PROBLEM_SET_HELP, SCALE_LAYOUT_HELP, SHAPES_HELP, check_gpus, out_label, select_problems,
+                        shapes_option, split_layouts, split_list)
 from .trial_worker import BACKENDS
 
 _SOURCE = {"exact": "lut_exact", "range": "lut_range", "heuristic": "heuristic"}
@@ -130,9 +131,8 @@ def format_host_table(rows: list[dict]) -> str:
 
 
 @click.command("bench")
-@click.option("--problem-set", default=None, help="Problem set name (problem_sets/*.toml).")
-@click.option("--shapes", default=None, help="Shapes instead of a set: TxC for row ops, TxHxD for per-head ops "
-                                             "(comma list, e.g. 1x4096,32x4096,1x32x128).")
+@click.option("--problem-set", default=None, help=PROBLEM_SET_HELP)
+@click.option("--shapes", default=None, help=SHAPES_HELP)
 @click.option("--host", is_flag=True, help="Measure host microseconds per eager call (public op, custom op, bare "
                                            "launch) beside torch and the peers instead of GPU time.")
 @click.option("--op", "ops", required=True, help="Op or comma list of ops.")
@@ -150,10 +150,7 @@ def bench_command(problem_set, shapes, host, ops, outs, in_dtype, layouts, peer_
                   limit_shapes, trial_timeout):
     """Time lutforge (dispatch and heuristic) beside the importable peers on one problem set."""
     from .peers import parse_peers
-    from .sweep_cmd import parse_shapes
 
-    if (problem_set is None) == (shapes is None):
-        raise click.UsageError("give exactly one of --problem-set and --shapes")
     try:
         peers = parse_peers(peer_spec)
     except ValueError as e:
@@ -161,7 +158,7 @@ def bench_command(problem_set, shapes, host, ops, outs, in_dtype, layouts, peer_
     check_gpus(backend, None)
     problems, skipped_combos = select_problems(problem_set, split_list(ops, "op"), split_list(outs, "output format"),
                                                in_dtype, limit_shapes, split_layouts(layouts),
-                                               parse_shapes(shapes) if shapes else None)
+                                               shapes_option(problem_set, shapes))
     for s in skipped_combos:
         click.echo(f"skipped {s}", err=True)
     if not problems:

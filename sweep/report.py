@@ -128,6 +128,42 @@ def render_host(host: pd.DataFrame) -> list[str]:
     return lines
 
 
+def render_e2e(results_dir) -> list[str]:
+    """The end-to-end records under `results_dir`/e2e (benchmarks/llama_forward.py, benchmarks/cold_start.py)."""
+    import json
+
+    d = Path(results_dir) / "e2e"
+    lines = []
+    llama = d / "llama_forward.json"
+    if llama.exists():
+        rec = json.loads(llama.read_text())
+        c = rec["config"]
+        lines += ["## End to end: transformers LlamaForCausalLM", "",
+                  f"`benchmarks/llama_forward.py` on {rec['device']} (torch {rec.get('torch', '?')}): {c['layers']} "
+                  f"layers, hidden {c['hidden']}, GQA {c['heads']}/{c['kv_heads']}, random weights, bf16, one "
+                  "sequence; stock vs `kernels.patch_rmsnorm` (every LlamaRMSNorm through ops.rmsnorm). ms per "
+                  "forward; error = ‖logits − fp32 model's‖ / ‖fp32 model's‖.", ""]
+        body = [[str(r["T"]), str(r["patched_norms"]), _fmt(r["stock_eager_ms"], ".3f"), _fmt(r["lutforge_eager_ms"], ".3f"),
+                 _fmt(r["eager_speedup"], ".2f") + "×", _fmt(r["stock_graph_ms"], ".3f"),
+                 _fmt(r["lutforge_graph_ms"], ".3f"), _fmt(r["graph_speedup"], ".2f") + "×",
+                 _fmt(r.get("stock_rel_err_vs_fp32"), ".2e"), _fmt(r.get("lutforge_rel_err_vs_fp32"), ".2e"),
+                 str(r["compiles"])] for r in rec["rows"]]
+        lines += _table(["T", "norms", "stock eager", "lutforge eager", "speedup", "stock graph", "lutforge graph",
+                         "speedup", "error stock", "error lutforge", "compiles"], body) + [""]
+    cold = d / "cold_start.json"
+    if cold.exists():
+        rec = json.loads(cold.read_text())
+        lines += ["## Cold start", "", f"`benchmarks/cold_start.py`: a fresh process with an empty disk cache imports "
+                  f"kernels.ops and calls {rec['op']} at {rec['T']}×{rec['C']} (seconds; torch's own import and CUDA "
+                  "context are listed apart).", ""]
+        body = [[mode, _fmt(r["import_torch_s"], ".2f"), _fmt(r["import_kernels_s"], ".3f"), _fmt(r["cuda_init_s"], ".2f"),
+                 _fmt(r["first_call_s"], ".3f"), _fmt(r["kernels_import_plus_first_call_s"], ".3f"), str(r["compiles"]),
+                 str(r["cutlass_imported"])] for mode in ("aot", "jit") for r in rec.get(mode, [])]
+        lines += _table(["library", "import torch", "import kernels", "CUDA init", "first call",
+                         "kernels import + first call", "compiles", "cutlass imported"], body) + [""]
+    return lines
+
+
 def _knob_value(name: str, v):
     """A knob value as its choice list types it (pandas turns int columns with gaps into floats)."""
     kind = type(KNOB_CHOICES[name][0])
@@ -281,6 +317,8 @@ def render_report(rows: pd.DataFrame, source: str = "", worst: int = 5, allow_sy
     lines += render_targets(rows)
     if host is not None:
         lines += render_host(host)
+    if source:
+        lines += render_e2e(source)
 
     members = rows[PROBLEM_KEY + ["problem_set"]].assign(problem_set=rows["problem_set"].fillna("(no problem set)"))
     members = members.drop_duplicates()

@@ -66,6 +66,15 @@ SCALE_LAYOUT_HELP = ("FP4 block-scale layout(s), comma list of rowmajor,swizzled
 
 
 INLINE_SET = "inline"  # problem_set label of shapes given with --shapes
+PROBLEM_SET_HELP = "Problem set: a shipped set's name (problem_sets/*.toml) or the path of your own .toml file."
+SHAPES_HELP = "Shapes instead of a set: TxC for row ops, TxHxD for per-head ops (comma list, e.g. 1x4096,1x32x128)."
+
+
+def shapes_option(problem_set: str | None, shapes: str | None):
+    """The parsed --shapes, after checking that exactly one of --problem-set and --shapes is given."""
+    if (problem_set is None) == (shapes is None):
+        raise click.UsageError("give exactly one of --problem-set and --shapes")
+    return parse_shapes(shapes) if shapes else None
 
 
 def parse_shapes(text: str) -> list[tuple[int, int, int | None]]:
@@ -97,9 +106,15 @@ def select_problems(problem_set: str | None, ops: list[str], outs: list[str], in
     `shapes` (T, C, heads) replace the set: row ops take those with heads 1, per-head ops the others."""
     import problem_sets
 
-    if shapes is None and problem_set not in problem_sets.list_sets():
-        raise click.BadParameter(f"unknown problem set {problem_set!r}; known: {', '.join(problem_sets.list_sets())}",
-                                 param_hint="--problem-set")
+    set_dir = None
+    if shapes is None and problem_set.endswith(".toml"):  # a user's own set file, anywhere
+        path = Path(problem_set).expanduser().resolve()
+        if not path.is_file():
+            raise click.BadParameter(f"problem set file {problem_set!r} does not exist", param_hint="--problem-set")
+        problem_set, set_dir = path.stem, path.parent
+    elif shapes is None and problem_set not in problem_sets.list_sets():
+        raise click.BadParameter(f"unknown problem set {problem_set!r}; known: {', '.join(problem_sets.list_sets())} "
+                                 "(or give a path to a .toml set file)", param_hint="--problem-set")
     bad = [o for o in ops if o not in OPS]
     if bad:
         raise click.BadParameter(f"unknown ops {bad}; known: {', '.join(OPS)}", param_hint="--op")
@@ -120,7 +135,8 @@ def select_problems(problem_set: str | None, ops: list[str], outs: list[str], in
                         if not ps:
                             raise ValueError("no shape of its kind (row ops: TxC, per-head ops: TxHxD)")
                     else:
-                        ps = problem_sets.problems(problem_set, op, in_dtype, out, scale_layout=layout)
+                        ps = problem_sets.problems(problem_set, op, in_dtype, out, scale_layout=layout,
+                                                   directory=set_dir)
                 except ValueError as e:
                     skipped.append(f"{op}/{out}/{layout} ({e})")
                     continue
@@ -298,7 +314,8 @@ def format_summary(storage_url: str, spec: SweepSpec, info: dict) -> str:
 
 @click.command("sweep")
 @click.option("--op", "ops", required=True, help="Op or comma list of ops (e.g. fused_rmsnorm_silu,rmsnorm).")
-@click.option("--problem-set", required=True, help="Problem set name (problem_sets/*.toml).")
+@click.option("--problem-set", default=None, help=PROBLEM_SET_HELP)
+@click.option("--shapes", default=None, help=SHAPES_HELP)
 @click.option("--out", "outs", required=True, help="Output format(s), comma list (e.g. bf16,fp8).")
 @click.option("--in-dtype", default="bf16", show_default=True, type=click.Choice(["bf16", "fp16"]))
 @click.option("--scale-layout", "layouts", default="rowmajor", show_default=True, help=SCALE_LAYOUT_HELP)
@@ -332,7 +349,7 @@ def format_summary(storage_url: str, spec: SweepSpec, info: dict) -> str:
               help="Leave out problems already swept on this device class and kernel source per the rows under "
                    "--results (a re-bench, or --trials trials): resumes from the committed Parquet on a machine "
                    "without the study database.")
-def sweep_command(ops, problem_set, outs, in_dtype, layouts, trials, time_budget, wall_budget, storage, gpus, results_dir, backend,
+def sweep_command(ops, problem_set, shapes, outs, in_dtype, layouts, trials, time_budget, wall_budget, storage, gpus, results_dir, backend,
                   limit_shapes, trial_timeout, compile_workers, finalists, seed, skip_swept):
     """Tune the knobs of OP on every shape of a problem set (resumes by default)."""
     from tqdm import tqdm
@@ -345,7 +362,8 @@ def sweep_command(ops, problem_set, outs, in_dtype, layouts, trials, time_budget
         if not all(g.isdigit() for g in gpu_list):
             raise click.BadParameter(f"GPU indices must be non-negative integers, got {gpus!r}", param_hint="--gpus")
     check_gpus(backend, gpu_list)
-    problems, skipped = select_problems(problem_set, op_list, out_list, in_dtype, limit_shapes, split_layouts(layouts))
+    problems, skipped = select_problems(problem_set, op_list, out_list, in_dtype, limit_shapes, split_layouts(layouts),
+                                        shapes_option(problem_set, shapes))
     for s in skipped:
         click.echo(f"skipped {s}", err=True)
     if not problems:

@@ -300,3 +300,28 @@ def test_kernel_groups_take_every_op_in_turn():
     ops = [g[0][0].op for g in groups]
     n = min(ops.count("rmsnorm"), ops.count("rmsnorm_quant"))
     assert set(zip(ops[:2 * n:2], ops[1:2 * n:2])) == {("rmsnorm", "rmsnorm_quant")}  # alternating
+
+
+def test_shapes_inline_and_a_problem_set_file_of_ones_own(tmp_path):
+    problems, skipped = select_problems(None, ["rmsnorm", "qk_rmsnorm"], ["bf16"], "bf16", None,
+                                        shapes=[(1, 4096, None), (32, 8192, None), (4, 128, 32)])
+    assert sorted((p.op, p.T, p.C, p.heads) for p, _ in problems) == [
+        ("qk_rmsnorm", 4, 128, 32), ("rmsnorm", 1, 4096, 1), ("rmsnorm", 32, 8192, 1)]
+    assert {s for _, s in problems} == {"inline"} and not skipped
+    res = tmp_path / "results"
+    r = CliRunner().invoke(main, ["sweep", "--op", "rmsnorm", "--shapes", "1x4096,32x8192", "--out", "bf16",
+                                  "--backend", "synthetic", "--trials", "2", "--results", str(res)])
+    assert r.exit_code == 0, r.output
+    df = read_results(res)
+    assert sorted(set(zip(df["T"], df["C"]))) == [(1, 4096), (32, 8192)] and set(df["problem_set"]) == {"inline"}
+    own = tmp_path / "llama70b.toml"
+    own.write_text('description = "Llama-70B norms"\n[axes]\nhidden = [8192]\ntokens = [1, 64]\n')
+    r = CliRunner().invoke(main, ["sweep", "--op", "rmsnorm", "--problem-set", str(own), "--out", "bf16",
+                                  "--backend", "synthetic", "--trials", "2", "--results", str(tmp_path / "r2")])
+    assert r.exit_code == 0, r.output
+    df = read_results(tmp_path / "r2")
+    assert sorted(set(zip(df["T"], df["C"]))) == [(1, 8192), (64, 8192)] and set(df["problem_set"]) == {"llama70b"}
+    for args, needle in ((["--shapes", "1x"], "TxC"), (["--problem-set", str(tmp_path / "nope.toml")], "does not exist"),
+                         (["--problem-set", "wan_vae", "--shapes", "1x64"], "exactly one"), ([], "exactly one")):
+        r = CliRunner().invoke(main, ["sweep", "--op", "rmsnorm", "--out", "bf16", "--backend", "synthetic", *args])
+        assert r.exit_code != 0 and needle in r.output, (args, r.output)
