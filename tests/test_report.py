@@ -146,3 +146,22 @@ def test_bad_inputs_end_in_a_click_error(tmp_path, make, args, message):
     res = run("report", "--results", d, *args)
     assert res.exit_code != 0 and isinstance(res.exception, SystemExit), res.output
     assert message in res.output
+
+
+def test_host_section_judges_each_run_against_torch_in_that_run():
+    import pandas as pd
+
+    from sweep.report import render_host
+
+    def row(run, op, out, impl, us):
+        return {"run_id": run, "op": op, "out_format": out, "in_dtype": "bf16", "scale_layout": "rowmajor",
+                "heads": 1, "T": 1, "C": 4096, "impl": impl, "host_us": us}
+    host = pd.DataFrame([row("a", "rmsnorm", "bf16", "lutforge", 8.0), row("a", "rmsnorm", "bf16", "torch_rms_norm", 9.0),
+                         row("b", "rmsnorm", "bf16", "lutforge", 14.0), row("b", "rmsnorm", "bf16", "torch_rms_norm", 15.0),
+                         row("a", "rmsnorm_fp4quant", "nvfp4", "lutforge", 19.0),
+                         row("a", "rmsnorm_fp4quant", "nvfp4", "torch_rms_norm", 9.0)])
+    text = "\n".join(render_host(host))
+    assert "| rmsnorm | bf16 | 1×4096 | 11.0 | 12.0 | 0.91 | yes |" in text  # slower machine in run b: ratio holds
+    assert "| rmsnorm_fp4quant | nvfp4 | 1×4096 | 19.0 | 9.0 | 2.11 | **no** |" in text  # FP4: 2x budget
+    assert "within budget on 1 of 2 problems" in text
+    assert render_host(host.iloc[0:0]) == []
