@@ -175,3 +175,30 @@ def aot_command(arch, classes, ops, hidden, heads, in_dtypes, outs, no_luts, des
         raise _fail(e) from None
     click.echo(f"{len(todo)} kernels for {arch} ({len({f for f, _ in todo})} problem families)")
     aot.build_library(todo, arch, dest or aot.package_dir(), jobs or os.cpu_count() or 1, log=click.echo)
+
+
+@click.command("warmup")
+@click.option("--op", "ops", required=True, help="Op or comma list of ops.")
+@click.option("--hidden", required=True, help="Row lengths C (comma list; per-head ops: head_dim).")
+@click.option("--heads", type=click.IntRange(min=1), default=1, show_default=True, help="Heads of per-head ops.")
+@click.option("--in-dtype", "in_dtypes", default="bf16", show_default=True, help="Comma list of bf16, fp16.")
+@click.option("--out", "outs", default=None, help="Output formats (default: all the op has).")
+@click.option("--arch", default=None, help="Without a GPU: compile target (e.g. sm_90a) to fill the disk cache for.")
+@click.option("--device-class", default=None, help="With --arch: whose dispatch answers to cover (e.g. h200).")
+def warmup_command(ops, hidden, heads, in_dtypes, outs, arch, device_class):
+    """Load or compile every kernel dispatch can return for these ops and row lengths at any T (disk cache)."""
+    from kernels.warmup import warmup
+
+    if device_class and not arch:
+        raise click.UsageError("--device-class goes with --arch (on a GPU the device names its class)")
+    total = compiled = 0
+    try:
+        for op in ops.split(","):
+            r = warmup(op.strip(), _ints(hidden, "--hidden"), in_dtypes.split(","), outs.split(",") if outs else None,
+                       heads, arch=arch, device_class=device_class)
+            click.echo(f"{op}: {r.kernels} kernels over {r.families} families, {r.compiled} compiled now")
+            total, compiled = total + r.kernels, compiled + r.compiled
+    except (ValueError, TypeError) as e:
+        raise _fail(e) from None
+    click.echo(f"{total} kernels ready ({compiled} compiled now and cached on disk, the rest from the AOT library or "
+               "the disk cache)")

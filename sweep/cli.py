@@ -27,8 +27,9 @@ from .report import report_command  # noqa: E402
 main.add_command(report_command)
 from .problems_cmd import problems_command  # noqa: E402
 main.add_command(problems_command)
-from lut_export.cli import aot_command, explain_command, export_command, validate_command  # noqa: E402
+from lut_export.cli import aot_command, explain_command, export_command, validate_command, warmup_command  # noqa: E402
 main.add_command(aot_command)
+main.add_command(warmup_command)
 main.add_command(export_command)
 main.add_command(validate_command)
 main.add_command(explain_command)

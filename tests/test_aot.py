@@ -73,3 +73,24 @@ def test_no_compile_after_warmup(tmp_path, monkeypatch):
     assert compile_cache.compile_count() == before
     again = warmup("fused_rmsnorm_silu", 64, out_formats=["bf16"], arch="sm_90a", device_class="h200")
     assert again.compiled == 0
+
+
+def test_warmup_command_compiles_once(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from kernels import aot
+    from sweep.cli import main
+
+    monkeypatch.setattr(compile_cache, "_MEM", {})
+    aot.forget()
+    env = {"LUTFORGE_CACHE_DIR": str(tmp_path), "LUTFORGE_AOT": "0"}
+    args = ["warmup", "--op", "rmsnorm", "--hidden", "2048", "--out", "bf16", "--arch", "sm_90a",
+            "--device-class", "h100"]
+    first = CliRunner().invoke(main, args, env=env)
+    assert first.exit_code == 0, first.output
+    n = len(reachable_configs(Problem("rmsnorm", 0, 2048), 90, "h100"))
+    assert f"{n} kernels ready ({n} compiled now" in first.output
+    again = CliRunner().invoke(main, args, env=env)
+    assert f"{n} kernels ready (0 compiled now" in again.output
+    bad = CliRunner().invoke(main, ["warmup", "--op", "rmsnorm", "--hidden", "x", "--arch", "sm_90a"])
+    assert bad.exit_code != 0 and "positive integers" in bad.output
