@@ -17,6 +17,7 @@ import pandas as pd
 from kernels.config import KNOB_CHOICES
 from kernels.problem import FP4_BLOCK, OPS
 
+from .host_cost import IMPLS as HOST_IMPLS
 from .results_io import OWN_IMPLS, PROBLEM_COLUMNS, PROBLEM_DEFAULTS, read_results, superseded
 from .schema import KNOB_COLUMNS
 
@@ -90,8 +91,6 @@ def load_host_rows(results_dir: str | os.PathLike, device: str | None = None) ->
     return host
 
 
-HOST_IMPLS = ("lutforge", "lutforge_custom_op", "lutforge_launch", "cute_jit_launch", "torch_rms_norm", "torch_eager",
-              "quack", "liger", "flashinfer")
 HOST_BUDGET_FP4 = 2.0  # FP4 ops may cost up to 2x torch's F.rms_norm on the host (their outputs are two tensors)
 
 
