@@ -21,6 +21,7 @@ import torch
 from .compile_cache import arch_name, get_compiled
 from .dispatch import device_class_of, select_config
 from .problem import FP4_BLOCK, Problem
+from .runner import scale_padding
 
 _IN_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 _FP4_DTYPE = getattr(torch, "float4_e2m1fn_x2", None)
@@ -209,14 +210,7 @@ def _build_plan(problem: Problem, device: torch.device, x_ptrs: tuple, y_ptr_ali
     plan.config, plan.tier = cfg, tier
     plan.fn = get_compiled(problem, cfg, arch_name(sm))
     plan.grid = max(1, sm_count * cfg.ctas_per_sm)
-    if problem.scale_layout == "swizzled":
-        n_sf = problem.C // FP4_BLOCK[problem.out_format]
-        k_tiles = -(-n_sf // 4)
-        size = -(-problem.rows // 128) * k_tiles * 512
-        if n_sf % 4:
-            plan.sf_zero = (0, size)
-        elif problem.rows % 128:
-            plan.sf_zero = ((problem.rows // 128) * k_tiles * 512, size)
+    plan.sf_zero = scale_padding(problem)
     return plan
 
 

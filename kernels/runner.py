@@ -162,19 +162,28 @@ def kernel_args(problem: Problem, cfg: KernelConfig, x, weight, residual, y, blo
             y.stride(0), y.stride(1), sf_rows, sf0]
 
 
-def zero_scale_padding(problem: Problem, block_scale: torch.Tensor | None) -> None:
-    """The 128x4 swizzled scale buffer has entries for rows past T and scale columns past C/block;
-    they are defined as zero. The kernel writes only real entries, so clear the padding first: the
-    whole buffer when columns are padded, else only the last 128-row tile."""
-    if block_scale is None or problem.scale_layout != "swizzled":
-        return
-    n_sf = problem.C // FP4_BLOCK[problem.out_format]
+def scale_padding(p: Problem) -> tuple[int, int] | None:
+    """Byte range [lo, hi) of the 128x4 swizzled scale buffer the kernel does not write (rows past T, scale
+    columns past C/block) and which is defined as zero: the whole buffer when columns are padded, else the
+    last 128-row tile; None when nothing is padded or the layout is row-major."""
+    if p.scale_layout != "swizzled" or p.out_format not in FP4_BLOCK:
+        return None
+    n_sf = p.C // FP4_BLOCK[p.out_format]
     k_tiles = -(-n_sf // 4)
-    size = -(-problem.rows // 128) * k_tiles * 512
+    size = -(-p.rows // 128) * k_tiles * 512
     if n_sf % 4:
-        block_scale[:size].zero_()
-    elif problem.rows % 128:
-        block_scale[(problem.rows // 128) * k_tiles * 512:size].zero_()
+        return 0, size
+    if p.rows % 128:
+        return (p.rows // 128) * k_tiles * 512, size
+    return None
+
+
+def zero_scale_padding(problem: Problem, block_scale: torch.Tensor | None) -> None:
+    """Clear the swizzled scale buffer's padding (kernels.problem.scale_padding): the kernel writes only real
+    entries."""
+    pad = None if block_scale is None else scale_padding(problem)
+    if pad is not None:
+        block_scale[pad[0]:pad[1]].zero_()
 
 
 def launcher(problem: Problem, cfg: KernelConfig, case: Case, arch: str | None = None):
