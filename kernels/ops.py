@@ -246,6 +246,18 @@ def _launch(plan: _Plan, xp: int, wp: int, rp, yp: int, sfp, gsp, eps: float, sc
     plan.fn(xp, wp, rp, yp, sfp, gsp, *plan.tail, eps, scale, plan.grid, _raw_stream(dev))
 
 
+def _launch_into(plan: _Plan, x, xp: int, wp: int, out, eps: float, scale: float):
+    """Launch an op with one output: allocated per the plan when `out` is None, else checked against the inputs."""
+    if out is None:
+        out = plan.new_y(x)
+        yp = out.data_ptr()
+    else:
+        yp = out.data_ptr()
+        _check_overlaps(("input", "weight", "out"), (xp, wp, yp), plan.extents)
+    _launch(plan, xp, wp, None, yp, None, None, eps, scale)
+    return out
+
+
 def _eps(eps) -> float:
     return eps if isinstance(eps, float) and 0.0 <= eps < _INF else _check_eps(eps)
 
@@ -317,15 +329,7 @@ def _plain(op: str, x, w, eps, out, out_dtype=None, scale: float = 1.0):
         _check_eps(eps)
         plan = _plain_plan(op, x, w, out, out_dtype, key)
         xp, wp = x.data_ptr(), w.data_ptr()
-    eps = _eps(eps)
-    if out is None:
-        out = plan.new_y(x)
-        yp = out.data_ptr()
-    else:
-        yp = out.data_ptr()
-        _check_overlaps(("input", "weight", "out"), (xp, wp, yp), plan.extents)
-    _launch(plan, xp, wp, None, yp, None, None, eps, scale)
-    return out
+    return _launch_into(plan, x, xp, wp, out, _eps(eps), scale)
 
 
 def _plain_validate_traced(x, w, out, out_dtype) -> None:
@@ -481,15 +485,7 @@ def _qk(op: str, x, w, eps, out):
         _check_eps(eps)
         plan = _qk_plan(op, x, w, out, key)
         xp, wp = x.data_ptr(), w.data_ptr()
-    eps = _eps(eps)
-    if out is None:
-        out = plan.new_y(x)
-        yp = out.data_ptr()
-    else:
-        yp = out.data_ptr()
-        _check_overlaps(("input", "weight", "out"), (xp, wp, yp), plan.extents)
-    _launch(plan, xp, wp, None, yp, None, None, eps, 1.0)
-    return out
+    return _launch_into(plan, x, xp, wp, out, _eps(eps), 1.0)
 
 
 def _qk_plan(op, x, w, out, key) -> _Plan:
@@ -648,10 +644,10 @@ def _unit_global_scale(dev: int) -> torch.Tensor:
     return t
 
 
-def _eager_fp4(op, block=None):
+def _eager_fp4(op):
     def run(x, w, residual, y, block_scale, global_scale, eps, scale, swizzled):
-        b = block or (16 if block_scale.dtype == _FP8 else 32)
-        _fp4(op, x, w, y, block_scale, global_scale, eps, b, swizzled)
+        block = 16 if block_scale.dtype == _FP8 else 32  # NVFP4 scales are e4m3, MXFP4 ue8m0 (uint8)
+        _fp4(op, x, w, y, block_scale, global_scale, eps, block, swizzled)
     return run
 
 

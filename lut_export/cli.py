@@ -139,15 +139,24 @@ def _ints(text: str, what: str) -> list[int]:
     return vals
 
 
+def _family_options(f):
+    """--heads, --in-dtype and --out: the problem families `aot` and `warmup` cover besides op and C."""
+    for opt in reversed([
+            click.option("--heads", type=click.IntRange(min=1), default=1, show_default=True,
+                         help="Heads of per-head ops."),
+            click.option("--in-dtype", "in_dtypes", default="bf16", show_default=True, help="Comma list of bf16, fp16."),
+            click.option("--out", "outs", default=None, help="Output formats (default: all the op has).")]):
+        f = opt(f)
+    return f
+
+
 @click.command("aot")
 @click.option("--arch", default="sm_90a", show_default=True, help="Compile target (sm_90a, sm_100a).")
 @click.option("--device-class", "classes", default=None,
               help="Comma list of device classes whose dispatch answers to cover (default: every shipped LUT's).")
 @click.option("--op", "ops", default=None, help="Declared ops (comma list) to cover besides the LUT families.")
 @click.option("--hidden", default=None, help="Row lengths C for the declared ops (comma list; per-head ops: head_dim).")
-@click.option("--heads", type=click.IntRange(min=1), default=1, show_default=True, help="Heads of per-head ops.")
-@click.option("--in-dtype", "in_dtypes", default="bf16", show_default=True, help="Comma list of bf16, fp16.")
-@click.option("--out", "outs", default=None, help="Output formats of the declared ops (default: all the op has).")
+@_family_options
 @click.option("--no-luts", is_flag=True, help="Cover only the declared families, not the shipped LUTs' ones.")
 @click.option("--dest", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Library folder (default kernels/aot/, which the runtime and the wheel pick up).")
@@ -180,9 +189,7 @@ def aot_command(arch, classes, ops, hidden, heads, in_dtypes, outs, no_luts, des
 @click.command("warmup")
 @click.option("--op", "ops", required=True, help="Op or comma list of ops.")
 @click.option("--hidden", required=True, help="Row lengths C (comma list; per-head ops: head_dim).")
-@click.option("--heads", type=click.IntRange(min=1), default=1, show_default=True, help="Heads of per-head ops.")
-@click.option("--in-dtype", "in_dtypes", default="bf16", show_default=True, help="Comma list of bf16, fp16.")
-@click.option("--out", "outs", default=None, help="Output formats (default: all the op has).")
+@_family_options
 @click.option("--arch", default=None, help="Without a GPU: compile target (e.g. sm_90a) to fill the disk cache for.")
 @click.option("--device-class", default=None, help="With --arch: whose dispatch answers to cover (e.g. h200).")
 def warmup_command(ops, hidden, heads, in_dtypes, outs, arch, device_class):
