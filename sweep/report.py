@@ -1,5 +1,6 @@
-"""The benchmark report: which row stands for each problem (lutforge tuned, its heuristic, each peer),
-their geomeans and speedup ratios per problem set, rendered as BENCHMARKS.md-style markdown.
+"""The benchmark report: which row stands for each problem (lutforge as its public op delivers, the best
+search trial, the heuristic, each peer), their geomeans and speedup ratios per problem set, rendered as
+BENCHMARKS.md-style markdown.
 
 Everything in the report is computed from the Parquet rows; the heatmaps use the same per-problem picks
 (`picks`) so both views agree on which measurement a problem's number comes from.
@@ -25,9 +26,14 @@ from .schema import KNOB_COLUMNS
 PROBLEM_KEY = list(PROBLEM_COLUMNS)
 REQUIRED_COLUMNS = {"kind", "impl", "config_source", "status", "problem_set", "median_us", "gbps", "pct_copy",
                     "copy_gbps", "device_name", "backend", "run_id", *PROBLEM_KEY, *KNOB_COLUMNS}
-TUNED, HEURISTIC, BEST_PEER = "lutforge tuned", "lutforge heuristic", "best peer"
+# "lutforge" is what a user's call of the public op gets (bench rows: runtime dispatch, LUT tier or
+# fallback); "best trial" the fastest config the search measured, which a user gets only where the LUT
+# ships it; "lutforge heuristic" the fallback config alone.
+LUTFORGE, BEST_TRIAL, HEURISTIC, BEST_PEER = "lutforge", "best trial", "lutforge heuristic", "best peer"
+OWN_SERIES = (LUTFORGE, BEST_TRIAL, HEURISTIC, BEST_PEER)
+TUNED = BEST_TRIAL  # TEMPORARY alias while sweep/heatmap.py moves to the new series; remove
 # Which kind of row stands for a problem when several exist: interleaved re-bench of the finalists is
-# the most careful timing, then the search trials, then bench runs (lutforge as dispatched).
+# the most careful timing, then the search trials, then bench runs.
 KIND_PREFERENCE = ("rebench", "trial", "bench")
 VERSION_FIELDS = ("device_name", "device_class", "sm", "sm_count", "sm_clock_mhz", "mem_clock_mhz", "driver",
                   "cuda", "torch", "cutlass_dsl", "lutforge", "git_commit")
@@ -76,6 +82,27 @@ def load_ok_rows(results_dir: str | os.PathLike, ops: tuple[str, ...] = (), devi
         ok[col] = ok[col].fillna(default)
     ok = ok.astype({"heads": "int64", "T": "int64", "C": "int64"})
     return ok
+
+
+def filter_rows(rows: pd.DataFrame, problem_set: str | None = None,
+                shapes: list[tuple[int, int, int | None]] | None = None) -> pd.DataFrame:
+    """`rows` of one problem set (a shipped name, or a .toml path: rows carry its file stem) and/or of
+    the given shapes ((T, C, heads) as `sweep_cmd.parse_shapes` returns; heads None = a row op);
+    ValueError when nothing is left, naming what there is."""
+    if problem_set is not None:
+        name = Path(problem_set).stem if problem_set.endswith(".toml") else problem_set
+        there = sorted(rows["problem_set"].dropna().unique())
+        rows = rows[rows["problem_set"] == name]
+        if rows.empty:
+            raise ValueError(f"no rows of problem set {name!r}; sets there: {', '.join(there) or 'none'}")
+    if shapes is not None:
+        wanted = {(t, c, h or 1, h is not None) for t, c, h in shapes}
+        per_head = rows["op"].map(lambda op: OPS[op].per_head)
+        key = zip(rows["T"], rows["C"], rows["heads"], per_head)
+        rows = rows[[k in wanted for k in key]]
+        if rows.empty:
+            raise ValueError("no rows of the shapes given (TxC for row ops, TxHxD for per-head ops)")
+    return rows
 
 
 def load_host_rows(results_dir: str | os.PathLike, device: str | None = None) -> pd.DataFrame:
@@ -192,14 +219,15 @@ def _pick(rows: pd.DataFrame, series: str) -> pd.DataFrame:
 
 
 def picks(rows: pd.DataFrame) -> pd.DataFrame:
-    """The row that stands for each (problem, series): series are `TUNED` (best lutforge row), `HEURISTIC`
-    (the analytical config: config_source heuristic, or the lutforge_heuristic bench impl) and every peer
-    measured by a bench run (kind bench, by impl). Rows of a replaced kernel source (`superseded`) stand for
-    nothing."""
+    """The row that stands for each (problem, series): `LUTFORGE` (the public op, timed by `lutforge
+    bench`), `BEST_TRIAL` (the fastest search row), `HEURISTIC` (the fallback config: config_source
+    heuristic, or the lutforge_heuristic bench impl) and every peer measured by a bench run (kind bench, by
+    impl). Rows of a replaced kernel source (`superseded`) stand for nothing."""
     if "superseded" in rows.columns:
         rows = rows[~rows["superseded"]]
-    impl, src = rows["impl"], rows["config_source"]
-    parts = [_pick(rows[impl == "lutforge"], TUNED),
+    impl, src, kind = rows["impl"], rows["config_source"], rows["kind"]
+    parts = [_pick(rows[(impl == "lutforge") & (kind == "bench")], LUTFORGE),
+             _pick(rows[(impl == "lutforge") & kind.isin(("rebench", "trial"))], BEST_TRIAL),
              _pick(rows[(impl == "lutforge_heuristic") | ((impl == "lutforge") & (src == "heuristic"))], HEURISTIC)]
     peers = rows[(rows["kind"] == "bench") & ~impl.isin(OWN_IMPLS)]
     parts += [_pick(g, name) for name, g in peers.groupby("impl", sort=True)]
@@ -207,7 +235,13 @@ def picks(rows: pd.DataFrame) -> pd.DataFrame:
 
 
 def peer_names(p: pd.DataFrame) -> list[str]:
-    return sorted(set(p["series"]) - {TUNED, HEURISTIC, BEST_PEER})
+    return sorted(set(p["series"]) - set(OWN_SERIES))
+
+
+def reference(p: pd.DataFrame) -> str:
+    """The series speedups are taken against: the public op where it was benched, else the best trial
+    (a sweep without a bench run has nothing else)."""
+    return LUTFORGE if (p["series"] == LUTFORGE).any() else BEST_TRIAL
 
 
 def best_peer(p: pd.DataFrame) -> pd.DataFrame:
@@ -217,9 +251,11 @@ def best_peer(p: pd.DataFrame) -> pd.DataFrame:
     return best.assign(series=BEST_PEER)
 
 
-def speedups(p: pd.DataFrame, against: str) -> pd.DataFrame:
-    """Per problem having both: `against`'s time / lutforge tuned time (> 1: lutforge is faster), with both picks."""
-    both = p[p["series"] == TUNED].merge(p[p["series"] == against], on=PROBLEM_KEY, suffixes=("", "_other"))
+def speedups(p: pd.DataFrame, against: str, ours: str | None = None) -> pd.DataFrame:
+    """Per problem having both: `against`'s time / `ours`'s time (default `reference(p)`; > 1: lutforge is
+    faster), with both picks."""
+    ours = ours or reference(p)
+    both = p[p["series"] == ours].merge(p[p["series"] == against], on=PROBLEM_KEY, suffixes=("", "_other"))
     both["speedup"] = both["median_us_other"] / both["median_us"]
     return both
 
@@ -233,17 +269,19 @@ def geomean(values) -> float:
 
 def section_summary(p: pd.DataFrame) -> pd.DataFrame:
     """One row per series of a section's picks: shapes, geomean µs/GB/s/% of copy (over shapes with
-    positive bandwidth) and lutforge tuned's geomean speedup over that series on the shapes both have."""
+    positive bandwidth) and the reference series' (`reference`) geomean speedup over that series on the
+    shapes both have."""
     if len(peer_names(p)) > 1:
         p = pd.concat([p, best_peer(p)], ignore_index=True)
-    order = [TUNED, HEURISTIC, *peer_names(p), BEST_PEER]
+    ref = reference(p)
+    order = [LUTFORGE, BEST_TRIAL, HEURISTIC, *peer_names(p), BEST_PEER]
     out = []
     for s in order:
         sp = p[p["series"] == s]
         if sp.empty:
             continue
         pos = sp[sp["gbps"] > 0]
-        ratio = speedups(p, s) if s != TUNED else None
+        ratio = speedups(p, s, ref) if s != ref else None
         out.append({
             "series": s,
             "shapes": len(sp),
@@ -299,10 +337,12 @@ def render_report(rows: pd.DataFrame, source: str = "", worst: int = 5, allow_sy
                   f"the synthetic backend (runs {_distinct(synthetic['run_id'])}); numbers computed from them describe "
                   "the test generator, not a GPU. Sections below say how many of their picks are synthetic.", ""]
     lines += [f"Generated by `lutforge report` from {len(rows)} ok rows" + (f" under `{source}`" if source else "")
-              + ". Per problem, lutforge tuned is its best row (re-bench preferred over search trials over bench "
-              "runs), lutforge heuristic the analytical config, and each peer its bench row. Speedup = the other "
-              "time / lutforge tuned time on the shapes both have (> 1: lutforge is faster). Geomeans of GB/s and "
-              "% of copy leave out shapes with no bandwidth (T = 0)."
+              + ". Per problem, **lutforge** is the public op as a user calls it (timed by `lutforge bench`: the "
+              "runtime's dispatch, LUT tier or fallback), best trial the fastest config the sweep measured "
+              "(re-bench preferred over search trials), lutforge heuristic the fallback config, and each peer its "
+              "bench row. Speedup = the other time / lutforge's time on the shapes both have (> 1: lutforge is "
+              "faster); a section without bench rows takes best trial as the reference and says so. Geomeans of "
+              "GB/s and % of copy leave out shapes with no bandwidth (T = 0)."
               + (f" {int(rows['superseded'].sum())} lutforge rows measured a kernel source that a later run "
                  "replaced on the same problem; they stand for nothing here except the sweep wall time."
                  if "superseded" in rows.columns and rows["superseded"].any() else ""), ""]
@@ -341,21 +381,24 @@ def _section(pset: str, op: str, out: str, sec: pd.DataFrame, worst: int) -> lis
     n_syn = int((sec["backend"] == "synthetic").sum())
     if n_syn:
         lines[-1] += f" **⚠ {n_syn} of {len(sec)} picks here are synthetic-backend rows.**"
-    zero = sec[(sec["series"] == TUNED) & ~(sec["gbps"] > 0)]
+    ref = reference(sec)
+    if ref != LUTFORGE:
+        lines[-1] += " No bench run of the public op here: speedups are against the best trial."
+    zero = sec[(sec["series"] == ref) & ~(sec["gbps"] > 0)]
     if len(zero):
         lines[-1] += f" {len(zero)} shapes without bandwidth (T = 0) left out of the GB/s geomeans."
     summary = section_summary(sec)
     body = []
     for r in summary.itertuples():
-        speed = "1 (reference)" if r.series == TUNED else f"{_fmt(r.speedup, '.2f')}× ({r.speedup_shapes} shapes)"
+        speed = "1 (reference)" if r.series == ref else f"{_fmt(r.speedup, '.2f')}× ({r.speedup_shapes} shapes)"
         name = r.series + (" ⚠ synthetic" if r.synthetic else "")
         body.append([name, str(r.shapes), _fmt(r.geomean_us, ".2f"), _fmt(r.geomean_gbps, ".0f"),
                      _fmt(r.geomean_pct_copy, ".1f"), speed])
     lines += [""] + _table(["implementation", "shapes", "geomean µs", "geomean GB/s", "geomean % of copy",
-                            "lutforge tuned speedup (geomean)"], body) + [""]
-    tuned = sec[sec["series"] == TUNED].sort_values(["pct_copy", "T", "C"], kind="stable").head(worst)
+                            f"{ref} speedup (geomean)"], body) + [""]
+    tuned = sec[sec["series"] == ref].sort_values(["pct_copy", "T", "C"], kind="stable").head(worst)
     if len(tuned):
-        lines += [f"Worst shapes for lutforge tuned (lowest % of copy, {len(tuned)} of {n_shapes}):", ""]
+        lines += [f"Worst shapes for {ref} (lowest % of copy, {len(tuned)} of {n_shapes}):", ""]
         body = [[shape_text(r), _fmt(r["median_us"], ".2f"), _fmt(r["gbps"], ".0f"), _fmt(r["pct_copy"], ".1f"),
                  r["backend"], r["knobs"] or "–"] for _, r in tuned.iterrows()]
         lines += _table(["shape (T × C)", "µs", "GB/s", "% of copy", "backend", "knobs"], body) + [""]
@@ -370,14 +413,19 @@ def _section(pset: str, op: str, out: str, sec: pd.DataFrame, worst: int) -> lis
 @click.option("--op", "ops", multiple=True, type=click.Choice(list(OPS)), metavar="OP",
               help=f"Only these ops (repeatable): {', '.join(OPS)}.")
 @click.option("--device", default=None, help="Device name to report on when the rows span several.")
+@click.option("--problem-set", default=None, help="Only this problem set: a shipped name or a .toml path.")
+@click.option("--shapes", default=None, help="Only these shapes: TxC for row ops, TxHxD for per-head ops (comma list).")
 @click.option("--worst", default=5, show_default=True, type=click.IntRange(min=0),
               help="Worst shapes listed per section.")
 @click.option("--allow-synthetic", is_flag=True,
               help="Accept synthetic-backend rows; the report is then labelled as synthetic throughout.")
-def report_command(results_dir, output, ops, device, worst, allow_synthetic):
+def report_command(results_dir, output, ops, device, problem_set, shapes, worst, allow_synthetic):
     """Write a BENCHMARKS.md-style summary: geomean GB/s, % of copy and speedups per problem set."""
+    from .sweep_cmd import parse_shapes
+
     try:
-        rows = load_ok_rows(results_dir, tuple(ops), device)
+        rows = filter_rows(load_ok_rows(results_dir, tuple(ops), device), problem_set,
+                           parse_shapes(shapes) if shapes else None)
         host = load_host_rows(results_dir, device)
         if ops:
             host = host[host["op"].isin(ops)]

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from kernels.config import KernelConfig
 from results_rows import DEVICE, row
 from sweep.cli import main
-from sweep.report import BEST_PEER, HEURISTIC, TUNED, load_ok_rows, picks, section_summary
+from sweep.report import BEST_PEER, BEST_TRIAL, HEURISTIC, LUTFORGE, load_ok_rows, picks, section_summary
 from sweep.results_io import append_rows
 
 A, B, C = (16, 1024), (256, 4096), (4096, 8192)
@@ -33,6 +33,9 @@ def hand_rows():
     for shape, us, gbps, pct in ((A, 20, 500, 12.5), (B, 20, 2000, 50), (C, 80, 250, 6.25)):
         rows.append(hand(shape, us, gbps, pct, config_source="heuristic", trial=0, cfg=TUNED_CFG))
     bench = dict(kind="bench", config_source="peer", run_id="bench-1")
+    # the public op as benched (LUT tier): what the report calls lutforge; as fast as the re-bench here
+    rows += [hand(shape, us, gbps, pct, impl="lutforge", cfg=TUNED_CFG, **bench | {"config_source": "lut_exact"})
+             for shape, us, gbps, pct in ((A, 10, 1000, 25), (B, 20, 2000, 50), (C, 40, 500, 12.5))]
     # quack on A and C only: times 5, 80 -> speedups 0.5, 2
     rows += [hand(A, 5, 2000, 50, impl="quack", **bench), hand(C, 80, 250, 6.25, impl="quack", **bench)]
     # torch_compile: times 30, 40, 40 -> speedups 3, 2, 1
@@ -52,11 +55,12 @@ def run(*args):
 
 def test_section_numbers_match_hand_computed_geomeans(results):
     s = section_summary(picks(load_ok_rows(results))).set_index("series")
-    assert list(s.index) == [TUNED, HEURISTIC, "quack", "torch_compile", BEST_PEER]
-    assert s.loc[TUNED, "geomean_gbps"] == pytest.approx((1000 * 2000 * 500) ** (1 / 3))  # = 1000
-    assert s.loc[TUNED, "geomean_gbps"] == pytest.approx(1000)
-    assert s.loc[TUNED, "geomean_pct_copy"] == pytest.approx(25)
-    assert s.loc[TUNED, "geomean_us"] == pytest.approx(20)
+    assert list(s.index) == [LUTFORGE, BEST_TRIAL, HEURISTIC, "quack", "torch_compile", BEST_PEER]
+    assert s.loc[LUTFORGE, "geomean_gbps"] == pytest.approx((1000 * 2000 * 500) ** (1 / 3))  # = 1000
+    assert s.loc[LUTFORGE, "geomean_pct_copy"] == pytest.approx(25)
+    assert s.loc[LUTFORGE, "geomean_us"] == pytest.approx(20)
+    # best trial: the re-bench rows, not the faster-looking search trials
+    assert s.loc[BEST_TRIAL, "geomean_us"] == pytest.approx(20) and s.loc[BEST_TRIAL, "speedup"] == pytest.approx(1)
     assert s.loc[HEURISTIC, "geomean_gbps"] == pytest.approx((500 * 2000 * 250) ** (1 / 3))
     assert s.loc[HEURISTIC, "speedup"] == pytest.approx(4 ** (1 / 3))
     assert (s.loc["quack", "speedup"], s.loc["quack", "speedup_shapes"]) == (pytest.approx(1.0), 2)
@@ -70,15 +74,16 @@ def test_markdown_report(results):
     assert res.exit_code == 0, res.output
     md = res.output
     assert "## hand — rmsnorm → bf16" in md and "3 shapes." in md
-    assert "| lutforge tuned | 3 | 20.00 | 1000 | 25.0 | 1 (reference) |" in md
+    assert "| lutforge | 3 | 20.00 | 1000 | 25.0 | 1 (reference) |" in md
+    assert "| best trial | 3 | 20.00 | 1000 | 25.0 | 1.00× (3 shapes) |" in md
     assert "| lutforge heuristic | 3 | 31.75 | 630 | 15.7 | 1.59× (3 shapes) |" in md
     assert "| quack | 2 | 20.00 | 707 | 17.7 | 1.00× (2 shapes) |" in md
     assert "| torch_compile | 3 | 36.34 | 1 | 1.0 | 1.82× (3 shapes) |" in md
-    worst = md.split("Worst shapes for lutforge tuned (lowest % of copy, 2 of 3):")[1].splitlines()
+    worst = md.split("Worst shapes for lutforge (lowest % of copy, 2 of 3):")[1].splitlines()
     assert worst[4].startswith("| 4096 × 8192, bf16 in | 40.00 | 500 | 12.5 | gpu | threads=256, threads_per_row=128")
     assert worst[5].startswith("| 16 × 1024, bf16 in | 10.00 | 1000 | 25.0 |")
     assert f"| device_name | {DEVICE} |" in md and "| torch | 2.13.0 |" in md and "| runs | bench-1; run-a |" in md
-    assert "rows by backend | gpu: 14" in md and "SYNTHETIC" not in md
+    assert "rows by backend | gpu: 17" in md and "SYNTHETIC" not in md
 
 
 def test_problem_sets_versions_and_output_file(results, tmp_path):
@@ -92,7 +97,10 @@ def test_problem_sets_versions_and_output_file(results, tmp_path):
     assert heads == ["## hand — rmsnorm → bf16", "## llm — fused_rmsnorm_silu → fp8",
                      "## llm — rmsnorm → bf16"]
     llm_rms = md.split("## llm — rmsnorm → bf16")[1]
-    assert "1 shapes." in llm_rms and "| 256 × 4096, bf16 in | 20.00 | 2000 | 50.0 |" in llm_rms  # re-bench row
+    # the same problem in another set: its picks (the public op's bench row) stand for it here too
+    assert "1 shapes.\n" in llm_rms and "| 256 × 4096, bf16 in | 20.00 | 2000 | 50.0 |" in llm_rms
+    fused = md.split("## llm — fused_rmsnorm_silu → fp8")[1].split("\n## ")[0]
+    assert "1 shapes. No bench run of the public op here: speedups are against the best trial." in fused
     assert "| torch | 2.13.0; 2.14.0 |" in md
     assert run("report", "--results", results, "--op", "fused_rmsnorm_silu").output.count("\n## ") == 3  # + Targets
 
@@ -100,7 +108,8 @@ def test_problem_sets_versions_and_output_file(results, tmp_path):
 def test_sweep_rows_without_impl_count_as_lutforge(tmp_path):
     append_rows(tmp_path, [r | {"impl": None} for r in hand_rows() if r["kind"] != "bench"])
     s = section_summary(picks(load_ok_rows(tmp_path))).set_index("series")
-    assert s.loc[TUNED, "geomean_gbps"] == pytest.approx(1000)
+    assert LUTFORGE not in s.index  # no bench run: the best trial is the reference
+    assert s.loc[BEST_TRIAL, "geomean_gbps"] == pytest.approx(1000)
     assert s.loc[HEURISTIC, "speedup"] == pytest.approx(4 ** (1 / 3))
 
 
@@ -109,12 +118,12 @@ def test_synthetic_rows_are_refused_unless_allowed_then_labelled(results):
                               run_id="synth-7", kind="rebench", cfg=TUNED_CFG)])
     res = run("report", "--results", results)
     assert res.exit_code != 0 and isinstance(res.exception, SystemExit)
-    assert "1 of 15 ok rows come from the synthetic backend (runs synth-7)" in res.output
+    assert "1 of 18 ok rows come from the synthetic backend (runs synth-7)" in res.output
     res = run("report", "--results", results, "--allow-synthetic")
     assert res.exit_code == 0, res.output
-    assert "**⚠ SYNTHETIC BACKEND — NOT MEASUREMENTS.** 1 of 15 rows" in res.output
-    assert "**⚠ 1 of 11 picks here are synthetic-backend rows.**" in res.output
-    assert "| lutforge tuned ⚠ synthetic | 3 |" in res.output and "gpu: 14; synthetic: 1" in res.output
+    assert "**⚠ SYNTHETIC BACKEND — NOT MEASUREMENTS.** 1 of 18 rows" in res.output
+    assert "**⚠ 1 of 14 picks here are synthetic-backend rows.**" in res.output
+    assert "| best trial ⚠ synthetic | 3 |" in res.output and "gpu: 17; synthetic: 1" in res.output
 
 
 def bad_schema_version(d):
