@@ -20,8 +20,9 @@ def _time(problem: Problem, cfg: KernelConfig, cases, arch: str):
     return time_launchers(launchers, set_bytes=cases[0].nbytes)
 
 
-def gpu_check(lut: LutModule, device: int = 0) -> list[str]:
-    """Problems found by running the module's EXACT entries on GPU `device` (empty list = all good)."""
+def gpu_check(lut: LutModule, device: int = 0, keys=None) -> list[str]:
+    """Problems found by running the module's EXACT entries (those in `keys` when given: `tune` checks
+    what its run exported) on GPU `device` (empty list = all good)."""
     import torch
 
     from kernels.compile_cache import arch_name
@@ -42,6 +43,8 @@ def gpu_check(lut: LutModule, device: int = 0) -> list[str]:
                 "re-time it on its own device class"]
     errs = []
     for key, knobs in lut.exact.items():
+        if keys is not None and key not in keys:
+            continue
         op, out, layout, dtype, C, heads, T = key
         p = Problem(op=op, T=T, C=C, in_dtype=dtype, out_format=out, heads=heads, scale_layout=layout)
         cfg = KernelConfig(**knobs)

@@ -37,6 +37,8 @@ from .sweep_cmd import sweep_command  # noqa: E402
 main.add_command(sweep_command)
 from .bench_cmd import bench_command  # noqa: E402
 main.add_command(bench_command)
+from .tune_cmd import tune_command  # noqa: E402
+main.add_command(tune_command)
 from .compile_check_cmd import compile_check  # noqa: E402
 main.add_command(compile_check)
 

@@ -312,62 +312,14 @@ def format_summary(storage_url: str, spec: SweepSpec, info: dict) -> str:
     return "\n".join(lines)
 
 
-@click.command("sweep")
-@click.option("--op", "ops", required=True, help="Op or comma list of ops (e.g. fused_rmsnorm_silu,rmsnorm).")
-@click.option("--problem-set", default=None, help=PROBLEM_SET_HELP)
-@click.option("--shapes", default=None, help=SHAPES_HELP)
-@click.option("--out", "outs", required=True, help="Output format(s), comma list (e.g. bf16,fp8).")
-@click.option("--in-dtype", default="bf16", show_default=True, type=click.Choice(["bf16", "fp16"]))
-@click.option("--scale-layout", "layouts", default="rowmajor", show_default=True, help=SCALE_LAYOUT_HELP)
-@click.option("--trials", type=click.IntRange(min=1), default=None,
-              help="Configs to measure per problem (total in the study, so a resume continues to N). "
-                   "Default 100 when no --time-budget is given.")
-@click.option("--time-budget", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Seconds of search per problem and worker process.")
-@click.option("--wall-budget", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Seconds for the whole sweep, re-bench included: the search stops when the time left is what "
-                   "re-benchmarking the problems it reached will take (estimated from their measured timing "
-                   "cost), then the finalists are re-benchmarked. Problems not reached keep what they had; rerun "
-                   "to resume.")
-@click.option("--storage", default=None, help="Optuna storage URL; default sqlite file <results>/optuna.db. "
-                                              "postgresql://... lets many GPUs/hosts share one sweep.")
-@click.option("--gpus", default=None, help="Comma list of GPU indices: one worker process per GPU on the same studies.")
-@click.option("--results", "results_dir", default="results", show_default=True, type=click.Path(file_okay=False),
-              help="Directory for Parquet rows (and the default sqlite storage).")
-@click.option("--backend", default="gpu", show_default=True, type=click.Choice(list(BACKENDS)),
-              help="gpu: real kernels; synthetic: the CPU cost model (rows marked backend=synthetic).")
-@click.option("--limit-shapes", type=click.IntRange(min=1), default=None,
-              help="At most N shapes per (op, out), spread over the set.")
-@click.option("--trial-timeout", type=click.FloatRange(min=0, min_open=True), default=120.0, show_default=True,
-              help="Seconds a timed trial may take before its process is killed (status timeout).")
-@click.option("--compile-workers", type=click.IntRange(min=1), default=None,
-              help="Compile processes (and concurrent trials) per worker; default: CPU cores.")
-@click.option("--finalists", type=click.IntRange(min=1), default=3, show_default=True,
-              help="Best configs re-benchmarked (interleaved, with the heuristic) per problem.")
-@click.option("--seed", type=int, default=None, help="Sampler seed.")
-@click.option("--skip-swept", is_flag=True, default=False,
-              help="Leave out problems already swept on this device class and kernel source per the rows under "
-                   "--results (a re-bench, or --trials trials): resumes from the committed Parquet on a machine "
-                   "without the study database.")
-def sweep_command(ops, problem_set, shapes, outs, in_dtype, layouts, trials, time_budget, wall_budget, storage, gpus, results_dir, backend,
-                  limit_shapes, trial_timeout, compile_workers, finalists, seed, skip_swept):
-    """Tune the knobs of OP on every shape of a problem set (resumes by default)."""
+def run_sweep(problems: list[tuple[Problem, str]], backend: str, results_dir: Path, storage: str | None,
+              gpu_list: list[str] | None, trials: int | None, time_budget: float | None, wall_budget: float | None,
+              trial_timeout: float = 120.0, compile_workers: int | None = None, finalists: int = 3,
+              seed: int | None = None, skip_swept: bool = False) -> tuple[SweepSpec, dict]:
+    """Search then re-bench `problems` (resuming what the storage holds) with a live progress bar;
+    returns the spec (run id, storage, results) and the device info. `sweep` and `tune` share it."""
     from tqdm import tqdm
 
-    op_list = split_list(ops, "op")
-    out_list = split_list(outs, "output format")
-    gpu_list = None
-    if gpus is not None:
-        gpu_list = split_list(gpus, "GPU index")
-        if not all(g.isdigit() for g in gpu_list):
-            raise click.BadParameter(f"GPU indices must be non-negative integers, got {gpus!r}", param_hint="--gpus")
-    check_gpus(backend, gpu_list)
-    problems, skipped = select_problems(problem_set, op_list, out_list, in_dtype, limit_shapes, split_layouts(layouts),
-                                        shapes_option(problem_set, shapes))
-    for s in skipped:
-        click.echo(f"skipped {s}", err=True)
-    if not problems:
-        raise click.UsageError("no problem to sweep: every op/output format combination was skipped")
     if trials is None and time_budget is None:
         trials = 100
     results = Path(results_dir).resolve()
@@ -423,5 +375,69 @@ def sweep_command(ops, problem_set, shapes, outs, in_dtype, layouts, trials, tim
             info = run_worker(spec, gpu_list[0], None, search=False, rebench=True)
     finally:
         bar.close()
-    click.echo(format_summary(storage_url, spec, info))
-    click.echo(f"rows under {results}")
+    return spec, info
+
+
+def parse_gpus(gpus: str | None) -> list[str] | None:
+    if gpus is None:
+        return None
+    gpu_list = split_list(gpus, "GPU index")
+    if not all(g.isdigit() for g in gpu_list):
+        raise click.BadParameter(f"GPU indices must be non-negative integers, got {gpus!r}", param_hint="--gpus")
+    return gpu_list
+
+
+@click.command("sweep")
+@click.option("--op", "ops", required=True, help="Op or comma list of ops (e.g. fused_rmsnorm_silu,rmsnorm).")
+@click.option("--problem-set", default=None, help=PROBLEM_SET_HELP)
+@click.option("--shapes", default=None, help=SHAPES_HELP)
+@click.option("--out", "outs", required=True, help="Output format(s), comma list (e.g. bf16,fp8).")
+@click.option("--in-dtype", default="bf16", show_default=True, type=click.Choice(["bf16", "fp16"]))
+@click.option("--scale-layout", "layouts", default="rowmajor", show_default=True, help=SCALE_LAYOUT_HELP)
+@click.option("--trials", type=click.IntRange(min=1), default=None,
+              help="Configs to measure per problem (total in the study, so a resume continues to N). "
+                   "Default 100 when no --time-budget is given.")
+@click.option("--time-budget", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Seconds of search per problem and worker process.")
+@click.option("--wall-budget", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Seconds for the whole sweep, re-bench included: the search stops when the time left is what "
+                   "re-benchmarking the problems it reached will take (estimated from their measured timing "
+                   "cost), then the finalists are re-benchmarked. Problems not reached keep what they had; rerun "
+                   "to resume.")
+@click.option("--storage", default=None, help="Optuna storage URL; default sqlite file <results>/optuna.db. "
+                                              "postgresql://... lets many GPUs/hosts share one sweep.")
+@click.option("--gpus", default=None, help="Comma list of GPU indices: one worker process per GPU on the same studies.")
+@click.option("--results", "results_dir", default="results", show_default=True, type=click.Path(file_okay=False),
+              help="Directory for Parquet rows (and the default sqlite storage).")
+@click.option("--backend", default="gpu", show_default=True, type=click.Choice(list(BACKENDS)),
+              help="gpu: real kernels; synthetic: the CPU cost model (rows marked backend=synthetic).")
+@click.option("--limit-shapes", type=click.IntRange(min=1), default=None,
+              help="At most N shapes per (op, out), spread over the set.")
+@click.option("--trial-timeout", type=click.FloatRange(min=0, min_open=True), default=120.0, show_default=True,
+              help="Seconds a timed trial may take before its process is killed (status timeout).")
+@click.option("--compile-workers", type=click.IntRange(min=1), default=None,
+              help="Compile processes (and concurrent trials) per worker; default: CPU cores.")
+@click.option("--finalists", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Best configs re-benchmarked (interleaved, with the heuristic) per problem.")
+@click.option("--seed", type=int, default=None, help="Sampler seed.")
+@click.option("--skip-swept", is_flag=True, default=False,
+              help="Leave out problems already swept on this device class and kernel source per the rows under "
+                   "--results (a re-bench, or --trials trials): resumes from the committed Parquet on a machine "
+                   "without the study database.")
+def sweep_command(ops, problem_set, shapes, outs, in_dtype, layouts, trials, time_budget, wall_budget, storage, gpus, results_dir, backend,
+                  limit_shapes, trial_timeout, compile_workers, finalists, seed, skip_swept):
+    """Tune the knobs of OP on every shape of a problem set (resumes by default)."""
+    op_list = split_list(ops, "op")
+    out_list = split_list(outs, "output format")
+    gpu_list = parse_gpus(gpus)
+    check_gpus(backend, gpu_list)
+    problems, skipped = select_problems(problem_set, op_list, out_list, in_dtype, limit_shapes, split_layouts(layouts),
+                                        shapes_option(problem_set, shapes))
+    for s in skipped:
+        click.echo(f"skipped {s}", err=True)
+    if not problems:
+        raise click.UsageError("no problem to sweep: every op/output format combination was skipped")
+    spec, info = run_sweep(problems, backend, Path(results_dir), storage, gpu_list, trials, time_budget, wall_budget,
+                           trial_timeout, compile_workers, finalists, seed, skip_swept)
+    click.echo(format_summary(spec.storage, spec, info))
+    click.echo(f"rows under {spec.results}")

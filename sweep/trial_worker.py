@@ -267,6 +267,13 @@ class TimingService:
             from .peers import measure_peer
 
             return measure_peer(problem, impl)
+        if kind == "op":
+            _, problem = req
+            if self.backend == "synthetic":
+                raise ValueError("the public op runs only on the gpu backend")
+            from .public_op import measure
+
+            return measure(problem)
         raise ValueError(f"unknown request kind {kind!r}")
 
 
@@ -489,6 +496,10 @@ class Evaluator:
 
     def measure_peer(self, problem: Problem, impl: str) -> dict:
         return self._timed(("peer", problem, impl))
+
+    def measure_op(self, problem: Problem) -> dict:
+        """Check and time the public op (`kernels.ops`), dispatching as a user's call does."""
+        return self._timed(("op", problem))
 
     def close(self) -> None:
         """Stop every worker; calls in flight on other threads raise WorkerShutDown instead of reporting a

@@ -81,3 +81,20 @@ def test_bench_times_torch_peers_beside_lutforge(cuda, tmp_path, monkeypatch):
     assert {"lutforge", "lutforge_heuristic", "torch_eager", "torch_compile"} <= set(df["impl"])
     assert (df[df["impl"].isin(["torch_eager", "torch_compile"])]["status"] == "ok").all(), df[["impl", "error"]]
     print(r.output)
+
+
+@pytest.mark.parametrize("problem", [
+    Problem("rmsnorm", 1000, 4096), Problem("fused_add_rmsnorm", 37, 2048), Problem("rmsnorm_quant", 513, 5120, "bf16", "fp8"),
+    Problem("fused_add_rmsnorm_quant", 100, 4096, "bf16", "fp8"), Problem("qk_rmsnorm", 77, 128, "bf16", "bf16", 32),
+    Problem("fused_rmsnorm_silu", 1560, 64, "bf16", "nvfp4"), Problem("fused_rmsnorm_silu", 6240, 512, "bf16", "fp8"),
+    Problem("rmsnorm_fp4quant", 1560, 64, "bf16", "nvfp4", 1, "swizzled"),
+    Problem("rmsnorm_fp4quant", 129, 2048, "bf16", "mxfp4", 1, "rowmajor"),
+], ids=str)
+def test_public_op_is_checked_then_timed(cuda, tmp_path, monkeypatch, problem):
+    """What the report calls lutforge: the public op on the case tensors, checked against the reference."""
+    from sweep.public_op import measure
+
+    monkeypatch.setenv("LUTFORGE_CACHE_DIR", str(tmp_path / "cache"))
+    res = measure(problem)
+    assert res["status"] == "ok", res.get("error")
+    assert res["median_us"] > 0 and len(res["samples_us"]) >= 7

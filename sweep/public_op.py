@@ -1,0 +1,52 @@
+"""lutforge as a user calls it: the public op of `kernels.ops` on a problem's case tensors, so what the
+report calls "lutforge" includes everything the op does per call on the GPU (runtime dispatch: LUT tier or
+fallback; any extra launch), not only the kernel a sweep timed."""
+from __future__ import annotations
+
+from typing import Callable
+
+from kernels.problem import FP4_BLOCK, Problem
+
+
+def build(problem: Problem, case) -> Callable[[], object]:
+    """A zero-argument launch of the public op writing into `case`'s outputs (in place for fused adds)."""
+    import torch
+
+    from kernels import ops
+
+    p, a = problem, case.args
+    x, w, r, y = a["x"], a["weight"], a.get("residual"), a.get("y")
+    eps, scale = case.eps, case.scale
+    if not p.spec.per_head:  # the case holds [T, 1, C]; row ops take [..., C]
+        x = x.view(p.T, p.C)
+        y = None if y is None else y.view(p.T, -1)
+    op = p.op
+    if p.out_format in FP4_BLOCK:
+        bs = a["block_scale"]
+        if p.out_format == "nvfp4":
+            bs = bs.view(torch.float8_e4m3fn)
+        if op == "fused_rmsnorm_silu":
+            return lambda: ops.fused_rmsnorm_silu(x, w, eps, out=y, block_scale=bs)
+        gs = a.get("global_scale")
+        return lambda: ops.rmsnorm_fp4quant(x, w, y_fp4=y, block_scale=bs, global_scale=gs, eps=eps,
+                                            block_size=FP4_BLOCK[p.out_format],
+                                            is_sf_swizzled_layout=p.scale_layout == "swizzled")
+    fn = getattr(ops, op)
+    if op in ("rmsnorm_quant",):
+        return lambda: fn(y, x, w, scale, eps)
+    if op == "fused_add_rmsnorm_quant":
+        return lambda: fn(y, x, r, w, scale, eps)
+    if p.spec.residual:  # fused add: x and residual updated in place
+        return lambda: fn(x, r, w, eps)
+    return lambda: fn(x, w, eps, out=y)
+
+
+def measure(problem: Problem) -> dict:
+    """Check then time the public op on rotated buffers (in the timing process, on the GPU)."""
+    from .trial_worker import check_then_time
+
+    def make_launch(case):
+        launch = build(problem, case)
+        return launch, launch
+
+    return check_then_time(problem, make_launch)

@@ -1,0 +1,177 @@
+"""`lutforge tune`: the whole loop for the local GPU in one command — sweep (resumable, within a wall
+budget), export merged into the device class's LUT, GPU validation of what changed, bench of the public op
+beside the peers, report and heatmap — printing where each artefact went. Five commands whose flags must
+agree become one."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+
+from kernels.problem import Problem
+
+from .sweep_cmd import (PROBLEM_SET_HELP, SCALE_LAYOUT_HELP, SHAPES_HELP, check_gpus, format_summary, parse_gpus,
+                        run_sweep, select_problems, shapes_option, split_layouts, split_list)
+from .trial_worker import BACKENDS
+
+STAGES = ("sweep", "export", "validate", "bench", "report", "heatmap")
+
+
+def _stage(i: int, what: str) -> float:
+    click.echo(f"\n[{i + 1}/{len(STAGES)}] {STAGES[i]}: {what}", err=True)
+    return time.monotonic()
+
+
+def _done(t0: float, what: str) -> None:
+    click.echo(f"      {what} ({time.monotonic() - t0:.0f} s)", err=True)
+
+
+def _local_device_class(backend: str) -> str:
+    """The device class rows and LUT are keyed by (as the sweep's provenance records it)."""
+    if backend != "gpu":
+        from .synthetic import device_info
+
+        return device_info()["device_class"]
+    import torch
+
+    from kernels.dispatch import device_class_of
+
+    return device_class_of(torch.cuda.get_device_name(0))
+
+
+def exact_key(p: Problem) -> tuple:
+    """The LUT's EXACT key of a problem (kernels.luts.EXACT_KEY order)."""
+    return (p.op, p.out_format, p.scale_layout, p.in_dtype, p.C, p.heads, p.T)
+
+
+@click.command("tune")
+@click.option("--op", "ops", required=True, help="Op or comma list of ops (e.g. rmsnorm,fused_add_rmsnorm).")
+@click.option("--problem-set", default=None, help=PROBLEM_SET_HELP)
+@click.option("--shapes", default=None, help=SHAPES_HELP)
+@click.option("--out", "outs", required=True, help="Output format(s), comma list (e.g. bf16,fp8).")
+@click.option("--in-dtype", default="bf16", show_default=True, type=click.Choice(["bf16", "fp16"]))
+@click.option("--scale-layout", "layouts", default="rowmajor", show_default=True, help=SCALE_LAYOUT_HELP)
+@click.option("--trials", type=click.IntRange(min=1), default=None,
+              help="Configs to measure per problem (total in the study; a rerun continues). Default 100.")
+@click.option("--wall-budget", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Seconds for the sweep (search and re-bench); problems not reached keep what they had — rerun "
+                   "to resume. Export, validation, bench and report follow.")
+@click.option("--results", "results_dir", default=None, type=click.Path(file_okay=False, path_type=Path),
+              help="Where rows, report and heatmap go (default results/<device class>).")
+@click.option("--lut", "lut_path", default=None, type=click.Path(dir_okay=False, path_type=Path),
+              help="LUT module to merge the winners into (default the device class's shipped "
+                   "kernels/luts/sm<arch>_<class>.py, which the runtime then dispatches from).")
+@click.option("--peers", "peer_spec", default="all", show_default=True,
+              help="Peers benched beside the public op: all, none, or a comma list.")
+@click.option("--storage", default=None, help="Optuna storage URL (default sqlite under --results).")
+@click.option("--gpus", default=None, help="Comma list of GPU indices for the sweep (one worker each).")
+@click.option("--limit-shapes", type=click.IntRange(min=1), default=None, help="At most N shapes per (op, out).")
+@click.option("--backend", default="gpu", show_default=True, type=click.Choice(list(BACKENDS)),
+              help="synthetic: the CPU cost model, for tests (needs --lut outside kernels/luts/).")
+@click.option("--compile-workers", type=click.IntRange(min=1), default=None, help="Compile processes (default: cores).")
+@click.option("--seed", type=int, default=None, help="Sampler seed.")
+def tune_command(ops, problem_set, shapes, outs, in_dtype, layouts, trials, wall_budget, results_dir, lut_path,
+                 peer_spec, storage, gpus, limit_shapes, backend, compile_workers, seed):
+    """Tune OP on a problem set (or --shapes) for this GPU: sweep, merge into the LUT, validate, bench, report."""
+    from lut_export.export import export_lut
+    from lut_export.gpu_check import gpu_check
+    from kernels.luts import read_lut
+
+    from .bench_cmd import bench, format_table
+    from .heatmap import heatmap_figure, write_heatmap
+    from .peers import parse_peers
+    from .report import load_host_rows, load_ok_rows, render_report
+
+    try:
+        peers = parse_peers(peer_spec)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--peers")
+    gpu_list = parse_gpus(gpus)
+    check_gpus(backend, gpu_list)
+    synthetic = backend != "gpu"
+    if synthetic and lut_path is None:
+        raise click.UsageError("--backend synthetic rows are not measurements: give --lut outside kernels/luts/")
+    problems, skipped = select_problems(problem_set, split_list(ops, "op"), split_list(outs, "output format"),
+                                        in_dtype, limit_shapes, split_layouts(layouts), shapes_option(problem_set, shapes))
+    for s in skipped:
+        click.echo(f"skipped {s}", err=True)
+    if not problems:
+        raise click.UsageError("no problem to tune: every op/output format combination was skipped")
+    device_class = _local_device_class(backend)
+    results = (results_dir or Path("results") / device_class).resolve()
+    artefacts: list[tuple[str, str]] = [("rows (Parquet)", str(results))]
+
+    budget = f"within {wall_budget:.0f} s" if wall_budget else "no wall budget"
+    t0 = _stage(0, f"{len(problems)} problems on {device_class}, {budget}")
+    spec, info = run_sweep(problems, backend, results, storage, gpu_list, trials, None, wall_budget,
+                           compile_workers=compile_workers, seed=seed)
+    click.echo(format_summary(spec.storage, spec, info))
+    _done(t0, f"sweep {spec.run_id}")
+
+    t0 = _stage(1, "winners merged into the device class's LUT")
+    try:
+        ex = export_lut(results, out=lut_path, device_class=device_class, allow_synthetic=synthetic)
+    except ValueError as e:
+        raise click.ClickException(f"export: {e}") from None
+    artefacts.append(("LUT module", str(ex.path)))
+    _done(t0, f"{ex.path}: {ex.exact} exact entries, {ex.ranges} range families")
+
+    keys = {exact_key(p) for p, _ in problems}
+    t0 = _stage(2, "this run's LUT entries checked and re-timed against the fallback on this GPU")
+    if synthetic:
+        _done(t0, "skipped: the synthetic backend has no GPU")
+    else:
+        lut = read_lut(ex.path)
+        errs = gpu_check(lut, keys=keys & set(lut.exact))
+        for e in errs:
+            click.echo(f"      FAIL {e}", err=True)
+        _done(t0, f"{len(keys & set(lut.exact)) - len(errs)} entries ok, {len(errs)} failed")
+        if errs:
+            raise click.ClickException(f"{len(errs)} LUT entries failed the GPU check; the LUT at {ex.path} "
+                                       "holds them: rerun the sweep or export with care")
+
+    t0 = _stage(3, f"the public op (dispatching from the new LUT) beside {', '.join(peers) or 'no peers'}")
+    rows, skipped_peers, _ = bench(problems, peers, backend, results, progress=_bench_progress(len(problems)))
+    impls = ["lutforge", "lutforge_heuristic"] + [p for p in peers if p not in skipped_peers
+                                                  or len(skipped_peers[p]) < len(problems)]
+    click.echo(format_table(rows, impls))
+    bench_run = rows[0]["run_id"] if rows else None
+    _done(t0, f"bench {bench_run}: {len(rows)} rows")
+
+    t0 = _stage(4, "BENCHMARKS.md from every row under the results directory")
+    try:
+        all_rows = load_ok_rows(results, device=info["provenance"]["device_name"])
+        text = render_report(all_rows, source=str(results), allow_synthetic=synthetic,
+                             host=load_host_rows(results, info["provenance"]["device_name"]))
+    except ValueError as e:
+        raise click.ClickException(f"report: {e}") from None
+    report_path = results / "BENCHMARKS.md"
+    report_path.write_text(text)
+    artefacts.append(("report", str(report_path)))
+    _done(t0, str(report_path))
+
+    t0 = _stage(5, "heatmap opening on what this run measured")
+    runs = [r for r in (spec.run_id, bench_run) if r]
+    try:
+        fig = heatmap_figure(all_rows, runs=runs)
+    except ValueError as e:
+        raise click.ClickException(f"heatmap: {e}") from None
+    heat_path = write_heatmap(fig, results / "heatmap.html")
+    artefacts.append(("heatmap", str(heat_path)))
+    _done(t0, str(heat_path))
+
+    click.echo("\ntune done; artefacts:")
+    for what, where in artefacts:
+        click.echo(f"  {what:<15} {where}")
+
+
+def _bench_progress(total: int):
+    """One line per benched problem on stderr (a bench of many problems takes minutes)."""
+    count = [0]
+
+    def step(problem: Problem) -> None:
+        count[0] += 1
+        click.echo(f"      bench {count[0]}/{total}: {problem.op}/{problem.out_format} {problem.T}x{problem.C}",
+                   err=True)
+    return step

@@ -1,0 +1,47 @@
+"""`lutforge tune` end to end on the synthetic backend: every stage runs and leaves its artefact, a second
+run on other shapes merges into the same LUT, and misuse is refused before any work."""
+from __future__ import annotations
+
+from kernels.luts import read_lut
+from sweep.results_io import read_results
+from sweep_helpers import run_cli
+
+ARGS = ["tune", "--backend", "synthetic", "--op", "rmsnorm", "--out", "bf16", "--trials", "4", "--peers", "none",
+        "--compile-workers", "2", "--seed", "1"]
+
+
+def test_tune_runs_every_stage_and_merges_a_second_run(tmp_path):
+    results, lut = tmp_path / "r", tmp_path / "luts" / "sm90_synthetic.py"
+    r = run_cli(ARGS + ["--shapes", "16x4096,2048x4096", "--results", str(results), "--lut", str(lut)])
+    assert r.returncode == 0, r.stdout + r.stderr
+    for i, stage in enumerate(("sweep", "export", "validate", "bench", "report", "heatmap")):
+        assert f"[{i + 1}/6] {stage}:" in r.stderr
+    assert "skipped: the synthetic backend has no GPU" in r.stderr
+    assert "bench 2/2: rmsnorm/bf16 2048x4096" in r.stderr
+    for what, path in (("LUT module", lut), ("report", results / "BENCHMARKS.md"),
+                       ("heatmap", results / "heatmap.html")):
+        assert f"{what:<15} {path}" in r.stdout and path.is_file()
+    first = set(read_lut(lut).exact)
+    assert first == {("rmsnorm", "bf16", "rowmajor", "bf16", 4096, 1, t) for t in (16, 2048)}
+    df = read_results(results)
+    bench = df[df["kind"] == "bench"]
+    assert set(bench["impl"]) == {"lutforge", "lutforge_heuristic"} and len(bench) == 4
+    assert "## inline — rmsnorm → bf16" in (results / "BENCHMARKS.md").read_text()
+
+    r = run_cli(ARGS + ["--shapes", "64x5120", "--results", str(results), "--lut", str(lut)])
+    assert r.returncode == 0, r.stdout + r.stderr
+    merged = set(read_lut(lut).exact)
+    assert merged == first | {("rmsnorm", "bf16", "rowmajor", "bf16", 5120, 1, 64)}  # unswept entries kept
+
+
+def test_tune_refuses_synthetic_rows_without_a_lut_outside_the_package(tmp_path):
+    r = run_cli(ARGS + ["--shapes", "16x4096", "--results", str(tmp_path / "r")])
+    assert r.returncode != 0 and "give --lut outside kernels/luts/" in r.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_tune_names_bad_shapes_and_sets(tmp_path):
+    r = run_cli(ARGS + ["--shapes", "16by4096", "--lut", str(tmp_path / "x.py")])
+    assert r.returncode != 0 and "is not TxC or TxHxD" in r.stderr
+    r = run_cli(ARGS + ["--problem-set", "nope", "--lut", str(tmp_path / "x.py")])
+    assert r.returncode != 0 and "unknown problem set 'nope'" in r.stderr
