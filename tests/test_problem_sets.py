@@ -8,7 +8,7 @@ from sweep.cli import main
 
 
 def test_shipped_sets_and_sizes():
-    assert PS.list_sets() == ["dit", "llm", "qk_norm", "wan_vae"]
+    assert PS.list_sets() == ["dit", "heldout", "llm", "qk_norm", "wan_vae"]
     wan = PS.load("wan_vae")
     assert len(wan.shapes) == 8 * 5 and not wan.per_head
     assert {c for _, c, _ in wan.shapes} == {64, 128, 160, 256, 320, 512, 640, 1024}
@@ -45,7 +45,7 @@ def test_problems_rejects_mismatched_kinds_and_bad_combinations():
         PS.problems("llm", "layernorm", "bf16", "bf16")
     with pytest.raises(ValueError, match="out formats"):  # Problem's own validation
         PS.problems("llm", "rmsnorm", "bf16", "fp8")
-    with pytest.raises(ValueError, match="unknown problem set 'nope'; known: dit, llm"):
+    with pytest.raises(ValueError, match="unknown problem set 'nope'; known: dit, heldout, llm"):
         PS.load("nope")
     with pytest.raises(ValueError, match="unknown problem set"):
         PS.load("../problem_sets/llm")
@@ -109,3 +109,10 @@ def test_cli_lists_sets_and_shapes():
     res = runner.invoke(main, ["problems", "nope"])
     assert res.exit_code == 2
     assert "unknown problem set 'nope'" in res.output and "Traceback" not in res.output
+
+
+def test_heldout_hidden_sizes_are_in_no_other_set():
+    """The learned fallback's held-out score means something only if no other set (fitted on) has them."""
+    held = {c for _, c, _ in PS.load("heldout").shapes}
+    for name in set(PS.list_sets()) - {"heldout"}:
+        assert not held & {c for _, c, _ in PS.load(name).shapes}, name
