@@ -21,7 +21,11 @@ def _fail(e: Exception) -> click.ClickException:
 @click.option("--arch", default=None, help="Arch to export, e.g. sm90 (default: the only one in the rows).")
 @click.option("--device-class", default=None, help="Device class, e.g. h100 (default: the only one in the rows).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Module to write (default kernels/luts/sm<arch>_<device class>.py).")
+              help="Module to write (default kernels/luts/sm<arch>_<device class>.py; outside kernels/luts/ any "
+                   "name but another LUT's). Entries of a module already there stay unless the rows measured "
+                   "them anew.")
+@click.option("--replace", is_flag=True,
+              help="Build the module from the rows alone instead of merging into the one at the destination.")
 @click.option("--allow-synthetic", is_flag=True,
               help="TEST ONLY: accept synthetic-backend rows; refuses to write inside kernels/luts/.")
 @click.option("--wheel", is_flag=True, help="Build the standalone lutforge_kernels runtime wheel.")
@@ -29,21 +33,23 @@ def _fail(e: Exception) -> click.ClickException:
               help="Where --wheel writes the wheel.")
 @click.option("--aot-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="AOT kernel library folder the wheel ships (default kernels/aot/, built by `lutforge aot`).")
-def export_command(results, arch, device_class, out, allow_synthetic, wheel, dist, aot_dir):
-    """Export tuned winners as a LUT module and/or build the runtime wheel."""
-    if results is None and (arch or device_class or out or allow_synthetic):
-        raise click.UsageError("--arch/--device-class/--out/--allow-synthetic need --results")
+def export_command(results, arch, device_class, out, replace, allow_synthetic, wheel, dist, aot_dir):
+    """Export tuned winners into a LUT module (merged into the one there) and/or build the runtime wheel."""
+    if results is None and (arch or device_class or out or replace or allow_synthetic):
+        raise click.UsageError("--arch/--device-class/--out/--replace/--allow-synthetic need --results")
     if results is None and not wheel:
         raise click.UsageError("give --results DIR to export a LUT, --wheel to build the runtime wheel, or both")
     if results is not None:
         from .export import export_lut
 
         try:
-            r = export_lut(results, out=out, arch=arch, device_class=device_class, allow_synthetic=allow_synthetic)
+            r = export_lut(results, out=out, arch=arch, device_class=device_class, allow_synthetic=allow_synthetic,
+                           merge=not replace)
         except (ValueError, TypeError) as e:
             raise _fail(e) from None
         click.echo(f"wrote {r.path}: sm{r.arch}/{r.device_class} ({r.backend}), {r.exact} exact entries, "
                    f"{r.ranges} range families in {r.segments} segments")
+        click.echo(f"  {r.merge_text(replace)}")
         for note in r.notes[:MAX_NOTES]:
             click.echo(f"  note: {note}")
         if len(r.notes) > MAX_NOTES:

@@ -12,8 +12,9 @@ from kernels.luts import EXACT_KEY, LUT_FORMAT, MODULE_NAME, RANGE_KEY, LutForma
 from kernels.problem import Problem
 from sweep.schema import BACKENDS, SCHEMA_VERSION
 
-from .render import VERSION_COLUMNS
+from .render import RUN_FIELDS, TIME_FORMAT, VERSION_COLUMNS
 
+READABLE_LUT_FORMATS = (2, LUT_FORMAT)  # 2: before PROVENANCE and RUNS; its entries' origin is METADATA's
 METADATA_TYPES = {
     "lut_format": int, "schema_version": int, "arch": int, "device_class": str, "devices": list, "backend": str,
     "generated_at": str, "source_run_ids": list, "git_commits": list, "versions": dict,
@@ -45,8 +46,9 @@ def check_metadata(lut: LutModule, shipped: bool) -> list[str]:
     errs += [f"METADATA has unknown key {k!r}" for k in md if k not in METADATA_TYPES]
     if errs:
         return errs
-    if md["lut_format"] != LUT_FORMAT:
-        errs.append(f"lut_format {md['lut_format']} but this lutforge reads {LUT_FORMAT}; re-export")
+    if md["lut_format"] not in READABLE_LUT_FORMATS:
+        errs.append(f"lut_format {md['lut_format']} but this lutforge reads "
+                    f"{', '.join(map(str, READABLE_LUT_FORMATS))}; re-export")
     if not 1 <= md["schema_version"] <= SCHEMA_VERSION:
         errs.append(f"schema_version {md['schema_version']} unknown (current {SCHEMA_VERSION})")
     m = MODULE_NAME.match(lut.name)
@@ -76,7 +78,7 @@ def check_metadata(lut: LutModule, shipped: bool) -> list[str]:
                     or (not v and k not in may_be_empty):
                 errs.append(f"METADATA['versions'][{k!r}] must be a non-empty list of version strings")
     try:
-        _dt.datetime.strptime(md["generated_at"], "%Y-%m-%dT%H:%M:%SZ")
+        _dt.datetime.strptime(md["generated_at"], TIME_FORMAT)
     except ValueError:
         errs.append(f"generated_at {md['generated_at']!r} is not YYYY-MM-DDTHH:MM:SSZ")
     return errs
@@ -195,9 +197,78 @@ def check_tables(lut: LutModule) -> list[str]:
     return errs
 
 
+def _names(v) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) and x for x in v)
+
+
+def _run_info(info) -> str | None:
+    if not isinstance(info, dict) or set(info) != set(RUN_FIELDS):
+        return f"must be a dict of {', '.join(RUN_FIELDS)}"
+    if not (_names(info["devices"]) and _names(info["git_commits"]) and isinstance(info["versions"], dict)
+            and set(info["versions"]) == set(VERSION_COLUMNS) and all(map(_names, info["versions"].values()))):
+        return f"devices and git_commits must be lists of names, versions lists for exactly {sorted(VERSION_COLUMNS)}"
+    return None
+
+
+def _provenance(p) -> str | None:
+    if not (isinstance(p, tuple) and len(p) == 4):
+        return "must be (run ids, kernel source, measured at, median us)"
+    rids, src, at, us = p
+    if not (isinstance(rids, tuple) and rids and all(isinstance(r, str) and r for r in rids)):
+        return f"run ids {rids!r} must be a non-empty tuple of names"
+    if src is not None and not (isinstance(src, str) and src):
+        return f"kernel source {src!r} must be a name or None"
+    if at is not None:
+        try:
+            _dt.datetime.strptime(at, TIME_FORMAT)
+        except (TypeError, ValueError):
+            return f"measured at {at!r} is not YYYY-MM-DDTHH:MM:SSZ or None"
+    if us is not None and (type(us) not in (int, float) or not 0 < us < float("inf")):
+        return f"median us {us!r} must be a positive number or None"
+    return None
+
+
+def check_provenance(lut: LutModule) -> list[str]:
+    """lut_format 3: every EXACT entry has a PROVENANCE entry whose runs are in RUNS, and METADATA's runs,
+    devices, commits and versions are the union of RUNS (what an export merges by)."""
+    md, prov, runs = lut.metadata, lut.provenance, lut.runs
+    if md.get("lut_format") != LUT_FORMAT:
+        if md.get("lut_format") == 2 and (prov is not None or runs is not None):
+            return ["lut_format 2 has no PROVENANCE or RUNS; re-export"]
+        return []  # 2: provenance is METADATA's alone; an unknown format check_metadata reports
+    missing = [t for t, v in (("PROVENANCE", prov), ("RUNS", runs)) if v is None]
+    if missing:
+        return [f"lut_format {LUT_FORMAT} needs {' and '.join(missing)}; re-export"]
+    errs = [f"EXACT[{k!r}]: no PROVENANCE entry" for k in lut.exact if k not in prov]
+    used: set[str] = set()
+    for key, p in prov.items():
+        bad = "no EXACT entry" if key not in lut.exact else _provenance(p)
+        if bad:
+            errs.append(f"PROVENANCE[{key!r}]: {bad}")
+            continue
+        errs += [f"PROVENANCE[{key!r}]: run {r!r} not in RUNS" for r in p[0] if r not in runs]
+        used.update(p[0])
+    for rid, info in runs.items():
+        bad = _run_info(info)
+        errs += [f"RUNS[{rid!r}]: {bad}"] if bad else []
+        errs += [] if rid in used else [f"RUNS[{rid!r}]: no PROVENANCE entry comes from it"]
+    if errs or not isinstance(md.get("versions"), dict):
+        return errs
+    union = {f: sorted({v for i in runs.values() for v in i[f]}) for f in ("devices", "git_commits")}
+    union["source_run_ids"] = sorted(runs)
+    for f, want in union.items():
+        if md.get(f) != want:
+            errs.append(f"METADATA[{f!r}] {md.get(f)!r} is not the union of RUNS {want!r}")
+    for c in VERSION_COLUMNS:
+        want = sorted({v for i in runs.values() for v in i["versions"][c]})
+        if md["versions"].get(c) != want:
+            errs.append(f"METADATA['versions'][{c!r}] {md['versions'].get(c)!r} is not the union of RUNS {want!r}")
+    return errs
+
+
 def check_module(lut: LutModule, shipped: bool = False) -> list[str]:
     """Every static problem of a parsed LUT module (empty list = valid)."""
-    return check_metadata(lut, shipped) + check_tables(lut)
+    return check_metadata(lut, shipped) + check_tables(lut) + check_provenance(lut)
 
 
 def compile_entries(lut: LutModule) -> list[str]:

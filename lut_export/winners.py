@@ -13,6 +13,8 @@ from kernels.problem import Problem
 from sweep.results_io import OWN_IMPLS, PROBLEM_DEFAULTS
 from sweep.study import TIE_FRACTION, pick_winner
 
+from .render import utc_stamp
+
 TIE = TIE_FRACTION  # the sweep's tie margin, named here for gpu_check
 USED_KINDS = ("trial", "rebench")  # bench rows measure peers or already-exported LUTs
 
@@ -25,6 +27,8 @@ class Winner:
     candidates: int  # distinct valid configs compared
     run_ids: tuple[str, ...]  # runs whose rows were compared
     reason: str  # pick_winner's why: "fastest" or the tie it broke
+    kernel_source: str | None = None  # of the compared rows; None if they predate schema v2
+    measured_at: str | None = None  # newest compared row's timestamp (render.TIME_FORMAT)
 
 
 @dataclass(frozen=True)
@@ -148,6 +152,9 @@ def pick_winners(sel: UsableRows) -> tuple[dict[tuple, Winner], list[str]]:
         # Sorted so that full ties (same simplicity and median) do not depend on row order.
         med = {cfg: float(pd.Series(times[cfg]).median()) for cfg in sorted(times, key=KernelConfig.short)}
         win, reason = pick_winner(med, heur)
+        # current_kernel_rows left one kernel source per problem; several would mean unknown.
+        sources = set(group["kernel_source"].dropna().astype(str))
+        stamps = [s for s in map(utc_stamp, group["timestamp"]) if s]
         winners[key] = Winner(win, med[win], kind, len(med), tuple(sorted(set(group["run_id"].dropna()))),
-                              reason)
+                              reason, sources.pop() if len(sources) == 1 else None, max(stamps, default=None))
     return winners, notes

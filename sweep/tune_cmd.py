@@ -115,7 +115,7 @@ def tune_command(ops, problem_set, shapes, outs, in_dtype, layouts, trials, wall
     except ValueError as e:
         raise click.ClickException(f"export: {e}") from None
     artefacts.append(("LUT module", str(ex.path)))
-    _done(t0, f"{ex.path}: {ex.exact} exact entries, {ex.ranges} range families")
+    _done(t0, f"{ex.path}: {ex.exact} exact entries, {ex.ranges} range families; {ex.merge_text()}")
 
     keys = {exact_key(p) for p, _ in problems}
     t0 = _stage(2, "this run's LUT entries checked and re-timed against the fallback on this GPU")

@@ -3,6 +3,7 @@ rows written to a temp results dir; GPU-only and provenance rules; the re-bench 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import replace
 
 import pytest
@@ -10,10 +11,12 @@ from click.testing import CliRunner
 
 from kernels.config import KernelConfig, heuristic
 from kernels.dispatch import Dispatcher
-from kernels.luts import read_lut
+from kernels.luts import EXACT_KEY, LUT_FORMAT, read_lut
 from kernels.problem import Problem
+from lut_export.export import merge_entries, newer
+from lut_export.render import Provenance
 from lut_export.tables import EXTRAPOLATE, breakpoint_between, range_segments
-from lut_export.validate import luts_dir
+from lut_export.validate import check_module, luts_dir
 from lut_export.winners import TIE, Winner, pick_winners, row_config, select_rows
 from lut_rows import FAMILIES, TOKENS, synthetic_rows
 from results_rows import row
@@ -337,3 +340,192 @@ def test_a_winner_compared_only_with_an_older_heuristic_is_not_exported(tmp_path
     key = ("rmsnorm", "bf16", "rowmajor", "bf16", 64, 1, 1560)
     assert winners == {} and notes == [f"{key}: the heuristic ({heuristic(p, 90).short()}) was not "
                                        "measured among the rebench rows; left to the heuristic"]
+
+
+# --- merging into the module at the destination ---------------------------------------------------------
+
+T0, T1, T2 = "2026-11-20T10:00:00Z", "2026-11-22T10:00:00Z", "2026-11-24T10:00:00Z"
+P1, P2, P3 = (1024, 4096), (4096, 4096), (4096, 8192)  # (T, C) of rmsnorm bf16; P3 another family
+
+
+def _key(T: int, C: int) -> tuple:
+    return ("rmsnorm", "bf16", "rowmajor", "bf16", C, 1, T)
+
+
+def _timed(problems, cfg, run_id, at, source="src-1", us=10.0, commit="abc1234") -> list[dict]:
+    """One ok GPU trial of `cfg` per (T, C), measured at `at` on kernel `source` by run `run_id`."""
+    return [row("rmsnorm", "bf16", T, C, us, cfg=cfg, run_id=run_id)
+            | dict(timestamp=at, kernel_source=source, git_commit=commit) for T, C in problems]
+
+
+def _export_rows(tmp_path, rows, out, *extra):
+    """Export `rows` (in a results dir of their own) to `out`."""
+    res = tmp_path / f"res{len(list(tmp_path.glob('res*')))}"
+    append_rows(res, _with_slow_heuristic(rows))
+    return CliRunner().invoke(main, ["export", "--results", str(res), "--out", str(out), *extra])
+
+
+def _configs(out) -> dict[tuple, KernelConfig]:
+    return {k: KernelConfig(**v) for k, v in read_lut(out).exact.items()}
+
+
+def test_every_entry_has_provenance_read_back_from_the_module(exported):
+    d, out = exported
+    lut = read_lut(out)
+    times = _ok_times(d / "results")
+    assert set(lut.provenance) == set(lut.exact)
+    for key, (runs, source, at, us) in lut.provenance.items():
+        assert (runs, at) == (("synthetic-run-1",), "2026-11-22T10:00:00Z")
+        assert source and us == round(times[key][KernelConfig(**lut.exact[key])], 4)
+    assert list(lut.runs) == lut.metadata["source_run_ids"] == ["synthetic-run-1"]
+    assert lut.runs["synthetic-run-1"]["devices"] == lut.metadata["devices"]
+
+
+def test_merge_keeps_unswept_entries_and_rebuilds_ranges_from_all_points(tmp_path):
+    out = tmp_path / "sm90_h100.py"
+    assert _export_rows(tmp_path, _timed([P1], A, "run-1", T1), out).exit_code == 0
+    r = _export_rows(tmp_path, _timed([P2], B, "run-2", T2) + _timed([P3], B, "run-2", T2), out)
+    assert r.exit_code == 0, r.output
+    assert "merged into the module there: 2 new, 0 replaced by newer measurements, 1 kept (no winner in these " \
+           "rows), 0 kept (not older than these rows)" in r.output
+    assert _configs(out) == {_key(*P1): A, _key(*P2): B, _key(*P3): B}
+    lut = read_lut(out)
+    # The C=4096 family's range spans the kept T=1024 point and the new T=4096 one.
+    family = _key(*P1)[:-1]
+    assert lut.range[family] == [(b, c and c.as_dict()) for b, c in range_segments({1024: A, 4096: B})]
+    disp = Dispatcher.from_paths([out])
+    assert disp.select_config(Problem("rmsnorm", 2047, 4096), 90) == (A, "range")
+    assert disp.select_config(Problem("rmsnorm", 2048, 4096), 90) == (B, "range")
+    assert lut.metadata["source_run_ids"] == ["run-1", "run-2"]  # both runs still back entries
+    assert lut.provenance[_key(*P1)][0] == ("run-1",) and lut.provenance[_key(*P2)][0] == ("run-2",)
+
+
+@pytest.mark.parametrize("source", ["src-1", "src-2"], ids=["same-kernel", "newer-kernel"])
+def test_newer_rows_replace_the_entry_and_its_run_drops_out(tmp_path, source):
+    out = tmp_path / "sm90_h100.py"
+    assert _export_rows(tmp_path, _timed([P1, P2], A, "run-1", T1), out).exit_code == 0
+    r = _export_rows(tmp_path, _timed([P1, P2], B, "run-2", T2, source=source, us=9.0, commit="def5678"), out)
+    assert r.exit_code == 0, r.output
+    assert "0 new, 2 replaced by newer measurements, 0 kept (no winner" in r.output
+    assert _configs(out) == {_key(*P1): B, _key(*P2): B}
+    lut = read_lut(out)
+    assert lut.provenance[_key(*P1)] == (("run-2",), source, T2, 9.0)
+    # run-1 backs no entry any more: its id and commit leave METADATA.
+    assert lut.metadata["source_run_ids"] == ["run-2"] and lut.metadata["git_commits"] == ["def5678"]
+
+
+def test_older_rows_do_not_replace_a_newer_entry(tmp_path):
+    out = tmp_path / "sm90_h100.py"
+    assert _export_rows(tmp_path, _timed([P1], B, "run-2", T2, commit="def5678"), out).exit_code == 0
+    r = _export_rows(tmp_path, _timed([P1, P2], A, "run-1", T1), out)
+    assert r.exit_code == 0, r.output
+    assert "1 new, 0 replaced by newer measurements, 0 kept (no winner in these rows), 1 kept (not older than " \
+           "these rows)" in r.output
+    assert _configs(out) == {_key(*P1): B, _key(*P2): A}
+    lut = read_lut(out)
+    assert lut.provenance[_key(*P1)][:3] == (("run-2",), "src-1", T2)
+    assert lut.metadata["source_run_ids"] == ["run-1", "run-2"]  # union of the kept and the new entries' runs
+    assert lut.metadata["git_commits"] == ["abc1234", "def5678"]
+    assert sorted(lut.runs) == ["run-1", "run-2"] and lut.runs["run-2"]["git_commits"] == ["def5678"]
+
+
+def test_replace_builds_from_the_rows_alone(tmp_path):
+    out = tmp_path / "sm90_h100.py"
+    assert _export_rows(tmp_path, _timed([P1, P2], A, "run-1", T2), out).exit_code == 0
+    r = _export_rows(tmp_path, _timed([P3], B, "run-2", T1), out, "--replace")
+    assert r.exit_code == 0, r.output
+    assert "1 entries, all from these rows (--replace: nothing merged)" in r.output
+    assert _configs(out) == {_key(*P3): B}  # unswept P1, P2 gone, though the rows are older
+    assert read_lut(out).metadata["source_run_ids"] == ["run-2"]
+
+
+def _as_lut_format_2(text: str, generated_at: str) -> str:
+    """A module as exports before PROVENANCE wrote it (the shipped kernels/luts/ modules until re-exported)."""
+    text = text[: text.index(f"\n# {EXACT_KEY} -> (run ids")] + "\n"
+    text = re.sub(r'"generated_at": "[^"]*"', f'"generated_at": "{generated_at}"', text)
+    return text.replace(f'"lut_format": {LUT_FORMAT},', '"lut_format": 2,')
+
+
+def test_a_module_without_provenance_yields_every_swept_entry_and_keeps_the_rest(tmp_path):
+    out = tmp_path / "sm90_h100.py"
+    assert _export_rows(tmp_path, _timed([P1, P2], A, "run-1", T0), out).exit_code == 0
+    out.write_text(_as_lut_format_2(out.read_text(), generated_at=T2))
+    legacy = read_lut(out)
+    assert legacy.provenance is None and check_module(legacy) == []
+    # Rows measured before the module was generated still replace its entries: their kernel source is unknown.
+    r = _export_rows(tmp_path, _timed([P1], B, "run-2", T1), out)
+    assert r.exit_code == 0, r.output
+    assert "0 new, 1 replaced by newer measurements, 1 kept (no winner in these rows), 0 kept" in r.output
+    assert _configs(out) == {_key(*P1): B, _key(*P2): A}
+    lut = read_lut(out)
+    assert lut.metadata["lut_format"] == LUT_FORMAT
+    assert lut.provenance[_key(*P2)] == (("run-1",), None, T2, None)  # as measured at generated_at
+    assert lut.metadata["source_run_ids"] == ["run-1", "run-2"]
+    # Unknown kernel source: the next measurement, however old, replaces the kept entry too.
+    r = _export_rows(tmp_path, _timed([P2], B, "run-3", T0), out)
+    assert r.exit_code == 0 and _configs(out) == {_key(*P1): B, _key(*P2): B}
+    assert read_lut(out).metadata["source_run_ids"] == ["run-2", "run-3"]
+
+
+def test_out_outside_kernels_luts_may_have_any_name(tmp_path):
+    out = tmp_path / "candidate.py"
+    r = _export_rows(tmp_path, _timed([P1], A, "run-1", T1), out)
+    assert r.exit_code == 0, r.output
+    assert read_lut(out).metadata["device_class"] == "h100" and _configs(out) == {_key(*P1): A}
+    r = _export_rows(tmp_path, _timed([P2], B, "run-2", T2), out)  # and merges like any other
+    assert r.exit_code == 0 and set(_configs(out)) == {_key(*P1), _key(*P2)}
+    inside = luts_dir() / "candidate.py"
+    r = _export_rows(tmp_path, _timed([P1], A, "run-1", T1), inside)
+    assert r.exit_code != 0 and "must be named sm90_h100.py, got candidate.py" in r.output
+    assert not inside.exists()
+
+
+@pytest.mark.parametrize("content, message", [
+    ("EXACT = {\n", "not a readable LUT module"),
+    ("METADATA = {}\nEXACT = {}\nRANGE = {}\n", "fails validation"),
+], ids=["unparsable", "invalid"])
+def test_a_broken_destination_is_not_merged_into(tmp_path, content, message):
+    out = tmp_path / "sm90_h100.py"
+    out.write_text(content)
+    r = _export_rows(tmp_path, _timed([P1], A, "run-1", T1), out)
+    assert r.exit_code != 0 and f"cannot merge into {out}" in r.output and message in r.output
+    assert "--replace" in r.output and out.read_text() == content
+    r = _export_rows(tmp_path, _timed([P1], A, "run-1", T1), out, "--replace")
+    assert r.exit_code == 0, r.output
+    assert _configs(out) == {_key(*P1): A}
+
+
+def test_a_destination_holding_another_device_class_is_refused(tmp_path):
+    out = tmp_path / "candidate.py"
+    h200 = [x | {"device_class": "h200", "device_name": "NVIDIA H200"} for x in _timed([P1], B, "run-9", T1)]
+    assert _export_rows(tmp_path, h200, out).exit_code == 0
+    before = out.read_text()
+    r = _export_rows(tmp_path, _timed([P2], A, "run-1", T2), out)
+    assert r.exit_code != 0 and "holds the LUT of sm90/h200, the rows are sm90/h100" in r.output
+    assert out.read_text() == before
+
+
+def test_merge_entries_counts_each_case():
+    old_p = Provenance(("run-1",), "src-1", T1, 10.0)
+    old = {_key(*P1): (A, old_p), _key(*P2): (A, old_p), _key(*P3): (A, old_p)}
+    new = {_key(*P1): (B, replace(old_p, run_ids=("run-2",), measured_at=T2)),  # newer: replaces
+           _key(*P2): (B, replace(old_p, run_ids=("run-2",), measured_at=T1)),  # same time: kept
+           _key(16, 4096): (B, replace(old_p, run_ids=("run-2",)))}  # new problem
+    merged, counts = merge_entries(old, new)
+    assert counts == dict(new=1, replaced=1, kept_unswept=1, kept_newer=1)
+    assert {k: c for k, (c, _) in merged.items()} == {_key(*P1): B, _key(*P2): A, _key(*P3): A, _key(16, 4096): B}
+    assert not newer(replace(old_p, measured_at=None), old_p)  # an unknown time never beats a known one
+
+
+def test_validation_ties_provenance_to_exact_and_metadata_to_runs(exported):
+    _, out = exported
+    lut = read_lut(out)
+    assert check_module(lut) == []
+    key = next(iter(lut.exact))
+    prov = dict(lut.provenance)
+    del prov[key]
+    assert f"EXACT[{key!r}]: no PROVENANCE entry" in check_module(replace(lut, provenance=prov))
+    stale = dict(lut.metadata, source_run_ids=["synthetic-run-1", "replaced-run"])
+    assert any("METADATA['source_run_ids']" in e and "is not the union of RUNS" in e
+               for e in check_module(replace(lut, metadata=stale)))
+    assert f"lut_format {LUT_FORMAT} needs RUNS; re-export" in check_module(replace(lut, runs=None))

@@ -1,7 +1,9 @@
 """Tuned-config lookup tables: discovery and parsing of the generated `sm<arch>_<device class>.py` modules.
 
-A LUT module holds three literals and nothing else: METADATA (provenance), EXACT (one config per swept
-problem) and RANGE (configs along T between swept points). They are read as data with
+A LUT module holds literals and nothing else: METADATA (provenance), EXACT (one config per swept
+problem), RANGE (configs along T between swept points) and, from lut_format 3, PROVENANCE (the runs,
+kernel source and time of each EXACT entry, which `lutforge export` merges by) and RUNS (each run's
+device and software). The runtime reads only the first three. They are read as data with
 `ast.literal_eval`, never executed, so a hand-edited or corrupt file can be rejected with a clear reason
 and shipping zero modules is a normal state (dispatch then uses the heuristic).
 """
@@ -14,10 +16,11 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-LUT_FORMAT = 2  # bump on any change to the layout below (2: RANGE knobs may be None)
+LUT_FORMAT = 3  # bump on any change to the layout below (2: RANGE knobs may be None; 3: PROVENANCE, RUNS)
 EXACT_KEY = ("op", "out_format", "scale_layout", "in_dtype", "C", "heads", "T")
 RANGE_KEY = EXACT_KEY[:-1]  # RANGE[key] = [(T_below, knobs), ...]; the last T_below is None (no bound)
 TABLES = ("METADATA", "EXACT", "RANGE")
+OPTIONAL_TABLES = ("PROVENANCE", "RUNS")  # absent from lut_format 2 modules
 MODULE_NAME = re.compile(r"^sm(?P<arch>\d+)_(?P<device_class>[a-z0-9][a-z0-9_]*)$")
 
 _log = logging.getLogger(__name__)
@@ -35,6 +38,8 @@ class LutModule:
     metadata: dict
     exact: dict
     range: dict
+    provenance: dict | None = None  # EXACT key -> (run ids, kernel source, measured at, median us)
+    runs: dict | None = None  # run id -> {"devices", "git_commits", "versions"}
 
     @property
     def arch(self):
@@ -62,9 +67,9 @@ def parse_lut(text: str, name: str) -> LutModule:
             raise LutFormatError(f"{name}: line {node.lineno}: only `NAME = <literal>` assignments are allowed "
                                  f"in a generated LUT module")
         target = node.targets[0].id
-        if target not in TABLES:
+        if target not in TABLES + OPTIONAL_TABLES:
             raise LutFormatError(f"{name}: line {node.lineno}: unexpected name {target!r}; a LUT defines "
-                                 f"{', '.join(TABLES)}")
+                                 f"{', '.join(TABLES + OPTIONAL_TABLES)}")
         if target in found:
             raise LutFormatError(f"{name}: line {node.lineno}: {target} assigned twice")
         try:
@@ -74,10 +79,11 @@ def parse_lut(text: str, name: str) -> LutModule:
     missing = [t for t in TABLES if t not in found]
     if missing:
         raise LutFormatError(f"{name}: missing {', '.join(missing)}")
-    for t in TABLES:
+    for t in found:
         if not isinstance(found[t], dict):
             raise LutFormatError(f"{name}: {t} must be a dict, got {type(found[t]).__name__}")
-    return LutModule(name, found["METADATA"], found["EXACT"], found["RANGE"])
+    return LutModule(name, found["METADATA"], found["EXACT"], found["RANGE"], found.get("PROVENANCE"),
+                     found.get("RUNS"))
 
 
 def read_lut(path) -> LutModule:
