@@ -31,7 +31,6 @@ REQUIRED_COLUMNS = {"kind", "impl", "config_source", "status", "problem_set", "m
 # ships it; "lutforge heuristic" the fallback config alone.
 LUTFORGE, BEST_TRIAL, HEURISTIC, BEST_PEER = "lutforge", "best trial", "lutforge heuristic", "best peer"
 OWN_SERIES = (LUTFORGE, BEST_TRIAL, HEURISTIC, BEST_PEER)
-TUNED = BEST_TRIAL  # TEMPORARY alias while sweep/heatmap.py moves to the new series; remove
 # Which kind of row stands for a problem when several exist: interleaved re-bench of the finalists is
 # the most careful timing, then the search trials, then bench runs.
 KIND_PREFERENCE = ("rebench", "trial", "bench")

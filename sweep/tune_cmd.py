@@ -157,7 +157,8 @@ def tune_command(ops, problem_set, shapes, outs, in_dtype, layouts, trials, wall
         fig = heatmap_figure(all_rows, runs=runs)
     except ValueError as e:
         raise click.ClickException(f"heatmap: {e}") from None
-    heat_path = write_heatmap(fig, results / "heatmap.html")
+    # one plotly.js beside the results folders, shared by every device's heatmap
+    heat_path = write_heatmap(fig, results / "heatmap.html", plotlyjs=results.parent / "plotly.min.js")
     artefacts.append(("heatmap", str(heat_path)))
     _done(t0, str(heat_path))
 

@@ -56,3 +56,21 @@ def sweep_and_bench_rows(shapes, formats=(("rmsnorm", "bf16"), ("fused_rmsnorm_s
                     config_source="peer", run_id="bench-a"),
             ]
     return rows
+
+
+PUBLIC_OP_SHARE = 0.95  # the public op's modelled bandwidth as a share of the tuned config's (dispatch costs)
+
+
+def public_op_rows(shapes, formats=(("rmsnorm", "bf16"), ("fused_rmsnorm_silu", "bf16"), ("fused_rmsnorm_silu", "fp8")),
+                   run_id: str = "bench-a", problem_set: str = "demo") -> list[dict]:
+    """Bench rows of the public op ("lutforge" as `lutforge bench` writes it: kind bench, impl lutforge,
+    dispatching the tuned config from the LUT), a little slower than the re-bench of
+    `sweep_and_bench_rows` so tests can tell the two series apart."""
+    rows = []
+    for op, out in formats:
+        for T, C in shapes:
+            tuned = KernelConfig(threads=256, threads_per_row=min(256, C // 8), vec_bytes=16)
+            speed = (1500 + 400 * (C >= 4096)) * PUBLIC_OP_SHARE
+            rows.append(row(op, out, T, C, modelled_us(op, out, T, C, speed), kind="bench", impl="lutforge",
+                            config_source="lut_exact", cfg=tuned, run_id=run_id, problem_set=problem_set))
+    return rows

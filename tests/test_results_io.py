@@ -105,13 +105,13 @@ def test_rows_record_the_kernel_source():
 
 
 def test_report_picks_skip_superseded_rows_and_says_how_many(tmp_path):
-    from sweep.report import TUNED, load_ok_rows, picks, render_report
+    from sweep.report import BEST_TRIAL, load_ok_rows, picks, render_report
 
     _write_v1(tmp_path / "old.parquet", [r for r in _rows() if "kernel_source" not in r])
     append_rows(tmp_path, [r for r in _rows() if "kernel_source" in r])
     rows = load_ok_rows(tmp_path)
     assert int(rows["superseded"].sum()) == 1  # the old kernel's row on A; B's only row and the peer stay
-    tuned = picks(rows).query("series == @TUNED").set_index("T")["median_us"]
+    tuned = picks(rows).query("series == @BEST_TRIAL").set_index("T")["median_us"]
     assert tuned.to_dict() == {6240: 3.5, 99840: 1.7}
     assert "1 lutforge rows measured a kernel source that a later run replaced" in render_report(rows)
 
