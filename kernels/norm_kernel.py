@@ -5,6 +5,8 @@ i*threads_per_row + l of the CTA's column chunk, so a warp's loads are contiguou
 squares is reduced in registers, then across the row's lanes (shuffles), warps (shared memory) and
 CTAs of a cluster (distributed shared memory). Everything the op fuses (residual add, Gemma offset,
 SiLU, FP8/FP4 quantisation) is a compile-time branch, so a compiled kernel carries no dead code.
+With 128x4-swizzled FP4 scales the grid also covers the rows padding the last 128-row tile: their threads
+write zero scales, so the whole buffer is written by this one launch.
 
 Tensors arrive as 3D views [T, H, C] (H = 1 except for per-head ops) with dynamic, 64-bit strides
 whose divisibility by the vector width is part of the compile-time signature.
@@ -22,6 +24,20 @@ from .config import KernelConfig, chunk_cols, iters_per_row, vec_elems
 from .problem import FP4_BLOCK, Problem
 
 FLT_MIN = 1.1754943508222875e-38
+
+
+# The swizzled scale layout in plain arithmetic (Python ints or DSL Int32), shared with the CPU model of the
+# kernel's scale writes (tests/test_scale_padding.py).
+def swizzled_sf_offset(row, col, k_tiles: int):
+    """Byte offset of scale (row, col) in the 128x4-swizzled buffer of k_tiles 4-column tiles per row tile."""
+    return ((row // 128) * (k_tiles * 512) + (col // 4) * 512 + (row % 32) * 16
+            + ((row % 128) // 32) * 4 + col % 4)
+
+
+def scale_grid_rows(rows):
+    """Rows the grid covers with swizzled scales: padded to the 128-row tile, whose padding rows the
+    kernel zeroes itself (a separate zeroing launch cost more than the kernel at small T)."""
+    return (rows + 127) // 128 * 128
 
 
 @dataclass(frozen=True)
@@ -59,6 +75,7 @@ class NormKernel:
         self.even = (self.iters * self.tpr == self.chunk_vecs) and (self.chunk_vecs * self.cluster == self.n_vec)
         self.fp4_block = FP4_BLOCK.get(p.out_format, 0)
         self.hw_fp4 = spec.arch >= 100
+        self.swizzled = self.fp4_block > 0 and p.scale_layout == "swizzled"
 
     # ------------------------------------------------------------------ host side
     @cute.jit
@@ -87,8 +104,10 @@ class NormKernel:
         mGS = None
         if const_expr(gs_ptr is not None):
             mGS = cute.make_tensor(gs_ptr, cute.make_layout((1,)))
-        rows = T * H
-        n_blocks = cute.ceil_div(rows, self.rpc)
+        grid_rows = T * H
+        if const_expr(self.swizzled):
+            grid_rows = scale_grid_rows(grid_rows)
+        n_blocks = cute.ceil_div(grid_rows, self.rpc)
         grid_x = n_blocks
         if const_expr(self.cfg.ctas_per_sm > 0):
             grid_x = cutlass.min(n_blocks, grid_limit)
@@ -157,17 +176,21 @@ class NormKernel:
             cute.arch.cluster_arrive_relaxed()
             cute.arch.cluster_wait()
 
-        n_blocks = cute.ceil_div(rows, rpc)
+        # Swizzled scales: row blocks past the last row up to the 128-row tile run too, writing zero scales.
+        grid_rows = rows
+        if const_expr(self.swizzled):
+            grid_rows = scale_grid_rows(rows)
+        n_blocks = cute.ceil_div(grid_rows, rpc)
         if const_expr(self.cfg.ctas_per_sm > 0):
             grid_x, _, _ = cute.arch.grid_dim()
             parity = Int32(0)
             for rb in cutlass.range(bidx, n_blocks, grid_x, unroll=1):
-                self._row_block(rb, parity, lane, r_in_cta, rank, rows, mXv, mWv, mResv, mX, mY, mSF, mGS,
-                                w_frag, sW, sX, red_buf, cl_buf, eps, qscale)
+                self._row_block(rb, parity, lane, r_in_cta, rank, rows, grid_rows, mXv, mWv, mResv, mX, mY, mSF,
+                                mGS, w_frag, sW, sX, red_buf, cl_buf, eps, qscale)
                 parity = parity ^ 1
         else:
-            self._row_block(bidx, Int32(0), lane, r_in_cta, rank, rows, mXv, mWv, mResv, mX, mY, mSF, mGS,
-                            w_frag, sW, sX, red_buf, cl_buf, eps, qscale)
+            self._row_block(bidx, Int32(0), lane, r_in_cta, rank, rows, grid_rows, mXv, mWv, mResv, mX, mY, mSF,
+                            mGS, w_frag, sW, sX, red_buf, cl_buf, eps, qscale)
 
     @cute.jit
     def _prefetch_l2(self, rb, lane, r_in_cta, rank, rows, mXv, mResv):
@@ -201,7 +224,7 @@ class NormKernel:
         return ok
 
     @cute.jit
-    def _row_block(self, rb, parity, lane, r_in_cta, rank, rows, mXv, mWv, mResv, mX, mY, mSF, mGS,
+    def _row_block(self, rb, parity, lane, r_in_cta, rank, rows, grid_rows, mXv, mWv, mResv, mX, mY, mSF, mGS,
                    w_frag, sW, sX, red_buf, cl_buf, eps, qscale):
         v, tpr, iters = self.v, self.tpr, self.iters
         staged = const_expr(self.cfg.stage == "smem")
@@ -264,7 +287,8 @@ class NormKernel:
         for i in cutlass.range_constexpr(iters):
             vi_local = i * tpr + lane
             vi = rank * self.chunk_vecs + vi_local
-            store_ok = row_ok and self._vec_ok(vi_local, vi)
+            vec_ok = self._vec_ok(vi_local, vi)
+            store_ok = row_ok and vec_ok
             if const_expr(self.op.residual):
                 xv = res_frag[None, i].load().to(Float32)  # the stored (rounded) sum
             else:
@@ -278,7 +302,7 @@ class NormKernel:
             if const_expr(self.op.silu):
                 y = self._silu(y)
             if const_expr(self.fp4_block > 0):
-                self._store_fp4_vec(y, t, h, row, vi, store_ok, lane, mY, mSF, gs)
+                self._store_fp4_vec(y, t, h, row, vi, store_ok, vec_ok, row_ok, grid_rows, lane, mY, mSF, gs)
             else:
                 if const_expr(self.out_format == "fp8" and not self.op.silu):
                     y = y / qscale  # IEEE division, as the reference; the e4m3 cvt saturates at +-448
@@ -339,8 +363,9 @@ class NormKernel:
 
     # ------------------------------------------------------------------ FP4 output
     @cute.jit
-    def _store_fp4_vec(self, y, t, h, row, vi, store_ok, lane, mY, mSF, gs):
-        """Quantise one vector (part of a scale block spread over adjacent lanes) and store it."""
+    def _store_fp4_vec(self, y, t, h, row, vi, store_ok, vec_ok, row_ok, grid_rows, lane, mY, mSF, gs):
+        """Quantise one vector (part of a scale block spread over adjacent lanes) and store it. Swizzled
+        scales: rows in [rows, grid_rows) store zero scales (see _store_swizzled_sf)."""
         v, blk = self.v, self.fp4_block
         lanes_per_block = blk // v
         f = cute.make_rmem_tensor((v,), Float32)
@@ -359,8 +384,13 @@ class NormKernel:
         if store_ok:
             mYv = cute.zipped_divide(mY, (1, 1, v // 2))
             cute.autovec_copy(out, mYv[(0, 0, None), (t, h, vi)])
-            if lane % lanes_per_block == 0:
-                self._store_sf(mSF, row, (vi * v) // blk, sf_byte)
+            if const_expr(not self.swizzled):
+                if lane % lanes_per_block == 0:
+                    mSF[row, (vi * v) // blk] = Uint8(sf_byte)
+        if const_expr(self.swizzled):
+            if vec_ok and row < grid_rows:
+                if lane % lanes_per_block == 0:
+                    self._store_swizzled_sf(mSF, row, (vi * v) // blk, sf_byte, row_ok)
 
     @cute.jit
     def _fp4_scale(self, amax, gs):
@@ -448,12 +478,17 @@ class NormKernel:
         return code
 
     @cute.jit
-    def _store_sf(self, mSF, row, sf_col, sf_byte):
-        if const_expr(self.spec.problem.scale_layout == "swizzled"):
-            n_sf = self.C // self.fp4_block
-            k_tiles = -(-n_sf // 4)
-            off = ((row // 128) * (k_tiles * 512) + (sf_col // 4) * 512 + (row % 32) * 16
-                   + ((row % 128) // 32) * 4 + (sf_col % 4))
-            mSF[off] = Uint8(sf_byte)
-        else:
-            mSF[row, sf_col] = Uint8(sf_byte)
+    def _store_swizzled_sf(self, mSF, row, sf_col, sf_byte, row_ok):
+        """One scale of the 128x4-swizzled layout, and the padding it owns, which must read as zero (GEMMs
+        read whole tiles): a row past the last is all zeros, written by the lanes that would own it; the
+        owner of a row's last scale also zeroes the row's padded columns (C/block not a multiple of 4)."""
+        n_sf = self.C // self.fp4_block
+        k_tiles = -(-n_sf // 4)
+        b = Uint32(0)
+        if row_ok:
+            b = sf_byte
+        mSF[swizzled_sf_offset(row, sf_col, k_tiles)] = Uint8(b)
+        if const_expr(n_sf % 4):
+            if sf_col == n_sf - 1:
+                for c in cutlass.range_constexpr(n_sf, 4 * k_tiles):
+                    mSF[swizzled_sf_offset(row, c, k_tiles)] = Uint8(0)

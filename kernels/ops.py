@@ -21,7 +21,6 @@ import torch
 from .compile_cache import arch_name, get_compiled
 from .dispatch import device_class_of, select_config
 from .problem import FP4_BLOCK, Problem
-from .runner import scale_padding
 
 _IN_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 _FP4_DTYPE = getattr(torch, "float4_e2m1fn_x2", None)
@@ -138,12 +137,11 @@ class _Plan:
     """Everything a call of one signature needs: the compiled function, the launch arguments that do not
     change per call, the outputs to allocate and the byte extents for the per-call overlap check."""
 
-    __slots__ = ("fn", "dev", "tail", "grid", "sf_zero", "y_shape", "y_dtype", "sf_shape", "sf_dtype", "device",
+    __slots__ = ("fn", "dev", "tail", "grid", "y_shape", "y_dtype", "sf_shape", "sf_dtype", "device",
                  "extents", "problem", "config", "tier", "like")
 
     def __init__(self):
         self.fn = None
-        self.sf_zero = None
         self.extents = ()
         self.like = False  # y can be allocated as empty_like(x): x contiguous, y of x's shape (half the cost)
 
@@ -210,7 +208,6 @@ def _build_plan(problem: Problem, device: torch.device, x_ptrs: tuple, y_ptr_ali
     plan.config, plan.tier = cfg, tier
     plan.fn = get_compiled(problem, cfg, arch_name(sm))
     plan.grid = max(1, sm_count * cfg.ctas_per_sm)
-    plan.sf_zero = scale_padding(problem)
     return plan
 
 
@@ -234,15 +231,15 @@ def _check_overlaps(names: tuple, ptrs: tuple, extents: tuple) -> None:
                 raise ValueError(f"{names[i]} and {names[j]} overlap in memory; outputs must not alias inputs")
 
 
-def _launch(plan: _Plan, xp: int, wp: int, rp, yp: int, sfp, gsp, eps: float, scale: float, sf=None) -> None:
+def _launch(plan: _Plan, xp: int, wp: int, rp, yp: int, sfp, gsp, eps: float, scale: float) -> None:
     if plan.fn is None:
         return
     dev = plan.dev
     if _get_device() != dev:
         with torch.cuda.device(dev):
-            return _launch(plan, xp, wp, rp, yp, sfp, gsp, eps, scale, sf)
-    if plan.sf_zero is not None:
-        sf[plan.sf_zero[0]:plan.sf_zero[1]].zero_()
+            return _launch(plan, xp, wp, rp, yp, sfp, gsp, eps, scale)
+    # The kernel zeroes the swizzled scales' padding itself: the separate zero_() launch it replaces made
+    # swizzled rmsnorm_fp4quant 4.2 us against 1.7 us row-major (H200, T=1560, C=64).
     plan.fn(xp, wp, rp, yp, sfp, gsp, *plan.tail, eps, scale, plan.grid, _raw_stream(dev))
 
 
@@ -568,7 +565,7 @@ def _fp4(op: str, x, w, y, sf, gs, eps, block: int, swizzled: bool):
     else:
         gsp = None
     _check_overlaps(("input", "weight", "out", "block_scale"), (xp, wp, yp, sfp), plan.extents)
-    _launch(plan, xp, wp, None, yp, sfp, gsp, eps, 1.0, sf.view(torch.uint8).view(-1) if plan.sf_zero else None)
+    _launch(plan, xp, wp, None, yp, sfp, gsp, eps, 1.0)
     return y, sf
 
 

@@ -163,9 +163,9 @@ def kernel_args(problem: Problem, cfg: KernelConfig, x, weight, residual, y, blo
 
 
 def scale_padding(p: Problem) -> tuple[int, int] | None:
-    """Byte range [lo, hi) of the 128x4 swizzled scale buffer the kernel does not write (rows past T, scale
-    columns past C/block) and which is defined as zero: the whole buffer when columns are padded, else the
-    last 128-row tile; None when nothing is padded or the layout is row-major."""
+    """Byte range [lo, hi) of the 128x4 swizzled scale buffer that holds all its padding (rows past T, scale
+    columns past C/block), which must read as zero: the whole buffer when columns are padded, else the last
+    128-row tile; None when nothing is padded or the layout is row-major. The kernel writes the zeros."""
     if p.scale_layout != "swizzled" or p.out_format not in FP4_BLOCK:
         return None
     n_sf = p.C // FP4_BLOCK[p.out_format]
@@ -178,12 +178,14 @@ def scale_padding(p: Problem) -> tuple[int, int] | None:
     return None
 
 
-def zero_scale_padding(problem: Problem, block_scale: torch.Tensor | None) -> None:
-    """Clear the swizzled scale buffer's padding (kernels.problem.scale_padding): the kernel writes only real
-    entries."""
-    pad = None if block_scale is None else scale_padding(problem)
-    if pad is not None:
-        block_scale[pad[0]:pad[1]].zero_()
+def scale_padding_mask(p: Problem) -> torch.Tensor | None:
+    """Bool mask (CPU) of exactly the swizzled buffer's padding bytes, for tests; None where scale_padding is."""
+    if scale_padding(p) is None:
+        return None
+    from . import encoders
+
+    n_sf = p.C // FP4_BLOCK[p.out_format]
+    return encoders.swizzle_scales(torch.ones(p.rows, n_sf, dtype=torch.uint8)) == 0
 
 
 def launcher(problem: Problem, cfg: KernelConfig, case: Case, arch: str | None = None):
@@ -195,12 +197,12 @@ def launcher(problem: Problem, cfg: KernelConfig, case: Case, arch: str | None =
                         a.get("block_scale"), a.get("global_scale"))
     sm_count = torch.cuda.get_device_properties(a["x"].device).multi_processor_count
     tail = (case.eps, case.scale, max(1, sm_count * cfg.ctas_per_sm))
-    sf = a.get("block_scale")
     if problem.rows == 0:  # an empty grid is not a valid launch; there is nothing to do
         return lambda: None
 
     def launch():
-        zero_scale_padding(problem, sf)
+        # one launch: the kernel zeroes the swizzled scales' padding (a separate zero_() made swizzled
+        # rmsnorm_fp4quant 4.2 us against 1.7 us row-major on the H200 at T=1560, C=64)
         fn(*targs, *tail, torch.cuda.current_stream().cuda_stream)
 
     return launch
