@@ -207,9 +207,9 @@ def knob_text(row: pd.Series, sep: str = ", ") -> str:
                     for c in KNOB_COLUMNS if pd.notna(row[c]))
 
 
-def _pick(rows: pd.DataFrame, series: str) -> pd.DataFrame:
+def _pick(rows: pd.DataFrame, series: str, prefer: tuple[str, ...] = KIND_PREFERENCE) -> pd.DataFrame:
     """Per problem: among rows of the most preferred kind present, the fastest."""
-    rank = rows["kind"].map({k: i for i, k in enumerate(KIND_PREFERENCE)}).fillna(len(KIND_PREFERENCE))
+    rank = rows["kind"].map({k: i for i, k in enumerate(prefer)}).fillna(len(prefer))
     best = (rows.assign(_rank=rank).sort_values(["_rank", "median_us"], kind="stable")
             .groupby(PROBLEM_KEY, sort=True).head(1).drop(columns="_rank"))
     best = best.assign(series=series)
@@ -227,7 +227,9 @@ def picks(rows: pd.DataFrame) -> pd.DataFrame:
     impl, src, kind = rows["impl"], rows["config_source"], rows["kind"]
     parts = [_pick(rows[(impl == "lutforge") & (kind == "bench")], LUTFORGE),
              _pick(rows[(impl == "lutforge") & kind.isin(("rebench", "trial"))], BEST_TRIAL),
-             _pick(rows[(impl == "lutforge_heuristic") | ((impl == "lutforge") & (src == "heuristic"))], HEURISTIC)]
+             # the fallback's bench row first: timed in the same run as the public op it is compared with
+             _pick(rows[(impl == "lutforge_heuristic") | ((impl == "lutforge") & (src == "heuristic"))], HEURISTIC,
+                   ("bench", "rebench", "trial"))]
     peers = rows[(rows["kind"] == "bench") & ~impl.isin(OWN_IMPLS)]
     parts += [_pick(g, name) for name, g in peers.groupby("impl", sort=True)]
     return pd.concat(parts, ignore_index=True)

@@ -51,7 +51,7 @@ def src(op="rmsnorm", out="bf16", T=256, C=4096):
             if r["op"] == op and r["out_format"] == out and r["T"] == T and r["C"] == C and r["status"] == "ok"]
     by = lambda **kv: next(r for r in rows if all(r[k] == v for k, v in kv.items()))  # noqa: E731
     return dict(public=by(kind="bench", impl="lutforge"), rebench=by(kind="rebench"),
-                trial=by(kind="trial", config_source="search"), heuristic=by(kind="trial", config_source="heuristic"),
+                trial=by(kind="trial", config_source="search"), heuristic=by(kind="bench", impl="lutforge_heuristic"),  # same run as the public op
                 quack=by(impl="quack"), torch_compile=by(impl="torch_compile"))
 
 
