@@ -6,6 +6,10 @@ A knob has one name everywhere: this dataclass field, the Optuna parameter, the 
 """
 from __future__ import annotations
 
+import functools
+import importlib
+import logging
+import math
 from dataclasses import asdict, dataclass, fields
 
 from .problem import ELEM_BYTES, FP4_BLOCK, Problem, ideal_bytes
@@ -198,7 +202,16 @@ def _threads_per_row(n_vec: int) -> int:
 
 
 def heuristic(p: Problem, arch: int = 90, row_stride: int | None = None, ptr_align: int = 16) -> KernelConfig:
-    """A valid config for any problem, from the shape alone.
+    """A valid config for any problem, from the shape alone: the analytical rules below, corrected by the
+    learned fallback of `arch` where one is shipped (kernels/luts/fallback_sm<arch>.py, fitted to every sweep
+    row of the arch by `lutforge fit-fallback`) and the corrected knobs can run this layout."""
+    base = analytical_heuristic(p, arch, row_stride, ptr_align)
+    return learned(p, base, arch, row_stride, ptr_align) or base
+
+
+def analytical_heuristic(p: Problem, arch: int = 90, row_stride: int | None = None,
+                         ptr_align: int = 16) -> KernelConfig:
+    """A valid config for any problem, from hand rules (the last resort; sm100 has nothing else).
 
     Aim: 16-byte vectors, a few vector loads in flight per thread without idle lanes, 128 threads per
     CTA (fewer when the problem is too small to give every SM a few CTAs), and programmatic dependent
@@ -246,3 +259,95 @@ def heuristic(p: Problem, arch: int = 90, row_stride: int | None = None, ptr_ali
     raise ValueError(f"no valid kernel config for {p} with row_stride={row_stride} and {ptr_align}-byte aligned "
                      f"data: C is too large, or the data too misaligned for the output format (FP4 needs "
                      f">= 4-byte alignment)")
+
+
+# The learned fallback: a generated decision tree maps shape features to corrections of the analytical rules,
+# written *relative* to the problem (vectors per thread along the row, rows per CTA, ...) so that one leaf
+# transfers across row lengths. `relative_of` and `from_relative` convert between knobs and that form.
+RELATIVE_KNOBS = ("vec_bytes", "vectors_per_thread", "threads", "rows_per_cta", "cluster", "stage", "ctas_per_sm",
+                  "weight_smem", "pdl", "l2_prefetch")
+OUT_BITS = {"bf16": 16, "fp16": 16, "fp8": 8, "nvfp4": 4, "mxfp4": 4}
+
+
+def fallback_features(p: Problem, row_stride: int | None = None, ptr_align: int = 16) -> dict:
+    """What the learned tree may split on (all cheap integers)."""
+    return {"C": p.C, "rows": p.rows, "ideal_bytes": ideal_bytes(p), "out_bits": OUT_BITS[p.out_format],
+            "per_head": int(p.spec.per_head), "residual": int(p.spec.residual),
+            "max_vec": max_vec_bytes(p, row_stride, ptr_align)}
+
+
+def _row_vectors(p: Problem, vec_bytes: int, cluster: int) -> int:
+    """Vectors of the row one CTA of a `cluster` owns."""
+    n_vec = -(-p.C // (vec_bytes // ELEM_BYTES[p.in_dtype]))
+    return -(-n_vec // cluster)
+
+
+def relative_of(p: Problem, cfg: KernelConfig) -> dict:
+    """`cfg` relative to `p`: the CTA as threads (or, where a correction says so, as rows_per_cta) and the row
+    split as vectors per thread instead of threads_per_row."""
+    d = cfg.as_dict()
+    d["vectors_per_thread"] = round(_row_vectors(p, cfg.vec_bytes, cfg.cluster) / d.pop("threads_per_row"), 4)
+    return d
+
+
+def from_relative(p: Problem, rel: dict, arch: int = 90, row_stride: int | None = None,
+                  ptr_align: int = 16) -> KernelConfig | None:
+    """Knobs for `p` from a relative config: the vector narrowed to what the layout (and an FP4 block) allows,
+    threads_per_row the power of two nearest to (CTA's vectors / vectors_per_thread), threads as given (at
+    least one row) or rows_per_cta x threads_per_row within 32..1024; None when that cannot run `p`."""
+    vb = min(rel["vec_bytes"], max_vec_bytes(p, row_stride, ptr_align))
+    blk = FP4_BLOCK.get(p.out_format)
+    if blk:
+        vb = min(vb, blk * ELEM_BYTES[p.in_dtype])
+    v, cluster = vb // ELEM_BYTES[p.in_dtype], rel["cluster"]
+    if v < 1:
+        return None
+    x = _row_vectors(p, vb, cluster) / rel["vectors_per_thread"]
+    tpr = 1 << min(10, max(0, math.floor(math.log2(x) + 0.5))) if x >= 1 else 1
+    if blk:
+        tpr = max(tpr, blk // v)
+    tpr = min(tpr, max(32, _next_pow2(chunk_cols(p, KernelConfig(vec_bytes=vb, cluster=cluster))) // v))
+    if cluster > 1:
+        threads = tpr
+    elif rel.get("rows_per_cta"):
+        threads = min(1024, max(32, tpr * rel["rows_per_cta"]))
+    else:
+        threads = max(rel["threads"], tpr)
+    cfg = KernelConfig(threads=threads, threads_per_row=tpr, vec_bytes=vb, cluster=cluster, stage=rel["stage"],
+                       ctas_per_sm=rel["ctas_per_sm"], weight_smem=rel["weight_smem"], pdl=rel["pdl"],
+                       l2_prefetch=rel["l2_prefetch"])
+    return None if violations(p, cfg, arch, row_stride) or ptr_align % vb else cfg
+
+
+def corrected(p: Problem, base: KernelConfig, correction: dict, arch: int = 90, row_stride: int | None = None,
+              ptr_align: int = 16) -> KernelConfig | None:
+    """`base` (the analytical rules' config) with a learned correction: the relative knobs it names replace
+    base's; None when the result cannot run `p`."""
+    return from_relative(p, relative_of(p, base) | correction, arch, row_stride, ptr_align)
+
+
+@functools.lru_cache(maxsize=None)
+def _shipped_choose(arch: int):
+    """`choose` of the shipped learned fallback for `arch`; None when there is none, or it does not load (logged:
+    the analytical rules then answer alone, as for an arch without a model)."""
+    name = f".luts.fallback_sm{arch}"
+    try:
+        return importlib.import_module(name, __package__).choose
+    except ModuleNotFoundError as e:
+        if e.name != f"{__package__}{name}":
+            logging.getLogger(__name__).error("learned fallback %s does not load: %s", name, e)
+    except Exception as e:  # a broken generated module must not take the runtime down
+        logging.getLogger(__name__).error("learned fallback %s does not load: %s", name, e)
+    return None
+
+
+def learned(p: Problem, base: KernelConfig, arch: int = 90, row_stride: int | None = None, ptr_align: int = 16,
+            choose=None) -> KernelConfig | None:
+    """The learned fallback's config for `p` (`choose`: a tree's function, default the shipped one of `arch`):
+    its leaf's correction applied to `base`; None when there is no tree, the leaf corrects nothing or the
+    corrected knobs cannot run this layout."""
+    choose = choose or _shipped_choose(arch)
+    if choose is None:
+        return None
+    correction = choose(**fallback_features(p, row_stride, ptr_align))
+    return corrected(p, base, correction, arch, row_stride, min(ptr_align, 16)) if correction else None

@@ -41,6 +41,8 @@ from .tune_cmd import tune_command  # noqa: E402
 main.add_command(tune_command)
 from .compile_check_cmd import compile_check  # noqa: E402
 main.add_command(compile_check)
+from .fallback_fit import fit_fallback_command  # noqa: E402
+main.add_command(fit_fallback_command)
 
 
 if __name__ == "__main__":
