@@ -10,8 +10,7 @@ from pathlib import Path
 
 import click
 
-from .sweep_cmd import (PROBLEM_SET_HELP, SCALE_LAYOUT_HELP, SHAPES_HELP, check_gpus, out_label, select_problems,
-                        shapes_option, split_layouts, split_list)
+from .sweep_cmd import check_gpus, chosen_problems, out_label, problem_options
 from .trial_worker import BACKENDS
 
 _SOURCE = {"exact": "lut_exact", "range": "lut_range", "heuristic": "heuristic"}
@@ -68,6 +67,11 @@ def bench(problems, peers: list[str], backend: str, results_dir: Path, trial_tim
         ev.close()
         writer.flush()
     return rows, skipped, info
+
+
+def table_impls(peers: list[str], skipped: dict[str, list[str]], n_problems: int) -> list[str]:
+    """The table's columns: lutforge, its fallback, and each peer that ran on at least one problem."""
+    return ["lutforge", "lutforge_heuristic"] + [p for p in peers if len(skipped.get(p, ())) < n_problems]
 
 
 def format_table(rows: list[dict], impls: list[str]) -> str:
@@ -138,20 +142,14 @@ def format_host_table(rows: list[dict]) -> str:
 
 
 @click.command("bench")
-@click.option("--problem-set", default=None, help=PROBLEM_SET_HELP)
-@click.option("--shapes", default=None, help=SHAPES_HELP)
 @click.option("--host", is_flag=True, help="Measure host microseconds per eager call (public op, custom op, bare "
                                            "launch) beside torch and the peers instead of GPU time.")
-@click.option("--op", "ops", required=True, help="Op or comma list of ops.")
-@click.option("--out", "outs", required=True, help="Output format(s), comma list.")
-@click.option("--in-dtype", default="bf16", show_default=True, type=click.Choice(["bf16", "fp16"]))
-@click.option("--scale-layout", "layouts", default="rowmajor", show_default=True, help=SCALE_LAYOUT_HELP)
+@problem_options
 @click.option("--peers", "peer_spec", default="all", show_default=True,
               help="all, none, or a comma list of torch_eager,torch_compile,quack,liger,flashinfer.")
 @click.option("--results", "results_dir", default="results", show_default=True, type=click.Path(file_okay=False))
 @click.option("--backend", default="gpu", show_default=True, type=click.Choice(list(BACKENDS)),
               help="synthetic times only lutforge, with the CPU cost model (for CI).")
-@click.option("--limit-shapes", type=click.IntRange(min=1), default=None, help="At most N shapes per (op, out).")
 @click.option("--trial-timeout", type=click.FloatRange(min=0, min_open=True), default=120.0, show_default=True)
 def bench_command(problem_set, shapes, host, ops, outs, in_dtype, layouts, peer_spec, results_dir, backend,
                   limit_shapes, trial_timeout):
@@ -163,13 +161,7 @@ def bench_command(problem_set, shapes, host, ops, outs, in_dtype, layouts, peer_
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--peers")
     check_gpus(backend, None)
-    problems, skipped_combos = select_problems(problem_set, split_list(ops, "op"), split_list(outs, "output format"),
-                                               in_dtype, limit_shapes, split_layouts(layouts),
-                                               shapes_option(problem_set, shapes))
-    for s in skipped_combos:
-        click.echo(f"skipped {s}", err=True)
-    if not problems:
-        raise click.UsageError("no problem to bench: every op/output format combination was skipped")
+    problems = chosen_problems(ops, problem_set, shapes, outs, in_dtype, layouts, limit_shapes, "bench")
     results = Path(results_dir).resolve()
     if host:
         if backend != "gpu":
@@ -179,9 +171,7 @@ def bench_command(problem_set, shapes, host, ops, outs, in_dtype, layouts, peer_
         click.echo(f"{len(rows)} rows under {results}")
         return
     rows, skipped, info = bench(problems, peers, backend, results, trial_timeout)
-    impls = ["lutforge", "lutforge_heuristic"] + [p for p in peers if p not in skipped or
-                                                  len(skipped[p]) < len(problems)]
-    click.echo(format_table(rows, impls))
+    click.echo(format_table(rows, table_impls(peers, skipped, len(problems))))
     for peer, reasons in skipped.items():
         shown = sorted(set(reasons))
         click.echo(f"skipped {peer}: " + "; ".join(shown[:5]) + (" ..." if len(shown) > 5 else ""))

@@ -147,6 +147,36 @@ def select_problems(problem_set: str | None, ops: list[str], outs: list[str], in
     return chosen, skipped
 
 
+def problem_options(f):
+    """The options that choose a command's problems (sweep, bench, tune share them)."""
+    for opt in reversed([
+        click.option("--op", "ops", required=True, help="Op or comma list of ops (e.g. fused_rmsnorm_silu,rmsnorm)."),
+        click.option("--problem-set", default=None, help=PROBLEM_SET_HELP),
+        click.option("--shapes", default=None, help=SHAPES_HELP),
+        click.option("--out", "outs", required=True, help="Output format(s), comma list (e.g. bf16,fp8)."),
+        click.option("--in-dtype", default="bf16", show_default=True, type=click.Choice(["bf16", "fp16"])),
+        click.option("--scale-layout", "layouts", default="rowmajor", show_default=True, help=SCALE_LAYOUT_HELP),
+        click.option("--limit-shapes", type=click.IntRange(min=1), default=None,
+                     help="At most N shapes per (op, out), spread over the set."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def chosen_problems(ops, problem_set, shapes, outs, in_dtype, layouts, limit_shapes,
+                    what: str) -> list[tuple[Problem, str]]:
+    """The problems `problem_options` name, saying on stderr which combinations were skipped; a usage
+    error when none is left to `what` (sweep, bench, tune)."""
+    problems, skipped = select_problems(problem_set, split_list(ops, "op"), split_list(outs, "output format"),
+                                        in_dtype, limit_shapes, split_layouts(layouts),
+                                        shapes_option(problem_set, shapes))
+    for s in skipped:
+        click.echo(f"skipped {s}", err=True)
+    if not problems:
+        raise click.UsageError(f"no problem to {what}: every op/output format combination was skipped")
+    return problems
+
+
 def check_gpus(backend: str, gpus: list[str] | None) -> None:
     if backend != "gpu":
         return
@@ -388,12 +418,7 @@ def parse_gpus(gpus: str | None) -> list[str] | None:
 
 
 @click.command("sweep")
-@click.option("--op", "ops", required=True, help="Op or comma list of ops (e.g. fused_rmsnorm_silu,rmsnorm).")
-@click.option("--problem-set", default=None, help=PROBLEM_SET_HELP)
-@click.option("--shapes", default=None, help=SHAPES_HELP)
-@click.option("--out", "outs", required=True, help="Output format(s), comma list (e.g. bf16,fp8).")
-@click.option("--in-dtype", default="bf16", show_default=True, type=click.Choice(["bf16", "fp16"]))
-@click.option("--scale-layout", "layouts", default="rowmajor", show_default=True, help=SCALE_LAYOUT_HELP)
+@problem_options
 @click.option("--trials", type=click.IntRange(min=1), default=None,
               help="Configs to measure per problem (total in the study, so a resume continues to N). "
                    "Default 100 when no --time-budget is given.")
@@ -411,8 +436,6 @@ def parse_gpus(gpus: str | None) -> list[str] | None:
               help="Directory for Parquet rows (and the default sqlite storage).")
 @click.option("--backend", default="gpu", show_default=True, type=click.Choice(list(BACKENDS)),
               help="gpu: real kernels; synthetic: the CPU cost model (rows marked backend=synthetic).")
-@click.option("--limit-shapes", type=click.IntRange(min=1), default=None,
-              help="At most N shapes per (op, out), spread over the set.")
 @click.option("--trial-timeout", type=click.FloatRange(min=0, min_open=True), default=120.0, show_default=True,
               help="Seconds a timed trial may take before its process is killed (status timeout).")
 @click.option("--compile-workers", type=click.IntRange(min=1), default=None,
@@ -427,16 +450,9 @@ def parse_gpus(gpus: str | None) -> list[str] | None:
 def sweep_command(ops, problem_set, shapes, outs, in_dtype, layouts, trials, time_budget, wall_budget, storage, gpus, results_dir, backend,
                   limit_shapes, trial_timeout, compile_workers, finalists, seed, skip_swept):
     """Tune the knobs of OP on every shape of a problem set (resumes by default)."""
-    op_list = split_list(ops, "op")
-    out_list = split_list(outs, "output format")
     gpu_list = parse_gpus(gpus)
     check_gpus(backend, gpu_list)
-    problems, skipped = select_problems(problem_set, op_list, out_list, in_dtype, limit_shapes, split_layouts(layouts),
-                                        shapes_option(problem_set, shapes))
-    for s in skipped:
-        click.echo(f"skipped {s}", err=True)
-    if not problems:
-        raise click.UsageError("no problem to sweep: every op/output format combination was skipped")
+    problems = chosen_problems(ops, problem_set, shapes, outs, in_dtype, layouts, limit_shapes, "sweep")
     spec, info = run_sweep(problems, backend, Path(results_dir), storage, gpu_list, trials, time_budget, wall_budget,
                            trial_timeout, compile_workers, finalists, seed, skip_swept)
     click.echo(format_summary(spec.storage, spec, info))

@@ -11,8 +11,7 @@ import click
 
 from kernels.problem import Problem
 
-from .sweep_cmd import (PROBLEM_SET_HELP, SCALE_LAYOUT_HELP, SHAPES_HELP, check_gpus, format_summary, parse_gpus,
-                        run_sweep, select_problems, shapes_option, split_layouts, split_list)
+from .sweep_cmd import chosen_problems, check_gpus, format_summary, parse_gpus, problem_options, run_sweep
 from .trial_worker import BACKENDS
 
 STAGES = ("sweep", "export", "validate", "bench", "report", "heatmap")
@@ -46,12 +45,7 @@ def exact_key(p: Problem) -> tuple:
 
 
 @click.command("tune")
-@click.option("--op", "ops", required=True, help="Op or comma list of ops (e.g. rmsnorm,fused_add_rmsnorm).")
-@click.option("--problem-set", default=None, help=PROBLEM_SET_HELP)
-@click.option("--shapes", default=None, help=SHAPES_HELP)
-@click.option("--out", "outs", required=True, help="Output format(s), comma list (e.g. bf16,fp8).")
-@click.option("--in-dtype", default="bf16", show_default=True, type=click.Choice(["bf16", "fp16"]))
-@click.option("--scale-layout", "layouts", default="rowmajor", show_default=True, help=SCALE_LAYOUT_HELP)
+@problem_options
 @click.option("--trials", type=click.IntRange(min=1), default=None,
               help="Configs to measure per problem (total in the study; a rerun continues). Default 100.")
 @click.option("--wall-budget", type=click.FloatRange(min=0, min_open=True), default=None,
@@ -66,7 +60,6 @@ def exact_key(p: Problem) -> tuple:
               help="Peers benched beside the public op: all, none, or a comma list.")
 @click.option("--storage", default=None, help="Optuna storage URL (default sqlite under --results).")
 @click.option("--gpus", default=None, help="Comma list of GPU indices for the sweep (one worker each).")
-@click.option("--limit-shapes", type=click.IntRange(min=1), default=None, help="At most N shapes per (op, out).")
 @click.option("--backend", default="gpu", show_default=True, type=click.Choice(list(BACKENDS)),
               help="synthetic: the CPU cost model, for tests (needs --lut outside kernels/luts/).")
 @click.option("--compile-workers", type=click.IntRange(min=1), default=None, help="Compile processes (default: cores).")
@@ -78,7 +71,7 @@ def tune_command(ops, problem_set, shapes, outs, in_dtype, layouts, trials, wall
     from lut_export.gpu_check import gpu_check
     from kernels.luts import read_lut
 
-    from .bench_cmd import bench, format_table
+    from .bench_cmd import bench, format_table, table_impls
     from .heatmap import heatmap_figure, write_heatmap
     from .peers import parse_peers
     from .report import load_host_rows, load_ok_rows, render_report
@@ -92,12 +85,7 @@ def tune_command(ops, problem_set, shapes, outs, in_dtype, layouts, trials, wall
     synthetic = backend != "gpu"
     if synthetic and lut_path is None:
         raise click.UsageError("--backend synthetic rows are not measurements: give --lut outside kernels/luts/")
-    problems, skipped = select_problems(problem_set, split_list(ops, "op"), split_list(outs, "output format"),
-                                        in_dtype, limit_shapes, split_layouts(layouts), shapes_option(problem_set, shapes))
-    for s in skipped:
-        click.echo(f"skipped {s}", err=True)
-    if not problems:
-        raise click.UsageError("no problem to tune: every op/output format combination was skipped")
+    problems = chosen_problems(ops, problem_set, shapes, outs, in_dtype, layouts, limit_shapes, "tune")
     device_class = _local_device_class(backend)
     results = (results_dir or Path("results") / device_class).resolve()
     artefacts: list[tuple[str, str]] = [("rows (Parquet)", str(results))]
@@ -133,9 +121,7 @@ def tune_command(ops, problem_set, shapes, outs, in_dtype, layouts, trials, wall
 
     t0 = _stage(3, f"the public op (dispatching from the new LUT) beside {', '.join(peers) or 'no peers'}")
     rows, skipped_peers, _ = bench(problems, peers, backend, results, progress=_bench_progress(len(problems)))
-    impls = ["lutforge", "lutforge_heuristic"] + [p for p in peers if p not in skipped_peers
-                                                  or len(skipped_peers[p]) < len(problems)]
-    click.echo(format_table(rows, impls))
+    click.echo(format_table(rows, table_impls(peers, skipped_peers, len(problems))))
     bench_run = rows[0]["run_id"] if rows else None
     _done(t0, f"bench {bench_run}: {len(rows)} rows")
 
