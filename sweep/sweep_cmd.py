@@ -208,6 +208,8 @@ def run_worker(spec: SweepSpec, gpu: str | None, progress, search: bool = True, 
     try:
         ev.start()
         problems = spec.problems
+        if search and problems:
+            preflight(ev, problems[0][0])
         if spec.skip_swept:
             problems = unswept(problems, spec.results, ev.info["provenance"]["device_class"], spec.trials)
             click.echo(f"--skip-swept: {len(spec.problems) - len(problems)} of {len(spec.problems)} problems "
@@ -229,6 +231,22 @@ def run_worker(spec: SweepSpec, gpu: str | None, progress, search: bool = True, 
         ev.close()
         if claims is not None:
             claims.close()
+
+
+def preflight(ev, problem: Problem) -> None:
+    """Compile the fallback config of one problem before any study records a trial: a broken toolchain
+    (on the H200 a missing cutlass CUDA library) otherwise fails every trial as compile_error, and the
+    studies then count as finished, so a rerun on a repaired machine resumes nothing."""
+    from kernels.compile_cache import arch_number
+    from kernels.config import heuristic
+
+    if ev.backend != "gpu":
+        return
+    res = ev.compile(problem, heuristic(problem, arch_number(ev.arch)))
+    if res["status"] != "ok":
+        raise click.ClickException(f"cannot compile the fallback config of {problem.op} {problem.T}x{problem.C}: "
+                                   f"{res['status']}: {str(res.get('error'))[:800]}\nNothing was recorded; repair "
+                                   "the toolchain (nvidia-cutlass-dsl and its CUDA library) and rerun.")
 
 
 def unswept(problems: list[tuple[Problem, str]], results: str, device_class: str, trials: int | None

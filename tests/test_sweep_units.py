@@ -282,3 +282,25 @@ def test_rebench_times_the_heuristic_even_when_the_search_never_did(tmp_path):
     rows = read_results(tmp_path)
     heur_rows = rows[rows["config_source"] == "heuristic"]
     assert len(heur_rows) == 1 and int(heur_rows["trial"].iloc[0]) == -1 and heur_rows["status"].iloc[0] == "ok"
+
+
+def test_preflight_stops_a_sweep_whose_toolchain_cannot_compile():
+    """A broken toolchain must stop the sweep before studies fill with compile errors (they would count as done)."""
+    import click
+
+    from kernels.problem import Problem
+    from sweep.sweep_cmd import preflight
+
+    class Broken:
+        backend, arch = "gpu", "sm_90a"
+
+        def compile(self, problem, cfg):
+            self.asked = (problem, cfg)
+            return {"status": "compile_error", "error": "RuntimeError: No CTK flavor installed"}
+
+    ev, p = Broken(), Problem("rmsnorm", 333, 96)
+    with pytest.raises(click.ClickException, match="(?s)No CTK flavor installed.*Nothing was recorded"):
+        preflight(ev, p)
+    assert ev.asked[0] == p
+    ev.backend = "synthetic"  # the cost model has no toolchain to check
+    preflight(ev, p)
