@@ -217,15 +217,26 @@ def _pick(rows: pd.DataFrame, series: str, prefer: tuple[str, ...] = KIND_PREFER
     return best
 
 
+def _newest(rows: pd.DataFrame, series: str) -> pd.DataFrame:
+    """Per problem, its newest row: what the public op does now. A LUT or dispatch change can make a later
+    bench slower (on the H200 a LUT range stretched 64x past its swept T made rmsnorm 99840x64 3.8x slower
+    than the fallback, bench f73340197abc), and the fastest of several benches would hide that."""
+    if "timestamp" not in rows.columns or rows.empty:
+        return _pick(rows, series)
+    newest = rows.assign(_t=pd.to_datetime(rows["timestamp"], utc=True, format="ISO8601", errors="coerce"))
+    newest = newest.sort_values("_t", kind="stable").groupby(PROBLEM_KEY, sort=True).tail(1).drop(columns="_t")
+    return _pick(newest, series)
+
+
 def picks(rows: pd.DataFrame) -> pd.DataFrame:
     """The row that stands for each (problem, series): `LUTFORGE` (the public op, timed by `lutforge
-    bench`), `BEST_TRIAL` (the fastest search row), `HEURISTIC` (the fallback config: config_source
+    bench`: its newest row), `BEST_TRIAL` (the fastest search row), `HEURISTIC` (the fallback config: config_source
     heuristic, or the lutforge_heuristic bench impl) and every peer measured by a bench run (kind bench, by
     impl). Rows of a replaced kernel source (`superseded`) stand for nothing."""
     if "superseded" in rows.columns:
         rows = rows[~rows["superseded"]]
     impl, src, kind = rows["impl"], rows["config_source"], rows["kind"]
-    parts = [_pick(rows[(impl == "lutforge") & (kind == "bench")], LUTFORGE),
+    parts = [_newest(rows[(impl == "lutforge") & (kind == "bench")], LUTFORGE),
              _pick(rows[(impl == "lutforge") & kind.isin(("rebench", "trial"))], BEST_TRIAL),
              # the fallback's bench row first: timed in the same run as the public op it is compared with
              _pick(rows[(impl == "lutforge_heuristic") | ((impl == "lutforge") & (src == "heuristic"))], HEURISTIC,

@@ -174,3 +174,15 @@ def test_host_section_judges_each_run_against_torch_in_that_run():
     assert "| rmsnorm_fp4quant | nvfp4 | 1×4096 | 19.0 | 9.0 | 2.11 | **no** |" in text  # FP4: 2x budget
     assert "within budget on 1 of 2 problems" in text
     assert render_host(host.iloc[0:0]) == []
+
+
+def test_the_public_op_stands_by_its_newest_bench(tmp_path):
+    """A later bench that got slower (a LUT change) is what users get now; the faster old one must not hide it."""
+    old = hand(A, 5, 2000, 50, impl="lutforge", kind="bench", config_source="lut_exact", run_id="bench-old",
+               cfg=TUNED_CFG) | {"timestamp": "2026-11-20T10:00:00Z"}
+    new = hand(A, 9, 1100, 27, impl="lutforge", kind="bench", config_source="lut_range", run_id="bench-new",
+               cfg=TUNED_CFG) | {"timestamp": "2026-11-23T10:00:00Z"}
+    append_rows(tmp_path, [old, new])
+    p = picks(load_ok_rows(tmp_path))
+    ours = p[p["series"] == LUTFORGE]
+    assert len(ours) == 1 and ours.iloc[0]["run_id"] == "bench-new" and ours.iloc[0]["median_us"] == 9
