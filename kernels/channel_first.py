@@ -1,0 +1,957 @@
+"""Channel-first RMSNorm family: normalise over dim 1 of [B, C, *spatial] without permuting.
+
+The WAN VAE (diffusers' `AutoencoderKLWan`) keeps activations as [B, C, T, H, W] and normalises each
+position's C channels (`WanRMS_norm`); the row ops (kernels/ops.py) need [tokens, C] rows, which costs two
+permute copies. This module holds everything of the channel-first path except the CuTe-DSL kernel
+(kernels/channel_first_kernel.py): the problem descriptor, the knobs with their choices, constraints and
+analytical heuristic, a float64 reference, a compile function (TVM-FFI, CPU-only compile like
+kernels/compile_cache.py) with a process cache, the runtime entry point `channel_first_rmsnorm`, and the
+norm shapes of the WAN decoders (WAN_VAE_NORM_SHAPES).
+
+Semantics, per position p (all C channels of one (b, t, h, w)), computed in fp32, rounded once:
+
+* RMSNorm (l2norm=False): y = x * rsqrt(mean_c(x^2) + eps) * w (+ b)
+* L2Norm (l2norm=True), F.normalize's exact semantics: y = x / max(||x||_2, eps) * sqrt(C) * w (+ b).
+  F.normalize clamps the *norm* at eps; RMSNorm adds eps to the *mean square*. RMSNorm with
+  eps' = eps^2 / C equals sqrt(C) * x / sqrt(||x||^2 + eps^2) (kernels/reference.py), which is not
+  x / max(||x||, eps) * sqrt(C): the ratio max(n, eps) / sqrt(n^2 + eps^2) of the two lies in [1/sqrt(2), 1],
+  is 1/sqrt(2) at ||x|| = eps, within 0.5 % only for ||x|| > 10 eps or < eps / 10, and both give 0 at x = 0.
+  WanRMS_norm uses F.normalize's default eps = 1e-12.
+* silu=True applies y * sigmoid(y) after the affine (WanResidualBlock's norm -> SiLU pair).
+* fp8 e4m3 output: e4m3(y / scale), saturating at +-448 (a static per-tensor scale as the row kernel's
+  rmsnorm_quant; scale=1.0 is fused_rmsnorm_silu's unscaled fp8 convention).
+
+Memory view: x is walked as [N, C, S]: S positions along the innermost contiguous run of spatial dims,
+C strided by sC, and N = every other dim (the batch and any spatial dims outside the contiguous run, e.g.
+the frames of diffusers' permuted upsampler output) flattened to one stride sN.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import math
+import threading
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+
+from .config import MAX_REG_VALUES_PER_THREAD, MAX_SMEM_BYTES, REG_VALUES_BUDGET
+from .problem import ELEM_BYTES
+
+IN_DTYPES = ("bf16", "fp16")
+OUT_FORMATS = ("bf16", "fp16", "fp8")
+F_NORMALIZE_EPS = 1e-12  # torch.nn.functional.normalize's default, used by WanRMS_norm
+RMS_EPS = 1e-6  # the row ops' default
+MAX_GRID_Y = 65535  # N is the grid's y extent
+
+
+# --------------------------------------------------------------------------- problem
+@dataclass(frozen=True)
+class ChannelFirstProblem:
+    """x [N, C, S] normalised over C at each of the N*S positions. N and S are runtime values of the
+    compiled kernel (only their divisibility by the vector matters to a config); C, dtypes and the fused
+    parts are compile-time."""
+
+    N: int
+    C: int
+    S: int
+    in_dtype: str = "bf16"
+    out_format: str = "bf16"
+    silu: bool = False
+    bias: bool = False
+    l2norm: bool = False
+
+    def __post_init__(self):
+        if self.in_dtype not in IN_DTYPES:
+            raise ValueError(f"in_dtype must be one of {IN_DTYPES}, got {self.in_dtype!r}")
+        if self.out_format not in (self.in_dtype, "fp8"):
+            raise ValueError(f"out_format must be {self.in_dtype!r} or 'fp8', got {self.out_format!r}")
+        if self.N < 0 or self.S < 0 or self.C < 1:
+            raise ValueError(f"need N >= 0, S >= 0, C >= 1; got N={self.N} C={self.C} S={self.S}")
+
+    @property
+    def op(self) -> str:
+        """A name for sweep/LUT keys: the row family's op names with a channel-first prefix."""
+        return ("cf_l2norm" if self.l2norm else "cf_rmsnorm") + ("_silu" if self.silu else "") \
+            + ("_bias" if self.bias else "")
+
+    @property
+    def positions(self) -> int:
+        return self.N * self.S
+
+    @property
+    def static_key(self) -> tuple:
+        """What a compiled kernel depends on (N and S are runtime)."""
+        return (self.C, self.in_dtype, self.out_format, self.silu, self.bias, self.l2norm)
+
+
+def ideal_bytes(p: ChannelFirstProblem) -> int:
+    """Each element of x read once and of y written once, plus the weight (and bias)."""
+    e = ELEM_BYTES[p.in_dtype]
+    n = p.N * p.C * p.S
+    return n * e + n * ELEM_BYTES[p.out_format] + p.C * e * (2 if p.bias else 1)
+
+
+# --------------------------------------------------------------------------- knobs
+# Fixed, full choice lists (as kernels/config.KNOB_CHOICES: Optuna needs them constant).
+CF_KNOB_CHOICES: dict[str, tuple] = {
+    "threads": (32, 64, 128, 256, 512, 1024),  # threads per CTA
+    "positions_per_cta": (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048),  # along S
+    "vec_bytes": (2, 4, 8, 16),  # bytes of x per load: that many consecutive positions of one channel
+    "c_order": ("interleaved", "blocked"),  # thread group g walks channels g, g+G, ... or a block of C/G
+    "stage": ("reg", "smem"),  # the C x positions tile held in registers, or in shared memory (cp.async)
+    "pdl": (False, True),  # programmatic dependent launch (SM90+)
+}
+MAX_SMEM_ITERS = 64  # channels per thread with stage=smem: the loop is unrolled at compile time
+MIN_SEGMENT_BYTES = 32  # a warp's contiguous run per channel: one full 32-byte sector at least
+
+
+@dataclass(frozen=True)
+class ChannelFirstConfig:
+    """Thread (lane, group) of a CTA owns positions [lane*v, lane*v+v) of the CTA's positions_per_cta and
+    loops over its channels (C / groups of them); lanes = positions_per_cta / v, groups = threads / lanes."""
+
+    threads: int = 256
+    positions_per_cta: int = 128
+    vec_bytes: int = 16
+    c_order: str = "interleaved"
+    stage: str = "reg"
+    pdl: bool = False
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ChannelFirstConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown knobs {sorted(unknown)}; knobs are {sorted(names)}")
+        return cls(**{k: d[k] for k in names if k in d})
+
+    def short(self) -> str:
+        return (f"t{self.threads}/p{self.positions_per_cta}/v{self.vec_bytes}/{self.c_order[:3]}/{self.stage}"
+                f"{'/pdl' if self.pdl else ''}")
+
+
+def vec_elems(p: ChannelFirstProblem, cfg: ChannelFirstConfig) -> int:
+    return cfg.vec_bytes // ELEM_BYTES[p.in_dtype]
+
+
+def lanes(p: ChannelFirstProblem, cfg: ChannelFirstConfig) -> int:
+    """Threads side by side along S (one vector each)."""
+    return max(1, cfg.positions_per_cta // max(1, vec_elems(p, cfg)))
+
+
+def channel_groups(p: ChannelFirstProblem, cfg: ChannelFirstConfig) -> int:
+    """Threads sharing one position vector, each summing its own channels."""
+    return max(1, cfg.threads // lanes(p, cfg))
+
+
+def channels_per_thread(p: ChannelFirstProblem, cfg: ChannelFirstConfig) -> int:
+    return -(-p.C // channel_groups(p, cfg))
+
+
+def warp_groups(p: ChannelFirstProblem, cfg: ChannelFirstConfig) -> int:
+    """Channel groups inside one warp (lanes < 32): their partial sums meet by shuffles, not smem."""
+    return min(channel_groups(p, cfg), max(1, 32 // lanes(p, cfg)))
+
+
+def reduction_slots(p: ChannelFirstProblem, cfg: ChannelFirstConfig) -> int:
+    """Partial sums per position that meet in shared memory (1: no shared-memory reduction)."""
+    return channel_groups(p, cfg) // warp_groups(p, cfg)
+
+
+def smem_bytes(p: ChannelFirstProblem, cfg: ChannelFirstConfig) -> int:
+    total = 64
+    if reduction_slots(p, cfg) > 1:
+        total += reduction_slots(p, cfg) * cfg.positions_per_cta * 4
+    if cfg.stage == "smem":
+        total += p.C * cfg.positions_per_cta * ELEM_BYTES[p.in_dtype]
+    return total
+
+
+def _gcd_all(*vals: int) -> int:
+    g = 0
+    for v in vals:
+        g = math.gcd(g, int(v))
+    return g
+
+
+def violations(p: ChannelFirstProblem, cfg: ChannelFirstConfig, arch: int = 90, stride_gcd: int | None = None,
+               ptr_align: int = 16) -> list[str]:
+    """Every reason `cfg` cannot run `p` on `arch` (empty = valid).
+
+    stride_gcd: gcd (elements) of S and the C and N strides of x and y; default S (contiguous [N, C, S]).
+    ptr_align: the pointers' alignment in bytes of x (an fp8 y's alignment counts twice, as in ops)."""
+    why = []
+    for name, choices in CF_KNOB_CHOICES.items():
+        if getattr(cfg, name) not in choices:
+            why.append(f"{name}={getattr(cfg, name)!r} not in {choices}")
+    if why:
+        return why
+    v = vec_elems(p, cfg)
+    if v < 1:
+        return [f"vec_bytes={cfg.vec_bytes} is smaller than one {p.in_dtype} element"]
+    g = p.S if stride_gcd is None else stride_gcd
+    if g % v:
+        why.append(f"S and the strides (gcd {g}) are not multiples of the vector ({v} elements): vectors along S "
+                   f"would straddle channels or lose alignment")
+    if ptr_align % cfg.vec_bytes:
+        why.append(f"pointers aligned to {ptr_align} B cannot take {cfg.vec_bytes}-byte vectors")
+    if cfg.positions_per_cta % v:
+        why.append(f"positions_per_cta={cfg.positions_per_cta} is not a multiple of the vector ({v})")
+        return why
+    ln = lanes(p, cfg)
+    if ln > cfg.threads or cfg.threads % ln:
+        why.append(f"positions_per_cta / vector = {ln} lanes do not divide threads={cfg.threads}")
+        return why
+    groups = channel_groups(p, cfg)
+    if groups > p.C:
+        why.append(f"{groups} channel groups > C={p.C}: idle threads")
+    if cfg.threads > 32 and cfg.positions_per_cta > v and cfg.positions_per_cta >= 2 * max(p.S, 1):
+        why.append(f"positions_per_cta={cfg.positions_per_cta} is over twice S={p.S}: idle lanes "
+                   f"(only a one-warp CTA may idle)")
+    iters = channels_per_thread(p, cfg)
+    if cfg.stage == "reg":
+        if iters * v > MAX_REG_VALUES_PER_THREAD or iters * v * cfg.threads > REG_VALUES_BUDGET:
+            why.append(f"{iters} channels x {v} positions per thread x {cfg.threads} threads do not fit in "
+                       f"registers (<= {MAX_REG_VALUES_PER_THREAD} per thread, {REG_VALUES_BUDGET} per CTA); "
+                       f"use more threads, fewer positions or stage=smem")
+    else:
+        if cfg.vec_bytes < 4:
+            why.append("stage=smem copies with cp.async, which moves 4, 8 or 16 bytes")
+        if iters > MAX_SMEM_ITERS:
+            why.append(f"{iters} channels per thread > {MAX_SMEM_ITERS} (compile-time unrolled loop)")
+    if smem_bytes(p, cfg) > MAX_SMEM_BYTES:
+        why.append(f"needs {smem_bytes(p, cfg)} B shared memory > {MAX_SMEM_BYTES}")
+    if cfg.pdl and arch < 90:
+        why.append("programmatic dependent launch needs SM90+")
+    if p.N > MAX_GRID_Y:
+        why.append(f"N={p.N} > {MAX_GRID_Y} (the grid's y extent)")
+    return why
+
+
+def is_valid(p: ChannelFirstProblem, cfg: ChannelFirstConfig, arch: int = 90, stride_gcd: int | None = None,
+             ptr_align: int = 16) -> bool:
+    return not violations(p, cfg, arch, stride_gcd, ptr_align)
+
+
+def _pow2_floor(n: int) -> int:
+    return 1 << (max(1, n).bit_length() - 1)
+
+
+def _pow2_ceil(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+SM_COUNT_GUESS = 132  # H100/H200 SXM; only shapes the grid of small problems
+SMALL_PROBLEM_BYTES = 32 << 20  # kernels/config.py's PDL threshold (launch latency dominates below)
+# Values of x per thread the heuristic keeps in registers: half the constraint's cap. The fp32 copies of x
+# stay live across the reduction barrier, so 12 channels x 8 positions took 185 registers per thread
+# (C=96, t256/p256, sm_90a cubin) against 64 for 6 x 8 (t512/p256): two 512-thread CTAs per SM instead of one.
+HEURISTIC_REG_VALUES = 64
+HEURISTIC_MAX_THREADS = 256
+SMEM_TILE_TARGET = 96 << 10  # staged tile per CTA: two CTAs per SM keep ~190 KB of loads in flight
+
+
+def max_vec_bytes(p: ChannelFirstProblem, stride_gcd: int | None = None, ptr_align: int = 16) -> int:
+    """Widest vector along S that every channel's positions stay aligned for."""
+    e = ELEM_BYTES[p.in_dtype]
+    g = p.S if stride_gcd is None else stride_gcd
+    for vb in (16, 8, 4, 2):
+        if vb >= e and (g % (vb // e) == 0) and ptr_align % vb == 0:
+            return vb
+    return e
+
+
+def heuristic(p: ChannelFirstProblem, arch: int = 90, stride_gcd: int | None = None,
+              ptr_align: int = 16) -> ChannelFirstConfig:
+    """A valid config for any C up to ~32K (more with aligned S) and any S, from the shape alone.
+
+    The op is pure bandwidth: every element is read once and written once, and a position's C channels are
+    S elements apart, so a load can only be wide along S. Hence:
+    1. The widest vector along S the alignment allows (16 B = 8 bf16 positions): coalesced warp loads of
+       lanes x 16 B per channel.
+    2. Registers hold the C x positions tile (x is read once): per thread HEURISTIC_REG_VALUES (64) values,
+       so C is split over groups = C / (64 / v) threads per position (a power of two); per CTA at most
+       REG_VALUES_BUDGET values, so positions_per_cta = 32768 / C (C=96: 256, C=384: 64, C=1024: 32).
+    3. At most one warp of lanes per channel (a 512-byte run per load at 16 B vectors); fewer lanes when the
+       budget says so, but never below a 32-byte sector per channel per warp.
+    4. Small grids (< 2 CTAs per SM) trade positions per CTA for CTAs; PDL below 32 MB, as the row kernel.
+    5. When the register tile cannot fit a 32-byte run (C > ~2048 at 16 B vectors), stage it in shared memory
+       instead (cp.async), sized for two CTAs per SM.
+    """
+    e = ELEM_BYTES[p.in_dtype]
+    pdl = arch >= 90 and ideal_bytes(p) < SMALL_PROBLEM_BYTES
+
+    def build(stage: str, vb: int, tile_bytes: int = 0, strict: bool = True) -> ChannelFirstConfig | None:
+        v = vb // e
+        cap = HEURISTIC_REG_VALUES if strict else MAX_REG_VALUES_PER_THREAD
+        max_iters = max(1, cap // v) if stage == "reg" else MAX_SMEM_ITERS
+        groups = min(_pow2_ceil(-(-p.C // max_iters)), _pow2_floor(p.C))
+        iters = -(-p.C // groups)
+        if groups > 1024 or (stage == "reg" and iters * v > MAX_REG_VALUES_PER_THREAD):
+            return None
+        # positions the tile may hold: the CTA register budget, or the staged tile's bytes
+        tile = REG_VALUES_BUDGET // (iters * groups) if stage == "reg" else tile_bytes // (p.C * e)
+        if tile < v:
+            return None
+        # one warp of lanes per channel at most (a 512-byte run at 16 B); 2-byte vectors take up to 256
+        # lanes, since with v=1 more lanes mean fewer groups to reduce over
+        ln = _pow2_floor(min(32 if v > 1 else 256, tile // v))
+        min_lanes = max(1, MIN_SEGMENT_BYTES // vb)
+        if strict and ln < min_lanes:  # a warp would fetch half sectors: try another staging first
+            return None
+        while ln * groups < 128 and 2 * ln * v <= tile:  # >= 4 warps per CTA where the tile allows
+            ln *= 2
+        # <= 256 threads: ~80-128 registers per thread at 6-8 channels x 8 positions (sm_90a ptxas) fit three
+        # 256-thread CTAs per SM, against one 512-thread CTA
+        while ln > 1 and ln * groups > HEURISTIC_MAX_THREADS:
+            ln //= 2
+        while ln > 1 and ln * v >= 2 * max(p.S, 1):  # tiny S: no idle lanes
+            ln //= 2
+        # few CTAs: more, smaller CTAs for the SMs, but not below a 32-byte sector per channel and warp
+        while ln > min_lanes and p.positions and p.N * -(-p.S // (ln * v)) < 2 * SM_COUNT_GUESS:
+            ln //= 2
+        while ln * groups < 32 and 2 * groups <= p.C:  # a whole warp at least: more groups, fewer channels
+            groups *= 2
+        while ln * groups < 32:
+            ln *= 2
+        return ChannelFirstConfig(threads=ln * groups, positions_per_cta=ln * v, vec_bytes=vb, stage=stage,
+                                  pdl=pdl)
+
+    widest = max_vec_bytes(p, stride_gcd, ptr_align)
+    tries = []
+    for strict in (True, False):  # full 32-byte sectors per channel first; then anything that runs
+        for vb in [b for b in (16, 8, 4, 2) if e <= b <= widest]:
+            tries += [build("reg", vb, strict=strict)]
+            if vb >= 4:
+                tries += [build("smem", vb, SMEM_TILE_TARGET, strict), build("smem", vb, MAX_SMEM_BYTES - 8192, strict)]
+    for cfg in tries:
+        if cfg is None:
+            continue
+        for c in (cfg, ChannelFirstConfig(**{**cfg.as_dict(), "pdl": False})):
+            if is_valid(p, c, arch, stride_gcd, ptr_align):
+                return c
+    raise ValueError(f"no valid channel-first config for {p} (stride gcd {stride_gcd}, {ptr_align}-byte aligned): "
+                     f"C is too large for one CTA's registers or shared memory")
+
+
+# --------------------------------------------------------------------------- reference
+def reference(x: torch.Tensor, gamma: torch.Tensor, bias: torch.Tensor | None = None, eps: float | None = None,
+              mode: str = "rms", *, silu: bool = False) -> torch.Tensor:
+    """float64 reference over dim 1 of x [B, C, *spatial] (any strides, any float dtype).
+
+    mode "rms": x * rsqrt(mean_c(x^2) + eps) * gamma (+ bias); mode "l2": F.normalize's semantics,
+    x / max(||x||, eps) * sqrt(C) * gamma (+ bias). gamma / bias: C elements of any shape (WanRMS_norm's
+    (C, 1, 1[, 1]) included). silu: y * sigmoid(y) afterwards. eps None: 1e-6 (rms) or 1e-12 (l2)."""
+    if mode not in ("rms", "l2"):
+        raise ValueError(f"mode must be 'rms' or 'l2', got {mode!r}")
+    if x.dim() < 2:
+        raise ValueError(f"x must be [B, C, *spatial], got shape {tuple(x.shape)}")
+    eps = (F_NORMALIZE_EPS if mode == "l2" else RMS_EPS) if eps is None else float(eps)
+    C = x.shape[1]
+    bshape = (1, C) + (1,) * (x.dim() - 2)
+    s = x.to(torch.float64)
+    if mode == "rms":
+        y = s * torch.rsqrt(s.square().mean(dim=1, keepdim=True) + eps)
+    else:
+        y = s / s.square().sum(dim=1, keepdim=True).sqrt().clamp_min(eps) * math.sqrt(C)
+    y = y * gamma.reshape(bshape).to(torch.float64)
+    if bias is not None:
+        y = y + bias.reshape(bshape).to(torch.float64)
+    if silu:
+        y = y * torch.sigmoid(y)
+    return y
+
+
+def expected_output(p: ChannelFirstProblem, x, gamma, bias=None, eps: float | None = None,
+                    scale: float = 1.0) -> torch.Tensor:
+    """What the kernel should write for `p`: fp32 values (bf16/fp16 outputs, compare with kernels/check.py's
+    tolerances) or a float8_e4m3fn tensor (codes <= 1 apart) from the float64 reference rounded to fp32."""
+    from . import encoders
+
+    y = reference(x, gamma, bias, eps, "l2" if p.l2norm else "rms", silu=p.silu).to(torch.float32)
+    if p.out_format == "fp8":
+        return encoders.quantize_fp8_static(y, float(scale))
+    return y
+
+
+def torch_channel_first(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                        eps: float | None = None, silu: bool = False, l2norm: bool = False) -> torch.Tensor:
+    """The op in plain torch (fp32 maths, one rounding to x's dtype): the CPU / fallback path of the WAN patch."""
+    eps = (F_NORMALIZE_EPS if l2norm else RMS_EPS) if eps is None else float(eps)
+    C = x.shape[1]
+    bshape = (1, C) + (1,) * (x.dim() - 2)
+    s = x.float()
+    if l2norm:
+        y = torch.nn.functional.normalize(s, dim=1, eps=eps) * math.sqrt(C)
+    else:
+        y = s * torch.rsqrt(s.square().mean(dim=1, keepdim=True) + eps)
+    y = y * weight.reshape(bshape).float()
+    if bias is not None:
+        y = y + bias.reshape(bshape).float()
+    if silu:
+        y = torch.nn.functional.silu(y)
+    return y.to(x.dtype)
+
+
+# --------------------------------------------------------------------------- compile
+# Mirrors kernels/compile_cache.compile_kernel / get_compiled (and shares its lock, arch names and disk cache
+# directory): no GPU needed, fake pointers carry the signature, TVM-FFI host functions.
+_CF_CACHE_VERSION = "1"
+_CF_SOURCES = ("channel_first_kernel.py", "channel_first.py", "problem.py", "config.py")
+_MEM: dict[str, object] = {}
+_COMPILES = 0
+
+
+def compile_count() -> int:
+    """Channel-first kernels compiled by this process (not loaded from the disk cache)."""
+    return _COMPILES
+
+
+@functools.lru_cache(maxsize=1)
+def source_hash() -> str:
+    here = Path(__file__).parent
+    h = hashlib.sha256()
+    for name in _CF_SOURCES:
+        h.update((here / name).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def canonical(p: ChannelFirstProblem) -> ChannelFirstProblem:
+    """The compile-relevant part (N, S dynamic; kept at 0)."""
+    return ChannelFirstProblem(0, p.C, 0, p.in_dtype, p.out_format, p.silu, p.bias, p.l2norm)
+
+
+def cache_key(p: ChannelFirstProblem, cfg: ChannelFirstConfig, arch: str) -> str:
+    raw = repr((_CF_CACHE_VERSION, p.static_key, sorted(cfg.as_dict().items()), arch, source_hash()))
+    return "cf" + hashlib.sha256(raw.encode()).hexdigest()[:22]
+
+
+def _fake_args(p: ChannelFirstProblem, cfg: ChannelFirstConfig):
+    """Compile-time stand-ins for ChannelFirstKernel.__call__'s arguments."""
+    import cutlass
+    from cutlass.base_dsl.enums import AddressSpace
+    from cutlass.cute.runtime import make_fake_stream, nullptr
+
+    dt = {"bf16": cutlass.BFloat16, "fp16": cutlass.Float16}[p.in_dtype]
+    v = vec_elems(p, cfg)
+
+    def ptr(dtype, align):
+        return nullptr(dtype, AddressSpace.gmem, assumed_align=align)
+
+    x = ptr(dt, cfg.vec_bytes)
+    w = ptr(dt, ELEM_BYTES[p.in_dtype])
+    b = ptr(dt, ELEM_BYTES[p.in_dtype]) if p.bias else None
+    y = ptr(cutlass.Float8E4M3FN if p.out_format == "fp8" else dt, v * ELEM_BYTES[p.out_format])
+    i32, i64 = cutlass.Int32(0), cutlass.Int64(0)
+    return (x, w, b, y, i32, i32, i64, i64, i64, i64, cutlass.Float32(1e-6), cutlass.Float32(1.0),
+            make_fake_stream(use_tvm_ffi_env_stream=False))
+
+
+def compile_channel_first(p: ChannelFirstProblem, cfg: ChannelFirstConfig, arch: str):
+    """Compile one config for `arch` ("sm_90a", "sm_100a") as a TVM-FFI function, no GPU needed. ValueError for
+    a config the constraints reject (S's divisibility is not checked: S is runtime), KernelCompileError when
+    the DSL fails."""
+    global _COMPILES
+    import cutlass.cute as cute
+
+    from .channel_first_kernel import ChannelFirstKernel, ChannelFirstSpec
+    from .compile_cache import _LOCK, KernelCompileError, _target_arch, arch_number, cache_dir
+
+    sm = arch_number(arch)
+    cp = canonical(p)
+    # S, N are runtime: judge the config for an S the vector divides
+    why = violations(ChannelFirstProblem(1, p.C, 1 << 20, p.in_dtype, p.out_format, p.silu, p.bias, p.l2norm),
+                     cfg, sm)
+    if why:
+        raise ValueError(f"invalid config {cfg.short()} for {p}: {'; '.join(why)}")
+    kernel = ChannelFirstKernel(ChannelFirstSpec(cp, cfg, sm))
+    with _LOCK, _target_arch(arch):
+        try:
+            dump = cache_dir() / "dump"
+            dump.mkdir(exist_ok=True)
+            compiled = cute.compile(kernel, *_fake_args(cp, cfg),
+                                    options=f"--enable-tvm-ffi --gpu-arch {arch} --keep-cubin --dump-dir {dump}")
+            _COMPILES += 1
+            return compiled
+        except Exception as e:  # the DSL raises many exception types
+            raise KernelCompileError(f"{p.op}/{p.out_format} C={p.C} {cfg.short()} {arch}: "
+                                     f"{type(e).__name__}: {e}") from e
+
+
+_GET_LOCK = threading.Lock()
+
+
+def get_compiled(p: ChannelFirstProblem, cfg: ChannelFirstConfig, arch: str):
+    """The launchable tvm_ffi.Function for (p, cfg, arch): process memory, the disk cache (LUTFORGE_CACHE_DIR,
+    shared with the row kernels, keys prefixed "cf"), then compile. Arguments: ChannelFirstKernel.__call__'s,
+    pointers as ints (bias None when p.bias is False)."""
+    from .compile_cache import _load_object, cache_dir, export_object
+
+    key = cache_key(p, cfg, arch)
+    fn = _MEM.get(key)
+    if fn is not None:
+        return fn
+    with _GET_LOCK:
+        fn = _MEM.get(key)
+        if fn is not None:
+            return fn
+        path = cache_dir() / f"{key}.o"
+        if path.exists():
+            try:
+                fn = _load_object(path, key)
+            except Exception:  # stale or truncated: recompile
+                fn = None
+        if fn is None:
+            export_object(compile_channel_first(p, cfg, arch), key, path)
+            fn = _load_object(path, key)
+        _MEM[key] = fn
+    return fn
+
+
+def precompile(p: ChannelFirstProblem, cfg: ChannelFirstConfig, arch: str) -> dict:
+    """Compile into the disk cache (idempotent): {"compile_s", "registers", "smem_bytes", "from_cache"}."""
+    from .compile_cache import cache_dir, export_object, resource_usage
+
+    key = cache_key(p, cfg, arch)
+    path = cache_dir() / f"{key}.o"
+    if path.exists():
+        return {"compile_s": 0.0, "registers": None, "smem_bytes": None, "from_cache": True}
+    t0 = time.perf_counter()
+    compiled = compile_channel_first(p, cfg, arch)
+    dt = time.perf_counter() - t0
+    export_object(compiled, key, path)
+    regs, smem = resource_usage(compiled)
+    return {"compile_s": dt, "registers": regs, "smem_bytes": smem, "from_cache": False}
+
+
+# --------------------------------------------------------------------------- runtime entry point
+_TORCH_IN = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+_FP8 = torch.float8_e4m3fn
+_PLANS: dict = {}
+PLAN_CACHE_SIZE = 4096
+_DEVICES: dict = {}
+
+
+def channel_first_view(t: torch.Tensor) -> tuple[int, int, int, int] | None:
+    """(N, S, sN, sC) when t [B, C, *spatial] can be walked as [N, C, S] (S the innermost contiguous run of
+    spatial dims, every other dim but C flattening to one stride sN) without a copy; None otherwise."""
+    if t.dim() < 2:
+        return None
+    shape, stride = list(t.shape), list(t.stride())
+    k, S = t.dim() - 1, 1
+    while k >= 2 and (shape[k] == 1 or stride[k] == S):  # the contiguous suffix of spatial dims
+        S *= shape[k]
+        k -= 1
+    batch = [d for d in [0] + list(range(2, k + 1)) if shape[d] != 1]
+    N = math.prod(shape[d] for d in batch)
+    sN = None
+    for a, b in zip(batch, batch[1:]):
+        if stride[a] != stride[b] * shape[b]:
+            return None
+    if batch:
+        sN = stride[batch[-1]]
+    sC = stride[1] if shape[1] > 1 else S
+    if sN is None:
+        sN = sC * shape[1]
+    if any(s < 0 for s in (sN, sC)):
+        return None
+    return N, S, sN, sC
+
+
+def _channels_last_rows(t: torch.Tensor) -> torch.Tensor | None:
+    """t [B, C, *spatial] with C innermost (channels_last / channels_last_3d) as a zero-copy [..., C] view whose
+    rows flatten (what the row ops take), else None."""
+    if t.dim() < 3 or (t.shape[1] > 1 and t.stride(1) != 1):
+        return None
+    rows = t.movedim(1, -1)
+    shape, stride = rows.shape, rows.stride()
+    expect = shape[-1]
+    for d in reversed(range(rows.dim() - 1)):
+        if shape[d] == 1:
+            continue
+        if stride[d] != expect:
+            return None
+        expect = stride[d] * shape[d]
+    return rows
+
+
+def _device_info(dev: torch.device) -> tuple[int, int]:
+    idx = dev.index if dev.index is not None else torch.cuda.current_device()
+    info = _DEVICES.get(idx)
+    if info is None:
+        props = torch.cuda.get_device_properties(idx)
+        sm = props.major * 10 + props.minor
+        if sm < 90:
+            raise ValueError(f"lutforge kernels need an SM90+ GPU, {props.name} is sm_{sm}")
+        info = _DEVICES[idx] = (sm, idx)
+    return info
+
+
+def _align(*ptrs: int) -> int:
+    a = 0
+    for p in ptrs:
+        a |= p
+    a &= 15
+    return 16 if a == 0 else a & -a
+
+
+class _Plan:
+    """Validated signature: the route, the compiled function and its fixed launch arguments."""
+
+    __slots__ = ("route", "fn", "tail", "dev", "y_dtype", "problem", "config", "extents")
+
+
+def _flat_param(t, C: int, dtype: torch.dtype, what: str) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != dtype:
+        raise TypeError(f"{what} dtype {t.dtype} must match the input dtype {dtype}")
+    if t.numel() != C or sum(1 for s in t.shape if s != 1) > 1:
+        raise ValueError(f"{what} must hold C={C} elements along one dim (e.g. ({C},) or ({C}, 1, 1, 1)), "
+                         f"got shape {tuple(t.shape)}")
+    flat = t.reshape(C)
+    if C > 1 and flat.stride(0) != 1:
+        raise ValueError(f"{what} must be contiguous")
+    return flat
+
+
+def _check_number(v, what: str, positive: bool) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (positive and v == 0):
+        raise ValueError(f"{what} must be a finite {'positive' if positive else 'non-negative'} float, got {v!r}")
+    return float(v)
+
+
+def _build_plan(x, w, b, out, out_dtype, silu: bool, l2norm: bool, scale: float) -> _Plan:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _TORCH_IN:
+        raise TypeError(f"input must be bfloat16 or float16, got {x.dtype}")
+    if x.dim() < 2:
+        raise ValueError(f"input must be [B, C, *spatial], got shape {tuple(x.shape)}")
+    C = x.shape[1]
+    if C < 1:
+        raise ValueError("input has no channels (C=0)")
+    y_dtype = out.dtype if out is not None else (x.dtype if out_dtype is None else out_dtype)
+    if y_dtype not in (x.dtype, _FP8):
+        raise TypeError(f"output dtype must be {x.dtype} or {_FP8}, got {y_dtype}")
+    if out_dtype is not None and out is not None and out.dtype != out_dtype:
+        raise TypeError(f"out has dtype {out.dtype} but out_dtype={out_dtype}")
+    _flat_param(w, C, x.dtype, "weight")
+    if b is not None:
+        _flat_param(b, C, x.dtype, "bias")
+    if out is not None:
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
+        if tuple(out.shape) != tuple(x.shape):
+            raise ValueError(f"out must have shape {tuple(x.shape)}, got {tuple(out.shape)}")
+    for name, t in (("input", x), ("weight", w), ("bias", b), ("out", out)):
+        if t is not None and t.device.type != "cuda":
+            raise ValueError(f"{name} must be on a CUDA device, got {t.device}")
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but the input is on {x.device}")
+    if scale != 1.0 and y_dtype != _FP8:
+        raise ValueError("scale applies to fp8 output only")
+    plan = _Plan()
+    plan.y_dtype = y_dtype
+    plan.extents = ()
+    view = channel_first_view(x)
+    rows = _channels_last_rows(x) if (view is None or view[1] == 1) else None
+    if rows is not None and x.numel():
+        # channels-last memory is [positions, C] rows: the row ops on a zero-copy view. Exact for RMSNorm only:
+        # the row kernel has neither a bias nor F.normalize's max(||x||, eps) clamp.
+        if l2norm or b is not None:
+            raise ValueError("channels-last input goes to the row kernel, which has no l2norm (F.normalize's "
+                             "max(||x||, eps)) and no bias; pass a channel-first (contiguous) tensor, or "
+                             "l2norm=False without bias (RMSNorm: eps on the mean square)")
+        if out is not None and _channels_last_rows(out) is None:
+            raise ValueError("out must be channels-last like the input")
+        if silu and y_dtype == _FP8 and scale != 1.0:
+            raise ValueError("fused_rmsnorm_silu's fp8 output has no scale (scale must be 1.0)")
+        plan.route = "rows"
+        plan.fn, plan.problem, plan.config, plan.tail, plan.dev = None, None, None, (), None
+        return plan
+    if view is None:
+        raise ValueError(f"input of shape {tuple(x.shape)} and strides {tuple(x.stride())} is neither channel-first "
+                         f"(an innermost contiguous run of spatial dims, other dims flattening to one stride) nor "
+                         f"channels-last; pass x.contiguous()")
+    N, S, sxn, sxc = view
+    if out is not None:
+        oview = channel_first_view(out)
+        if oview is None or oview[:2] != (N, S):
+            raise ValueError(f"out (strides {tuple(out.stride())}) must walk as [N={N}, C, S={S}] like the input")
+        syn, syc = oview[2:]
+    else:  # y is allocated as empty_like(x), which keeps a dense tensor's strides
+        if not _dense(x):
+            raise ValueError("input has gaps between its elements; pass out or x.contiguous()")
+        syn, syc = sxn, sxc
+    plan.route = "cf"
+    fmt = "fp8" if y_dtype == _FP8 else _TORCH_IN[x.dtype]
+    p = ChannelFirstProblem(N, C, S, _TORCH_IN[x.dtype], fmt, bool(silu), b is not None, bool(l2norm))
+    if N > MAX_GRID_Y:
+        raise ValueError(f"N={N} > {MAX_GRID_Y} batch positions per launch")
+    plan.problem = p
+    if x.numel() == 0:
+        plan.fn, plan.config, plan.tail, plan.dev = None, None, (), None
+        return plan
+    sm, dev = _device_info(x.device)
+    g = _gcd_all(S, *(s for s, n in ((sxn, N), (syn, N), (sxc, C), (syc, C)) if n > 1))
+    y_align = 16 if out is None else _align(out.data_ptr())
+    align = min(_align(x.data_ptr()), (2 if fmt == "fp8" else 1) * y_align)
+    cfg = heuristic(p, sm, g, align)
+    plan.config = cfg
+    plan.fn = get_compiled(p, cfg, _arch_name(sm))
+    plan.tail = (N, S, sxn, sxc, syn, syc)
+    plan.dev = dev
+    plan.extents = (_extent(x), _extent(w), 0 if b is None else _extent(b), 0 if out is None else _extent(out))
+    return plan
+
+
+def _dense(t: torch.Tensor) -> bool:
+    return t.numel() == 0 or _extent(t) == t.numel() * t.element_size()
+
+
+def _extent(t: torch.Tensor) -> int:
+    if t.numel() == 0:
+        return 0
+    return (1 + sum((s - 1) * st for s, st in zip(t.shape, t.stride()) if s > 0)) * t.element_size()
+
+
+def _arch_name(sm: int) -> str:
+    from .compile_cache import arch_name
+    return arch_name(sm)
+
+
+def _overlaps(a: int, alen: int, b: int, blen: int) -> bool:
+    return bool(alen and blen and a < b + blen and b < a + alen)
+
+
+def channel_first_rmsnorm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                          eps: float | None = None, silu: bool = False, l2norm: bool = False,
+                          out: torch.Tensor | None = None, *, out_dtype: torch.dtype | None = None,
+                          scale: float = 1.0) -> torch.Tensor:
+    """Normalise x [B, C, *spatial] over dim 1 on the GPU (module docstring: semantics, eps).
+
+    x: bf16/fp16 CUDA tensor, channel-first (contiguous, or any layout channel_first_view accepts: no copy) or
+    channels-last (torch.channels_last(_3d): routed to kernels.ops.rmsnorm / fused_rmsnorm_silu /
+    rmsnorm_quant on a zero-copy [positions, C] view; RMSNorm without bias only). weight, bias: C elements in
+    x's dtype, any shape of C elements (WanRMS_norm's gamma (C, 1, 1, 1) as it is). eps: None = 1e-12 for
+    l2norm (F.normalize's default), 1e-6 otherwise. Output: x's dtype, or float8_e4m3fn via out / out_dtype
+    (e4m3(y / scale)). Validation, dispatch and compilation run once per signature; a repeated call costs a
+    dict lookup, the output allocation and one TVM-FFI launch on the current stream."""
+    eps = (F_NORMALIZE_EPS if l2norm else RMS_EPS) if eps is None else eps
+    key = None
+    try:
+        key = (type(x), x.shape, x.stride(), x.dtype, x.device, x.data_ptr() & 15, weight.shape, weight.stride(),
+               weight.dtype, weight.device, silu, l2norm, out_dtype, scale != 1.0)
+        key += (None,) if bias is None else (bias.shape, bias.stride(), bias.dtype, bias.device)
+        key += (None,) if out is None else (type(out), out.shape, out.stride(), out.dtype, out.device,
+                                            out.data_ptr() & 15)
+        plan = _PLANS[key]
+    except (KeyError, AttributeError, TypeError, RuntimeError):
+        plan = None
+    if plan is None:
+        _check_number(eps, "eps", False)
+        _check_number(scale, "scale", True)
+        plan = _build_plan(x, weight, bias, out, out_dtype, silu, l2norm, float(scale))
+        if key is not None:
+            if len(_PLANS) >= PLAN_CACHE_SIZE:
+                _PLANS.clear()
+            _PLANS[key] = plan
+    if not (isinstance(eps, float) and 0.0 <= eps < math.inf):
+        eps = _check_number(eps, "eps", False)
+    if not (isinstance(scale, float) and 0.0 < scale < math.inf):
+        scale = _check_number(scale, "scale", True)
+    if plan.route == "rows":
+        return _rows_route(x, weight, plan, eps, silu, out, float(scale))
+    given = out is not None
+    if out is None:
+        out = torch.empty_like(x, dtype=plan.y_dtype)
+    if plan.fn is None:
+        return out
+    xp, wp, yp = x.data_ptr(), weight.data_ptr(), out.data_ptr()
+    bp = None if bias is None else bias.data_ptr()
+    if given:
+        for i, ptr in enumerate((xp, wp, bp or 0)):
+            if _overlaps(ptr, plan.extents[i], yp, plan.extents[3]):
+                raise ValueError("out overlaps an input in memory; outputs must not alias inputs")
+    dev = plan.dev
+    if _get_device() != dev:
+        with torch.cuda.device(dev):
+            plan.fn(xp, wp, bp, yp, *plan.tail, eps, float(scale), _raw_stream(dev))
+    else:
+        plan.fn(xp, wp, bp, yp, *plan.tail, eps, float(scale), _raw_stream(dev))
+    return out
+
+
+# the C entry points kernels/ops.py launches with (CPU builds of torch lack them; nothing launches there)
+_get_device = getattr(torch._C, "_cuda_getDevice", torch.cuda.current_device)
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", lambda d: torch.cuda.current_stream(d).cuda_stream)
+
+
+def _rows_route(x, weight, plan: _Plan, eps: float, silu: bool, out, scale: float) -> torch.Tensor:
+    """Channels-last input through the row ops (RMSNorm semantics, no bias; fp8: rmsnorm_quant's scale,
+    fused_rmsnorm_silu's unscaled e4m3)."""
+    from . import ops
+
+    rows = _channels_last_rows(x)
+    w = weight.reshape(-1)
+    yrows = None if out is None else _channels_last_rows(out)
+    if plan.y_dtype == _FP8:
+        if yrows is None:
+            yrows = torch.empty(rows.shape, dtype=_FP8, device=x.device)
+        y = ops.fused_rmsnorm_silu(rows, w, eps, out=yrows) if silu else ops.rmsnorm_quant(yrows, rows, w, scale, eps)
+    elif silu:
+        y = ops.fused_rmsnorm_silu(rows, w, eps, out=yrows)
+    else:
+        y = ops.rmsnorm(rows, w, eps, out=yrows)
+    return y.movedim(-1, 1) if out is None else out
+
+
+# --------------------------------------------------------------------------- PROBLEM SHAPES
+# The inputs of every WanRMS_norm of diffusers' AutoencoderKLWan *decoder* during one frame-chunked decode of
+# an 81-frame clip (21 latent frames) at batch 1, keyed (model, height, width): tuples (C, T, H, W, layout,
+# N, S, calls) as benchmarks/wan_vae_shapes.py's NormShape. Configs: "wan2.1" = AutoencoderKLWan() defaults
+# (WAN 2.1, also the WAN 2.2 A14B VAE: decoder channels 384/192/96); "wan2.2" = the TI2V-5B VAE (base_dim 160,
+# decoder_base_dim 256, z_dim 48, is_residual, patch_size 2, 16x spatial; decoder channels 1024/512/256),
+# kernels.wan_vae_patch.WAN22_VAE_CONFIG. T is per chunk: 1 on the first chunk, then 2 or 4 after the
+# temporal upsamplers. Layout "tchw": frame-major memory (an upsampler's permuted output), N = T frames of
+# S = H*W; "image": the mid-block attention's [T, C, H, W] (no SiLU after it; all other norms are followed
+# by SiLU). Generated by `python benchmarks/wan_vae_shapes.py --literal` (diffusers 0.42); the [axes]
+# cross-product TOML of problem_sets/ cannot express these (C, N, S) triples.
+WAN_VAE_NORM_SHAPES: dict[tuple[str, int, int], tuple[tuple, ...]] = {
+    ('wan2.1', 480, 832): (
+        (96, 1, 480, 832, 'cthw', 1, 399360, 7),
+        (96, 4, 480, 832, 'cthw', 1, 1597440, 120),
+        (96, 4, 480, 832, 'tchw', 4, 399360, 20),
+        (192, 1, 120, 208, 'cthw', 1, 24960, 1),
+        (192, 1, 240, 416, 'cthw', 1, 99840, 6),
+        (192, 2, 120, 208, 'tchw', 2, 24960, 20),
+        (192, 4, 240, 416, 'cthw', 1, 399360, 100),
+        (192, 4, 240, 416, 'tchw', 4, 99840, 20),
+        (384, 1, 60, 104, 'cthw', 1, 6240, 210),
+        (384, 1, 60, 104, 'image', 1, 6240, 21),
+        (384, 1, 120, 208, 'cthw', 1, 24960, 5),
+        (384, 2, 120, 208, 'cthw', 1, 49920, 100),
+    ),
+    ('wan2.1', 720, 1280): (
+        (96, 1, 720, 1280, 'cthw', 1, 921600, 7),
+        (96, 4, 720, 1280, 'cthw', 1, 3686400, 120),
+        (96, 4, 720, 1280, 'tchw', 4, 921600, 20),
+        (192, 1, 180, 320, 'cthw', 1, 57600, 1),
+        (192, 1, 360, 640, 'cthw', 1, 230400, 6),
+        (192, 2, 180, 320, 'tchw', 2, 57600, 20),
+        (192, 4, 360, 640, 'cthw', 1, 921600, 100),
+        (192, 4, 360, 640, 'tchw', 4, 230400, 20),
+        (384, 1, 90, 160, 'cthw', 1, 14400, 210),
+        (384, 1, 90, 160, 'image', 1, 14400, 21),
+        (384, 1, 180, 320, 'cthw', 1, 57600, 5),
+        (384, 2, 180, 320, 'cthw', 1, 115200, 100),
+    ),
+    ('wan2.2', 480, 832): (
+        (256, 1, 240, 416, 'cthw', 1, 99840, 6),
+        (256, 4, 240, 416, 'cthw', 1, 399360, 120),
+        (512, 1, 120, 208, 'cthw', 1, 24960, 5),
+        (512, 1, 240, 416, 'cthw', 1, 99840, 1),
+        (512, 4, 120, 208, 'cthw', 1, 99840, 100),
+        (512, 4, 240, 416, 'tchw', 4, 99840, 20),
+        (1024, 1, 30, 52, 'cthw', 1, 1560, 210),
+        (1024, 1, 30, 52, 'image', 1, 1560, 21),
+        (1024, 1, 60, 104, 'cthw', 1, 6240, 6),
+        (1024, 1, 120, 208, 'cthw', 1, 24960, 1),
+        (1024, 2, 60, 104, 'cthw', 1, 12480, 100),
+        (1024, 2, 60, 104, 'tchw', 2, 6240, 20),
+        (1024, 4, 120, 208, 'tchw', 4, 24960, 20),
+    ),
+    ('wan2.2', 720, 1280): (
+        (256, 1, 360, 640, 'cthw', 1, 230400, 6),
+        (256, 4, 360, 640, 'cthw', 1, 921600, 120),
+        (512, 1, 180, 320, 'cthw', 1, 57600, 5),
+        (512, 1, 360, 640, 'cthw', 1, 230400, 1),
+        (512, 4, 180, 320, 'cthw', 1, 230400, 100),
+        (512, 4, 360, 640, 'tchw', 4, 230400, 20),
+        (1024, 1, 45, 80, 'cthw', 1, 3600, 210),
+        (1024, 1, 45, 80, 'image', 1, 3600, 21),
+        (1024, 1, 90, 160, 'cthw', 1, 14400, 6),
+        (1024, 1, 180, 320, 'cthw', 1, 57600, 1),
+        (1024, 2, 90, 160, 'cthw', 1, 28800, 100),
+        (1024, 2, 90, 160, 'tchw', 2, 14400, 20),
+        (1024, 4, 180, 320, 'tchw', 4, 57600, 20),
+    ),
+}
+
+
+def wan_vae_problems(model: str = "wan2.1", height: int = 480, width: int = 832, in_dtype: str = "bf16",
+                     out_format: str | None = None) -> list[tuple[ChannelFirstProblem, int]]:
+    """(problem, calls per decode) for each decoder norm shape of WAN_VAE_NORM_SHAPES: l2norm (WanRMS_norm's
+    F.normalize), no bias, SiLU fused except for the attention block's norm; out_format None = in_dtype."""
+    try:
+        shapes = WAN_VAE_NORM_SHAPES[(model, height, width)]
+    except KeyError:
+        raise ValueError(f"no WAN VAE shapes for {(model, height, width)}; known: {sorted(WAN_VAE_NORM_SHAPES)}") \
+            from None
+    fmt = out_format or in_dtype
+    return [(ChannelFirstProblem(N, C, S, in_dtype, fmt, silu=layout != "image", l2norm=True), calls)
+            for C, T, H, W, layout, N, S, calls in shapes]
+
+
+# --------------------------------------------------------------------------- compile check (CPU)
+def compile_check(arch: str = "sm_90a", configs: int = 2, seed: int = 0, echo=print) -> tuple[int, list[str]]:
+    """Compile, without a GPU, the heuristic config plus `configs` random valid ones of every WAN decoder norm
+    problem and of a spread of C x (aligned, odd S) x fused variants; print registers per kernel. Returns
+    (kernels compiled, failures): a config the constraints admit that fails to compile is a kernel bug."""
+    import random
+
+    from .compile_cache import KernelCompileError, arch_number, resource_usage
+
+    sm = arch_number(arch)
+    problems = {}
+    for key in WAN_VAE_NORM_SHAPES:
+        for p, _ in wan_vae_problems(*key):
+            problems.setdefault((p.static_key, p.S % 16 == 0), p)
+    for C in (1, 3, 64, 96, 160, 192, 384, 1000, 1024, 4096, 16384):
+        for S, silu, bias, l2, fmt in ((6240, True, False, True, "bf16"), (24961, False, True, False, "fp8")):
+            p = ChannelFirstProblem(1, C, S, "bf16", fmt, silu, bias, l2)
+            problems.setdefault((p.static_key, S % 16 == 0), p)
+    rng = random.Random(seed)
+    n, failures = 0, []
+    for p in problems.values():
+        cfgs = [heuristic(p, sm)]
+        for _ in range(3000):
+            if len(cfgs) > configs:
+                break
+            c = ChannelFirstConfig(**{k: rng.choice(v) for k, v in CF_KNOB_CHOICES.items()})
+            if c not in cfgs and is_valid(p, c, sm) and channels_per_thread(p, c) <= 64:
+                cfgs.append(c)
+        for cfg in cfgs:
+            n += 1
+            t0 = time.perf_counter()
+            try:
+                regs, _ = resource_usage(compile_channel_first(p, cfg, arch))
+                status = ""
+            except KernelCompileError as e:
+                regs, status = None, "FAILED"
+                failures.append(f"{p} {cfg.short()}: {e}")
+            echo(f"{p.op:22s} {p.out_format:5s} C={p.C:<6d} S={p.S:<8d} {cfg.short():28s} regs={regs!s:>4} "
+                 f"{time.perf_counter() - t0:5.2f}s {status}")
+    echo(f"{n - len(failures)}/{n} channel-first kernels compiled for {arch}")
+    return n - len(failures), failures
+
+
+if __name__ == "__main__":
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser(description="CPU compile check of the channel-first kernels")
+    ap.add_argument("--arch", default="sm_90a", choices=("sm_90a", "sm_100a"))
+    ap.add_argument("--configs", type=int, default=2, help="random valid configs per problem besides the heuristic")
+    a = ap.parse_args()
+    ok, bad = compile_check(a.arch, a.configs)
+    for f in bad:
+        print(f, file=sys.stderr)
+    sys.exit(1 if bad else 0)

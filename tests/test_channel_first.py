@@ -1,0 +1,342 @@
+"""Channel-first family on the CPU: knobs, constraints, heuristic, CPU compiles for sm_90a / sm_100a, the float64
+reference against diffusers' WanRMS_norm, layout views and the entry point's validation."""
+from __future__ import annotations
+
+import itertools
+import math
+import random
+
+import pytest
+import torch
+
+from kernels import channel_first as cf
+from kernels.channel_first import CF_KNOB_CHOICES, ChannelFirstConfig, ChannelFirstProblem
+from kernels.compile_cache import KernelCompileError, resource_usage
+
+C_GRID = (1, 3, 16, 96, 160, 192, 256, 384, 512, 1000, 1024, 4096, 16384, 32768)
+S_GRID = (1, 7, 64, 1000, 1560, 6240, 24961, 399360, 1597440)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _cache_dir(tmp_path_factory):
+    """Compiled objects and cubin dumps go to a per-run directory."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("LUTFORGE_CACHE_DIR", str(tmp_path_factory.mktemp("lutforge_cf")))
+    yield
+    mp.undo()
+
+
+# --------------------------------------------------------------------------- heuristic and constraints
+@pytest.mark.parametrize("arch", [90, 100])
+def test_heuristic_is_valid_everywhere(arch):
+    for C, S in itertools.product(C_GRID, S_GRID):
+        for fmt, silu, bias, l2 in ((None, False, False, False), ("fp8", True, True, True)):
+            p = ChannelFirstProblem(2, C, S, "bf16", fmt or "bf16", silu, bias, l2)
+            cfg = cf.heuristic(p, arch)
+            assert cf.violations(p, cfg, arch) == [], (p, cfg)
+
+
+@pytest.mark.parametrize("C", [96, 192, 384, 256, 512, 1024])
+def test_heuristic_uses_16_byte_vectors_when_s_allows(C):
+    """Every load a 16-byte vector along S when S (and the strides) are multiples of 8 bf16."""
+    for S in (1560, 6240, 24960, 399360):
+        p = ChannelFirstProblem(1, C, S)
+        cfg = cf.heuristic(p)
+        assert cfg.vec_bytes == 16
+        # a warp reads at least one whole 32-byte sector per channel
+        assert min(cf.lanes(p, cfg), 32) * cfg.vec_bytes >= 32 or cfg.threads == 32
+
+
+def test_heuristic_narrows_the_vector_for_layout():
+    p = ChannelFirstProblem(1, 96, 24961)  # odd S: no two positions of a channel are 4-byte aligned
+    assert cf.heuristic(p).vec_bytes == 2
+    assert cf.heuristic(ChannelFirstProblem(1, 96, 1002)).vec_bytes == 4
+    assert cf.heuristic(ChannelFirstProblem(1, 96, 6240), ptr_align=4).vec_bytes == 4
+    assert cf.heuristic(ChannelFirstProblem(1, 96, 6240), stride_gcd=2).vec_bytes == 4
+
+
+def test_heuristic_for_the_wan_decoder_shapes():
+    for key in cf.WAN_VAE_NORM_SHAPES:
+        for p, calls in cf.wan_vae_problems(*key):
+            cfg = cf.heuristic(p)
+            assert cf.is_valid(p, cfg) and cfg.vec_bytes == 16 and cfg.stage == "reg", (key, p, cfg)
+            assert calls > 0
+
+
+def test_violations_name_their_reasons():
+    p = ChannelFirstProblem(1, 96, 6240)
+    assert any("not in" in w for w in cf.violations(p, ChannelFirstConfig(threads=96)))
+    assert any("multiples of the vector" in w
+               for w in cf.violations(ChannelFirstProblem(1, 96, 6241), ChannelFirstConfig(vec_bytes=16)))
+    assert any("cp.async" in w for w in cf.violations(
+        ChannelFirstProblem(1, 96, 6241), ChannelFirstConfig(threads=128, positions_per_cta=64, vec_bytes=2,
+                                                             stage="smem")))
+    assert any("registers" in w for w in cf.violations(
+        ChannelFirstProblem(1, 4096, 6240), ChannelFirstConfig(threads=256, positions_per_cta=128)))
+    assert any("shared memory" in w for w in cf.violations(
+        ChannelFirstProblem(1, 4096, 1 << 20), ChannelFirstConfig(threads=1024, positions_per_cta=1024,
+                                                                  stage="smem")))
+    assert any("SM90" in w for w in cf.violations(p, ChannelFirstConfig(pdl=True), arch=80))
+    assert any("idle threads" in w for w in cf.violations(
+        ChannelFirstProblem(1, 3, 6240), ChannelFirstConfig(threads=256, positions_per_cta=128)))
+    assert any("aligned" in w for w in cf.violations(p, ChannelFirstConfig(), ptr_align=8))
+    assert cf.violations(p, ChannelFirstConfig(threads=256, positions_per_cta=128)) == []
+
+
+def test_config_round_trip():
+    c = ChannelFirstConfig(threads=512, positions_per_cta=64, vec_bytes=8, c_order="blocked", stage="smem", pdl=True)
+    assert ChannelFirstConfig.from_dict(c.as_dict()) == c
+    with pytest.raises(ValueError, match="unknown knobs"):
+        ChannelFirstConfig.from_dict({"threads": 32, "tpr": 1})
+    assert c.short() == "t512/p64/v8/blo/smem/pdl"
+
+
+def test_problem_validation_and_bytes():
+    with pytest.raises(ValueError):
+        ChannelFirstProblem(1, 96, 10, "fp32")
+    with pytest.raises(ValueError):
+        ChannelFirstProblem(1, 96, 10, "bf16", "fp16")
+    with pytest.raises(ValueError):
+        ChannelFirstProblem(1, 0, 10)
+    p = ChannelFirstProblem(2, 96, 10, "bf16", "fp8", bias=True)
+    assert cf.ideal_bytes(p) == 2 * 96 * 10 * 3 + 96 * 4
+    assert ChannelFirstProblem(1, 8, 8, l2norm=True, silu=True).op == "cf_l2norm_silu"
+
+
+# --------------------------------------------------------------------------- CPU compiles
+def _compile_grid():
+    """(problem, config) pairs: every heuristic config of a grid of C x S x out format x bias x l2norm (SiLU with
+    l2norm: the WAN form; plain RMSNorm without), deduplicated by what the compiled kernel depends on. C=4096 is
+    the shared-memory staging path (aligned S only: odd S there is a 128-channel register loop, slow to build)."""
+    seen, out = set(), []
+    cases = list(itertools.product((3, 96, 384, 1024), (6240, 24961), ("bf16", "fp8"), (False, True), (False, True)))
+    cases += list(itertools.product((4096,), (6240,), ("bf16", "fp8"), (False, True), (False, True)))
+    for C, S, fmt, bias, l2 in cases:
+        p = ChannelFirstProblem(1, C, S, "bf16", fmt, l2, bias, l2)
+        cfg = cf.heuristic(p, 90)
+        if (p.static_key, cfg) not in seen:
+            seen.add((p.static_key, cfg))
+            out.append((p, cfg))
+    return out
+
+
+def test_heuristic_configs_compile_for_sm90a():
+    grid = _compile_grid()
+    failures = []
+    for p, cfg in grid:
+        try:
+            compiled = cf.compile_channel_first(p, cfg, "sm_90a")
+        except KernelCompileError as e:
+            failures.append(str(e))
+            continue
+        regs, _ = resource_usage(compiled)
+        assert regs is None or regs <= 255
+    assert not failures, failures
+    assert len(grid) >= 60
+
+
+def test_same_source_compiles_for_sm100a():
+    for C, fmt, l2 in ((96, "bf16", True), (384, "fp8", False), (1024, "bf16", True), (4096, "bf16", False)):
+        for S in (6240, 24961):
+            p = ChannelFirstProblem(1, C, S, "bf16", fmt, True, l2, l2)
+            cf.compile_channel_first(p, cf.heuristic(p, 100), "sm_100a")
+
+
+def test_random_valid_configs_compile():
+    """The constraints admit only configs that compile (a missing constraint shows up here)."""
+    rng = random.Random(0)
+    n = 0
+    for C, S in ((96, 6240), (384, 24961), (1000, 1024), (16, 4096)):
+        p = ChannelFirstProblem(1, C, S, "bf16", rng.choice(("bf16", "fp8")), rng.random() < 0.5,
+                                rng.random() < 0.5, rng.random() < 0.5)
+        got = 0
+        for _ in range(3000):
+            cfg = ChannelFirstConfig(**{k: rng.choice(v) for k, v in CF_KNOB_CHOICES.items()})
+            if not cf.is_valid(p, cfg):
+                continue
+            cf.compile_channel_first(p, cfg, "sm_90a")
+            got += 1
+            if got == 5:
+                break
+        n += got
+    assert n >= 15
+
+
+def test_constraints_reject_before_compiling():
+    p = ChannelFirstProblem(1, 96, 6240)
+    bad = ChannelFirstConfig(threads=128, positions_per_cta=64, vec_bytes=2, stage="smem")  # 2-byte cp.async
+    with pytest.raises(ValueError, match="cp.async"):
+        cf.compile_channel_first(p, bad, "sm_90a")
+    with pytest.raises(ValueError, match="registers"):
+        cf.compile_channel_first(ChannelFirstProblem(1, 16384, 6240), ChannelFirstConfig(), "sm_90a")
+
+
+def test_cache_keys_separate_what_the_kernel_depends_on():
+    a = ChannelFirstProblem(1, 96, 6240)
+    cfg = ChannelFirstConfig()
+    assert cf.cache_key(a, cfg, "sm_90a") == cf.cache_key(ChannelFirstProblem(7, 96, 80), cfg, "sm_90a")
+    assert cf.cache_key(a, cfg, "sm_90a") != cf.cache_key(a, cfg, "sm_100a")
+    assert cf.cache_key(a, cfg, "sm_90a") != cf.cache_key(ChannelFirstProblem(1, 96, 6240, silu=True), cfg, "sm_90a")
+
+
+# --------------------------------------------------------------------------- reference
+def _x(shape, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g) * 5 + 5).to(dtype)
+
+
+@pytest.mark.parametrize("images,bias", [(False, False), (False, True), (True, False), (True, True)])
+def test_reference_matches_diffusers_wan_rms_norm(images, bias):
+    wan = pytest.importorskip("diffusers.models.autoencoders.autoencoder_kl_wan")
+    C = 96
+    norm = wan.WanRMS_norm(C, images=images, bias=bias).double()
+    with torch.no_grad():
+        norm.gamma.uniform_(0.5, 2.0)
+        if bias:
+            norm.bias.normal_()
+    x = _x((2, C, 16, 24) if images else (1, C, 3, 8, 12)).double()
+    with torch.no_grad():
+        expect = norm(x)
+        expect_silu = torch.nn.functional.silu(expect)
+    b = norm.bias if bias else None
+    torch.testing.assert_close(cf.reference(x, norm.gamma, b, mode="l2"), expect, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(cf.reference(x, norm.gamma, b, mode="l2", silu=True), expect_silu, rtol=1e-12,
+                               atol=1e-12)
+    # the fp32 torch path of the patch and the kernel's maths, from bf16 inputs: within bf16 rounding
+    xb = x.to(torch.bfloat16)
+    y = cf.torch_channel_first(xb, norm.gamma.float().to(torch.bfloat16),
+                               None if b is None else b.float().to(torch.bfloat16), l2norm=True, silu=True)
+    ref = cf.reference(xb, norm.gamma.to(torch.bfloat16), None if b is None else b.to(torch.bfloat16), mode="l2",
+                       silu=True)
+    torch.testing.assert_close(y.double(), ref, rtol=2 ** -7, atol=1e-3)
+
+
+def test_reference_rms_matches_the_row_reference():
+    from kernels import reference as row_ref
+
+    x = _x((2, 64, 5, 7))
+    w = torch.rand(64) + 0.5
+    rows = row_ref.rms_norm(x.movedim(1, -1), w, 1e-6, compute_dtype=torch.float64).movedim(-1, 1)
+    torch.testing.assert_close(cf.reference(x, w, None, 1e-6, "rms"), rows, rtol=1e-12, atol=1e-12)
+
+
+def test_l2norm_is_f_normalize_max_not_additive_eps():
+    """F.normalize clamps the norm: x / max(||x||, eps). RMSNorm's eps' = eps^2 / C is x / sqrt(||x||^2 + eps^2):
+    the same for ||x|| >> eps, ||x|| << eps and x = 0, up to 1/sqrt(2) apart around ||x|| = eps."""
+    C, eps = 64, 1e-12
+    near = torch.full((1, C, 4), eps / 2 / math.sqrt(C), dtype=torch.float64)  # ||x|| = eps / 2
+    big = _x((1, C, 4)).double()
+    for x in (near, big):
+        torch.testing.assert_close(cf.reference(x, torch.ones(C), None, eps, "l2"),
+                                   torch.nn.functional.normalize(x, dim=1, eps=eps) * math.sqrt(C))
+    additive = cf.reference(near, torch.ones(C), None, eps ** 2 / C, "rms")
+    l2 = cf.reference(near, torch.ones(C), None, eps, "l2")
+    torch.testing.assert_close(additive / l2, torch.full_like(l2, 1 / math.sqrt(1.25)))  # eps / sqrt(eps^2/4 + eps^2)
+    at_eps = torch.full((1, C, 1), eps / math.sqrt(C), dtype=torch.float64)
+    ratio = cf.reference(at_eps, torch.ones(C), None, eps ** 2 / C, "rms") / cf.reference(at_eps, torch.ones(C),
+                                                                                          None, eps, "l2")
+    torch.testing.assert_close(ratio, torch.full_like(ratio, 1 / math.sqrt(2)))
+    torch.testing.assert_close(cf.reference(big, torch.ones(C), None, eps ** 2 / C, "rms"),
+                               cf.reference(big, torch.ones(C), None, eps, "l2"), rtol=1e-12, atol=0)
+    zero = torch.zeros(1, C, 2, dtype=torch.float64)
+    assert torch.equal(cf.reference(zero, torch.ones(C), None, eps, "l2"), zero)
+
+
+def test_expected_output_fp8_is_static_scale():
+    from kernels import encoders
+
+    x = _x((1, 32, 16))
+    w = torch.ones(32)
+    p = ChannelFirstProblem(1, 32, 16, "bf16", "fp8")
+    y = cf.reference(x, w, None, 1e-6, "rms").float()
+    assert torch.equal(cf.expected_output(p, x, w, scale=0.25).view(torch.uint8),
+                       encoders.quantize_fp8_static(y, 0.25).view(torch.uint8))
+
+
+# --------------------------------------------------------------------------- layouts and the entry point
+def test_channel_first_view():
+    x = torch.empty(2, 96, 3, 8, 12)
+    assert cf.channel_first_view(x) == (2, 288, 96 * 288, 288)
+    fm = torch.empty(1, 4, 96, 8, 12).permute(0, 2, 1, 3, 4)  # frame-major: N = frames, S = H*W
+    assert cf.channel_first_view(fm) == (4, 96, 96 * 96, 96)
+    bt = torch.empty(2, 4, 96, 8, 12).permute(0, 2, 1, 3, 4)  # batch and frames flatten to one stride
+    assert cf.channel_first_view(bt) == (8, 96, 96 * 96, 96)
+    cl = torch.empty(1, 96, 3, 8, 12).contiguous(memory_format=torch.channels_last_3d)
+    assert cf.channel_first_view(cl)[1] == 1 and cf._channels_last_rows(cl).shape == (1, 3, 8, 12, 96)
+    assert cf.channel_first_view(torch.empty(2, 96, 8, 12)[:, :, :, :6]) is None  # rows of H don't flatten
+    sliced = torch.empty(2, 96, 16)[:, :, :8]  # gaps along S: S = 8, C stride 16
+    assert cf.channel_first_view(sliced) == (2, 8, 96 * 16, 16)
+    assert cf.channel_first_view(torch.empty(2, 3, 4).transpose(0, 2)) is None
+
+
+def test_entry_point_validates_before_launch():
+    x = torch.randn(1, 8, 4, dtype=torch.bfloat16)
+    w = torch.ones(8, dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="bfloat16 or float16"):
+        cf.channel_first_rmsnorm(x.float(), w.float())
+    with pytest.raises(TypeError, match="weight dtype"):
+        cf.channel_first_rmsnorm(x, w.half())
+    with pytest.raises(ValueError, match="C=8 elements"):
+        cf.channel_first_rmsnorm(x, torch.ones(4, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="CUDA"):
+        cf.channel_first_rmsnorm(x, w)
+    with pytest.raises(ValueError, match="eps"):
+        cf.channel_first_rmsnorm(x, w, eps=-1.0)
+    with pytest.raises(ValueError, match="scale"):
+        cf.channel_first_rmsnorm(x, w, scale=0.0)
+    with pytest.raises(ValueError, match="B, C"):
+        cf.channel_first_rmsnorm(torch.ones(8, dtype=torch.bfloat16), w)
+    with pytest.raises(TypeError, match="output dtype"):
+        cf.channel_first_rmsnorm(x, w, out_dtype=torch.float32)
+    with pytest.raises(ValueError, match="out must have shape"):
+        cf.channel_first_rmsnorm(x, w, out=torch.empty(1, 8, 5, dtype=torch.bfloat16))
+    # WanRMS_norm's gamma shapes are accepted as they are (the check then stops at the device)
+    with pytest.raises(ValueError, match="CUDA"):
+        cf.channel_first_rmsnorm(x, w.view(8, 1, 1, 1), l2norm=True)
+
+
+def test_torch_channel_first_matches_reference():
+    x = _x((1, 40, 3, 5), dtype=torch.bfloat16)
+    w = (torch.rand(40) + 0.5).to(torch.bfloat16)
+    b = torch.randn(40).to(torch.bfloat16)
+    for l2, silu in itertools.product((False, True), repeat=2):
+        y = cf.torch_channel_first(x, w, b, silu=silu, l2norm=l2)
+        ref = cf.reference(x, w, b, mode="l2" if l2 else "rms", silu=silu)
+        torch.testing.assert_close(y.double(), ref, rtol=2 ** -7, atol=1e-3)
+
+
+# --------------------------------------------------------------------------- the decoder shapes
+def test_norm_shapes_literal_is_what_diffusers_builds():
+    pytest.importorskip("diffusers")
+    from benchmarks.wan_vae_shapes import wan_vae_norm_shapes
+    from kernels.wan_vae_patch import WAN_VAE_CONFIGS
+
+    for (model, h, w), shapes in cf.WAN_VAE_NORM_SHAPES.items():
+        got = wan_vae_norm_shapes(WAN_VAE_CONFIGS[model], h, w, 81)
+        assert [tuple(s) for s in got] == [tuple(s) for s in shapes], (model, h, w)
+
+
+def test_meta_shapes_match_a_real_decode():
+    """The meta-device hooks see what a real (tiny, CPU) decode sees."""
+    diffusers = pytest.importorskip("diffusers")
+    from benchmarks.wan_vae_shapes import wan_vae_norm_shapes
+
+    from diffusers.models.autoencoders import autoencoder_kl_wan as wan
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKLWan().eval()
+    seen = []
+    hooks = [m.register_forward_hook(lambda m, i, o: seen.append(tuple(i[0].shape)))
+             for m in vae.decoder.modules() if isinstance(m, wan.WanRMS_norm)]
+    with torch.no_grad():
+        vae.decode(torch.randn(1, 16, 3, 4, 6))
+    for h in hooks:
+        h.remove()
+    meta = wan_vae_norm_shapes(None, 32, 48, 9)
+    assert sum(s.calls for s in meta) == len(seen)
+    from collections import Counter
+
+    real = Counter((s[1], s[0], s[2], s[3]) if len(s) == 4 else (s[1], s[2], s[3], s[4]) for s in seen)
+    expect = Counter()
+    for s in meta:
+        expect[(s.C, s.T, s.H, s.W)] += s.calls
+    assert real == expect
