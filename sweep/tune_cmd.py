@@ -141,6 +141,9 @@ def tune_command(ops, problem_set, shapes, outs, in_dtype, layouts, trials, wall
         fig = heatmap_figure(all_rows, runs=runs)
     except ValueError as e:
         raise click.ClickException(f"heatmap: {e}") from None
+    except ImportError as e:  # a --no-deps install on a GPU host; rows, LUT and report are already written
+        raise click.ClickException(f"heatmap: {e} (pip install plotly); the other artefacts are written: "
+                                   + ", ".join(f"{w} {p}" for w, p in artefacts)) from None
     # one plotly.js beside the results folders, shared by every device's heatmap
     heat_path = write_heatmap(fig, results / "heatmap.html", plotlyjs=results.parent / "plotly.min.js")
     artefacts.append(("heatmap", str(heat_path)))
