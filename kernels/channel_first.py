@@ -942,16 +942,3 @@ def compile_check(arch: str = "sm_90a", configs: int = 2, seed: int = 0, echo=pr
     echo(f"{n - len(failures)}/{n} channel-first kernels compiled for {arch}")
     return n - len(failures), failures
 
-
-if __name__ == "__main__":
-    import argparse
-    import sys
-
-    ap = argparse.ArgumentParser(description="CPU compile check of the channel-first kernels")
-    ap.add_argument("--arch", default="sm_90a", choices=("sm_90a", "sm_100a"))
-    ap.add_argument("--configs", type=int, default=2, help="random valid configs per problem besides the heuristic")
-    a = ap.parse_args()
-    ok, bad = compile_check(a.arch, a.configs)
-    for f in bad:
-        print(f, file=sys.stderr)
-    sys.exit(1 if bad else 0)

@@ -65,6 +65,10 @@ def compile_check(arch: str, configs: int, quick: bool):
                        f"{regs if regs is not None else '-':>4} {smem if smem is not None else '-':>6} "
                        f"{time.perf_counter() - t0:5.2f} {status}")
     click.echo(f"{n - len(failures)}/{n} kernels compiled for {arch}")
+    from kernels.channel_first import compile_check as channel_first_check  # the video-VAE family
+
+    _, cf_failures = channel_first_check(arch, configs, echo=click.echo)
+    failures += cf_failures
     if failures:
         for f in failures:
             click.echo(f, err=True)
