@@ -32,12 +32,12 @@ import hashlib
 import math
 import threading
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .config import MAX_REG_VALUES_PER_THREAD, MAX_SMEM_BYTES, REG_VALUES_BUDGET
+from .config import MAX_REG_VALUES_PER_THREAD, MAX_SMEM_BYTES, REG_VALUES_BUDGET, Knobs
 from .problem import ELEM_BYTES
 
 IN_DTYPES = ("bf16", "fp16")
@@ -109,7 +109,7 @@ MIN_SEGMENT_BYTES = 32  # a warp's contiguous run per channel: one full 32-byte 
 
 
 @dataclass(frozen=True)
-class ChannelFirstConfig:
+class ChannelFirstConfig(Knobs):
     """Thread (lane, group) of a CTA owns positions [lane*v, lane*v+v) of the CTA's positions_per_cta and
     loops over its channels (C / groups of them); lanes = positions_per_cta / v, groups = threads / lanes."""
 
@@ -119,17 +119,6 @@ class ChannelFirstConfig:
     c_order: str = "interleaved"
     stage: str = "reg"
     pdl: bool = False
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ChannelFirstConfig":
-        names = {f.name for f in fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown knobs {sorted(unknown)}; knobs are {sorted(names)}")
-        return cls(**{k: d[k] for k in names if k in d})
 
     def short(self) -> str:
         return (f"t{self.threads}/p{self.positions_per_cta}/v{self.vec_bytes}/{self.c_order[:3]}/{self.stage}"
@@ -535,7 +524,6 @@ _TORCH_IN = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 _FP8 = torch.float8_e4m3fn
 _PLANS: dict = {}
 PLAN_CACHE_SIZE = 4096
-_DEVICES: dict = {}
 
 
 def channel_first_view(t: torch.Tensor) -> tuple[int, int, int, int] | None:
@@ -579,18 +567,6 @@ def _channels_last_rows(t: torch.Tensor) -> torch.Tensor | None:
             return None
         expect = stride[d] * shape[d]
     return rows
-
-
-def _device_info(dev: torch.device) -> tuple[int, int]:
-    idx = dev.index if dev.index is not None else torch.cuda.current_device()
-    info = _DEVICES.get(idx)
-    if info is None:
-        props = torch.cuda.get_device_properties(idx)
-        sm = props.major * 10 + props.minor
-        if sm < 90:
-            raise ValueError(f"lutforge kernels need an SM90+ GPU, {props.name} is sm_{sm}")
-        info = _DEVICES[idx] = (sm, idx)
-    return info
 
 
 def _align(*ptrs: int) -> int:
@@ -699,7 +675,10 @@ def _build_plan(x, w, b, out, out_dtype, silu: bool, l2norm: bool, scale: float)
     if x.numel() == 0:
         plan.fn, plan.config, plan.tail, plan.dev = None, None, (), None
         return plan
-    sm, dev = _device_info(x.device)
+    from .ops import _device_info  # SM90+ check and properties, cached per device
+
+    sm = _device_info(x.device)[0]
+    dev = x.device.index if x.device.index is not None else torch.cuda.current_device()
     g = _gcd_all(S, *(s for s, n in ((sxn, N), (syn, N), (sxc, C), (syc, C)) if n > 1))
     y_align = 16 if out is None else _align(out.data_ptr())
     align = min(_align(x.data_ptr()), (2 if fmt == "fp8" else 1) * y_align)

@@ -32,8 +32,23 @@ REG_VALUES_BUDGET = 32768  # fp32 row values a CTA may hold in registers (half t
 MAX_REG_VALUES_PER_THREAD = 128
 
 
+class Knobs:
+    """What every kernel family's knob dataclass shares: a dict form for rows, LUTs and Optuna."""
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown knobs {sorted(unknown)}; knobs are {sorted(names)}")
+        return cls(**{k: d[k] for k in names if k in d})
+
+
 @dataclass(frozen=True)
-class KernelConfig:
+class KernelConfig(Knobs):
     threads: int = 128
     threads_per_row: int = 32
     vec_bytes: int = 16
@@ -47,17 +62,6 @@ class KernelConfig:
     @property
     def rows_per_cta(self) -> int:
         return self.threads // self.threads_per_row
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "KernelConfig":
-        names = {f.name for f in fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown knobs {sorted(unknown)}; knobs are {sorted(names)}")
-        return cls(**{k: d[k] for k in names if k in d})
 
     def short(self) -> str:
         return (f"t{self.threads}/r{self.threads_per_row}/v{self.vec_bytes}/c{self.cluster}/{self.stage}"
