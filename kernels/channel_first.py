@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 from .config import MAX_REG_VALUES_PER_THREAD, MAX_SMEM_BYTES, REG_VALUES_BUDGET, Knobs
+from .ops import _align, _device_info  # pointer alignment class; SM90+ check, cached per device
 from .problem import ELEM_BYTES
 
 IN_DTYPES = ("bf16", "fp16")
@@ -569,14 +570,6 @@ def _channels_last_rows(t: torch.Tensor) -> torch.Tensor | None:
     return rows
 
 
-def _align(*ptrs: int) -> int:
-    a = 0
-    for p in ptrs:
-        a |= p
-    a &= 15
-    return 16 if a == 0 else a & -a
-
-
 class _Plan:
     """Validated signature: the route, the compiled function and its fixed launch arguments."""
 
@@ -675,8 +668,6 @@ def _build_plan(x, w, b, out, out_dtype, silu: bool, l2norm: bool, scale: float)
     if x.numel() == 0:
         plan.fn, plan.config, plan.tail, plan.dev = None, None, (), None
         return plan
-    from .ops import _device_info  # SM90+ check and properties, cached per device
-
     sm = _device_info(x.device)[0]
     dev = x.device.index if x.device.index is not None else torch.cuda.current_device()
     g = _gcd_all(S, *(s for s, n in ((sxn, N), (syn, N), (sxc, C), (syc, C)) if n > 1))
