@@ -67,8 +67,10 @@ def compile_check(arch: str, configs: int, quick: bool):
     click.echo(f"{n - len(failures)}/{n} kernels compiled for {arch}")
     from kernels.channel_first import compile_check as channel_first_check  # the video-VAE family
 
-    _, cf_failures = channel_first_check(arch, configs, echo=click.echo)
+    cf_ok, cf_failures = channel_first_check(arch, configs, echo=click.echo)
     failures += cf_failures
+    total = n + cf_ok + len(cf_failures)
+    click.echo(f"{total - len(failures)}/{total} kernels compiled for {arch} (row and channel-first families)")
     if failures:
         for f in failures:
             click.echo(f, err=True)
