@@ -69,6 +69,8 @@ def tune_command(ops, problem_set, shapes, outs, in_dtype, layouts, trials, wall
     """Tune OP on a problem set (or --shapes) for this GPU: sweep, merge into the LUT, validate, bench, report."""
     from lut_export.export import export_lut
     from lut_export.gpu_check import gpu_check
+    from lut_export.validate import is_shipped
+    from kernels.dispatch import reload_luts
     from kernels.luts import read_lut
 
     from .bench_cmd import bench, format_table, table_impls
@@ -104,6 +106,8 @@ def tune_command(ops, problem_set, shapes, outs, in_dtype, layouts, trials, wall
         raise click.ClickException(f"export: {e}") from None
     artefacts.append(("LUT module", str(ex.path)))
     _done(t0, f"{ex.path}: {ex.exact} exact entries, {ex.ranges} range families; {ex.merge_text()}")
+    reload_luts()  # this process's dispatch (the bench records its tier) must see the module just written
+    which = "the new LUT" if is_shipped(ex.path) else f"the shipped LUT (the runtime does not load {ex.path})"
 
     keys = {exact_key(p) for p, _ in problems}
     t0 = _stage(2, "this run's LUT entries checked and re-timed against the fallback on this GPU")
@@ -117,7 +121,7 @@ def tune_command(ops, problem_set, shapes, outs, in_dtype, layouts, trials, wall
         _done(t0, f"{len(keys & set(lut.exact)) - len(errs)} entries ok, {len(errs)} failed")
     failed = [] if synthetic else errs  # the bench and report still run: they show what the entries do
 
-    t0 = _stage(3, f"the public op (dispatching from the new LUT) beside {', '.join(peers) or 'no peers'}")
+    t0 = _stage(3, f"the public op (dispatching from {which}) beside {', '.join(peers) or 'no peers'}")
     rows, skipped_peers, _ = bench(problems, peers, backend, results, progress=_bench_progress(len(problems)))
     click.echo(format_table(rows, table_impls(peers, skipped_peers, len(problems))))
     bench_run = rows[0]["run_id"] if rows else None

@@ -17,6 +17,7 @@ def test_tune_runs_every_stage_and_merges_a_second_run(tmp_path):
     for i, stage in enumerate(("sweep", "export", "validate", "bench", "report", "heatmap")):
         assert f"[{i + 1}/6] {stage}:" in r.stderr
     assert "skipped: the synthetic backend has no GPU" in r.stderr
+    assert f"dispatching from the shipped LUT (the runtime does not load {lut})" in r.stderr  # a candidate file
     assert "bench 2/2: rmsnorm/bf16 2048x4096" in r.stderr
     for what, path in (("LUT module", lut), ("report", results / "BENCHMARKS.md"),
                        ("heatmap", results / "heatmap.html")):
