@@ -30,8 +30,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
-import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -394,7 +392,6 @@ def torch_channel_first(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
 # directory): no GPU needed, fake pointers carry the signature, TVM-FFI host functions.
 _CF_CACHE_VERSION = "1"
 _CF_SOURCES = ("channel_first_kernel.py", "channel_first.py", "problem.py", "config.py")
-_MEM: dict[str, object] = {}
 _COMPILES = 0
 
 
@@ -448,10 +445,8 @@ def compile_channel_first(p: ChannelFirstProblem, cfg: ChannelFirstConfig, arch:
     a config the constraints reject (S's divisibility is not checked: S is runtime), KernelCompileError when
     the DSL fails."""
     global _COMPILES
-    import cutlass.cute as cute
-
     from .channel_first_kernel import ChannelFirstKernel, ChannelFirstSpec
-    from .compile_cache import _LOCK, KernelCompileError, _target_arch, arch_number, cache_dir
+    from .compile_cache import arch_number, compile_dsl
 
     sm = arch_number(arch)
     cp = canonical(p)
@@ -460,64 +455,26 @@ def compile_channel_first(p: ChannelFirstProblem, cfg: ChannelFirstConfig, arch:
                      cfg, sm)
     if why:
         raise ValueError(f"invalid config {cfg.short()} for {p}: {'; '.join(why)}")
-    kernel = ChannelFirstKernel(ChannelFirstSpec(cp, cfg, sm))
-    with _LOCK, _target_arch(arch):
-        try:
-            dump = cache_dir() / "dump"
-            dump.mkdir(exist_ok=True)
-            compiled = cute.compile(kernel, *_fake_args(cp, cfg),
-                                    options=f"--enable-tvm-ffi --gpu-arch {arch} --keep-cubin --dump-dir {dump}")
-            _COMPILES += 1
-            return compiled
-        except Exception as e:  # the DSL raises many exception types
-            raise KernelCompileError(f"{p.op}/{p.out_format} C={p.C} {cfg.short()} {arch}: "
-                                     f"{type(e).__name__}: {e}") from e
-
-
-_GET_LOCK = threading.Lock()
+    compiled = compile_dsl(ChannelFirstKernel(ChannelFirstSpec(cp, cfg, sm)), _fake_args(cp, cfg), arch,
+                           f"{p.op}/{p.out_format} C={p.C} {cfg.short()}")
+    _COMPILES += 1
+    return compiled
 
 
 def get_compiled(p: ChannelFirstProblem, cfg: ChannelFirstConfig, arch: str):
-    """The launchable tvm_ffi.Function for (p, cfg, arch): process memory, the disk cache (LUTFORGE_CACHE_DIR,
-    shared with the row kernels, keys prefixed "cf"), then compile. Arguments: ChannelFirstKernel.__call__'s,
-    pointers as ints (bias None when p.bias is False)."""
-    from .compile_cache import _load_object, cache_dir, export_object
+    """The launchable tvm_ffi.Function for (p, cfg, arch), cached as the row kernels' are
+    (compile_cache.cached_function; keys prefixed "cf"). Arguments: ChannelFirstKernel.__call__'s, pointers
+    as ints (bias None when p.bias is False)."""
+    from .compile_cache import cached_function
 
-    key = cache_key(p, cfg, arch)
-    fn = _MEM.get(key)
-    if fn is not None:
-        return fn
-    with _GET_LOCK:
-        fn = _MEM.get(key)
-        if fn is not None:
-            return fn
-        path = cache_dir() / f"{key}.o"
-        if path.exists():
-            try:
-                fn = _load_object(path, key)
-            except Exception:  # stale or truncated: recompile
-                fn = None
-        if fn is None:
-            export_object(compile_channel_first(p, cfg, arch), key, path)
-            fn = _load_object(path, key)
-        _MEM[key] = fn
-    return fn
+    return cached_function(cache_key(p, cfg, arch), arch, lambda: compile_channel_first(p, cfg, arch))
 
 
-def precompile(p: ChannelFirstProblem, cfg: ChannelFirstConfig, arch: str) -> dict:
-    """Compile into the disk cache (idempotent): {"compile_s", "registers", "smem_bytes", "from_cache"}."""
-    from .compile_cache import cache_dir, export_object, resource_usage
+def precompile(p: ChannelFirstProblem, cfg: ChannelFirstConfig, arch: str):
+    """Compile into the disk cache (idempotent): a compile_cache.CompileInfo, as for the row kernels."""
+    from .compile_cache import precompile_key
 
-    key = cache_key(p, cfg, arch)
-    path = cache_dir() / f"{key}.o"
-    if path.exists():
-        return {"compile_s": 0.0, "registers": None, "smem_bytes": None, "from_cache": True}
-    t0 = time.perf_counter()
-    compiled = compile_channel_first(p, cfg, arch)
-    dt = time.perf_counter() - t0
-    export_object(compiled, key, path)
-    regs, smem = resource_usage(compiled)
-    return {"compile_s": dt, "registers": regs, "smem_bytes": smem, "from_cache": False}
+    return precompile_key(cache_key(p, cfg, arch), lambda: compile_channel_first(p, cfg, arch))
 
 
 # --------------------------------------------------------------------------- runtime entry point
@@ -871,13 +828,13 @@ def wan_vae_problems(model: str = "wan2.1", height: int = 480, width: int = 832,
 
 
 # --------------------------------------------------------------------------- compile check (CPU)
-def compile_check(arch: str = "sm_90a", configs: int = 2, seed: int = 0, echo=print) -> tuple[int, list[str]]:
-    """Compile, without a GPU, the heuristic config plus `configs` random valid ones of every WAN decoder norm
-    problem and of a spread of C x (aligned, odd S) x fused variants; print registers per kernel. Returns
-    (kernels compiled, failures): a config the constraints admit that fails to compile is a kernel bug."""
+def compile_check_cases(arch: str = "sm_90a", configs: int = 2, seed: int = 0) -> list[tuple]:
+    """(problem, config) pairs `lutforge compile-check` compiles without a GPU: the heuristic config plus
+    `configs` random valid ones of every WAN decoder norm problem and of a spread of C x (aligned, odd S) x
+    fused variants (a config the constraints admit that fails to compile is a kernel bug)."""
     import random
 
-    from .compile_cache import KernelCompileError, arch_number, resource_usage
+    from .compile_cache import arch_number
 
     sm = arch_number(arch)
     problems = {}
@@ -889,7 +846,7 @@ def compile_check(arch: str = "sm_90a", configs: int = 2, seed: int = 0, echo=pr
             p = ChannelFirstProblem(1, C, S, "bf16", fmt, silu, bias, l2)
             problems.setdefault((p.static_key, S % 16 == 0), p)
     rng = random.Random(seed)
-    n, failures = 0, []
+    cases = []
     for p in problems.values():
         cfgs = [heuristic(p, sm)]
         for _ in range(3000):
@@ -898,17 +855,5 @@ def compile_check(arch: str = "sm_90a", configs: int = 2, seed: int = 0, echo=pr
             c = ChannelFirstConfig(**{k: rng.choice(v) for k, v in CF_KNOB_CHOICES.items()})
             if c not in cfgs and is_valid(p, c, sm) and channels_per_thread(p, c) <= 64:
                 cfgs.append(c)
-        for cfg in cfgs:
-            n += 1
-            t0 = time.perf_counter()
-            try:
-                regs, _ = resource_usage(compile_channel_first(p, cfg, arch))
-                status = ""
-            except KernelCompileError as e:
-                regs, status = None, "FAILED"
-                failures.append(f"{p} {cfg.short()}: {e}")
-            echo(f"{p.op:22s} {p.out_format:5s} C={p.C:<6d} S={p.S:<8d} {cfg.short():28s} regs={regs!s:>4} "
-                 f"{time.perf_counter() - t0:5.2f}s {status}")
-    echo(f"{n - len(failures)}/{n} channel-first kernels compiled for {arch}")
-    return n - len(failures), failures
-
+        cases += [(p, cfg) for cfg in cfgs]
+    return cases

@@ -152,14 +152,23 @@ def compile_kernel(problem: Problem, cfg: KernelConfig, arch: str):
     """Compile one config for `arch` (no GPU needed) as a TVM-FFI function; raises KernelCompileError when
     the DSL fails."""
     global _COMPILES
-    import cutlass.cute as cute
-
     from .norm_kernel import KernelSpec, NormKernel
 
     why = violations(problem, cfg, arch_number(arch))
     if why:
         raise ValueError(f"invalid config {cfg.short()} for {problem}: {'; '.join(why)}")
     kernel = NormKernel(KernelSpec(canonical(problem), cfg, arch_number(arch)))
+    compiled = compile_dsl(kernel, _fake_args(problem, cfg), arch,
+                           f"{problem.op}/{problem.out_format} C={problem.C} {cfg.short()}")
+    _COMPILES += 1
+    return compiled
+
+
+def compile_dsl(kernel, fake_args: tuple, arch: str, label: str):
+    """`cute.compile` of a kernel object of any family for `arch` as a TVM-FFI function (one at a time: the
+    DSL is not thread-safe); KernelCompileError naming `label` when the DSL fails."""
+    import cutlass.cute as cute
+
     with _LOCK, _target_arch(arch):
         try:
             # --keep-cubin lets resource_usage read registers/smem; its files go to the cache, not the cwd
@@ -168,13 +177,10 @@ def compile_kernel(problem: Problem, cfg: KernelConfig, arch: str):
             # The target is an explicit option: CUTE_DSL_ARCH is read once, when cutlass is first imported, so
             # setting it later (as _target_arch does) did not reach a DSL imported earlier in the process, whose
             # objects were then built for the DSL's default (sm_100 without a GPU).
-            compiled = cute.compile(kernel, *_fake_args(problem, cfg),
-                                    options=f"--enable-tvm-ffi --gpu-arch {arch} --keep-cubin --dump-dir {dump}")
-            _COMPILES += 1
-            return compiled
+            return cute.compile(kernel, *fake_args,
+                                options=f"--enable-tvm-ffi --gpu-arch {arch} --keep-cubin --dump-dir {dump}")
         except Exception as e:  # the DSL raises many exception types
-            raise KernelCompileError(f"{problem.op}/{problem.out_format} C={problem.C} {cfg.short()} {arch}: "
-                                     f"{type(e).__name__}: {e}") from e
+            raise KernelCompileError(f"{label} {arch}: {type(e).__name__}: {e}") from e
 
 
 def export_object(compiled, key: str, path: Path) -> None:
@@ -187,12 +193,16 @@ def export_object(compiled, key: str, path: Path) -> None:
 
 def precompile(problem: Problem, cfg: KernelConfig, arch: str) -> CompileInfo:
     """Compile one config for `arch` and store its object in the disk cache (idempotent, no GPU needed)."""
-    key = cache_key(problem, cfg, arch)
+    return precompile_key(cache_key(problem, cfg, arch), lambda: compile_kernel(problem, cfg, arch))
+
+
+def precompile_key(key: str, compile_fn) -> CompileInfo:
+    """Store `compile_fn()`'s object in the disk cache under `key` unless it is there (any kernel family)."""
     path = cache_dir() / f"{key}.o"
     if path.exists():
         return CompileInfo(0.0, None, None, True)
     t0 = time.perf_counter()
-    compiled = compile_kernel(problem, cfg, arch)
+    compiled = compile_fn()
     dt = time.perf_counter() - t0
     export_object(compiled, key, path)
     return CompileInfo(dt, *resource_usage(compiled), from_cache=False)
@@ -215,7 +225,12 @@ def _load_object(path: Path, key: str):
 def get_compiled(problem: Problem, cfg: KernelConfig, arch: str):
     """The launchable tvm_ffi.Function for (problem, cfg, arch): memory, the shipped AOT library, the disk
     cache, then compile. Its arguments are those of NormKernel.__call__, pointers as ints."""
-    key = cache_key(problem, cfg, arch)
+    return cached_function(cache_key(problem, cfg, arch), arch, lambda: compile_kernel(problem, cfg, arch))
+
+
+def cached_function(key: str, arch: str, compile_fn):
+    """The tvm_ffi.Function cached under `key` (any kernel family): process memory, the AOT library, the
+    disk cache, else `compile_fn()` exported to the disk cache and loaded."""
     fn = _MEM.get(key)
     if fn is not None:
         return fn
@@ -231,7 +246,7 @@ def get_compiled(problem: Problem, cfg: KernelConfig, arch: str):
                 except Exception:  # a stale or truncated object: recompile below
                     fn = None
         if fn is None:
-            export_object(compile_kernel(problem, cfg, arch), key, path)
+            export_object(compile_fn(), key, path)
             with _LOCK:
                 fn = _load_object(path, key)
     _MEM[key] = fn

@@ -41,35 +41,44 @@ def config_spread(p: Problem, sm: int, n: int, seed: int) -> list[KernelConfig]:
     return cfgs
 
 
+def compile_all(cases: list[tuple], compile_fn, arch: str, label) -> list[str]:
+    """Compile every (problem, config) of one kernel family, one line each (`label(p, cfg)`, registers,
+    shared memory, seconds); returns the failures."""
+    failures = []
+    for p, cfg in cases:
+        t0 = time.perf_counter()
+        try:
+            regs, smem = resource_usage(compile_fn(p, cfg, arch))
+            status = ""
+        except KernelCompileError as e:
+            regs = smem = None
+            status = "FAILED"
+            failures.append(f"{p} {cfg.short()}: {e}")
+        click.echo(f"{label(p, cfg)} {regs if regs is not None else '-':>4} {smem if smem is not None else '-':>6} "
+                   f"{time.perf_counter() - t0:5.2f} {status}")
+    return failures
+
+
 @click.command("compile-check")
 @click.option("--arch", type=click.Choice(sorted(ARCHS)), required=True, help="compile target")
 @click.option("--configs", default=2, show_default=True, help="random valid configs per problem besides the heuristic")
 @click.option("--quick", is_flag=True, help="fewer C values")
 def compile_check(arch: str, configs: int, quick: bool):
     """Compile kernels for ARCH without a GPU and report their resource use."""
-    sm = arch_number(arch)
-    failures, n = [], 0
-    click.echo(f"{'op':24s} {'out':6s} {'layout':9s} {'C':>6s} {'config':38s} {'regs':>4s} {'smem':>6s} {'s':>5s}")
-    for i, p in enumerate(check_problems(quick)):
-        for cfg in config_spread(p, sm, configs, seed=i):
-            n += 1
-            t0 = time.perf_counter()
-            try:
-                regs, smem = resource_usage(compile_kernel(p, cfg, arch))
-                status = ""
-            except KernelCompileError as e:
-                regs = smem = None
-                status = "FAILED"
-                failures.append(f"{p} {cfg.short()}: {e}")
-            click.echo(f"{p.op:24s} {p.out_format:6s} {p.scale_layout:9s} {p.C:6d} {cfg.short():38s} "
-                       f"{regs if regs is not None else '-':>4} {smem if smem is not None else '-':>6} "
-                       f"{time.perf_counter() - t0:5.2f} {status}")
-    click.echo(f"{n - len(failures)}/{n} kernels compiled for {arch}")
-    from kernels.channel_first import compile_check as channel_first_check  # the video-VAE family
+    from kernels.channel_first import compile_channel_first, compile_check_cases  # the video-VAE family
 
-    cf_ok, cf_failures = channel_first_check(arch, configs, echo=click.echo)
+    sm = arch_number(arch)
+    click.echo(f"{'op':24s} {'out':6s} {'layout':9s} {'C':>6s} {'config':38s} {'regs':>4s} {'smem':>6s} {'s':>5s}")
+    rows = [(p, cfg) for i, p in enumerate(check_problems(quick)) for cfg in config_spread(p, sm, configs, seed=i)]
+    failures = compile_all(rows, compile_kernel, arch,
+                           lambda p, c: f"{p.op:24s} {p.out_format:6s} {p.scale_layout:9s} {p.C:6d} {c.short():38s}")
+    click.echo(f"{len(rows) - len(failures)}/{len(rows)} kernels compiled for {arch}")
+    cf = compile_check_cases(arch, configs)
+    cf_failures = compile_all(cf, compile_channel_first, arch,
+                              lambda p, c: f"{p.op:24s} {p.out_format:6s} C={p.C:<6d} S={p.S:<8d} {c.short():28s}")
+    click.echo(f"{len(cf) - len(cf_failures)}/{len(cf)} channel-first kernels compiled for {arch}")
     failures += cf_failures
-    total = n + cf_ok + len(cf_failures)
+    total = len(rows) + len(cf)
     click.echo(f"{total - len(failures)}/{total} kernels compiled for {arch} (row and channel-first families)")
     if failures:
         for f in failures:
