@@ -32,7 +32,7 @@ def build(problem: Problem, case) -> Callable[[], object]:
                                             block_size=FP4_BLOCK[p.out_format],
                                             is_sf_swizzled_layout=p.scale_layout == "swizzled")
     fn = getattr(ops, op)
-    if op in ("rmsnorm_quant",):
+    if op == "rmsnorm_quant":
         return lambda: fn(y, x, w, scale, eps)
     if op == "fused_add_rmsnorm_quant":
         return lambda: fn(y, x, r, w, scale, eps)
