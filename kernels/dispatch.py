@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass, replace
 
 from .config import KernelConfig, heuristic, max_vec_bytes, violations
-from .luts import EXACT_KEY, RANGE_KEY, LutModule, load_shipped, read_lut
+from .luts import EXACT_KEY, RANGE_KEY, LutModule, exact_key, load_shipped, read_lut
 from .problem import ELEM_BYTES, Problem
 
 TIERS = ("exact", "range", "heuristic")
@@ -224,8 +224,8 @@ class Dispatcher:
             return None if violations(p, cfg, arch, row_stride) else cfg
 
         tables = self._tables(arch, device_class)
-        rkey = (p.op, p.out_format, p.scale_layout, p.in_dtype, p.C, p.heads)
-        ekey = rkey + (p.T,)
+        ekey = exact_key(p)
+        rkey = ekey[:-1]
         for t in tables:
             cfg = fit(t.exact.get(ekey))
             if cfg is not None:

@@ -39,11 +39,6 @@ def _local_device_class(backend: str) -> str:
     return device_class_of(torch.cuda.get_device_name(0))
 
 
-def exact_key(p: Problem) -> tuple:
-    """The LUT's EXACT key of a problem (kernels.luts.EXACT_KEY order)."""
-    return (p.op, p.out_format, p.scale_layout, p.in_dtype, p.C, p.heads, p.T)
-
-
 @click.command("tune")
 @problem_options
 @click.option("--trials", type=click.IntRange(min=1), default=None,
@@ -71,7 +66,7 @@ def tune_command(ops, problem_set, shapes, outs, in_dtype, layouts, trials, wall
     from lut_export.gpu_check import gpu_check
     from lut_export.validate import is_shipped
     from kernels.dispatch import reload_luts
-    from kernels.luts import read_lut
+    from kernels.luts import exact_key, read_lut
 
     from .bench_cmd import bench, format_table, table_impls
     from .heatmap import heatmap_figure, write_heatmap

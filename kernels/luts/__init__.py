@@ -19,6 +19,11 @@ from pathlib import Path
 LUT_FORMAT = 3  # bump on any change to the layout below (2: RANGE knobs may be None; 3: PROVENANCE, RUNS)
 EXACT_KEY = ("op", "out_format", "scale_layout", "in_dtype", "C", "heads", "T")
 RANGE_KEY = EXACT_KEY[:-1]  # RANGE[key] = [(T_below, knobs), ...]; the last T_below is None (no bound)
+
+
+def exact_key(p) -> tuple:
+    """A problem's EXACT key (its RANGE key is all but the last item)."""
+    return tuple(getattr(p, k) for k in EXACT_KEY)
 TABLES = ("METADATA", "EXACT", "RANGE")
 OPTIONAL_TABLES = ("PROVENANCE", "RUNS")  # absent from lut_format 2 modules
 MODULE_NAME = re.compile(r"^sm(?P<arch>\d+)_(?P<device_class>[a-z0-9][a-z0-9_]*)$")
