@@ -60,6 +60,7 @@ import problem_sets
 from kernels.config import (RELATIVE_KNOBS, KernelConfig, analytical_heuristic, corrected, fallback_features,
                             learned, relative_of)
 from kernels.problem import Problem
+from lut_export.winners import row_config
 
 from .results_io import PROBLEM_COLUMNS, current_kernel_rows, read_results
 from .schema import ADDED_IN, KNOB_COLUMNS
@@ -85,11 +86,6 @@ def load_rows(results_dirs, arch: int) -> pd.DataFrame:
     ok = (df["kind"].isin(("trial", "rebench")) & (df["status"] == "ok") & (df["backend"] == "gpu")
           & (pd.to_numeric(df["sm"], errors="coerce") == arch) & (df["median_us"] > 0) & df["knob_threads"].notna())
     return df[ok].reset_index(drop=True)
-
-
-def config_of(row: dict) -> KernelConfig:
-    default = KernelConfig()
-    return KernelConfig(**{c[5:]: type(getattr(default, c[5:]))(row[c]) for c in KNOB_COLUMNS})
 
 
 @dataclass
@@ -130,7 +126,7 @@ def measured_problems(rows: pd.DataFrame) -> list[Measured]:
         d = dict(zip(KEY, key))
         p = Problem(d["op"], int(d["T"]), int(d["C"]), d["in_dtype"], d["out_format"], int(d["heads"]),
                     d["scale_layout"])
-        g = g.assign(_cfg=[config_of(r) for r in g[KNOB_COLUMNS].to_dict("records")])
+        g = g.assign(_cfg=[row_config(r) for r in g[KNOB_COLUMNS].to_dict("records")])
         times = {}
         for cfg, h in g.groupby("_cfg", sort=False):
             rb = h[h["kind"] == "rebench"]
