@@ -174,10 +174,7 @@ def violations(p: ChannelFirstProblem, cfg: ChannelFirstConfig, arch: int = 90, 
 
     stride_gcd: gcd (elements) of S and the C and N strides of x and y; default S (contiguous [N, C, S]).
     ptr_align: the pointers' alignment in bytes of x (an fp8 y's alignment counts twice, as in ops)."""
-    why = []
-    for name, choices in CF_KNOB_CHOICES.items():
-        if getattr(cfg, name) not in choices:
-            why.append(f"{name}={getattr(cfg, name)!r} not in {choices}")
+    why = cfg.off_choices(CF_KNOB_CHOICES)
     if why:
         return why
     v = vec_elems(p, cfg)

@@ -46,6 +46,10 @@ class Knobs:
             raise ValueError(f"unknown knobs {sorted(unknown)}; knobs are {sorted(names)}")
         return cls(**{k: d[k] for k in names if k in d})
 
+    def off_choices(self, choices: dict) -> list[str]:
+        """The knobs whose values are not among their declared `choices` (the first check of `violations`)."""
+        return [f"{n}={getattr(self, n)!r} not in {c}" for n, c in choices.items() if getattr(self, n) not in c]
+
 
 @dataclass(frozen=True)
 class KernelConfig(Knobs):
@@ -106,10 +110,7 @@ def violations(p: Problem, cfg: KernelConfig, arch: int = 90, row_stride: int | 
     `row_stride` (elements) is the actual stride between rows when it differs from C; vector loads
     must stay aligned on every row.
     """
-    why = []
-    for name, choices in KNOB_CHOICES.items():
-        if getattr(cfg, name) not in choices:
-            why.append(f"{name}={getattr(cfg, name)!r} not in {choices}")
+    why = cfg.off_choices(KNOB_CHOICES)
     if why:
         return why
     e = ELEM_BYTES[p.in_dtype]
