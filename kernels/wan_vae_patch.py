@@ -73,18 +73,28 @@ class WanFusedRMSNorm(nn.Module):
     def extra_repr(self) -> str:
         return f"C={self.gamma.numel()}, silu={self.silu}, bias={self.bias is not None}"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def route(self, x: torch.Tensor) -> str:
+        """Which path forward takes: "channel_first" (the exact F.normalize kernel), "rows" (channels-last
+        memory: the row kernel on a zero-copy view, no bias) or "torch" (anything the kernels cannot take)."""
         g, b = self.gamma, self.bias
         if (x.is_cuda and x.dtype in _KERNEL_DTYPES and g.dtype == x.dtype and (b is None or b.dtype == x.dtype)
                 and x.dim() >= 3 and x.numel()
                 and not (torch.is_grad_enabled() and (x.requires_grad or g.requires_grad
                                                       or (b is not None and b.requires_grad)))):
-            view = cf.channel_first_view(x)
-            if view is not None and (view[1] > 1 or cf._channels_last_rows(x) is None):
-                return cf.channel_first_rmsnorm(x, g, b, self.eps, silu=self.silu, l2norm=True)
-            if b is None and cf._channels_last_rows(x) is not None:
-                C = x.shape[1]
-                return cf.channel_first_rmsnorm(x, self._row_weight(), None, self.eps ** 2 / C, silu=self.silu)
+            view, rows = cf.channel_first_view(x), cf._channels_last_rows(x)
+            if view is not None and (view[1] > 1 or rows is None):
+                return "channel_first"
+            if b is None and rows is not None:
+                return "rows"
+        return "torch"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        route = self.route(x)
+        if route == "channel_first":
+            return cf.channel_first_rmsnorm(x, self.gamma, self.bias, self.eps, silu=self.silu, l2norm=True)
+        if route == "rows":
+            C = x.shape[1]
+            return cf.channel_first_rmsnorm(x, self._row_weight(), None, self.eps ** 2 / C, silu=self.silu)
         return self.torch_forward(x)
 
     def torch_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -117,16 +127,20 @@ def _is_wan_norm(m) -> bool:
     return type(m).__name__ == "WanRMS_norm" and getattr(m, "channel_first", False)
 
 
-def patch_wan_vae(vae: nn.Module, channels_last: bool = False) -> int:
+def patch_wan_vae(vae: nn.Module, channels_last: bool = False, norms: bool = True) -> int:
     """Route every channel-first WanRMS_norm of `vae` (an AutoencoderKLWan, or any module containing WAN VAE
     blocks) through the channel-first kernel, fusing the SiLU that follows it; returns how many norms were
-    replaced. Idempotent (a patched model is left as it is). channels_last: see the module docstring."""
+    replaced. Idempotent (a patched model is left as it is). channels_last: see the module docstring.
+    norms=False leaves the norms as they are and only converts the layout (with channels_last=True): the
+    stock model in channels-last, to tell what the layout buys from what the fused norms buy."""
     if not isinstance(vae, nn.Module):
         raise TypeError(f"vae must be a torch.nn.Module, got {type(vae).__name__}")
+    if not (norms or channels_last):
+        raise ValueError("patch_wan_vae with norms=False and channels_last=False would change nothing")
     if _STATE in vae.__dict__:
         return 0
     swaps, n = [], 0
-    for parent in list(vae.modules()):
+    for parent in (list(vae.modules()) if norms else []):
         names = _FUSED.get(type(parent).__name__, ())
         fusable = (isinstance(getattr(parent, "nonlinearity", None), nn.SiLU) and bool(names)
                    and all(_is_wan_norm(getattr(parent, k, None)) for k in names))

@@ -151,6 +151,22 @@ def test_fused_module_torch_path_matches_stock_module_with_bias():
         torch.testing.assert_close(fb(xb).float(), nb(xb).float(), rtol=2 ** -6, atol=2e-2)
 
 
-def test_patch_rejects_non_modules():
+def test_layout_only_patch_keeps_norms_and_converts_convs(wan21):
+    before = _modules(wan21)
+    z = torch.randn(1, 16, 2, 8, 8, generator=torch.Generator().manual_seed(4))
+    ref = _decode(wan21, z)
+    assert patch_wan_vae(wan21, channels_last=True, norms=False) == 0
+    try:
+        assert all(_modules(wan21)[k] is before[k] for k in before)
+        assert wan21.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last_3d)
+        torch.testing.assert_close(_decode(wan21, z), ref, rtol=1e-4, atol=1e-4)
+    finally:
+        unpatch_wan_vae(wan21)
+    assert wan21.decoder.conv_in.weight.is_contiguous()
+
+
+def test_patch_rejects_non_modules_and_no_op_requests():
     with pytest.raises(TypeError):
         patch_wan_vae(object())
+    with pytest.raises(ValueError, match="change nothing"):
+        patch_wan_vae(torch.nn.Linear(2, 2), channels_last=False, norms=False)
