@@ -14,8 +14,8 @@ channels_last=True also converts every Conv3d weight to torch.channels_last_3d (
 and, through forward pre-hooks, the 5D inputs of the encoder, decoder and post_quant_conv, so cuDNN runs
 channels-last convolutions and most norms see channels-last tensors: memory [positions, C] rows, which go
 to the row kernel (kernels.ops.fused_rmsnorm_silu / rmsnorm) on a zero-copy view. The row kernel is
-RMSNorm, so those norms compute sqrt(C) * x / sqrt(||x||^2 + eps^2) (weight sqrt(C) * gamma, eps' =
-eps^2 / C) instead of F.normalize's x / max(||x||, eps) * sqrt(C): both 0 at x = 0, within 0.5 % when
+RMSNorm, so those norms compute sqrt(C) * x / sqrt(||x||^2 + eps^2) * gamma (RMSNorm's own sqrt(C), weight
+gamma, eps' = eps^2 / C: `row_args`) instead of F.normalize's x / max(||x||, eps) * sqrt(C): both 0 at x = 0, within 0.5 % when
 ||x|| > 10 eps = 1e-11 or < 1e-13, at most 1/sqrt(2) apart at ||x|| = eps -- i.e. the same for any position
 of a real activation (bf16 tolerance), not bit-for-bit F.normalize. Modules with a bias take torch there.
 Norm inputs that stay channel-first (the attention block's [B*T, C, H, W] copy) keep the exact kernel.
@@ -67,7 +67,6 @@ class WanFusedRMSNorm(nn.Module):
         self.channel_first = norm.channel_first
         self.silu = silu
         self.eps = cf.F_NORMALIZE_EPS  # F.normalize's default, as WanRMS_norm calls it
-        self._w_rows = None  # (gamma version key, sqrt(C) * gamma) for the channels-last row route
         self.__dict__["_lutforge_original"] = norm  # not a submodule: keeps the state_dict as it was
 
     def extra_repr(self) -> str:
@@ -93,8 +92,8 @@ class WanFusedRMSNorm(nn.Module):
         if route == "channel_first":
             return cf.channel_first_rmsnorm(x, self.gamma, self.bias, self.eps, silu=self.silu, l2norm=True)
         if route == "rows":
-            C = x.shape[1]
-            return cf.channel_first_rmsnorm(x, self._row_weight(), None, self.eps ** 2 / C, silu=self.silu)
+            weight, eps = self.row_args(x.shape[1])
+            return cf.channel_first_rmsnorm(x, weight, None, eps, silu=self.silu)
         return self.torch_forward(x)
 
     def torch_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -109,13 +108,11 @@ class WanFusedRMSNorm(nn.Module):
             y = F.silu(y)
         return y.to(x.dtype)
 
-    def _row_weight(self) -> torch.Tensor:
-        """sqrt(C) * gamma in gamma's dtype (the row kernel's weight), cached until gamma changes."""
-        g = self.gamma
-        key = (g.data_ptr(), g._version, g.dtype, g.device)
-        if self._w_rows is None or self._w_rows[0] != key:
-            self._w_rows = (key, (g.detach().reshape(-1).float() * self.scale).to(g.dtype).contiguous())
-        return self._w_rows[1]
+    def row_args(self, C: int) -> tuple[torch.Tensor, float]:
+        """(weight, eps) of the RMSNorm that matches this norm on the rows route: RMSNorm's rsqrt(mean + eps')
+        already carries the sqrt(C) (x * sqrt(C) / sqrt(||x||^2 + C eps')), so the weight is gamma itself
+        and eps' = eps^2 / C."""
+        return self.gamma, self.eps ** 2 / C
 
 
 # Which norms of which block are followed directly by the block's `nonlinearity` (diffusers'

@@ -151,6 +151,21 @@ def test_fused_module_torch_path_matches_stock_module_with_bias():
         torch.testing.assert_close(fb(xb).float(), nb(xb).float(), rtol=2 ** -6, atol=2e-2)
 
 
+def test_row_route_arguments_reproduce_wan_norm():
+    """The channels-last route runs RMSNorm with `row_args`: in float64 it must equal WanRMS_norm (+ SiLU)."""
+    C = 96
+    norm = wan.WanRMS_norm(C, images=False).double()
+    with torch.no_grad():
+        norm.gamma.uniform_(0.5, 2.0)
+    x = torch.randn(2, C, 3, 4, 5, dtype=torch.float64) * 3
+    fused = WanFusedRMSNorm(norm, silu=True)
+    weight, eps = fused.row_args(C)
+    rows = x.movedim(1, -1)
+    got = torch.nn.functional.rms_norm(rows, (C,), weight.reshape(-1), eps)
+    got = torch.nn.functional.silu(got).movedim(-1, 1)
+    torch.testing.assert_close(got, torch.nn.functional.silu(norm(x)), rtol=1e-12, atol=1e-12)
+
+
 def test_layout_only_patch_keeps_norms_and_converts_convs(wan21):
     before = _modules(wan21)
     z = torch.randn(1, 16, 2, 8, 8, generator=torch.Generator().manual_seed(4))
