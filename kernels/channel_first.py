@@ -36,7 +36,6 @@ from pathlib import Path
 import torch
 
 from .config import MAX_REG_VALUES_PER_THREAD, MAX_SMEM_BYTES, REG_VALUES_BUDGET, Knobs
-from .ops import _align, _device_info  # pointer alignment class; SM90+ check, cached per device
 from .problem import ELEM_BYTES
 
 IN_DTYPES = ("bf16", "fp16")
@@ -44,6 +43,9 @@ OUT_FORMATS = ("bf16", "fp16", "fp8")
 F_NORMALIZE_EPS = 1e-12  # torch.nn.functional.normalize's default, used by WanRMS_norm
 RMS_EPS = 1e-6  # the row ops' default
 MAX_GRID_Y = 65535  # N is the grid's y extent
+# Op names (sweep, Parquet, LUT keys): the form (RMSNorm or F.normalize's L2Norm), then the fused parts.
+OPS = tuple(f"cf_{form}{silu}{bias}" for form in ("rmsnorm", "l2norm") for silu in ("", "_silu")
+            for bias in ("", "_bias"))
 
 
 # --------------------------------------------------------------------------- problem
@@ -61,6 +63,9 @@ class ChannelFirstProblem:
     silu: bool = False
     bias: bool = False
     l2norm: bool = False
+    # the row family's key columns, at the values that mean "not applicable" (results and tables share them)
+    scale_layout = "rowmajor"
+    heads = 1
 
     def __post_init__(self):
         if self.in_dtype not in IN_DTYPES:
@@ -75,6 +80,15 @@ class ChannelFirstProblem:
         """A name for sweep/LUT keys: the row family's op names with a channel-first prefix."""
         return ("cf_l2norm" if self.l2norm else "cf_rmsnorm") + ("_silu" if self.silu else "") \
             + ("_bias" if self.bias else "")
+
+    @classmethod
+    def from_op(cls, op: str, N: int, C: int, S: int, in_dtype: str = "bf16",
+                out_format: str | None = None) -> "ChannelFirstProblem":
+        """The problem an op name (OPS) stands for; out_format None = in_dtype."""
+        if op not in OPS:
+            raise ValueError(f"unknown channel-first op {op!r}; known: {', '.join(OPS)}")
+        return cls(N, C, S, in_dtype, out_format or in_dtype, silu="_silu" in op, bias=op.endswith("_bias"),
+                   l2norm=op.startswith("cf_l2norm"))
 
     @property
     def positions(self) -> int:
@@ -222,6 +236,12 @@ def violations(p: ChannelFirstProblem, cfg: ChannelFirstConfig, arch: int = 90, 
 def is_valid(p: ChannelFirstProblem, cfg: ChannelFirstConfig, arch: int = 90, stride_gcd: int | None = None,
              ptr_align: int = 16) -> bool:
     return not violations(p, cfg, arch, stride_gcd, ptr_align)
+
+
+def simplicity(cfg: ChannelFirstConfig, heur: ChannelFirstConfig) -> tuple:
+    """Tie-break sort key, smaller = simpler: the heuristic itself, then register staging, no programmatic
+    dependent launch, the interleaved channel walk, fewer threads."""
+    return (cfg != heur, cfg.stage != "reg", cfg.pdl, cfg.c_order != "interleaved", cfg.threads)
 
 
 def _pow2_floor(n: int) -> int:
@@ -527,7 +547,7 @@ def _channels_last_rows(t: torch.Tensor) -> torch.Tensor | None:
 class _Plan:
     """Validated signature: the route, the compiled function and its fixed launch arguments."""
 
-    __slots__ = ("route", "fn", "tail", "dev", "y_dtype", "problem", "config", "extents")
+    __slots__ = ("route", "fn", "tail", "dev", "y_dtype", "problem", "config", "tier", "extents")
 
 
 def _flat_param(t, C: int, dtype: torch.dtype, what: str) -> torch.Tensor:
@@ -624,13 +644,19 @@ def _build_plan(x, w, b, out, out_dtype, silu: bool, l2norm: bool, scale: float)
     if x.numel() == 0:
         plan.fn, plan.config, plan.tail, plan.dev = None, None, (), None
         return plan
-    sm = _device_info(x.device)[0]
+    from .dispatch import default_dispatcher
+    from .ops import _align, _device_info  # pointer alignment class; SM90+ check (here: ops imports dispatch)
+
+    sm, dev_class, _ = _device_info(x.device)
     dev = x.device.index if x.device.index is not None else torch.cuda.current_device()
     g = _gcd_all(S, *(s for s, n in ((sxn, N), (syn, N), (sxc, C), (syc, C)) if n > 1))
     y_align = 16 if out is None else _align(out.data_ptr())
     align = min(_align(x.data_ptr()), (2 if fmt == "fp8" else 1) * y_align)
-    cfg = heuristic(p, sm, g, align)
-    plan.config = cfg
+    # the LUT's exact entry for this (op, formats, C, N, S) when it fits the strides and alignment, else the
+    # heuristic (kernels.dispatch; memoised per call signature like everything else in the plan)
+    sel = default_dispatcher().lookup(p, sm, dev_class, ptr_align=align, stride_gcd=g or None)
+    cfg = sel.config
+    plan.config, plan.tier = cfg, sel.tier
     plan.fn = get_compiled(p, cfg, _arch_name(sm))
     plan.tail = (N, S, sxn, sxc, syn, syc)
     plan.dev = dev

@@ -10,7 +10,7 @@ import functools
 import importlib
 import logging
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 from .problem import ELEM_BYTES, FP4_BLOCK, Problem, ideal_bytes
 
@@ -90,6 +90,20 @@ def iters_per_row(p: Problem, cfg: KernelConfig) -> int:
     return -(-chunk_cols(p, cfg) // (cfg.threads_per_row * vec_elems(p, cfg)))
 
 
+# What the sweep proposes: valid configs whose unrolled row loop stays short. Longer ones take 10-80 s to
+# compile and never won (max 10 iterations among the 80 WAN winners on the H100, results/h100); a problem
+# with nothing else keeps them (sweep.study.SearchSpace).
+MAX_SEARCH_ITERS = 32
+
+
+def simplicity(cfg: KernelConfig, heur: KernelConfig) -> tuple:
+    """Tie-break sort key, smaller = simpler: the heuristic itself, then no cluster, registers-only staging,
+    a plain (non-persistent) grid, the weight in registers, no programmatic dependent launch and no L2
+    prefetch - the configs with fewest moving parts."""
+    return (cfg != heur, cfg.cluster, cfg.stage != "reg", cfg.ctas_per_sm != 0, cfg.weight_smem,
+            cfg.pdl, cfg.l2_prefetch)
+
+
 def smem_bytes(p: Problem, cfg: KernelConfig) -> int:
     """Shared memory the config asks for: staged x tile, weight copy, reduction scratch."""
     e = ELEM_BYTES[p.in_dtype]
@@ -158,6 +172,18 @@ def violations(p: Problem, cfg: KernelConfig, arch: int = 90, row_stride: int | 
     if smem_bytes(p, cfg) > MAX_SMEM_BYTES:
         why.append(f"needs {smem_bytes(p, cfg)} B shared memory > {MAX_SMEM_BYTES}")
     return why
+
+
+def fit_config(p: Problem, cfg: KernelConfig | None, arch: int = 90, row_stride: int | None = None,
+               ptr_align: int = 16) -> KernelConfig | None:
+    """A tuned config narrowed to what the actual row stride and pointer alignment allow (the vector width),
+    then re-checked against every constraint; None when it cannot run the problem."""
+    if cfg is None:
+        return None
+    vb = max_vec_bytes(p, row_stride, ptr_align)
+    if cfg.vec_bytes > vb:
+        cfg = replace(cfg, vec_bytes=vb)
+    return None if violations(p, cfg, arch, row_stride) else cfg
 
 
 def is_valid(p: Problem, cfg: KernelConfig, arch: int = 90, row_stride: int | None = None) -> bool:

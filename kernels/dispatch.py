@@ -1,5 +1,8 @@
 """Runtime choice of kernel knobs for a problem: exact LUT entry -> range along T -> analytical heuristic.
 
+Problems of every kernel family (kernels.family) are answered here: the row family by all three tiers,
+the channel-first family by its exact entries (keyed (op, out, in, C, N, S)) and then its own heuristic.
+
 There is no guess from a neighbouring C: knobs tuned for another row length (and another T) lost to the
 heuristic on the H100 (rmsnorm_quant fp8 32768x16384 with C=7168's config: 2.5x slower; geomean 0.90x over
 the 10 benched shapes that tier answered), so an unswept C gets the heuristic, which is within a few percent
@@ -22,8 +25,10 @@ import logging
 import re
 from dataclasses import dataclass, replace
 
-from .config import KernelConfig, heuristic, max_vec_bytes, violations
-from .luts import EXACT_KEY, RANGE_KEY, LutModule, exact_key, load_shipped, read_lut
+from . import config
+from .config import KernelConfig
+from .family import family_of, family_of_key
+from .luts import RANGE_KEY, LutModule, exact_key, load_shipped, read_lut
 from .problem import ELEM_BYTES, Problem
 
 TIERS = ("exact", "range", "heuristic")
@@ -37,27 +42,30 @@ _log = logging.getLogger(__name__)
 class Selection:
     """A dispatch answer and where it came from (for `lutforge explain` and logs)."""
 
-    config: KernelConfig
+    config: object  # the problem family's config (KernelConfig for the row family)
     tier: str  # one of TIERS
     source: str | None = None  # LUT module that answered
     key: tuple | None = None  # the LUT key that answered (EXACT_KEY or RANGE_KEY layout)
 
 
 class _LutIndex:
-    """One LUT module arranged for lookup: configs as KernelConfig, ranges as sorted breakpoints."""
+    """One LUT module arranged for lookup: configs as their family's config type, ranges as sorted
+    breakpoints (row family)."""
 
     def __init__(self, lut: LutModule):
         self.name = lut.name
         self.arch = lut.arch
         self.device_class = lut.device_class
-        self.exact: dict[tuple, KernelConfig] = {}
+        self.exact: dict[tuple, object] = {}
         self.range: dict[tuple, tuple[list[int], list[KernelConfig | None]]] = {}
         bad = 0
         for key, knobs in lut.exact.items():
             try:
-                if not _key_ok(key, EXACT_KEY):
-                    raise ValueError(f"key {key!r} is not {EXACT_KEY}")
-                self.exact[key] = KernelConfig.from_dict(knobs)
+                fam = family_of_key(key)
+                why = fam.key_error(key)
+                if why:
+                    raise ValueError(why)
+                self.exact[key] = fam.config_type.from_dict(knobs)
             except (TypeError, ValueError, AttributeError):
                 bad += 1
         for key, segments in lut.range.items():
@@ -122,18 +130,20 @@ class Dispatcher:
         same_arch = [i for i in self._indexes if i.arch == arch]
         return tuple(i for i in same_arch if device_class is None or i.device_class == device_class)
 
-    def lookup(self, problem: Problem, arch: int, device_class: str | None = None,
-               row_stride: int | None = None, ptr_align: int = 16) -> Selection:
-        """The config for `problem` and the tier that answered; see the module docstring for the order."""
-        args = (problem, arch, device_class, row_stride, ptr_align)
+    def lookup(self, problem, arch: int, device_class: str | None = None,
+               row_stride: int | None = None, ptr_align: int = 16, stride_gcd: int | None = None) -> Selection:
+        """The config for `problem` and the tier that answered; see the module docstring for the order.
+
+        Row family: `row_stride` is the distance between rows in elements when it is not C. Channel-first
+        family: `stride_gcd` is the gcd (elements) of S and the C and N strides of x and y (None: S)."""
+        args = (problem, arch, device_class, row_stride, ptr_align, stride_gcd)
         try:
             hit = self._answers.get(args)
         except TypeError:  # an unhashable argument: let the checks below name it
             hit = None
         if hit is not None:
             return hit
-        if type(problem) is not Problem:
-            raise TypeError(f"problem must be kernels.problem.Problem, got {type(problem).__name__}")
+        fam = family_of(problem)  # TypeError for anything that is no family's problem
         if type(arch) is not int:
             raise TypeError(f"arch must be an int such as 90 (sm_90a), got {arch!r}")
         if arch <= 0:
@@ -142,7 +152,15 @@ class Dispatcher:
             if not isinstance(device_class, str):
                 raise TypeError(f"device_class must be str or None, got {type(device_class).__name__}")
             device_class = device_class.lower()
-        if row_stride is not None:
+        if fam.name != "row":
+            if row_stride is not None:
+                raise ValueError(f"row_stride applies to row problems; {fam.name} problems take stride_gcd")
+            if stride_gcd is not None and (type(stride_gcd) is not int or stride_gcd < 1):
+                raise ValueError(f"stride_gcd must be a positive int, got {stride_gcd!r}")
+            row_stride = stride_gcd
+        elif stride_gcd is not None:
+            raise ValueError("stride_gcd applies to channel-first problems; row problems take row_stride")
+        elif row_stride is not None:
             if type(row_stride) is not int or row_stride < problem.C:
                 raise ValueError(f"row_stride must be an int >= C={problem.C} (elements), got {row_stride!r}")
             if row_stride == problem.C:
@@ -181,7 +199,7 @@ class Dispatcher:
                     points.update((b - 1, b))
 
         def heur(T: int) -> KernelConfig:
-            return heuristic(replace(family, T=T), arch, row_stride, ptr_align)
+            return config.heuristic(replace(family, T=T), arch, row_stride, ptr_align)
 
         grid = sorted({min(t_max, 1 << i) for i in range(t_max.bit_length() + 1)})
 
@@ -213,31 +231,28 @@ class Dispatcher:
             runs[-1] = (runs[-1][0], t_max, runs[-1][2])
         return runs
 
-    def _lookup(self, p: Problem, arch: int, device_class, row_stride, ptr_align) -> Selection:
-        def fit(cfg: KernelConfig | None) -> KernelConfig | None:
-            # Narrow the vector to what the actual stride/alignment allows, then re-check every constraint.
-            if cfg is None:
-                return None
-            vb = max_vec_bytes(p, row_stride, ptr_align)
-            if cfg.vec_bytes > vb:
-                cfg = replace(cfg, vec_bytes=vb)
-            return None if violations(p, cfg, arch, row_stride) else cfg
+    def _lookup(self, p, arch: int, device_class, stride, ptr_align) -> Selection:
+        fam = family_of(p)
+
+        def fit(cfg):  # the tuned config made to fit the actual stride/alignment, every constraint re-checked
+            return fam.fit(p, cfg, arch, stride, ptr_align)
 
         tables = self._tables(arch, device_class)
         ekey = exact_key(p)
-        rkey = ekey[:-1]
         for t in tables:
             cfg = fit(t.exact.get(ekey))
             if cfg is not None:
                 return Selection(cfg, "exact", t.name, ekey)
-        for t in tables:
-            cfg = fit(t.at(rkey, p.T))
-            if cfg is not None:
-                return Selection(cfg, "range", t.name, rkey)
-        cfg = heuristic(p, arch, row_stride, ptr_align)
-        why = violations(p, cfg, arch, row_stride)
+        if fam.has_range:
+            rkey = ekey[:-1]
+            for t in tables:
+                cfg = fit(t.at(rkey, p.T))
+                if cfg is not None:
+                    return Selection(cfg, "range", t.name, rkey)
+        cfg = fam.heuristic(p, arch, stride, ptr_align)
+        why = fam.violations(p, cfg, arch, stride, ptr_align)
         if why or ptr_align % cfg.vec_bytes:
-            raise ValueError(f"no valid config for {p} on sm{arch} (row_stride={row_stride}, ptr_align={ptr_align}): "
+            raise ValueError(f"no valid config for {p} on sm{arch} (stride={stride}, ptr_align={ptr_align}): "
                              f"heuristic gave {cfg.short()}: {'; '.join(why) or 'vector wider than alignment'}")
         sel = Selection(cfg, "heuristic")
         self._log_fallback(p, arch, device_class, sel)

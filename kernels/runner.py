@@ -50,6 +50,16 @@ def arch_of(device=None) -> str:
 SLOT_ALIGN = 256  # bytes: each instance's tensors start on their own aligned slot of a shared buffer
 
 
+def slot_views(n: int, shape: tuple, dtype: torch.dtype, device, fill=None) -> tuple[torch.Tensor, list]:
+    """(buffer [n, slot], the n views of `shape`) with every slot starting SLOT_ALIGN-aligned; `fill(n, per)`
+    makes the buffer (random data) instead of torch.empty."""
+    numel = math.prod(shape)
+    esz = torch.empty(0, dtype=dtype).element_size()
+    per = -(-numel * esz // SLOT_ALIGN) * SLOT_ALIGN // esz
+    buf = fill(n, per) if fill is not None else torch.empty(n, per, dtype=dtype, device=device)
+    return buf, [buf[i, :numel].view(shape) for i in range(n)]
+
+
 def make_case(problem: Problem, device="cuda", seed: int = 0, row_pad: int = 0) -> Case:
     """Random inputs (randn*5+5, weights in [0.5, 2]) and poisoned outputs. `row_pad` > 0 makes x's
     rows (and heads) strided: each row lives in a buffer row_pad elements wider than C."""
@@ -68,12 +78,7 @@ def make_cases(problem: Problem, n: int, device="cuda", seed: int = 0, row_pad: 
     H, C = p.heads, p.C
 
     def slots(shape, dtype, fill=None):
-        """(buffer [n, slot], the n views of `shape`) with every slot starting SLOT_ALIGN-aligned."""
-        numel = math.prod(shape)
-        esz = torch.empty(0, dtype=dtype).element_size()
-        per = -(-numel * esz // SLOT_ALIGN) * SLOT_ALIGN // esz
-        buf = fill(n, per) if fill is not None else torch.empty(n, per, dtype=dtype, device=device)
-        return buf, [buf[i, :numel].view(shape) for i in range(n)]
+        return slot_views(n, shape, dtype, device, fill)
 
     def uniform(shape, lo, span, dtype=dt):
         return slots(shape, dtype, lambda *nk: (torch.rand(*nk, generator=g, device=device) * span + lo).to(dtype))
@@ -218,15 +223,21 @@ def reference_inputs(problem: Problem, case: Case) -> dict:
     return inp
 
 
+def expected_outputs(problem: Problem, case: Case) -> dict:
+    """The torch reference's outputs for `case` (what `check` compares against)."""
+    from . import reference
+
+    return reference.reference_outputs(problem, reference_inputs(problem, case))
+
+
 def check(problem: Problem, case: Case, expected: dict | None = None) -> CheckResult:
     """Compare the kernel's outputs with the torch reference (tolerances in kernels/check.py).
     `expected` - the reference's outputs for this case - saves recomputing it for every config."""
-    from . import reference
     from .check import compare_outputs
 
     p = case.problem
     if expected is None:
-        expected = reference.reference_outputs(problem, reference_inputs(problem, case))
+        expected = expected_outputs(problem, case)
     a = case.args
     got = {"out": a["y"] if "y" in a else a["x"]}
     for name in ("block_scale", "residual"):

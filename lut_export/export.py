@@ -6,17 +6,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kernels.config import KernelConfig
-from kernels.luts import EXACT_KEY, MODULE_NAME, LutFormatError, LutModule, parse_lut
+from kernels.family import family_of_key
+from kernels.luts import MODULE_NAME, LutFormatError, LutModule, parse_lut
 from sweep.results_io import current_kernel_rows, read_results
 from sweep.schema import BACKENDS
 
 from .render import Provenance, build_metadata, render, runs_from_rows, union_runs, write_atomic
 from .tables import build_tables
 from .validate import check_module, is_shipped, luts_dir
-from .winners import UsableRows, parse_arch, pick_winners, select_rows
+from .winners import UsableRows, parse_arch, pick_winners, select_rows, swept_keys
 
-Entry = tuple[KernelConfig, Provenance]
+Entry = tuple[object, Provenance]  # (the key's family's config, provenance)
 REPLACE_HINT = "fix or remove it, or export with --replace to build the module from the rows alone"
 
 
@@ -71,7 +71,7 @@ def module_entries(lut: LutModule) -> tuple[dict[tuple, Entry], dict[str, dict]]
         prov, runs = {k: legacy for k in lut.exact}, {rid: info for rid in md["source_run_ids"]}
     else:
         prov, runs = {k: Provenance(*p) for k, p in lut.provenance.items()}, lut.runs
-    return {k: (KernelConfig(**knobs), prov[k]) for k, knobs in lut.exact.items()}, runs
+    return {k: (family_of_key(k).config_type(**knobs), prov[k]) for k, knobs in lut.exact.items()}, runs
 
 
 def merge_entries(old: dict[tuple, Entry], new: dict[tuple, Entry]) -> tuple[dict[tuple, Entry], dict[str, int]]:
@@ -142,8 +142,7 @@ def export_lut(results_dir, out=None, arch=None, device_class: str | None = None
         old, old_runs = module_entries(existing)
         entries, counts = merge_entries(old, entries)
         runs = union_runs(old_runs, runs)
-        swept = {(str(o), str(f), str(s), str(d), int(c), int(h), int(t))
-                 for o, f, s, d, c, h, t in sel.rows[list(EXACT_KEY)].drop_duplicates().itertuples(index=False)}
+        swept = swept_keys(sel.rows)
         notes += [f"{k}: no winner in the rows; the entry {path.name} had is kept"
                   for k in old if k in swept and k not in winners]
     used = {r for _, p in entries.values() for r in p.run_ids}

@@ -2,9 +2,8 @@
 the analytical heuristic by more than noise (re-timed here, interleaved, with rotated buffers)."""
 from __future__ import annotations
 
-from kernels.config import KernelConfig, heuristic
+from kernels.family import family_of_key
 from kernels.luts import LutModule
-from kernels.problem import Problem
 
 from .winners import TIE
 
@@ -12,11 +11,10 @@ ROUNDS = 2  # interleaved tuned/heuristic timing rounds; the best median of each
 MAX_SETS = 256  # rotation sets per config; tinier problems are launch-bound, L2 residency barely moves them
 
 
-def _time(problem: Problem, cfg: KernelConfig, cases, arch: str):
-    from kernels.runner import launcher
+def _time(run, problem, cfg, cases, arch: str):
     from sweep.timer import time_launchers
 
-    launchers = [launcher(problem, cfg, c, arch) for c in cases]
+    launchers = [run.launcher(problem, cfg, c, arch) for c in cases]
     return time_launchers(launchers, set_bytes=cases[0].nbytes)
 
 
@@ -27,7 +25,7 @@ def gpu_check(lut: LutModule, device: int = 0, keys=None) -> list[str]:
 
     from kernels.compile_cache import arch_name
     from kernels.dispatch import device_class_of
-    from kernels.runner import arch_of, check, launcher, make_case, make_cases
+    from kernels.runner import arch_of
     from sweep.timer import l2_bytes, rotation_sets
 
     if not torch.cuda.is_available():
@@ -45,32 +43,32 @@ def gpu_check(lut: LutModule, device: int = 0, keys=None) -> list[str]:
     for key, knobs in lut.exact.items():
         if keys is not None and key not in keys:
             continue
-        op, out, layout, dtype, C, heads, T = key
-        p = Problem(op=op, T=T, C=C, in_dtype=dtype, out_format=out, heads=heads, scale_layout=layout)
-        cfg = KernelConfig(**knobs)
+        fam = family_of_key(key)
+        p, run = fam.problem_of_key(key), fam.runner
+        cfg = fam.config_type(**knobs)
         where = f"EXACT[{key!r}] {cfg.short()}"
         try:
-            case = make_case(p, seed=0)
-            launcher(p, cfg, case, arch)()
+            case = run.make_case(p, seed=0)
+            run.launcher(p, cfg, case, arch)()
             torch.cuda.synchronize()
-            res = check(p, case)
+            res = run.check(p, case)
         except Exception as e:  # a CUDA fault or compile failure is a finding, not a crash of the validator
             errs.append(f"{where}: failed to run: {type(e).__name__}: {e}")
             continue
         if not res.ok:
             errs.append(f"{where}: wrong result: {res.message}")
             continue
-        if T == 0:
+        if fam.positions(p) == 0:
             continue  # nothing to time
-        h = heuristic(p, lut.metadata["arch"])
+        h = fam.heuristic(p, lut.metadata["arch"])
         if h == cfg:
             continue
         sets = min(MAX_SETS, rotation_sets(max(1, case.nbytes), l2_bytes(device)))
-        cases = [case] + make_cases(p, sets - 1, seed=1)  # sets >= 2
+        cases = [case] + run.make_cases(p, sets - 1, seed=1)  # sets >= 2
         best = {"tuned": None, "heuristic": None}
         for _ in range(ROUNDS):
             for name, c in (("tuned", cfg), ("heuristic", h)):
-                t = _time(p, c, cases, arch)
+                t = _time(run, p, c, cases, arch)
                 if best[name] is None or t.median_us < best[name].median_us:
                     best[name] = t
         tuned, heur = best["tuned"], best["heuristic"]

@@ -1,5 +1,5 @@
 """Write a LUT module: a provenance header, the EXACT/RANGE tables and the per-entry PROVENANCE and per-run
-RUNS tables as readable, diffable Python literals (one entry per line, sorted, knobs in KNOB_CHOICES order)."""
+RUNS tables as readable, diffable Python literals (one entry per line, sorted, knobs in their family's order)."""
 from __future__ import annotations
 
 import datetime as _dt
@@ -8,8 +8,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from kernels.config import KNOB_CHOICES, KernelConfig
-from kernels.luts import EXACT_KEY, LUT_FORMAT, RANGE_KEY
+from kernels.family import families, family_of_config
+from kernels.luts import LUT_FORMAT, RANGE_KEY
 from sweep.schema import SCHEMA_VERSION
 
 VERSION_COLUMNS = ("torch", "cutlass_dsl", "cuda", "driver", "lutforge")
@@ -109,8 +109,11 @@ def _lit(v) -> str:
     raise TypeError(f"cannot write {type(v).__name__} into a LUT literal")
 
 
-def _knobs(cfg: KernelConfig | None) -> str:
-    return "None" if cfg is None else _lit({k: getattr(cfg, k) for k in KNOB_CHOICES})
+def _knobs(cfg) -> str:
+    """A config's knobs in its family's knob order."""
+    if cfg is None:
+        return "None"
+    return _lit({k: getattr(cfg, k) for k in family_of_config(cfg).knob_choices})
 
 
 def render(metadata: dict, exact: dict, ranges: dict, provenance: dict[tuple, Provenance] | None = None,
@@ -125,7 +128,7 @@ def render(metadata: dict, exact: dict, ranges: dict, provenance: dict[tuple, Pr
         *(f"    {_lit(k)}: {_lit(v)}," for k, v in metadata.items()),
         "}",
         "",
-        f"# {EXACT_KEY} -> knobs",
+        *(f"# {f.key_fields} -> knobs ({f.name} family)" for f in families().values()),
         "EXACT = {",
         *(f"    {_lit(k)}: {_knobs(c)}," for k, c in exact.items()),
         "}",
@@ -142,7 +145,7 @@ def render(metadata: dict, exact: dict, ranges: dict, provenance: dict[tuple, Pr
     if provenance is None or runs is None:
         return "\n".join(lines)
     lines += [
-        f"# {EXACT_KEY} -> (run ids, kernel source, measured at (UTC), median us) of each EXACT entry; an export",
+        "# EXACT key -> (run ids, kernel source, measured at (UTC), median us) of each EXACT entry; an export",
         "# merging into this module replaces an entry only with a newer measurement (kernel source None: unknown)",
         "PROVENANCE = {",
         *(f"    {_lit(k)}: {_lit(p.literal())}," for k, p in sorted(provenance.items())),

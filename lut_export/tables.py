@@ -51,10 +51,14 @@ def range_segments(points: dict[int, KernelConfig],
     return segments + [(None, None)]
 
 
-def build_tables(winners: dict[tuple, KernelConfig]) -> tuple[dict, dict]:
-    """(EXACT, RANGE) from {EXACT_KEY tuple: config}."""
-    exact = dict(sorted(winners.items()))
+def build_tables(winners: dict[tuple, object]) -> tuple[dict, dict]:
+    """(EXACT, RANGE) from {EXACT key: config} of any kernel family; RANGE for the families that have one
+    (the row family, along T)."""
+    from kernels.family import family_of_key
+
+    exact = dict(sorted(winners.items()))  # two families' keys differ in their first item, the op
     families: dict[tuple, dict[int, KernelConfig]] = {}
     for key, cfg in exact.items():
-        families.setdefault(key[:-1], {})[key[-1]] = cfg
+        if family_of_key(key).has_range:
+            families.setdefault(key[:-1], {})[key[-1]] = cfg
     return exact, {k: range_segments(v) for k, v in sorted(families.items())}

@@ -7,8 +7,8 @@ from __future__ import annotations
 import datetime as _dt
 from pathlib import Path
 
-from kernels.config import KNOB_CHOICES, KernelConfig, violations
-from kernels.luts import EXACT_KEY, LUT_FORMAT, MODULE_NAME, RANGE_KEY, LutFormatError, LutModule, read_lut
+from kernels.family import families, family_of_key, key_error
+from kernels.luts import LUT_FORMAT, MODULE_NAME, RANGE_KEY, LutFormatError, LutModule, read_lut
 from kernels.problem import Problem
 from sweep.schema import BACKENDS, SCHEMA_VERSION
 
@@ -84,75 +84,78 @@ def check_metadata(lut: LutModule, shipped: bool) -> list[str]:
     return errs
 
 
-def _check_key(key, layout: tuple) -> str | None:
-    if not isinstance(key, tuple) or len(key) != len(layout):
-        return f"key must be a {len(layout)}-tuple {layout}"
-    for name, v in zip(layout, key):
-        want_int = name in ("C", "heads", "T")
-        if want_int and (type(v) is not int or v < (0 if name == "T" else 1)):
-            return f"{name}={v!r} must be an int >= {0 if name == 'T' else 1}"
-        if not want_int and not isinstance(v, str):
-            return f"{name}={v!r} must be a str"
-    return None
-
-
 def _problem(key: tuple, T: int) -> Problem:
+    """The row problem of a RANGE key at T."""
     op, out, layout, dtype, C, heads = key[:6]
     return Problem(op=op, T=T, C=C, in_dtype=dtype, out_format=out, heads=heads, scale_layout=layout)
 
 
-def _config(knobs) -> tuple[KernelConfig | None, list[str]]:
-    """The config of a knob dict, or the reasons it is not one (names and values checked strictly)."""
+def _config(fam, knobs) -> tuple[object | None, list[str]]:
+    """The `fam` config of a knob dict, or the reasons it is not one (names and values checked strictly)."""
     if not isinstance(knobs, dict):
         return None, [f"knobs must be a dict, got {type(knobs).__name__}"]
-    errs = [f"unknown knob {k!r}" for k in knobs if k not in KNOB_CHOICES]
-    errs += [f"missing knob {k!r}" for k in KNOB_CHOICES if k not in knobs]
-    for k, choices in KNOB_CHOICES.items():
+    choices_of = fam.knob_choices
+    errs = [f"unknown knob {k!r}" for k in knobs if k not in choices_of]
+    errs += [f"missing knob {k!r}" for k in choices_of if k not in knobs]
+    for k, choices in choices_of.items():
         if k in knobs:
             v = knobs[k]
             if type(v) is not type(choices[0]) or v not in choices:
                 errs.append(f"{k}={v!r} not in {choices}")
-    return (None, errs) if errs else (KernelConfig(**knobs), [])
+    return (None, errs) if errs else (fam.config_type(**knobs), [])
 
 
-def _entry(lut: LutModule, where: str, p: Problem, knobs) -> tuple[KernelConfig | None, list[str]]:
+def _entry(lut: LutModule, where: str, p, knobs, fam=None) -> tuple[object | None, list[str]]:
     """The entry's config if its knobs are known and valid for `p` on the module's arch."""
-    cfg, errs = _config(knobs)
+    fam = fam or families()["row"]
+    cfg, errs = _config(fam, knobs)
     if errs:
         return None, [f"{where}: {e}" for e in errs]
     arch = lut.metadata.get("arch")
     if type(arch) is not int:
         return cfg, []  # constraints depend on the arch; check_metadata already reports it
-    why = violations(p, cfg, arch)
+    why = fam.violations(p, cfg, arch)
     if why:
         return None, [f"{where}: {cfg.short()} invalid for the shape: {'; '.join(why)}"]
     return cfg, []
 
 
-def _keyed_problem(where: str, key, layout: tuple) -> tuple[Problem | None, list[str]]:
-    bad = _check_key(key, layout)
+def _exact_problem(where: str, key) -> tuple[object, object | None, list[str]]:
+    """(family, problem, errors) of an EXACT key of any family."""
+    try:
+        fam = family_of_key(key)
+    except ValueError as e:
+        return None, None, [f"{where}: {e}"]
+    try:
+        return fam, fam.problem_of_key(key), []
+    except ValueError as e:
+        return fam, None, [f"{where}: {e}"]
+
+
+def _range_problem(where: str, key) -> tuple[Problem | None, list[str]]:
+    bad = key_error(key, RANGE_KEY)
     if bad:
         return None, [f"{where}: {bad}"]
     try:
-        return _problem(key, key[6] if len(key) == 7 else 0), []
+        return _problem(key, 0), []
     except ValueError as e:
         return None, [f"{where}: {e}"]
 
 
 def check_tables(lut: LutModule) -> list[str]:
     errs: list[str] = []
-    exact: dict[tuple, KernelConfig] = {}
+    exact: dict[tuple, object] = {}
     for key, knobs in lut.exact.items():
         where = f"EXACT[{key!r}]"
-        p, e = _keyed_problem(where, key, EXACT_KEY)
-        cfg, e2 = _entry(lut, where, p, knobs) if p else (None, [])
+        fam, p, e = _exact_problem(where, key)
+        cfg, e2 = _entry(lut, where, p, knobs, fam) if p else (None, [])
         errs += e + e2
-        if cfg is not None:
+        if cfg is not None and fam.has_range:
             exact[key] = cfg
     ranges: dict[tuple, list] = {}
     for key, segments in lut.range.items():
         where = f"RANGE[{key!r}]"
-        p, e = _keyed_problem(where, key, RANGE_KEY)
+        p, e = _range_problem(where, key)
         if p is None:
             errs += e
             continue
@@ -190,7 +193,7 @@ def check_tables(lut: LutModule) -> list[str]:
             if at != cfg:
                 errs.append(f"EXACT[{key!r}]: RANGE gives {at.short() if at else 'no config'} at T={key[-1]} but "
                             f"EXACT says {cfg.short()}")
-    swept = {k[:-1] for k in lut.exact if isinstance(k, tuple)}
+    swept = {k[:-1] for k in lut.exact if isinstance(k, tuple) and len(k) == len(RANGE_KEY) + 1}
     errs += [f"RANGE[{k!r}]: no EXACT (swept) point backs it" for k in lut.range if k not in swept]
     if not lut.exact:
         errs.append("EXACT is empty: a LUT with no tuned entries is not worth shipping")
@@ -272,21 +275,25 @@ def check_module(lut: LutModule, shipped: bool = False) -> list[str]:
 
 
 def compile_entries(lut: LutModule) -> list[str]:
-    """Compile every distinct (problem family, config) of the module for its arch (no GPU needed)."""
-    from kernels.compile_cache import KernelCompileError, arch_name, precompile
+    """Compile every distinct (compiled kernel, config) of the module for its arch (no GPU needed)."""
+    from kernels.compile_cache import KernelCompileError, arch_name
 
     arch = arch_name(lut.metadata["arch"])
-    todo: dict[tuple, tuple[Problem, KernelConfig]] = {}
+    row = families()["row"]
+    todo: dict[tuple, tuple] = {}
     for key, knobs in lut.exact.items():
-        todo[(key[:-1], tuple(knobs.items()))] = (_problem(key, key[-1]), KernelConfig(**knobs))
+        fam = family_of_key(key)
+        p = fam.problem_of_key(key)
+        todo[(fam.name, fam.compile_key(p), tuple(knobs.items()))] = (fam, p, fam.config_type(**knobs))
     for key, segments in lut.range.items():
         for _, knobs in segments:
             if knobs is not None:
-                todo[(key, tuple(knobs.items()))] = (_problem(key, 1), KernelConfig(**knobs))
+                p = _problem(key, 1)
+                todo[(row.name, row.compile_key(p), tuple(knobs.items()))] = (row, p, row.config_type(**knobs))
     errs = []
-    for p, cfg in todo.values():
+    for fam, p, cfg in todo.values():
         try:
-            precompile(p, cfg, arch)
+            fam.precompile(p, cfg, arch)
         except KernelCompileError as e:
             errs.append(f"compile {arch}: {e}")
         except Exception as e:  # any other failure is a kernel bug the LUT must not ship with

@@ -7,10 +7,10 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from kernels.config import KNOB_CHOICES, KernelConfig, heuristic, violations
-from kernels.luts import EXACT_KEY
-from kernels.problem import Problem
+from kernels.config import KernelConfig
+from kernels.family import families
 from sweep.results_io import OWN_IMPLS, PROBLEM_DEFAULTS
+from sweep.schema import knob_columns
 from sweep.study import TIE_FRACTION, pick_winner
 
 from .render import utc_stamp
@@ -21,7 +21,7 @@ USED_KINDS = ("trial", "rebench")  # bench rows measure peers or already-exporte
 
 @dataclass(frozen=True)
 class Winner:
-    config: KernelConfig
+    config: object  # the problem family's config
     median_us: float
     kind: str  # rows it was chosen from: rebench | trial
     candidates: int  # distinct valid configs compared
@@ -61,15 +61,19 @@ def parse_arch(arch) -> int | None:
 
 def select_rows(df: pd.DataFrame, arch=None, device_class: str | None = None,
                 allow_synthetic: bool = False) -> UsableRows:
-    """The usable rows for one (arch, device class): status ok, with knobs, from trials or re-benches of
-    lutforge itself. Synthetic-backend rows are refused unless `allow_synthetic` (tests only)."""
+    """The usable rows for one (arch, device class): status ok, with their family's knobs, from trials or
+    re-benches of lutforge itself. Synthetic-backend rows are refused unless `allow_synthetic` (tests only)."""
     if not isinstance(df, pd.DataFrame):
         raise TypeError(f"expected a DataFrame of result rows, got {type(df).__name__}")
     arch = parse_arch(arch)
-    knob_cols = [f"knob_{k}" for k in KNOB_CHOICES]
-    df = df.assign(**{col: df[col].fillna(default) for col, default in PROBLEM_DEFAULTS.items()})
-    own = (df["kind"].isin(USED_KINDS) & (df["impl"].isna() | df["impl"].isin(OWN_IMPLS))
-           & df[knob_cols].notna().all(axis=1))
+    df = df.assign(**{col: df[col].fillna(default) if col in df else default
+                      for col, default in PROBLEM_DEFAULTS.items()})
+    has_knobs = pd.Series(False, index=df.index)
+    for fam in families().values():
+        cols = [c for c in knob_columns(fam) if c in df]
+        if len(cols) == len(fam.knob_choices):
+            has_knobs |= (df["family"] == fam.name) & df[cols].notna().all(axis=1)
+    own = df["kind"].isin(USED_KINDS) & (df["impl"].isna() | df["impl"].isin(OWN_IMPLS)) & has_knobs
     ok = own & (df["status"] == "ok") & (df["median_us"] > 0)
     if arch is not None:
         ok &= df["sm"] == arch
@@ -101,39 +105,51 @@ def select_rows(df: pd.DataFrame, arch=None, device_class: str | None = None,
 
 
 def row_config(row) -> KernelConfig:
-    """The KernelConfig of a result row, knob values converted to the Python types of KNOB_CHOICES."""
-    d = {}
-    for name, choices in KNOB_CHOICES.items():
-        v = row[f"knob_{name}"]
-        t = type(choices[0])
-        d[name] = bool(v) if t is bool else int(v) if t is int else str(v)
-    return KernelConfig(**d)
+    """The KernelConfig of a row-family result row (knob values as the Python types of its choices)."""
+    return families()["row"].row_config(row)
+
+
+def _typed_key(fam, values) -> tuple:
+    return tuple(int(v) if k in ("C", "heads", "T", "N", "S") else str(v) for k, v in zip(fam.key_fields, values))
+
+
+def swept_keys(rows: pd.DataFrame) -> set[tuple]:
+    """The EXACT keys of every problem in `rows` (any family)."""
+    out = set()
+    for fam in families().values():
+        mine = rows[rows["family"] == fam.name]
+        out |= {_typed_key(fam, k) for k in mine[list(fam.key_fields)].drop_duplicates().itertuples(index=False)}
+    return out
 
 
 def pick_winners(sel: UsableRows) -> tuple[dict[tuple, Winner], list[str]]:
-    """Winner per EXACT_KEY problem, and notes about rows that could not be used."""
+    """Winner per problem (keyed by its family's EXACT key), and notes about rows that could not be used."""
     notes = []
     winners: dict[tuple, Winner] = {}
-    rows = sel.rows
-    for key, group in rows.groupby(list(EXACT_KEY), sort=True):
-        op, out, layout, dtype, C, heads, T = key
-        key = (str(op), str(out), str(layout), str(dtype), int(C), int(heads), int(T))
+    for fam in families().values():
+        _family_winners(fam, sel, winners, notes)
+    return dict(sorted(winners.items())), notes  # keys of two families differ in their first item, the op
+
+
+def _family_winners(fam, sel: UsableRows, winners: dict, notes: list) -> None:
+    rows = sel.rows[sel.rows["family"] == fam.name]
+    for key, group in rows.groupby(list(fam.key_fields), sort=True):
+        key = _typed_key(fam, key)
         try:
-            p = Problem(op=key[0], T=key[6], C=key[4], in_dtype=key[3], out_format=key[1], heads=key[5],
-                        scale_layout=key[2])
+            p = fam.from_key(*key)
         except ValueError as e:
             notes.append(f"{key}: not a valid problem ({e}); skipped")
             continue
         kind = "rebench" if (group["kind"] == "rebench").any() else "trial"
         group = group[group["kind"] == kind]
-        times: dict[KernelConfig, list[float]] = {}
+        times: dict = {}
         for _, r in group.iterrows():
             try:
-                cfg = row_config(r)
+                cfg = fam.row_config(r)
             except (TypeError, ValueError) as e:
                 notes.append(f"{key}: unreadable knobs ({e}); row skipped")
                 continue
-            why = violations(p, cfg, sel.arch)
+            why = fam.violations(p, cfg, sel.arch)
             if why:
                 notes.append(f"{key}: {cfg.short()} breaks current constraints ({why[0]}); row skipped")
                 continue
@@ -141,7 +157,7 @@ def pick_winners(sel: UsableRows) -> tuple[dict[tuple, Winner], list[str]]:
         if not times:
             notes.append(f"{key}: no valid measured config; left to the heuristic")
             continue
-        heur = heuristic(p, sel.arch)
+        heur = fam.heuristic(p, sel.arch)
         if heur not in times:
             # A table entry must beat what dispatch does without it: unknown unless today's heuristic was timed
             # alongside. The heuristic of the sweep's time is not enough: on the H200 the rmsnorm 1560x64 entry,
@@ -150,11 +166,10 @@ def pick_winners(sel: UsableRows) -> tuple[dict[tuple, Winner], list[str]]:
                          "left to the heuristic")
             continue
         # Sorted so that full ties (same simplicity and median) do not depend on row order.
-        med = {cfg: float(pd.Series(times[cfg]).median()) for cfg in sorted(times, key=KernelConfig.short)}
+        med = {cfg: float(pd.Series(times[cfg]).median()) for cfg in sorted(times, key=lambda c: c.short())}
         win, reason = pick_winner(med, heur)
         # current_kernel_rows left one kernel source per problem; several would mean unknown.
         sources = set(group["kernel_source"].dropna().astype(str))
         stamps = [s for s in map(utc_stamp, group["timestamp"]) if s]
         winners[key] = Winner(win, med[win], kind, len(med), tuple(sorted(set(group["run_id"].dropna()))),
                               reason, sources.pop() if len(sources) == 1 else None, max(stamps, default=None))
-    return winners, notes

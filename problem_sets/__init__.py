@@ -1,8 +1,10 @@
-"""Named sets of problem shapes, one TOML file per set, expanded to kernels.problem.Problem lists.
+"""Named sets of problem shapes, one TOML file per set, expanded to problems of a kernel family.
 
-A set file holds a ``description`` and an ``[axes]`` table whose lists are crossed (cartesian product):
-either ``hidden`` x ``tokens`` (row ops: C = hidden) or ``head_dim`` x ``heads`` x ``tokens`` (per-head
-ops such as qk_rmsnorm: C = head_dim, rows = tokens * heads). The set name is the file name's stem.
+A set file holds a ``description`` and either an ``[axes]`` table whose lists are crossed (cartesian
+product): ``hidden`` x ``tokens`` (row ops: C = hidden) or ``head_dim`` x ``heads`` x ``tokens`` (per-head
+ops such as qk_rmsnorm: C = head_dim, rows = tokens * heads); or a ``[channel_first]`` table whose
+``shapes`` list holds [C, N, S] triples (channel-first ops, kernels/channel_first.py: x walked as [N, C, S],
+normalised over C; real models' shapes are triples, not a cross product). The set name is the file's stem.
 """
 from __future__ import annotations
 
@@ -15,22 +17,26 @@ try:
 except ModuleNotFoundError:  # Python < 3.11
     import tomli as tomllib
 
+from kernels.channel_first import ChannelFirstProblem
+from kernels.family import family_of_op
 from kernels.problem import OPS, Problem
 
 SETS_DIR = Path(__file__).resolve().parent
 ROW_AXES = ("hidden", "tokens")
 PER_HEAD_AXES = ("head_dim", "heads", "tokens")
-_TOP_KEYS = ("description", "axes")
+_TOP_KEYS = ("description", "axes", "channel_first")
 
 
 @dataclass(frozen=True)
 class ProblemSet:
-    """One named set: shapes are (T, C, heads) tuples; heads is 1 for row sets."""
+    """One named set: shapes are (T, C, heads) tuples (heads 1 for row sets), or (C, N, S) triples of a
+    channel-first set (family "channel_first")."""
 
     name: str
     description: str
     per_head: bool
     shapes: list[tuple[int, int, int]]
+    family: str = "row"
 
 
 def _dir(directory) -> Path:
@@ -76,9 +82,11 @@ def load(name: str, directory=None) -> ProblemSet:
     description = data.get("description")
     if not isinstance(description, str) or not description.strip():
         raise ValueError(f"{path.name}: description must be a non-empty string")
+    if "channel_first" in data:
+        return _channel_first_set(path, name, description.strip(), data)
     axes = data.get("axes")
     if not isinstance(axes, dict):
-        raise ValueError(f"{path.name}: axes must be a table ([axes])")
+        raise ValueError(f"{path.name}: axes must be a table ([axes]), or give a [channel_first] table")
     if set(axes) == set(ROW_AXES):
         hidden, tokens = _axis(path, axes, "hidden", 1), _axis(path, axes, "tokens", 1)
         shapes = [(t, c, 1) for c, t in itertools.product(hidden, tokens)]
@@ -94,12 +102,38 @@ def load(name: str, directory=None) -> ProblemSet:
     return ProblemSet(name=name, description=description.strip(), per_head=per_head, shapes=shapes)
 
 
+def _channel_first_set(path: Path, name: str, description: str, data: dict) -> ProblemSet:
+    if "axes" in data:
+        raise ValueError(f"{path.name}: give [axes] or [channel_first], not both")
+    table = data["channel_first"]
+    if not isinstance(table, dict) or set(table) != {"shapes"}:
+        raise ValueError(f"{path.name}: [channel_first] must hold exactly `shapes`, a list of [C, N, S]")
+    shapes = table["shapes"]
+    if not isinstance(shapes, list) or not shapes:
+        raise ValueError(f"{path.name}: channel_first.shapes must be a non-empty list of [C, N, S]")
+    for v in shapes:
+        if not (isinstance(v, list) and len(v) == 3 and all(type(d) is int for d in v) and v[0] >= 1
+                and min(v) >= 1):
+            raise ValueError(f"{path.name}: channel_first.shapes entries are [C, N, S] integers >= 1, got {v!r}")
+    triples = [tuple(v) for v in shapes]
+    if len(set(triples)) != len(triples):
+        raise ValueError(f"{path.name}: channel_first.shapes has duplicate entries")
+    return ProblemSet(name=name, description=description, per_head=False, shapes=triples, family="channel_first")
+
+
 def problems(set_name: str, op: str, in_dtype: str, out_format: str, scale_layout: str = "rowmajor",
-             directory=None) -> list[Problem]:
-    """The set's shapes as Problems for one op/dtype/output format (Problem validates the combination)."""
+             directory=None) -> list:
+    """The set's shapes as problems of `op`'s family for one dtype/output format (the problem type validates
+    the combination)."""
     ps = load(set_name, directory)
-    if op not in OPS:
-        raise ValueError(f"unknown op {op!r}; known: {', '.join(OPS)}")
+    fam = family_of_op(op).name  # ValueError for an unknown op
+    if fam != ps.family:
+        raise ValueError(f"{op} is a {fam.replace('_', '-')} op but set {set_name!r} is a "
+                         f"{ps.family.replace('_', '-')} set")
+    if fam == "channel_first":
+        if scale_layout != "rowmajor":
+            raise ValueError("channel-first ops write no FP4 block scales (scale_layout rowmajor)")
+        return [ChannelFirstProblem.from_op(op, n, c, s, in_dtype, out_format) for c, n, s in ps.shapes]
     if OPS[op].per_head != ps.per_head:
         def kind(per_head: bool) -> str:
             return "per-head" if per_head else "row"

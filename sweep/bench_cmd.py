@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from .results_io import size_label
 from .sweep_cmd import check_gpus, chosen_problems, out_label, problem_options
 from .trial_worker import BACKENDS
 
@@ -22,8 +23,8 @@ def bench(problems, peers: list[str], backend: str, results_dir: Path, trial_tim
     to Parquet under `results_dir` as they are measured (in batches), so a stopped bench keeps them.
     `progress(problem)` is called after each problem."""
     from kernels.compile_cache import arch_number
-    from kernels.config import heuristic
     from kernels.dispatch import select_config
+    from kernels.family import family_of
 
     from .peers import unsupported
     from .provenance import make_row
@@ -46,7 +47,8 @@ def bench(problems, peers: list[str], backend: str, results_dir: Path, trial_tim
             rows.append(r)
             writer.add(r)
 
-        chosen = [(p, pset, *select_config(p, arch, dev["device_class"]), heuristic(p, arch)) for p, pset in problems]
+        chosen = [(p, pset, *select_config(p, arch, dev["device_class"]), family_of(p).heuristic(p, arch))
+                  for p, pset in problems]
         with ThreadPoolExecutor(ev.n_compile) as pool:  # compile everything first, in parallel
             list(pool.map(lambda pc: ev.compile(*pc), {(c[0], k) for c in chosen for k in (c[2], c[4])}))
         for p, pset, cfg, tier, heur in chosen:
@@ -78,7 +80,7 @@ def format_table(rows: list[dict], impls: list[str]) -> str:
     by_problem: dict[tuple, dict[str, dict]] = {}
     for r in rows:
         out = out_label(r["out_format"], r["scale_layout"])
-        by_problem.setdefault((r["op"], out, r["T"], r["C"], r["heads"]), {})[r["impl"]] = r
+        by_problem.setdefault((r["op"], out, size_label(r), r["C"], r["heads"]), {})[r["impl"]] = r
     head = f"{'op':<24} {'out':<10} {'T':>8} {'C':>6}  " + " ".join(f"{i[:18]:>18}" for i in impls)
     lines = [head, "-" * len(head), "(GB/s; us in brackets; a status where the impl did not measure ok)"]
     for (op, out, T, C, _h), by_impl in by_problem.items():

@@ -59,13 +59,15 @@ import pandas as pd
 import problem_sets
 from kernels.config import (RELATIVE_KNOBS, KernelConfig, analytical_heuristic, corrected, fallback_features,
                             learned, relative_of)
+from kernels.family import families
 from kernels.problem import Problem
 from lut_export.winners import row_config
 
-from .results_io import PROBLEM_COLUMNS, current_kernel_rows, read_results
-from .schema import ADDED_IN, KNOB_COLUMNS
+from .results_io import current_kernel_rows, read_results
+from .schema import ADDED_IN, knob_columns
 
-KEY = ("device_class", *PROBLEM_COLUMNS)
+ROW_KNOBS = knob_columns(families()["row"])  # the fallback is the row family's
+KEY = ("device_class", "op", "out_format", "in_dtype", "scale_layout", "heads", "T", "C")
 FEATURES = ("C", "rows", "ideal_bytes", "out_bits", "per_head", "residual", "max_vec")
 BINARY = ("per_head", "residual")
 TOP_K = 3  # candidates come from each training problem's fastest configs
@@ -84,6 +86,7 @@ def load_rows(results_dirs, arch: int) -> pd.DataFrame:
     df = pd.concat([read_results(d) for d in results_dirs], ignore_index=True)
     df = current_kernel_rows(df)  # before filtering: bench rows also decide which kernel source is current
     ok = (df["kind"].isin(("trial", "rebench")) & (df["status"] == "ok") & (df["backend"] == "gpu")
+          & (df["family"] == "row")
           & (pd.to_numeric(df["sm"], errors="coerce") == arch) & (df["median_us"] > 0) & df["knob_threads"].notna())
     return df[ok].reset_index(drop=True)
 
@@ -126,14 +129,14 @@ def measured_problems(rows: pd.DataFrame) -> list[Measured]:
         d = dict(zip(KEY, key))
         p = Problem(d["op"], int(d["T"]), int(d["C"]), d["in_dtype"], d["out_format"], int(d["heads"]),
                     d["scale_layout"])
-        g = g.assign(_cfg=[row_config(r) for r in g[KNOB_COLUMNS].to_dict("records")])
+        g = g.assign(_cfg=[row_config(r) for r in g[ROW_KNOBS].to_dict("records")])
         times = {}
         for cfg, h in g.groupby("_cfg", sort=False):
             rb = h[h["kind"] == "rebench"]
             times[cfg] = float((rb if len(rb) else h)["median_us"].median())
         best = min(times.values())
         version = int(g["schema_version"].max())
-        absent = tuple(c[5:] for c, v in ADDED_IN.items() if c.startswith("knob_") and v > version)
+        absent = tuple(c[5:] for c, v in ADDED_IN.items() if c in ROW_KNOBS and v > version)
         out.append(Measured(tuple(d[k] for k in KEY), p, d["device_class"], {c: t / best for c, t in times.items()},
                             tuple(sorted(set(g["run_id"].astype(str)))), len(g), absent))
     return out

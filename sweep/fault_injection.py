@@ -24,7 +24,7 @@ def fault_for(env: str, kinds: tuple[str, ...], p: Problem, cfg: KernelConfig) -
     if not isinstance(faults, list) or not all(isinstance(f, dict) and f.get("fault") in kinds
                                                and isinstance(f.get("when"), dict) for f in faults):
         raise ValueError(f"{env} must be a list of {{'when': {{knob: value}}, 'fault': one of {kinds}}}")
-    d = {**cfg.as_dict(), "T": p.T, "C": p.C, "op": p.op, "out_format": p.out_format}
+    d = {**cfg.as_dict(), "T": getattr(p, "T", None), "C": p.C, "op": p.op, "out_format": p.out_format}
     for f in faults:
         if all(d.get(k) == v for k, v in f["when"].items()):
             return f["fault"]

@@ -23,15 +23,17 @@ import click
 import numpy as np
 import pandas as pd
 
+from kernels.family import families
 from kernels.problem import OPS
 
 from .report import (BEST_PEER, BEST_TRIAL, HEURISTIC, LUTFORGE, PROBLEM_KEY, best_peer, filter_rows, load_ok_rows,
                      peer_names, picks, reference, speedups)
+from .results_io import size_label
 
 METRICS = ("pct_copy", "gbps", "vs_peer", "speedup_vs_heuristic")
 SERIES = (LUTFORGE, BEST_TRIAL)  # whose numbers a view shows: the public op, or the best sweep trial
 SERIES_LABEL = {LUTFORGE: "lutforge (public op)", BEST_TRIAL: "best trial", HEURISTIC: "lutforge heuristic"}
-FACET_KEY = ["op", "out_format", "in_dtype", "scale_layout", "heads"]  # PROBLEM_KEY less T and C
+FACET_KEY = ["family", "op", "out_format", "in_dtype", "scale_layout", "heads"]  # a facet: one kind of kernel
 NO_SET = "(no problem set)"
 DIV_ID = "lutforge-heatmap"  # the plotly graph div, for scripts and tests that inspect the page
 NO_DATA = "–"  # the text of a cell the shown view has no row for
@@ -82,19 +84,27 @@ class Facet:
 
     problem_set: str
     key: tuple  # FACET_KEY values
-    Ts: list[int]
+    Ts: list[str]  # x labels in axis order: T (row family) or N x S (channel-first)
     Cs: list[int]
-    problems: frozenset  # problem keys (FACET_KEY values + T, C) of this set
+    cells: dict  # (x label, C) -> problem key (PROBLEM_KEY values) of this set's problems
+
+    @property
+    def per_head(self) -> bool:
+        return self.key[1] in OPS and OPS[self.key[1]].per_head
 
     @property
     def title_lines(self) -> list[str]:
-        op, out, in_dtype, layout, heads = self.key
+        _family, op, out, in_dtype, layout, heads = self.key
         second = f"{in_dtype} → {out}"
-        if OPS[op].fp4_scales:
+        if op in OPS and OPS[op].fp4_scales:
             second += f", {layout} scales"
-        if OPS[op].per_head:
+        if self.per_head:
             second += f", {heads} heads"
         return [f"{self.problem_set} · {op}", second]
+
+    @property
+    def x_title(self) -> str:
+        return "tokens T" if self.key[0] == "row" else "positions N x S"
 
     @property
     def name(self) -> str:
@@ -213,14 +223,20 @@ def problem_members(rows: pd.DataFrame, runs: list[str] | None = None) -> pd.Dat
     return members.drop_duplicates()
 
 
+def _x_order(r: dict) -> tuple:
+    return (int(r["T"]), int(r["N"]))
+
+
 def make_facets(members: pd.DataFrame) -> list[Facet]:
-    """One facet per problem set x FACET_KEY, ordered by set, then op as `OPS` lists them, then formats."""
-    op_order = {op: i for i, op in enumerate(OPS)}
+    """One facet per problem set x FACET_KEY, ordered by set, then op as the families list them, then formats."""
+    op_order = {op: i for i, op in enumerate(o for f in families().values() for o in f.ops)}
     out = []
     for (pset, *key), m in members.groupby(["problem_set"] + FACET_KEY, sort=False):
-        out.append(Facet(pset, tuple(key), sorted(m["T"].unique().tolist()), sorted(m["C"].unique().tolist()),
-                         frozenset(_key(r) for r in m.to_dict("records"))))
-    return sorted(out, key=lambda f: (f.problem_set, op_order[f.key[0]], *f.key[1:]))
+        recs = sorted(m.to_dict("records"), key=_x_order)
+        xs = list(dict.fromkeys(size_label(r) for r in recs))
+        out.append(Facet(pset, tuple(key), xs, sorted(m["C"].unique().tolist()),
+                         {(size_label(r), r["C"]): _key(r) for r in recs}))
+    return sorted(out, key=lambda f: (f.problem_set, op_order[f.key[1]], *f.key[2:]))
 
 
 # --- one view on one facet ----------------------------------------------------------------------------
@@ -247,8 +263,8 @@ def facet_grid(facet: Facet, view: View, have: dict[str, set]) -> Grid:
     for c in facet.Cs:
         row: tuple[list, list, list, list] = ([], [], [], [])
         for t in facet.Ts:
-            k = (*facet.key, t, c)
-            if k not in facet.problems:
+            k = facet.cells.get((t, c))
+            if k is None:
                 cell = (None, "", "", "")  # white, no hover: the set has no problem here
             elif k in view.cells:
                 v, s = view.cells[k]
@@ -266,13 +282,14 @@ def facet_grid(facet: Facet, view: View, have: dict[str, set]) -> Grid:
 def hover_template(facet: Facet, view: View) -> str:
     """Shape, the view's headline and the cell's hovertext (its value or why none), then every series'
     numbers (customdata)."""
-    heads = f" ({facet.key[4]} heads)" if OPS[facet.key[0]].per_head else ""
-    return f"T=%{{x}} C=%{{y}}{heads}<br>{view.headline}%{{hovertext}}<br>%{{customdata}}<extra></extra>"
+    heads = f" ({facet.key[5]} heads)" if facet.per_head else ""
+    x = "T" if facet.key[0] == "row" else "N x S"
+    return f"{x}=%{{x}} C=%{{y}}{heads}<br>{view.headline}%{{hovertext}}<br>%{{customdata}}<extra></extra>"
 
 
 def shape_z(facet: Facet) -> list:
     """The shapes layer's z: a cell (0, grey) for each problem of the facet, a gap elsewhere."""
-    return [[0 if (*facet.key, t, c) in facet.problems else None for t in facet.Ts] for c in facet.Cs]
+    return [[0 if (t, c) in facet.cells else None for t in facet.Ts] for c in facet.Cs]
 
 
 def restyle_args(facets: list[Facet], view: View, grids: list[Grid]) -> dict:
@@ -293,9 +310,9 @@ def facet_traces(i: int, facet: Facet, view: View, grid: Grid, details: dict[tup
     import plotly.graph_objects as go
 
     n = "" if i == 0 else str(i + 1)
-    where = dict(x=[str(t) for t in facet.Ts], y=[str(c) for c in facet.Cs], xaxis=f"x{n}", yaxis=f"y{n}",
+    where = dict(x=list(facet.Ts), y=[str(c) for c in facet.Cs], xaxis=f"x{n}", yaxis=f"y{n}",
                  xgap=1, ygap=1, texttemplate="%{text}", textfont=dict(size=11), name=facet.name)
-    details = [[details.get((*facet.key, t, c), "") for t in facet.Ts] for c in facet.Cs]
+    details = [[details.get(facet.cells.get((t, c)), "") for t in facet.Ts] for c in facet.Cs]
     shapes = go.Heatmap(**where, z=shape_z(facet), colorscale=[[0, SHAPE_GREY], [1, SHAPE_GREY]], showscale=False,
                         text=grid.missing, hovertext=grid.hover, hovertemplate=hover_template(facet, view),
                         customdata=details, hoverongaps=False, meta=SHAPES)  # no hover where the set has no shape
@@ -338,10 +355,11 @@ def _axes(i: int, f: Facet, rect, W: float, H: float) -> dict:
     where the facet is too low for the long one)."""
     left, top, w, h = rect
     n = "" if i == 0 else str(i + 1)
-    y_title = ("head dim C" if OPS[f.key[0]].per_head else "hidden C") if len(f.Cs) >= 3 else "C"
+    y_title = ("head dim C" if f.per_head else "hidden C" if f.key[0] == "row" else "channels C") \
+        if len(f.Cs) >= 3 else "C"
     common = dict(type="category", fixedrange=True, tickfont=dict(size=10), showgrid=False, title_standoff=4)
-    return {f"xaxis{n}": dict(common, domain=[left / W, (left + w) / W], anchor=f"y{n}", title_text="tokens T",
-                              categoryorder="array", categoryarray=[str(t) for t in f.Ts]),
+    return {f"xaxis{n}": dict(common, domain=[left / W, (left + w) / W], anchor=f"y{n}", title_text=f.x_title,
+                              categoryorder="array", categoryarray=list(f.Ts)),
             f"yaxis{n}": dict(common, domain=[1 - (top + h) / H, 1 - top / H], anchor=f"x{n}", title_text=y_title,
                               categoryorder="array", categoryarray=[str(c) for c in f.Cs])}
 

@@ -5,13 +5,16 @@ formula (fp32 inside, SiLU, static fp8 quantisation) writing into the preallocat
 rmsnorm_fwd, liger's LigerRMSNormFunction and flashinfer's norm ops are called through their public
 APIs. A peer is checked against lutforge's reference (kernels.runner.check) before it is timed, so a
 peer that computes something else is recorded wrong_result, not compared. A peer that cannot do an
-op/output format is skipped with the reason `unsupported` gives.
+op/output format is skipped with the reason `unsupported` gives. Channel-first problems (kernels.family's
+channel_first family) have the torch peers only: diffusers' WanRMS_norm maths (F.normalize over dim 1,
+times sqrt(C) * gamma, plus bias; or RMSNorm over dim 1) and SiLU, in fp32, on the same [N, C, S] tensors.
 """
 from __future__ import annotations
 
 import importlib.util
 from typing import Callable
 
+from kernels.family import family_of
 from kernels.problem import FP4_BLOCK, Problem
 
 PEERS = ("torch_eager", "torch_compile", "quack", "liger", "flashinfer")
@@ -45,6 +48,8 @@ def unsupported(problem: Problem, impl: str) -> str | None:
         raise ValueError(f"unknown peer {impl!r}; known: {', '.join(PEERS)}")
     if importlib.util.find_spec(_MODULE[impl]) is None:
         return f"{_MODULE[impl]} is not installed"
+    if family_of(problem).name == "channel_first":
+        return None if impl in ("torch_eager", "torch_compile") else f"{impl} has no channel-first norm"
     op, out = problem.op, problem.out_format
     if impl in ("torch_eager", "torch_compile"):
         if out in FP4_BLOCK:
@@ -90,26 +95,60 @@ def _eager_fn(p: Problem, eps: float, scale: float):
     return fn
 
 
-def build(impl: str, problem: Problem, case) -> tuple[Callable[[], object], Callable[[object], None]]:
+def _channel_first_fn(p, eps: float, scale: float):
+    """The channel-first op as torch ops over dim 1 of [N, C, S], fp32 inside, writing y in place."""
+    import math
+
+    import torch
+
+    def fn(x, w, b, y):
+        s = x.float()
+        if p.l2norm:
+            v = torch.nn.functional.normalize(s, dim=1, eps=eps) * math.sqrt(p.C)
+        else:
+            v = s * torch.rsqrt(s.square().mean(1, keepdim=True) + eps)
+        v = v * w.float().view(1, -1, 1)
+        if b is not None:
+            v = v + b.float().view(1, -1, 1)
+        if p.silu:
+            v = v * torch.sigmoid(v)
+        y.copy_((v / scale).clamp(-448.0, 448.0) if p.out_format == "fp8" else v)
+
+    return fn
+
+
+def _torch_peer(impl: str, p, case, make_fn):
+    """The eager function, or its torch.compile'd graph (one per problem, shared by its rotation sets)."""
+    import torch
+
+    fn = make_fn(p, case.eps, case.scale)
+    if impl == "torch_compile":
+        key = (p, case.eps, case.scale)
+        if key not in _COMPILED:
+            torch._dynamo.reset()  # forget earlier problems' graphs: no recompile-limit fallback
+            _COMPILED.clear()
+            _COMPILED[key] = torch.compile(fn, dynamic=False)
+        fn = _COMPILED[key]
+    return fn
+
+
+def build(impl: str, problem, case) -> tuple[Callable[[], object], Callable[[object], None]]:
     """(launch, write_back): launch runs the peer once on `case`; write_back puts a returned result into
-    the case's output tensors so kernels.runner.check can judge it (no-op for peers writing in place)."""
+    the case's output tensors so the family runner's check can judge it (no-op for peers writing in place)."""
     import torch
 
     p, a = problem, case.args
+    none = lambda _res: None  # noqa: E731
+    if family_of(p).name == "channel_first":
+        fn = _torch_peer(impl, p, case, _channel_first_fn)
+        x, w, b, y = a["x"], a["weight"], a.get("bias"), a["y"]
+        return (lambda: fn(x, w, b, y)), none
     x, w, r, y = a["x"], a["weight"], a.get("residual"), a.get("y")
     rows2d = not p.spec.per_head
     x2 = x.view(p.T, p.C) if rows2d else x
     y2 = None if y is None else (y.view(p.T, -1) if rows2d else y)
-    none = lambda _res: None  # noqa: E731
     if impl in ("torch_eager", "torch_compile"):
-        fn = _eager_fn(p, case.eps, case.scale)
-        if impl == "torch_compile":
-            key = (p, case.eps, case.scale)
-            if key not in _COMPILED:  # one compiled graph per problem, shared by its rotation sets
-                torch._dynamo.reset()  # forget earlier problems' graphs: no recompile-limit fallback
-                _COMPILED.clear()
-                _COMPILED[key] = torch.compile(fn, dynamic=False)
-            fn = _COMPILED[key]
+        fn = _torch_peer(impl, p, case, _eager_fn)
         return (lambda: fn(x2, w, r, y2)), none
     if impl == "quack":
         from quack.rmsnorm import rmsnorm_fwd
@@ -167,7 +206,7 @@ def build(impl: str, problem: Problem, case) -> tuple[Callable[[], object], Call
     raise ValueError(f"flashinfer peer has no mapping for {op}")
 
 
-def measure_peer(problem: Problem, impl: str) -> dict:
+def measure_peer(problem, impl: str) -> dict:
     """Check then time one peer on rotated buffers (runs in the timing process, on the GPU)."""
     from .trial_worker import check_then_time
 

@@ -140,22 +140,23 @@ def make_row(*, problem, result: dict, device: dict, copy_gbps: float | None, kn
              problem_set: str | None) -> dict:
     """One Parquet row: the measurement `result` (status, timings, errors) plus where it came from.
 
-    GB/s use kernels.problem.ideal_bytes (each tensor moved once); pct_copy compares with the copy
-    roofline measured by the same timing process.
+    GB/s use the family's ideal_bytes (each tensor moved once); pct_copy compares with the copy roofline
+    measured by the same timing process.
     """
-    from kernels.problem import ideal_bytes
+    from kernels.family import family_of
 
+    from .results_io import problem_columns
     from .timer import gbps as _gbps
 
-    nbytes = ideal_bytes(problem)
+    fam = family_of(problem)
+    nbytes = fam.ideal_bytes(problem)
     status = result["status"]
     median = result.get("median_us") if status == "ok" else None
     g = _gbps(nbytes, median)
     row = {
         "run_id": run_id, "study": study, "trial": trial, "kind": kind, "impl": impl,
         "config_source": config_source, "problem_set": problem_set,
-        "op": problem.op, "out_format": problem.out_format, "scale_layout": problem.scale_layout,
-        "in_dtype": problem.in_dtype, "T": problem.T, "C": problem.C, "heads": problem.heads,
+        **problem_columns(problem),
         "status": status, "error": result.get("error"),
         "median_us": median,
         "p20_us": result.get("p20_us") if status == "ok" else None,
@@ -173,4 +174,5 @@ def make_row(*, problem, result: dict, device: dict, copy_gbps: float | None, kn
     for k in ("device_name", "device_class", "sm", "sm_count", "sm_clock_mhz", "mem_clock_mhz", "driver", "cuda",
               "torch", "cutlass_dsl", "lutforge", "git_commit", "kernel_source", "backend"):
         row[k] = device.get(k)
+    row["kernel_source"] = fam.source_hash()  # the device's provenance names the row kernel's source
     return row

@@ -1,10 +1,12 @@
-"""lutforge as a user calls it: the public op of `kernels.ops` on a problem's case tensors, so what the
-report calls "lutforge" includes everything the op does per call on the GPU (runtime dispatch: LUT tier or
-fallback; any extra launch), not only the kernel a sweep timed."""
+"""lutforge as a user calls it: the public op (`kernels.ops` for the row family,
+`kernels.channel_first.channel_first_rmsnorm` for the channel-first one) on a problem's case tensors, so what
+the report calls "lutforge" includes everything the op does per call on the GPU (validation-cached runtime
+dispatch: LUT tier or fallback; any extra launch), not only the kernel a sweep timed."""
 from __future__ import annotations
 
 from typing import Callable
 
+from kernels.family import family_of
 from kernels.problem import FP4_BLOCK, Problem
 
 
@@ -41,12 +43,26 @@ def build(problem: Problem, case) -> Callable[[], object]:
     return lambda: fn(x, w, eps, out=y)
 
 
-def measure(problem: Problem) -> dict:
+def build_channel_first(problem, case) -> Callable[[], object]:
+    """channel_first_rmsnorm on a channel-first case, writing into its poisoned y."""
+    from kernels.channel_first import channel_first_rmsnorm
+
+    a, p = case.args, problem
+    x, w, b, y = a["x"], a["weight"], a.get("bias"), a["y"]
+    return lambda: channel_first_rmsnorm(x, w, b, case.eps, silu=p.silu, l2norm=p.l2norm, out=y, scale=case.scale)
+
+
+BUILDERS = {"row": build, "channel_first": build_channel_first}
+
+
+def measure_op(problem) -> dict:
     """Check then time the public op on rotated buffers (in the timing process, on the GPU)."""
     from .trial_worker import check_then_time
 
+    make = BUILDERS[family_of(problem).name]
+
     def make_launch(case):
-        launch = build(problem, case)
+        launch = make(problem, case)
         return launch, launch
 
     return check_then_time(problem, make_launch)

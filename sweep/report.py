@@ -15,15 +15,16 @@ import click
 import numpy as np
 import pandas as pd
 
-from kernels.config import KNOB_CHOICES
+from kernels.family import families
 from kernels.problem import FP4_BLOCK, OPS
 
 from .host_cost import IMPLS as HOST_IMPLS
 from .results_io import OWN_IMPLS, PROBLEM_COLUMNS, PROBLEM_DEFAULTS, read_results, superseded
-from .schema import KNOB_COLUMNS
+from .schema import KNOB_CHOICES, KNOB_COLUMNS
 
 # A problem: the shape and formats one measurement answers (the device is fixed per report/heatmap).
 PROBLEM_KEY = list(PROBLEM_COLUMNS)
+HOST_KEY = [c for c in PROBLEM_KEY if c not in ("family", "N", "S")]  # host cost is measured for row ops
 REQUIRED_COLUMNS = {"kind", "impl", "config_source", "status", "problem_set", "median_us", "gbps", "pct_copy",
                     "copy_gbps", "device_name", "backend", "run_id", *PROBLEM_KEY, *KNOB_COLUMNS}
 # "lutforge" is what a user's call of the public op gets (bench rows: runtime dispatch, LUT tier or
@@ -71,7 +72,7 @@ def load_ok_rows(results_dir: str | os.PathLike, ops: tuple[str, ...] = (), devi
     for col in ("op", "out_format", "in_dtype", "T", "C", "kind", "impl"):
         if ok[col].isna().any():
             raise ValueError(f"{int(ok[col].isna().sum())} ok rows have no {col}; the results are damaged")
-    foreign = sorted(set(ok["op"]) - set(OPS))
+    foreign = sorted(set(ok["op"]) - {o for f in families().values() for o in f.ops})
     if foreign:
         raise ValueError(f"rows name ops this lutforge does not know: {', '.join(foreign)}")
     bad_time = ~(ok["median_us"] > 0)
@@ -79,7 +80,7 @@ def load_ok_rows(results_dir: str | os.PathLike, ops: tuple[str, ...] = (), devi
         raise ValueError(f"{int(bad_time.sum())} ok rows have no positive median_us; the results are damaged")
     for col, default in PROBLEM_DEFAULTS.items():
         ok[col] = ok[col].fillna(default)
-    ok = ok.astype({"heads": "int64", "T": "int64", "C": "int64"})
+    ok = ok.astype({"heads": "int64", "T": "int64", "C": "int64", "N": "int64", "S": "int64"})
     return ok
 
 
@@ -96,6 +97,7 @@ def filter_rows(rows: pd.DataFrame, problem_set: str | None = None,
             raise ValueError(f"no rows of problem set {name!r}; sets there: {', '.join(there) or 'none'}")
     if shapes is not None:
         wanted = {(t, c, h or 1, h is not None) for t, c, h in shapes}
+        rows = rows[rows["family"] == "row"]  # --shapes names row shapes
         per_head = rows["op"].map(lambda op: OPS[op].per_head)
         key = zip(rows["T"], rows["C"], rows["heads"], per_head)
         rows = rows[[k in wanted for k in key]]
@@ -125,10 +127,10 @@ def render_host(host: pd.DataFrame) -> list[str]:
     torch's F.rms_norm at the same shape: at or below it, FP4 outputs within HOST_BUDGET_FP4 of it."""
     if host.empty:
         return []
-    per_run = host.groupby(["run_id"] + PROBLEM_KEY + ["impl"], sort=True)["host_us"].median().unstack("impl")
-    med = per_run.groupby(level=PROBLEM_KEY, sort=True).median()
+    per_run = host.groupby(["run_id"] + HOST_KEY + ["impl"], sort=True)["host_us"].median().unstack("impl")
+    med = per_run.groupby(level=HOST_KEY, sort=True).median()
     # the verdict compares lutforge with torch inside each run (same machine, same moment), then takes the median
-    ratio = (per_run["lutforge"] / per_run["torch_rms_norm"]).groupby(level=PROBLEM_KEY).median() \
+    ratio = (per_run["lutforge"] / per_run["torch_rms_norm"]).groupby(level=HOST_KEY).median() \
         if {"lutforge", "torch_rms_norm"} <= set(per_run.columns) else pd.Series(dtype=float)
     impls = [i for i in HOST_IMPLS if i in med.columns]
     runs = host["run_id"].nunique()
@@ -142,7 +144,7 @@ def render_host(host: pd.DataFrame) -> list[str]:
              "ratio = lutforge / torch_rms_norm within a run, median over runs.", ""]
     body, met, total = [], 0, 0
     for key, r in med.iterrows():
-        k = dict(zip(PROBLEM_KEY, key))
+        k = dict(zip(HOST_KEY, key))
         op, out, layout = k["op"], k["out_format"], k["scale_layout"]
         limit = HOST_BUDGET_FP4 if out in FP4_BLOCK else 1.0
         q = ratio.get(key, float("nan"))
@@ -204,7 +206,7 @@ def _knob_value(name: str, v):
 def knob_text(row: pd.Series, sep: str = ", ") -> str:
     """The knobs a row ran with, as name=value (empty for peers, which have none)."""
     return sep.join(f"{c[len('knob_'):]}={_knob_value(c[len('knob_'):], row[c])}"
-                    for c in KNOB_COLUMNS if pd.notna(row[c]))
+                    for c in KNOB_COLUMNS if c in row and pd.notna(row[c]))
 
 
 def _pick(rows: pd.DataFrame, series: str, prefer: tuple[str, ...] = KIND_PREFERENCE) -> pd.DataFrame:
@@ -308,7 +310,9 @@ def section_summary(p: pd.DataFrame) -> pd.DataFrame:
 
 
 def shape_text(row: pd.Series) -> str:
-    """T x C, plus what else tells this problem apart from its neighbours in a section."""
+    """T x C (channel-first: N x C x S), plus what else tells this problem apart from its neighbours."""
+    if row["family"] != "row":
+        return f"{row['N']} × {row['C']} × {row['S']}, {row['in_dtype']} in"
     s = f"{row['T']} × {row['C']}"
     if OPS[row["op"]].per_head:
         s += f" ({row['heads']} heads)"

@@ -10,10 +10,35 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from kernels.family import family_of, family_of_op
+
 from .schema import ADDED_IN, ADDED_KNOB_DEFAULTS, READABLE_VERSIONS, SCHEMA, SCHEMA_VERSION
 
-PROBLEM_COLUMNS = ("op", "out_format", "in_dtype", "scale_layout", "heads", "T", "C")  # what one measurement answers
-PROBLEM_DEFAULTS = {"scale_layout": "rowmajor", "heads": 1}  # key columns older rows lack: the Problem defaults
+# What one measurement answers: every family's key columns (kernels.family), the others at PROBLEM_DEFAULTS.
+PROBLEM_COLUMNS = ("family", "op", "out_format", "in_dtype", "scale_layout", "heads", "T", "C", "N", "S")
+PROBLEM_DEFAULTS = {"family": "row", "scale_layout": "rowmajor", "heads": 1, "N": 0, "S": 0}
+_INT_COLUMNS = ("heads", "T", "C", "N", "S")
+
+
+def problem_columns(p) -> dict:
+    """The PROBLEM_COLUMNS values of a problem of any family (a Parquet row's problem part)."""
+    fam = family_of(p)
+    cols = dict(PROBLEM_DEFAULTS, family=fam.name, T=fam.positions(p))
+    cols.update({k: getattr(p, k) for k in fam.key_fields})
+    return cols
+
+
+def size_label(row) -> str:
+    """A result row's runtime size as tables and heatmap columns show it: T for the row family; N x S for
+    channel-first problems, whose positions N * S alone do not tell two apart (192 x 1 x 399360 and
+    192 x 4 x 99840)."""
+    return str(int(row["T"])) if row["family"] == "row" else f"{int(row['N'])}x{int(row['S'])}"
+
+
+def problem_of_row(row):
+    """The problem a result row (dict or Series with PROBLEM_COLUMNS) measured; ValueError if invalid."""
+    fam = family_of_op(str(row["op"]))
+    return fam.from_key(*(row[k] for k in fam.key_fields))
 OWN_IMPLS = ("lutforge", "lutforge_heuristic")
 
 
@@ -63,7 +88,8 @@ def read_results(results_dir: str | os.PathLike) -> pd.DataFrame:
                     frame[name] = frame[name].astype(object)
                     frame.loc[frame["knob_threads"].notna(), name] = ADDED_KNOB_DEFAULTS[name]
         frames.append(frame)
-    return pd.concat(frames, ignore_index=True)
+    df = pd.concat(frames, ignore_index=True)
+    return df.assign(**{c: df[c].fillna(v) for c, v in PROBLEM_DEFAULTS.items() if c in df.columns})
 
 
 def superseded(df: pd.DataFrame) -> pd.Series:
@@ -101,9 +127,9 @@ def swept_keys(df: pd.DataFrame, device_class: str, kernel_source: str, trials: 
 
 
 def problem_key(p) -> tuple:
-    """A problem's key from a Problem or a row dict, comparable between the two."""
-    get = p.get if isinstance(p, dict) else lambda k: getattr(p, k)
-    return tuple(int(get(k)) if k in ("heads", "T", "C") else str(get(k)) for k in PROBLEM_COLUMNS)
+    """A problem's key from a problem of any family or a row dict, comparable between the two."""
+    d = p if isinstance(p, dict) else problem_columns(p)
+    return tuple(int(d[k]) if k in _INT_COLUMNS else str(d[k]) for k in PROBLEM_COLUMNS)
 
 
 def current_kernel_rows(df: pd.DataFrame) -> pd.DataFrame:

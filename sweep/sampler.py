@@ -22,16 +22,14 @@ import optuna
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState
 
-from kernels.config import KNOB_CHOICES
-
-KNOB_ORDER = tuple(KNOB_CHOICES)
-
 
 class ValidConfigSampler(optuna.samplers.BaseSampler):
-    def __init__(self, valid: list[tuple], exhaustive: bool, seed: int | None = None, n_startup: int = 8,
-                 gamma: float = 0.25, top: int = 4, prior: float = 1.0):
+    def __init__(self, valid: list[tuple], knob_choices: dict, exhaustive: bool, seed: int | None = None,
+                 n_startup: int = 8, gamma: float = 0.25, top: int = 4, prior: float = 1.0):
         if not valid:
             raise ValueError("the search space has no valid config")
+        self.choices = dict(knob_choices)  # the family's knobs, in the order of the tuples in `valid`
+        self.order = tuple(self.choices)
         self.valid, self.exhaustive = list(valid), exhaustive
         self.n_startup, self.gamma, self.top, self.prior = n_startup, gamma, top, prior
         self._rng = random.Random(seed)
@@ -40,7 +38,7 @@ class ValidConfigSampler(optuna.samplers.BaseSampler):
         self._lock = threading.Lock()
         self._fallback = optuna.samplers.RandomSampler(seed=seed)
         # Configs as rows of choice indices, so scoring every valid config is one vector sum per knob.
-        self._index = [{v: j for j, v in enumerate(KNOB_CHOICES[k])} for k in KNOB_ORDER]
+        self._index = [{v: j for j, v in enumerate(self.choices[k])} for k in self.order]
         self._codes = np.array([[self._index[i][v] for i, v in enumerate(c)] for c in self.valid], dtype=np.int64)
 
     @property
@@ -48,19 +46,19 @@ class ValidConfigSampler(optuna.samplers.BaseSampler):
         return "exhaustive" if self.exhaustive else "parzen"
 
     def infer_relative_search_space(self, study, trial):
-        return {k: CategoricalDistribution(list(KNOB_CHOICES[k])) for k in KNOB_ORDER}
+        return {k: CategoricalDistribution(list(self.choices[k])) for k in self.order}
 
     def sample_relative(self, study, trial, search_space):
         if not search_space or "fixed_params" in trial.system_attrs:
             return {}  # an enqueued trial (the heuristic, a seed, a retry) brings its own config
         trials = study.get_trials(deepcopy=False)
         with self._lock:
-            taken = {_config(t.params) for t in trials if len(t.params) == len(KNOB_ORDER)} | self._proposed
+            taken = {self._config(t.params) for t in trials if len(t.params) == len(self.order)} | self._proposed
             pick = self._pick(trials, taken)
             if pick is None:  # every valid config is taken: the study is done; any proposal is a duplicate
                 pick = self._rng.choice(self.valid)
             self._proposed.add(pick)
-        return dict(zip(KNOB_ORDER, pick))
+        return dict(zip(self.order, pick))
 
     def _pick(self, trials, taken: set) -> tuple | None:
         if self.exhaustive:
@@ -69,7 +67,7 @@ class ValidConfigSampler(optuna.samplers.BaseSampler):
         if not free.any():
             return None
         done = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
-                and len(t.params) == len(KNOB_ORDER)]
+                and len(t.params) == len(self.order)]
         ok = sorted((t for t in done if t.state == TrialState.COMPLETE and t.value is not None),
                     key=lambda t: t.value)
         if len(ok) < self.n_startup:
@@ -77,8 +75,8 @@ class ValidConfigSampler(optuna.samplers.BaseSampler):
         n_good = max(1, math.ceil(self.gamma * len(ok)))
         good = {t.number for t in ok[:n_good]}
         score = np.zeros(len(self.valid))
-        for i, k in enumerate(KNOB_ORDER):  # sum over knobs of log l(value) - log g(value)
-            n = len(KNOB_CHOICES[k])
+        for i, k in enumerate(self.order):  # sum over knobs of log l(value) - log g(value)
+            n = len(self.choices[k])
             cg, cb = np.full(n, self.prior), np.full(n, self.prior)
             for t in done:
                 (cg if t.number in good else cb)[self._index[i][t.params[k]]] += 1
@@ -91,6 +89,5 @@ class ValidConfigSampler(optuna.samplers.BaseSampler):
         # Only reached for a parameter outside the relative space (none today): stay correct anyway.
         return self._fallback.sample_independent(study, trial, param_name, param_distribution)
 
-
-def _config(params: dict) -> tuple:
-    return tuple(params.get(k) for k in KNOB_ORDER)
+    def _config(self, params: dict) -> tuple:
+        return tuple(params.get(k) for k in self.order)

@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from kernels.config import KNOB_CHOICES, KernelConfig
+from kernels.config import KernelConfig
+from kernels.family import all_knob_choices
 
-SCHEMA_VERSION = 4
-READABLE_VERSIONS = (1, 2, 3, 4)
-# Columns a file of an older version lacks: read as empty, except knobs added later, which read as the
-# value the older kernel ran with (it had no such knob) on rows that carry knobs.
-ADDED_IN = {"kernel_source": 2, "knob_l2_prefetch": 3, "host_us": 4, "host_p20_us": 4, "host_p80_us": 4}
-ADDED_KNOB_DEFAULTS = {c: getattr(KernelConfig(), c[len("knob_"):]) for c in ADDED_IN if c.startswith("knob_")}
+SCHEMA_VERSION = 5
+READABLE_VERSIONS = (1, 2, 3, 4, 5)
+# Columns a file of an older version lacks: read as empty (problem columns: results_io.PROBLEM_DEFAULTS),
+# except row-kernel knobs added later, which read as the value the older kernel ran with (it had no such
+# knob) on rows that carry knobs. v5: kernel families (the channel-first family's N, S and knobs).
+ADDED_IN = {"kernel_source": 2, "knob_l2_prefetch": 3, "host_us": 4, "host_p20_us": 4, "host_p80_us": 4,
+            "family": 5, "N": 5, "S": 5, "knob_positions_per_cta": 5, "knob_c_order": 5}
+ADDED_KNOB_DEFAULTS = {"knob_l2_prefetch": KernelConfig().l2_prefetch}
+KNOB_CHOICES = all_knob_choices()  # every family's knobs: a row fills its own family's, the others stay null
 
 STATUSES = ("ok", "invalid", "compile_error", "runtime_error", "timeout", "wrong_result")
 BACKENDS = ("gpu", "synthetic")
@@ -35,13 +39,16 @@ FIELDS: list[pa.Field] = [
     pa.field("impl", pa.string()),  # lutforge | lutforge_heuristic | torch_eager | torch_compile | quack | liger | flashinfer
     pa.field("config_source", pa.string()),  # search | heuristic | lut_exact | lut_range | peer (lut_nearest: old rows)
     pa.field("problem_set", pa.string()),
+    pa.field("family", pa.string()),  # kernels.family name: row | channel_first
     pa.field("op", pa.string()),
     pa.field("out_format", pa.string()),
     pa.field("scale_layout", pa.string()),
     pa.field("in_dtype", pa.string()),
-    pa.field("T", pa.int64()),
+    pa.field("T", pa.int64()),  # rows (tokens) of the row family; positions N * S of the channel-first one
     pa.field("C", pa.int64()),
     pa.field("heads", pa.int64()),
+    pa.field("N", pa.int64()),  # channel-first: x walked as [N, C, S]; T = N * S positions
+    pa.field("S", pa.int64()),
     *[pa.field(f"knob_{k}", _knob_type(v)) for k, v in KNOB_CHOICES.items()],
     pa.field("status", pa.string()),
     pa.field("error", pa.string()),
@@ -77,3 +84,8 @@ FIELDS: list[pa.Field] = [
 
 SCHEMA = pa.schema(FIELDS, metadata={"lutforge_schema_version": str(SCHEMA_VERSION)})
 KNOB_COLUMNS = [f"knob_{k}" for k in KNOB_CHOICES]
+
+
+def knob_columns(family) -> list[str]:
+    """The knob_* columns a kernels.family.Family's rows fill."""
+    return [f"knob_{k}" for k in family.knob_choices]

@@ -1,7 +1,7 @@
 """The search: one Optuna study per (op, out format, problem, device class), its storage, and the
 bookkeeping that makes a sweep resumable and safe to run from many processes at once.
 
-- Parameters are the knobs with their fixed full choice lists (kernels.config.KNOB_CHOICES).
+- Parameters are the problem's kernel family's knobs with their fixed full choice lists (kernels.family).
   The sampler (sweep.sampler) proposes only valid configs no trial has taken: exhaustive when the
   counted valid space fits the budget, Parzen scoring otherwise. A config that is still invalid (an
   enqueued one, say) stops at the first knob that admits no valid completion and is recorded
@@ -35,9 +35,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from kernels.compile_cache import kernel_source_hash
-from kernels.config import KNOB_CHOICES, KernelConfig, heuristic, iters_per_row, violations
-from kernels.problem import Problem
+from kernels.family import Family, family_of, family_of_config, family_of_op
 
 from .provenance import make_row
 from .results_io import append_rows, read_results
@@ -46,11 +44,9 @@ from .timer import summarize
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # per-trial INFO lines would drown the progress bar
 
-KNOB_ORDER = tuple(KNOB_CHOICES)
 BRUTE_FORCE_MAX = 512  # valid configs brute force may enumerate when no trial budget is given
 TIE_FRACTION = 0.02  # re-benchmarked medians closer than this are ties
 FINALISTS = 3
-MAX_SEARCH_ITERS = 32
 SEEDS = 3  # winners of sibling studies (other T) enqueued after the heuristic
 REBENCH_ROUNDS = 3
 HEARTBEAT_S = 30
@@ -61,79 +57,98 @@ FLUSH_S = 30.0
 MEASURED = ("ok", "compile_error", "runtime_error", "timeout", "wrong_result")
 
 
-def study_name(p: Problem, device_class: str) -> str:
+def size_token(p) -> str:
+    """The runtime-size part of a study name (sibling studies differ only there): T for the row family, the
+    key's sizes joined by x for others (channel-first: N x S)."""
+    fam = family_of(p)
+    if fam.name == "row":
+        return f"T{p.T}"
+    sizes = [getattr(p, k) for k in fam.key_fields if k not in ("op", "out_format", "in_dtype", "C")]
+    return "P" + "x".join(str(v) for v in sizes)
+
+
+def token_positions(token: str) -> int:
+    """Positions a size token stands for (T, or the product of N x S)."""
+    return math.prod(int(v) for v in token[1:].split("x"))
+
+
+def study_name(p, device_class: str) -> str:
     """Deterministic study name: the problem key, the device class the numbers belong to and the kernel source
     version (a changed kernel starts new studies instead of resuming stale measurements)."""
     if not device_class or not isinstance(device_class, str):
         raise ValueError(f"device_class must be a non-empty str, got {device_class!r}")
-    parts = [p.op, p.out_format, p.in_dtype, f"T{p.T}", f"C{p.C}"]
-    if p.heads != 1:
-        parts.append(f"H{p.heads}")
-    if p.scale_layout != "rowmajor":
-        parts.append(p.scale_layout)
-    return ":".join(parts + [device_class, f"k{kernel_source_hash()[:8]}"])
+    fam = family_of(p)
+    parts = [p.op, p.out_format, p.in_dtype, size_token(p), f"C{p.C}"]
+    if fam.name == "row":
+        if p.heads != 1:
+            parts.append(f"H{p.heads}")
+        if p.scale_layout != "rowmajor":
+            parts.append(p.scale_layout)
+    return ":".join(parts + [device_class, f"k{fam.source_hash()[:8]}"])
 
 
 class SearchSpace:
-    """The valid configs of one compile key (T does not change validity), counted once."""
+    """The valid configs of one problem family's space key (T does not change a row config's validity),
+    counted once."""
 
-    def __init__(self, p: Problem, arch: int):
+    def __init__(self, p, arch: int):
         self.problem, self.arch = p, arch
+        self.family: Family = family_of(p)
+        self.knobs = tuple(self.family.knob_choices)
+        choices = self.family.knob_choices
+        make = self.family.config_type
         self.valid: list[tuple] = []
-        for combo in itertools.product(*(KNOB_CHOICES[k] for k in KNOB_ORDER)):
-            if not violations(p, KernelConfig(**dict(zip(KNOB_ORDER, combo))), arch):
+        for combo in itertools.product(*(choices[k] for k in self.knobs)):
+            if not self.family.violations(p, make(**dict(zip(self.knobs, combo))), arch):
                 self.valid.append(combo)
-        self.prefixes = {v[:i] for v in self.valid for i in range(1, len(KNOB_ORDER) + 1)}
-        # What the sampler proposes: valid configs whose unrolled row loop stays short. Longer ones take
-        # 10-80 s to compile and never won (max 10 iterations among the 80 WAN winners on the H100,
-        # results/h100); kept only for a problem that has nothing else.
-        short = [v for v in self.valid
-                 if iters_per_row(p, KernelConfig(**dict(zip(KNOB_ORDER, v)))) <= MAX_SEARCH_ITERS]
+        self.prefixes = {v[:i] for v in self.valid for i in range(1, len(self.knobs) + 1)}
+        # What the sampler proposes (the family's `searchable`, e.g. short row loops); all valid configs for
+        # a problem that has nothing else.
+        short = [v for v in self.valid if self.family.searchable(p, make(**dict(zip(self.knobs, v))))]
         self.searched = short or self.valid
 
     @property
     def n_valid(self) -> int:
         return len(self.valid)
 
+    def config(self, params: dict):
+        return self.family.config_type(**params)
+
     def dead_end(self, params: dict) -> bool:
         """True when no valid config starts with the knobs suggested so far."""
-        return tuple(params[k] for k in KNOB_ORDER[:len(params)]) not in self.prefixes
+        return tuple(params[k] for k in self.knobs[:len(params)]) not in self.prefixes
 
     def explain(self, params: dict) -> str:
         """Why the partial config `params` has no valid completion (the defaults' violations as example)."""
         shown = ", ".join(f"{k}={v!r}" for k, v in params.items())
-        example = KernelConfig(**{**KernelConfig().as_dict(), **params})
-        why = violations(self.problem, example, self.arch) or ["other knob values are needed"]
+        make = self.family.config_type
+        example = make(**{**make().as_dict(), **params})
+        why = self.family.violations(self.problem, example, self.arch) or ["other knob values are needed"]
         return f"no valid config has {shown}; e.g. {example.short()}: " + "; ".join(why)
 
 
 @functools.lru_cache(maxsize=256)
-def _space(canonical: Problem, arch: int) -> SearchSpace:
-    return SearchSpace(canonical, arch)
+def _space(key, arch: int) -> SearchSpace:
+    return SearchSpace(key, arch)
 
 
-def search_space(p: Problem, arch: int) -> SearchSpace:
-    return _space(Problem(p.op, 0, p.C, p.in_dtype, p.out_format, p.heads, p.scale_layout), arch)
+def search_space(p, arch: int) -> SearchSpace:
+    return _space(family_of(p).space_key(p), arch)
 
 
 def choose_sampler(space: SearchSpace, trials: int | None, seed: int | None = None) -> ValidConfigSampler:
     """Exhaustive when the counted valid space fits the budget, Parzen scoring otherwise."""
     limit = trials if trials is not None else BRUTE_FORCE_MAX
-    return ValidConfigSampler(space.searched, exhaustive=len(space.searched) <= limit, seed=seed)
+    return ValidConfigSampler(space.searched, space.family.knob_choices, exhaustive=len(space.searched) <= limit,
+                              seed=seed)
 
 
-def simplicity(cfg: KernelConfig, heur: KernelConfig) -> tuple:
-    """Sort key, smaller = simpler: the heuristic itself, then no cluster, registers-only staging,
-    a plain (non-persistent) grid, the weight in registers, no programmatic dependent launch and no L2
-    prefetch - the configs with fewest moving parts."""
-    return (cfg != heur, cfg.cluster, cfg.stage != "reg", cfg.ctas_per_sm != 0, cfg.weight_smem,
-            cfg.pdl, cfg.l2_prefetch)
-
-
-def pick_winner(medians: dict[KernelConfig, float], heur: KernelConfig) -> tuple[KernelConfig, str]:
-    """The simplest config among those within TIE_FRACTION of the fastest median, and why."""
+def pick_winner(medians: dict, heur) -> tuple[object, str]:
+    """The simplest config (its family's `simplicity`) among those within TIE_FRACTION of the fastest
+    median, and why."""
     if not medians:
         raise ValueError("pick_winner needs at least one measured config")
+    simplicity = family_of_config(heur).simplicity
     fastest = min(medians, key=medians.get)
     tied = [c for c, us in medians.items() if us <= medians[fastest] * (1 + TIE_FRACTION)]
     win = min(tied, key=lambda c: (simplicity(c, heur), medians[c]))
@@ -435,15 +450,15 @@ class StudyRun:
 
         return arch_number(self.evaluator.arch)
 
-    def name(self, p: Problem) -> str:
+    def name(self, p) -> str:
         return study_name(p, self.device["device_class"])
 
-    def row(self, p: Problem, problem_set, result: dict, knobs, trial: int, kind: str, impl: str, source) -> dict:
+    def row(self, p, problem_set, result: dict, knobs, trial: int, kind: str, impl: str, source) -> dict:
         return make_row(problem=p, result=result, device=self.device, copy_gbps=self.copy_gbps, knobs=knobs,
                         run_id=self.run_id, study=self.name(p), trial=trial, kind=kind, impl=impl,
                         config_source=source, problem_set=problem_set)
 
-    def open_study(self, p: Problem, sampler=None, seeds: int = SEEDS) -> optuna.Study:
+    def open_study(self, p, sampler=None, seeds: int = SEEDS) -> optuna.Study:
         """Create or load the study; the creating process enqueues the heuristic and up to `seeds`
         sibling winners exactly once."""
         name = self.name(p)
@@ -452,19 +467,22 @@ class StudyRun:
             study = optuna.create_study(study_name=name, storage=self.storage, direction="minimize",
                                         sampler=sampler, load_if_exists=True)
         if self.claims.claim(name, "enqueue:heuristic", -1) is None:
-            heur = heuristic(p, self.arch_num)
+            heur = family_of(p).heuristic(p, self.arch_num)
             study.enqueue_trial(heur.as_dict())
             for cfg in self.sibling_winners(p, seeds):
                 if cfg != heur:
                     study.enqueue_trial(cfg.as_dict())
         return study
 
-    def sibling_winners(self, p: Problem, limit: int = SEEDS) -> list[KernelConfig]:
-        """Best configs of studies of the same kernel at other token counts, nearest T first.
+    def sibling_winners(self, p, limit: int = SEEDS) -> list:
+        """Best configs of studies of the same kernel at other sizes (T; channel-first N x S), nearest first.
 
-        The winner at a neighbouring size is the best first guess for this one, and always valid here
-        (T does not change validity); seeding with it lets a short search start where the last ended."""
+        The winner at a neighbouring size is the best first guess for this one (a row config is always valid
+        at another T; other families' are checked); seeding with it lets a short search start where the last
+        ended."""
+        fam = family_of(p)
         mine = self.name(p).split(":")
+        here = fam.positions(p)
         found = []
         for st in self.storage.get_all_studies():
             parts = st.study_name.split(":")
@@ -478,9 +496,12 @@ class StudyRun:
                     params = self.storage.get_best_trial(st._study_id).params
                 except ValueError:  # no finished trial yet
                     continue
-            t = int(parts[3][1:])
-            found.append((abs(math.log((t + 1) / (p.T + 1))), KernelConfig(**params)))
-        out: list[KernelConfig] = []
+            cfg = fam.config_type(**params)
+            if fam.violations(p, cfg, self.arch_num):
+                continue
+            t = token_positions(parts[3])
+            found.append((abs(math.log((t + 1) / (here + 1))), cfg))
+        out: list = []
         for _, cfg in sorted(found, key=lambda x: x[0]):
             if cfg not in out:
                 out.append(cfg)
@@ -499,7 +520,7 @@ class StudyRun:
                     n += 1
         return n, total, waiting
 
-    def run(self, p: Problem, problem_set: str | None = None) -> optuna.Study | None:
+    def run(self, p, problem_set: str | None = None) -> optuna.Study | None:
         """Search one problem until the budget is spent (or brute force is exhausted); None when the
         sweep's deadline has passed before it started."""
         if self.trials is None and self.time_budget is None:
@@ -517,7 +538,7 @@ class StudyRun:
         n, _, waiting = self.measured(study)
         if budget is not None and n >= budget and not waiting:
             return study
-        heur = heuristic(p, self.arch_num)
+        heur = space.family.heuristic(p, self.arch_num)
         results = str(self.results_dir.resolve())
 
         # Parallel trials (n_jobs) would overshoot the budget by up to n_jobs - 1: each takes a slot first.
@@ -543,8 +564,8 @@ class StudyRun:
                     trial.set_user_attr(k, None)
             trial.set_user_attr("worker", {"owner": self.owner, "results": results, "sampler": sampler_name})
             params: dict = {}
-            for k in KNOB_ORDER:
-                params[k] = trial.suggest_categorical(k, list(KNOB_CHOICES[k]))
+            for k in space.knobs:
+                params[k] = trial.suggest_categorical(k, list(space.family.knob_choices[k]))
                 if space.dead_end(params):
                     break
             dup = self.claims.claim(name, config_key(params), trial.number,
@@ -559,12 +580,12 @@ class StudyRun:
             if space.dead_end(params):
                 result = {"status": "invalid", "error": space.explain(params)}
             else:
-                result = self.evaluator.evaluate(p, KernelConfig(**params), wanted=self.in_time)
+                result = self.evaluator.evaluate(p, space.config(params), wanted=self.in_time)
                 if result is None:  # time ran out while it compiled or waited for the GPU: not measured
                     take_slot(+1)
                     trial.set_user_attr("unmeasured", True)
                     raise optuna.TrialPruned("wall budget spent before it was timed")
-            cfg_source = "heuristic" if (not space.dead_end(params) and KernelConfig(**params) == heur) else "search"
+            cfg_source = "heuristic" if (not space.dead_end(params) and space.config(params) == heur) else "search"
             row = self.row(p, problem_set, result, params, trial.number, "trial", "lutforge", cfg_source)
             trial.set_user_attr("row", row)
             if result["status"] == "ok":
@@ -594,7 +615,7 @@ class StudyRun:
         self.writer.flush()
         return study
 
-    def rebench(self, p: Problem, problem_set: str | None = None) -> dict | None:
+    def rebench(self, p, problem_set: str | None = None) -> dict | None:
         """Re-time the best `finalists` configs and the heuristic interleaved, `rounds` times; store and return
         the winner."""
         finalists, rounds = self.finalists, self.rounds
@@ -603,20 +624,21 @@ class StudyRun:
             study = optuna.load_study(study_name=name, storage=self.storage)
         except KeyError:
             return None
-        heur = heuristic(p, self.arch_num)
+        fam = family_of(p)
+        heur = fam.heuristic(p, self.arch_num)
         ok = sorted((t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
                      if status_of(t) == "ok" and t.user_attrs.get("duplicate_of") is None),
                     key=lambda t: t.value)
         if not ok:
             return None
-        cands: dict[KernelConfig, int] = {}
+        cands: dict = {}
         for t in ok:
-            cfg = KernelConfig(**t.params)
+            cfg = fam.config_type(**t.params)
             if len(cands) < finalists and cfg not in cands:
                 cands[cfg] = t.number
         # The heuristic always competes (trial -1 when the search never timed it, e.g. a --wall-budget stop):
         # a winner never compared with it could be slower than what dispatch would do without the table.
-        cands.setdefault(heur, next((t.number for t in ok if KernelConfig(**t.params) == heur), -1))
+        cands.setdefault(heur, next((t.number for t in ok if fam.config_type(**t.params) == heur), -1))
         key = "rebench:" + json.dumps(sorted(cands.values()))
         prior = study.user_attrs.get("rebench")
         if prior and prior.get("key") == key:
@@ -624,8 +646,8 @@ class StudyRun:
         if self.claims.claim(name, key, -1) is not None:
             return prior  # another process re-benchmarks this finalist set
         order = list(cands)
-        samples: dict[KernelConfig, list[float]] = {c: [] for c in order}
-        failed: dict[KernelConfig, dict] = {}
+        samples: dict = {c: [] for c in order}
+        failed: dict = {}
         for r in range(rounds):
             for c in order[r % len(order):] + order[:r % len(order)]:  # rotate who goes first
                 if c in failed:
@@ -691,11 +713,12 @@ def summary(storage: optuna.storages.RDBStorage, name: str) -> dict | None:
             heur_us = t.value
     rb = study.user_attrs.get("rebench")
     ok = [t for t in trials if t.state == TrialState.COMPLETE and t.user_attrs.get("duplicate_of") is None]
+    make = family_of_op(name.split(":")[0]).config_type
     if rb:
-        return {"config": KernelConfig(**rb["winner"]), "median_us": rb["median_us"],
+        return {"config": make(**rb["winner"]), "median_us": rb["median_us"],
                 "heuristic_us": rb.get("heuristic_us") or heur_us, "statuses": statuses, "rebenched": True}
     if not ok:
         return {"config": None, "median_us": None, "heuristic_us": heur_us, "statuses": statuses, "rebenched": False}
     best = min(ok, key=lambda t: t.value)
-    return {"config": KernelConfig(**best.params), "median_us": best.value, "heuristic_us": heur_us,
+    return {"config": make(**best.params), "median_us": best.value, "heuristic_us": heur_us,
             "statuses": statuses, "rebenched": False}

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import click
 
-from kernels.problem import FP4_BLOCK, OPS, SCALE_LAYOUTS, Problem, out_formats
+from kernels.family import families, family_of, family_of_op
+from kernels.problem import FP4_BLOCK, OPS, SCALE_LAYOUTS, Problem
 
 from .study import MEASURED
 from .trial_worker import BACKENDS
@@ -115,20 +116,26 @@ def select_problems(problem_set: str | None, ops: list[str], outs: list[str], in
     elif shapes is None and problem_set not in problem_sets.list_sets():
         raise click.BadParameter(f"unknown problem set {problem_set!r}; known: {', '.join(problem_sets.list_sets())} "
                                  "(or give a path to a .toml set file)", param_hint="--problem-set")
-    bad = [o for o in ops if o not in OPS]
+    bad = [o for o in ops if not any(o in f.ops for f in families().values())]
     if bad:
-        raise click.BadParameter(f"unknown ops {bad}; known: {', '.join(OPS)}", param_hint="--op")
+        known = ", ".join(o for f in families().values() for o in f.ops)
+        raise click.BadParameter(f"unknown ops {bad}; known: {known}", param_hint="--op")
     chosen, skipped = [], []
     for op in ops:
+        fam = family_of_op(op)
         for out in outs:
-            if out not in out_formats(op, in_dtype):
-                skipped.append(f"{op}/{out} (outputs of {op} with {in_dtype} input: {out_formats(op, in_dtype)})")
+            allowed = fam.out_formats(op, in_dtype)
+            if out not in allowed:
+                skipped.append(f"{op}/{out} (outputs of {op} with {in_dtype} input: {allowed})")
                 continue
             for layout in layouts:
-                if layout != "rowmajor" and not (out in FP4_BLOCK and OPS[op].fp4_scales):
+                if layout != "rowmajor" and not (out in FP4_BLOCK and op in OPS and OPS[op].fp4_scales):
                     skipped.append(f"{op}/{out}/{layout} (only ops writing FP4 block scales have a {layout} layout)")
                     continue
                 try:
+                    if shapes is not None and fam.name != "row":
+                        raise ValueError("--shapes gives row shapes; channel-first ops take a problem set with a "
+                                         "[channel_first] shapes table (e.g. --problem-set wan_vae_decoder)")
                     if shapes is not None:
                         ps = [Problem(op, t, c, in_dtype, out, h or 1, layout) for t, c, h in shapes
                               if (h is not None) == OPS[op].per_head]
@@ -233,18 +240,19 @@ def run_worker(spec: SweepSpec, gpu: str | None, progress, search: bool = True, 
             claims.close()
 
 
-def preflight(ev, problem: Problem) -> None:
+def preflight(ev, problem) -> None:
     """Compile the fallback config of one problem before any study records a trial: a broken toolchain
     (on the H200 a missing cutlass CUDA library) otherwise fails every trial as compile_error, and the
     studies then count as finished, so a rerun on a repaired machine resumes nothing."""
     from kernels.compile_cache import arch_number
-    from kernels.config import heuristic
 
     if ev.backend != "gpu":
         return
-    res = ev.compile(problem, heuristic(problem, arch_number(ev.arch)))
+    fam = family_of(problem)
+    res = ev.compile(problem, fam.heuristic(problem, arch_number(ev.arch)))
     if res["status"] != "ok":
-        raise click.ClickException(f"cannot compile the fallback config of {problem.op} {problem.T}x{problem.C}: "
+        raise click.ClickException(f"cannot compile the fallback config of {problem.op} "
+                                   f"{fam.size_label(problem)}x{problem.C}: "
                                    f"{res['status']}: {str(res.get('error'))[:800]}\nNothing was recorded; repair "
                                    "the toolchain (nvidia-cutlass-dsl and its CUDA library) and rerun.")
 
@@ -254,29 +262,29 @@ def unswept(problems: list[tuple[Problem, str]], results: str, device_class: str
     """`problems` less those already swept on this device class and kernel source (re-benchmarked, or with
     `trials` trial rows), per the Parquet rows under `results`: the committed record, where the study
     database may be gone."""
-    from kernels.compile_cache import kernel_source_hash
-
     from .results_io import problem_key, read_results, swept_keys
 
     try:
         df = read_results(results)
     except ValueError:  # no rows yet
         return problems
-    done = swept_keys(df, device_class, kernel_source_hash(), trials)
-    return [(p, s) for p, s in problems if problem_key(p) not in done]
+    done: dict[str, set] = {}
+    for f in {family_of(p) for p, _ in problems}:
+        done[f.name] = swept_keys(df, device_class, f.source_hash(), trials)
+    return [(p, s) for p, s in problems if problem_key(p) not in done[family_of(p).name]]
 
 
 STUDY_GROUPS_AT_ONCE = 4
 
 
-def kernel_groups(problems: list[tuple[Problem, str]]) -> list[list[tuple[Problem, str]]]:
-    """Problems grouped by compiled kernel (all but T), the groups taken in turn from each (op, dtypes,
-    layout) so that a sweep cut short by --wall-budget has reached every op, not finished the first: on the
-    H100 an LLM sweep of four ops in 240 s searched only the first two."""
+def kernel_groups(problems: list[tuple]) -> list[list[tuple]]:
+    """Problems grouped by compiled kernel (the family's compile key: all but the runtime sizes), the groups
+    taken in turn from each (op, dtypes) so that a sweep cut short by --wall-budget has reached every op, not
+    finished the first: on the H100 an LLM sweep of four ops in 240 s searched only the first two."""
     by_kind: dict[tuple, dict[tuple, list]] = {}
     for p, pset in problems:
         kind = (p.op, p.in_dtype, p.out_format, p.scale_layout)
-        by_kind.setdefault(kind, {}).setdefault((p.C, p.heads), []).append((p, pset))
+        by_kind.setdefault(kind, {}).setdefault(family_of(p).compile_key(p), []).append((p, pset))
     queues = [list(g.values()) for g in by_kind.values()]
     return [q[i] for i in range(max(map(len, queues), default=0)) for q in queues if i < len(q)]
 
@@ -331,8 +339,6 @@ def format_summary(storage_url: str, spec: SweepSpec, info: dict) -> str:
     from .study import open_storage, study_name, summary
     from .timer import gbps
 
-    from kernels.problem import ideal_bytes
-
     storage = open_storage(storage_url)
     dev_class = info["provenance"]["device_class"]
     copy = info["copy_gbps"]
@@ -345,15 +351,17 @@ def format_summary(storage_url: str, spec: SweepSpec, info: dict) -> str:
             continue
         st = s["statuses"]
         counts = " ".join(f"{k}={v}" for k, v in sorted(st.items()))
+        fam = family_of(p)
         out = out_label(p.out_format, p.scale_layout)
+        size = fam.size_label(p)
         if s["config"] is None:
-            lines.append(f"{p.op:<24} {out:<10} {p.T:>8} {p.C:>6}  {'(no ok trial)':<34} {'':>9} {'':>8} "
+            lines.append(f"{p.op:<24} {out:<10} {size:>8} {p.C:>6}  {'(no ok trial)':<34} {'':>9} {'':>8} "
                          f"{'':>6} {'':>7}  {counts}")
             continue
-        g = gbps(ideal_bytes(p), s["median_us"])
+        g = gbps(fam.ideal_bytes(p), s["median_us"])
         sp = f"{s['heuristic_us'] / s['median_us']:.2f}x" if s["heuristic_us"] else "-"
         mark = "" if s["rebenched"] else "*"
-        lines.append(f"{p.op:<24} {out:<10} {p.T:>8} {p.C:>6}  {s['config'].short() + mark:<34} "
+        lines.append(f"{p.op:<24} {out:<10} {size:>8} {p.C:>6}  {s['config'].short() + mark:<34} "
                      f"{s['median_us']:>9.2f} {g:>8.0f} {100 * g / copy:>6.1f} {sp:>7}  {counts}")
     lines.append(f"copy roofline {copy:.0f} GB/s on {info['provenance']['device_name']} "
                  f"(backend {info['provenance']['backend']}); * = not re-benchmarked")

@@ -18,7 +18,9 @@ import math
 import os
 import time
 
+from kernels import channel_first as cf
 from kernels.config import KernelConfig, iters_per_row, smem_bytes
+from kernels.family import family_of
 from kernels.problem import Problem, ideal_bytes
 
 from . import fault_injection
@@ -58,8 +60,10 @@ def device_info() -> dict:
     }
 
 
-def model_us(p: Problem, cfg: KernelConfig) -> float:
+def model_us(p, cfg) -> float:
     """Modelled kernel time in microseconds (launch-bound when small, bandwidth-bound when large)."""
+    if family_of(p).name == "channel_first":
+        return _channel_first_us(p, cfg)
     rows = p.rows
     rows_per_cta = cfg.rows_per_cta
     row_blocks = max(1, -(-rows // rows_per_cta))
@@ -93,7 +97,26 @@ def model_us(p: Problem, cfg: KernelConfig) -> float:
     return t
 
 
-def _spread(p: Problem, cfg: KernelConfig) -> float:
+def _channel_first_us(p: cf.ChannelFirstProblem, cfg: cf.ChannelFirstConfig) -> float:
+    """The same physics for the channel-first kernel: a CTA owns positions_per_cta positions of one n and loads
+    every channel of them; partial sums of channel groups in different warps meet in shared memory."""
+    grid = max(1, p.N * -(-p.S // cfg.positions_per_cta))
+    resident = min(MAX_THREADS_PER_SM // cfg.threads, MAX_CTAS_PER_SM,
+                   max(1, SMEM_PER_SM // max(1, cf.smem_bytes(p, cfg))))
+    slots = resident * SM_COUNT
+    loads = LOADS_IN_FLIGHT if cfg.stage == "smem" else min(cf.channels_per_thread(p, cfg), LOADS_IN_FLIGHT)
+    inflight = min(grid, slots) * cfg.threads * cfg.vec_bytes * loads
+    bw = min(COPY_GBPS * 1e9, inflight / LATENCY_S)
+    waves = -(-grid // slots)
+    t = LAUNCH_US + WAVE_US * waves + cf.ideal_bytes(p) / bw * 1e6
+    if cf.reduction_slots(p, cfg) > 1:
+        t += BLOCK_REDUCE_US * math.log2(cf.reduction_slots(p, cfg)) * waves
+    if cfg.vec_bytes * cf.lanes(p, cfg) < 32:
+        t *= 1.3  # a warp's run per channel shorter than a 32-byte sector wastes bandwidth
+    return t
+
+
+def _spread(p, cfg) -> float:
     """A deterministic relative spread in [0.5 %, 2 %) per (problem, config), for p20/p80."""
     h = hashlib.sha256(repr((p, cfg)).encode()).digest()
     return 0.005 + (h[0] / 255.0) * 0.015
@@ -103,19 +126,20 @@ def copy_gbps() -> float:
     return COPY_GBPS
 
 
-def fault_for(p: Problem, cfg: KernelConfig) -> str | None:
+def fault_for(p, cfg) -> str | None:
     return fault_injection.fault_for(FAULTS_ENV, FAULT_KINDS, p, cfg)
 
 
-def precompile(p: Problem, cfg: KernelConfig) -> dict:
+def precompile(p, cfg) -> dict:
     """The synthetic 'compile': nothing to build, but injected compile faults raise here."""
     t0 = time.perf_counter()
     if fault_for(p, cfg) == "compile_error":
         raise RuntimeError(f"injected synthetic compile error for {cfg.short()}")
-    return {"compile_s": time.perf_counter() - t0, "registers": None, "smem_bytes": smem_bytes(p, cfg)}
+    smem = cf.smem_bytes(p, cfg) if family_of(p).name == "channel_first" else smem_bytes(p, cfg)
+    return {"compile_s": time.perf_counter() - t0, "registers": None, "smem_bytes": smem}
 
 
-def measure(p: Problem, cfg: KernelConfig) -> dict:
+def measure(p, cfg) -> dict:
     """One synthetic timed trial, in the timing process (so injected aborts and hangs kill/stall it)."""
     fault = fault_for(p, cfg)
     if fault == "slow":

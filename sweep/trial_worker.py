@@ -26,8 +26,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
-from kernels.config import KernelConfig
-from kernels.problem import Problem
+from kernels.family import family_of
 
 from . import synthetic
 
@@ -217,10 +216,8 @@ class CompileService:
                 return {"status": "ok", **synthetic.precompile(problem, cfg)}
             except RuntimeError as e:
                 return {"status": "compile_error", "error": str(e)}
-        from kernels.compile_cache import precompile
-
         try:
-            info = precompile(problem, cfg, arch)
+            info = family_of(problem).precompile(problem, cfg, arch)
         except Exception as e:  # KernelCompileError and whatever the DSL raises: the config does not compile
             return {"status": "compile_error", "error": f"{type(e).__name__}: {e}"[:4000]}
         return {"status": "ok", "compile_s": info.compile_s, "registers": info.registers,
@@ -271,9 +268,9 @@ class TimingService:
             _, problem = req
             if self.backend == "synthetic":
                 raise ValueError("the public op runs only on the gpu backend")
-            from .public_op import measure
+            from .public_op import measure_op
 
-            return measure(problem)
+            return measure_op(problem)
         raise ValueError(f"unknown request kind {kind!r}")
 
 
@@ -283,18 +280,17 @@ class PreparedProblem:
     Every trial of a study times the same problem; building hundreds of random rotation sets and a
     fp32 reference per trial would cost more than timing a small kernel, so they are built once and
     kept (`PREPARED`). Outputs are poisoned (in-place inputs restored) before every check, so trials
-    sharing buffers cannot see each other's results."""
+    sharing buffers cannot see each other's results. The family's runner builds the cases."""
 
-    def __init__(self, problem: Problem):
-        from kernels import reference, runner
-
+    def __init__(self, problem):
         from .timer import l2_bytes, rotation_sets
 
         self.problem = problem
-        first = runner.make_case(problem, device="cuda", seed=0)
+        run = family_of(problem).runner
+        first = run.make_case(problem, device="cuda", seed=0)
         sets = rotation_sets(first.nbytes, l2_bytes())
-        self.cases = [first] + runner.make_cases(problem, sets - 1, device="cuda", seed=1)  # sets >= 2
-        self.expected = reference.reference_outputs(problem, runner.reference_inputs(problem, first))
+        self.cases = [first] + run.make_cases(problem, sets - 1, device="cuda", seed=1)  # sets >= 2
+        self.expected = run.expected_outputs(problem, first)
         # arguments plus the pristine input copies (at most as large again) plus the reference
         self.nbytes = 2 * sum(c.nbytes for c in self.cases) + sum(
             t.numel() * t.element_size() for t in self.expected.values())
@@ -307,9 +303,9 @@ class PreparedCache:
     def __init__(self, max_fraction: float = 0.4):
         self.max_fraction = max_fraction  # of the GPU's memory; concurrent studies each keep a problem
         self.max_bytes: int | None = None
-        self._items: dict[Problem, PreparedProblem] = {}
+        self._items: dict = {}
 
-    def get(self, problem: Problem) -> PreparedProblem:
+    def get(self, problem) -> PreparedProblem:
         if self.max_bytes is None:
             import torch
 
@@ -326,24 +322,23 @@ class PreparedCache:
 PREPARED = PreparedCache()
 
 
-def check_then_time(problem: Problem, make_launch, warm_all: bool = True) -> dict:
+def check_then_time(problem, make_launch, warm_all: bool = True) -> dict:
     """Check one implementation against the reference, then time it over rotated buffers (GPU, in the
     timing child). `make_launch(case)` returns (timed, checked): zero-argument callables, where
     `checked()` must leave the outputs in `case` and `timed()` is what the graph replays. `warm_all`
     as in `time_launchers`."""
     import torch
 
-    from kernels import runner
-
     from .timer import time_launchers
 
+    run = family_of(problem).runner
     prep = PREPARED.get(problem)
     case0 = prep.cases[0]
     timed0, checked0 = make_launch(case0)
-    runner.poison(case0)
+    run.poison(case0)
     checked0()
     torch.cuda.synchronize()
-    chk = runner.check(problem, case0, prep.expected)
+    chk = run.check(problem, case0, prep.expected)
     common = {"rel_err": _finite(chk.rel_err), "max_ulp": _finite(chk.max_ulp)}
     if not chk.ok:
         return {"status": "wrong_result", "error": chk.message[:4000], **common}
@@ -353,11 +348,11 @@ def check_then_time(problem: Problem, make_launch, warm_all: bool = True) -> dic
             "samples_us": list(t.samples_us), **common}
 
 
-def measure_kernel(problem: Problem, cfg: KernelConfig, arch: str) -> dict:
+def measure_kernel(problem, cfg, arch: str) -> dict:
     """Check then time one kernel config."""
-    from kernels import runner
-
     from . import gpu_faults
+
+    run = family_of(problem).runner
 
     fault = gpu_faults.wants_fault(problem, cfg)  # test-only: a real illegal-address fault
 
@@ -365,7 +360,7 @@ def measure_kernel(problem: Problem, cfg: KernelConfig, arch: str) -> dict:
         if fault:
             launch = gpu_faults.out_of_bounds_launcher(case.args["x"])
         else:
-            launch = runner.launcher(problem, cfg, case, arch)
+            launch = run.launcher(problem, cfg, case, arch)
         return launch, launch
 
     return check_then_time(problem, make_launch, warm_all=False)  # one compiled kernel, loaded by the check
@@ -382,10 +377,10 @@ def _finite(x):
 # The parent side
 
 
-def compile_key(problem: Problem, cfg: KernelConfig, arch: str) -> tuple:
-    """What a compiled kernel depends on: everything but T."""
-    return (problem.op, problem.in_dtype, problem.out_format, problem.C, problem.heads, problem.scale_layout,
-            cfg, arch)
+def compile_key(problem, cfg, arch: str) -> tuple:
+    """What a compiled kernel depends on: the family's compile key (everything but the runtime sizes)."""
+    fam = family_of(problem)
+    return (fam.name, *fam.compile_key(problem), cfg, arch)
 
 
 class Evaluator:
@@ -414,8 +409,8 @@ class Evaluator:
         # Mean wall seconds of one kernel timing per problem, leaving out each problem's first: that one also
         # builds the problem's rotation sets and reference (and the process's first also loads CUDA modules),
         # which a re-bench does not repeat; on the H200 a first timing of 11 s made a 110 s sweep stop at once.
-        self.timing_s: dict[Problem, float] = {}
-        self._timings: dict[Problem, int] = {}
+        self.timing_s: dict = {}
+        self._timings: dict = {}
 
     def start(self) -> dict:
         """Start the timing process; returns its info (provenance, arch, copy_gbps)."""
@@ -426,7 +421,7 @@ class Evaluator:
     def arch(self) -> str:
         return self.info["arch"]
 
-    def compile(self, problem: Problem, cfg: KernelConfig) -> dict:
+    def compile(self, problem, cfg) -> dict:
         key = compile_key(problem, cfg, self.arch)
         with self._compiled_lock:
             fut = self._compiled.get(key)
@@ -477,11 +472,11 @@ class Evaluator:
             return {"status": "timeout", "error": r.message}
         return {"status": "runtime_error", "error": r.message[:4000]}
 
-    def time(self, problem: Problem, cfg: KernelConfig, wanted=None) -> dict | None:
+    def time(self, problem, cfg, wanted=None) -> dict | None:
         """Check and time a compiled kernel; None, untimed, when `wanted()` says no once the GPU is free."""
         return self._timed(("kernel", problem, cfg), wanted)
 
-    def evaluate(self, problem: Problem, cfg: KernelConfig, wanted=None) -> dict | None:
+    def evaluate(self, problem, cfg, wanted=None) -> dict | None:
         """Compile (cached) then check and time: a dict with status and, when ok, the timings (None as in
         `time`)."""
         c = self.compile(problem, cfg)
@@ -494,10 +489,10 @@ class Evaluator:
         res["compile_s"] = c.get("compile_s")
         return res
 
-    def measure_peer(self, problem: Problem, impl: str) -> dict:
+    def measure_peer(self, problem, impl: str) -> dict:
         return self._timed(("peer", problem, impl))
 
-    def measure_op(self, problem: Problem) -> dict:
+    def measure_op(self, problem) -> dict:
         """Check and time the public op (`kernels.ops`), dispatching as a user's call does."""
         return self._timed(("op", problem))
 

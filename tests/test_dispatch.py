@@ -166,7 +166,7 @@ def test_lookup_cost_is_negligible_next_to_a_kernel(h100):
 
 
 @pytest.mark.parametrize("call, error, message", [
-    (lambda d: d.select_config(("rmsnorm", 1, 64), 90), TypeError, "must be kernels.problem.Problem"),
+    (lambda d: d.select_config(("rmsnorm", 1, 64), 90), TypeError, "is not the problem type of any kernel family"),
     (lambda d: d.select_config(Problem("rmsnorm", 1, 64), "sm90"), TypeError, "arch must be an int"),
     (lambda d: d.select_config(Problem("rmsnorm", 1, 64), 0), ValueError, "arch must be positive"),
     (lambda d: d.select_config(Problem("rmsnorm", 1, 64), 90, 100), TypeError, "device_class must be str"),

@@ -441,7 +441,7 @@ def test_replace_builds_from_the_rows_alone(tmp_path):
 
 def _as_lut_format_2(text: str, generated_at: str) -> str:
     """A module as exports before PROVENANCE wrote it (the shipped kernels/luts/ modules until re-exported)."""
-    text = text[: text.index(f"\n# {EXACT_KEY} -> (run ids")] + "\n"
+    text = text[: text.index("\n# EXACT key -> (run ids")] + "\n"
     text = re.sub(r'"generated_at": "[^"]*"', f'"generated_at": "{generated_at}"', text)
     return text.replace(f'"lut_format": {LUT_FORMAT},', '"lut_format": 2,')
 

@@ -20,6 +20,7 @@ SLOW = KernelConfig(threads=32, threads_per_row=32, vec_bytes=2)  # one warp per
 
 
 def test_validate_gpu_passes_measured_winners_and_flags_a_slow_entry(tmp_path, monkeypatch):
+    from kernels import runner
     from kernels.runner import arch_of, make_case
     from lut_export.gpu_check import _time
     from sweep.provenance import gpu_provenance
@@ -30,7 +31,7 @@ def test_validate_gpu_passes_measured_winners_and_flags_a_slow_entry(tmp_path, m
     rows = []
     for p in PROBLEMS:
         h = heuristic(p, info["sm"])
-        t = _time(p, h, [make_case(p, seed=i) for i in range(3)], arch)
+        t = _time(runner, p, h, [make_case(p, seed=i) for i in range(3)], arch)
         rows.append(dict(run_id="gpu-validate", study="gpu-validate", trial=0, kind="trial", impl="lutforge",
                          config_source="heuristic", problem_set="test", op=p.op, out_format=p.out_format,
                          scale_layout=p.scale_layout, in_dtype=p.in_dtype, T=p.T, C=p.C, heads=p.heads,

@@ -8,7 +8,7 @@ from sweep.cli import main
 
 
 def test_shipped_sets_and_sizes():
-    assert PS.list_sets() == ["dit", "heldout", "llm", "qk_norm", "wan_vae"]
+    assert PS.list_sets() == ["dit", "heldout", "llm", "qk_norm", "wan_vae", "wan_vae_decoder"]
     wan = PS.load("wan_vae")
     assert len(wan.shapes) == 8 * 5 and not wan.per_head
     assert {c for _, c, _ in wan.shapes} == {64, 128, 160, 256, 320, 512, 640, 1024}
@@ -24,6 +24,32 @@ def test_shipped_sets_and_sizes():
     for name in PS.list_sets():
         s = PS.load(name)
         assert s.name == name and s.description and len(set(s.shapes)) == len(s.shapes)
+
+
+def test_channel_first_set_is_every_recorded_decoder_norm_shape():
+    from kernels.channel_first import WAN_VAE_NORM_SHAPES, ChannelFirstProblem
+
+    s = PS.load("wan_vae_decoder")
+    assert s.family == "channel_first"
+    recorded = {(C, N, S) for shapes in WAN_VAE_NORM_SHAPES.values() for C, _T, _H, _W, _l, N, S, _n in shapes}
+    assert set(s.shapes) == recorded
+    probs = PS.problems("wan_vae_decoder", "cf_l2norm_silu", "bf16", "bf16")
+    assert len(probs) == len(recorded) and all(isinstance(p, ChannelFirstProblem) and p.silu and p.l2norm
+                                               for p in probs)
+    with pytest.raises(ValueError, match="channel-first op but set 'wan_vae' is a row set"):
+        PS.problems("wan_vae", "cf_l2norm_silu", "bf16", "bf16")
+    with pytest.raises(ValueError, match="row op but set 'wan_vae_decoder' is a channel-first set"):
+        PS.problems("wan_vae_decoder", "rmsnorm", "bf16", "bf16")
+
+
+def test_channel_first_set_files_are_validated(tmp_path):
+    (tmp_path / "bad.toml").write_text('description = "x"\n[channel_first]\nshapes = [[96, 1]]\n')
+    with pytest.raises(ValueError, match=r"\[C, N, S\] integers"):
+        PS.load("bad", tmp_path)
+    (tmp_path / "both.toml").write_text('description = "x"\n[axes]\nhidden = [1]\ntokens = [1]\n'
+                                        '[channel_first]\nshapes = [[96, 1, 8]]\n')
+    with pytest.raises(ValueError, match="not both"):
+        PS.load("both", tmp_path)
 
 
 def test_problems_expansion():

@@ -32,7 +32,7 @@ def test_exhaustive_walk_measures_every_valid_config_once_and_keeps_enqueued_one
     p = Problem("rmsnorm", 1560, 64)
     heur = heuristic(p, 90)
     valid = search_space(p, 90).valid[::5] + [tuple(heur.as_dict().values())]
-    _, seen = _run(p, ValidConfigSampler(valid, exhaustive=True, seed=1), len(valid), enqueue=[heur])
+    _, seen = _run(p, ValidConfigSampler(valid, KNOB_CHOICES, exhaustive=True, seed=1), len(valid), enqueue=[heur])
     assert seen[0] == heur
     assert len(seen) == len(set(seen)) == len(valid)
     assert {tuple(c.as_dict().values()) for c in seen} == set(valid)
@@ -47,7 +47,7 @@ def test_parzen_proposals_are_valid_and_new_and_find_a_near_best_config():
         best = min(model_us(p, KernelConfig(*v)) for v in space.valid)
         found_best, rand_best = [], []
         for seed in range(3):
-            _, seen = _run(p, ValidConfigSampler(space.valid, exhaustive=False, seed=seed), 40)
+            _, seen = _run(p, ValidConfigSampler(space.valid, KNOB_CHOICES, exhaustive=False, seed=seed), 40)
             assert len(seen) == len(set(seen)) == 40
             assert all(not violations(p, c, 90) for c in seen)
             found = min(model_us(p, c) for c in seen)
@@ -61,7 +61,7 @@ def test_parzen_proposals_are_valid_and_new_and_find_a_near_best_config():
 def test_a_fully_taken_space_still_answers():
     p = Problem("rmsnorm", 1, 64)
     space = search_space(p, 90)
-    s = ValidConfigSampler(space.valid[:2], exhaustive=True, seed=0)
+    s = ValidConfigSampler(space.valid[:2], KNOB_CHOICES, exhaustive=True, seed=0)
     _, seen = _run(p, s, 4)
     assert set(seen[:2]) == {KernelConfig(*v) for v in space.valid[:2]}
     assert set(seen[2:]) <= set(seen[:2])  # duplicates, which the sweep's claims turn into no-ops

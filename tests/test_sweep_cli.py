@@ -12,9 +12,10 @@ import pytest
 from click.testing import CliRunner
 
 from kernels.config import KNOB_CHOICES, KernelConfig, heuristic
+from kernels.family import families
 from sweep.cli import main
 from sweep.results_io import read_results
-from sweep.schema import KNOB_COLUMNS, STATUSES
+from sweep.schema import STATUSES, knob_columns
 from sweep.study import study_name
 from sweep.sweep_cmd import kernel_groups, select_problems
 from sweep.synthetic import FAULTS_ENV
@@ -46,7 +47,7 @@ def test_wan_vae_synthetic_sweep_end_to_end(tmp_path):
     assert (ok["p20_us"] <= ok["median_us"]).all() and (ok["median_us"] <= ok["p80_us"]).all()
     assert ((ok["gbps"] - ok["bytes"] / (ok["median_us"] * 1e-6) / 1e9).abs() < 1e-6 * ok["gbps"]).all()
     assert (ok["pct_copy"] <= 100.0).all()  # the model never beats its own copy roofline
-    assert ok[KNOB_COLUMNS].notna().all().all()
+    assert ok[knob_columns(families()["row"])].notna().all().all()
     bad = df[df["status"] != "ok"]
     assert bad["median_us"].isna().all() and bad["gbps"].isna().all() and bad["error"].notna().all()
     for _, row in df[df["status"] == "invalid"].iterrows():

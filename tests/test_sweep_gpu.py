@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 
+from kernels.channel_first import ChannelFirstProblem
 from kernels.config import heuristic
 from kernels.problem import Problem, ideal_bytes
 from sweep.results_io import read_results
@@ -89,12 +90,37 @@ def test_bench_times_torch_peers_beside_lutforge(cuda, tmp_path, monkeypatch):
     Problem("fused_rmsnorm_silu", 1560, 64, "bf16", "nvfp4"), Problem("fused_rmsnorm_silu", 6240, 512, "bf16", "fp8"),
     Problem("rmsnorm_fp4quant", 1560, 64, "bf16", "nvfp4", 1, "swizzled"),
     Problem("rmsnorm_fp4quant", 129, 2048, "bf16", "mxfp4", 1, "rowmajor"),
+    ChannelFirstProblem(1, 96, 24960, silu=True, l2norm=True), ChannelFirstProblem(4, 384, 6241, bias=True),
+    ChannelFirstProblem(2, 192, 9984, "bf16", "fp8", silu=True, l2norm=True),
 ], ids=str)
 def test_public_op_is_checked_then_timed(cuda, tmp_path, monkeypatch, problem):
     """What the report calls lutforge: the public op on the case tensors, checked against the reference."""
-    from sweep.public_op import measure
+    from sweep.public_op import measure_op
 
     monkeypatch.setenv("LUTFORGE_CACHE_DIR", str(tmp_path / "cache"))
-    res = measure(problem)
+    res = measure_op(problem)
     assert res["status"] == "ok", res.get("error")
     assert res["median_us"] > 0 and len(res["samples_us"]) >= 7
+
+
+def test_channel_first_sweep_and_bench_beside_the_torch_peers(cuda, tmp_path, monkeypatch):
+    """The channel-first family through the same sweep and bench: checked trials, a re-bench, the public op
+    and the torch peers (diffusers' WanRMS_norm maths) on two WAN decoder shapes."""
+    from click.testing import CliRunner
+
+    from sweep.cli import main
+
+    monkeypatch.setenv("LUTFORGE_CACHE_DIR", str(tmp_path / "cache"))
+    res = tmp_path / "res"
+    common = ["--problem-set", "wan_vae_decoder", "--op", "cf_l2norm_silu", "--out", "bf16", "--limit-shapes", "2",
+              "--results", str(res)]
+    r = CliRunner().invoke(main, ["sweep", *common, "--trials", "6"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, ["bench", *common, "--peers", "torch_eager,torch_compile"])
+    assert r.exit_code == 0, r.output
+    df = read_results(res)
+    assert set(df["family"]) == {"channel_first"} and (df["N"] >= 1).all()
+    ok = df[df["status"] == "ok"]
+    assert {"trial", "rebench", "bench"} <= set(ok["kind"])
+    assert {"lutforge", "torch_eager", "torch_compile"} <= set(ok[ok["kind"] == "bench"]["impl"])
+    print(r.output)

@@ -11,13 +11,13 @@ import optuna
 import pytest
 
 from kernels.compile_cache import kernel_source_hash
-from kernels.config import KernelConfig, heuristic, violations
+from kernels.config import KernelConfig, heuristic, simplicity, violations
 from kernels.problem import Problem, ideal_bytes
 from sweep.peers import PEERS, parse_peers, unsupported
 from sweep.provenance import make_row, software
 from sweep.schema import SCHEMA
 from sweep.study import (Claims, SearchSpace, choose_sampler, owner_dead, owner_id, pick_winner, search_space,
-                         simplicity, study_name)
+                         study_name)
 from sweep.synthetic import COPY_GBPS, FAULTS_ENV, SLOW_S, device_info, model_us
 from sweep.timer import percentile, rotation_sets, summarize
 from sweep.trial_worker import Evaluator, IsolatedWorker, TimingService
@@ -64,10 +64,8 @@ def test_sampler_is_exhaustive_only_when_the_valid_space_fits_the_budget():
 
 
 def test_search_leaves_out_long_row_loops_unless_nothing_else_is_valid(monkeypatch):
-    import sweep.study
-
-    from kernels.config import iters_per_row
-    from sweep.study import MAX_SEARCH_ITERS
+    import kernels.config
+    from kernels.config import MAX_SEARCH_ITERS, iters_per_row
 
     def iters(space, v):
         return iters_per_row(space.problem, KernelConfig(*v))
@@ -75,7 +73,7 @@ def test_search_leaves_out_long_row_loops_unless_nothing_else_is_valid(monkeypat
     space = SearchSpace(Problem("rmsnorm", 1, 1024), 90)
     assert all(iters(space, v) <= MAX_SEARCH_ITERS for v in space.searched)
     assert any(iters(space, v) > MAX_SEARCH_ITERS for v in space.valid)  # still valid, just not searched
-    monkeypatch.setattr(sweep.study, "MAX_SEARCH_ITERS", 0)  # as if every valid config looped too long
+    monkeypatch.setattr(kernels.config, "MAX_SEARCH_ITERS", 0)  # as if every valid config looped too long
     fallback = SearchSpace(Problem("rmsnorm", 1, 1024), 90)
     assert fallback.valid and fallback.searched == fallback.valid
 

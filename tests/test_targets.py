@@ -8,6 +8,7 @@ import pytest
 import problem_sets
 from kernels.config import KernelConfig
 from results_rows import row
+from sweep.results_io import PROBLEM_DEFAULTS
 from sweep.targets import evaluate, render
 
 CFG = KernelConfig(threads=256, threads_per_row=32, vec_bytes=16)
@@ -15,8 +16,10 @@ WAN = [(t, c) for t, c, _h in problem_sets.load("wan_vae").shapes]
 
 
 def _frame(rows):
+    """Rows as load_ok_rows gives them: the problem columns a hand-made row leaves out at their defaults."""
     df = pd.DataFrame(rows)
-    df["scale_layout"] = df["scale_layout"].fillna("rowmajor")
+    for col, default in PROBLEM_DEFAULTS.items():
+        df[col] = df[col].fillna(default) if col in df else default
     return df
 
 

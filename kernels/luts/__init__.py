@@ -17,13 +17,18 @@ from importlib import resources
 from pathlib import Path
 
 LUT_FORMAT = 3  # bump on any change to the layout below (2: RANGE knobs may be None; 3: PROVENANCE, RUNS)
+# EXACT holds the entries of every kernel family (kernels.family), each keyed by its family's key_fields (the
+# op, first, tells which): the row family's EXACT_KEY, the channel-first family's (op, out_format, in_dtype,
+# C, N, S). RANGE is the row family's alone.
 EXACT_KEY = ("op", "out_format", "scale_layout", "in_dtype", "C", "heads", "T")
 RANGE_KEY = EXACT_KEY[:-1]  # RANGE[key] = [(T_below, knobs), ...]; the last T_below is None (no bound)
 
 
 def exact_key(p) -> tuple:
-    """A problem's EXACT key (its RANGE key is all but the last item)."""
-    return tuple(getattr(p, k) for k in EXACT_KEY)
+    """A problem's EXACT key, of any family (a row problem's RANGE key is all but the last item)."""
+    from ..family import family_of
+
+    return family_of(p).key(p)
 TABLES = ("METADATA", "EXACT", "RANGE")
 OPTIONAL_TABLES = ("PROVENANCE", "RUNS")  # absent from lut_format 2 modules
 MODULE_NAME = re.compile(r"^sm(?P<arch>\d+)_(?P<device_class>[a-z0-9][a-z0-9_]*)$")

@@ -1,0 +1,205 @@
+"""Kernel families: the one interface through which the harness searches, measures, exports and dispatches.
+
+A family is a kind of kernel with its own problem descriptor, knobs and constraints: the row norms
+(kernels/problem.py, kernels/config.py: [tokens, C] rows) and the channel-first norms
+(kernels/channel_first.py: [N, C, S] normalised over C). Sweep, Parquet rows, LUT export and validation,
+runtime dispatch, report and heatmap ask `family_of(problem)` / `family_of_op(op)` for what differs and
+share everything else; a new family is a new module that builds one `Family` and registers it here.
+
+What a family declares:
+
+* problem: `problem_type`, its `ops`, `out_formats(op, in_dtype)`, `key_fields` (the problem's identity:
+  study names, Parquet key columns, LUT EXACT keys; the runtime size last), `from_key` (a problem back from
+  those values), `positions` (the rows or positions it normalises: the report's and heatmap's x axis),
+  `size_label` (its runtime size as tables print it).
+* knobs: `config_type` (a kernels.config.Knobs dataclass), `knob_choices` (fixed, full lists).
+* constraints and heuristic: `violations(p, cfg, arch, stride, ptr_align)` (empty = valid; stride: the
+  family's layout argument, None = dense), `heuristic(p, arch, stride, ptr_align)`, `fit(p, cfg, arch,
+  stride, ptr_align)` (a tuned config made to fit the actual layout, or None), `space_key(p)` (the
+  part of a problem validity depends on: one counted search space per key), `searchable(p, cfg)` (what
+  the sampler proposes among valid configs), `simplicity(cfg, heuristic)` (tie-break sort key).
+* cost: `ideal_bytes(p)` (each tensor moved once: GB/s and % of copy).
+* compilation: `compile_key(p)` (what a compiled kernel depends on), `precompile(p, cfg, arch)`,
+  `source_hash()` (the kernel source version rows and studies belong to).
+* measurement (GPU, the sweep's timing process): `runner`, a module with make_case / make_cases (random
+  inputs, poisoned outputs), poison, launcher (one config, graph-capturable), expected_outputs (the float
+  reference) and check.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable
+
+
+SIZE_FIELDS = ("C", "heads", "T", "N", "S")  # integer fields of problem keys
+
+
+def key_error(key, fields: tuple[str, ...]) -> str | None:
+    """Why `key` is not a tuple of `fields` values (None = it is): names as str, sizes as ints (C >= 1,
+    heads >= 1, the runtime sizes >= 0)."""
+    if not isinstance(key, tuple) or len(key) != len(fields):
+        return f"key must be a {len(fields)}-tuple {fields}"
+    for name, v in zip(fields, key):
+        if name in SIZE_FIELDS:
+            low = 1 if name in ("C", "heads") else 0
+            if type(v) is not int or v < low:
+                return f"{name}={v!r} must be an int >= {low}"
+        elif not isinstance(v, str):
+            return f"{name}={v!r} must be a str"
+    return None
+
+
+@dataclass(frozen=True, eq=False)  # one object per family: hashed and compared by identity
+class Family:
+    name: str
+    problem_type: type
+    ops: tuple[str, ...]
+    out_formats: Callable[[str, str], tuple]
+    key_fields: tuple[str, ...]
+    from_key: Callable[..., object]
+    positions: Callable[[object], int]
+    size_label: Callable[[object], str]
+    config_type: type
+    knob_choices: dict
+    violations: Callable[..., list]
+    heuristic: Callable[..., object]
+    fit: Callable[..., object]
+    space_key: Callable[[object], object]
+    searchable: Callable[[object, object], bool]
+    simplicity: Callable[[object, object], tuple]
+    ideal_bytes: Callable[[object], int]
+    compile_key: Callable[[object], tuple]
+    precompile: Callable[..., object]
+    source_hash: Callable[[], str]
+    runner_module: str
+    has_range: bool  # LUT RANGE tables along the last key field (the row family's T)
+
+    @property
+    def runner(self):
+        """The GPU measurement module (imported on first use: it needs torch on a CUDA device)."""
+        return importlib.import_module(self.runner_module)
+
+    def key(self, p) -> tuple:
+        """The problem's identity as a tuple of `key_fields` values (the LUT EXACT key)."""
+        return tuple(getattr(p, k) for k in self.key_fields)
+
+    def key_error(self, key) -> str | None:
+        """Why `key` is not a well-formed EXACT key of this family (None = it is)."""
+        return key_error(key, self.key_fields)
+
+    def problem_of_key(self, key):
+        """The problem an EXACT key names (ValueError when malformed or not a valid problem)."""
+        bad = self.key_error(key)
+        if bad:
+            raise ValueError(bad)
+        return self.from_key(*key)
+
+    def config(self, knobs: dict):
+        """A config from knob values (missing knobs take the dataclass defaults; unknown ones are refused)."""
+        return self.config_type.from_dict(knobs)
+
+    def row_config(self, row) -> object:
+        """The config of a result row (knob_* columns), values converted to the types of knob_choices."""
+        d = {}
+        for name, choices in self.knob_choices.items():
+            v = row[f"knob_{name}"]
+            t = type(choices[0])
+            d[name] = bool(v) if t is bool else int(v) if t is int else str(v)
+        return self.config_type(**d)
+
+
+def _row_family() -> Family:
+    from . import compile_cache, config, problem
+
+    def space_key(p):
+        return problem.Problem(p.op, 0, p.C, p.in_dtype, p.out_format, p.heads, p.scale_layout)
+
+    return Family(
+        name="row", problem_type=problem.Problem, ops=tuple(problem.OPS), out_formats=problem.out_formats,
+        key_fields=("op", "out_format", "scale_layout", "in_dtype", "C", "heads", "T"),
+        from_key=lambda op, out_format, scale_layout, in_dtype, C, heads, T: problem.Problem(
+            op, int(T), int(C), in_dtype, out_format, int(heads), scale_layout),
+        positions=lambda p: p.T, size_label=lambda p: str(p.T) + (f"x{p.heads}h" if p.heads != 1 else ""),
+        config_type=config.KernelConfig, knob_choices=config.KNOB_CHOICES,
+        violations=lambda p, cfg, arch=90, stride=None, ptr_align=16: config.violations(p, cfg, arch, stride),
+        heuristic=lambda p, arch=90, stride=None, ptr_align=16: config.heuristic(p, arch, stride, ptr_align),
+        fit=config.fit_config, space_key=space_key,
+        searchable=lambda p, cfg: config.iters_per_row(p, cfg) <= config.MAX_SEARCH_ITERS,
+        simplicity=config.simplicity, ideal_bytes=problem.ideal_bytes,
+        compile_key=lambda p: (p.op, p.in_dtype, p.out_format, p.C, p.heads, p.scale_layout),
+        precompile=lambda p, cfg, arch: compile_cache.precompile(p, cfg, arch),  # late-bound: tests patch it
+        source_hash=compile_cache.kernel_source_hash,
+        runner_module="kernels.runner", has_range=True)
+
+
+def _channel_first_family() -> Family:
+    from . import channel_first as cf
+
+    return Family(
+        name="channel_first", problem_type=cf.ChannelFirstProblem, ops=cf.OPS,
+        out_formats=lambda op, in_dtype: (in_dtype, "fp8"),
+        key_fields=("op", "out_format", "in_dtype", "C", "N", "S"),
+        from_key=lambda op, out_format, in_dtype, C, N, S: cf.ChannelFirstProblem.from_op(
+            op, int(N), int(C), int(S), in_dtype, out_format),
+        positions=lambda p: p.positions, size_label=lambda p: f"{p.N}x{p.S}",
+        config_type=cf.ChannelFirstConfig, knob_choices=cf.CF_KNOB_CHOICES,
+        violations=cf.violations, heuristic=cf.heuristic,
+        fit=lambda p, cfg, arch=90, stride=None, ptr_align=16: (
+            None if cfg is None or cf.violations(p, cfg, arch, stride, ptr_align) else cfg),
+        space_key=lambda p: p,  # S's divisibility and size and N's bound all matter to validity
+        searchable=lambda p, cfg: True, simplicity=cf.simplicity, ideal_bytes=cf.ideal_bytes,
+        compile_key=lambda p: cf.canonical(p).static_key,
+        precompile=lambda p, cfg, arch: cf.precompile(p, cfg, arch), source_hash=cf.source_hash,
+        runner_module="kernels.channel_first_runner", has_range=False)
+
+
+_FAMILIES: dict[str, Family] = {}
+
+
+def families() -> dict[str, Family]:
+    """Every registered family by name (built on first use: the modules import each other lazily)."""
+    if not _FAMILIES:
+        for make in (_row_family, _channel_first_family):
+            f = make()
+            _FAMILIES[f.name] = f
+    return _FAMILIES
+
+
+def family_of_op(op: str) -> Family:
+    for f in families().values():
+        if op in f.ops:
+            return f
+    known = ", ".join(o for f in families().values() for o in f.ops)
+    raise ValueError(f"unknown op {op!r}; known: {known}")
+
+
+def family_of_key(key) -> Family:
+    """The family of a LUT EXACT key (its first item is the op)."""
+    if not (isinstance(key, tuple) and key and isinstance(key[0], str)):
+        raise ValueError(f"key {key!r} must be a tuple starting with the op name")
+    return family_of_op(key[0])
+
+
+def family_of(problem) -> Family:
+    for f in families().values():
+        if isinstance(problem, f.problem_type):
+            return f
+    raise TypeError(f"{type(problem).__name__} is not the problem type of any kernel family")
+
+
+def family_of_config(cfg) -> Family:
+    for f in families().values():
+        if isinstance(cfg, f.config_type):
+            return f
+    raise TypeError(f"{type(cfg).__name__} is not the config type of any kernel family")
+
+
+def all_knob_choices() -> dict[str, tuple]:
+    """The union of every family's knobs (Parquet knob_* columns); a knob two families share must have the
+    same value type in both."""
+    out: dict[str, tuple] = {}
+    for f in families().values():
+        for k, v in f.knob_choices.items():
+            out.setdefault(k, v)
+    return out
