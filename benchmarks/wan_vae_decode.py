@@ -214,7 +214,21 @@ def markdown(results: list[dict], device: str) -> str:
                   f"- norms' share of decode: stock {100 * s['norm_ms'] / s['ms']:.1f} % -> patched_cl "
                   f"{100 * v['patched_cl']['norm_ms'] / v['patched_cl']['ms']:.1f} % ({share_cut:.1f}x smaller)",
                   f"- channels-last convolutions alone (stock_cl vs stock): {s['ms'] / v['stock_cl']['ms']:.2f}x", ""]
+        if (r["height"], r["width"]) == (480, 832):
+            lines += ["Goals at 480p: " + "; ".join(
+                f"{what} {value:.2f}x (goal >= {goal}x: {'met' if value >= goal else 'not met'})" for what, value, goal in (
+                    ("whole decode, patched_cl vs stock", base / v["patched_cl"]["ms"], 1.4),
+                    ("patched NCDHW vs stock", base / p["ms"], 1.2),
+                    ("norms' share cut (patched_cl)", share_cut, 5.0),
+                    ("norms' share cut (patched NCDHW)", (s["norm_ms"] / s["ms"]) / (p["norm_ms"] / p["ms"]), 5.0)))
+                + f"; bound with free norms in channels-last {base / v['free_cl']['ms']:.2f}x.", ""]
     return "\n".join(lines)
+
+
+def main_markdown_from_json(path: Path, device: str) -> str:
+    """The table again from a saved FILE.json (e.g. after the report format changed)."""
+    results = json.loads(path.read_text())
+    return markdown(results, results[0].get("device", device))
 
 
 def main() -> None:
@@ -223,14 +237,20 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=9)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--out", type=Path, help="write the markdown table here (and FILE.json beside it)")
+    ap.add_argument("--from-json", type=Path, help="rewrite --out's table from a saved FILE.json (no GPU needed)")
+    ap.add_argument("--device", default="NVIDIA H200", help="with --from-json: the device the JSON was measured on")
     args = ap.parse_args()
+    if args.from_json:
+        text = main_markdown_from_json(args.from_json, args.device)
+        (args.out.write_text(text) if args.out else print(text))
+        return
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
     vae = build_vae()
     results = []
     for res in args.res.split(","):
         h, w = (int(v) for v in res.lower().split("x"))
-        results.append(measure(vae, h, w, args.frames, args.runs))
+        results.append(dict(measure(vae, h, w, args.frames, args.runs), device=torch.cuda.get_device_name()))
     text = markdown(results, torch.cuda.get_device_name())
     print(text)
     if args.out:

@@ -605,8 +605,8 @@ def _build_plan(x, w, b, out, out_dtype, silu: bool, l2norm: bool, scale: float)
     plan.extents = ()
     view = channel_first_view(x)
     rows = _channels_last_rows(x) if (view is None or view[1] == 1) else None
-    if rows is not None and view is not None and (l2norm or b is not None):
-        rows = None  # S == 1 is channel-first and channels-last at once: the exact kernel takes what rows cannot
+    if rows is not None and view is not None and (l2norm or b is not None) and math.prod(x.shape[2:]) == 1:
+        rows = None  # [B, C, 1...] is channel-first and channels-last at once: the exact kernel takes it
     if rows is not None and x.numel():
         # channels-last memory is [positions, C] rows: the row ops on a zero-copy view. Exact for RMSNorm only:
         # the row kernel has neither a bias nor F.normalize's max(||x||, eps) clamp.

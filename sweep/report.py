@@ -162,7 +162,8 @@ def render_host(host: pd.DataFrame) -> list[str]:
 
 
 def render_e2e(results_dir) -> list[str]:
-    """The end-to-end records under `results_dir`/e2e (benchmarks/llama_forward.py, benchmarks/cold_start.py)."""
+    """The end-to-end records under `results_dir`/e2e (benchmarks/llama_forward.py, wan_vae_decode.py,
+    cold_start.py)."""
     import json
 
     d = Path(results_dir) / "e2e"
@@ -183,6 +184,9 @@ def render_e2e(results_dir) -> list[str]:
                  str(r["compiles"])] for r in rec["rows"]]
         lines += _table(["T", "norms", "stock eager", "lutforge eager", "speedup", "stock graph", "lutforge graph",
                          "speedup", "error stock", "error lutforge", "compiles"], body) + [""]
+    decode = d / "wan_vae_decode.md"
+    if decode.exists():  # benchmarks/wan_vae_decode.py's own table, its headings one level down
+        lines += [("#" + ln if ln.startswith("#") else ln) for ln in decode.read_text().splitlines()] + [""]
     cold = d / "cold_start.json"
     if cold.exists():
         rec = json.loads(cold.read_text())
@@ -417,7 +421,8 @@ def _section(pset: str, op: str, out: str, sec: pd.DataFrame, worst: int) -> lis
         lines += [f"Worst shapes for {ref} (lowest % of copy, {len(tuned)} of {n_shapes}):", ""]
         body = [[shape_text(r), _fmt(r["median_us"], ".2f"), _fmt(r["gbps"], ".0f"), _fmt(r["pct_copy"], ".1f"),
                  r["backend"], r["knobs"] or "–"] for _, r in tuned.iterrows()]
-        lines += _table(["shape (T × C)", "µs", "GB/s", "% of copy", "backend", "knobs"], body) + [""]
+        shape = "shape (T × C)" if (tuned["family"] == "row").all() else "shape (N × C × S)"
+        lines += _table([shape, "µs", "GB/s", "% of copy", "backend", "knobs"], body) + [""]
     return lines
 
 

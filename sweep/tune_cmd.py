@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from kernels.family import family_of
 from kernels.problem import Problem
 
 from .sweep_cmd import chosen_problems, check_gpus, format_summary, parse_gpus, problem_options, run_sweep
@@ -162,6 +163,7 @@ def _bench_progress(total: int):
 
     def step(problem: Problem) -> None:
         count[0] += 1
-        click.echo(f"      bench {count[0]}/{total}: {problem.op}/{problem.out_format} {problem.T}x{problem.C}",
+        click.echo(f"      bench {count[0]}/{total}: {problem.op}/{problem.out_format} "
+                   f"{family_of(problem).size_label(problem)}x{problem.C}",
                    err=True)
     return step
