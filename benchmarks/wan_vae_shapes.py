@@ -1,12 +1,12 @@
 """The norm shapes of diffusers' WAN VAE decoders: `wan_vae_norm_shapes(config, height, width, frames)`.
 
     python benchmarks/wan_vae_shapes.py                 # the table: WAN 2.1 and 2.2 at 480x832 and 720x1280
-    python benchmarks/wan_vae_shapes.py --literal       # the WAN_VAE_NORM_SHAPES literal of kernels/channel_first.py
+    python benchmarks/wan_vae_shapes.py --literal       # the WAN_VAE_NORM_SHAPES literal of kernels/wan_vae_norm_shapes.py
 
 Needs diffusers (pure Python). The model is built on the meta device: no weights are downloaded or allocated
 and the decode computes nothing, it only propagates shapes (and strides) through forward hooks on every
 WanRMS_norm. The [axes] problem-set TOML format (problem_sets/) crosses hidden x tokens, which cannot express
-these per-norm (C, N, S) triples, so they live as a generated list in kernels/channel_first.py instead.
+these per-norm (C, N, S) triples, so they live as a generated list in kernels/wan_vae_norm_shapes.py instead.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kernels import channel_first as cf  # noqa: E402
+from kernels import channel_first_op as cfo  # noqa: E402
 from kernels.wan_vae_patch import WAN21_VAE_CONFIG, WAN_VAE_CONFIGS  # noqa: E402
 
 RESOLUTIONS = ((480, 832), (720, 1280))  # (height, width): WAN's 480p and 720p (1280x720) video sizes
@@ -36,7 +36,7 @@ def _layout(x: torch.Tensor) -> str:
         return "image"
     if x.is_contiguous():
         return "cthw"
-    view = cf.channel_first_view(x)
+    view = cfo.channel_first_view(x)
     return "tchw" if view is not None and view[1] == x.shape[-1] * x.shape[-2] else "other"
 
 
@@ -58,7 +58,7 @@ def wan_vae_norm_shapes(config: dict | None = None, height: int = 480, width: in
 
     def hook(module, inputs, output):
         x = inputs[0]
-        view = cf.channel_first_view(x)
+        view = cfo.channel_first_view(x)
         N, S = (view[0], view[1]) if view is not None else (0, 0)
         if x.dim() == 4:
             key = (x.shape[1], x.shape[0], x.shape[2], x.shape[3], "image", N, S)
@@ -84,7 +84,7 @@ def format_norm_shapes(shapes: list[NormShape]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--literal", action="store_true", help="print the Python literal for kernels/channel_first.py")
+    ap.add_argument("--literal", action="store_true", help="print the Python literal for kernels/wan_vae_norm_shapes.py")
     ap.add_argument("--frames", type=int, default=FRAMES)
     args = ap.parse_args()
     if args.literal:

@@ -5,7 +5,7 @@ dim 1, times sqrt(C) * gamma, plus bias) and applies SiLU as a separate module: 
 `self.nonlinearity` (nn.SiLU) right after `norm1` and after `norm2`, the decoder and encoder right after
 `norm_out`; `WanAttentionBlock.norm` has no SiLU after it. The patch replaces each WanRMS_norm with a
 `WanFusedRMSNorm` holding the *same* parameters (state_dict keys and values unchanged) that calls
-`kernels.channel_first.channel_first_rmsnorm(..., l2norm=True, silu=...)`, and the SiLU module of the
+`kernels.channel_first_op.channel_first_rmsnorm(..., l2norm=True, silu=...)`, and the SiLU module of the
 blocks whose norms now fuse it with nn.Identity. A call the kernel cannot take (CPU tensors, fp32, mixed
 dtypes, autograd) computes the same fused maths in torch (fp32, one rounding), so the patched model runs
 anywhere. `unpatch_wan_vae` puts the original modules back.
@@ -22,7 +22,7 @@ Norm inputs that stay channel-first (the attention block's [B*T, C, H, W] copy) 
 
 Modules are recognised by class name (kernels/ imports no diffusers). The shapes every decoder norm sees are
 recorded by benchmarks/wan_vae_shapes.py (forward hooks during a meta-device decode) and kept in
-kernels/channel_first.py as WAN_VAE_NORM_SHAPES.
+kernels/wan_vae_norm_shapes.py as WAN_VAE_NORM_SHAPES.
 """
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import channel_first as cf
+from . import channel_first_op as cfo
 
 _STATE = "_lutforge_wan_patch"
 _KERNEL_DTYPES = (torch.bfloat16, torch.float16)
@@ -80,7 +81,7 @@ class WanFusedRMSNorm(nn.Module):
                 and x.dim() >= 3 and x.numel()
                 and not (torch.is_grad_enabled() and (x.requires_grad or g.requires_grad
                                                       or (b is not None and b.requires_grad)))):
-            view, rows = cf.channel_first_view(x), cf._channels_last_rows(x)
+            view, rows = cfo.channel_first_view(x), cfo._channels_last_rows(x)
             if view is not None and (view[1] > 1 or rows is None):
                 return "channel_first"
             if b is None and rows is not None:
@@ -90,10 +91,10 @@ class WanFusedRMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         route = self.route(x)
         if route == "channel_first":
-            return cf.channel_first_rmsnorm(x, self.gamma, self.bias, self.eps, silu=self.silu, l2norm=True)
+            return cfo.channel_first_rmsnorm(x, self.gamma, self.bias, self.eps, silu=self.silu, l2norm=True)
         if route == "rows":
             weight, eps = self.row_args(x.shape[1])
-            return cf.channel_first_rmsnorm(x, weight, None, eps, silu=self.silu)
+            return cfo.channel_first_rmsnorm(x, weight, None, eps, silu=self.silu)
         return self.torch_forward(x)
 
     def torch_forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -45,7 +45,7 @@ def build(problem: Problem, case) -> Callable[[], object]:
 
 def build_channel_first(problem, case) -> Callable[[], object]:
     """channel_first_rmsnorm on a channel-first case, writing into its poisoned y."""
-    from kernels.channel_first import channel_first_rmsnorm
+    from kernels.channel_first_op import channel_first_rmsnorm
 
     a, p = case.args, problem
     x, w, b, y = a["x"], a["weight"], a.get("bias"), a["y"]

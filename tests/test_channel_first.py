@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from kernels import channel_first as cf
+from kernels import channel_first_op as cfo
+from kernels import wan_vae_norm_shapes as wan_shapes
 from kernels.channel_first import CF_KNOB_CHOICES, ChannelFirstConfig, ChannelFirstProblem
 from kernels.compile_cache import KernelCompileError, resource_usage
 
@@ -56,8 +58,8 @@ def test_heuristic_narrows_the_vector_for_layout():
 
 
 def test_heuristic_for_the_wan_decoder_shapes():
-    for key in cf.WAN_VAE_NORM_SHAPES:
-        for p, calls in cf.wan_vae_problems(*key):
+    for key in wan_shapes.WAN_VAE_NORM_SHAPES:
+        for p, calls in wan_shapes.wan_vae_problems(*key):
             cfg = cf.heuristic(p)
             assert cf.is_valid(p, cfg) and cfg.vec_bytes == 16 and cfg.stage == "reg", (key, p, cfg)
             assert calls > 0
@@ -256,43 +258,43 @@ def test_expected_output_fp8_is_static_scale():
 # --------------------------------------------------------------------------- layouts and the entry point
 def test_channel_first_view():
     x = torch.empty(2, 96, 3, 8, 12)
-    assert cf.channel_first_view(x) == (2, 288, 96 * 288, 288)
+    assert cfo.channel_first_view(x) == (2, 288, 96 * 288, 288)
     fm = torch.empty(1, 4, 96, 8, 12).permute(0, 2, 1, 3, 4)  # frame-major: N = frames, S = H*W
-    assert cf.channel_first_view(fm) == (4, 96, 96 * 96, 96)
+    assert cfo.channel_first_view(fm) == (4, 96, 96 * 96, 96)
     bt = torch.empty(2, 4, 96, 8, 12).permute(0, 2, 1, 3, 4)  # batch and frames flatten to one stride
-    assert cf.channel_first_view(bt) == (8, 96, 96 * 96, 96)
+    assert cfo.channel_first_view(bt) == (8, 96, 96 * 96, 96)
     cl = torch.empty(1, 96, 3, 8, 12).contiguous(memory_format=torch.channels_last_3d)
-    assert cf.channel_first_view(cl)[1] == 1 and cf._channels_last_rows(cl).shape == (1, 3, 8, 12, 96)
-    assert cf.channel_first_view(torch.empty(2, 96, 8, 12)[:, :, :, :6]) is None  # rows of H don't flatten
+    assert cfo.channel_first_view(cl)[1] == 1 and cfo._channels_last_rows(cl).shape == (1, 3, 8, 12, 96)
+    assert cfo.channel_first_view(torch.empty(2, 96, 8, 12)[:, :, :, :6]) is None  # rows of H don't flatten
     sliced = torch.empty(2, 96, 16)[:, :, :8]  # gaps along S: S = 8, C stride 16
-    assert cf.channel_first_view(sliced) == (2, 8, 96 * 16, 16)
-    assert cf.channel_first_view(torch.empty(2, 3, 4).transpose(0, 2)) is None
+    assert cfo.channel_first_view(sliced) == (2, 8, 96 * 16, 16)
+    assert cfo.channel_first_view(torch.empty(2, 3, 4).transpose(0, 2)) is None
 
 
 def test_entry_point_validates_before_launch():
     x = torch.randn(1, 8, 4, dtype=torch.bfloat16)
     w = torch.ones(8, dtype=torch.bfloat16)
     with pytest.raises(TypeError, match="bfloat16 or float16"):
-        cf.channel_first_rmsnorm(x.float(), w.float())
+        cfo.channel_first_rmsnorm(x.float(), w.float())
     with pytest.raises(TypeError, match="weight dtype"):
-        cf.channel_first_rmsnorm(x, w.half())
+        cfo.channel_first_rmsnorm(x, w.half())
     with pytest.raises(ValueError, match="C=8 elements"):
-        cf.channel_first_rmsnorm(x, torch.ones(4, dtype=torch.bfloat16))
+        cfo.channel_first_rmsnorm(x, torch.ones(4, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match="CUDA"):
-        cf.channel_first_rmsnorm(x, w)
+        cfo.channel_first_rmsnorm(x, w)
     with pytest.raises(ValueError, match="eps"):
-        cf.channel_first_rmsnorm(x, w, eps=-1.0)
+        cfo.channel_first_rmsnorm(x, w, eps=-1.0)
     with pytest.raises(ValueError, match="scale"):
-        cf.channel_first_rmsnorm(x, w, scale=0.0)
+        cfo.channel_first_rmsnorm(x, w, scale=0.0)
     with pytest.raises(ValueError, match="B, C"):
-        cf.channel_first_rmsnorm(torch.ones(8, dtype=torch.bfloat16), w)
+        cfo.channel_first_rmsnorm(torch.ones(8, dtype=torch.bfloat16), w)
     with pytest.raises(TypeError, match="output dtype"):
-        cf.channel_first_rmsnorm(x, w, out_dtype=torch.float32)
+        cfo.channel_first_rmsnorm(x, w, out_dtype=torch.float32)
     with pytest.raises(ValueError, match="out must have shape"):
-        cf.channel_first_rmsnorm(x, w, out=torch.empty(1, 8, 5, dtype=torch.bfloat16))
+        cfo.channel_first_rmsnorm(x, w, out=torch.empty(1, 8, 5, dtype=torch.bfloat16))
     # WanRMS_norm's gamma shapes are accepted as they are (the check then stops at the device)
     with pytest.raises(ValueError, match="CUDA"):
-        cf.channel_first_rmsnorm(x, w.view(8, 1, 1, 1), l2norm=True)
+        cfo.channel_first_rmsnorm(x, w.view(8, 1, 1, 1), l2norm=True)
 
 
 def test_torch_channel_first_matches_reference():
@@ -311,7 +313,7 @@ def test_norm_shapes_literal_is_what_diffusers_builds():
     from benchmarks.wan_vae_shapes import wan_vae_norm_shapes
     from kernels.wan_vae_patch import WAN_VAE_CONFIGS
 
-    for (model, h, w), shapes in cf.WAN_VAE_NORM_SHAPES.items():
+    for (model, h, w), shapes in wan_shapes.WAN_VAE_NORM_SHAPES.items():
         got = wan_vae_norm_shapes(WAN_VAE_CONFIGS[model], h, w, 81)
         assert [tuple(s) for s in got] == [tuple(s) for s in shapes], (model, h, w)
 

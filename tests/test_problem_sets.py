@@ -27,7 +27,8 @@ def test_shipped_sets_and_sizes():
 
 
 def test_channel_first_set_is_every_recorded_decoder_norm_shape():
-    from kernels.channel_first import WAN_VAE_NORM_SHAPES, ChannelFirstProblem
+    from kernels.channel_first import ChannelFirstProblem
+    from kernels.wan_vae_norm_shapes import WAN_VAE_NORM_SHAPES
 
     s = PS.load("wan_vae_decoder")
     assert s.family == "channel_first"

@@ -1,4 +1,4 @@
-"""Channel-first kernel correctness on a GPU (kernels/channel_first.py, kernels/channel_first_kernel.py).
+"""Channel-first kernel correctness on a GPU (kernels/channel_first.py, channel_first_kernel.py, channel_first_op.py).
 
 Inputs are randn*5+5 (never zeros) with weights in [0.5, 2]; every output is poisoned twice (0xFF = NaN in
 bf16/fp16/e4m3, then 0x00) and checked after each launch against the float64 reference, so an unwritten
@@ -13,6 +13,8 @@ import pytest
 import torch
 
 from kernels import channel_first as cf
+from kernels import channel_first_op as cfo
+from kernels import wan_vae_norm_shapes as wan_shapes
 from kernels.check import ATOL, RTOL
 
 pytestmark = pytest.mark.gpu
@@ -62,16 +64,16 @@ def _assert_close(got: torch.Tensor, expected: torch.Tensor, what: str) -> None:
 
 def _run(x, w, b, *, silu=False, l2norm=False, fp8=False, scale=1.0, eps=None, cfg=None, what=""):
     """Launch on poisoned outputs (through the entry point, or one explicit config) and check each run."""
-    p_fmt = "fp8" if fp8 else cf._TORCH_IN[x.dtype]
+    p_fmt = "fp8" if fp8 else cfo._TORCH_IN[x.dtype]
     out = torch.empty_like(x, dtype=torch.float8_e4m3fn if fp8 else x.dtype)
-    view = cf.channel_first_view(x)
-    p = cf.ChannelFirstProblem(view[0], x.shape[1], view[1], cf._TORCH_IN[x.dtype], p_fmt, silu, b is not None,
+    view = cfo.channel_first_view(x)
+    p = cf.ChannelFirstProblem(view[0], x.shape[1], view[1], cfo._TORCH_IN[x.dtype], p_fmt, silu, b is not None,
                                l2norm)
     expected = cf.expected_output(p, x, w, b, eps, scale)
     for byte in (0xFF, 0x00):
         out.view(torch.uint8).fill_(byte)
         if cfg is None:
-            cf.channel_first_rmsnorm(x, w, b, eps, silu=silu, l2norm=l2norm, out=out, scale=scale)
+            cfo.channel_first_rmsnorm(x, w, b, eps, silu=silu, l2norm=l2norm, out=out, scale=scale)
         else:
             _launch_config(p, cfg, x, w, b, out, eps, scale)
         torch.cuda.synchronize()
@@ -81,8 +83,8 @@ def _run(x, w, b, *, silu=False, l2norm=False, fp8=False, scale=1.0, eps=None, c
 
 def _launch_config(p, cfg, x, w, b, out, eps, scale):
     fn = cf.get_compiled(p, cfg, ARCH)
-    N, S, sxn, sxc = cf.channel_first_view(x)
-    _, _, syn, syc = cf.channel_first_view(out)
+    N, S, sxn, sxc = cfo.channel_first_view(x)
+    _, _, syn, syc = cfo.channel_first_view(out)
     eps = (cf.F_NORMALIZE_EPS if p.l2norm else cf.RMS_EPS) if eps is None else eps
     fn(x.data_ptr(), w.data_ptr(), None if b is None else b.data_ptr(), out.data_ptr(), N, S, sxn, sxc, syn, syc,
        float(eps), float(scale), torch.cuda.current_stream().cuda_stream)
@@ -103,7 +105,7 @@ def _random_configs(p, n, seed, stride_gcd=None):
 # --------------------------------------------------------------------------- the decoders' real shapes
 def _real_shapes():
     for key in (("wan2.1", 480, 832), ("wan2.2", 480, 832), ("wan2.1", 720, 1280)):
-        for shape in cf.WAN_VAE_NORM_SHAPES[key]:
+        for shape in wan_shapes.WAN_VAE_NORM_SHAPES[key]:
             C, T, H, W, layout, N, S, calls = shape
             if N * C * S <= MAX_ELEMS:
                 yield pytest.param(shape, id=f"{key[0]}-{key[1]}p-C{C}-T{T}-{H}x{W}-{layout}")
@@ -119,7 +121,7 @@ def test_decoder_shapes(shape):
         x, w, b = _inputs((T, C, H, W), C, torch.bfloat16, False)
     else:
         x, w, b = _inputs((1, C, T, H, W), C, torch.bfloat16, False, frame_major=layout == "tchw")
-    assert cf.channel_first_view(x)[:2] == (N, S)
+    assert cfo.channel_first_view(x)[:2] == (N, S)
     _run(x, w, b, silu=silu, l2norm=True, what="decoder")
     p = cf.ChannelFirstProblem(N, C, S, "bf16", "bf16", silu, False, True)
     for cfg in _random_configs(p, 3, seed=C * 7 + S):
@@ -187,7 +189,7 @@ def test_misaligned_pointer():
 def test_frame_major_and_image_layouts():
     C, T, H, W = 192, 4, 24, 40
     x, w, b = _inputs((1, C, T, H, W), C, torch.bfloat16, False, frame_major=True)
-    assert not x.is_contiguous() and cf.channel_first_view(x)[:2] == (T, H * W)
+    assert not x.is_contiguous() and cfo.channel_first_view(x)[:2] == (T, H * W)
     _run(x, w, b, silu=True, l2norm=True, what="tchw")
     xi, _, _ = _inputs((T, C, H, W), C, torch.bfloat16, False)
     _run(xi, w, b, l2norm=True, what="image")
@@ -199,11 +201,11 @@ def test_channels_last_routes_to_row_kernel():
     x, w, _ = _inputs((1, C, 2, 30, 52), C, torch.bfloat16, False)
     x = x.contiguous(memory_format=torch.channels_last_3d)
     for silu in (False, True):
-        y = cf.channel_first_rmsnorm(x, w, eps=1e-6, silu=silu)
+        y = cfo.channel_first_rmsnorm(x, w, eps=1e-6, silu=silu)
         assert y.is_contiguous(memory_format=torch.channels_last_3d)
         _assert_close(y, cf.reference(x, w, None, 1e-6, "rms", silu=silu).float(), "channels_last")
     with pytest.raises(ValueError, match="channels-last"):
-        cf.channel_first_rmsnorm(x, w, l2norm=True)
+        cfo.channel_first_rmsnorm(x, w, l2norm=True)
 
 
 def test_l2norm_clamps_the_norm_like_f_normalize():
@@ -213,11 +215,11 @@ def test_l2norm_clamps_the_norm_like_f_normalize():
     g = torch.Generator(device=DEV).manual_seed(3)
     x = ((torch.rand(1, C, S, generator=g, device=DEV) * 0.2 + 0.9) * (eps / 2 / C ** 0.5)).to(torch.bfloat16)
     w = torch.ones(C, device=DEV, dtype=torch.bfloat16)
-    y = cf.channel_first_rmsnorm(x, w, eps=eps, l2norm=True)
+    y = cfo.channel_first_rmsnorm(x, w, eps=eps, l2norm=True)
     _assert_close(y, cf.reference(x, w, None, eps, "l2").float(), "tiny norm")
     f = torch.nn.functional.normalize(x.double(), dim=1, eps=eps) * C ** 0.5
     _assert_close(y, f.float(), "tiny norm vs F.normalize")
-    y_rms = cf.channel_first_rmsnorm(x, w, eps=eps ** 2 / C)
+    y_rms = cfo.channel_first_rmsnorm(x, w, eps=eps ** 2 / C)
     _assert_close(y_rms, cf.reference(x, w, None, eps ** 2 / C, "rms").float(), "tiny norm, rms")
     assert not torch.allclose(y_rms.float(), y.float(), rtol=0.05), "RMSNorm's additive eps differs here"
 
@@ -225,10 +227,10 @@ def test_l2norm_clamps_the_norm_like_f_normalize():
 def test_repeated_calls_hit_the_plan_cache():
     C, S = 96, 4096
     x, w, b = _inputs((1, C, S), C, torch.bfloat16, False)
-    y1 = cf.channel_first_rmsnorm(x, w, l2norm=True, silu=True)
-    n = len(cf._PLANS)
-    y2 = cf.channel_first_rmsnorm(x.clone(), w.clone(), l2norm=True, silu=True)
-    assert len(cf._PLANS) == n and torch.equal(y1, y2)
+    y1 = cfo.channel_first_rmsnorm(x, w, l2norm=True, silu=True)
+    n = len(cfo._PLANS)
+    y2 = cfo.channel_first_rmsnorm(x.clone(), w.clone(), l2norm=True, silu=True)
+    assert len(cfo._PLANS) == n and torch.equal(y1, y2)
 
 
 # --------------------------------------------------------------------------- the patched WAN VAE
@@ -251,10 +253,10 @@ def test_patched_wan_vae_decode_matches_stock(channels_last):
         vae = vae.to(torch.bfloat16)
         zb = z.bfloat16()
         stock = vae.decode(zb).sample.float()
-        plans = len(cf._PLANS)
+        plans = len(cfo._PLANS)
         assert patch_wan_vae(vae, channels_last=channels_last) > 0
         got = vae.decode(zb).sample.float()
-        assert len(cf._PLANS) > plans, "the kernel path was not taken"
+        assert len(cfo._PLANS) > plans, "the kernel path was not taken"
         unpatch_wan_vae(vae)
         again = vae.decode(zb).sample.float()
     assert torch.equal(again, stock), "unpatch must restore the stock model"
