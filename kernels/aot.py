@@ -93,28 +93,30 @@ def forget() -> None:
 
 # --------------------------------------------------------------------------- building (no GPU needed)
 def _compile_one(args) -> tuple[str, str | None]:
-    """Worker: compile one (problem, cfg) into the disk cache; (key, error or None)."""
-    from .compile_cache import cache_key, precompile
+    """Worker: compile one (problem, cfg) of any kernel family into the disk cache; (key, error or None)."""
+    from .family import family_of
 
     problem, cfg, arch = args
+    fam = family_of(problem)
     try:
-        precompile(problem, cfg, arch)
-        return cache_key(problem, cfg, arch), None
+        fam.precompile(problem, cfg, arch)
+        return fam.cache_key(problem, cfg, arch), None
     except Exception as e:  # reported, not fatal: the runtime compiles what the library lacks
-        return cache_key(problem, cfg, arch), f"{type(e).__name__}: {e}"
+        return fam.cache_key(problem, cfg, arch), f"{type(e).__name__}: {e}"
 
 
 def build_library(entries, arch: str, out_dir, jobs: int = 1, log=print) -> dict:
     """Compile every (problem, cfg) of `entries` for `arch` and link them into out_dir/<arch>.so with its
     manifest. Objects come from (and go to) the disk cache, so a rebuild compiles only what changed."""
-    from .compile_cache import cache_dir, canonical, kernel_source_hash, symbol
+    from .compile_cache import cache_dir, kernel_source_hash, symbol
+    from .family import family_of
 
     seen, todo = set(), []
     for problem, cfg in entries:
-        k = (canonical(problem), cfg)
+        k = (family_of(problem).canonical(problem), cfg)
         if k not in seen:
             seen.add(k)
-            todo.append((canonical(problem), cfg, arch))
+            todo.append((*k, arch))
     errors, keys = [], []
     if jobs > 1 and len(todo) > 1:
         import multiprocessing as mp

@@ -19,8 +19,10 @@ What a family declares:
   part of a problem validity depends on: one counted search space per key), `searchable(p, cfg)` (what
   the sampler proposes among valid configs), `simplicity(cfg, heuristic)` (tie-break sort key).
 * cost: `ideal_bytes(p)` (each tensor moved once: GB/s and % of copy).
-* compilation: `compile_key(p)` (what a compiled kernel depends on), `precompile(p, cfg, arch)`,
-  `source_hash()` (the kernel source version rows and studies belong to).
+* compilation: `compile_key(p)` (what a compiled kernel depends on), `canonical(p)` (the problem with the
+  runtime sizes zeroed), `cache_key(p, cfg, arch)` (its compiled function's name in the disk cache and the
+  AOT library), `precompile(p, cfg, arch)`, `source_hash()` (the kernel source version rows and studies
+  belong to).
 * measurement (GPU, the sweep's timing process): `runner`, a module with make_case / make_cases (random
   inputs, poisoned outputs), poison, launcher (one config, graph-capturable), expected_outputs (the float
   reference) and check.
@@ -70,6 +72,8 @@ class Family:
     simplicity: Callable[[object, object], tuple]
     ideal_bytes: Callable[[object], int]
     compile_key: Callable[[object], tuple]
+    canonical: Callable[[object], object]
+    cache_key: Callable[..., str]
     precompile: Callable[..., object]
     source_hash: Callable[[], str]
     runner_module: str
@@ -128,6 +132,7 @@ def _row_family() -> Family:
         searchable=lambda p, cfg: config.iters_per_row(p, cfg) <= config.MAX_SEARCH_ITERS,
         simplicity=config.simplicity, ideal_bytes=problem.ideal_bytes,
         compile_key=lambda p: (p.op, p.in_dtype, p.out_format, p.C, p.heads, p.scale_layout),
+        canonical=compile_cache.canonical, cache_key=compile_cache.cache_key,
         precompile=lambda p, cfg, arch: compile_cache.precompile(p, cfg, arch),  # late-bound: tests patch it
         source_hash=compile_cache.kernel_source_hash,
         runner_module="kernels.runner", has_range=True)
@@ -149,7 +154,7 @@ def _channel_first_family() -> Family:
             None if cfg is None or cf.violations(p, cfg, arch, stride, ptr_align) else cfg),
         space_key=lambda p: p,  # S's divisibility and size and N's bound all matter to validity
         searchable=lambda p, cfg: True, simplicity=cf.simplicity, ideal_bytes=cf.ideal_bytes,
-        compile_key=lambda p: cf.canonical(p).static_key,
+        compile_key=lambda p: cf.canonical(p).static_key, canonical=cf.canonical, cache_key=cf.cache_key,
         precompile=lambda p, cfg, arch: cf.precompile(p, cfg, arch), source_hash=cf.source_hash,
         runner_module="kernels.channel_first_runner", has_range=False)
 

@@ -1,8 +1,10 @@
-"""What the ahead-of-time library holds: every config dispatch can return, over all T, for the problem
-families the shipped LUTs cover and for families a user declares (ops x row lengths x formats)."""
+"""What the ahead-of-time library holds: every config dispatch can return, over all T, for the row-problem
+families the shipped LUTs cover and for families a user declares (ops x row lengths x formats), plus the
+exact entries of the other kernel families (channel-first: one config per swept problem)."""
 from __future__ import annotations
 
 from kernels.dispatch import default_dispatcher
+from kernels.family import family_of_key
 from kernels.luts import load_shipped
 from kernels.problem import Problem
 from kernels.warmup import families, reachable_configs
@@ -15,7 +17,7 @@ def lut_families(arch: int) -> dict[str, list[Problem]]:
         if lut.arch != arch:
             continue
         fams = set()
-        for key in list(lut.exact) + list(lut.range):
+        for key in [k for k in lut.exact if family_of_key(k).name == "row"] + list(lut.range):
             op, fmt, layout, dt, C, heads = key[:6]
             fams.add(Problem(op, 0, C, dt, fmt, heads, layout))
         out[lut.device_class] = sorted(fams, key=repr)
@@ -37,6 +39,12 @@ def entries(arch: int, device_classes, declared: list[Problem]) -> list[tuple[Pr
     by_class = lut_families(arch)
     classes = list(device_classes) if device_classes else sorted(by_class) or [None]
     out, seen = [], set()
+    for lut in load_shipped():  # other families' exact entries, as they are
+        if lut.arch == arch and lut.device_class in classes:
+            for key, knobs in lut.exact.items():
+                f = family_of_key(key)
+                if f.name != "row":
+                    out.append((f.problem_of_key(key), f.config_type(**knobs)))
     for cls in classes:
         for fam in by_class.get(cls, []) + list(declared):
             for cfg in reachable_configs(fam, arch, cls):
