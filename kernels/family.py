@@ -99,10 +99,6 @@ class Family:
             raise ValueError(bad)
         return self.from_key(*key)
 
-    def config(self, knobs: dict):
-        """A config from knob values (missing knobs take the dataclass defaults; unknown ones are refused)."""
-        return self.config_type.from_dict(knobs)
-
     def row_config(self, row) -> object:
         """The config of a result row (knob_* columns), values converted to the types of knob_choices."""
         d = {}
@@ -116,9 +112,6 @@ class Family:
 def _row_family() -> Family:
     from . import compile_cache, config, problem
 
-    def space_key(p):
-        return problem.Problem(p.op, 0, p.C, p.in_dtype, p.out_format, p.heads, p.scale_layout)
-
     return Family(
         name="row", problem_type=problem.Problem, ops=tuple(problem.OPS), out_formats=problem.out_formats,
         key_fields=("op", "out_format", "scale_layout", "in_dtype", "C", "heads", "T"),
@@ -128,7 +121,7 @@ def _row_family() -> Family:
         config_type=config.KernelConfig, knob_choices=config.KNOB_CHOICES,
         violations=lambda p, cfg, arch=90, stride=None, ptr_align=16: config.violations(p, cfg, arch, stride),
         heuristic=lambda p, arch=90, stride=None, ptr_align=16: config.heuristic(p, arch, stride, ptr_align),
-        fit=config.fit_config, space_key=space_key,
+        fit=config.fit_config, space_key=compile_cache.canonical,  # T does not change a row config's validity
         searchable=lambda p, cfg: config.iters_per_row(p, cfg) <= config.MAX_SEARCH_ITERS,
         simplicity=config.simplicity, ideal_bytes=problem.ideal_bytes,
         compile_key=lambda p: (p.op, p.in_dtype, p.out_format, p.C, p.heads, p.scale_layout),
