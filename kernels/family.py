@@ -164,12 +164,16 @@ def families() -> dict[str, Family]:
     return _FAMILIES
 
 
+def all_ops() -> tuple[str, ...]:
+    """Every family's op names, families in registration order (row first)."""
+    return tuple(o for f in families().values() for o in f.ops)
+
+
 def family_of_op(op: str) -> Family:
     for f in families().values():
         if op in f.ops:
             return f
-    known = ", ".join(o for f in families().values() for o in f.ops)
-    raise ValueError(f"unknown op {op!r}; known: {known}")
+    raise ValueError(f"unknown op {op!r}; known: {', '.join(all_ops())}")
 
 
 def family_of_key(key) -> Family:

@@ -23,7 +23,7 @@ import click
 import numpy as np
 import pandas as pd
 
-from kernels.family import families
+from kernels.family import all_ops
 from kernels.problem import OPS
 
 from .report import (BEST_PEER, BEST_TRIAL, HEURISTIC, LUTFORGE, PROBLEM_KEY, best_peer, filter_rows, load_ok_rows,
@@ -229,7 +229,7 @@ def _x_order(r: dict) -> tuple:
 
 def make_facets(members: pd.DataFrame) -> list[Facet]:
     """One facet per problem set x FACET_KEY, ordered by set, then op as the families list them, then formats."""
-    op_order = {op: i for i, op in enumerate(o for f in families().values() for o in f.ops)}
+    op_order = {op: i for i, op in enumerate(all_ops())}
     out = []
     for (pset, *key), m in members.groupby(["problem_set"] + FACET_KEY, sort=False):
         recs = sorted(m.to_dict("records"), key=_x_order)

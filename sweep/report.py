@@ -15,7 +15,7 @@ import click
 import numpy as np
 import pandas as pd
 
-from kernels.family import families
+from kernels.family import all_ops
 from kernels.problem import FP4_BLOCK, OPS
 
 from .host_cost import IMPLS as HOST_IMPLS
@@ -72,7 +72,7 @@ def load_ok_rows(results_dir: str | os.PathLike, ops: tuple[str, ...] = (), devi
     for col in ("op", "out_format", "in_dtype", "T", "C", "kind", "impl"):
         if ok[col].isna().any():
             raise ValueError(f"{int(ok[col].isna().sum())} ok rows have no {col}; the results are damaged")
-    foreign = sorted(set(ok["op"]) - {o for f in families().values() for o in f.ops})
+    foreign = sorted(set(ok["op"]) - set(all_ops()))
     if foreign:
         raise ValueError(f"rows name ops this lutforge does not know: {', '.join(foreign)}")
     bad_time = ~(ok["median_us"] > 0)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from kernels.family import families, family_of, family_of_op
+from kernels.family import all_ops, family_of, family_of_op
 from kernels.problem import FP4_BLOCK, OPS, SCALE_LAYOUTS, Problem
 
 from .study import MEASURED
@@ -116,10 +116,9 @@ def select_problems(problem_set: str | None, ops: list[str], outs: list[str], in
     elif shapes is None and problem_set not in problem_sets.list_sets():
         raise click.BadParameter(f"unknown problem set {problem_set!r}; known: {', '.join(problem_sets.list_sets())} "
                                  "(or give a path to a .toml set file)", param_hint="--problem-set")
-    bad = [o for o in ops if not any(o in f.ops for f in families().values())]
+    bad = [o for o in ops if o not in all_ops()]
     if bad:
-        known = ", ".join(o for f in families().values() for o in f.ops)
-        raise click.BadParameter(f"unknown ops {bad}; known: {known}", param_hint="--op")
+        raise click.BadParameter(f"unknown ops {bad}; known: {', '.join(all_ops())}", param_hint="--op")
     chosen, skipped = [], []
     for op in ops:
         fam = family_of_op(op)
