@@ -10,18 +10,25 @@ from kernels.problem import Problem
 from kernels.warmup import families, reachable_configs
 
 
-def lut_families(arch: int) -> dict[str, list[Problem]]:
-    """device class -> the (T-free) problem families its shipped LUT module of `arch` answers."""
-    out: dict[str, list[Problem]] = {}
+def lut_families(arch: int) -> tuple[dict[str, list[Problem]], dict[str, list[tuple]]]:
+    """Per device class of the shipped LUT modules of `arch`: the (T-free) row-problem families its module
+    answers, and the (problem, config) exact entries of its other kernel families, read in one pass."""
+    rows: dict[str, list[Problem]] = {}
+    others: dict[str, list[tuple]] = {}
     for lut in load_shipped():
         if lut.arch != arch:
             continue
-        fams = set()
+        fams, exact = set(), []
+        for key, knobs in lut.exact.items():
+            f = family_of_key(key)
+            if f.name != "row":
+                exact.append((f.problem_of_key(key), f.config_type(**knobs)))
         for key in [k for k in lut.exact if family_of_key(k).name == "row"] + list(lut.range):
             op, fmt, layout, dt, C, heads = key[:6]
             fams.add(Problem(op, 0, C, dt, fmt, heads, layout))
-        out[lut.device_class] = sorted(fams, key=repr)
-    return out
+        rows[lut.device_class] = sorted(fams, key=repr)
+        others[lut.device_class] = exact
+    return rows, others
 
 
 def declared_families(ops, Cs, in_dtypes, out_formats, heads: int = 1) -> list[Problem]:
@@ -36,15 +43,11 @@ def entries(arch: int, device_classes, declared: list[Problem]) -> list[tuple[Pr
     """(family, config) pairs to compile: for each device class (its LUT's families plus the declared ones)
     every config dispatch returns across T; with no class, the heuristic's answers for the declared ones."""
     default_dispatcher()
-    by_class = lut_families(arch)
+    by_class, exact_by_class = lut_families(arch)
     classes = list(device_classes) if device_classes else sorted(by_class) or [None]
     out, seen = [], set()
-    for lut in load_shipped():  # other families' exact entries, as they are
-        if lut.arch == arch and lut.device_class in classes:
-            for key, knobs in lut.exact.items():
-                f = family_of_key(key)
-                if f.name != "row":
-                    out.append((f.problem_of_key(key), f.config_type(**knobs)))
+    for cls in classes:
+        out += exact_by_class.get(cls, [])  # other families' exact entries, as they are
     for cls in classes:
         for fam in by_class.get(cls, []) + list(declared):
             for cfg in reachable_configs(fam, arch, cls):

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from kernels.config import KernelConfig
-from kernels.family import families
+from kernels.family import SIZE_FIELDS, families
 from sweep.results_io import OWN_IMPLS, PROBLEM_DEFAULTS
 from sweep.schema import knob_columns
 from sweep.study import TIE_FRACTION, pick_winner
@@ -110,7 +110,7 @@ def row_config(row) -> KernelConfig:
 
 
 def _typed_key(fam, values) -> tuple:
-    return tuple(int(v) if k in ("C", "heads", "T", "N", "S") else str(v) for k, v in zip(fam.key_fields, values))
+    return tuple(int(v) if k in SIZE_FIELDS else str(v) for k, v in zip(fam.key_fields, values))
 
 
 def swept_keys(rows: pd.DataFrame) -> set[tuple]:

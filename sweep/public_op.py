@@ -1,5 +1,5 @@
 """lutforge as a user calls it: the public op (`kernels.ops` for the row family,
-`kernels.channel_first.channel_first_rmsnorm` for the channel-first one) on a problem's case tensors, so what
+`kernels.channel_first_op.channel_first_rmsnorm` for the channel-first one) on a problem's case tensors, so what
 the report calls "lutforge" includes everything the op does per call on the GPU (validation-cached runtime
 dispatch: LUT tier or fallback; any extra launch), not only the kernel a sweep timed."""
 from __future__ import annotations

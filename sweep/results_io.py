@@ -10,14 +10,13 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from kernels.family import family_of, family_of_op
+from kernels.family import SIZE_FIELDS, family_of, family_of_op
 
 from .schema import ADDED_IN, ADDED_KNOB_DEFAULTS, READABLE_VERSIONS, SCHEMA, SCHEMA_VERSION
 
 # What one measurement answers: every family's key columns (kernels.family), the others at PROBLEM_DEFAULTS.
 PROBLEM_COLUMNS = ("family", "op", "out_format", "in_dtype", "scale_layout", "heads", "T", "C", "N", "S")
 PROBLEM_DEFAULTS = {"family": "row", "scale_layout": "rowmajor", "heads": 1, "N": 0, "S": 0}
-_INT_COLUMNS = ("heads", "T", "C", "N", "S")
 
 
 def problem_columns(p) -> dict:
@@ -129,7 +128,7 @@ def swept_keys(df: pd.DataFrame, device_class: str, kernel_source: str, trials: 
 def problem_key(p) -> tuple:
     """A problem's key from a problem of any family or a row dict, comparable between the two."""
     d = p if isinstance(p, dict) else problem_columns(p)
-    return tuple(int(d[k]) if k in _INT_COLUMNS else str(d[k]) for k in PROBLEM_COLUMNS)
+    return tuple(int(d[k]) if k in SIZE_FIELDS else str(d[k]) for k in PROBLEM_COLUMNS)
 
 
 def current_kernel_rows(df: pd.DataFrame) -> pd.DataFrame:
