@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 
 from . import config
 from .config import KernelConfig
-from .family import family_of, family_of_key
+from .family import family_of, family_of_key, key_error
 from .luts import RANGE_KEY, LutModule, exact_key, load_shipped, read_lut
 from .problem import ELEM_BYTES, Problem
 
@@ -70,8 +70,9 @@ class _LutIndex:
                 bad += 1
         for key, segments in lut.range.items():
             try:
-                if not _key_ok(key, RANGE_KEY):
-                    raise ValueError(f"key {key!r} is not {RANGE_KEY}")
+                why = key_error(key, RANGE_KEY)
+                if why:
+                    raise ValueError(why)
                 bounds = [int(b) for b, _ in segments[:-1]]
                 if segments[-1][0] is not None or bounds != sorted(bounds):
                     raise ValueError("segments must ascend and end unbounded")
@@ -89,15 +90,6 @@ class _LutIndex:
             return None
         bounds, cfgs = entry
         return cfgs[bisect.bisect_right(bounds, T)]
-
-
-def _key_ok(key, layout: tuple) -> bool:
-    """A LUT key of `layout`: four names, then C >= 1, heads >= 1 (and T >= 0) as ints."""
-    if not (isinstance(key, tuple) and len(key) == len(layout)):
-        return False
-    names, sizes = key[:4], key[4:]
-    return (all(isinstance(n, str) for n in names)
-            and all(type(v) is int for v in sizes) and sizes[0] >= 1 and sizes[1] >= 1 and min(sizes) >= 0)
 
 
 class Dispatcher:
