@@ -169,7 +169,10 @@ def test_wall_budget_leaves_time_for_the_rebench_of_what_the_search_reached(tmp_
     df = read_results(res)
     stamp = lambda kind: pd.to_datetime(df[df["kind"] == kind]["timestamp"]).map(lambda t: t.timestamp())
     trials, rebench = stamp("trial"), stamp("rebench")
-    assert df[df["kind"] == "rebench"]["study"].nunique() == 4  # every problem reached was re-benchmarked
+    # Every problem the search reached (timed ok at least once) was re-benchmarked. How many it reaches
+    # depends on the machine's start-up time (a loaded CI box takes ~8 s of the 15 before the first trial).
+    timed = df[(df["kind"] == "trial") & (df["status"] == "ok")]["study"]
+    assert set(df[df["kind"] == "rebench"]["study"]) == set(timed) and timed.nunique() >= 1
     assert rebench.max() <= t0 + budget + 2.0  # ... within the budget (the last trials in flight: < 1 s)
     assert trials.max() >= t0 + budget / 3  # and the search used the time the re-bench left it
     assert len(trials) < 4 * 500
