@@ -1,0 +1,281 @@
+"""`fused_moe`: a whole MoE layer on SM90 with NVFP4 weights, the seed's `b12x_fused_moe` signature.
+
+One call: validate (cached per argument signature), sort the (token, expert) pairs by local expert,
+FC1 grouped GEMM with the activation fused (kernels/moe_kernel.py), FC2 grouped GEMM scaled by the routing
+weights and written per pair, then the sum of each token's pairs into the output. Numerics and scale
+conventions: kernels/moe_quant.py; the float reference: kernels/moe_reference.py.
+
+Expert ids are checked against [0, num_experts) eagerly (one reduction and one host read); under CUDA-graph
+capture the check is skipped (it would sync) and out-of-range ids route nowhere, like non-local experts.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .moe_config import MoEGemmConfig, MoEGemmShape, heuristic, violations
+from .moe_quant import NVFP4_BLOCK, fake_quantize_nvfp4
+
+QUANT_ALIASES = {"nvfp4": "nvfp4", "w4a4": "nvfp4", "w4a16": "w4a16"}
+PRECISION_ALIASES = {"fp4": "nvfp4", "bf16": "w4a16"}
+ACTIVATIONS = ("silu", "relu2")
+_SOURCES = ("moe_kernel.py", "moe_config.py")
+_CACHE_VERSION = 1
+_FP4_DTYPES = tuple(getattr(torch, n) for n in ("uint8", "float4_e2m1fn_x2") if hasattr(torch, n))
+_SF_DTYPES = (torch.float8_e4m3fn, torch.uint8)
+
+
+@functools.lru_cache(maxsize=1)
+def source_hash() -> str:
+    here = Path(__file__).parent
+    h = hashlib.sha256()
+    for name in _SOURCES:
+        h.update((here / name).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def cache_key(sh: MoEGemmShape, cfg: MoEGemmConfig, arch: str) -> str:
+    raw = repr((_CACHE_VERSION, sh, sorted(cfg.as_dict().items()), arch, source_hash()))
+    return "moe" + hashlib.sha256(raw.encode()).hexdigest()[:21]
+
+
+def _fake_args(sh: MoEGemmShape):
+    """Compile-time stand-ins for MoEGemmKernel.__call__'s arguments."""
+    import cutlass
+    from cutlass.base_dsl.enums import AddressSpace
+    from cutlass.cute.runtime import make_fake_stream, nullptr
+
+    def ptr(dt, align):
+        return nullptr(dt, AddressSpace.gmem, assumed_align=align)
+
+    fc1 = sh.layer == "fc1"
+    i32, i64 = cutlass.Int32(0), cutlass.Int64(0)
+    out = ptr(cutlass.Float32 if sh.out_dtype == "fp32" else cutlass.BFloat16, 16)
+    return (ptr(cutlass.BFloat16, 16), ptr(cutlass.Int32, 4) if fc1 else None, ptr(cutlass.Uint8, 16),
+            ptr(cutlass.Uint8, 16), ptr(cutlass.Float32, 4), None if fc1 else ptr(cutlass.Float32, 4),
+            None if fc1 else ptr(cutlass.Int32, 4), out, ptr(cutlass.Int32, 4), ptr(cutlass.Int32, 4),
+            i32, i32, i32, i32, i64, i64, i32, make_fake_stream(use_tvm_ffi_env_stream=False))
+
+
+def compile_gemm(sh: MoEGemmShape, cfg: MoEGemmConfig, arch: str):
+    """Compile one grouped GEMM for `arch` as a TVM-FFI function (no GPU needed); ValueError for a config
+    the constraints reject."""
+    from .compile_cache import arch_number, compile_dsl
+    from .moe_kernel import MoEGemmKernel, MoEGemmSpec
+
+    why = violations(sh, cfg)
+    if why:
+        raise ValueError(f"invalid config {cfg.short()} for {sh}: {'; '.join(why)}")
+    return compile_dsl(MoEGemmKernel(MoEGemmSpec(sh, cfg, arch_number(arch))), _fake_args(sh), arch,
+                       f"fused_moe {sh.layer} K={sh.K} N={sh.N} {cfg.short()}")
+
+
+def get_compiled(sh: MoEGemmShape, cfg: MoEGemmConfig, arch: str):
+    from .compile_cache import cached_function
+
+    return cached_function(cache_key(sh, cfg, arch), arch, lambda: compile_gemm(sh, cfg, arch))
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What validation settled for one argument signature."""
+
+    T: int
+    H: int
+    I: int
+    top_k: int
+    n_local: int
+    quant_mode: str
+    activation: str
+    fc1: MoEGemmShape
+    fc2: MoEGemmShape
+
+
+def _sig(t):
+    return None if t is None else (tuple(t.shape), tuple(t.stride()), t.dtype, t.device, t.data_ptr() % 16)
+
+
+def _need(cond: bool, msg: str, exc=ValueError) -> None:
+    if not cond:
+        raise exc(msg)
+
+
+def _check_tensor(name, t, dtypes, shape, device):
+    _need(isinstance(t, torch.Tensor), f"{name} must be a torch.Tensor, got {type(t).__name__}", TypeError)
+    _need(t.dtype in dtypes, f"{name} must have dtype {' or '.join(map(str, dtypes))}, got {t.dtype}", TypeError)
+    _need(tuple(t.shape) == tuple(shape), f"{name} must have shape {list(shape)}, got {list(t.shape)}")
+    _need(t.device == device, f"{name} is on {t.device}, x on {device}")
+    _need(t.is_contiguous(), f"{name} must be contiguous (strides {t.stride()} for shape {list(t.shape)})")
+
+
+def _validate(x, w1, w1sf, w2, w2sf, ids, sc, w1_alpha, w2_alpha, fc2_input_scale, num_experts, top_k,
+              num_local, offset, quant_mode, activation, output, output_dtype) -> _Plan:
+    """Every check of the public op, raising ValueError/TypeError before anything launches."""
+    _need(isinstance(x, torch.Tensor), f"x must be a torch.Tensor, got {type(x).__name__}", TypeError)
+    _need(x.dim() == 2, f"x must be [num_tokens, hidden_size], got shape {list(x.shape)}")
+    _need(x.dtype == torch.bfloat16, f"x must be bfloat16, got {x.dtype}", TypeError)
+    _need(x.is_contiguous() and x.data_ptr() % 16 == 0, "x must be contiguous and 16-byte aligned")
+    T, H = x.shape
+    dev = x.device
+    _need(H % 64 == 0 and H >= 64, f"hidden_size must be a multiple of 64 (16-value scale blocks, 64-wide "
+                                   f"k-tiles), got {H}")
+    _need(activation in ACTIVATIONS, f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    _need(output_dtype == torch.bfloat16, f"output_dtype must be torch.bfloat16, got {output_dtype}", TypeError)
+    _need(isinstance(num_experts, int) and num_experts >= 1, f"num_experts must be an int >= 1, got {num_experts!r}",
+          TypeError if not isinstance(num_experts, int) else ValueError)
+    _need(isinstance(top_k, int) and 1 <= top_k <= min(8, num_experts),
+          f"top_k must be an int in [1, min(8, num_experts)], got {top_k!r}")
+    _need(isinstance(num_local, int) and 1 <= num_local <= num_experts,
+          f"num_local_experts must be in [1, num_experts={num_experts}], got {num_local!r}")
+    _need(isinstance(offset, int) and 0 <= offset <= num_experts - num_local,
+          f"local_expert_offset must be in [0, num_experts - num_local_experts = {num_experts - num_local}], "
+          f"got {offset!r}")
+    _need(isinstance(w1, torch.Tensor) and w1.dim() == 3,
+          f"w1_weight must be a 3-D tensor [E, rows, hidden_size // 2], got {getattr(w1, 'shape', type(w1))}")
+    rows1 = w1.shape[1]
+    if activation == "silu":
+        _need(rows1 % 2 == 0, f"gated (silu) w1_weight needs 2 * intermediate_size rows, got {rows1}")
+        inter = rows1 // 2
+    else:
+        inter = rows1
+    _need(inter % 64 == 0 and inter >= 64, f"intermediate_size must be a multiple of 64, got {inter}")
+    El = num_local
+    _check_tensor("w1_weight", w1, _FP4_DTYPES, (El, rows1, H // 2), dev)
+    _check_tensor("w1_weight_sf", w1sf, _SF_DTYPES, (El, rows1, H // NVFP4_BLOCK), dev)
+    _check_tensor("w2_weight", w2, _FP4_DTYPES, (El, H, inter // 2), dev)
+    _check_tensor("w2_weight_sf", w2sf, _SF_DTYPES, (El, H, inter // NVFP4_BLOCK), dev)
+    for name, t in (("w1_weight", w1), ("w2_weight", w2), ("w1_weight_sf", w1sf), ("w2_weight_sf", w2sf)):
+        _need(t.data_ptr() % 16 == 0, f"{name} must be 16-byte aligned")
+    _check_tensor("token_selected_experts", ids, (torch.int32, torch.int64), (T, top_k), dev)
+    _check_tensor("token_final_scales", sc, (torch.float32, torch.bfloat16), (T, top_k), dev)
+    _check_tensor("w1_alpha", w1_alpha, (torch.float32,), (El,), dev)
+    _check_tensor("w2_alpha", w2_alpha, (torch.float32,), (El,), dev)
+    if quant_mode == "nvfp4":
+        _need(fc2_input_scale is not None, "quant_mode='nvfp4' needs fc2_input_scale (the FC2 input's global "
+                                           "scale, a float32 tensor of one element)")
+        _need(isinstance(fc2_input_scale, torch.Tensor) and fc2_input_scale.dtype == torch.float32
+              and fc2_input_scale.numel() == 1 and fc2_input_scale.device == dev,
+              f"fc2_input_scale must be a float32 tensor of one element on {dev}", TypeError)
+    if output is not None:
+        _check_tensor("output", output, (torch.bfloat16,), (T, H), dev)
+        _need(output.data_ptr() % 16 == 0, "output must be 16-byte aligned")
+    _need(x.is_cuda, f"x must be on a CUDA device, got {x.device}")  # last: CPU tests reach every check above
+    fc1 = MoEGemmShape("fc1", activation, H, inter, "fp32" if quant_mode == "nvfp4" else "bf16")
+    fc2 = MoEGemmShape("fc2", activation, inter, H, "fp32")
+    return _Plan(T, H, inter, top_k, El, quant_mode, activation, fc1, fc2)
+
+
+_PLANS: dict = {}  # argument signature -> _Plan: a repeated call skips the checks (host cost)
+
+
+def _arch(device) -> str:
+    major, minor = torch.cuda.get_device_capability(device)
+    _need(major == 9, f"fused_moe runs on SM90 (Hopper); this device is sm_{major}{minor}")
+    return "sm_90a"
+
+
+def route(ids: torch.Tensor, n_local: int, offset: int, bms: tuple[int, ...]):
+    """Sort the pairs by local expert: (order [P] int64 (pair index per sorted position), expert_offsets
+    [E+1] int32, tile offsets [E+1] int32 per m-tile height in `bms`, number of local pairs (a tensor)).
+    Pairs of non-local or out-of-range experts sort last and are covered by no tile."""
+    flat = ids.reshape(-1).to(torch.int32) - offset
+    valid = (flat >= 0) & (flat < n_local)
+    key = torch.where(valid, flat, torch.full_like(flat, n_local))
+    order = torch.argsort(key, stable=True)
+    counts = torch.bincount(key, minlength=n_local + 1)[:n_local].to(torch.int32)
+    zero = torch.zeros(1, dtype=torch.int32, device=ids.device)
+    eo = torch.cat([zero, torch.cumsum(counts, 0, dtype=torch.int32)])
+    tiles = {bm: torch.cat([zero, torch.cumsum((counts + (bm - 1)) // bm, 0, dtype=torch.int32)]) for bm in bms}
+    return order, eo, tiles
+
+
+def _launch_gemm(sh, cfg, arch, a, a_rows, w, sf, alpha, row_scale, out_rows, out, eo, to, n_rows, n_local,
+                 grid_m):
+    fn = get_compiled(sh, cfg, arch)
+    fn(a.data_ptr(), None if a_rows is None else a_rows.data_ptr(), w.data_ptr(), sf.data_ptr(),
+       alpha.data_ptr(), None if row_scale is None else row_scale.data_ptr(),
+       None if out_rows is None else out_rows.data_ptr(), out.data_ptr(), eo.data_ptr(), to.data_ptr(),
+       a.shape[0], n_rows, n_local, grid_m, w.stride(0), sf.stride(0), out.shape[0],
+       torch.cuda.current_stream(out.device).cuda_stream)
+
+
+def fused_moe(x: torch.Tensor, w1_weight: torch.Tensor, w1_weight_sf: torch.Tensor, w2_weight: torch.Tensor,
+              w2_weight_sf: torch.Tensor, token_selected_experts: torch.Tensor, token_final_scales: torch.Tensor,
+              num_experts: int, top_k: int, *, w1_alpha: torch.Tensor, w2_alpha: torch.Tensor,
+              fc2_input_scale: torch.Tensor | None = None, num_local_experts: int | None = None,
+              output: torch.Tensor | None = None, output_dtype: torch.dtype = torch.bfloat16,
+              activation: str = "silu", activation_precision: str = "fp4", quant_mode: str | None = None,
+              source_format: str = "modelopt", local_expert_offset: int = 0,
+              configs: tuple[MoEGemmConfig, MoEGemmConfig] | None = None) -> torch.Tensor:
+    """Run a fused MoE layer (routing permutation, FC1, activation, FC2, weighted scatter) on SM90.
+
+    Arguments as flashinfer's `b12x_fused_moe` (see kernels/moe_quant.py for the scale conventions);
+    in addition `local_expert_offset` (the first local expert's global id under expert parallelism, default
+    0) and `configs` (explicit (FC1, FC2) kernel configs; default: the heuristic by rows per expert).
+    Returns `output` (allocated when None), [num_tokens, hidden_size] bfloat16."""
+    if quant_mode is None:
+        _need(activation_precision in PRECISION_ALIASES,
+              f"activation_precision must be one of {tuple(PRECISION_ALIASES)}, got {activation_precision!r}")
+        quant_mode = PRECISION_ALIASES[activation_precision]
+    _need(quant_mode in QUANT_ALIASES, f"quant_mode must be one of {tuple(QUANT_ALIASES)}, got {quant_mode!r}")
+    quant_mode = QUANT_ALIASES[quant_mode]
+    _need(source_format == "modelopt", f"source_format {source_format!r} is not supported: only ModelOpt NVFP4 "
+                                       "weights (packed e2m1, e4m3 block scales [E, rows, K/16])")
+    n_local = num_experts if num_local_experts is None else num_local_experts
+    tensors = (x, w1_weight, w1_weight_sf, w2_weight, w2_weight_sf, token_selected_experts, token_final_scales,
+               w1_alpha, w2_alpha, fc2_input_scale if quant_mode == "nvfp4" else None, output)
+    try:
+        key = (tuple(_sig(t) if isinstance(t, torch.Tensor) else (type(t),) for t in tensors), num_experts,
+               top_k, n_local, local_expert_offset, quant_mode, activation, output_dtype)
+        hash(key)
+    except TypeError:
+        key = None
+    validate = functools.partial(_validate, *tensors[:9], tensors[9], num_experts, top_k, n_local,
+                                 local_expert_offset, quant_mode, activation, output, output_dtype)
+    plan = _PLANS.get(key) if key is not None else None
+    if plan is None:
+        plan = validate()
+        if key is not None:
+            _PLANS[key] = plan
+    arch = _arch(x.device)
+    ids = token_selected_experts
+    capturing = torch.cuda.is_current_stream_capturing()
+    if not capturing and ids.numel():
+        bad = ((ids < 0) | (ids >= num_experts)).any()
+        _need(not bool(bad), f"token_selected_experts holds ids outside [0, num_experts={num_experts})")
+    out = output if output is not None else torch.empty(plan.T, plan.H, dtype=torch.bfloat16, device=x.device)
+    P = plan.T * plan.top_k
+    if P == 0:
+        return out
+    rows_per_expert = P / min(plan.n_local, P)
+    cfg1, cfg2 = configs if configs is not None else (heuristic(plan.fc1, rows_per_expert),
+                                                      heuristic(plan.fc2, rows_per_expert))
+    for sh, cfg in ((plan.fc1, cfg1), (plan.fc2, cfg2)):
+        why = violations(sh, cfg)
+        _need(not why, f"config {cfg.short()} cannot run {sh.layer}: {'; '.join(why)}")
+
+    order, eo, tiles = route(ids, plan.n_local, local_expert_offset, (cfg1.bm, cfg2.bm))
+    a_rows = (order // plan.top_k).to(torch.int32)
+    out_rows = order.to(torch.int32)
+    row_scale = token_final_scales.reshape(-1).to(torch.float32)[order]
+    a1 = x if quant_mode == "w4a16" else fake_quantize_nvfp4(x, torch.ones((), device=x.device)).to(torch.bfloat16)
+
+    inter = torch.empty(P, plan.I, dtype=torch.float32 if quant_mode == "nvfp4" else torch.bfloat16,
+                        device=x.device)
+    grid1 = -(-P // cfg1.bm) + min(plan.n_local, P)
+    _launch_gemm(plan.fc1, cfg1, arch, a1, a_rows, w1_weight.view(torch.uint8), w1_weight_sf.view(torch.uint8),
+                 w1_alpha, None, None, inter, eo, tiles[cfg1.bm], P, plan.n_local, grid1)
+    a2 = inter if quant_mode == "w4a16" else fake_quantize_nvfp4(inter, fc2_input_scale).to(torch.bfloat16)
+    # every pair of a local expert is written; the others stay zero
+    all_local = plan.n_local == num_experts
+    y = (torch.empty if all_local and not capturing else torch.zeros)(P, plan.H, dtype=torch.float32,
+                                                                       device=x.device)
+    grid2 = -(-P // cfg2.bm) + min(plan.n_local, P)
+    _launch_gemm(plan.fc2, cfg2, arch, a2, None, w2_weight.view(torch.uint8), w2_weight_sf.view(torch.uint8),
+                 w2_alpha, row_scale, out_rows, y, eo, tiles[cfg2.bm], P, plan.n_local, grid2)
+    out.copy_(y.view(plan.T, plan.top_k, plan.H).sum(dim=1))  # fp32 sum of the token's pairs, one rounding
+    return out

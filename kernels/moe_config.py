@@ -1,0 +1,128 @@
+"""Knobs, constraints and the analytical heuristic of the fused-MoE grouped GEMM (kernels/moe_kernel.py).
+
+A fused-MoE call runs two grouped GEMMs (FC1, FC2); each is compiled for a `MoEGemmShape` (the layer, its
+activation, K and N and the output dtype: everything but the routed rows) and launched with a
+`MoEGemmConfig`:
+
+* bm, bn, bk: the CTA tile (rows of one expert x output columns x the k-tile). bn counts output columns;
+  a gated FC1 CTA reads 2*bn weight rows (gate and up).
+* stages: cp.async pipeline depth (k-tiles in flight).
+* warps_m, warps_n: the warp grid over the tile (each warp a 16x16 mma.sync patch per step).
+
+The heuristic picks a decode tile (bm 16: at T <= 64 an expert sees a handful of rows, so the weights'
+bytes decide the time) or a large-batch tile by the rows each touched expert receives.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+LAYERS = ("fc1", "fc2")
+OUT_DTYPES = ("bf16", "fp32")
+SMEM_LIMIT = 227 * 1024  # bytes of shared memory a CTA may opt into on SM90
+MAX_THREADS = 512
+
+MOE_KNOB_CHOICES = {
+    "bm": (16, 32, 64, 128),
+    "bn": (16, 32, 64, 128),
+    "bk": (64, 128, 256),
+    "stages": (2, 3, 4, 5),
+    "warps_m": (1, 2, 4),
+    "warps_n": (1, 2, 4),
+}
+
+
+@dataclass(frozen=True)
+class MoEGemmShape:
+    layer: str  # fc1 | fc2
+    activation: str  # silu (gated FC1) | relu2
+    K: int  # reduction length: H for FC1, I for FC2
+    N: int  # output columns: I for FC1 (per half when gated), H for FC2
+    out_dtype: str = "bf16"
+
+    def __post_init__(self):
+        if self.layer not in LAYERS:
+            raise ValueError(f"layer must be one of {LAYERS}, got {self.layer!r}")
+        if self.out_dtype not in OUT_DTYPES:
+            raise ValueError(f"out_dtype must be one of {OUT_DTYPES}, got {self.out_dtype!r}")
+        if self.K % 64 or self.N % 16 or self.K < 64 or self.N < 16:
+            raise ValueError(f"need K a multiple of 64 and N of 16, got K={self.K} N={self.N}")
+
+    @property
+    def gated(self) -> bool:
+        return self.layer == "fc1" and self.activation == "silu"
+
+
+@dataclass(frozen=True)
+class MoEGemmConfig:
+    bm: int = 64
+    bn: int = 64
+    bk: int = 64
+    stages: int = 3
+    warps_m: int = 2
+    warps_n: int = 2
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def short(self) -> str:
+        return f"{self.bm}x{self.bn}x{self.bk} s{self.stages} w{self.warps_m}x{self.warps_n}"
+
+    @property
+    def threads(self) -> int:
+        return 32 * self.warps_m * self.warps_n
+
+
+def smem_bytes(sh: MoEGemmShape, cfg: MoEGemmConfig) -> int:
+    """Shared memory of one CTA (kernels/moe_kernel.py's allocations, 16-byte padded rows)."""
+    nb = cfg.bn * (2 if sh.gated else 1)
+    pad = cfg.bk + 8
+    per_stage = cfg.bm * pad * 2 + nb * cfg.bk // 2 + nb * cfg.bk // 16
+    return cfg.stages * per_stage + nb * pad * 2 + cfg.bm * (cfg.bn + 4) * 4 + 64
+
+
+def accumulators_per_thread(sh: MoEGemmShape, cfg: MoEGemmConfig) -> int:
+    return cfg.bm * cfg.bn * (2 if sh.gated else 1) // cfg.threads
+
+
+def violations(sh: MoEGemmShape, cfg: MoEGemmConfig) -> list[str]:
+    """Why `cfg` cannot run `sh` (empty = valid)."""
+    out = []
+    for k, choices in MOE_KNOB_CHOICES.items():
+        if getattr(cfg, k) not in choices:
+            out.append(f"{k}={getattr(cfg, k)} not in {choices}")
+    if out:
+        return out
+    if cfg.bm % (16 * cfg.warps_m):
+        out.append(f"bm={cfg.bm} must be a multiple of 16*warps_m={16 * cfg.warps_m}")
+    if cfg.bn % (16 * cfg.warps_n):
+        out.append(f"bn={cfg.bn} must be a multiple of 16*warps_n={16 * cfg.warps_n}")
+    if sh.K % cfg.bk:
+        out.append(f"K={sh.K} must be a multiple of bk={cfg.bk}")
+    if sh.N % cfg.bn:
+        out.append(f"N={sh.N} must be a multiple of bn={cfg.bn}")
+    if cfg.threads > MAX_THREADS:
+        out.append(f"{cfg.threads} threads > {MAX_THREADS}")
+    if smem_bytes(sh, cfg) > SMEM_LIMIT:
+        out.append(f"shared memory {smem_bytes(sh, cfg)} B > {SMEM_LIMIT} B")
+    # fp32 accumulators beyond 128 per thread spill (255 registers, fragments and addresses besides)
+    if accumulators_per_thread(sh, cfg) > 128:
+        out.append(f"{accumulators_per_thread(sh, cfg)} accumulators per thread > 128")
+    return out
+
+
+def heuristic(sh: MoEGemmShape, rows_per_expert: float) -> MoEGemmConfig:
+    """A valid config from the rows each touched expert receives: decode tiles (bm 16, deep k-tiles to keep
+    weight bytes in flight) up to 16 rows, mid tiles to 64, large tiles beyond."""
+    if rows_per_expert <= 16:
+        wants = [MoEGemmConfig(16, 32, 256, 4, 1, 2), MoEGemmConfig(16, 16, 256, 4, 1, 1),
+                 MoEGemmConfig(16, 32, 128, 4, 1, 2), MoEGemmConfig(16, 16, 64, 4, 1, 1)]
+    elif rows_per_expert <= 64:
+        wants = [MoEGemmConfig(64, 64, 128, 3, 2, 2), MoEGemmConfig(64, 32, 64, 3, 2, 2),
+                 MoEGemmConfig(32, 16, 64, 3, 2, 1)]
+    else:
+        wants = [MoEGemmConfig(128, 64, 64, 4, 4, 2), MoEGemmConfig(128, 32, 64, 4, 4, 2),
+                 MoEGemmConfig(64, 32, 64, 3, 2, 2), MoEGemmConfig(64, 16, 64, 3, 2, 1)]
+    for cfg in wants + [MoEGemmConfig(16, 16, 64, 2, 1, 1)]:
+        if not violations(sh, cfg):
+            return cfg
+    raise ValueError(f"no valid config for {sh}")

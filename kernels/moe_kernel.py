@@ -1,0 +1,356 @@
+"""The CuTe-DSL grouped GEMM of the fused-MoE family: one expert's rows times its NVFP4 weights, on SM90.
+
+Hopper's tensor cores take no FP4, so the weights are dequantised in the main loop: each k-tile's packed
+e2m1 bytes and e4m3 block scales arrive in shared memory by cp.async, the CTA expands them to a bf16 tile
+(e2m1 x e4m3 has at most 6 significant bits, so the bf16 value is exact) and the warps run bf16 mma.sync
+(16x8x16) on it with fp32 accumulation. The per-expert global scale (alpha) is applied in the epilogue.
+
+Rows. The caller sorts the (token, expert) pairs by local expert (kernels/fused_moe.py): positions
+[expert_offsets[e], expert_offsets[e+1]) belong to expert e, and tile t of the grid's x axis is m-tile
+t - tile_offsets[e] of the expert e with tile_offsets[e] <= t < tile_offsets[e+1] (a binary search; CTAs
+past the last tile exit). A row of the A operand is gathered: position s reads row a_rows[s] of A (FC1:
+the pair's token; FC2: s itself, a_rows None).
+
+One kernel serves both layers (compile-time flags):
+* FC1 gated (SiLU): the CTA's B tile is bn gate rows [n0, n0+bn) and bn up rows [I+n0, I+n0+bn) of w1[e];
+  two accumulators; out = silu(alpha*g) * (alpha*u).
+* FC1 ReLU2: out = relu(alpha*acc)^2.
+* FC2: out = alpha*acc*row_scale[s] (the routing weight), written to row out_rows[s] (the pair's index).
+Outputs are bf16 or fp32 rows (8-element vector stores from a shared-memory staging tile).
+
+Pipeline per k-tile: wait for the tile's cp.async group, barrier, expand the packed B tile into the bf16
+tile, issue the cp.async loads of the tile `stages - 1` ahead, barrier, ldmatrix + mma over the tile.
+Shared tiles are padded by 16 bytes per row so ldmatrix and the stores are free of bank conflicts.
+
+Sizes (K, N of the layer) are compile-time; rows, experts and strides are runtime (64-bit strides: a
+DeepSeek-V3 FC1 weight holds 3.7 G bytes).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cutlass
+import cutlass.cute as cute
+from cutlass import Float32, Int32, Int64, Uint32, const_expr
+
+from .moe_config import MoEGemmConfig, MoEGemmShape
+
+TWO_POW_126 = 2.0**126  # e2m1 bits placed in an fp32's exponent/mantissa read as 2^-126 times the value
+SEARCH_STEPS = 10  # binary search over <= 1024 local experts
+
+
+@cute.jit
+def _f32_from_bits(u):
+    return Float32(cute.arch.inline_ptx("mov.b32 {$w0}, {$r0};", write_only_types=[Float32], read_only_args=[u]))
+
+
+@cute.jit
+def _e4m3_to_f32(b):
+    """One e4m3 byte (low 8 bits of b) as fp32 (exact; the SM89+ cvt)."""
+    return Float32(cute.arch.inline_ptx(
+        "{ .reg .b16 t; .reg .b32 hh; .reg .f16 lo, hi; cvt.u16.u32 t, {$r0}; "
+        "cvt.rn.f16x2.e4m3x2 hh, t; mov.b32 {lo, hi}, hh; cvt.f32.f16 {$w0}, lo; }",
+        write_only_types=[Float32], read_only_args=[b & 0xFF]))
+
+
+@dataclass(frozen=True)
+class MoEGemmSpec:
+    shape: MoEGemmShape
+    cfg: MoEGemmConfig
+    arch: int
+
+
+class MoEGemmKernel:
+    def __init__(self, spec: MoEGemmSpec):
+        sh, cfg = spec.shape, spec.cfg
+        self.spec = spec
+        self.K, self.N = sh.K, sh.N
+        self.gated = sh.layer == "fc1" and sh.activation == "silu"
+        self.relu2 = sh.layer == "fc1" and sh.activation == "relu2"
+        self.fc2 = sh.layer == "fc2"
+        self.out_f32 = sh.out_dtype == "fp32"
+        self.bm, self.bn, self.bk, self.stages = cfg.bm, cfg.bn, cfg.bk, cfg.stages
+        self.wm, self.wn = cfg.warps_m, cfg.warps_n
+        self.threads = 32 * self.wm * self.wn
+        self.nb = self.bn * (2 if self.gated else 1)  # B rows per CTA
+        self.a_pad = self.bk + 8  # bf16 elements per padded shared row (16 bytes of padding)
+        self.c_pad = self.bn + 4  # fp32 elements per padded staging row
+        self.a_chunks = self.bm * self.bk // 8  # 16-byte cp.async chunks per A tile
+        self.w_chunks = self.nb * self.bk // 32  # 16-byte chunks of packed weights per tile
+        self.sf_bytes = min(16, self.bk // 16)  # one cp.async of scales per B row and tile
+        self.units = self.nb * self.bk // 16  # 16-element scale blocks to expand per tile
+        self.out_vecs = self.bm * self.bn // 8  # 8-element output vectors per tile
+
+    # ------------------------------------------------------------------ host side
+    @cute.jit
+    def __call__(self, a_ptr: cute.Pointer, a_rows_ptr, w_ptr: cute.Pointer, sf_ptr: cute.Pointer,
+                 alpha_ptr: cute.Pointer, row_scale_ptr, out_rows_ptr, out_ptr: cute.Pointer,
+                 expert_offsets_ptr: cute.Pointer, tile_offsets_ptr: cute.Pointer,
+                 a_count: Int32, n_rows: Int32, n_experts: Int32, grid_m: Int32,
+                 w_stride_e: Int64, sf_stride_e: Int64, out_count: Int32, stream):
+        K, N = self.K, self.N
+        nw = 2 * N if self.gated else N  # weight rows per expert
+        mA = cute.make_tensor(a_ptr, cute.make_layout((a_count, K), stride=(cute.assume(Int64(K), divby=8), 1)))
+        mW = cute.make_tensor(w_ptr, cute.make_layout(
+            (n_experts, nw, K // 2), stride=(cute.assume(w_stride_e, divby=16), K // 2, 1)))
+        mSF = cute.make_tensor(sf_ptr, cute.make_layout(
+            (n_experts, nw, K // 16), stride=(cute.assume(sf_stride_e, divby=self.sf_bytes), K // 16, 1)))
+        mAlpha = cute.make_tensor(alpha_ptr, cute.make_layout((n_experts,)))
+        mEO = cute.make_tensor(expert_offsets_ptr, cute.make_layout((n_experts + 1,)))
+        mTO = cute.make_tensor(tile_offsets_ptr, cute.make_layout((n_experts + 1,)))
+        mOut = cute.make_tensor(out_ptr, cute.make_layout((out_count, N), stride=(cute.assume(Int64(N), divby=8), 1)))
+        mARows = None
+        if const_expr(a_rows_ptr is not None):
+            mARows = cute.make_tensor(a_rows_ptr, cute.make_layout((n_rows,)))
+        mScale = None
+        if const_expr(row_scale_ptr is not None):
+            mScale = cute.make_tensor(row_scale_ptr, cute.make_layout((n_rows,)))
+        mORows = None
+        if const_expr(out_rows_ptr is not None):
+            mORows = cute.make_tensor(out_rows_ptr, cute.make_layout((n_rows,)))
+
+        op = cute.nvgpu.warp.MmaF16BF16Op(cutlass.BFloat16, Float32, (16, 8, 16))
+        tiled_mma = cute.make_tiled_mma(op, cute.make_layout((self.wm, self.wn, 1)),
+                                        permutation_mnk=(self.wm * 16, self.wn * 16, 16))
+        self.kernel(mA, mARows, mW, mSF, mAlpha, mScale, mORows, mOut, mEO, mTO, n_rows, n_experts,
+                    tiled_mma).launch(grid=[grid_m, N // self.bn, 1], block=[self.threads, 1, 1], stream=stream)
+
+    # ------------------------------------------------------------------ device side
+    @cute.kernel
+    def kernel(self, mA: cute.Tensor, mARows, mW: cute.Tensor, mSF: cute.Tensor, mAlpha: cute.Tensor, mScale,
+               mORows, mOut: cute.Tensor, mEO: cute.Tensor, mTO: cute.Tensor, n_rows: Int32, n_experts: Int32,
+               tiled_mma: cute.TiledMma):
+        bm, bn, bk, stages, nb = self.bm, self.bn, self.bk, self.stages, self.nb
+        tidx, _, _ = cute.arch.thread_idx()
+        tile, ntile, _ = cute.arch.block_idx()
+
+        # Which expert's m-tile this CTA is: the last e with tile_offsets[e] <= tile.
+        lo = Int32(0)
+        hi = n_experts
+        for _ in cutlass.range_constexpr(SEARCH_STEPS):
+            if hi - lo > 1:
+                mid = (lo + hi) >> 1
+                if mTO[mid] <= tile:
+                    lo = mid
+                else:
+                    hi = mid
+        e = lo
+        if tile < mTO[n_experts]:
+            row0 = mEO[e] + (tile - mTO[e]) * bm  # first sorted position of the tile
+            row_end = mEO[e + 1]
+            self._tile(mA, mARows, mW, mSF, mAlpha, mScale, mORows, mOut, tiled_mma, e, row0, row_end, ntile,
+                       tidx)
+
+    @cute.jit
+    def _tile(self, mA, mARows, mW, mSF, mAlpha, mScale, mORows, mOut, tiled_mma, e, row0, row_end, ntile, tidx):
+        bm, bn, bk, stages, nb, K = self.bm, self.bn, self.bk, self.stages, self.nb, self.K
+        k_tiles = K // bk
+        n0 = ntile * bn
+
+        smem = cutlass.utils.SmemAllocator()
+        sA = smem.allocate_tensor(cutlass.BFloat16, cute.make_layout(
+            (bm, bk, stages), stride=(self.a_pad, 1, bm * self.a_pad)), byte_alignment=16)
+        sWp = smem.allocate_tensor(cutlass.Uint8, cute.make_layout(
+            (nb, bk // 2, stages), stride=(bk // 2, 1, nb * bk // 2)), byte_alignment=16)
+        sSF = smem.allocate_tensor(cutlass.Uint8, cute.make_layout(
+            (nb, bk // 16, stages), stride=(bk // 16, 1, nb * bk // 16)), byte_alignment=16)
+        sB = smem.allocate_tensor(cutlass.BFloat16, cute.make_layout((nb, bk), stride=(self.a_pad, 1)),
+                                  byte_alignment=16)
+        sC = smem.allocate_tensor(Float32, cute.make_layout((bm, bn), stride=(self.c_pad, 1)), byte_alignment=16)
+
+        cp16 = cute.make_copy_atom(cute.nvgpu.cpasync.CopyG2SOp(), cutlass.BFloat16, num_bits_per_copy=128)
+        cp16b = cute.make_copy_atom(cute.nvgpu.cpasync.CopyG2SOp(), cutlass.Uint8, num_bits_per_copy=128)
+        cp_sf = cute.make_copy_atom(cute.nvgpu.cpasync.CopyG2SOp(), cutlass.Uint8,
+                                    num_bits_per_copy=8 * self.sf_bytes)
+        mAv = cute.zipped_divide(mA, (1, 8))  # ((1, 8), (rows, K/8))
+        sAv = cute.zipped_divide(sA, (1, 8, 1))
+        mWv = cute.zipped_divide(mW, (1, 1, 16))  # 16 packed bytes = 32 weights
+        sWv = cute.zipped_divide(sWp, (1, 16, 1))
+        mSFv = cute.zipped_divide(mSF, (1, 1, self.sf_bytes))
+        sSFv = cute.zipped_divide(sSF, (1, self.sf_bytes, 1))
+
+        # The A rows and B rows this thread copies (the same every k-tile).
+        a_per_thr = -(-self.a_chunks // self.threads)
+        a_src = cute.make_rmem_tensor((a_per_thr,), Int32)
+        a_ok = cute.make_rmem_tensor((a_per_thr,), cutlass.Boolean)
+        for i in cutlass.range_constexpr(a_per_thr):
+            c = tidx + i * self.threads
+            r = c // (bk // 8)
+            s = row0 + r
+            ok = c < self.a_chunks and s < row_end
+            src = s
+            if const_expr(mARows is not None):
+                if ok:
+                    src = mARows[s]
+            a_src[i] = src
+            a_ok[i] = ok
+
+        # zero the A tiles once: rows past the expert's end are never loaded (their outputs are dropped)
+        for i in cutlass.range_constexpr(-(-(bm * self.a_pad * stages) // self.threads)):
+            j = tidx + i * self.threads
+            if j < bm * self.a_pad * stages:
+                sA.iterator[j] = cutlass.BFloat16(0.0)
+        cute.arch.barrier()
+
+        for s in cutlass.range_constexpr(stages - 1):
+            if s < k_tiles:
+                self._issue(s, s, a_src, a_ok, mAv, sAv, mWv, sWv, mSFv, sSFv, cp16, cp16b, cp_sf, e, n0, tidx)
+            cute.arch.cp_async_commit_group()
+
+        # MMA partitions: ldmatrix copies from the padded tiles into the fragments.
+        thr_mma = tiled_mma.get_slice(tidx)
+        s2r = cute.make_copy_atom(cute.nvgpu.warp.LdMatrix8x8x16bOp(False, 4), cutlass.BFloat16)
+        s2r_a = cute.make_tiled_copy_A(s2r, tiled_mma)
+        s2r_b = cute.make_tiled_copy_B(s2r, tiled_mma)
+        thr_a = s2r_a.get_slice(tidx)
+        thr_b = s2r_b.get_slice(tidx)
+        tCsA = thr_mma.partition_A(sA)
+        tCrA = tiled_mma.make_fragment_A(tCsA[None, None, None, 0])
+        tAs = thr_a.partition_S(sA)
+        tAr = thr_a.retile(tCrA)
+        sB0 = cute.local_tile(sB, (bn, bk), (0, 0))
+        tCsB0 = thr_mma.partition_B(sB0)
+        tCrB0 = tiled_mma.make_fragment_B(tCsB0)
+        tBs0 = thr_b.partition_S(sB0)
+        tBr0 = thr_b.retile(tCrB0)
+        tCsC = thr_mma.partition_C(sC)
+        acc0 = tiled_mma.make_fragment_C(tCsC)
+        acc0.fill(0.0)
+        sB1 = None
+        tCrB1 = None
+        tBs1 = None
+        tBr1 = None
+        acc1 = None
+        if const_expr(self.gated):
+            sB1 = cute.local_tile(sB, (bn, bk), (1, 0))
+            tCsB1 = thr_mma.partition_B(sB1)
+            tCrB1 = tiled_mma.make_fragment_B(tCsB1)
+            tBs1 = thr_b.partition_S(sB1)
+            tBr1 = thr_b.retile(tCrB1)
+            acc1 = tiled_mma.make_fragment_C(tCsC)
+            acc1.fill(0.0)
+        k_blocks = bk // 16
+
+        for kt in cutlass.range(k_tiles, unroll=1):
+            stage = kt % stages
+            cute.arch.cp_async_wait_group(stages - 2)
+            cute.arch.barrier()
+            self._expand(sWp, sSF, sB, stage, tidx)
+            nk = kt + stages - 1
+            if nk < k_tiles:
+                self._issue(nk, nk % stages, a_src, a_ok, mAv, sAv, mWv, sWv, mSFv, sSFv, cp16, cp16b, cp_sf, e, n0,
+                            tidx)
+            cute.arch.cp_async_commit_group()
+            cute.arch.barrier()
+            for kb in cutlass.range_constexpr(k_blocks):
+                cute.copy(s2r_a, tAs[None, None, kb, stage], tAr[None, None, kb])
+                cute.copy(s2r_b, tBs0[None, None, kb], tBr0[None, None, kb])
+                cute.gemm(tiled_mma, acc0, tCrA[None, None, kb], tCrB0[None, None, kb], acc0)
+                if const_expr(self.gated):
+                    cute.copy(s2r_b, tBs1[None, None, kb], tBr1[None, None, kb])
+                    cute.gemm(tiled_mma, acc1, tCrA[None, None, kb], tCrB1[None, None, kb], acc1)
+        cute.arch.cp_async_wait_group(0)
+
+        # Epilogue: alpha and the activation in registers, staged through sC, then 8-element row vectors.
+        alpha = mAlpha[e]
+        vals = acc0.load() * alpha
+        if const_expr(self.gated):
+            g = vals
+            u = acc1.load() * alpha
+            sig = cute.make_rmem_tensor_like(acc0, Float32)
+            sig.store(g)
+            for i in cutlass.range_constexpr(cute.size(sig)):
+                sig[i] = sig[i] * cute.arch.rcp_approx(1.0 + cute.math.exp(-sig[i], fastmath=True))
+            vals = sig.load() * u
+        if const_expr(self.relu2):
+            r = cute.make_rmem_tensor_like(acc0, Float32)
+            r.store(vals)
+            for i in cutlass.range_constexpr(cute.size(r)):
+                v = cute.arch.fmax(r[i], Float32(0.0))
+                r[i] = v * v
+            vals = r.load()
+        acc0.store(vals)
+        cute.autovec_copy(acc0, tCsC)
+        cute.arch.barrier()
+        sCv = cute.zipped_divide(sC, (1, 8))
+        mOutv = cute.zipped_divide(mOut, (1, 8))
+        for i in cutlass.range_constexpr(-(-self.out_vecs // self.threads)):
+            c = tidx + i * self.threads
+            r = c // (bn // 8)
+            cc = c % (bn // 8)
+            s = row0 + r
+            if c < self.out_vecs and s < row_end:
+                self._store_vec(sCv, mOutv, mScale, mORows, r, cc, s, ntile)
+
+    @cute.jit
+    def _store_vec(self, sCv, mOutv, mScale, mORows, r, cc, s, ntile):
+        """Row r's 8 columns cc*8.. of the staged tile (times the row's scale) to its output row."""
+        frag = cute.make_rmem_tensor((8,), Float32)
+        cute.autovec_copy(sCv[(0, None), (r, cc)], frag)
+        vals = frag.load()
+        if const_expr(mScale is not None):
+            vals = vals * mScale[s]
+        dst = s
+        if const_expr(mORows is not None):
+            dst = mORows[s]
+        o = cute.make_rmem_tensor((8,), mOutv.element_type)
+        o.store(vals.to(mOutv.element_type))
+        cute.autovec_copy(o, mOutv[(0, None), (dst, ntile * (self.bn // 8) + cc)])
+
+    @cute.jit
+    def _issue(self, kt, stage, a_src, a_ok, mAv, sAv, mWv, sWv, mSFv, sSFv, cp16, cp16b, cp_sf, e, n0, tidx):
+        """cp.async of k-tile kt into `stage`: the gathered A rows, the packed weights and their scales."""
+        bk, nb = self.bk, self.nb
+        a_per_thr = -(-self.a_chunks // self.threads)
+        for i in cutlass.range_constexpr(a_per_thr):
+            c = tidx + i * self.threads
+            if a_ok[i]:
+                r = c // (bk // 8)
+                kc = c % (bk // 8)
+                cute.copy(cp16, mAv[(0, None), (a_src[i], kt * (bk // 8) + kc)], sAv[(0, None, 0), (r, kc, stage)])
+        for i in cutlass.range_constexpr(-(-self.w_chunks // self.threads)):
+            c = tidx + i * self.threads
+            if c < self.w_chunks:
+                n = c // (bk // 32)
+                kc = c % (bk // 32)
+                cute.copy(cp16b, mWv[(0, 0, None), (e, self._w_row(n, n0), kt * (bk // 32) + kc)],
+                          sWv[(0, None, 0), (n, kc, stage)])
+        for i in cutlass.range_constexpr(-(-nb // self.threads)):
+            n = tidx + i * self.threads
+            if n < nb:
+                cute.copy(cp_sf, mSFv[(0, 0, None), (e, self._w_row(n, n0), kt * (bk // 16) // self.sf_bytes)],
+                          sSFv[(0, None, 0), (n, 0, stage)])
+
+    @cute.jit
+    def _w_row(self, n, n0):
+        """Weight row of the CTA's B row n: gate rows first, then (gated) the matching up rows."""
+        row = n0 + n
+        if const_expr(self.gated):
+            if n >= self.bn:
+                row = self.N + n0 + (n - self.bn)
+        return row
+
+    @cute.jit
+    def _expand(self, sWp, sSF, sB, stage, tidx):
+        """Packed e2m1 + e4m3 scales of one stage -> the bf16 tile: one 16-element block per unit; each
+        code c becomes fp32 bits ((c & 8) << 28) | ((c & 7) << 22), i.e. 2^-126 times its value (normal and
+        subnormal alike), times 2^126 and the block scale (both products exact)."""
+        bk = self.bk
+        words = cute.recast_tensor(sWp[None, None, stage], Uint32)  # (nb, bk/8) words of 8 codes
+        sBv = cute.zipped_divide(sB, (1, 16))
+        for i in cutlass.range_constexpr(-(-self.units // self.threads)):
+            u = tidx + i * self.threads
+            if u < self.units:
+                n = u // (bk // 16)
+                kb = u % (bk // 16)
+                scale = _e4m3_to_f32(Uint32(sSF[n, kb, stage])) * TWO_POW_126
+                f = cute.make_rmem_tensor((16,), Float32)
+                for h in cutlass.range_constexpr(2):
+                    w = Uint32(words[n, 2 * kb + h])
+                    for j in cutlass.range_constexpr(8):
+                        c = w >> (4 * j)
+                        bits = ((c & 8) << 28) | ((c & 7) << 22)
+                        f[8 * h + j] = _f32_from_bits(bits) * scale
+                o = cute.make_rmem_tensor((16,), cutlass.BFloat16)
+                o.store(f.load().to(cutlass.BFloat16))
+                cute.autovec_copy(o, sBv[(0, None), (n, kb)])

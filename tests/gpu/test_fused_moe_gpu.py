@@ -1,0 +1,130 @@
+"""fused_moe correctness on a GPU against the float64 reference built from the dequantised weights.
+
+Weights are random normal, quantised with ModelOpt's NVFP4 conventions (kernels/moe_quant.py); x is
+randn (never zeros); the output is poisoned (NaN) before each call, so an unwritten element cannot pass.
+W4A16 is compared element-wise (bf16 output, fp32 accumulation over K up to 2048: 2^-6 relative of the
+output's scale); W4A4 by relative Frobenius error, since an fp32 activation a few ulps off the reference's
+may round to the neighbouring e2m1 code (one FP4 step on a few elements of FC2's input).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels.fused_moe import fused_moe
+from kernels.moe_config import MoEGemmConfig
+from kernels.moe_quant import quantize_weights
+from kernels.moe_reference import fused_moe_reference
+
+pytestmark = pytest.mark.gpu
+
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+
+DEV = "cuda"
+
+
+def make_layer(E, H, I, activation, quant_mode, seed=0, n_local=None):
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    El = n_local or E
+    rows1 = 2 * I if activation == "silu" else I
+    w1 = torch.randn(El, rows1, H, generator=g, device=DEV) * 0.05
+    w2 = torch.randn(El, H, I, generator=g, device=DEV) * 0.05
+    w1q, w1sf, gs1 = quantize_weights(w1)
+    w2q, w2sf, gs2 = quantize_weights(w2)
+    fc2s = torch.tensor([4.0], device=DEV) if quant_mode == "nvfp4" else None
+    a1 = (1.0 / gs1).float()
+    a2 = (1.0 / (gs2 * (fc2s if fc2s is not None else 1.0))).float()
+    return dict(w1_weight=w1q, w1_weight_sf=w1sf, w2_weight=w2q, w2_weight_sf=w2sf, w1_alpha=a1, w2_alpha=a2,
+                fc2_input_scale=fc2s)
+
+
+def make_routing(T, E, k, seed=0, skew=None):
+    g = torch.Generator(device=DEV).manual_seed(seed + 1)
+    if skew == "one":  # every token's first choice is expert 0
+        ids = torch.stack([torch.randperm(E - 1, generator=g, device=DEV)[: k - 1] + 1 for _ in range(T)]) \
+            if k > 1 else torch.empty(T, 0, dtype=torch.long, device=DEV)
+        ids = torch.cat([torch.zeros(T, 1, dtype=torch.long, device=DEV), ids], dim=1)
+    else:
+        ids = torch.stack([torch.randperm(E, generator=g, device=DEV)[:k] for _ in range(T)]) if T else \
+            torch.empty(0, k, dtype=torch.long, device=DEV)
+    w = torch.softmax(torch.randn(T, k, generator=g, device=DEV), dim=-1)
+    return ids.to(torch.int32), w.float()
+
+
+def run_and_check(T, E, k, H, I, activation, quant_mode, seed=0, skew=None, n_local=None, offset=0, configs=None):
+    layer = make_layer(E, H, I, activation, quant_mode, seed, n_local)
+    ids, w = make_routing(T, E, k, seed, skew)
+    x = torch.randn(T, H, device=DEV, generator=torch.Generator(device=DEV).manual_seed(seed + 2)).to(torch.bfloat16)
+    out = torch.full((T, H), float("nan"), dtype=torch.bfloat16, device=DEV)
+    got = fused_moe(x, layer["w1_weight"], layer["w1_weight_sf"], layer["w2_weight"], layer["w2_weight_sf"], ids, w,
+                    E, k, w1_alpha=layer["w1_alpha"], w2_alpha=layer["w2_alpha"],
+                    fc2_input_scale=layer["fc2_input_scale"], num_local_experts=n_local, output=out,
+                    activation=activation, quant_mode=quant_mode, local_expert_offset=offset, configs=configs)
+    torch.cuda.synchronize()
+    assert got.data_ptr() == out.data_ptr()
+    ref = fused_moe_reference(x, layer["w1_weight"], layer["w1_weight_sf"], layer["w2_weight"], layer["w2_weight_sf"],
+                              ids, w, w1_alpha=layer["w1_alpha"], w2_alpha=layer["w2_alpha"],
+                              fc2_input_scale=layer["fc2_input_scale"], local_expert_offset=offset,
+                              activation=activation, quant_mode=quant_mode)
+    assert not torch.isnan(got).any(), "unwritten or NaN outputs"
+    if T == 0:
+        return
+    scale = ref.abs().max().clamp(min=1e-6)
+    err = (got.float() - ref).abs()
+    if quant_mode == "w4a16":
+        assert float(err.max() / scale) < 2**-6, f"max err {float(err.max())} vs scale {float(scale)}"
+    else:
+        rel = float(err.norm() / ref.norm().clamp(min=1e-6))
+        assert rel < 0.03, f"relative Frobenius error {rel}"
+
+
+@pytest.mark.parametrize("quant_mode", ["w4a16", "nvfp4"])
+@pytest.mark.parametrize("activation", ["silu", "relu2"])
+@pytest.mark.parametrize("T", [1, 7, 64, 333])
+def test_modes_activations_sizes(T, activation, quant_mode):
+    run_and_check(T, 16, 4, 256, 128, activation, quant_mode)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 8])
+def test_top_k(k):
+    run_and_check(37, 16, k, 128, 64, "silu", "w4a16", seed=k)
+
+
+def test_zero_tokens():
+    run_and_check(0, 8, 2, 128, 64, "silu", "nvfp4")
+
+
+def test_one_expert_takes_every_token_and_others_none():
+    run_and_check(300, 8, 1, 128, 128, "silu", "w4a16", skew="one")
+    run_and_check(300, 8, 3, 128, 128, "relu2", "nvfp4", skew="one")
+
+
+@pytest.mark.parametrize("offset", [0, 4])
+def test_expert_parallel_local_subset(offset):
+    run_and_check(50, 16, 4, 128, 64, "silu", "w4a16", n_local=8, offset=offset)
+
+
+@pytest.mark.parametrize("cfgs", [
+    (MoEGemmConfig(16, 32, 256, 4, 1, 2), MoEGemmConfig(16, 32, 128, 4, 1, 2)),
+    (MoEGemmConfig(64, 64, 128, 3, 2, 2), MoEGemmConfig(64, 32, 64, 3, 2, 2)),
+    (MoEGemmConfig(128, 64, 64, 4, 4, 2), MoEGemmConfig(128, 64, 64, 2, 4, 2)),
+    (MoEGemmConfig(32, 16, 64, 2, 2, 1), MoEGemmConfig(16, 16, 64, 5, 1, 1)),
+])
+def test_explicit_configs(cfgs):
+    run_and_check(200, 8, 2, 256, 256, "silu", "w4a16", configs=cfgs)
+
+
+def test_real_layer_shapes_decode_and_batch():
+    run_and_check(4, 128, 8, 2048, 768, "silu", "nvfp4")  # Qwen3-30B-A3B, decode
+    run_and_check(512, 128, 8, 2048, 768, "silu", "w4a16")
+
+
+def test_expert_id_out_of_range_is_refused():
+    layer = make_layer(8, 128, 64, "silu", "w4a16")
+    ids, w = make_routing(4, 8, 2)
+    ids[1, 0] = 8
+    x = torch.randn(4, 128, device=DEV).to(torch.bfloat16)
+    with pytest.raises(ValueError, match="outside"):
+        fused_moe(x, layer["w1_weight"], layer["w1_weight_sf"], layer["w2_weight"], layer["w2_weight_sf"], ids, w, 8, 2,
+                  w1_alpha=layer["w1_alpha"], w2_alpha=layer["w2_alpha"], quant_mode="w4a16")
