@@ -185,13 +185,8 @@ class MoEGemmKernel:
             a_src[i] = src
             a_ok[i] = ok
 
-        # zero the A tiles once: rows past the expert's end are never loaded (their outputs are dropped)
-        for i in cutlass.range_constexpr(-(-(bm * self.a_pad * stages) // self.threads)):
-            j = tidx + i * self.threads
-            if j < bm * self.a_pad * stages:
-                sA.iterator[j] = cutlass.BFloat16(0.0)
-        cute.arch.barrier()
-
+        # Rows past the expert's end are never loaded: whatever the shared tile holds there only reaches
+        # output rows the epilogue drops (an mma output row depends on its A row alone).
         for s in cutlass.range_constexpr(stages - 1):
             if s < k_tiles:
                 self._issue(s, s, a_src, a_ok, mAv, sAv, mWv, sWv, mSFv, sSFv, cp16, cp16b, cp_sf, e, n0, tidx)

@@ -1,0 +1,173 @@
+"""fused_moe without a GPU: argument checks, the routing permutation, the NVFP4 conventions, the float
+reference against a per-pair loop, the configs' constraints and their compiles for sm_90a."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels import fused_moe as fm
+from kernels.encoders import dequantize_fp4, quantize_nvfp4
+from kernels.moe_config import MOE_KNOB_CHOICES, MoEGemmConfig, MoEGemmShape, heuristic, smem_bytes, violations
+from kernels.moe_quant import dequantize_weights, fake_quantize_nvfp4, quantize_weights
+from kernels.moe_reference import fused_moe_reference
+
+E, H, I, T, K = 4, 128, 64, 6, 2
+
+
+def layer(activation="silu", El=E, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rows1 = 2 * I if activation == "silu" else I
+    w1q, w1sf, g1 = quantize_weights(torch.randn(El, rows1, H, generator=g) * 0.1)
+    w2q, w2sf, g2 = quantize_weights(torch.randn(El, H, I, generator=g) * 0.1)
+    return w1q, w1sf, w2q, w2sf, (1 / g1).float(), (1 / g2).float()
+
+
+def routing(seed=0, t=T, k=K, e=E):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)]).int()
+    return ids, torch.rand(t, k, generator=g)
+
+
+def call(**over):
+    w1q, w1sf, w2q, w2sf, a1, a2 = layer()
+    ids, sc = routing()
+    args = dict(x=torch.randn(T, H).bfloat16(), w1_weight=w1q, w1_weight_sf=w1sf, w2_weight=w2q, w2_weight_sf=w2sf,
+                token_selected_experts=ids, token_final_scales=sc, num_experts=E, top_k=K)
+    kw = dict(w1_alpha=a1, w2_alpha=a2, fc2_input_scale=torch.tensor([2.0]))
+    for k, v in over.items():
+        (args if k in args else kw)[k] = v
+    return fm.fused_moe(*args.values(), **kw)
+
+
+@pytest.mark.parametrize("over, exc, match", [
+    (dict(x=torch.randn(T, H)), TypeError, "x must be bfloat16"),
+    (dict(x=torch.randn(T, H, 1).bfloat16()), ValueError, r"\[num_tokens, hidden_size\]"),
+    (dict(x=torch.randn(T, 2 * H).bfloat16()[:, ::2]), ValueError, "contiguous"),
+    (dict(w1_weight=torch.zeros(E, 2 * I, H // 2 + 16, dtype=torch.uint8)), ValueError, "w1_weight must have shape"),
+    (dict(w1_weight=torch.zeros(E, 2 * I, H // 2, dtype=torch.int8)), TypeError, "w1_weight must have dtype"),
+    (dict(w1_weight_sf=torch.zeros(E, 2 * I, H // 32, dtype=torch.float8_e4m3fn)), ValueError,
+     "w1_weight_sf must have shape"),
+    (dict(w2_weight_sf=torch.zeros(E, H, I // 16, dtype=torch.float16)), TypeError, "w2_weight_sf must have dtype"),
+    (dict(w2_weight=torch.zeros(E, H, I // 4, dtype=torch.uint8)), ValueError, "w2_weight must have shape"),
+    (dict(token_selected_experts=torch.zeros(T, K + 1, dtype=torch.int32)), ValueError,
+     "token_selected_experts must have shape"),
+    (dict(token_selected_experts=torch.zeros(T, K)), TypeError, "token_selected_experts must have dtype"),
+    (dict(token_final_scales=torch.zeros(T, K, dtype=torch.float16)), TypeError, "token_final_scales must have dtype"),
+    (dict(w1_alpha=torch.ones(E - 1)), ValueError, "w1_alpha must have shape"),
+    (dict(fc2_input_scale=None), ValueError, "needs fc2_input_scale"),
+    (dict(fc2_input_scale=torch.ones(2)), TypeError, "fc2_input_scale"),
+    (dict(top_k=9), ValueError, "top_k"),
+    (dict(num_local_experts=E + 1), ValueError, "num_local_experts"),
+    (dict(local_expert_offset=1), ValueError, "local_expert_offset"),
+    (dict(activation="gelu"), ValueError, "activation"),
+    (dict(activation="relu2"), ValueError, "w2_weight must have shape|w1_weight"),
+    (dict(quant_mode="int4"), ValueError, "quant_mode"),
+    (dict(activation_precision="fp8"), ValueError, "activation_precision"),
+    (dict(source_format="compressed_tensors"), ValueError, "source_format"),
+    (dict(output_dtype=torch.float16), TypeError, "output_dtype"),
+    (dict(output=torch.empty(T, H, dtype=torch.float32)), TypeError, "output must have dtype"),
+    (dict(), ValueError, "CUDA device"),  # every check passes on CPU tensors but the device
+])
+def test_bad_arguments_are_refused_before_launch(over, exc, match):
+    with pytest.raises(exc, match=match):
+        call(**over)
+
+
+def test_w4a16_needs_no_fc2_input_scale_and_aliases_resolve():
+    with pytest.raises(ValueError, match="CUDA device"):
+        call(fc2_input_scale=None, quant_mode="w4a16")
+    with pytest.raises(ValueError, match="CUDA device"):
+        call(fc2_input_scale=None, activation_precision="bf16")
+    with pytest.raises(ValueError, match="CUDA device"):
+        call(quant_mode="w4a4")
+
+
+def test_route_sorts_pairs_by_local_expert_and_tiles_cover_them():
+    ids = torch.tensor([[3, 1], [1, 7], [0, 3], [5, 1]], dtype=torch.int32)  # 8 global experts
+    order, eo, tiles = fm.route(ids, n_local=4, offset=0, bms=(2, 16))
+    flat = ids.reshape(-1)
+    assert eo.tolist() == [0, 1, 4, 4, 6]  # expert 0: 1 pair, 1: 3, 2: 0, 3: 2; 7 and 5 are not local
+    assert [int(flat[i]) for i in order[:6]] == [0, 1, 1, 1, 3, 3]
+    assert sorted(order[6:].tolist()) == [3, 6]  # non-local pairs last
+    assert tiles[2].tolist() == [0, 1, 3, 3, 4] and tiles[16].tolist() == [0, 1, 2, 2, 3]
+    order, eo, _ = fm.route(ids, n_local=4, offset=4, bms=(16,))  # experts 4..7 local
+    assert eo.tolist() == [0, 0, 1, 1, 2]
+
+
+def test_weight_quantisation_is_modelopt_nvfp4():
+    w = torch.randn(3, 32, 64)
+    q, sf, gs = quantize_weights(w)
+    assert q.dtype == torch.uint8 and q.shape == (3, 32, 32) and sf.dtype == torch.float8_e4m3fn
+    deq = dequantize_weights(q, sf)
+    for e in range(3):
+        q2, s2 = quantize_nvfp4(w[e], gs[e].reshape(1))
+        assert torch.equal(q2, q[e]) and torch.equal(s2, sf[e].view(torch.uint8))
+        assert torch.allclose(deq[e] / gs[e], dequantize_fp4(q2, s2, "nvfp4", gs[e].reshape(1)), rtol=1e-6, atol=0)
+    assert float((deq / gs.view(-1, 1, 1) - w).norm() / w.norm()) < 0.12  # FP4's error on normal data
+
+
+def test_fake_quantisation_matches_the_encoder_and_is_bf16_exact():
+    x = torch.randn(5, 64) * 3
+    gs = torch.tensor(2.0)
+    fq = fake_quantize_nvfp4(x, gs)
+    q, s = quantize_nvfp4(x, gs.reshape(1))
+    assert torch.allclose(fq / gs, dequantize_fp4(q, s, "nvfp4", gs.reshape(1)), rtol=1e-6, atol=0)
+    assert torch.equal(fq.to(torch.bfloat16).float(), fq)
+
+
+@pytest.mark.parametrize("activation", ["silu", "relu2"])
+@pytest.mark.parametrize("quant_mode", ["w4a16", "nvfp4"])
+def test_reference_equals_a_per_pair_loop(activation, quant_mode):
+    w1q, w1sf, w2q, w2sf, a1, a2 = layer(activation, El=2)
+    ids, sc = routing(1, t=5, k=2, e=E)  # experts 0..3, local 2..3 (offset 2)
+    x = torch.randn(5, H).bfloat16()
+    fc2s = torch.tensor([2.0])
+    ref = fused_moe_reference(x, w1q, w1sf, w2q, w2sf, ids, sc, w1_alpha=a1, w2_alpha=a2, fc2_input_scale=fc2s,
+                              local_expert_offset=2, activation=activation, quant_mode=quant_mode)
+    W1, W2 = dequantize_weights(w1q, w1sf), dequantize_weights(w2q, w2sf)
+    want = torch.zeros(5, H, dtype=torch.float64)
+    for t in range(5):
+        a = x[t].float() if quant_mode == "w4a16" else fake_quantize_nvfp4(x[t:t + 1].float(), torch.tensor(1.0))[0]
+        for j in range(2):
+            e = int(ids[t, j]) - 2
+            if not 0 <= e < 2:
+                continue
+            h = (a.double() @ W1[e].double().T) * float(a1[e])
+            act = torch.nn.functional.silu(h[:I]) * h[I:] if activation == "silu" else torch.relu(h) ** 2
+            act = act.to(torch.bfloat16).double() if quant_mode == "w4a16" else \
+                fake_quantize_nvfp4(act.float()[None], fc2s.reshape(()))[0].double()
+            want[t] += (act @ W2[e].double().T) * float(a2[e]) * float(sc[t, j])
+    assert torch.allclose(ref.double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_configs_declare_their_constraints():
+    sh = MoEGemmShape("fc1", "silu", 2048, 768)
+    assert any("multiple of 16*warps_m" in v for v in violations(sh, MoEGemmConfig(16, 32, 64, 2, 2, 1)))
+    assert any("K=2880 must be a multiple of bk=256" in v
+               for v in violations(MoEGemmShape("fc1", "silu", 2880, 2880), MoEGemmConfig(16, 32, 256, 4, 1, 2)))
+    assert any("shared memory" in v for v in violations(sh, MoEGemmConfig(128, 128, 256, 5, 4, 4)))
+    assert any("not in" in v for v in violations(sh, MoEGemmConfig(bm=24)))
+    with pytest.raises(ValueError, match="K a multiple of 64"):
+        MoEGemmShape("fc1", "silu", 100, 64)
+
+
+@pytest.mark.parametrize("H, I", [(2048, 768), (4096, 14336), (7168, 2048), (2880, 2880)])
+@pytest.mark.parametrize("rows", [1, 8, 40, 1000])
+def test_heuristic_is_valid_for_real_layers(H, I, rows):
+    for sh in (MoEGemmShape("fc1", "silu", H, I), MoEGemmShape("fc2", "silu", I, H, "fp32")):
+        cfg = heuristic(sh, rows)
+        assert not violations(sh, cfg) and smem_bytes(sh, cfg) <= 227 * 1024
+        assert (cfg.bm == 16) == (rows <= 16)  # decode tiles for a handful of rows per expert
+
+
+def test_knob_choices_are_what_the_kernel_takes():
+    assert set(MOE_KNOB_CHOICES) == set(MoEGemmConfig().as_dict())
+
+
+@pytest.mark.parametrize("layer_kind, activation, out", [("fc1", "silu", "bf16"), ("fc1", "relu2", "fp32"),
+                                                          ("fc2", "silu", "fp32")])
+@pytest.mark.parametrize("rows", [1, 200])
+def test_heuristic_configs_compile_for_sm90a(layer_kind, activation, out, rows):
+    K, N = (2048, 768) if layer_kind == "fc1" else (768, 2048)
+    sh = MoEGemmShape(layer_kind, activation, K, N, out)
+    assert fm.compile_gemm(sh, heuristic(sh, rows), "sm_90a") is not None
