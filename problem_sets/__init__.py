@@ -4,12 +4,15 @@ A set file holds a ``description`` and either an ``[axes]`` table whose lists ar
 product): ``hidden`` x ``tokens`` (row ops: C = hidden) or ``head_dim`` x ``heads`` x ``tokens`` (per-head
 ops such as qk_rmsnorm: C = head_dim, rows = tokens * heads); or a ``[channel_first]`` table whose
 ``shapes`` list holds [C, N, S] triples (channel-first ops, kernels/channel_first.py: x walked as [N, C, S],
-normalised over C; real models' shapes are triples, not a cross product). The set name is the file's stem.
+normalised over C; real models' shapes are triples, not a cross product); or a ``[moe]`` table (fused-MoE
+layers, kernels/moe_problem.py) whose ``layers`` list of inline tables (name, E, top_k, H, I, activation,
+optional local_experts) is crossed with its ``tokens``, ``routing`` and ``quant_modes`` lists (a layer is a
+model's fixed shape, so layers are listed, not crossed from per-dimension axes). The set name is the file's stem.
 """
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 try:
@@ -19,24 +22,32 @@ except ModuleNotFoundError:  # Python < 3.11
 
 from kernels.channel_first import ChannelFirstProblem
 from kernels.family import family_of_op
+from kernels.moe_problem import ACTIVATIONS, QUANT_MODES, ROUTINGS, MoEProblem
 from kernels.problem import OPS, Problem
 
 SETS_DIR = Path(__file__).resolve().parent
 ROW_AXES = ("hidden", "tokens")
 PER_HEAD_AXES = ("head_dim", "heads", "tokens")
-_TOP_KEYS = ("description", "axes", "channel_first")
+_TOP_KEYS = ("description", "axes", "channel_first", "moe")
+MOE_KEYS = ("tokens", "routing", "quant_modes", "layers")
+MOE_LAYER_KEYS = ("name", "E", "top_k", "H", "I", "activation")
+MOE_LAYER_OPTIONAL = ("local_experts",)
 
 
 @dataclass(frozen=True)
 class ProblemSet:
     """One named set: shapes are (T, C, heads) tuples (heads 1 for row sets), or (C, N, S) triples of a
-    channel-first set (family "channel_first")."""
+    channel-first set (family "channel_first"). A fused-MoE set (family "moe") has no shapes tuples (a
+    problem needs ten fields): its problems are `moe_problems`, and moe_names[i] is the set's name for the
+    layer of moe_problems[i]."""
 
     name: str
     description: str
     per_head: bool
     shapes: list[tuple[int, int, int]]
     family: str = "row"
+    moe_problems: list[MoEProblem] = field(default_factory=list)
+    moe_names: list[str] = field(default_factory=list)
 
 
 def _dir(directory) -> Path:
@@ -82,11 +93,17 @@ def load(name: str, directory=None) -> ProblemSet:
     description = data.get("description")
     if not isinstance(description, str) or not description.strip():
         raise ValueError(f"{path.name}: description must be a non-empty string")
+    tables = [f"[{k}]" for k in ("axes", "channel_first", "moe") if k in data]
+    if len(tables) > 1:
+        raise ValueError(f"{path.name}: give [axes], [channel_first] or [moe], not "
+                         f"{'both' if len(tables) == 2 else 'all of'} {' and '.join(tables)}")
     if "channel_first" in data:
         return _channel_first_set(path, name, description.strip(), data)
+    if "moe" in data:
+        return _moe_set(path, name, description.strip(), data)
     axes = data.get("axes")
     if not isinstance(axes, dict):
-        raise ValueError(f"{path.name}: axes must be a table ([axes]), or give a [channel_first] table")
+        raise ValueError(f"{path.name}: axes must be a table ([axes]), or give a [channel_first] or [moe] table")
     if set(axes) == set(ROW_AXES):
         hidden, tokens = _axis(path, axes, "hidden", 1), _axis(path, axes, "tokens", 1)
         shapes = [(t, c, 1) for c, t in itertools.product(hidden, tokens)]
@@ -103,8 +120,6 @@ def load(name: str, directory=None) -> ProblemSet:
 
 
 def _channel_first_set(path: Path, name: str, description: str, data: dict) -> ProblemSet:
-    if "axes" in data:
-        raise ValueError(f"{path.name}: give [axes] or [channel_first], not both")
     table = data["channel_first"]
     if not isinstance(table, dict) or set(table) != {"shapes"}:
         raise ValueError(f"{path.name}: [channel_first] must hold exactly `shapes`, a list of [C, N, S]")
@@ -121,12 +136,101 @@ def _channel_first_set(path: Path, name: str, description: str, data: dict) -> P
     return ProblemSet(name=name, description=description, per_head=False, shapes=triples, family="channel_first")
 
 
+def _moe_list(path: Path, table: dict, key: str, allowed: tuple[str, ...] | None = None) -> list:
+    """One of [moe]'s lists: non-empty, no duplicates; integers >= 1 (tokens) or names from `allowed`."""
+    values = table[key]
+    where = f"{path.name}: moe.{key}"
+    if not isinstance(values, list) or not values:
+        raise ValueError(f"{where} must be a non-empty list")
+    for v in values:
+        if allowed is None and (type(v) is not int or v < 1):
+            raise ValueError(f"{where} must hold integers >= 1, got {v!r}")
+        if allowed is not None and v not in allowed:
+            raise ValueError(f"{where} must hold values from {list(allowed)}, got {v!r}")
+    if len(set(values)) != len(values):
+        raise ValueError(f"{where} has duplicate values")
+    return values
+
+
+def _moe_layer(path: Path, i: int, layer) -> tuple[str, dict]:
+    """(name, MoEProblem fields) of moe.layers[i], checked as a T=1 problem so MoEProblem's own rules apply."""
+    where = f"{path.name}: moe.layers[{i}]"
+    if not isinstance(layer, dict):
+        raise ValueError(f"{where} must be an inline table {{name = ..., E = ..., ...}}, got {layer!r}")
+    missing = [k for k in MOE_LAYER_KEYS if k not in layer]
+    unknown = sorted(set(layer) - set(MOE_LAYER_KEYS) - set(MOE_LAYER_OPTIONAL))
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; allowed: "
+                         f"{', '.join(MOE_LAYER_KEYS + MOE_LAYER_OPTIONAL)}")
+    if missing:
+        raise ValueError(f"{where}: missing key(s) {missing}")
+    name = layer["name"]
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"{where}.name must be a non-empty string, got {name!r}")
+    where = f"{path.name}: moe.layers[{i}] ({name})"
+    for k in ("E", "top_k", "H", "I") + MOE_LAYER_OPTIONAL:
+        if k in layer and type(layer[k]) is not int:
+            raise ValueError(f"{where}.{k} must be an integer, got {layer[k]!r}")
+    if layer["activation"] not in ACTIVATIONS:
+        raise ValueError(f"{where}.activation must be one of {list(ACTIVATIONS)}, got {layer['activation']!r}")
+    fields = {"local_experts": 0} | {k: v for k, v in layer.items() if k != "name"}
+    try:
+        MoEProblem("fused_moe", T=1, **fields)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    return name, fields
+
+
+def _moe_set(path: Path, name: str, description: str, data: dict) -> ProblemSet:
+    table = data["moe"]
+    if not isinstance(table, dict):
+        raise ValueError(f"{path.name}: moe must be a table ([moe])")
+    if set(table) != set(MOE_KEYS):
+        unknown, missing = sorted(set(table) - set(MOE_KEYS)), [k for k in MOE_KEYS if k not in table]
+        raise ValueError(f"{path.name}: [moe] must hold exactly {', '.join(MOE_KEYS)}"
+                         + (f"; unknown: {unknown}" if unknown else "") + (f"; missing: {missing}" if missing else ""))
+    tokens = _moe_list(path, table, "tokens")
+    routings = _moe_list(path, table, "routing", ROUTINGS)
+    quant_modes = _moe_list(path, table, "quant_modes", QUANT_MODES)
+    layers = table["layers"]
+    if not isinstance(layers, list) or not layers:
+        raise ValueError(f"{path.name}: moe.layers must be a non-empty list of inline tables")
+    named = [_moe_layer(path, i, layer) for i, layer in enumerate(layers)]
+    names = [n for n, _ in named]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"{path.name}: moe.layers has duplicate names {dup}")
+    shapes = [tuple(sorted(f.items())) for _, f in named]
+    for i, s in enumerate(shapes):
+        if s in shapes[:i]:
+            raise ValueError(f"{path.name}: moe.layers {names[shapes.index(s)]!r} and {names[i]!r} are the same layer")
+    probs, moe_names = [], []
+    for (layer_name, f), t, routing, quant in itertools.product(named, tokens, routings, quant_modes):
+        probs.append(MoEProblem("fused_moe", T=t, routing=routing, quant_mode=quant, **f))
+        moe_names.append(layer_name)
+    return ProblemSet(name=name, description=description, per_head=False, shapes=[], family="moe",
+                      moe_problems=probs, moe_names=moe_names)
+
+
+def moe_problems(set_name: str, directory=None) -> list[MoEProblem]:
+    """A fused-MoE set's problems: layers x tokens x routing x quant_modes, in that order (quant_modes
+    fastest)."""
+    ps = load(set_name, directory)
+    if ps.family != "moe":
+        raise ValueError(f"set {set_name!r} is a {ps.family.replace('_', '-')} set, not a moe set "
+                         "(a [moe] table)")
+    return list(ps.moe_problems)
+
+
 def problems(set_name: str, op: str, in_dtype: str, out_format: str, scale_layout: str = "rowmajor",
              directory=None) -> list:
     """The set's shapes as problems of `op`'s family for one dtype/output format (the problem type validates
     the combination)."""
     ps = load(set_name, directory)
     fam = family_of_op(op).name  # ValueError for an unknown op
+    if ps.family == "moe":
+        raise ValueError(f"set {set_name!r} is a fused-MoE set: the moe family is not yet sweepable "
+                         "(problem_sets.moe_problems expands it)")
     if fam != ps.family:
         raise ValueError(f"{op} is a {fam.replace('_', '-')} op but set {set_name!r} is a "
                          f"{ps.family.replace('_', '-')} set")

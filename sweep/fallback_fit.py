@@ -510,7 +510,10 @@ def holdout_sizes(sets, sizes: str) -> tuple[int, ...]:
     out = {int(c) for c in sizes.split(",") if c.strip()}
     for name in sets:
         if name and name.lower() != "none":
-            out |= {c for _t, c, _h in problem_sets.load(name).shapes}
+            ps = problem_sets.load(name)
+            if ps.family == "moe":
+                raise ValueError(f"problem set {name!r} is a fused-MoE set: it has no hidden sizes to hold out")
+            out |= {c for _t, c, _h in ps.shapes}
     return tuple(sorted(out))
 
 

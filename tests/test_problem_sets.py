@@ -8,7 +8,7 @@ from sweep.cli import main
 
 
 def test_shipped_sets_and_sizes():
-    assert PS.list_sets() == ["dit", "heldout", "llm", "qk_norm", "wan_vae", "wan_vae_decoder"]
+    assert PS.list_sets() == ["dit", "heldout", "llm", "moe", "qk_norm", "wan_vae", "wan_vae_decoder"]
     wan = PS.load("wan_vae")
     assert len(wan.shapes) == 8 * 5 and not wan.per_head
     assert {c for _, c, _ in wan.shapes} == {64, 128, 160, 256, 320, 512, 640, 1024}
