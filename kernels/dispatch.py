@@ -243,7 +243,7 @@ class Dispatcher:
                     return Selection(cfg, "range", t.name, rkey)
         cfg = fam.heuristic(p, arch, stride, ptr_align)
         why = fam.violations(p, cfg, arch, stride, ptr_align)
-        if why or ptr_align % cfg.vec_bytes:
+        if why or ptr_align % getattr(cfg, "vec_bytes", 1):  # the fused MoE's GEMMs need 16 B, checked by the op
             raise ValueError(f"no valid config for {p} on sm{arch} (stride={stride}, ptr_align={ptr_align}): "
                              f"heuristic gave {cfg.short()}: {'; '.join(why) or 'vector wider than alignment'}")
         sel = Selection(cfg, "heuristic")

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 
-SIZE_FIELDS = ("C", "heads", "T", "N", "S")  # integer fields of problem keys
+SIZE_FIELDS = ("C", "heads", "T", "N", "S", "E", "top_k", "I", "local_experts")  # integer fields of problem keys
 
 
 def key_error(key, fields: tuple[str, ...]) -> str | None:
@@ -78,6 +78,9 @@ class Family:
     source_hash: Callable[[], str]
     runner_module: str
     has_range: bool  # LUT RANGE tables along the last key field (the row family's T)
+    # the valid knob tuples (knob_choices order) of a problem, where crossing every knob's choices is too
+    # many to test one by one (the fused MoE's two GEMMs: 1728^2); None = that product, filtered
+    valid_configs: Callable[..., list] | None = None
 
     @property
     def runner(self):
@@ -152,13 +155,51 @@ def _channel_first_family() -> Family:
         runner_module="kernels.channel_first_runner", has_range=False)
 
 
+def _moe_family() -> Family:
+    from dataclasses import replace
+
+    from . import moe_config as mc
+    from . import moe_problem as mp
+
+    def shapes(p):
+        return mc.gemm_shapes(p.quant_mode, p.activation, p.H, p.I)
+
+    def from_key(op, out_format, in_dtype, quant_mode, activation, routing, C, E, top_k, I, local_experts, T):  # noqa: E741
+        if (out_format, in_dtype) != ("bf16", "bf16"):
+            raise ValueError(f"fused_moe takes and returns bf16, got in {in_dtype!r} out {out_format!r}")
+        return mp.MoEProblem(op, int(T), int(E), int(top_k), int(C), int(I), quant_mode, activation, routing,
+                             int(local_experts))
+
+    def fused():  # the op module (imports torch): only the compile hooks need it
+        from . import fused_moe
+        return fused_moe
+
+    return Family(
+        name="moe", problem_type=mp.MoEProblem, ops=mp.MOE_OPS, out_formats=lambda op, in_dtype: ("bf16",),
+        key_fields=("op", "out_format", "in_dtype", "quant_mode", "activation", "routing", "C", "E", "top_k", "I",
+                    "local_experts", "T"),
+        from_key=from_key, positions=lambda p: p.T, size_label=lambda p: str(p.T),
+        config_type=mc.MoEConfig, knob_choices=mc.FAMILY_KNOB_CHOICES,
+        violations=lambda p, cfg, arch=90, stride=None, ptr_align=16: mc.layer_violations(shapes(p), cfg),
+        heuristic=lambda p, arch=90, stride=None, ptr_align=16: mc.layer_heuristic(shapes(p), mp.rows_per_expert(p)),
+        fit=lambda p, cfg, arch=90, stride=None, ptr_align=16: (
+            None if cfg is None or mc.layer_violations(shapes(p), cfg) else cfg),
+        space_key=lambda p: replace(p, T=0, routing="uniform", E=1, top_k=1, local_experts=0),  # validity: K, N
+        searchable=lambda p, cfg: True, simplicity=mc.simplicity, ideal_bytes=mp.ideal_bytes,
+        compile_key=lambda p: (p.op, p.quant_mode, p.activation, p.H, p.I), canonical=lambda p: replace(p, T=0),
+        cache_key=lambda p, cfg, arch: fused().layer_cache_key(shapes(p), cfg, arch),
+        precompile=lambda p, cfg, arch: fused().precompile_layer(shapes(p), cfg, arch),
+        source_hash=lambda: fused().source_hash(), runner_module="kernels.moe_runner", has_range=False,
+        valid_configs=lambda p, arch: mc.valid_layer_configs(shapes(p)))
+
+
 _FAMILIES: dict[str, Family] = {}
 
 
 def families() -> dict[str, Family]:
     """Every registered family by name (built on first use: the modules import each other lazily)."""
     if not _FAMILIES:
-        for make in (_row_family, _channel_first_family):
+        for make in (_row_family, _channel_first_family, _moe_family):
             f = make()
             _FAMILIES[f.name] = f
     return _FAMILIES

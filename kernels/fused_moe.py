@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from .moe_config import MoEGemmConfig, MoEGemmShape, heuristic, violations
+from .moe_config import MoEConfig, MoEGemmConfig, MoEGemmShape, gemm_shapes, heuristic, violations
+from .moe_problem import MoEProblem
 from .moe_quant import NVFP4_BLOCK, fake_quantize_nvfp4
 
 QUANT_ALIASES = {"nvfp4": "nvfp4", "w4a4": "nvfp4", "w4a16": "w4a16"}
@@ -74,6 +75,23 @@ def compile_gemm(sh: MoEGemmShape, cfg: MoEGemmConfig, arch: str):
                        f"fused_moe {sh.layer} K={sh.K} N={sh.N} {cfg.short()}")
 
 
+def layer_cache_key(shapes: tuple[MoEGemmShape, MoEGemmShape], cfg, arch: str) -> str:
+    """The disk-cache names of a layer's two GEMMs (a kernels.moe_config.MoEConfig), joined by '+'."""
+    return "+".join(cache_key(sh, cfg.gemm(sh.layer), arch) for sh in shapes)
+
+
+def precompile_layer(shapes: tuple[MoEGemmShape, MoEGemmShape], cfg, arch: str):
+    """Compile both GEMMs of a layer into the disk cache (idempotent): one compile_cache.CompileInfo, times
+    summed, the larger register and shared-memory use."""
+    from .compile_cache import CompileInfo, precompile_key
+
+    infos = [precompile_key(cache_key(sh, cfg.gemm(sh.layer), arch),
+                            functools.partial(compile_gemm, sh, cfg.gemm(sh.layer), arch)) for sh in shapes]
+    worst = lambda vals: max((v for v in vals if v is not None), default=None)  # noqa: E731
+    return CompileInfo(sum(i.compile_s for i in infos), worst(i.registers for i in infos),
+                       worst(i.smem_bytes for i in infos), all(i.from_cache for i in infos))
+
+
 def get_compiled(sh: MoEGemmShape, cfg: MoEGemmConfig, arch: str):
     from .compile_cache import cached_function
 
@@ -93,6 +111,7 @@ class _Plan:
     activation: str
     fc1: MoEGemmShape
     fc2: MoEGemmShape
+    problem: object  # kernels.moe_problem.MoEProblem (uniform routing: what the call's T stands for)
 
 
 def _sig(t):
@@ -164,9 +183,10 @@ def _validate(x, w1, w1sf, w2, w2sf, ids, sc, w1_alpha, w2_alpha, fc2_input_scal
         _check_tensor("output", output, (torch.bfloat16,), (T, H), dev)
         _need(output.data_ptr() % 16 == 0, "output must be 16-byte aligned")
     _need(x.is_cuda, f"x must be on a CUDA device, got {x.device}")  # last: CPU tests reach every check above
-    fc1 = MoEGemmShape("fc1", activation, H, inter, "fp32" if quant_mode == "nvfp4" else "bf16")
-    fc2 = MoEGemmShape("fc2", activation, inter, H, "fp32")
-    return _Plan(T, H, inter, top_k, El, quant_mode, activation, fc1, fc2)
+    fc1, fc2 = gemm_shapes(quant_mode, activation, H, inter)
+    problem = MoEProblem("fused_moe", T, num_experts, top_k, H, inter, quant_mode, activation, "uniform",
+                         0 if El == num_experts else El)
+    return _Plan(T, H, inter, top_k, El, quant_mode, activation, fc1, fc2, problem)
 
 
 _PLANS: dict = {}  # argument signature -> _Plan: a repeated call skips the checks (host cost)
@@ -176,6 +196,23 @@ def _arch(device) -> str:
     major, minor = torch.cuda.get_device_capability(device)
     _need(major == 9, f"fused_moe runs on SM90 (Hopper); this device is sm_{major}{minor}")
     return "sm_90a"
+
+
+_SELECTED: dict = {}  # (problem, device index) -> MoEConfig
+
+
+def _dispatched(plan: _Plan, device) -> MoEConfig:
+    """The layer's knobs at this T: the device class's LUT entry, else the family heuristic (kernels.dispatch,
+    as the norms; memoised per problem and device)."""
+    key = (plan.problem, device.index)
+    cfg = _SELECTED.get(key)
+    if cfg is None:
+        from .dispatch import default_dispatcher
+        from .ops import _device_info
+
+        sm, dev_class, _ = _device_info(device)
+        cfg = _SELECTED[key] = default_dispatcher().lookup(plan.problem, sm, dev_class).config
+    return cfg
 
 
 def route(ids: torch.Tensor, n_local: int, offset: int, bms: tuple[int, ...]):
@@ -215,7 +252,8 @@ def fused_moe(x: torch.Tensor, w1_weight: torch.Tensor, w1_weight_sf: torch.Tens
 
     Arguments as flashinfer's `b12x_fused_moe` (see kernels/moe_quant.py for the scale conventions);
     in addition `local_expert_offset` (the first local expert's global id under expert parallelism, default
-    0) and `configs` (explicit (FC1, FC2) kernel configs; default: the heuristic by rows per expert).
+    0) and `configs` (explicit (FC1, FC2) kernel configs; default: the device class's LUT entry for this
+    T, else the family heuristic by rows per expert).
     Returns `output` (allocated when None), [num_tokens, hidden_size] bfloat16."""
     if quant_mode is None:
         _need(activation_precision in PRECISION_ALIASES,
@@ -251,12 +289,14 @@ def fused_moe(x: torch.Tensor, w1_weight: torch.Tensor, w1_weight_sf: torch.Tens
     P = plan.T * plan.top_k
     if P == 0:
         return out
-    rows_per_expert = P / min(plan.n_local, P)
-    cfg1, cfg2 = configs if configs is not None else (heuristic(plan.fc1, rows_per_expert),
-                                                      heuristic(plan.fc2, rows_per_expert))
-    for sh, cfg in ((plan.fc1, cfg1), (plan.fc2, cfg2)):
-        why = violations(sh, cfg)
-        _need(not why, f"config {cfg.short()} cannot run {sh.layer}: {'; '.join(why)}")
+    if configs is None:
+        cfg = _dispatched(plan, x.device)
+        cfg1, cfg2 = cfg.gemm("fc1"), cfg.gemm("fc2")
+    else:
+        cfg1, cfg2 = configs
+        for sh, c in ((plan.fc1, cfg1), (plan.fc2, cfg2)):
+            why = violations(sh, c)
+            _need(not why, f"config {c.short()} cannot run {sh.layer}: {'; '.join(why)}")
 
     order, eo, tiles = route(ids, plan.n_local, local_expert_offset, (cfg1.bm, cfg2.bm))
     a_rows = (order // plan.top_k).to(torch.int32)
@@ -278,4 +318,30 @@ def fused_moe(x: torch.Tensor, w1_weight: torch.Tensor, w1_weight_sf: torch.Tens
     _launch_gemm(plan.fc2, cfg2, arch, a2, None, w2_weight.view(torch.uint8), w2_weight_sf.view(torch.uint8),
                  w2_alpha, row_scale, out_rows, y, eo, tiles[cfg2.bm], P, plan.n_local, grid2)
     out.copy_(y.view(plan.T, plan.top_k, plan.H).sum(dim=1))  # fp32 sum of the token's pairs, one rounding
+    return out
+
+
+def compile_check_cases(layers, configs: int = 1, seed: int = 0) -> list[tuple[MoEGemmShape, MoEGemmConfig]]:
+    """(shape, config) pairs `lutforge compile-check` compiles for `layers` ((H, I, activation) triples):
+    FC1 (bf16 intermediate; fp32 for the first layer, as W4A4 writes it) and FC2, each with the heuristic
+    configs of decode, mid and large batches plus `configs` random valid ones."""
+    import random
+
+    from .moe_config import MOE_KNOB_CHOICES
+
+    rng = random.Random(seed)
+    out: list[tuple[MoEGemmShape, MoEGemmConfig]] = []
+    for i, (H, inter, activation) in enumerate(layers):
+        shapes = [MoEGemmShape("fc1", activation, H, inter, "bf16"), MoEGemmShape("fc2", activation, inter, H, "fp32")]
+        if i == 0:
+            shapes.append(MoEGemmShape("fc1", activation, H, inter, "fp32"))
+        for sh in shapes:
+            cfgs = [heuristic(sh, rows) for rows in (1, 40, 1000)]
+            for _ in range(500):
+                if len(set(cfgs)) >= 3 + configs:
+                    break
+                c = MoEGemmConfig(**{k: rng.choice(v) for k, v in MOE_KNOB_CHOICES.items()})
+                if not violations(sh, c):
+                    cfgs.append(c)
+            out += [(sh, c) for c in dict.fromkeys(cfgs)]
     return out

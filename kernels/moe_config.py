@@ -14,7 +14,9 @@ bytes decide the time) or a large-batch tile by the rows each touched expert rec
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+
+from .config import Knobs
 
 LAYERS = ("fc1", "fc2")
 OUT_DTYPES = ("bf16", "fp32")
@@ -53,16 +55,13 @@ class MoEGemmShape:
 
 
 @dataclass(frozen=True)
-class MoEGemmConfig:
+class MoEGemmConfig(Knobs):
     bm: int = 64
     bn: int = 64
     bk: int = 64
     stages: int = 3
     warps_m: int = 2
     warps_n: int = 2
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
     def short(self) -> str:
         return f"{self.bm}x{self.bn}x{self.bk} s{self.stages} w{self.warps_m}x{self.warps_n}"
@@ -126,3 +125,97 @@ def heuristic(sh: MoEGemmShape, rows_per_expert: float) -> MoEGemmConfig:
         if not violations(sh, cfg):
             return cfg
     raise ValueError(f"no valid config for {sh}")
+
+
+# --------------------------------------------------------------------------- the family's config: both GEMMs
+SHARED_KNOBS = ("bm", "stages")  # both GEMMs see the same rows per expert: one row tile, one pipeline depth
+PER_GEMM_KNOBS = tuple(k for k in MOE_KNOB_CHOICES if k not in SHARED_KNOBS)
+FAMILY_KNOB_CHOICES = {**{k: MOE_KNOB_CHOICES[k] for k in SHARED_KNOBS},
+                       **{f"{layer}_{k}": MOE_KNOB_CHOICES[k] for layer in LAYERS for k in PER_GEMM_KNOBS}}
+
+
+@dataclass(frozen=True)
+class MoEConfig(Knobs):
+    """One fused-MoE call's knobs: the row tile and pipeline depth both GEMMs use, and each GEMM's column
+    tile, k-tile and warp grid (crossing two full GEMM spaces made 462k valid configs per layer, too many
+    to count or search; the LUT entries along T are the cut-overs between decode and large-batch tiles)."""
+
+    bm: int = 64
+    stages: int = 3
+    fc1_bn: int = 64
+    fc1_bk: int = 64
+    fc1_warps_m: int = 2
+    fc1_warps_n: int = 2
+    fc2_bn: int = 64
+    fc2_bk: int = 64
+    fc2_warps_m: int = 2
+    fc2_warps_n: int = 2
+
+    @classmethod
+    def of(cls, fc1: MoEGemmConfig, fc2: MoEGemmConfig) -> "MoEConfig":
+        if (fc1.bm, fc1.stages) != (fc2.bm, fc2.stages):
+            raise ValueError(f"both GEMMs share bm and stages, got {fc1.short()} and {fc2.short()}")
+        return cls(fc1.bm, fc1.stages, **{f"fc1_{k}": getattr(fc1, k) for k in PER_GEMM_KNOBS},
+                   **{f"fc2_{k}": getattr(fc2, k) for k in PER_GEMM_KNOBS})
+
+    def gemm(self, layer: str) -> MoEGemmConfig:
+        return MoEGemmConfig(bm=self.bm, stages=self.stages,
+                             **{k: getattr(self, f"{layer}_{k}") for k in PER_GEMM_KNOBS})
+
+    def short(self) -> str:
+        return f"fc1 {self.gemm('fc1').short()} | fc2 {self.gemm('fc2').short()}"
+
+
+def gemm_shapes(quant_mode: str, activation: str, H: int, inter: int) -> tuple[MoEGemmShape, MoEGemmShape]:
+    """(FC1, FC2) of a layer: FC1 writes fp32 for W4A4 (its output is quantised to NVFP4 next), bf16 for W4A16."""
+    return (MoEGemmShape("fc1", activation, H, inter, "fp32" if quant_mode == "nvfp4" else "bf16"),
+            MoEGemmShape("fc2", activation, inter, H, "fp32"))
+
+
+def layer_violations(shapes: tuple[MoEGemmShape, MoEGemmShape], cfg: MoEConfig) -> list[str]:
+    return [f"{sh.layer}: {v}" for sh in shapes for v in violations(sh, cfg.gemm(sh.layer))]
+
+
+def layer_heuristic(shapes: tuple[MoEGemmShape, MoEGemmShape], rows_per_expert: float) -> MoEConfig:
+    """FC1's heuristic tile; FC2's own, or (when its row tile or depth differs) the first valid FC2 config
+    with FC1's bm and stages, preferring FC2's heuristic column tile."""
+    c1, c2 = heuristic(shapes[0], rows_per_expert), heuristic(shapes[1], rows_per_expert)
+    if (c2.bm, c2.stages) != (c1.bm, c1.stages):
+        same = [c for c in valid_gemm_configs(shapes[1]) if (c.bm, c.stages) == (c1.bm, c1.stages)]
+        if not same:
+            raise ValueError(f"no FC2 config with bm={c1.bm} stages={c1.stages} for {shapes[1]}")
+        c2 = min(same, key=lambda c: (c.bn != c2.bn, c.bk != c2.bk, c.threads != c2.threads, -c.bn, -c.bk))
+    return MoEConfig.of(c1, c2)
+
+
+def simplicity(cfg: MoEConfig, heur: MoEConfig) -> tuple:
+    """Tie-break among equally fast configs: the heuristic first, then fewer stages and threads, smaller
+    tiles (less shared memory: room for a neighbour kernel)."""
+    g1, g2 = cfg.gemm("fc1"), cfg.gemm("fc2")
+    return (cfg != heur, g1.stages + g2.stages, g1.threads + g2.threads,
+            g1.bm * g1.bn * g1.bk + g2.bm * g2.bn * g2.bk)
+
+
+def valid_gemm_configs(sh: MoEGemmShape) -> list[MoEGemmConfig]:
+    import itertools
+
+    out = []
+    for combo in itertools.product(*MOE_KNOB_CHOICES.values()):
+        cfg = MoEGemmConfig(**dict(zip(MOE_KNOB_CHOICES, combo)))
+        if not violations(sh, cfg):
+            out.append(cfg)
+    return out
+
+
+def valid_layer_configs(shapes: tuple[MoEGemmShape, MoEGemmShape]) -> list[tuple]:
+    """Every valid MoEConfig of a layer as knob tuples (FAMILY_KNOB_CHOICES order): per shared (bm, stages),
+    the two GEMMs' valid configs crossed (their other constraints are independent)."""
+    fc1, fc2 = (valid_gemm_configs(sh) for sh in shapes)
+    out = []
+    for bm in MOE_KNOB_CHOICES["bm"]:
+        for st in MOE_KNOB_CHOICES["stages"]:
+            a = [c for c in fc1 if (c.bm, c.stages) == (bm, st)]
+            b = [c for c in fc2 if (c.bm, c.stages) == (bm, st)]
+            out += [(bm, st, *(getattr(x, k) for k in PER_GEMM_KNOBS), *(getattr(y, k) for k in PER_GEMM_KNOBS))
+                    for x in a for y in b]
+    return out

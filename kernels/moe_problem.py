@@ -53,6 +53,11 @@ class MoEProblem:
     activation: str = "silu"
     routing: str = "uniform"
     local_experts: int = 0  # 0: all E experts are local (no expert parallelism)
+    # the attributes every family's problem shows the harness (Parquet columns, tables): bf16 in and out
+    in_dtype = "bf16"
+    out_format = "bf16"
+    scale_layout = "rowmajor"
+    heads = 1
 
     def __post_init__(self):
         if self.op not in MOE_OPS:
@@ -82,6 +87,11 @@ class MoEProblem:
         if not 0 <= self.local_experts <= self.E:
             raise ValueError(f"local_experts must be in [0, E={self.E}] (0: all experts local), "
                              f"got {self.local_experts}")
+
+    @property
+    def C(self) -> int:
+        """The hidden size under the name every family's tables use for the row length."""
+        return self.H
 
     @property
     def n_local(self) -> int:
@@ -201,3 +211,9 @@ def size_label(p: MoEProblem) -> str:
 def layer_label(p: MoEProblem) -> str:
     """The compile-time layer shape, for tables and plots."""
     return f"E{p.E}k{p.top_k} H{p.H} I{p.I}"
+
+
+def rows_per_expert(p: MoEProblem) -> float:
+    """Expected rows (pairs) each touched local expert receives: what the grouped GEMMs' tiles are sized by."""
+    touched = expected_experts_touched(p)
+    return p.pairs * local_pair_fraction(p) / touched if touched > 0 else 0.0

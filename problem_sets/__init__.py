@@ -228,12 +228,13 @@ def problems(set_name: str, op: str, in_dtype: str, out_format: str, scale_layou
     the combination)."""
     ps = load(set_name, directory)
     fam = family_of_op(op).name  # ValueError for an unknown op
-    if ps.family == "moe":
-        raise ValueError(f"set {set_name!r} is a fused-MoE set: the moe family is not yet sweepable "
-                         "(problem_sets.moe_problems expands it)")
     if fam != ps.family:
         raise ValueError(f"{op} is a {fam.replace('_', '-')} op but set {set_name!r} is a "
                          f"{ps.family.replace('_', '-')} set")
+    if fam == "moe":
+        if (in_dtype, out_format, scale_layout) != ("bf16", "bf16", "rowmajor"):
+            raise ValueError("fused_moe takes bf16 x and writes bf16 (--in-dtype bf16 --out bf16)")
+        return [p for p in ps.moe_problems if p.op == op]
     if fam == "channel_first":
         if scale_layout != "rowmajor":
             raise ValueError("channel-first ops write no FP4 block scales (scale_layout rowmajor)")

@@ -33,7 +33,9 @@ from .results_io import size_label
 METRICS = ("pct_copy", "gbps", "vs_peer", "speedup_vs_heuristic")
 SERIES = (LUTFORGE, BEST_TRIAL)  # whose numbers a view shows: the public op, or the best sweep trial
 SERIES_LABEL = {LUTFORGE: "lutforge (public op)", BEST_TRIAL: "best trial", HEURISTIC: "lutforge heuristic"}
-FACET_KEY = ["family", "op", "out_format", "in_dtype", "scale_layout", "heads"]  # a facet: one kind of kernel
+# a facet: one kind of kernel (the fused MoE's quant mode, activation and routing make kinds of their own)
+FACET_KEY = ["family", "op", "out_format", "in_dtype", "scale_layout", "heads", "quant_mode", "activation", "routing",
+             "local_experts"]
 NO_SET = "(no problem set)"
 DIV_ID = "lutforge-heatmap"  # the plotly graph div, for scripts and tests that inspect the page
 NO_DATA = "–"  # the text of a cell the shown view has no row for
@@ -94,8 +96,10 @@ class Facet:
 
     @property
     def title_lines(self) -> list[str]:
-        _family, op, out, in_dtype, layout, heads = self.key
+        family, op, out, in_dtype, layout, heads, quant_mode, activation, routing, local = self.key
         second = f"{in_dtype} → {out}"
+        if family == "moe":
+            second = f"{quant_mode} {activation}, {routing} routing" + (f", {local} local experts" if local else "")
         if op in OPS and OPS[op].fp4_scales:
             second += f", {layout} scales"
         if self.per_head:
@@ -104,7 +108,7 @@ class Facet:
 
     @property
     def x_title(self) -> str:
-        return "tokens T" if self.key[0] == "row" else "positions N x S"
+        return "positions N x S" if self.key[0] == "channel_first" else "tokens T"
 
     @property
     def name(self) -> str:
@@ -283,7 +287,7 @@ def hover_template(facet: Facet, view: View) -> str:
     """Shape, the view's headline and the cell's hovertext (its value or why none), then every series'
     numbers (customdata)."""
     heads = f" ({facet.key[5]} heads)" if facet.per_head else ""
-    x = "T" if facet.key[0] == "row" else "N x S"
+    x = "N x S" if facet.key[0] == "channel_first" else "T"
     return f"{x}=%{{x}} C=%{{y}}{heads}<br>{view.headline}%{{hovertext}}<br>%{{customdata}}<extra></extra>"
 
 
@@ -355,7 +359,7 @@ def _axes(i: int, f: Facet, rect, W: float, H: float) -> dict:
     where the facet is too low for the long one)."""
     left, top, w, h = rect
     n = "" if i == 0 else str(i + 1)
-    y_title = ("head dim C" if f.per_head else "hidden C" if f.key[0] == "row" else "channels C") \
+    y_title = ("head dim C" if f.per_head else "channels C" if f.key[0] == "channel_first" else "hidden C") \
         if len(f.Cs) >= 3 else "C"
     common = dict(type="category", fixedrange=True, tickfont=dict(size=10), showgrid=False, title_standoff=4)
     return {f"xaxis{n}": dict(common, domain=[left / W, (left + w) / W], anchor=f"y{n}", title_text=f.x_title,

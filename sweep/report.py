@@ -15,7 +15,7 @@ import click
 import numpy as np
 import pandas as pd
 
-from kernels.family import all_ops
+from kernels.family import all_ops, families
 from kernels.problem import FP4_BLOCK, OPS
 
 from .host_cost import IMPLS as HOST_IMPLS
@@ -24,7 +24,7 @@ from .schema import KNOB_CHOICES, KNOB_COLUMNS
 
 # A problem: the shape and formats one measurement answers (the device is fixed per report/heatmap).
 PROBLEM_KEY = list(PROBLEM_COLUMNS)
-HOST_KEY = [c for c in PROBLEM_KEY if c not in ("family", "N", "S")]  # host cost is measured for row ops
+HOST_KEY = [c for c in PROBLEM_KEY if c in families()["row"].key_fields]  # host cost is measured for row ops
 REQUIRED_COLUMNS = {"kind", "impl", "config_source", "status", "problem_set", "median_us", "gbps", "pct_copy",
                     "copy_gbps", "device_name", "backend", "run_id", *PROBLEM_KEY, *KNOB_COLUMNS}
 # "lutforge" is what a user's call of the public op gets (bench rows: runtime dispatch, LUT tier or
@@ -314,7 +314,12 @@ def section_summary(p: pd.DataFrame) -> pd.DataFrame:
 
 
 def shape_text(row: pd.Series) -> str:
-    """T x C (channel-first: N x C x S), plus what else tells this problem apart from its neighbours."""
+    """T x C (channel-first: N x C x S; fused MoE: T and the layer), plus what else tells this problem apart
+    from its neighbours."""
+    if row["family"] == "moe":
+        local = f", {row['local_experts']} local" if row["local_experts"] else ""
+        return (f"T={row['T']} E{row['E']} top-{row['top_k']} H{row['C']} I{row['I']}, {row['quant_mode']} "
+                f"{row['activation']}, {row['routing']} routing{local}")
     if row["family"] != "row":
         return f"{row['N']} × {row['C']} × {row['S']}, {row['in_dtype']} in"
     s = f"{row['T']} × {row['C']}"
@@ -421,7 +426,8 @@ def _section(pset: str, op: str, out: str, sec: pd.DataFrame, worst: int) -> lis
         lines += [f"Worst shapes for {ref} (lowest % of copy, {len(tuned)} of {n_shapes}):", ""]
         body = [[shape_text(r), _fmt(r["median_us"], ".2f"), _fmt(r["gbps"], ".0f"), _fmt(r["pct_copy"], ".1f"),
                  r["backend"], r["knobs"] or "–"] for _, r in tuned.iterrows()]
-        shape = "shape (T × C)" if (tuned["family"] == "row").all() else "shape (N × C × S)"
+        shape = {"row": "shape (T × C)", "channel_first": "shape (N × C × S)", "moe": "layer"}.get(
+            tuned["family"].iloc[0], "shape") if tuned["family"].nunique() == 1 else "shape"
         lines += _table([shape, "µs", "GB/s", "% of copy", "backend", "knobs"], body) + [""]
     return lines
 

@@ -15,8 +15,10 @@ from kernels.family import SIZE_FIELDS, family_of, family_of_op
 from .schema import ADDED_IN, ADDED_KNOB_DEFAULTS, READABLE_VERSIONS, SCHEMA, SCHEMA_VERSION
 
 # What one measurement answers: every family's key columns (kernels.family), the others at PROBLEM_DEFAULTS.
-PROBLEM_COLUMNS = ("family", "op", "out_format", "in_dtype", "scale_layout", "heads", "T", "C", "N", "S")
-PROBLEM_DEFAULTS = {"family": "row", "scale_layout": "rowmajor", "heads": 1, "N": 0, "S": 0}
+PROBLEM_COLUMNS = ("family", "op", "out_format", "in_dtype", "scale_layout", "heads", "T", "C", "N", "S",
+                   "quant_mode", "activation", "routing", "E", "top_k", "I", "local_experts")
+PROBLEM_DEFAULTS = {"family": "row", "scale_layout": "rowmajor", "heads": 1, "N": 0, "S": 0, "quant_mode": "",
+                    "activation": "", "routing": "", "E": 0, "top_k": 0, "I": 0, "local_experts": 0}
 
 
 def problem_columns(p) -> dict:
@@ -31,7 +33,7 @@ def size_label(row) -> str:
     """A result row's runtime size as tables and heatmap columns show it: T for the row family; N x S for
     channel-first problems, whose positions N * S alone do not tell two apart (192 x 1 x 399360 and
     192 x 4 x 99840)."""
-    return str(int(row["T"])) if row["family"] == "row" else f"{int(row['N'])}x{int(row['S'])}"
+    return f"{int(row['N'])}x{int(row['S'])}" if row["family"] == "channel_first" else str(int(row["T"]))
 
 
 def problem_of_row(row):

@@ -7,14 +7,17 @@ import pyarrow as pa
 
 from kernels.config import KernelConfig
 from kernels.family import all_knob_choices
+from kernels.moe_config import FAMILY_KNOB_CHOICES
 
-SCHEMA_VERSION = 5
-READABLE_VERSIONS = (1, 2, 3, 4, 5)
+SCHEMA_VERSION = 6
+READABLE_VERSIONS = (1, 2, 3, 4, 5, 6)
 # Columns a file of an older version lacks: read as empty (problem columns: results_io.PROBLEM_DEFAULTS),
 # except row-kernel knobs added later, which read as the value the older kernel ran with (it had no such
 # knob) on rows that carry knobs. v5: kernel families (the channel-first family's N, S and knobs).
 ADDED_IN = {"kernel_source": 2, "knob_l2_prefetch": 3, "host_us": 4, "host_p20_us": 4, "host_p80_us": 4,
-            "family": 5, "N": 5, "S": 5, "knob_positions_per_cta": 5, "knob_c_order": 5}
+            "family": 5, "N": 5, "S": 5, "knob_positions_per_cta": 5, "knob_c_order": 5,
+            **{c: 6 for c in ("quant_mode", "activation", "routing", "E", "top_k", "I", "local_experts")},
+            **{f"knob_{k}": 6 for k in FAMILY_KNOB_CHOICES}}
 ADDED_KNOB_DEFAULTS = {"knob_l2_prefetch": KernelConfig().l2_prefetch}
 KNOB_CHOICES = all_knob_choices()  # every family's knobs: a row fills its own family's, the others stay null
 
@@ -49,6 +52,13 @@ FIELDS: list[pa.Field] = [
     pa.field("heads", pa.int64()),
     pa.field("N", pa.int64()),  # channel-first: x walked as [N, C, S]; T = N * S positions
     pa.field("S", pa.int64()),
+    pa.field("quant_mode", pa.string()),  # fused MoE: nvfp4 | w4a16; T = tokens, C = hidden size H
+    pa.field("activation", pa.string()),  # silu | relu2
+    pa.field("routing", pa.string()),  # uniform | skewed (kernels/moe_problem.py's routing model)
+    pa.field("E", pa.int64()),  # experts
+    pa.field("top_k", pa.int64()),
+    pa.field("I", pa.int64()),  # intermediate size
+    pa.field("local_experts", pa.int64()),  # 0: all local
     *[pa.field(f"knob_{k}", _knob_type(v)) for k, v in KNOB_CHOICES.items()],
     pa.field("status", pa.string()),
     pa.field("error", pa.string()),

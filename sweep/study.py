@@ -61,7 +61,7 @@ def size_token(p) -> str:
     """The runtime-size part of a study name (sibling studies differ only there): T for the row family, the
     key's sizes joined by x for others (channel-first: N x S)."""
     fam = family_of(p)
-    if fam.name == "row":
+    if fam.name in ("row", "moe"):
         return f"T{p.T}"
     sizes = [getattr(p, k) for k in fam.key_fields if k not in ("op", "out_format", "in_dtype", "C")]
     return "P" + "x".join(str(v) for v in sizes)
@@ -84,6 +84,9 @@ def study_name(p, device_class: str) -> str:
             parts.append(f"H{p.heads}")
         if p.scale_layout != "rowmajor":
             parts.append(p.scale_layout)
+    elif fam.name == "moe":  # the layer and its routing besides C = H
+        parts += [p.quant_mode, p.activation, p.routing, f"E{p.E}", f"k{p.top_k}", f"I{p.I}"] + \
+            ([f"L{p.local_experts}"] if p.local_experts else [])
     return ":".join(parts + [device_class, f"k{fam.source_hash()[:8]}"])
 
 
@@ -98,9 +101,12 @@ class SearchSpace:
         choices = self.family.knob_choices
         make = self.family.config_type
         self.valid: list[tuple] = []
-        for combo in itertools.product(*(choices[k] for k in self.knobs)):
-            if not self.family.violations(p, make(**dict(zip(self.knobs, combo))), arch):
-                self.valid.append(combo)
+        if self.family.valid_configs is not None:
+            self.valid = list(self.family.valid_configs(p, arch))
+        else:
+            for combo in itertools.product(*(choices[k] for k in self.knobs)):
+                if not self.family.violations(p, make(**dict(zip(self.knobs, combo))), arch):
+                    self.valid.append(combo)
         self.prefixes = {v[:i] for v in self.valid for i in range(1, len(self.knobs) + 1)}
         # What the sampler proposes (the family's `searchable`, e.g. short row loops); all valid configs for
         # a problem that has nothing else.

@@ -64,6 +64,8 @@ def model_us(p, cfg) -> float:
     """Modelled kernel time in microseconds (launch-bound when small, bandwidth-bound when large)."""
     if family_of(p).name == "channel_first":
         return _channel_first_us(p, cfg)
+    if family_of(p).name == "moe":
+        return _moe_us(p, cfg)
     rows = p.rows
     rows_per_cta = cfg.rows_per_cta
     row_blocks = max(1, -(-rows // rows_per_cta))
@@ -116,6 +118,45 @@ def _channel_first_us(p: cf.ChannelFirstProblem, cfg: cf.ChannelFirstConfig) -> 
     return t
 
 
+MMA_SYNC_TFLOPS = 660.0  # dense bf16 mma.sync rate of the model device (about 2/3 of its wgmma peak)
+MOE_GLUE_LAUNCHES = 9  # routing sort/scan, gathers and the per-token sum around the two GEMMs
+
+
+def _moe_gemm_us(p, sh, g) -> float:
+    """One grouped GEMM: its weight (and activation) bytes over the bandwidth its cp.async stages keep in
+    flight, or its mma work over the tensor rate its tile reaches (rows padded to bm), whichever is longer."""
+    from kernels.moe_config import smem_bytes as moe_smem
+    from kernels.moe_problem import expected_experts_touched, rows_per_expert, weight_bytes
+
+    touched = max(expected_experts_touched(p), 1e-9)
+    rows = rows_per_expert(p)
+    m_tiles = touched * max(1, -(-int(math.ceil(rows)) // g.bm))
+    grid = max(1.0, m_tiles * (sh.N // g.bn))
+    resident = max(1, min(MAX_THREADS_PER_SM // g.threads, MAX_CTAS_PER_SM, SMEM_PER_SM // moe_smem(sh, g)))
+    slots = resident * SM_COUNT
+    nb = g.bn * (2 if sh.gated else 1)
+    inflight = min(grid, slots) * (g.stages - 1) * (nb * g.bk // 2 + g.bm * g.bk * 2)
+    bw = min(COPY_GBPS * 1e9, inflight / LATENCY_S)
+    share = (sh.N * (2 if sh.gated else 1)) * sh.K / (p.fc1_rows * p.H + p.H * p.I)
+    nbytes = weight_bytes(p, touched) * share * m_tiles / touched  # each m-tile of an expert reads its slab
+    nbytes += m_tiles * g.bm * sh.K * 2  # A rows (the n-tiles after the first hit L2)
+    padded = m_tiles * g.bm * (sh.N * (2 if sh.gated else 1)) * sh.K * 2  # flops with rows padded to bm
+    intensity = g.bm * g.bn / (g.bm + g.bn) / 32  # shared-memory reads per mma: 1 from a 64x64 tile up
+    rate = MMA_SYNC_TFLOPS * 1e12 * min(1.0, intensity) * min(1.0, resident * g.threads / 256)
+    waves = -(-grid // slots)
+    return WAVE_US * waves + max(nbytes / bw, padded / rate) * 1e6
+
+
+def _moe_us(p, cfg) -> float:
+    """A fused-MoE call: the glue launches, then FC1 and FC2."""
+    from kernels.moe_config import gemm_shapes
+
+    if p.T == 0:
+        return LAUNCH_US
+    fc1, fc2 = gemm_shapes(p.quant_mode, p.activation, p.H, p.I)
+    return LAUNCH_US * MOE_GLUE_LAUNCHES + _moe_gemm_us(p, fc1, cfg.gemm("fc1")) + _moe_gemm_us(p, fc2, cfg.gemm("fc2"))
+
+
 def _spread(p, cfg) -> float:
     """A deterministic relative spread in [0.5 %, 2 %) per (problem, config), for p20/p80."""
     h = hashlib.sha256(repr((p, cfg)).encode()).digest()
@@ -135,7 +176,13 @@ def precompile(p, cfg) -> dict:
     t0 = time.perf_counter()
     if fault_for(p, cfg) == "compile_error":
         raise RuntimeError(f"injected synthetic compile error for {cfg.short()}")
-    smem = cf.smem_bytes(p, cfg) if family_of(p).name == "channel_first" else smem_bytes(p, cfg)
+    name = family_of(p).name
+    if name == "moe":
+        from kernels.moe_config import gemm_shapes, smem_bytes as moe_smem
+
+        smem = max(moe_smem(sh, cfg.gemm(sh.layer)) for sh in gemm_shapes(p.quant_mode, p.activation, p.H, p.I))
+    else:
+        smem = cf.smem_bytes(p, cfg) if name == "channel_first" else smem_bytes(p, cfg)
     return {"compile_s": time.perf_counter() - t0, "registers": None, "smem_bytes": smem}
 
 

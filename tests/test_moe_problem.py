@@ -152,18 +152,23 @@ def test_shipped_moe_set():
     assert sorted({p.T for p in probs}) == [2 ** k for k in range(15)]
 
 
-def test_moe_set_is_not_sweepable_yet():
-    with pytest.raises(ValueError, match="fused-MoE set: the moe family is not yet sweepable"):
+def test_moe_set_expands_for_fused_moe_only():
+    with pytest.raises(ValueError, match="rmsnorm is a row op but set 'moe' is a moe set"):
         PS.problems("moe", "rmsnorm", "bf16", "bf16")
     with pytest.raises(ValueError, match="unknown op"):
         PS.problems("moe", "layernorm", "bf16", "bf16")
     with pytest.raises(ValueError, match="set 'llm' is a row set, not a moe set"):
         PS.moe_problems("llm")
+    with pytest.raises(ValueError, match="takes bf16 x and writes bf16"):
+        PS.problems("moe", "fused_moe", "bf16", "fp8")
+    assert PS.problems("moe", "fused_moe", "bf16", "bf16") == PS.moe_problems("moe")
     from sweep.fallback_fit import holdout_sizes
     from sweep.sweep_cmd import select_problems
 
     chosen, skipped = select_problems("moe", ["rmsnorm"], ["bf16"], "bf16", None)
-    assert chosen == [] and len(skipped) == 1 and "not yet sweepable" in skipped[0]
+    assert chosen == [] and len(skipped) == 1 and "moe set" in skipped[0]
+    chosen, skipped = select_problems("moe", ["fused_moe"], ["bf16"], "bf16", 4)
+    assert len(chosen) == 4 and not skipped
     with pytest.raises(ValueError, match="fused-MoE set: it has no hidden sizes"):
         holdout_sizes(["moe"], "")
 
