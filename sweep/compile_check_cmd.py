@@ -1,6 +1,7 @@
-"""`lutforge compile-check`: compile every op x out format x a spread of C values and knob configs for
-one arch on a CPU-only machine, and print registers / shared memory per kernel. A config that passes
-the knob constraints but fails to compile is a kernel bug (or a missing constraint): exit non-zero."""
+"""`lutforge compile-check`: compile every op x out format x a spread of C values and knob configs (and the
+fused-MoE GEMMs of the moe set's layers) for one arch on a CPU-only machine, and print registers / shared
+memory per kernel. A config that passes the knob constraints but fails to compile is a kernel bug (or a
+missing constraint): exit non-zero."""
 from __future__ import annotations
 
 import random
@@ -59,6 +60,15 @@ def compile_all(cases: list[tuple], compile_fn, arch: str, label) -> list[str]:
     return failures
 
 
+def moe_cases(configs: int) -> list[tuple]:
+    """The fused-MoE GEMMs of every layer of the moe problem set (kernels.fused_moe.compile_check_cases)."""
+    import problem_sets
+    from kernels.fused_moe import compile_check_cases
+
+    layers = dict.fromkeys((p.H, p.I, p.activation) for p in problem_sets.moe_problems("moe"))
+    return compile_check_cases(list(layers), configs)
+
+
 @click.command("compile-check")
 @click.option("--arch", type=click.Choice(sorted(ARCHS)), required=True, help="compile target")
 @click.option("--configs", default=2, show_default=True, help="random valid configs per problem besides the heuristic")
@@ -66,6 +76,7 @@ def compile_all(cases: list[tuple], compile_fn, arch: str, label) -> list[str]:
 def compile_check(arch: str, configs: int, quick: bool):
     """Compile kernels for ARCH without a GPU and report their resource use."""
     from kernels.channel_first import compile_channel_first, compile_check_cases  # the video-VAE family
+    from kernels.fused_moe import compile_gemm
 
     sm = arch_number(arch)
     click.echo(f"{'op':24s} {'out':6s} {'layout':9s} {'C':>6s} {'config':38s} {'regs':>4s} {'smem':>6s} {'s':>5s}")
@@ -78,8 +89,15 @@ def compile_check(arch: str, configs: int, quick: bool):
                               lambda p, c: f"{p.op:24s} {p.out_format:6s} C={p.C:<6d} S={p.S:<8d} {c.short():28s}")
     click.echo(f"{len(cf) - len(cf_failures)}/{len(cf)} channel-first kernels compiled for {arch}")
     failures += cf_failures
-    total = len(rows) + len(cf)
-    click.echo(f"{total - len(failures)}/{total} kernels compiled for {arch} (row and channel-first families)")
+    moe = moe_cases(configs)
+    moe_failures = compile_all(moe, compile_gemm, arch,
+                               lambda sh, c: f"fused_moe {sh.layer:3s} {sh.activation:5s} {sh.out_dtype:4s} K={sh.K:<6d} "
+                                             f"N={sh.N:<6d} {c.short():26s}")
+    click.echo(f"{len(moe) - len(moe_failures)}/{len(moe)} fused-MoE GEMMs compiled for {arch}")
+    failures += moe_failures
+    total = len(rows) + len(cf) + len(moe)
+    click.echo(f"{total - len(failures)}/{total} kernels compiled for {arch} (row, channel-first and fused-MoE "
+               "families)")
     if failures:
         for f in failures:
             click.echo(f, err=True)
