@@ -8,6 +8,8 @@ peer that computes something else is recorded wrong_result, not compared. A peer
 op/output format is skipped with the reason `unsupported` gives. Channel-first problems (kernels.family's
 channel_first family) have the torch peers only: diffusers' WanRMS_norm maths (F.normalize over dim 1,
 times sqrt(C) * gamma, plus bias; or RMSNorm over dim 1) and SiLU, in fp32, on the same [N, C, S] tensors.
+The fused MoE has torch eager with the weights dequantised to bf16 (W4A16 problems: torch has no FP4
+activations) through torch._grouped_mm.
 """
 from __future__ import annotations
 
@@ -50,6 +52,13 @@ def unsupported(problem: Problem, impl: str) -> str | None:
         return f"{_MODULE[impl]} is not installed"
     if family_of(problem).name == "channel_first":
         return None if impl in ("torch_eager", "torch_compile") else f"{impl} has no channel-first norm"
+    if family_of(problem).name == "moe":
+        if impl != "torch_eager":
+            return f"{impl} has no fused MoE for Hopper" if impl != "torch_compile" else \
+                "torch.compile of the grouped-GEMM baseline is not set up"
+        if problem.quant_mode != "w4a16":
+            return "torch has no FP4 activations (W4A4); its bf16 baseline is benched on the w4a16 problems"
+        return None
     op, out = problem.op, problem.out_format
     if impl in ("torch_eager", "torch_compile"):
         if out in FP4_BLOCK:
@@ -117,6 +126,61 @@ def _channel_first_fn(p, eps: float, scale: float):
     return fn
 
 
+_DEQUANT: dict = {}  # id of the case's w1 tensor -> (W1, W2) bf16: one layer's dequantised weights at a time
+
+
+def _moe_torch_fn(p, case):
+    """The fused MoE as a torch user writes it with bf16 weights (dequantised once, outside the timing): sort
+    the pairs by expert, torch._grouped_mm for FC1 and FC2 (SM90 bf16 grouped GEMM; per-expert matmuls where
+    torch lacks it), SiLU-and-mul or ReLU2 between, routing weights, index_add_ back to the tokens."""
+    import torch
+
+    from kernels.moe_quant import dequantize_weights
+
+    a = case.args
+    key = id(a["w1_weight"])
+    if key not in _DEQUANT:
+        _DEQUANT.clear()
+        W1 = (dequantize_weights(a["w1_weight"], a["w1_weight_sf"]) * a["w1_alpha"].view(-1, 1, 1)).bfloat16()
+        W2 = (dequantize_weights(a["w2_weight"], a["w2_weight_sf"]) * a["w2_alpha"].view(-1, 1, 1)).bfloat16()
+        _DEQUANT[key] = (W1, W2)
+    W1, W2 = _DEQUANT[key]
+    grouped = hasattr(torch, "_grouped_mm")
+    x, ids, rw, out = a["x"], a["token_selected_experts"], a["token_final_scales"], a["out"]
+    k, n_local = p.top_k, p.n_local
+
+    def fn():
+        flat = ids.reshape(-1).long()
+        local = flat < n_local
+        key_ = torch.where(local, flat, torch.full_like(flat, n_local))
+        order = torch.argsort(key_, stable=True)
+        counts = torch.bincount(key_, minlength=n_local + 1)[:n_local]
+        rows = x[order // k]
+        if grouped:  # rows past the last group (non-local pairs) are masked below: no host sync, capturable
+            offs = torch.cumsum(counts, 0).to(torch.int32)
+            h = torch._grouped_mm(rows, W1.transpose(1, 2), offs=offs)
+        else:
+            h = torch.cat([rows[s:e] @ W1[i].T for i, (s, e) in enumerate(
+                zip([0, *torch.cumsum(counts, 0)[:-1].tolist()], torch.cumsum(counts, 0).tolist()))])
+        if p.activation == "silu":
+            g, u = h.float().chunk(2, dim=-1)
+            act = (torch.nn.functional.silu(g) * u).bfloat16()
+        else:
+            act = torch.relu(h.float()).square().bfloat16()
+        if grouped:
+            y = torch._grouped_mm(act, W2.transpose(1, 2), offs=offs)
+        else:
+            y = torch.cat([act[s:e] @ W2[i].T for i, (s, e) in enumerate(
+                zip([0, *torch.cumsum(counts, 0)[:-1].tolist()], torch.cumsum(counts, 0).tolist()))])
+        w = rw.reshape(-1)[order[:y.shape[0]]] * local[order[:y.shape[0]]]
+        y = torch.where(w.unsqueeze(1) != 0, y.float() * w.unsqueeze(1), 0.0)
+        acc = torch.zeros(out.shape, dtype=torch.float32, device=out.device)
+        acc.index_add_(0, order[:y.shape[0]] // k, y)
+        out.copy_(acc)
+
+    return fn
+
+
 def _torch_peer(impl: str, p, case, make_fn):
     """The eager function, or its torch.compile'd graph (one per problem, shared by its rotation sets)."""
     import torch
@@ -139,6 +203,8 @@ def build(impl: str, problem, case) -> tuple[Callable[[], object], Callable[[obj
 
     p, a = problem, case.args
     none = lambda _res: None  # noqa: E731
+    if family_of(p).name == "moe":
+        return _moe_torch_fn(p, case), none
     if family_of(p).name == "channel_first":
         fn = _torch_peer(impl, p, case, _channel_first_fn)
         x, w, b, y = a["x"], a["weight"], a.get("bias"), a["y"]
