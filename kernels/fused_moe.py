@@ -5,8 +5,9 @@ FC1 grouped GEMM with the activation fused (kernels/moe_kernel.py), FC2 grouped 
 weights and written per pair, then the sum of each token's pairs into the output. Numerics and scale
 conventions: kernels/moe_quant.py; the float reference: kernels/moe_reference.py.
 
-Expert ids are checked against [0, num_experts) eagerly (one reduction and one host read); under CUDA-graph
-capture the check is skipped (it would sync) and out-of-range ids route nowhere, like non-local experts.
+Expert ids are checked against [0, num_experts) eagerly (one reduction and one host read; check_expert_ids=False
+skips it); under CUDA-graph capture the check is skipped (it would sync) and out-of-range ids route nowhere,
+like non-local experts.
 """
 from __future__ import annotations
 
@@ -247,13 +248,17 @@ def fused_moe(x: torch.Tensor, w1_weight: torch.Tensor, w1_weight_sf: torch.Tens
               output: torch.Tensor | None = None, output_dtype: torch.dtype = torch.bfloat16,
               activation: str = "silu", activation_precision: str = "fp4", quant_mode: str | None = None,
               source_format: str = "modelopt", local_expert_offset: int = 0,
-              configs: tuple[MoEGemmConfig, MoEGemmConfig] | None = None) -> torch.Tensor:
+              configs: tuple[MoEGemmConfig, MoEGemmConfig] | None = None,
+              check_expert_ids: bool = True) -> torch.Tensor:
     """Run a fused MoE layer (routing permutation, FC1, activation, FC2, weighted scatter) on SM90.
 
     Arguments as flashinfer's `b12x_fused_moe` (see kernels/moe_quant.py for the scale conventions);
     in addition `local_expert_offset` (the first local expert's global id under expert parallelism, default
     0) and `configs` (explicit (FC1, FC2) kernel configs; default: the device class's LUT entry for this
     T, else the family heuristic by rows per expert).
+    `check_expert_ids` (default True) refuses ids outside [0, num_experts) with a ValueError: one reduction and
+    a host sync per eager call; serving code that trusts its router passes False (ids out of range then route
+    nowhere, as under CUDA-graph capture, where the check is always skipped).
     Returns `output` (allocated when None), [num_tokens, hidden_size] bfloat16."""
     if quant_mode is None:
         _need(activation_precision in PRECISION_ALIASES,
@@ -282,7 +287,7 @@ def fused_moe(x: torch.Tensor, w1_weight: torch.Tensor, w1_weight_sf: torch.Tens
     arch = _arch(x.device)
     ids = token_selected_experts
     capturing = torch.cuda.is_current_stream_capturing()
-    if not capturing and ids.numel():
+    if check_expert_ids and not capturing and ids.numel():
         bad = ((ids < 0) | (ids >= num_experts)).any()
         _need(not bool(bad), f"token_selected_experts holds ids outside [0, num_experts={num_experts})")
     out = output if output is not None else torch.empty(plan.T, plan.H, dtype=torch.bfloat16, device=x.device)

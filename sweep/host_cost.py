@@ -7,6 +7,7 @@ launch; N stays below the launch queue's depth so no call waits for a free slot.
 
 Implementations (rows kind=host, impl=...):
   lutforge            the public op as a user calls it (outputs allocated by the op where it allocates)
+  lutforge_unchecked  fused_moe with check_expert_ids=False (the default check reads the ids back: a sync)
   lutforge_custom_op  torch.ops.lutforge.norm, the custom op torch.compile graphs call (outputs preallocated)
   lutforge_launch     the compiled TVM-FFI function alone with prebuilt arguments: the floor of our call path
   cute_jit_launch     the same kernel compiled without TVM-FFI, called through CuTe-DSL's own executor with
@@ -25,8 +26,8 @@ from kernels.problem import FP4_BLOCK, Problem
 CALLS = 400  # per repeat; below the CUDA launch queue's ~1024 entries
 REPEATS = 9
 SLEEP_CYCLES_PER_CALL = 200_000  # ~100 us at ~2 GHz: more than any call here costs, so the GPU stays busy
-IMPLS = ("lutforge", "lutforge_custom_op", "lutforge_launch", "cute_jit_launch", "torch_rms_norm", "torch_eager",
-         "quack", "liger", "flashinfer")
+IMPLS = ("lutforge", "lutforge_unchecked", "lutforge_custom_op", "lutforge_launch", "cute_jit_launch",
+         "torch_rms_norm", "torch_eager", "quack", "liger", "flashinfer")
 
 
 def _inputs(p: Problem, device):
@@ -50,7 +51,10 @@ def calls(p: Problem, device="cuda") -> dict:
     import torch.nn.functional as F
 
     from kernels import ops
+    from kernels.family import family_of
 
+    if family_of(p).name == "moe":
+        return _moe_calls(p, device)
     x, w, r = _inputs(p, device)
     eps, C, op = 1e-6, p.C, p.op
     fp8 = torch.float8_e4m3fn
@@ -195,6 +199,31 @@ def _cute_jit_launch(p: Problem, plan, int_args):
     stream = cuda.CUstream(torch.cuda.current_stream().cuda_stream)
     full = ptrs + rest + [stream]
     return lambda: compiled(*full)
+
+
+def _moe_calls(p, device) -> dict:
+    """fused_moe as called eagerly (expert-id check included: it syncs), without that check (what serving code
+    that trusts its router pays), and the torch grouped-GEMM baseline (W4A16 problems)."""
+    from kernels import moe_runner
+    from kernels.fused_moe import fused_moe
+
+    from . import peers
+
+    case = moe_runner.make_case(p, device)
+    a = case.args
+
+    def call(check):
+        return lambda: fused_moe(a["x"], a["w1_weight"], a["w1_weight_sf"], a["w2_weight"], a["w2_weight_sf"],
+                                 a["token_selected_experts"], a["token_final_scales"], p.E, p.top_k,
+                                 w1_alpha=a["w1_alpha"], w2_alpha=a["w2_alpha"],
+                                 fc2_input_scale=a["fc2_input_scale"], num_local_experts=p.n_local,
+                                 output=a["out"], activation=p.activation, quant_mode=p.quant_mode,
+                                 check_expert_ids=check)
+
+    fns = {"lutforge": call(True), "lutforge_unchecked": call(False)}
+    if peers.unsupported(p, "torch_eager") is None:
+        fns["torch_eager"] = peers.build("torch_eager", p, case)[0]
+    return fns
 
 
 def time_host(fn, calls: int = CALLS, repeats: int = REPEATS) -> tuple[float, float, float]:

@@ -1,5 +1,5 @@
 """lutforge as a user calls it: the public op (`kernels.ops` for the row family,
-`kernels.channel_first_op.channel_first_rmsnorm` for the channel-first one) on a problem's case tensors, so what
+`kernels.channel_first_op.channel_first_rmsnorm` for the channel-first one, `kernels.fused_moe.fused_moe`) on a problem's case tensors, so what
 the report calls "lutforge" includes everything the op does per call on the GPU (validation-cached runtime
 dispatch: LUT tier or fallback; any extra launch), not only the kernel a sweep timed."""
 from __future__ import annotations
@@ -52,7 +52,20 @@ def build_channel_first(problem, case) -> Callable[[], object]:
     return lambda: channel_first_rmsnorm(x, w, b, case.eps, silu=p.silu, l2norm=p.l2norm, out=y, scale=case.scale)
 
 
-BUILDERS = {"row": build, "channel_first": build_channel_first}
+def build_moe(problem, case) -> Callable[[], object]:
+    """fused_moe on a fused-MoE case with no config forced: the LUT entry for the call's T or the heuristic,
+    as a serving engine's call gets."""
+    from kernels.fused_moe import fused_moe
+
+    a, p = case.args, problem
+    return lambda: fused_moe(a["x"], a["w1_weight"], a["w1_weight_sf"], a["w2_weight"], a["w2_weight_sf"],
+                             a["token_selected_experts"], a["token_final_scales"], p.E, p.top_k,
+                             w1_alpha=a["w1_alpha"], w2_alpha=a["w2_alpha"], fc2_input_scale=a["fc2_input_scale"],
+                             num_local_experts=p.n_local, output=a["out"], activation=p.activation,
+                             quant_mode=p.quant_mode)
+
+
+BUILDERS = {"row": build, "channel_first": build_channel_first, "moe": build_moe}
 
 
 def measure_op(problem) -> dict:

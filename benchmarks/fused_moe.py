@@ -1,0 +1,142 @@
+"""fused_moe on the GPU against its rooflines and the torch baseline, in one run:
+
+    python benchmarks/fused_moe.py [--layers qwen3-30b-a3b,deepseek-v3] [--tokens 1,8,64,4096,16384]
+                                   [--quant nvfp4,w4a16] [--out FILE.md]
+
+Measured in the same process, first: the device-to-device copy bandwidth (sweep.timer.copy_roofline) and the
+dense bf16 matrix rate (torch.mm 8192^3, CUDA-graph replay, median). Then per (layer of the moe problem set,
+T, quant mode), uniform routing:
+
+* lutforge        the public op as serving code calls it (LUT entry or heuristic), CUDA-graph replay over
+                  rotating cases (routing drawn per case, so the experts read rotate too: kernels/moe_runner.py)
+* torch_grouped   the same layer with the weights dequantised to bf16 through torch._grouped_mm (W4A16:
+                  torch has no FP4 activations)
+* host            microseconds per eager call of fused_moe (expert-id check on, and off), N back-to-back
+                  calls with the GPU held busy (sweep/host_cost.py)
+
+Each lutforge output is first checked against the float64 reference (kernels/moe_runner.check). The targets of
+the fused-MoE issue: decode (T <= 64) at >= 70 % of the weight-bytes roofline (the FP4 weights and scales of
+the experts a call routes to, read once, at the measured copy bandwidth: kernels/moe_problem.ideal_bytes);
+T >= 4096 at >= 50 % of the measured dense bf16 rate (kernels/moe_problem.flops over the time).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import problem_sets  # noqa: E402
+from kernels import moe_problem as mp  # noqa: E402
+from kernels import moe_runner  # noqa: E402
+from sweep import host_cost, peers  # noqa: E402
+from sweep.public_op import build_moe  # noqa: E402
+from sweep.timer import copy_roofline, l2_bytes, rotation_sets, time_launchers  # noqa: E402
+
+DECODE_T, BATCH_T = 64, 4096
+DECODE_GOAL, BATCH_GOAL = 0.70, 0.50
+MM_N = 8192
+
+
+def mm_rate_tflops() -> float:
+    """Dense bf16 torch.mm 8192^3, median of graph replays: the matrix rate the large batches are judged by."""
+    a = torch.randn(MM_N, MM_N, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(MM_N, MM_N, device="cuda", dtype=torch.bfloat16)
+    c = torch.empty(MM_N, MM_N, device="cuda", dtype=torch.bfloat16)
+    t = time_launchers([lambda: torch.mm(a, b, out=c)], set_bytes=3 * MM_N * MM_N * 2)
+    return 2 * MM_N**3 / (t.median_us * 1e-6) / 1e12
+
+
+def timed(p, make_launch) -> float:
+    """Median microseconds of one call over rotating cases (> 3x L2 of touched bytes)."""
+    first = moe_runner.make_case(p)
+    sets = rotation_sets(max(1, first.nbytes), l2_bytes())
+    cases = [first] + moe_runner.make_cases(p, sets - 1, seed=1)
+    return time_launchers([make_launch(c) for c in cases], set_bytes=first.nbytes).median_us
+
+
+def bench(p, copy_gbps: float, tflops: float) -> dict:
+    row = {"layer": mp.layer_label(p), "T": p.T, "quant_mode": p.quant_mode, "activation": p.activation}
+    case = moe_runner.make_case(p, seed=7)
+    build_moe(p, case)()
+    torch.cuda.synchronize()
+    res = moe_runner.check(p, case)
+    row["check"] = res.message
+    if not res.ok:
+        row["status"] = "wrong_result"
+        return row
+    us = timed(p, lambda c: build_moe(p, c))
+    row.update(status="ok", lutforge_us=us, ideal_bytes=mp.ideal_bytes(p), flops=mp.flops(p))
+    row["pct_weight_roofline"] = 100 * mp.ideal_bytes(p) / (us * 1e-6) / (copy_gbps * 1e9)
+    row["pct_mm_rate"] = 100 * mp.flops(p) / (us * 1e-6) / (tflops * 1e12)
+    if peers.unsupported(p, "torch_eager") is None:
+        row["torch_grouped_us"] = timed(p, lambda c: peers.build("torch_eager", p, c)[0])
+        row["speedup_vs_torch"] = row["torch_grouped_us"] / us
+    for r in host_cost.measure(p, impls=("lutforge", "lutforge_unchecked")):
+        row[f"host_{r['impl']}_us"] = r.get("host_us")
+    return row
+
+
+def markdown(rows: list[dict], copy_gbps: float, tflops: float, device: str) -> str:
+    lines = [f"# fused_moe on {device}", "",
+             f"Copy roofline {copy_gbps:.0f} GB/s; dense bf16 torch.mm {MM_N}^3 {tflops:.0f} TFLOPS (same run).", "",
+             "| layer | T | quant | µs | % weight roofline | % mm rate | torch grouped µs | speedup | "
+             "host µs (checked / unchecked) | check |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["status"] != "ok":
+            lines.append(f"| {r['layer']} | {r['T']} | {r['quant_mode']} | – | – | – | – | – | – | {r['check']} |")
+            continue
+        f = lambda k, spec: format(r[k], spec) if r.get(k) is not None else "–"  # noqa: E731
+        lines.append(f"| {r['layer']} | {r['T']} | {r['quant_mode']} | {r['lutforge_us']:.1f} | "
+                     f"{r['pct_weight_roofline']:.1f} | {r['pct_mm_rate']:.1f} | {f('torch_grouped_us', '.1f')} | "
+                     f"{f('speedup_vs_torch', '.2f')} | {f('host_lutforge_us', '.0f')} / "
+                     f"{f('host_lutforge_unchecked_us', '.0f')} | {r['check']} |")
+    dec = [r for r in rows if r["status"] == "ok" and r["T"] <= DECODE_T]
+    big = [r for r in rows if r["status"] == "ok" and r["T"] >= BATCH_T]
+    lines += [""]
+    if dec:
+        worst = min(r["pct_weight_roofline"] for r in dec)
+        lines.append(f"Decode (T <= {DECODE_T}): lowest {worst:.1f} % of the weight-bytes roofline; goal "
+                     f">= {100 * DECODE_GOAL:.0f} %: {'met' if worst >= 100 * DECODE_GOAL else 'not met'}.")
+    if big:
+        worst = min(r["pct_mm_rate"] for r in big)
+        lines.append(f"Large batches (T >= {BATCH_T}): lowest {worst:.1f} % of the dense bf16 rate; goal "
+                     f">= {100 * BATCH_GOAL:.0f} %: {'met' if worst >= 100 * BATCH_GOAL else 'not met'}.")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--layers", default="qwen3-30b-a3b,mixtral-8x7b,deepseek-v3,gpt-oss-120b")
+    ap.add_argument("--tokens", default="1,8,64,512,4096,16384")
+    ap.add_argument("--quant", default="nvfp4,w4a16")
+    ap.add_argument("--out", default="fused_moe.md")
+    args = ap.parse_args()
+    ps = problem_sets.load("moe")
+    layers = {name: p for name, p in zip(ps.moe_names, ps.moe_problems)}
+    want = [s.strip() for s in args.layers.split(",") if s.strip()]
+    unknown = [w for w in want if w not in layers]
+    if unknown:
+        raise SystemExit(f"unknown layers {unknown}; the moe set has {sorted(layers)}")
+    copy = copy_roofline().gbps
+    tflops = mm_rate_tflops()
+    rows = []
+    for name in want:
+        base = layers[name]
+        for T in (int(t) for t in args.tokens.split(",")):
+            for q in args.quant.split(","):
+                p = mp.MoEProblem(base.op, T, base.E, base.top_k, base.H, base.I, q, base.activation, "uniform")
+                rows.append(bench(p, copy, tflops))
+                print(json.dumps(rows[-1]), flush=True)
+    out = Path(args.out)
+    out.write_text(markdown(rows, copy, tflops, torch.cuda.get_device_name()))
+    out.with_suffix(".json").write_text(json.dumps({"copy_gbps": copy, "mm_tflops": tflops, "rows": rows}, indent=1))
+    print(f"wrote {out} and {out.with_suffix('.json')}")
+
+
+if __name__ == "__main__":
+    main()
