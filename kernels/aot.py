@@ -130,7 +130,7 @@ def build_library(entries, arch: str, out_dir, jobs: int = 1, log=print) -> dict
         if err:
             errors.append(f"{problem.op}/{problem.out_format} C={problem.C} {cfg.short()}: {err}")
         else:
-            keys.append(key)
+            keys += key.split("+")  # a family whose call runs several kernels names them all (fused MoE: FC1+FC2)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")

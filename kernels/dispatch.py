@@ -27,8 +27,8 @@ from dataclasses import dataclass, replace
 
 from . import config
 from .config import KernelConfig
-from .family import family_of, family_of_key, key_error
-from .luts import RANGE_KEY, LutModule, exact_key, load_shipped, read_lut
+from .family import family_of, family_of_key
+from .luts import LutModule, exact_key, load_shipped, read_lut
 from .problem import ELEM_BYTES, Problem
 
 TIERS = ("exact", "range", "heuristic")
@@ -70,13 +70,14 @@ class _LutIndex:
                 bad += 1
         for key, segments in lut.range.items():
             try:
-                why = key_error(key, RANGE_KEY)
+                fam = family_of_key(key)
+                why = fam.range_key_error(key)
                 if why:
                     raise ValueError(why)
                 bounds = [int(b) for b, _ in segments[:-1]]
                 if segments[-1][0] is not None or bounds != sorted(bounds):
                     raise ValueError("segments must ascend and end unbounded")
-                self.range[key] = (bounds, [None if k is None else KernelConfig.from_dict(k) for _, k in segments])
+                self.range[key] = (bounds, [None if k is None else fam.config_type.from_dict(k) for _, k in segments])
             except (TypeError, ValueError, AttributeError, IndexError):
                 bad += 1
         if bad:

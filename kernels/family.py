@@ -95,6 +95,12 @@ class Family:
         """Why `key` is not a well-formed EXACT key of this family (None = it is)."""
         return key_error(key, self.key_fields)
 
+    def range_key_error(self, key) -> str | None:
+        """Why `key` is not a well-formed RANGE key of this family: its EXACT key without the runtime size."""
+        if not self.has_range:
+            return f"the {self.name} family has no RANGE table"
+        return key_error(key, self.key_fields[:-1])
+
     def problem_of_key(self, key):
         """The problem an EXACT key names (ValueError when malformed or not a valid problem)."""
         bad = self.key_error(key)
@@ -189,7 +195,7 @@ def _moe_family() -> Family:
         compile_key=lambda p: (p.op, p.quant_mode, p.activation, p.H, p.I), canonical=lambda p: replace(p, T=0),
         cache_key=lambda p, cfg, arch: fused().layer_cache_key(shapes(p), cfg, arch),
         precompile=lambda p, cfg, arch: fused().precompile_layer(shapes(p), cfg, arch),
-        source_hash=lambda: fused().source_hash(), runner_module="kernels.moe_runner", has_range=False,
+        source_hash=lambda: fused().source_hash(), runner_module="kernels.moe_runner", has_range=True,
         valid_configs=lambda p, arch: mc.valid_layer_configs(shapes(p)))
 
 

@@ -120,7 +120,7 @@ class MoEGemmKernel:
     def kernel(self, mA: cute.Tensor, mARows, mW: cute.Tensor, mSF: cute.Tensor, mAlpha: cute.Tensor, mScale,
                mORows, mOut: cute.Tensor, mEO: cute.Tensor, mTO: cute.Tensor, n_rows: Int32, n_experts: Int32,
                tiled_mma: cute.TiledMma):
-        bm, bn, bk, stages, nb = self.bm, self.bn, self.bk, self.stages, self.nb
+        bm = self.bm
         tidx, _, _ = cute.arch.thread_idx()
         tile, ntile, _ = cute.arch.block_idx()
 

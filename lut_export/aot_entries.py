@@ -23,7 +23,7 @@ def lut_families(arch: int) -> tuple[dict[str, list[Problem]], dict[str, list[tu
             f = family_of_key(key)
             if f.name != "row":
                 exact.append((f.problem_of_key(key), f.config_type(**knobs)))
-        for key in [k for k in lut.exact if family_of_key(k).name == "row"] + list(lut.range):
+        for key in [k for k in [*lut.exact, *lut.range] if family_of_key(k).name == "row"]:
             op, fmt, layout, dt, C, heads = key[:6]
             fams.add(Problem(op, 0, C, dt, fmt, heads, layout))
         rows[lut.device_class] = sorted(fams, key=repr)

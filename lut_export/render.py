@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kernels.family import families, family_of_config
-from kernels.luts import LUT_FORMAT, RANGE_KEY
+from kernels.luts import LUT_FORMAT
 from sweep.schema import SCHEMA_VERSION
 
 VERSION_COLUMNS = ("torch", "cutlass_dsl", "cuda", "driver", "lutforge")
@@ -133,7 +133,9 @@ def render(metadata: dict, exact: dict, ranges: dict, provenance: dict[tuple, Pr
         *(f"    {_lit(k)}: {_knobs(c)}," for k, c in exact.items()),
         "}",
         "",
-        f"# {RANGE_KEY} -> [(T_below, knobs), ...]: a T takes the first segment with T < T_below (None: any T);",
+        *(f"# {f.key_fields[:-1]} -> [(T_below, knobs), ...] ({f.name} family)" for f in families().values()
+          if f.has_range),
+        "# a T takes the first segment with T < T_below (None: any T);",
         "# knobs None: too far from the swept T, the runtime's later tiers answer",
         "RANGE = {",
     ]

@@ -7,9 +7,8 @@ from __future__ import annotations
 import datetime as _dt
 from pathlib import Path
 
-from kernels.family import families, family_of_key, key_error
-from kernels.luts import LUT_FORMAT, MODULE_NAME, RANGE_KEY, LutFormatError, LutModule, read_lut
-from kernels.problem import Problem
+from kernels.family import families, family_of_key
+from kernels.luts import LUT_FORMAT, MODULE_NAME, LutFormatError, LutModule, read_lut
 from sweep.schema import BACKENDS, SCHEMA_VERSION
 
 from .render import RUN_FIELDS, TIME_FORMAT, VERSION_COLUMNS
@@ -84,12 +83,6 @@ def check_metadata(lut: LutModule, shipped: bool) -> list[str]:
     return errs
 
 
-def _problem(key: tuple, T: int) -> Problem:
-    """The row problem of a RANGE key at T."""
-    op, out, layout, dtype, C, heads = key[:6]
-    return Problem(op=op, T=T, C=C, in_dtype=dtype, out_format=out, heads=heads, scale_layout=layout)
-
-
 def _config(fam, knobs) -> tuple[object | None, list[str]]:
     """The `fam` config of a knob dict, or the reasons it is not one (names and values checked strictly)."""
     if not isinstance(knobs, dict):
@@ -132,14 +125,28 @@ def _exact_problem(where: str, key) -> tuple[object, object | None, list[str]]:
         return fam, None, [f"{where}: {e}"]
 
 
-def _range_problem(where: str, key) -> tuple[Problem | None, list[str]]:
-    bad = key_error(key, RANGE_KEY)
-    if bad:
-        return None, [f"{where}: {bad}"]
+def _range_problem(where: str, key) -> tuple[object, object | None, list[str]]:
+    """(family, the problem of a RANGE key at T=0, errors)."""
     try:
-        return _problem(key, 0), []
+        fam = family_of_key(key)
     except ValueError as e:
-        return None, [f"{where}: {e}"]
+        return None, None, [f"{where}: {e}"]
+    bad = fam.range_key_error(key)
+    if bad:
+        return fam, None, [f"{where}: {bad}"]
+    try:
+        return fam, fam.problem_of_key(tuple(key) + (0,)), []
+    except ValueError as e:
+        return fam, None, [f"{where}: {e}"]
+
+
+def _has_range_key(key) -> bool:
+    """A well-formed EXACT key of a family with RANGE tables (one its RANGE entry should back)."""
+    try:
+        fam = family_of_key(key)
+    except ValueError:
+        return False
+    return fam.has_range and fam.key_error(key) is None
 
 
 def check_tables(lut: LutModule) -> list[str]:
@@ -155,7 +162,7 @@ def check_tables(lut: LutModule) -> list[str]:
     ranges: dict[tuple, list] = {}
     for key, segments in lut.range.items():
         where = f"RANGE[{key!r}]"
-        p, e = _range_problem(where, key)
+        fam, p, e = _range_problem(where, key)
         if p is None:
             errs += e
             continue
@@ -178,7 +185,7 @@ def check_tables(lut: LutModule) -> list[str]:
             if knobs is None:  # beyond the swept T: the runtime's later tiers answer
                 segs.append((bound, None))
                 continue
-            cfg, e = _entry(lut, f"{where}[{i}]", p, knobs)
+            cfg, e = _entry(lut, f"{where}[{i}]", p, knobs, fam)
             errs += e
             segs.append((bound, cfg))
         if all(c is None for _, c in segs):
@@ -193,7 +200,7 @@ def check_tables(lut: LutModule) -> list[str]:
             if at != cfg:
                 errs.append(f"EXACT[{key!r}]: RANGE gives {at.short() if at else 'no config'} at T={key[-1]} but "
                             f"EXACT says {cfg.short()}")
-    swept = {k[:-1] for k in lut.exact if isinstance(k, tuple) and len(k) == len(RANGE_KEY) + 1}
+    swept = {k[:-1] for k in lut.exact if _has_range_key(k)}
     errs += [f"RANGE[{k!r}]: no EXACT (swept) point backs it" for k in lut.range if k not in swept]
     if not lut.exact:
         errs.append("EXACT is empty: a LUT with no tuned entries is not worth shipping")
@@ -279,17 +286,17 @@ def compile_entries(lut: LutModule) -> list[str]:
     from kernels.compile_cache import KernelCompileError, arch_name
 
     arch = arch_name(lut.metadata["arch"])
-    row = families()["row"]
     todo: dict[tuple, tuple] = {}
     for key, knobs in lut.exact.items():
         fam = family_of_key(key)
         p = fam.problem_of_key(key)
         todo[(fam.name, fam.compile_key(p), tuple(knobs.items()))] = (fam, p, fam.config_type(**knobs))
     for key, segments in lut.range.items():
+        fam = family_of_key(key)
+        p = fam.problem_of_key(tuple(key) + (1,))
         for _, knobs in segments:
             if knobs is not None:
-                p = _problem(key, 1)
-                todo[(row.name, row.compile_key(p), tuple(knobs.items()))] = (row, p, row.config_type(**knobs))
+                todo[(fam.name, fam.compile_key(p), tuple(knobs.items()))] = (fam, p, fam.config_type(**knobs))
     errs = []
     for fam, p, cfg in todo.values():
         try:

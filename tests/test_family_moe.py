@@ -1,7 +1,7 @@
 """The fused-MoE family through the harness the norms use (synthetic backend, CPU): `lutforge sweep` over the
 moe set, rows keyed by the layer (family, op, quant mode, activation, routing, H, E, top_k, I, local experts,
-T), export of winners into a LUT module beside row entries, validation, runtime dispatch of a MoE problem
-from that module, and the report over those rows."""
+T), export of winners into a LUT module beside row entries (EXACT, and RANGE along T: the cut-overs between
+tiles), validation, runtime dispatch of a MoE problem from that module, and the report over those rows."""
 from __future__ import annotations
 
 from click.testing import CliRunner
@@ -63,15 +63,21 @@ def test_moe_sweep_export_dispatch_and_report(tmp_path):
     assert check_module(lut) == []
     moe_keys = [k for k in lut.exact if k[0] == "fused_moe"]
     assert len(moe_keys) == 4 and any(k[0] == "rmsnorm" for k in lut.exact)
-    assert all(k[0] != "fused_moe" for k in lut.range)
+    moe_ranges = [k for k in lut.range if k[0] == "fused_moe"]
+    assert set(moe_ranges) == {k[:-1] for k in moe_keys}  # one range along T per swept layer
+    assert "('op', 'out_format', 'in_dtype', 'quant_mode', 'activation', 'routing', 'C', 'E', 'top_k', 'I', " \
+           "'local_experts') -> [(T_below, knobs), ...] (moe family)" in lut_path.read_text()
 
     d = Dispatcher([lut])
     p = family_of_op("fused_moe").problem_of_key(moe_keys[0])
     sel = d.lookup(p, 90, "synthetic")
     assert sel.tier == "exact" and sel.config == MoEConfig(**lut.exact[moe_keys[0]])
-    unseen = MoEProblem("fused_moe", 3, p.E, p.top_k, p.H, p.I, p.quant_mode, p.activation, p.routing,
-                        p.local_experts)
-    assert d.lookup(unseen, 90, "synthetic").tier == "heuristic"
+    def at(T):
+        return d.lookup(MoEProblem("fused_moe", T, p.E, p.top_k, p.H, p.I, p.quant_mode, p.activation, p.routing,
+                                   p.local_experts), 90, "synthetic")
+    near, far = at(p.T + 1), at(p.T * 4 + 5)  # within 2x of the swept T: the range answers; beyond: heuristic
+    assert near.tier == "range" and near.config == sel.config
+    assert far.tier == "heuristic" and not family_of(p).violations(p, far.config)
 
     report = tmp_path / "BENCHMARKS.md"
     r = CliRunner().invoke(main, ["report", "--results", str(res), "--allow-synthetic", "-o", str(report)])
