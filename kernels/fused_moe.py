@@ -224,7 +224,9 @@ def route(ids: torch.Tensor, n_local: int, offset: int, bms: tuple[int, ...]):
     valid = (flat >= 0) & (flat < n_local)
     key = torch.where(valid, flat, torch.full_like(flat, n_local))
     order = torch.argsort(key, stable=True)
-    counts = torch.bincount(key, minlength=n_local + 1)[:n_local].to(torch.int32)
+    # scatter_add, not bincount: CUDA bincount reads the max back to size its output (a host sync; no capture)
+    counts = torch.zeros(n_local + 1, dtype=torch.int32, device=ids.device).scatter_add_(
+        0, key.long(), torch.ones_like(key))[:n_local]
     zero = torch.zeros(1, dtype=torch.int32, device=ids.device)
     eo = torch.cat([zero, torch.cumsum(counts, 0, dtype=torch.int32)])
     tiles = {bm: torch.cat([zero, torch.cumsum((counts + (bm - 1)) // bm, 0, dtype=torch.int32)]) for bm in bms}

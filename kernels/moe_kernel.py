@@ -35,7 +35,6 @@ from cutlass import Float32, Int32, Int64, Uint32, const_expr
 
 from .moe_config import MoEGemmConfig, MoEGemmShape
 
-TWO_POW_126 = 2.0**126  # e2m1 bits placed in an fp32's exponent/mantissa read as 2^-126 times the value
 SEARCH_STEPS = 10  # binary search over <= 1024 local experts
 
 
@@ -327,9 +326,11 @@ class MoEGemmKernel:
 
     @cute.jit
     def _expand(self, sWp, sSF, sB, stage, tidx):
-        """Packed e2m1 + e4m3 scales of one stage -> the bf16 tile: one 16-element block per unit; each
-        code c becomes fp32 bits ((c & 8) << 28) | ((c & 7) << 22), i.e. 2^-126 times its value (normal and
-        subnormal alike), times 2^126 and the block scale (both products exact)."""
+        """Packed e2m1 + e4m3 scales of one stage -> the bf16 tile, one 16-element block per unit. A code's
+        fp32 value is built from bits with no subnormal in between (a flush-to-zero multiply would lose 0.5):
+        magnitudes 2..7 (1 to 6) are exponent (mag >> 1) + 126 and mantissa bit (mag & 1), i.e. bits
+        (mag + 252) << 22; magnitudes 0 and 1 (0 and 0.5) are mag * (126 << 23); the sign is bit 3. Times
+        the block's e4m3 scale the product is exact (at most 6 significant bits) and so is its bf16."""
         bk = self.bk
         words = cute.recast_tensor(sWp[None, None, stage], Uint32)  # (nb, bk/8) words of 8 codes
         sBv = cute.zipped_divide(sB, (1, 16))
@@ -338,14 +339,17 @@ class MoEGemmKernel:
             if u < self.units:
                 n = u // (bk // 16)
                 kb = u % (bk // 16)
-                scale = _e4m3_to_f32(Uint32(sSF[n, kb, stage])) * TWO_POW_126
+                scale = _e4m3_to_f32(Uint32(sSF[n, kb, stage]))
                 f = cute.make_rmem_tensor((16,), Float32)
                 for h in cutlass.range_constexpr(2):
                     w = Uint32(words[n, 2 * kb + h])
                     for j in cutlass.range_constexpr(8):
                         c = w >> (4 * j)
-                        bits = ((c & 8) << 28) | ((c & 7) << 22)
-                        f[8 * h + j] = _f32_from_bits(bits) * scale
+                        mag = c & 7
+                        bits = (mag + 252) << 22
+                        if mag < 2:
+                            bits = mag * (126 << 23)
+                        f[8 * h + j] = _f32_from_bits(bits | ((c & 8) << 28)) * scale
                 o = cute.make_rmem_tensor((16,), cutlass.BFloat16)
                 o.store(f.load().to(cutlass.BFloat16))
                 cute.autovec_copy(o, sBv[(0, None), (n, kb)])

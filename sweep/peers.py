@@ -154,7 +154,8 @@ def _moe_torch_fn(p, case):
         local = flat < n_local
         key_ = torch.where(local, flat, torch.full_like(flat, n_local))
         order = torch.argsort(key_, stable=True)
-        counts = torch.bincount(key_, minlength=n_local + 1)[:n_local]
+        counts = torch.zeros(n_local + 1, dtype=torch.long, device=ids.device).scatter_add_(
+            0, key_, torch.ones_like(key_))[:n_local]  # bincount would sync (capture)
         rows = x[order // k]
         if grouped:  # rows past the last group (non-local pairs) are masked below: no host sync, capturable
             offs = torch.cumsum(counts, 0).to(torch.int32)
