@@ -199,6 +199,17 @@ def _arch(device) -> str:
     return "sm_90a"
 
 
+_UNIT: dict = {}
+
+
+def _unit_scale(device) -> torch.Tensor:
+    """The FC1 input's global scale (1), one tensor per device: allocated outside any graph capture."""
+    t = _UNIT.get(device)
+    if t is None:
+        t = _UNIT[device] = torch.ones((), dtype=torch.float32, device=device)
+    return t
+
+
 _SELECTED: dict = {}  # (problem, device index) -> MoEConfig
 
 
@@ -309,7 +320,7 @@ def fused_moe(x: torch.Tensor, w1_weight: torch.Tensor, w1_weight_sf: torch.Tens
     a_rows = (order // plan.top_k).to(torch.int32)
     out_rows = order.to(torch.int32)
     row_scale = token_final_scales.reshape(-1).to(torch.float32)[order]
-    a1 = x if quant_mode == "w4a16" else fake_quantize_nvfp4(x, torch.ones((), device=x.device)).to(torch.bfloat16)
+    a1 = x if quant_mode == "w4a16" else fake_quantize_nvfp4(x, _unit_scale(x.device)).to(torch.bfloat16)
 
     inter = torch.empty(P, plan.I, dtype=torch.float32 if quant_mode == "nvfp4" else torch.bfloat16,
                         device=x.device)

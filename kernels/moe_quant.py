@@ -24,9 +24,14 @@ NVFP4_BLOCK = 16
 _E2M1_TABLE = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 
 
+_TABLES: dict = {}  # device -> the E2M1 table there (made once: a host-to-device copy cannot be graph-captured)
+
+
 def e2m1_values(codes: torch.Tensor) -> torch.Tensor:
     """fp32 values of E2M1 codes (uint8 0..15), by table lookup (no range check: no host sync)."""
-    table = torch.tensor(_E2M1_TABLE, dtype=torch.float32, device=codes.device)
+    table = _TABLES.get(codes.device)
+    if table is None:
+        table = _TABLES[codes.device] = torch.tensor(_E2M1_TABLE, dtype=torch.float32, device=codes.device)
     return table[codes.long()]
 
 
