@@ -20,7 +20,7 @@ import torch
 
 from .moe_config import MoEConfig, MoEGemmConfig, MoEGemmShape, gemm_shapes, heuristic, violations
 from .moe_problem import MoEProblem
-from .moe_quant import NVFP4_BLOCK, fake_quantize_nvfp4
+from .moe_quant import NVFP4_BLOCK
 
 QUANT_ALIASES = {"nvfp4": "nvfp4", "w4a4": "nvfp4", "w4a16": "w4a16"}
 PRECISION_ALIASES = {"fp4": "nvfp4", "bf16": "w4a16"}
@@ -60,7 +60,8 @@ def _fake_args(sh: MoEGemmShape):
     return (ptr(cutlass.BFloat16, 16), ptr(cutlass.Int32, 4) if fc1 else None, ptr(cutlass.Uint8, 16),
             ptr(cutlass.Uint8, 16), ptr(cutlass.Float32, 4), None if fc1 else ptr(cutlass.Float32, 4),
             None if fc1 else ptr(cutlass.Int32, 4), out, ptr(cutlass.Int32, 4), ptr(cutlass.Int32, 4),
-            i32, i32, i32, i32, i64, i64, i32, make_fake_stream(use_tvm_ffi_env_stream=False))
+            i32, i32, i32, i32, i64, i64, i32, ptr(cutlass.Float32, 4) if sh.quant_out else None,
+            make_fake_stream(use_tvm_ffi_env_stream=False))
 
 
 def compile_gemm(sh: MoEGemmShape, cfg: MoEGemmConfig, arch: str):
@@ -199,17 +200,6 @@ def _arch(device) -> str:
     return "sm_90a"
 
 
-_UNIT: dict = {}
-
-
-def _unit_scale(device) -> torch.Tensor:
-    """The FC1 input's global scale (1), one tensor per device: allocated outside any graph capture."""
-    t = _UNIT.get(device)
-    if t is None:
-        t = _UNIT[device] = torch.ones((), dtype=torch.float32, device=device)
-    return t
-
-
 _SELECTED: dict = {}  # (problem, device index) -> MoEConfig
 
 
@@ -245,13 +235,13 @@ def route(ids: torch.Tensor, n_local: int, offset: int, bms: tuple[int, ...]):
 
 
 def _launch_gemm(sh, cfg, arch, a, a_rows, w, sf, alpha, row_scale, out_rows, out, eo, to, n_rows, n_local,
-                 grid_m):
+                 grid_m, out_scale=None):
     fn = get_compiled(sh, cfg, arch)
     fn(a.data_ptr(), None if a_rows is None else a_rows.data_ptr(), w.data_ptr(), sf.data_ptr(),
        alpha.data_ptr(), None if row_scale is None else row_scale.data_ptr(),
        None if out_rows is None else out_rows.data_ptr(), out.data_ptr(), eo.data_ptr(), to.data_ptr(),
        a.shape[0], n_rows, n_local, grid_m, w.stride(0), sf.stride(0), out.shape[0],
-       torch.cuda.current_stream(out.device).cuda_stream)
+       None if out_scale is None else out_scale.data_ptr(), torch.cuda.current_stream(out.device).cuda_stream)
 
 
 def fused_moe(x: torch.Tensor, w1_weight: torch.Tensor, w1_weight_sf: torch.Tensor, w2_weight: torch.Tensor,
@@ -320,20 +310,18 @@ def fused_moe(x: torch.Tensor, w1_weight: torch.Tensor, w1_weight_sf: torch.Tens
     a_rows = (order // plan.top_k).to(torch.int32)
     out_rows = order.to(torch.int32)
     row_scale = token_final_scales.reshape(-1).to(torch.float32)[order]
-    a1 = x if quant_mode == "w4a16" else fake_quantize_nvfp4(x, _unit_scale(x.device)).to(torch.bfloat16)
-
-    inter = torch.empty(P, plan.I, dtype=torch.float32 if quant_mode == "nvfp4" else torch.bfloat16,
-                        device=x.device)
+    # W4A4: FC1 fake-quantises x's rows and its own output in the kernel (kernels/moe_kernel.py)
+    inter = torch.empty(P, plan.I, dtype=torch.bfloat16, device=x.device)
     grid1 = -(-P // cfg1.bm) + min(plan.n_local, P)
-    _launch_gemm(plan.fc1, cfg1, arch, a1, a_rows, w1_weight.view(torch.uint8), w1_weight_sf.view(torch.uint8),
-                 w1_alpha, None, None, inter, eo, tiles[cfg1.bm], P, plan.n_local, grid1)
-    a2 = inter if quant_mode == "w4a16" else fake_quantize_nvfp4(inter, fc2_input_scale).to(torch.bfloat16)
+    _launch_gemm(plan.fc1, cfg1, arch, x, a_rows, w1_weight.view(torch.uint8), w1_weight_sf.view(torch.uint8),
+                 w1_alpha, None, None, inter, eo, tiles[cfg1.bm], P, plan.n_local, grid1,
+                 fc2_input_scale if quant_mode == "nvfp4" else None)
     # every pair of a local expert is written; the others stay zero
     all_local = plan.n_local == num_experts
     y = (torch.empty if all_local and not capturing else torch.zeros)(P, plan.H, dtype=torch.float32,
                                                                        device=x.device)
     grid2 = -(-P // cfg2.bm) + min(plan.n_local, P)
-    _launch_gemm(plan.fc2, cfg2, arch, a2, None, w2_weight.view(torch.uint8), w2_weight_sf.view(torch.uint8),
+    _launch_gemm(plan.fc2, cfg2, arch, inter, None, w2_weight.view(torch.uint8), w2_weight_sf.view(torch.uint8),
                  w2_alpha, row_scale, out_rows, y, eo, tiles[cfg2.bm], P, plan.n_local, grid2)
     out.copy_(y.view(plan.T, plan.top_k, plan.H).sum(dim=1))  # fp32 sum of the token's pairs, one rounding
     return out
@@ -341,8 +329,8 @@ def fused_moe(x: torch.Tensor, w1_weight: torch.Tensor, w1_weight_sf: torch.Tens
 
 def compile_check_cases(layers, configs: int = 1, seed: int = 0) -> list[tuple[MoEGemmShape, MoEGemmConfig]]:
     """(shape, config) pairs `lutforge compile-check` compiles for `layers` ((H, I, activation) triples):
-    FC1 (bf16 intermediate; fp32 for the first layer, as W4A4 writes it) and FC2, each with the heuristic
-    configs of decode, mid and large batches plus `configs` random valid ones."""
+    FC1 and FC2 of W4A16 (and W4A4's quantising FC1 for the first layer), each with the heuristic configs of
+    decode, mid and large batches plus `configs` random valid ones."""
     import random
 
     from .moe_config import MOE_KNOB_CHOICES
@@ -350,9 +338,9 @@ def compile_check_cases(layers, configs: int = 1, seed: int = 0) -> list[tuple[M
     rng = random.Random(seed)
     out: list[tuple[MoEGemmShape, MoEGemmConfig]] = []
     for i, (H, inter, activation) in enumerate(layers):
-        shapes = [MoEGemmShape("fc1", activation, H, inter, "bf16"), MoEGemmShape("fc2", activation, inter, H, "fp32")]
+        shapes = list(gemm_shapes("w4a16", activation, H, inter))
         if i == 0:
-            shapes.append(MoEGemmShape("fc1", activation, H, inter, "fp32"))
+            shapes.append(gemm_shapes("nvfp4", activation, H, inter)[0])
         for sh in shapes:
             cfgs = [heuristic(sh, rows) for rows in (1, 40, 1000)]
             for _ in range(500):

@@ -40,12 +40,16 @@ class MoEGemmShape:
     K: int  # reduction length: H for FC1, I for FC2
     N: int  # output columns: I for FC1 (per half when gated), H for FC2
     out_dtype: str = "bf16"
+    quant_a: bool = False  # W4A4 FC1: NVFP4-fake-quantise the A rows (x) in the kernel
+    quant_out: bool = False  # W4A4 FC1: NVFP4-fake-quantise the output (FC2's input) in the epilogue
 
     def __post_init__(self):
         if self.layer not in LAYERS:
             raise ValueError(f"layer must be one of {LAYERS}, got {self.layer!r}")
         if self.out_dtype not in OUT_DTYPES:
             raise ValueError(f"out_dtype must be one of {OUT_DTYPES}, got {self.out_dtype!r}")
+        if (self.quant_a or self.quant_out) and self.layer != "fc1":
+            raise ValueError("only FC1 quantises (its input x and its output, FC2's input)")
         if self.K % 64 or self.N % 16 or self.K < 64 or self.N < 16:
             raise ValueError(f"need K a multiple of 64 and N of 16, got K={self.K} N={self.N}")
 
@@ -99,6 +103,8 @@ def violations(sh: MoEGemmShape, cfg: MoEGemmConfig) -> list[str]:
         out.append(f"K={sh.K} must be a multiple of bk={cfg.bk}")
     if sh.N % cfg.bn:
         out.append(f"N={sh.N} must be a multiple of bn={cfg.bn}")
+    if sh.quant_out and cfg.bn % 16:
+        out.append(f"bn={cfg.bn}: a quantised output stores whole 16-element NVFP4 blocks")
     if cfg.threads > MAX_THREADS:
         out.append(f"{cfg.threads} threads > {MAX_THREADS}")
     if smem_bytes(sh, cfg) > SMEM_LIMIT:
@@ -167,8 +173,10 @@ class MoEConfig(Knobs):
 
 
 def gemm_shapes(quant_mode: str, activation: str, H: int, inter: int) -> tuple[MoEGemmShape, MoEGemmShape]:
-    """(FC1, FC2) of a layer: FC1 writes fp32 for W4A4 (its output is quantised to NVFP4 next), bf16 for W4A16."""
-    return (MoEGemmShape("fc1", activation, H, inter, "fp32" if quant_mode == "nvfp4" else "bf16"),
+    """(FC1, FC2) of a layer: FC1 writes bf16 (W4A4: x and the output fake-quantised to NVFP4 in the kernel);
+    FC2 writes fp32 per pair (summed per token after)."""
+    w4a4 = quant_mode == "nvfp4"
+    return (MoEGemmShape("fc1", activation, H, inter, "bf16", quant_a=w4a4, quant_out=w4a4),
             MoEGemmShape("fc2", activation, inter, H, "fp32"))
 
 

@@ -17,6 +17,9 @@ One kernel serves both layers (compile-time flags):
 * FC1 ReLU2: out = relu(alpha*acc)^2.
 * FC2: out = alpha*acc*row_scale[s] (the routing weight), written to row out_rows[s] (the pair's index).
 Outputs are bf16 or fp32 rows (8-element vector stores from a shared-memory staging tile).
+W4A4 ("nvfp4") FC1 also fake-quantises (kernels/moe_quant.py: e2m1(q) * s, exact in bf16) its A tile in
+shared memory after each k-tile lands (global scale 1), and its output in 16-element blocks with the FC2
+input's global scale (read from device memory: no host sync), so FC2 reads the values W4A4 multiplies.
 
 Pipeline per k-tile: wait for the tile's cp.async group, barrier, expand the packed B tile into the bf16
 tile, issue the cp.async loads of the tile `stages - 1` ahead, barrier, ldmatrix + mma over the tile.
@@ -52,6 +55,52 @@ def _e4m3_to_f32(b):
         write_only_types=[Float32], read_only_args=[b & 0xFF]))
 
 
+@cute.jit
+def _e4m3_bits(v):
+    """fp32 -> e4m3 byte: round to nearest even, saturating at 448 (the SM89+ cvt)."""
+    b = cute.arch.inline_ptx("{ .reg .b16 t; cvt.rn.satfinite.e4m3x2.f32 t, {$r0}, {$r1}; cvt.u32.u16 {$w0}, t; }",
+                             write_only_types=[Uint32], read_only_args=[Float32(0.0), v])
+    return Uint32(b) & 0xFF
+
+
+@cute.jit
+def _rint(v):
+    return Float32(cute.arch.inline_ptx("cvt.rni.f32.f32 {$w0}, {$r0};", write_only_types=[Float32],
+                                        read_only_args=[v]))
+
+
+@cute.jit
+def _e2m1_value(y):
+    """y rounded to the nearest E2M1 value (ties to even, saturating at 6), as fp32: on the grid of
+    |y|'s binade (steps 0.5 below 2, 1 below 4, 2 above; the scalings are powers of two, so exact), as
+    kernels/encoders.encode_e2m1 rounds it. The sign of zero is not kept (it changes no product)."""
+    a = cute.arch.fmax(y, -y)
+    k = Float32(0.5)
+    if a < 4.0:
+        k = Float32(1.0)
+    if a < 2.0:
+        k = Float32(2.0)
+    r = cute.arch.fmin(_rint(a * k) / k, Float32(6.0))
+    if y < 0.0:
+        r = -r
+    return r
+
+
+@cute.jit
+def _fake_quantize_block(f, gs):
+    """16 fp32 values in the rmem tensor f -> e2m1(v * gs / s) * s in place, s = e4m3(gs * amax / 6)
+    (kernels/moe_quant.fake_quantize_nvfp4, IEEE division as there): the bf16-exact values W4A4 multiplies."""
+    amax = Float32(0.0)
+    for i in cutlass.range_constexpr(16):
+        amax = cute.arch.fmax(amax, cute.arch.fmax(f[i], -f[i]))
+    s = _e4m3_to_f32(_e4m3_bits((gs * amax) / 6.0))
+    factor = Float32(0.0)
+    if s != 0.0:
+        factor = gs / s
+    for i in cutlass.range_constexpr(16):
+        f[i] = _e2m1_value(f[i] * factor) * s
+
+
 @dataclass(frozen=True)
 class MoEGemmSpec:
     shape: MoEGemmShape
@@ -68,6 +117,8 @@ class MoEGemmKernel:
         self.relu2 = sh.layer == "fc1" and sh.activation == "relu2"
         self.fc2 = sh.layer == "fc2"
         self.out_f32 = sh.out_dtype == "fp32"
+        self.quant_a = sh.quant_a  # W4A4 FC1: NVFP4-fake-quantise each A tile in shared memory (global scale 1)
+        self.quant_out = sh.quant_out  # W4A4 FC1: the output fake-quantised with the FC2 input's global scale
         self.bm, self.bn, self.bk, self.stages = cfg.bm, cfg.bn, cfg.bk, cfg.stages
         self.wm, self.wn = cfg.warps_m, cfg.warps_n
         self.threads = 32 * self.wm * self.wn
@@ -78,7 +129,9 @@ class MoEGemmKernel:
         self.w_chunks = self.nb * self.bk // 32  # 16-byte chunks of packed weights per tile
         self.sf_bytes = min(16, self.bk // 16)  # one cp.async of scales per B row and tile
         self.units = self.nb * self.bk // 16  # 16-element scale blocks to expand per tile
-        self.out_vecs = self.bm * self.bn // 8  # 8-element output vectors per tile
+        self.vec = 16 if self.quant_out else 8  # output elements per store unit (an NVFP4 block when quantised)
+        self.out_vecs = self.bm * self.bn // self.vec
+        self.a_units = self.bm * self.bk // 16  # 16-element A blocks to quantise per tile
 
     # ------------------------------------------------------------------ host side
     @cute.jit
@@ -86,7 +139,7 @@ class MoEGemmKernel:
                  alpha_ptr: cute.Pointer, row_scale_ptr, out_rows_ptr, out_ptr: cute.Pointer,
                  expert_offsets_ptr: cute.Pointer, tile_offsets_ptr: cute.Pointer,
                  a_count: Int32, n_rows: Int32, n_experts: Int32, grid_m: Int32,
-                 w_stride_e: Int64, sf_stride_e: Int64, out_count: Int32, stream):
+                 w_stride_e: Int64, sf_stride_e: Int64, out_count: Int32, gs_ptr, stream):
         K, N = self.K, self.N
         nw = 2 * N if self.gated else N  # weight rows per expert
         mA = cute.make_tensor(a_ptr, cute.make_layout((a_count, K), stride=(cute.assume(Int64(K), divby=8), 1)))
@@ -108,16 +161,19 @@ class MoEGemmKernel:
         if const_expr(out_rows_ptr is not None):
             mORows = cute.make_tensor(out_rows_ptr, cute.make_layout((n_rows,)))
 
+        mGS = None
+        if const_expr(gs_ptr is not None):
+            mGS = cute.make_tensor(gs_ptr, cute.make_layout((1,)))
         op = cute.nvgpu.warp.MmaF16BF16Op(cutlass.BFloat16, Float32, (16, 8, 16))
         tiled_mma = cute.make_tiled_mma(op, cute.make_layout((self.wm, self.wn, 1)),
                                         permutation_mnk=(self.wm * 16, self.wn * 16, 16))
-        self.kernel(mA, mARows, mW, mSF, mAlpha, mScale, mORows, mOut, mEO, mTO, n_rows, n_experts,
+        self.kernel(mA, mARows, mW, mSF, mAlpha, mScale, mORows, mOut, mEO, mTO, mGS, n_rows, n_experts,
                     tiled_mma).launch(grid=[grid_m, N // self.bn, 1], block=[self.threads, 1, 1], stream=stream)
 
     # ------------------------------------------------------------------ device side
     @cute.kernel
     def kernel(self, mA: cute.Tensor, mARows, mW: cute.Tensor, mSF: cute.Tensor, mAlpha: cute.Tensor, mScale,
-               mORows, mOut: cute.Tensor, mEO: cute.Tensor, mTO: cute.Tensor, n_rows: Int32, n_experts: Int32,
+               mORows, mOut: cute.Tensor, mEO: cute.Tensor, mTO: cute.Tensor, mGS, n_rows: Int32, n_experts: Int32,
                tiled_mma: cute.TiledMma):
         bm = self.bm
         tidx, _, _ = cute.arch.thread_idx()
@@ -137,11 +193,12 @@ class MoEGemmKernel:
         if tile < mTO[n_experts]:
             row0 = mEO[e] + (tile - mTO[e]) * bm  # first sorted position of the tile
             row_end = mEO[e + 1]
-            self._tile(mA, mARows, mW, mSF, mAlpha, mScale, mORows, mOut, tiled_mma, e, row0, row_end, ntile,
-                       tidx)
+            self._tile(mA, mARows, mW, mSF, mAlpha, mScale, mORows, mOut, mGS, tiled_mma, e, row0, row_end,
+                       ntile, tidx)
 
     @cute.jit
-    def _tile(self, mA, mARows, mW, mSF, mAlpha, mScale, mORows, mOut, tiled_mma, e, row0, row_end, ntile, tidx):
+    def _tile(self, mA, mARows, mW, mSF, mAlpha, mScale, mORows, mOut, mGS, tiled_mma, e, row0, row_end, ntile,
+              tidx):
         bm, bn, bk, stages, nb, K = self.bm, self.bn, self.bk, self.stages, self.nb, self.K
         k_tiles = K // bk
         n0 = ntile * bn
@@ -230,6 +287,8 @@ class MoEGemmKernel:
             cute.arch.cp_async_wait_group(stages - 2)
             cute.arch.barrier()
             self._expand(sWp, sSF, sB, stage, tidx)
+            if const_expr(self.quant_a):
+                self._quantize_a(sA, stage, tidx)
             nk = kt + stages - 1
             if nk < k_tiles:
                 self._issue(nk, nk % stages, a_src, a_ok, mAv, sAv, mWv, sWv, mSFv, sSFv, cp16, cp16b, cp_sf, e, n0,
@@ -266,30 +325,57 @@ class MoEGemmKernel:
         acc0.store(vals)
         cute.autovec_copy(acc0, tCsC)
         cute.arch.barrier()
-        sCv = cute.zipped_divide(sC, (1, 8))
-        mOutv = cute.zipped_divide(mOut, (1, 8))
+        vec = self.vec
+        sCv = cute.zipped_divide(sC, (1, vec))
+        mOutv = cute.zipped_divide(mOut, (1, vec))
+        gs = Float32(1.0)
+        if const_expr(self.quant_out):
+            gs = mGS[0]
         for i in cutlass.range_constexpr(-(-self.out_vecs // self.threads)):
             c = tidx + i * self.threads
-            r = c // (bn // 8)
-            cc = c % (bn // 8)
+            r = c // (bn // vec)
+            cc = c % (bn // vec)
             s = row0 + r
             if c < self.out_vecs and s < row_end:
-                self._store_vec(sCv, mOutv, mScale, mORows, r, cc, s, ntile)
+                self._store_vec(sCv, mOutv, mScale, mORows, r, cc, s, ntile, gs)
 
     @cute.jit
-    def _store_vec(self, sCv, mOutv, mScale, mORows, r, cc, s, ntile):
-        """Row r's 8 columns cc*8.. of the staged tile (times the row's scale) to its output row."""
-        frag = cute.make_rmem_tensor((8,), Float32)
+    def _store_vec(self, sCv, mOutv, mScale, mORows, r, cc, s, ntile, gs):
+        """Row r's `vec` columns from cc*vec of the staged tile (times the row's scale; fake-quantised as one
+        NVFP4 block under quant_out) to its output row."""
+        vec = self.vec
+        frag = cute.make_rmem_tensor((vec,), Float32)
         cute.autovec_copy(sCv[(0, None), (r, cc)], frag)
+        if const_expr(self.quant_out):
+            _fake_quantize_block(frag, gs)
         vals = frag.load()
         if const_expr(mScale is not None):
             vals = vals * mScale[s]
         dst = s
         if const_expr(mORows is not None):
             dst = mORows[s]
-        o = cute.make_rmem_tensor((8,), mOutv.element_type)
+        o = cute.make_rmem_tensor((vec,), mOutv.element_type)
         o.store(vals.to(mOutv.element_type))
-        cute.autovec_copy(o, mOutv[(0, None), (dst, ntile * (self.bn // 8) + cc)])
+        cute.autovec_copy(o, mOutv[(0, None), (dst, ntile * (self.bn // vec) + cc)])
+
+    @cute.jit
+    def _quantize_a(self, sA, stage, tidx):
+        """The stage's A tile fake-quantised to NVFP4 in place, one 16-element block per unit (global scale
+        1: the seed takes no FC1 input scale). Rows past the expert's end hold stale data; their outputs are
+        dropped."""
+        sAq = cute.zipped_divide(sA, (1, 16, 1))
+        for i in cutlass.range_constexpr(-(-self.a_units // self.threads)):
+            u = tidx + i * self.threads
+            if u < self.a_units:
+                r = u // (self.bk // 16)
+                kb = u % (self.bk // 16)
+                blk = cute.make_rmem_tensor((16,), cutlass.BFloat16)
+                cute.autovec_copy(sAq[(0, None, 0), (r, kb, stage)], blk)
+                f = cute.make_rmem_tensor((16,), Float32)
+                f.store(blk.load().to(Float32))
+                _fake_quantize_block(f, Float32(1.0))
+                blk.store(f.load().to(cutlass.BFloat16))
+                cute.autovec_copy(blk, sAq[(0, None, 0), (r, kb, stage)])
 
     @cute.jit
     def _issue(self, kt, stage, a_src, a_ok, mAv, sAv, mWv, sWv, mSFv, sSFv, cp16, cp16b, cp_sf, e, n0, tidx):

@@ -7,7 +7,8 @@ import torch
 
 from kernels import fused_moe as fm
 from kernels.encoders import dequantize_fp4, quantize_nvfp4
-from kernels.moe_config import MOE_KNOB_CHOICES, MoEGemmConfig, MoEGemmShape, heuristic, smem_bytes, violations
+from kernels.moe_config import (MOE_KNOB_CHOICES, MoEGemmConfig, MoEGemmShape, gemm_shapes, heuristic, smem_bytes,
+                                violations)
 from kernels.moe_quant import dequantize_weights, fake_quantize_nvfp4, quantize_weights
 from kernels.moe_reference import fused_moe_reference
 
@@ -171,3 +172,13 @@ def test_heuristic_configs_compile_for_sm90a(layer_kind, activation, out, rows):
     K, N = (2048, 768) if layer_kind == "fc1" else (768, 2048)
     sh = MoEGemmShape(layer_kind, activation, K, N, out)
     assert fm.compile_gemm(sh, heuristic(sh, rows), "sm_90a") is not None
+
+
+@pytest.mark.parametrize("activation", ["silu", "relu2"])
+@pytest.mark.parametrize("rows", [1, 200])
+def test_w4a4_fc1_quantising_its_input_and_output_compiles(activation, rows):
+    sh = gemm_shapes("nvfp4", activation, 2048, 768)[0]
+    assert sh.quant_a and sh.quant_out and sh.out_dtype == "bf16"
+    assert fm.compile_gemm(sh, heuristic(sh, rows), "sm_90a") is not None
+    with pytest.raises(ValueError, match="only FC1 quantises"):
+        MoEGemmShape("fc2", activation, 768, 2048, "fp32", quant_a=True)
