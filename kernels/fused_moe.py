@@ -1,7 +1,7 @@
 """`fused_moe`: a whole MoE layer on SM90 with NVFP4 weights, the seed's `b12x_fused_moe` signature.
 
-One call: validate (cached per argument signature), sort the (token, expert) pairs by local expert,
-FC1 grouped GEMM with the activation fused (kernels/moe_kernel.py), FC2 grouped GEMM scaled by the routing
+One call: validate (cached per argument signature), sort the (token, expert) pairs by local expert (one
+routing launch, kernels/moe_route_kernel.py), FC1 grouped GEMM with the activation fused (kernels/moe_kernel.py), FC2 grouped GEMM scaled by the routing
 weights and written per pair, then the sum of each token's pairs into the output. Numerics and scale
 conventions: kernels/moe_quant.py; the float reference: kernels/moe_reference.py.
 
@@ -25,7 +25,7 @@ from .moe_quant import NVFP4_BLOCK
 QUANT_ALIASES = {"nvfp4": "nvfp4", "w4a4": "nvfp4", "w4a16": "w4a16"}
 PRECISION_ALIASES = {"fp4": "nvfp4", "bf16": "w4a16"}
 ACTIVATIONS = ("silu", "relu2")
-_SOURCES = ("moe_kernel.py", "moe_config.py")
+_SOURCES = ("moe_kernel.py", "moe_config.py", "moe_route_kernel.py")
 _CACHE_VERSION = 1
 _FP4_DTYPES = tuple(getattr(torch, n) for n in ("uint8", "float4_e2m1fn_x2") if hasattr(torch, n))
 _SF_DTYPES = (torch.float8_e4m3fn, torch.uint8)
@@ -92,6 +92,33 @@ def precompile_layer(shapes: tuple[MoEGemmShape, MoEGemmShape], cfg, arch: str):
     worst = lambda vals: max((v for v in vals if v is not None), default=None)  # noqa: E731
     return CompileInfo(sum(i.compile_s for i in infos), worst(i.registers for i in infos),
                        worst(i.smem_bytes for i in infos), all(i.from_cache for i in infos))
+
+
+def compile_route(spec, arch: str):
+    """Compile the routing kernel (kernels/moe_route_kernel.py) for `arch` (no GPU needed)."""
+    import cutlass
+    from cutlass.base_dsl.enums import AddressSpace
+    from cutlass.cute.runtime import make_fake_stream, nullptr
+
+    from .compile_cache import compile_dsl
+    from .moe_route_kernel import MoERouteKernel
+
+    def ptr(dt):
+        return nullptr(dt, AddressSpace.gmem, assumed_align=4)
+
+    ids = cutlass.Int32 if spec.ids_dtype == "int32" else cutlass.Int64
+    sc = cutlass.Float32 if spec.scale_dtype == "fp32" else cutlass.BFloat16
+    args = (ptr(ids), ptr(sc), *(ptr(cutlass.Int32) for _ in range(5)), ptr(cutlass.Float32), cutlass.Int32(0),
+            cutlass.Int32(0), make_fake_stream(use_tvm_ffi_env_stream=False))
+    return compile_dsl(MoERouteKernel(spec), args, arch, f"fused_moe routing {spec}")
+
+
+def get_route(spec, arch: str):
+    from .compile_cache import cached_function
+
+    raw = repr((_CACHE_VERSION, spec, arch, source_hash()))
+    key = "moer" + hashlib.sha256(raw.encode()).hexdigest()[:20]
+    return cached_function(key, arch, lambda: compile_route(spec, arch))
 
 
 def get_compiled(sh: MoEGemmShape, cfg: MoEGemmConfig, arch: str):
@@ -217,21 +244,23 @@ def _dispatched(plan: _Plan, device) -> MoEConfig:
     return cfg
 
 
-def route(ids: torch.Tensor, n_local: int, offset: int, bms: tuple[int, ...]):
-    """Sort the pairs by local expert: (order [P] int64 (pair index per sorted position), expert_offsets
-    [E+1] int32, tile offsets [E+1] int32 per m-tile height in `bms`, number of local pairs (a tensor)).
-    Pairs of non-local or out-of-range experts sort last and are covered by no tile."""
-    flat = ids.reshape(-1).to(torch.int32) - offset
-    valid = (flat >= 0) & (flat < n_local)
-    key = torch.where(valid, flat, torch.full_like(flat, n_local))
-    order = torch.argsort(key, stable=True)
-    # scatter_add, not bincount: CUDA bincount reads the max back to size its output (a host sync; no capture)
-    counts = torch.zeros(n_local + 1, dtype=torch.int32, device=ids.device).scatter_add_(
-        0, key.long(), torch.ones_like(key))[:n_local]
-    zero = torch.zeros(1, dtype=torch.int32, device=ids.device)
-    eo = torch.cat([zero, torch.cumsum(counts, 0, dtype=torch.int32)])
-    tiles = {bm: torch.cat([zero, torch.cumsum((counts + (bm - 1)) // bm, 0, dtype=torch.int32)]) for bm in bms}
-    return order, eo, tiles
+def _route(ids, scales, n_local: int, offset: int, top_k: int, bm1: int, bm2: int, arch: str):
+    """One launch of kernels/moe_route_kernel.py: (expert_offsets, FC1 tile offsets, FC2 tile offsets [E+1],
+    a_rows, out_rows [P] int32, row_scale [P] fp32), all views of one int32 workspace."""
+    from .moe_route_kernel import MoERouteSpec
+
+    P = ids.numel()
+    spec = MoERouteSpec(n_local, top_k, bm1, bm2, "int32" if ids.dtype == torch.int32 else "int64",
+                        "fp32" if scales.dtype == torch.float32 else "bf16")
+    ws = torch.empty(3 * (n_local + 1) + 3 * P, dtype=torch.int32, device=ids.device)
+    eo, to1, to2 = (ws[i * (n_local + 1):(i + 1) * (n_local + 1)] for i in range(3))
+    base = 3 * (n_local + 1)
+    a_rows, out_rows = ws[base:base + P], ws[base + P:base + 2 * P]
+    row_scale = ws[base + 2 * P:].view(torch.float32)
+    get_route(spec, arch)(ids.data_ptr(), scales.data_ptr(), eo.data_ptr(), to1.data_ptr(), to2.data_ptr(),
+                          a_rows.data_ptr(), out_rows.data_ptr(), row_scale.data_ptr(), P, offset,
+                          torch.cuda.current_stream(ids.device).cuda_stream)
+    return eo, to1, to2, a_rows, out_rows, row_scale
 
 
 def _launch_gemm(sh, cfg, arch, a, a_rows, w, sf, alpha, row_scale, out_rows, out, eo, to, n_rows, n_local,
@@ -306,15 +335,13 @@ def fused_moe(x: torch.Tensor, w1_weight: torch.Tensor, w1_weight_sf: torch.Tens
             why = violations(sh, c)
             _need(not why, f"config {c.short()} cannot run {sh.layer}: {'; '.join(why)}")
 
-    order, eo, tiles = route(ids, plan.n_local, local_expert_offset, (cfg1.bm, cfg2.bm))
-    a_rows = (order // plan.top_k).to(torch.int32)
-    out_rows = order.to(torch.int32)
-    row_scale = token_final_scales.reshape(-1).to(torch.float32)[order]
+    eo, to1, to2, a_rows, out_rows, row_scale = _route(ids, token_final_scales, plan.n_local, local_expert_offset,
+                                                       plan.top_k, cfg1.bm, cfg2.bm, arch)
     # W4A4: FC1 fake-quantises x's rows and its own output in the kernel (kernels/moe_kernel.py)
     inter = torch.empty(P, plan.I, dtype=torch.bfloat16, device=x.device)
     grid1 = -(-P // cfg1.bm) + min(plan.n_local, P)
     _launch_gemm(plan.fc1, cfg1, arch, x, a_rows, w1_weight.view(torch.uint8), w1_weight_sf.view(torch.uint8),
-                 w1_alpha, None, None, inter, eo, tiles[cfg1.bm], P, plan.n_local, grid1,
+                 w1_alpha, None, None, inter, eo, to1, P, plan.n_local, grid1,
                  fc2_input_scale if quant_mode == "nvfp4" else None)
     # every pair of a local expert is written; the others stay zero
     all_local = plan.n_local == num_experts
@@ -322,7 +349,7 @@ def fused_moe(x: torch.Tensor, w1_weight: torch.Tensor, w1_weight_sf: torch.Tens
                                                                        device=x.device)
     grid2 = -(-P // cfg2.bm) + min(plan.n_local, P)
     _launch_gemm(plan.fc2, cfg2, arch, inter, None, w2_weight.view(torch.uint8), w2_weight_sf.view(torch.uint8),
-                 w2_alpha, row_scale, out_rows, y, eo, tiles[cfg2.bm], P, plan.n_local, grid2)
+                 w2_alpha, row_scale, out_rows, y, eo, to2, P, plan.n_local, grid2)
     out.copy_(y.view(plan.T, plan.top_k, plan.H).sum(dim=1))  # fp32 sum of the token's pairs, one rounding
     return out
 

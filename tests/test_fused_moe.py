@@ -11,6 +11,7 @@ from kernels.moe_config import (MOE_KNOB_CHOICES, MoEGemmConfig, MoEGemmShape, g
                                 violations)
 from kernels.moe_quant import dequantize_weights, fake_quantize_nvfp4, quantize_weights
 from kernels.moe_reference import fused_moe_reference
+from kernels.moe_route_kernel import MoERouteSpec
 
 E, H, I, T, K = 4, 128, 64, 6, 2
 
@@ -83,16 +84,10 @@ def test_w4a16_needs_no_fc2_input_scale_and_aliases_resolve():
         call(quant_mode="w4a4")
 
 
-def test_route_sorts_pairs_by_local_expert_and_tiles_cover_them():
-    ids = torch.tensor([[3, 1], [1, 7], [0, 3], [5, 1]], dtype=torch.int32)  # 8 global experts
-    order, eo, tiles = fm.route(ids, n_local=4, offset=0, bms=(2, 16))
-    flat = ids.reshape(-1)
-    assert eo.tolist() == [0, 1, 4, 4, 6]  # expert 0: 1 pair, 1: 3, 2: 0, 3: 2; 7 and 5 are not local
-    assert [int(flat[i]) for i in order[:6]] == [0, 1, 1, 1, 3, 3]
-    assert sorted(order[6:].tolist()) == [3, 6]  # non-local pairs last
-    assert tiles[2].tolist() == [0, 1, 3, 3, 4] and tiles[16].tolist() == [0, 1, 2, 2, 3]
-    order, eo, _ = fm.route(ids, n_local=4, offset=4, bms=(16,))  # experts 4..7 local
-    assert eo.tolist() == [0, 0, 1, 1, 2]
+@pytest.mark.parametrize("spec", [MoERouteSpec(128, 8, 16, 16, "int32", "fp32"),
+                                  MoERouteSpec(256, 8, 128, 64, "int64", "bf16"), MoERouteSpec(8, 1, 32, 16, "int32", "fp32")])
+def test_routing_kernel_compiles_for_sm90a(spec):
+    assert fm.compile_route(spec, "sm_90a") is not None
 
 
 def test_weight_quantisation_is_modelopt_nvfp4():

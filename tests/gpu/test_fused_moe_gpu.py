@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kernels import fused_moe as fm
 from kernels.fused_moe import fused_moe
 from kernels.moe_config import MoEGemmConfig
 from kernels.moe_quant import quantize_weights
@@ -128,3 +129,22 @@ def test_expert_id_out_of_range_is_refused():
     with pytest.raises(ValueError, match="outside"):
         fused_moe(x, layer["w1_weight"], layer["w1_weight_sf"], layer["w2_weight"], layer["w2_weight_sf"], ids, w, 8, 2,
                   w1_alpha=layer["w1_alpha"], w2_alpha=layer["w2_alpha"], quant_mode="w4a16")
+
+
+@pytest.mark.parametrize("T, E, k, n_local, offset", [(1, 128, 8, 128, 0), (333, 16, 4, 16, 0), (4096, 256, 8, 256, 0),
+                                                      (50, 16, 4, 8, 4), (0, 8, 2, 8, 0)])
+def test_routing_kernel_sorts_pairs_by_local_expert(T, E, k, n_local, offset):
+    ids, w = make_routing(T, E, k)
+    eo, to1, to2, a_rows, out_rows, rs = fm._route(ids, w, n_local, offset, k, 16, 128, "sm_90a")
+    torch.cuda.synchronize()
+    flat = ids.reshape(-1).long() - offset
+    local = (flat >= 0) & (flat < n_local)
+    counts = torch.bincount(flat[local], minlength=n_local)
+    assert eo.tolist() == [0] + torch.cumsum(counts, 0).tolist()
+    for t, bm in ((to1, 16), (to2, 128)):
+        assert t.tolist() == [0] + torch.cumsum((counts + bm - 1) // bm, 0).tolist()
+    n = int(eo[-1])
+    pairs = out_rows[:n].long()
+    assert sorted(out_rows.tolist()) == list(range(T * k))  # every pair exactly once
+    assert (flat[pairs] == torch.repeat_interleave(torch.arange(n_local, device=DEV), counts)).all()
+    assert (a_rows[:n].long() == pairs // k).all() and torch.equal(rs[:n], w.reshape(-1)[pairs])

@@ -1,0 +1,130 @@
+"""The fused MoE's routing permutation in one launch (CuTe-DSL, one CTA): what kernels/fused_moe.route does with
+~20 torch ops, whose host cost (about 5 us each) would dwarf a decode layer's GPU time.
+
+From expert ids [P] (P = tokens * top_k pairs) it writes, for the grouped GEMMs (kernels/moe_kernel.py):
+expert_offsets [E+1] (the sorted positions of each local expert), tile offsets [E+1] for FC1's and FC2's
+row tile, and per sorted position the pair's token (FC1's A row), the pair index (FC2's output row) and its
+routing weight. Pairs of experts outside [offset, offset + E) count under a last bucket E: sorted after the
+local ones, covered by no tile.
+
+1. count: each thread walks pairs tid, tid + threads, ... and adds 1 to its expert's shared counter (atomics);
+2. scan (warp 0): lane l sums experts [l*c, (l+1)*c), an inclusive shuffle scan gives its start, then the
+   lane writes its experts' offsets, tile offsets and cursors;
+3. scatter: each pair takes the next position of its expert (atomic add on the cursor) and writes its row
+   data there. Rows of one expert come out in no fixed order: every GEMM row is independent and FC2 writes
+   by pair index, so the layer's output does not depend on it.
+One CTA: at T=16384, top-8 (131072 pairs) this is ~256 shared atomics per thread, microseconds next to the
+GEMMs' milliseconds; at decode sizes it is one short launch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cutlass
+import cutlass.cute as cute
+from cutlass import Float32, Int32, const_expr
+
+THREADS = 512
+
+
+@dataclass(frozen=True)
+class MoERouteSpec:
+    n_local: int  # local experts (compile-time: a layer's own)
+    top_k: int
+    bm1: int  # FC1's row tile
+    bm2: int  # FC2's row tile
+    ids_dtype: str  # int32 | int64
+    scale_dtype: str  # fp32 | bf16
+
+
+class MoERouteKernel:
+    def __init__(self, spec: MoERouteSpec):
+        self.spec = spec
+        self.E = spec.n_local
+        self.per_lane = -(-(spec.n_local + 1) // 32)  # buckets each lane of the scanning warp owns
+
+    @cute.jit
+    def __call__(self, ids_ptr: cute.Pointer, scale_ptr: cute.Pointer, eo_ptr: cute.Pointer, to1_ptr: cute.Pointer,
+                 to2_ptr: cute.Pointer, a_rows_ptr: cute.Pointer, out_rows_ptr: cute.Pointer,
+                 row_scale_ptr: cute.Pointer, P: Int32, offset: Int32, stream):
+        E = self.E
+        mIds = cute.make_tensor(ids_ptr, cute.make_layout((P,)))
+        mScale = cute.make_tensor(scale_ptr, cute.make_layout((P,)))
+        mEO = cute.make_tensor(eo_ptr, cute.make_layout((E + 1,)))
+        mTO1 = cute.make_tensor(to1_ptr, cute.make_layout((E + 1,)))
+        mTO2 = cute.make_tensor(to2_ptr, cute.make_layout((E + 1,)))
+        mARows = cute.make_tensor(a_rows_ptr, cute.make_layout((P,)))
+        mORows = cute.make_tensor(out_rows_ptr, cute.make_layout((P,)))
+        mRScale = cute.make_tensor(row_scale_ptr, cute.make_layout((P,)))
+        self.kernel(mIds, mScale, mEO, mTO1, mTO2, mARows, mORows, mRScale, P, offset).launch(
+            grid=[1, 1, 1], block=[THREADS, 1, 1], stream=stream)
+
+    @cute.jit
+    def _bucket(self, mIds, j, offset):
+        e = Int32(mIds[j]) - offset
+        b = Int32(self.E)
+        if e >= 0 and e < self.E:
+            b = e
+        return b
+
+    @cute.kernel
+    def kernel(self, mIds: cute.Tensor, mScale: cute.Tensor, mEO: cute.Tensor, mTO1: cute.Tensor,
+               mTO2: cute.Tensor, mARows: cute.Tensor, mORows: cute.Tensor, mRScale: cute.Tensor, P: Int32,
+               offset: Int32):
+        E, per = self.E, self.per_lane
+        bm1, bm2 = self.spec.bm1, self.spec.bm2
+        tidx, _, _ = cute.arch.thread_idx()
+        smem = cutlass.utils.SmemAllocator()
+        cnt = smem.allocate_tensor(Int32, cute.make_layout((E + 1,)), byte_alignment=16)
+        cur = smem.allocate_tensor(Int32, cute.make_layout((E + 1,)), byte_alignment=16)
+        for i in cutlass.range_constexpr(-(-(E + 1) // THREADS)):
+            b = tidx + i * THREADS
+            if b < E + 1:
+                cnt[b] = Int32(0)
+        cute.arch.barrier()
+
+        for j in cutlass.range(tidx, P, THREADS, unroll=1):
+            cute.arch.atomic_add(cnt.iterator + self._bucket(mIds, j, offset), Int32(1), scope="cta")
+        cute.arch.barrier()
+
+        if tidx < 32:
+            rows = Int32(0)
+            t1 = Int32(0)
+            t2 = Int32(0)
+            for q in cutlass.range_constexpr(per):
+                b = tidx * per + q
+                if b < E:
+                    c = cnt[b]
+                    rows = rows + c
+                    t1 = t1 + (c + (bm1 - 1)) // bm1
+                    t2 = t2 + (c + (bm2 - 1)) // bm2
+            r_in, t1_in, t2_in = rows, t1, t2
+            for d in cutlass.range_constexpr(5):
+                step = 1 << d
+                vr = cute.arch.shuffle_sync_up(r_in, offset=step)
+                v1 = cute.arch.shuffle_sync_up(t1_in, offset=step)
+                v2 = cute.arch.shuffle_sync_up(t2_in, offset=step)
+                if tidx >= step:
+                    r_in = r_in + vr
+                    t1_in = t1_in + v1
+                    t2_in = t2_in + v2
+            run_r, run_1, run_2 = r_in - rows, t1_in - t1, t2_in - t2  # this lane's first bucket's offsets
+            for q in cutlass.range_constexpr(per):
+                b = tidx * per + q
+                if b <= E:  # bucket E (non-local pairs) gets the totals: the end of every table
+                    mEO[b] = run_r
+                    mTO1[b] = run_1
+                    mTO2[b] = run_2
+                    cur[b] = run_r
+                if b < E:
+                    c = cnt[b]
+                    run_r = run_r + c
+                    run_1 = run_1 + (c + (bm1 - 1)) // bm1
+                    run_2 = run_2 + (c + (bm2 - 1)) // bm2
+        cute.arch.barrier()
+
+        for j in cutlass.range(tidx, P, THREADS, unroll=1):
+            pos = cute.arch.atomic_add(cur.iterator + self._bucket(mIds, j, offset), Int32(1), scope="cta")
+            mARows[pos] = j // self.spec.top_k
+            mORows[pos] = j
+            mRScale[pos] = Float32(mScale[j])
