@@ -141,6 +141,7 @@ class _Plan:
     fc1: MoEGemmShape
     fc2: MoEGemmShape
     problem: object  # kernels.moe_problem.MoEProblem (uniform routing: what the call's T stands for)
+    arch: str  # the compile target of x's device
 
 
 def _sig(t):
@@ -215,7 +216,7 @@ def _validate(x, w1, w1sf, w2, w2sf, ids, sc, w1_alpha, w2_alpha, fc2_input_scal
     fc1, fc2 = gemm_shapes(quant_mode, activation, H, inter)
     problem = MoEProblem("fused_moe", T, num_experts, top_k, H, inter, quant_mode, activation, "uniform",
                          0 if El == num_experts else El)
-    return _Plan(T, H, inter, top_k, El, quant_mode, activation, fc1, fc2, problem)
+    return _Plan(T, H, inter, top_k, El, quant_mode, activation, fc1, fc2, problem, _arch(dev))
 
 
 _PLANS: dict = {}  # argument signature -> _Plan: a repeated call skips the checks (host cost)
@@ -316,7 +317,7 @@ def fused_moe(x: torch.Tensor, w1_weight: torch.Tensor, w1_weight_sf: torch.Tens
         plan = validate()
         if key is not None:
             _PLANS[key] = plan
-    arch = _arch(x.device)
+    arch = plan.arch
     ids = token_selected_experts
     capturing = torch.cuda.is_current_stream_capturing()
     if check_expert_ids and not capturing and ids.numel():
