@@ -145,7 +145,7 @@ class _Plan:
 
 
 def _sig(t):
-    return None if t is None else (tuple(t.shape), tuple(t.stride()), t.dtype, t.device, t.data_ptr() % 16)
+    return None if t is None else (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() & 15)
 
 
 def _need(cond: bool, msg: str, exc=ValueError) -> None:
