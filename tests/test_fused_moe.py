@@ -177,3 +177,36 @@ def test_w4a4_fc1_quantising_its_input_and_output_compiles(activation, rows):
     assert fm.compile_gemm(sh, heuristic(sh, rows), "sm_90a") is not None
     with pytest.raises(ValueError, match="only FC1 quantises"):
         MoEGemmShape("fc2", activation, 768, 2048, "fp32", quant_a=True)
+
+
+def _bf16_value(bits: int) -> float:
+    import struct
+
+    return struct.unpack("<f", struct.pack("<I", (bits & 0xFFFF) << 16))[0]
+
+
+def test_the_kernels_fp4_expansion_is_exact_for_every_byte():
+    """A bit-level model of kernels/moe_kernel._PAIR_PTX (prmt, shifts and masks, then bf16 multiplies by
+    2^126 and the scale) against the encoder's E2M1 table, for every byte at every position of a word."""
+    from kernels import moe_kernel as mk
+    from kernels.encoders import decode_e2m1
+
+    ptx = mk._PAIR_PTX
+    steps = ["prmt.b32 t, {$r0}, 0, SEL", "shr.b32 t4, t, 4", "and.b32 m, t, 7", "and.b32 s, t4, 0x70000",
+             "or.b32 m, m, s", "and.b32 s, t, 8", "and.b32 t4, t4, 0x80000", "or.b32 s, s, t4", "shl.b32 m, m, 6",
+             "shl.b32 s, s, 12", "or.b32 m, m, s", "mov.b32 c, 0x7E807E80", "mul.rn.bf16x2 m, m, c",
+             "mul.rn.bf16x2 {$w0}, m, {$r1}"]
+    at = 0
+    for st in steps:  # the model below follows the kernel's sequence, in order
+        at = ptx.index(st, at) + len(st)
+    table = decode_e2m1(torch.arange(16, dtype=torch.uint8)).tolist()
+    for k in range(4):
+        for byte in range(256):
+            w = byte << (8 * k) | (0xA5 << (8 * ((k + 1) % 4)))  # other bytes must not leak in
+            b = [(w >> (8 * i)) & 0xFF for i in range(4)] + [0, 0, 0, 0]
+            sel = (4 << 12) | (k << 8) | (4 << 4) | k
+            t = sum(b[(sel >> (4 * j)) & 7] << (8 * j) for j in range(4))
+            t4 = t >> 4
+            m = ((((t & 7) | (t4 & 0x70000)) << 6) | (((t & 8) | (t4 & 0x80000)) << 12)) & 0xFFFFFFFF
+            lo, hi = _bf16_value(m) * 2.0**126, _bf16_value(m >> 16) * 2.0**126
+            assert (lo, hi) == (table[byte & 0xF], table[byte >> 4]), (k, byte)
