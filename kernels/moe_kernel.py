@@ -275,27 +275,18 @@ class MoEGemmKernel:
         tCrA = tiled_mma.make_fragment_A(tCsA[None, None, None, 0])
         tAs = thr_a.partition_S(sA)
         tAr = thr_a.retile(tCrA)
-        sB0 = cute.local_tile(sB, (bn, bk), (0, 0))
-        tCsB0 = thr_mma.partition_B(sB0)
-        tCrB0 = tiled_mma.make_fragment_B(tCsB0)
-        tBs0 = thr_b.partition_S(sB0)
-        tBr0 = thr_b.retile(tCrB0)
         tCsC = thr_mma.partition_C(sC)
-        acc0 = tiled_mma.make_fragment_C(tCsC)
-        acc0.fill(0.0)
-        sB1 = None
-        tCrB1 = None
-        tBs1 = None
-        tBr1 = None
-        acc1 = None
-        if const_expr(self.gated):
-            sB1 = cute.local_tile(sB, (bn, bk), (1, 0))
-            tCsB1 = thr_mma.partition_B(sB1)
-            tCrB1 = tiled_mma.make_fragment_B(tCsB1)
-            tBs1 = thr_b.partition_S(sB1)
-            tBr1 = thr_b.retile(tCrB1)
-            acc1 = tiled_mma.make_fragment_C(tCsC)
-            acc1.fill(0.0)
+        # one B half (gate, and up when gated) per accumulator, each a (bn, bk) view of the expanded tile
+        tBs, tBr, tCrB, accs = [], [], [], []
+        for h in cutlass.range_constexpr(self.nb // bn):
+            sBh = cute.local_tile(sB, (bn, bk), (h, 0))
+            frag = tiled_mma.make_fragment_B(thr_mma.partition_B(sBh))
+            tBs.append(thr_b.partition_S(sBh))
+            tBr.append(thr_b.retile(frag))
+            tCrB.append(frag)
+            acc = tiled_mma.make_fragment_C(tCsC)
+            acc.fill(0.0)
+            accs.append(acc)
         k_blocks = bk // 16
 
         for kt in cutlass.range(k_tiles, unroll=1):
@@ -313,19 +304,18 @@ class MoEGemmKernel:
             cute.arch.barrier()
             for kb in cutlass.range_constexpr(k_blocks):
                 cute.copy(s2r_a, tAs[None, None, kb, stage], tAr[None, None, kb])
-                cute.copy(s2r_b, tBs0[None, None, kb], tBr0[None, None, kb])
-                cute.gemm(tiled_mma, acc0, tCrA[None, None, kb], tCrB0[None, None, kb], acc0)
-                if const_expr(self.gated):
-                    cute.copy(s2r_b, tBs1[None, None, kb], tBr1[None, None, kb])
-                    cute.gemm(tiled_mma, acc1, tCrA[None, None, kb], tCrB1[None, None, kb], acc1)
+                for h in cutlass.range_constexpr(len(accs)):
+                    cute.copy(s2r_b, tBs[h][None, None, kb], tBr[h][None, None, kb])
+                    cute.gemm(tiled_mma, accs[h], tCrA[None, None, kb], tCrB[h][None, None, kb], accs[h])
         cute.arch.cp_async_wait_group(0)
 
         # Epilogue: alpha and the activation in registers, staged through sC, then 8-element row vectors.
         alpha = mAlpha[e]
+        acc0 = accs[0]
         vals = acc0.load() * alpha
         if const_expr(self.gated):
             g = vals
-            u = acc1.load() * alpha
+            u = accs[1].load() * alpha
             sig = cute.make_rmem_tensor_like(acc0, Float32)
             sig.store(g)
             for i in cutlass.range_constexpr(cute.size(sig)):
