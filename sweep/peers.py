@@ -126,7 +126,7 @@ def _channel_first_fn(p, eps: float, scale: float):
     return fn
 
 
-_DEQUANT: dict = {}  # id of the case's w1 tensor -> (W1, W2) bf16: one layer's dequantised weights at a time
+_DEQUANT: list = []  # [(the case's w1 tensor, (W1, W2) bf16)]: one layer's dequantised weights at a time
 
 
 def _moe_torch_fn(p, case):
@@ -138,13 +138,12 @@ def _moe_torch_fn(p, case):
     from kernels.moe_quant import dequantize_weights
 
     a = case.args
-    key = id(a["w1_weight"])
-    if key not in _DEQUANT:
+    if not _DEQUANT or _DEQUANT[0][0] is not a["w1_weight"]:  # held, so its identity cannot be reused
         _DEQUANT.clear()
         W1 = (dequantize_weights(a["w1_weight"], a["w1_weight_sf"]) * a["w1_alpha"].view(-1, 1, 1)).bfloat16()
         W2 = (dequantize_weights(a["w2_weight"], a["w2_weight_sf"]) * a["w2_alpha"].view(-1, 1, 1)).bfloat16()
-        _DEQUANT[key] = (W1, W2)
-    W1, W2 = _DEQUANT[key]
+        _DEQUANT.append((a["w1_weight"], (W1, W2)))
+    W1, W2 = _DEQUANT[0][1]
     grouped = hasattr(torch, "_grouped_mm")
     x, ids, rw, out = a["x"], a["token_selected_experts"], a["token_final_scales"], a["out"]
     k, n_local = p.top_k, p.n_local
