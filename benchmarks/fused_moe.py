@@ -34,7 +34,6 @@ import problem_sets  # noqa: E402
 from kernels import moe_problem as mp  # noqa: E402
 from kernels import moe_runner  # noqa: E402
 from sweep import host_cost, peers  # noqa: E402
-from sweep.public_op import build_moe  # noqa: E402
 from sweep.timer import copy_roofline, l2_bytes, rotation_sets, time_launchers  # noqa: E402
 
 DECODE_T, BATCH_T = 64, 4096
@@ -62,14 +61,14 @@ def timed(p, make_launch) -> float:
 def bench(p, copy_gbps: float, tflops: float) -> dict:
     row = {"layer": mp.layer_label(p), "T": p.T, "quant_mode": p.quant_mode, "activation": p.activation}
     case = moe_runner.make_case(p, seed=7)
-    build_moe(p, case)()
+    moe_runner.public_launcher(p, case)()
     torch.cuda.synchronize()
     res = moe_runner.check(p, case)
     row["check"] = res.message
     if not res.ok:
         row["status"] = "wrong_result"
         return row
-    us = timed(p, lambda c: build_moe(p, c))
+    us = timed(p, lambda c: moe_runner.public_launcher(p, c))
     row.update(status="ok", lutforge_us=us, ideal_bytes=mp.ideal_bytes(p), flops=mp.flops(p))
     row["pct_weight_roofline"] = 100 * mp.ideal_bytes(p) / (us * 1e-6) / (copy_gbps * 1e9)
     row["pct_mm_rate"] = 100 * mp.flops(p) / (us * 1e-6) / (tflops * 1e12)

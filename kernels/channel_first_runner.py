@@ -78,3 +78,12 @@ def check(problem: cf.ChannelFirstProblem, case: Case, expected: dict | None = N
     if expected is None:
         expected = expected_outputs(problem, case)
     return compare_outputs(problem, {"out": case.args["y"]}, expected)
+
+
+def public_launcher(problem, case):
+    """channel_first_rmsnorm on a channel-first case, writing into its poisoned y."""
+    from .channel_first_op import channel_first_rmsnorm
+
+    a, p = case.args, problem
+    x, w, b, y = a["x"], a["weight"], a.get("bias"), a["y"]
+    return lambda: channel_first_rmsnorm(x, w, b, case.eps, silu=p.silu, l2norm=p.l2norm, out=y, scale=case.scale)

@@ -1,8 +1,9 @@
 """Kernel families: the one interface through which the harness searches, measures, exports and dispatches.
 
 A family is a kind of kernel with its own problem descriptor, knobs and constraints: the row norms
-(kernels/problem.py, kernels/config.py: [tokens, C] rows) and the channel-first norms
-(kernels/channel_first.py: [N, C, S] normalised over C). Sweep, Parquet rows, LUT export and validation,
+(kernels/problem.py, kernels/config.py: [tokens, C] rows), the channel-first norms
+(kernels/channel_first.py: [N, C, S] normalised over C) and the fused MoE (kernels/moe_problem.py,
+kernels/moe_config.py: a layer of E experts at T tokens; two grouped GEMMs per call). Sweep, Parquet rows, LUT export and validation,
 runtime dispatch, report and heatmap ask `family_of(problem)` / `family_of_op(op)` for what differs and
 share everything else; a new family is a new module that builds one `Family` and registers it here.
 
@@ -24,8 +25,9 @@ What a family declares:
   AOT library), `precompile(p, cfg, arch)`, `source_hash()` (the kernel source version rows and studies
   belong to).
 * measurement (GPU, the sweep's timing process): `runner`, a module with make_case / make_cases (random
-  inputs, poisoned outputs), poison, launcher (one config, graph-capturable), expected_outputs (the float
-  reference) and check.
+  inputs, poisoned outputs), poison, launcher (one config, graph-capturable), public_launcher (the public op
+  as a user calls it: what bench and the report call "lutforge"), expected_outputs (the float reference) and
+  check.
 """
 from __future__ import annotations
 

@@ -131,3 +131,16 @@ def check(problem: mp.MoEProblem, case: Case, expected: dict | None = None) -> C
     if expected is None:
         expected = expected_outputs(problem, case)
     return compare(problem, case.args["out"], expected["out"])
+
+
+def public_launcher(problem, case):
+    """fused_moe on a fused-MoE case with no config forced: the LUT entry for the call's T or the heuristic,
+    as a serving engine's call gets."""
+    from .fused_moe import fused_moe
+
+    a, p = case.args, problem
+    return lambda: fused_moe(a["x"], a["w1_weight"], a["w1_weight_sf"], a["w2_weight"], a["w2_weight_sf"],
+                             a["token_selected_experts"], a["token_final_scales"], p.E, p.top_k,
+                             w1_alpha=a["w1_alpha"], w2_alpha=a["w2_alpha"], fc2_input_scale=a["fc2_input_scale"],
+                             num_local_experts=p.n_local, output=a["out"], activation=p.activation,
+                             quant_mode=p.quant_mode)

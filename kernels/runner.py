@@ -246,3 +246,35 @@ def check(problem: Problem, case: Case, expected: dict | None = None) -> CheckRe
     if not p.spec.per_head:
         got["out"] = got["out"].reshape(p.T, -1)
     return compare_outputs(problem, got, expected)
+
+
+def public_launcher(problem: Problem, case):
+    """The public op as a user calls it (kernels.ops) on `case`'s tensors, writing into its outputs (in place for
+    fused adds): what bench and the report call "lutforge"."""
+    from . import ops
+
+    p, a = problem, case.args
+    x, w, r, y = a["x"], a["weight"], a.get("residual"), a.get("y")
+    eps, scale = case.eps, case.scale
+    if not p.spec.per_head:  # the case holds [T, 1, C]; row ops take [..., C]
+        x = x.view(p.T, p.C)
+        y = None if y is None else y.view(p.T, -1)
+    op = p.op
+    if p.out_format in FP4_BLOCK:
+        bs = a["block_scale"]
+        if p.out_format == "nvfp4":
+            bs = bs.view(torch.float8_e4m3fn)
+        if op == "fused_rmsnorm_silu":
+            return lambda: ops.fused_rmsnorm_silu(x, w, eps, out=y, block_scale=bs)
+        gs = a.get("global_scale")
+        return lambda: ops.rmsnorm_fp4quant(x, w, y_fp4=y, block_scale=bs, global_scale=gs, eps=eps,
+                                            block_size=FP4_BLOCK[p.out_format],
+                                            is_sf_swizzled_layout=p.scale_layout == "swizzled")
+    fn = getattr(ops, op)
+    if op == "rmsnorm_quant":
+        return lambda: fn(y, x, w, scale, eps)
+    if op == "fused_add_rmsnorm_quant":
+        return lambda: fn(y, x, r, w, scale, eps)
+    if p.spec.residual:  # fused add: x and residual updated in place
+        return lambda: fn(x, r, w, eps)
+    return lambda: fn(x, w, eps, out=y)
