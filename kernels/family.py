@@ -218,6 +218,12 @@ def all_ops() -> tuple[str, ...]:
     return tuple(o for f in families().values() for o in f.ops)
 
 
+def problem_columns() -> tuple[str, ...]:
+    """The problem part of a result row: "family", then every family's key fields in registration order
+    (shared names are one column; a field another family lacks holds PROBLEM_DEFAULTS in sweep.results_io)."""
+    return ("family", *dict.fromkeys(k for f in families().values() for k in f.key_fields))
+
+
 def family_of_op(op: str) -> Family:
     for f in families().values():
         if op in f.ops:

@@ -10,15 +10,18 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from kernels.family import SIZE_FIELDS, family_of, family_of_op
+from kernels.family import SIZE_FIELDS, family_of, family_of_op, problem_columns
 
 from .schema import ADDED_IN, ADDED_KNOB_DEFAULTS, READABLE_VERSIONS, SCHEMA, SCHEMA_VERSION
 
 # What one measurement answers: every family's key columns (kernels.family), the others at PROBLEM_DEFAULTS.
-PROBLEM_COLUMNS = ("family", "op", "out_format", "in_dtype", "scale_layout", "heads", "T", "C", "N", "S",
-                   "quant_mode", "activation", "routing", "E", "top_k", "I", "local_experts")
-PROBLEM_DEFAULTS = {"family": "row", "scale_layout": "rowmajor", "heads": 1, "N": 0, "S": 0, "quant_mode": "",
-                    "activation": "", "routing": "", "E": 0, "top_k": 0, "I": 0, "local_experts": 0}
+PROBLEM_COLUMNS = problem_columns()
+_SINCE_V1 = ("op", "out_format", "in_dtype", "T", "C")  # in every row ever written: no default
+# Rows without a column (another family's field, or older files): the row family for "family", the row
+# family's values for its later columns, else 0 / "" (not applicable).
+PROBLEM_DEFAULTS = {"family": "row", "scale_layout": "rowmajor", "heads": 1,
+                    **{c: 0 if c in SIZE_FIELDS else "" for c in PROBLEM_COLUMNS
+                       if c not in (*_SINCE_V1, "family", "scale_layout", "heads")}}
 
 
 def problem_columns(p) -> dict:

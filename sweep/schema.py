@@ -6,7 +6,7 @@ from __future__ import annotations
 import pyarrow as pa
 
 from kernels.config import KernelConfig
-from kernels.family import all_knob_choices
+from kernels.family import SIZE_FIELDS, all_knob_choices, problem_columns
 from kernels.moe_config import FAMILY_KNOB_CHOICES
 
 SCHEMA_VERSION = 6
@@ -42,23 +42,9 @@ FIELDS: list[pa.Field] = [
     pa.field("impl", pa.string()),  # lutforge | lutforge_heuristic | torch_eager | torch_compile | quack | liger | flashinfer
     pa.field("config_source", pa.string()),  # search | heuristic | lut_exact | lut_range | peer (lut_nearest: old rows)
     pa.field("problem_set", pa.string()),
-    pa.field("family", pa.string()),  # kernels.family name: row | channel_first
-    pa.field("op", pa.string()),
-    pa.field("out_format", pa.string()),
-    pa.field("scale_layout", pa.string()),
-    pa.field("in_dtype", pa.string()),
-    pa.field("T", pa.int64()),  # rows (tokens) of the row family; positions N * S of the channel-first one
-    pa.field("C", pa.int64()),
-    pa.field("heads", pa.int64()),
-    pa.field("N", pa.int64()),  # channel-first: x walked as [N, C, S]; T = N * S positions
-    pa.field("S", pa.int64()),
-    pa.field("quant_mode", pa.string()),  # fused MoE: nvfp4 | w4a16; T = tokens, C = hidden size H
-    pa.field("activation", pa.string()),  # silu | relu2
-    pa.field("routing", pa.string()),  # uniform | skewed (kernels/moe_problem.py's routing model)
-    pa.field("E", pa.int64()),  # experts
-    pa.field("top_k", pa.int64()),
-    pa.field("I", pa.int64()),  # intermediate size
-    pa.field("local_experts", pa.int64()),  # 0: all local
+    # the problem: kernels.family.problem_columns() (family name, then every family's key fields: T is the
+    # runtime size (rows, N * S positions, tokens), C the row length (hidden size), then each family's own)
+    *[pa.field(c, pa.int64() if c in SIZE_FIELDS else pa.string()) for c in problem_columns()],
     *[pa.field(f"knob_{k}", _knob_type(v)) for k, v in KNOB_CHOICES.items()],
     pa.field("status", pa.string()),
     pa.field("error", pa.string()),
