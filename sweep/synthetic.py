@@ -119,7 +119,7 @@ def _channel_first_us(p: cf.ChannelFirstProblem, cfg: cf.ChannelFirstConfig) -> 
 
 
 MMA_SYNC_TFLOPS = 660.0  # dense bf16 mma.sync rate of the model device (about 2/3 of its wgmma peak)
-MOE_GLUE_LAUNCHES = 9  # routing sort/scan, gathers and the per-token sum around the two GEMMs
+MOE_GLUE_LAUNCHES = 3  # the routing launch, the per-token sum and its copy into the output, around the two GEMMs
 
 
 def _moe_gemm_us(p, sh, g) -> float:
