@@ -220,6 +220,7 @@ def _validate(x, w1, w1sf, w2, w2sf, ids, sc, w1_alpha, w2_alpha, fc2_input_scal
 
 
 _PLANS: dict = {}  # argument signature -> _Plan: a repeated call skips the checks (host cost)
+PLAN_CACHE_SIZE = 4096  # signatures kept (T varies per batch; the weights' signature does not)
 
 
 def _arch(device) -> str:
@@ -310,12 +311,13 @@ def fused_moe(x: torch.Tensor, w1_weight: torch.Tensor, w1_weight_sf: torch.Tens
         hash(key)
     except TypeError:
         key = None
-    validate = functools.partial(_validate, *tensors[:9], tensors[9], num_experts, top_k, n_local,
-                                 local_expert_offset, quant_mode, activation, output, output_dtype)
     plan = _PLANS.get(key) if key is not None else None
     if plan is None:
-        plan = validate()
+        plan = _validate(*tensors[:10], num_experts, top_k, n_local, local_expert_offset, quant_mode, activation,
+                         output, output_dtype)
         if key is not None:
+            if len(_PLANS) >= PLAN_CACHE_SIZE:
+                _PLANS.clear()
             _PLANS[key] = plan
     arch = plan.arch
     ids = token_selected_experts
