@@ -51,3 +51,26 @@ def assert_one_row_per_trial(url: str, df) -> None:
         expected |= {(name, t.number) for t in trials}
         assert not st.get_trials(states=(TrialState.RUNNING, TrialState.WAITING)), f"{name}: unfinished trials left"
     assert set(keys) == expected
+
+
+def assert_rows_round_trip(rows) -> None:
+    """Each result row's problem columns name a problem whose key gives them back."""
+    from sweep.results_io import problem_key, problem_of_row
+
+    for _, r in rows.iterrows():
+        assert problem_key(problem_of_row(r)) == problem_key(r.to_dict())
+
+
+def export_checked(results, out_path):
+    """`lutforge export` of synthetic rows into `out_path`, read back and statically valid: the LutModule."""
+    from click.testing import CliRunner
+
+    from kernels.luts import read_lut
+    from lut_export.validate import check_module
+    from sweep.cli import main
+
+    r = CliRunner().invoke(main, ["export", "--results", str(results), "--allow-synthetic", "--out", str(out_path)])
+    assert r.exit_code == 0, r.output
+    lut = read_lut(out_path)
+    assert check_module(lut) == []
+    return lut

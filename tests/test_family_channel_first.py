@@ -8,12 +8,12 @@ from click.testing import CliRunner
 from kernels import channel_first as cf
 from kernels.dispatch import Dispatcher
 from kernels.family import families, family_of, family_of_op
-from kernels.luts import read_lut
-from lut_export.validate import check_module
 from sweep.cli import main
-from sweep.results_io import problem_key, problem_of_row, read_results
+from sweep.results_io import read_results
 from sweep.schema import knob_columns
 from sweep.study import search_space, study_name
+
+from sweep_helpers import assert_rows_round_trip, export_checked
 
 
 def _sweep(results, *args):
@@ -49,14 +49,10 @@ def test_channel_first_sweep_export_and_dispatch(tmp_path):
     ok = cfr[cfr["status"] == "ok"]
     assert ok[knob_columns(families()["channel_first"])].notna().all().all()
     assert ok["knob_cluster"].isna().all()  # the row family's own knobs stay empty
-    for _, r in ok.head(5).iterrows():
-        assert problem_key(problem_of_row(r)) == problem_key(r.to_dict())
+    assert_rows_round_trip(ok.head(5))
 
     lut_path = tmp_path / "sm90_synthetic.py"
-    r = CliRunner().invoke(main, ["export", "--results", str(res), "--allow-synthetic", "--out", str(lut_path)])
-    assert r.exit_code == 0, r.output
-    lut = read_lut(lut_path)
-    assert check_module(lut) == []
+    lut = export_checked(res, lut_path)
     cf_keys = [k for k in lut.exact if k[0] == "cf_l2norm_silu"]
     assert len(cf_keys) == 6 and any(k[0] == "rmsnorm" for k in lut.exact)
     assert all(k[0] != "cf_l2norm_silu" for k in lut.range)  # no range table along N x S
