@@ -7,7 +7,8 @@ conventions: kernels/moe_quant.py; the float reference: kernels/moe_reference.py
 
 Expert ids are checked against [0, num_experts) eagerly (one reduction and one host read; check_expert_ids=False
 skips it); under CUDA-graph capture the check is skipped (it would sync) and out-of-range ids route nowhere,
-like non-local experts.
+like non-local experts. Under torch.compile a call traces to the custom op `lutforge::fused_moe` (its
+metadata checked at trace time), which runs the eager op.
 """
 from __future__ import annotations
 
@@ -161,13 +162,19 @@ def _check_tensor(name, t, dtypes, shape, device):
     _need(t.is_contiguous(), f"{name} must be contiguous (strides {t.stride()} for shape {list(t.shape)})")
 
 
+def _aligned(t) -> bool:
+    """16-byte aligned data (a traced tensor under torch.compile has no address: the custom op's eager call
+    checks it)."""
+    return torch.compiler.is_compiling() or t.data_ptr() % 16 == 0
+
+
 def _validate(x, w1, w1sf, w2, w2sf, ids, sc, w1_alpha, w2_alpha, fc2_input_scale, num_experts, top_k,
               num_local, offset, quant_mode, activation, output, output_dtype) -> _Plan:
     """Every check of the public op, raising ValueError/TypeError before anything launches."""
     _need(isinstance(x, torch.Tensor), f"x must be a torch.Tensor, got {type(x).__name__}", TypeError)
     _need(x.dim() == 2, f"x must be [num_tokens, hidden_size], got shape {list(x.shape)}")
     _need(x.dtype == torch.bfloat16, f"x must be bfloat16, got {x.dtype}", TypeError)
-    _need(x.is_contiguous() and x.data_ptr() % 16 == 0, "x must be contiguous and 16-byte aligned")
+    _need(x.is_contiguous() and _aligned(x), "x must be contiguous and 16-byte aligned")
     T, H = x.shape
     dev = x.device
     _need(H % 64 == 0 and H >= 64, f"hidden_size must be a multiple of 64 (16-value scale blocks, 64-wide "
@@ -198,7 +205,7 @@ def _validate(x, w1, w1sf, w2, w2sf, ids, sc, w1_alpha, w2_alpha, fc2_input_scal
     _check_tensor("w2_weight", w2, _FP4_DTYPES, (El, H, inter // 2), dev)
     _check_tensor("w2_weight_sf", w2sf, _SF_DTYPES, (El, H, inter // NVFP4_BLOCK), dev)
     for name, t in (("w1_weight", w1), ("w2_weight", w2), ("w1_weight_sf", w1sf), ("w2_weight_sf", w2sf)):
-        _need(t.data_ptr() % 16 == 0, f"{name} must be 16-byte aligned")
+        _need(_aligned(t), f"{name} must be 16-byte aligned")
     _check_tensor("token_selected_experts", ids, (torch.int32, torch.int64), (T, top_k), dev)
     _check_tensor("token_final_scales", sc, (torch.float32, torch.bfloat16), (T, top_k), dev)
     _check_tensor("w1_alpha", w1_alpha, (torch.float32,), (El,), dev)
@@ -211,7 +218,7 @@ def _validate(x, w1, w1sf, w2, w2sf, ids, sc, w1_alpha, w2_alpha, fc2_input_scal
               f"fc2_input_scale must be a float32 tensor of one element on {dev}", TypeError)
     if output is not None:
         _check_tensor("output", output, (torch.bfloat16,), (T, H), dev)
-        _need(output.data_ptr() % 16 == 0, "output must be 16-byte aligned")
+        _need(_aligned(output), "output must be 16-byte aligned")
     _need(x.is_cuda, f"x must be on a CUDA device, got {x.device}")  # last: CPU tests reach every check above
     fc1, fc2 = gemm_shapes(quant_mode, activation, H, inter)
     problem = MoEProblem("fused_moe", T, num_experts, top_k, H, inter, quant_mode, activation, "uniform",
@@ -303,6 +310,17 @@ def fused_moe(x: torch.Tensor, w1_weight: torch.Tensor, w1_weight_sf: torch.Tens
     _need(source_format == "modelopt", f"source_format {source_format!r} is not supported: only ModelOpt NVFP4 "
                                        "weights (packed e2m1, e4m3 block scales [E, rows, K/16])")
     n_local = num_experts if num_local_experts is None else num_local_experts
+    if torch.compiler.is_compiling():  # traced: check the metadata, then one opaque custom op
+        _need(configs is None, "configs cannot be forced under torch.compile (the LUT or heuristic answers)")
+        fc2s = fc2_input_scale if quant_mode == "nvfp4" else None
+        plan = _validate(x, w1_weight, w1_weight_sf, w2_weight, w2_weight_sf, token_selected_experts,
+                         token_final_scales, w1_alpha, w2_alpha, fc2s, num_experts, top_k, n_local,
+                         local_expert_offset, quant_mode, activation, output, output_dtype)
+        out = output if output is not None else torch.empty(plan.T, plan.H, dtype=torch.bfloat16, device=x.device)
+        torch.ops.lutforge.fused_moe(x, w1_weight, w1_weight_sf, w2_weight, w2_weight_sf, token_selected_experts,
+                                     token_final_scales, w1_alpha, w2_alpha, fc2s, out, num_experts, top_k, n_local,
+                                     local_expert_offset, quant_mode, activation, check_expert_ids)
+        return out
     tensors = (x, w1_weight, w1_weight_sf, w2_weight, w2_weight_sf, token_selected_experts, token_final_scales,
                w1_alpha, w2_alpha, fc2_input_scale if quant_mode == "nvfp4" else None, output)
     try:
@@ -381,3 +399,24 @@ def compile_check_cases(layers, configs: int = 1, seed: int = 0) -> list[tuple[M
                     cfgs.append(c)
             out += [(sh, c) for c in dict.fromkeys(cfgs)]
     return out
+
+
+# --------------------------------------------------------------------------- torch.compile path
+@torch.library.custom_op("lutforge::fused_moe", mutates_args=("output",), device_types="cuda")
+def _fused_moe_op(x: torch.Tensor, w1_weight: torch.Tensor, w1_weight_sf: torch.Tensor, w2_weight: torch.Tensor,
+                  w2_weight_sf: torch.Tensor, token_selected_experts: torch.Tensor, token_final_scales: torch.Tensor,
+                  w1_alpha: torch.Tensor, w2_alpha: torch.Tensor, fc2_input_scale: torch.Tensor | None,
+                  output: torch.Tensor, num_experts: int, top_k: int, num_local_experts: int,
+                  local_expert_offset: int, quant_mode: str, activation: str, check_expert_ids: bool) -> None:
+    """What a traced fused_moe call lowers to: the eager op on real tensors, writing `output`."""
+    fused_moe(x, w1_weight, w1_weight_sf, w2_weight, w2_weight_sf, token_selected_experts, token_final_scales,
+              num_experts, top_k, w1_alpha=w1_alpha, w2_alpha=w2_alpha, fc2_input_scale=fc2_input_scale,
+              num_local_experts=num_local_experts, output=output, activation=activation, quant_mode=quant_mode,
+              local_expert_offset=local_expert_offset, check_expert_ids=check_expert_ids)
+
+
+@_fused_moe_op.register_fake
+def _fused_moe_fake(x, w1_weight, w1_weight_sf, w2_weight, w2_weight_sf, token_selected_experts, token_final_scales,
+                    w1_alpha, w2_alpha, fc2_input_scale, output, num_experts, top_k, num_local_experts,
+                    local_expert_offset, quant_mode, activation, check_expert_ids) -> None:
+    return None

@@ -148,3 +148,48 @@ def test_routing_kernel_sorts_pairs_by_local_expert(T, E, k, n_local, offset):
     assert sorted(out_rows.tolist()) == list(range(T * k))  # every pair exactly once
     assert (flat[pairs] == torch.repeat_interleave(torch.arange(n_local, device=DEV), counts)).all()
     assert (a_rows[:n].long() == pairs // k).all() and torch.equal(rs[:n], w.reshape(-1)[pairs])
+
+
+def _call(layer, x, ids, w, E, k, out, quant_mode="nvfp4"):
+    return fused_moe(x, layer["w1_weight"], layer["w1_weight_sf"], layer["w2_weight"], layer["w2_weight_sf"], ids, w, E,
+                     k, w1_alpha=layer["w1_alpha"], w2_alpha=layer["w2_alpha"], fc2_input_scale=layer["fc2_input_scale"],
+                     output=out, quant_mode=quant_mode)
+
+
+def test_cuda_graph_replay_follows_new_inputs_in_the_same_buffers():
+    E, k, H, I, T = 16, 4, 256, 128, 40
+    layer = make_layer(E, H, I, "silu", "nvfp4")
+    ids, w = make_routing(T, E, k, seed=3)
+    x = torch.randn(T, H, device=DEV).to(torch.bfloat16)
+    out = torch.empty(T, H, dtype=torch.bfloat16, device=DEV)
+    _call(layer, x, ids, w, E, k, out)  # warm-up: compiles, caches the plan
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        _call(layer, x, ids, w, E, k, out)
+    for seed in (5, 6):
+        ids2, w2 = make_routing(T, E, k, seed=seed)
+        ids.copy_(ids2)
+        w.copy_(w2)
+        x.copy_(torch.randn(T, H, device=DEV).to(torch.bfloat16))
+        out.fill_(float("nan"))
+        g.replay()
+        torch.cuda.synchronize()
+        ref = fused_moe_reference(x, layer["w1_weight"], layer["w1_weight_sf"], layer["w2_weight"],
+                                  layer["w2_weight_sf"], ids, w, w1_alpha=layer["w1_alpha"], w2_alpha=layer["w2_alpha"],
+                                  fc2_input_scale=layer["fc2_input_scale"], quant_mode="nvfp4")
+        assert float((out.float() - ref).norm() / ref.norm()) < 0.03
+
+
+def test_torch_compile_traces_to_the_custom_op_and_matches_eager():
+    E, k, H, I, T = 16, 2, 128, 64, 24
+    layer = make_layer(E, H, I, "silu", "w4a16")
+    ids, w = make_routing(T, E, k, seed=4)
+    x = torch.randn(T, H, device=DEV).to(torch.bfloat16)
+
+    def f(x, ids, w):
+        return _call(layer, x, ids, w, E, k, None, "w4a16") * 2
+
+    eager = f(x, ids, w)
+    compiled = torch.compile(f, fullgraph=True)(x, ids, w)
+    torch.cuda.synchronize()
+    assert torch.equal(compiled, eager)
