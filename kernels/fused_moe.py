@@ -7,8 +7,8 @@ conventions: kernels/moe_quant.py; the float reference: kernels/moe_reference.py
 
 Expert ids are checked against [0, num_experts) eagerly (one reduction and one host read; check_expert_ids=False
 skips it); under CUDA-graph capture the check is skipped (it would sync) and out-of-range ids route nowhere,
-like non-local experts. Under torch.compile a call traces to the custom op `lutforge::fused_moe` (its
-metadata checked at trace time), which runs the eager op.
+like non-local experts. Under torch.compile a call traces to the custom op `lutforge::fused_moe`, which runs (and validates)
+the eager op on the real tensors.
 """
 from __future__ import annotations
 
@@ -163,9 +163,7 @@ def _check_tensor(name, t, dtypes, shape, device):
 
 
 def _aligned(t) -> bool:
-    """16-byte aligned data (a traced tensor under torch.compile has no address: the custom op's eager call
-    checks it)."""
-    return torch.compiler.is_compiling() or t.data_ptr() % 16 == 0
+    return t.data_ptr() % 16 == 0
 
 
 def _validate(x, w1, w1sf, w2, w2sf, ids, sc, w1_alpha, w2_alpha, fc2_input_scale, num_experts, top_k,
@@ -310,13 +308,10 @@ def fused_moe(x: torch.Tensor, w1_weight: torch.Tensor, w1_weight_sf: torch.Tens
     _need(source_format == "modelopt", f"source_format {source_format!r} is not supported: only ModelOpt NVFP4 "
                                        "weights (packed e2m1, e4m3 block scales [E, rows, K/16])")
     n_local = num_experts if num_local_experts is None else num_local_experts
-    if torch.compiler.is_compiling():  # traced: check the metadata, then one opaque custom op
+    if torch.compiler.is_compiling():  # traced: one opaque custom op, whose eager call validates everything
         _need(configs is None, "configs cannot be forced under torch.compile (the LUT or heuristic answers)")
         fc2s = fc2_input_scale if quant_mode == "nvfp4" else None
-        plan = _validate(x, w1_weight, w1_weight_sf, w2_weight, w2_weight_sf, token_selected_experts,
-                         token_final_scales, w1_alpha, w2_alpha, fc2s, num_experts, top_k, n_local,
-                         local_expert_offset, quant_mode, activation, output, output_dtype)
-        out = output if output is not None else torch.empty(plan.T, plan.H, dtype=torch.bfloat16, device=x.device)
+        out = output if output is not None else torch.empty(x.shape, dtype=torch.bfloat16, device=x.device)
         torch.ops.lutforge.fused_moe(x, w1_weight, w1_weight_sf, w2_weight, w2_weight_sf, token_selected_experts,
                                      token_final_scales, w1_alpha, w2_alpha, fc2s, out, num_experts, top_k, n_local,
                                      local_expert_offset, quant_mode, activation, check_expert_ids)

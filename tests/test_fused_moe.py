@@ -210,3 +210,26 @@ def test_the_kernels_fp4_expansion_is_exact_for_every_byte():
             m = ((((t & 7) | (t4 & 0x70000)) << 6) | (((t & 8) | (t4 & 0x80000)) << 12)) & 0xFFFFFFFF
             lo, hi = _bf16_value(m) * 2.0**126, _bf16_value(m >> 16) * 2.0**126
             assert (lo, hi) == (table[byte & 0xF], table[byte >> 4]), (k, byte)
+
+
+def test_torch_compile_traces_one_custom_op():
+    """Dynamo (fake CUDA tensors: no GPU needed) turns a fused_moe call into torch.ops.lutforge.fused_moe on a
+    freshly allocated output, with no graph break."""
+    import torch._dynamo
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    E_, k, H_, I_, T_ = 8, 2, 128, 64, 4
+    with FakeTensorMode():
+        def t(*shape, dtype=torch.float32):
+            return torch.empty(*shape, dtype=dtype, device="cuda")
+        args = (t(T_, H_, dtype=torch.bfloat16), t(E_, 2 * I_, H_ // 2, dtype=torch.uint8),
+                t(E_, 2 * I_, H_ // 16, dtype=torch.float8_e4m3fn), t(E_, H_, I_ // 2, dtype=torch.uint8),
+                t(E_, H_, I_ // 16, dtype=torch.float8_e4m3fn), t(T_, k, dtype=torch.int32), t(T_, k), t(E_), t(E_))
+
+    def f(x, w1, w1sf, w2, w2sf, ids, sc, a1, a2):
+        return fm.fused_moe(x, w1, w1sf, w2, w2sf, ids, sc, E_, k, w1_alpha=a1, w2_alpha=a2, quant_mode="w4a16")
+
+    gm, _ = torch._dynamo.export(f)(*args)
+    calls = [n for n in gm.graph.nodes if n.op == "call_function"]
+    assert [n.target for n in calls if "lutforge" in str(n.target)] == [torch.ops.lutforge.fused_moe]
+    assert str(torch.ops.lutforge.fused_moe.default._schema).count("Tensor(a") >= 1  # output is mutated
