@@ -72,15 +72,20 @@ def cache_key(problem: Problem, cfg: KernelConfig, arch: str) -> str:
 _SRC_HASH: str | None = None
 
 
+def files_hash(names) -> str:
+    """A source version: the hash of these files of kernels/ (a kernel family's sources)."""
+    here = Path(__file__).parent
+    h = hashlib.sha256()
+    for name in names:
+        h.update((here / name).read_bytes())
+    return h.hexdigest()[:16]
+
+
 def kernel_source_hash() -> str:
     """The kernel's source version: cached objects, studies and measured rows belong to one version."""
     global _SRC_HASH
     if _SRC_HASH is None:
-        here = Path(__file__).parent
-        h = hashlib.sha256()
-        for name in _SOURCE_FILES:
-            h.update((here / name).read_bytes())
-        _SRC_HASH = h.hexdigest()[:16]
+        _SRC_HASH = files_hash(_SOURCE_FILES)
     return _SRC_HASH
 
 

@@ -1,31 +1,30 @@
 """`fused_moe`: a whole MoE layer on SM90 with NVFP4 weights, the seed's `b12x_fused_moe` signature.
 
 One call: validate (cached per argument signature), sort the (token, expert) pairs by local expert (one
-routing launch, kernels/moe_route_kernel.py), FC1 grouped GEMM with the activation fused (kernels/moe_kernel.py), FC2 grouped GEMM scaled by the routing
-weights and written per pair, then the sum of each token's pairs into the output. Numerics and scale
-conventions: kernels/moe_quant.py; the float reference: kernels/moe_reference.py.
+routing launch, kernels/moe_route_kernel.py), FC1 grouped GEMM with the activation fused
+(kernels/moe_kernel.py), FC2 grouped GEMM scaled by the routing weights and written per pair, then the sum of
+each token's pairs into the output. Numerics and scale conventions: kernels/moe_quant.py; the float
+reference: kernels/moe_reference.py.
 
-Expert ids are checked against [0, num_experts) eagerly (one reduction and one host read; check_expert_ids=False
-skips it); under CUDA-graph capture the check is skipped (it would sync) and out-of-range ids route nowhere,
-like non-local experts. Under torch.compile a call traces to the custom op `lutforge::fused_moe`, which runs (and validates)
-the eager op on the real tensors.
+Expert ids are checked against [0, num_experts) eagerly (one reduction and one host read;
+check_expert_ids=False skips it); under CUDA-graph capture the check is skipped (it would sync) and
+out-of-range ids route nowhere, like non-local experts. Under torch.compile a call traces to the custom op
+`lutforge::fused_moe`, which runs (and validates) the eager op on the real tensors.
 """
 from __future__ import annotations
 
 import functools
 import hashlib
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from .moe_config import MoEConfig, MoEGemmConfig, MoEGemmShape, gemm_shapes, heuristic, violations
-from .moe_problem import MoEProblem
+from .moe_problem import ACTIVATIONS, DIM_MULTIPLE, MAX_TOP_K, MoEProblem
 from .moe_quant import NVFP4_BLOCK
 
 QUANT_ALIASES = {"nvfp4": "nvfp4", "w4a4": "nvfp4", "w4a16": "w4a16"}
 PRECISION_ALIASES = {"fp4": "nvfp4", "bf16": "w4a16"}
-ACTIVATIONS = ("silu", "relu2")
 _SOURCES = ("moe_kernel.py", "moe_config.py", "moe_route_kernel.py")
 _CACHE_VERSION = 1
 _FP4_DTYPES = tuple(getattr(torch, n) for n in ("uint8", "float4_e2m1fn_x2") if hasattr(torch, n))
@@ -34,11 +33,9 @@ _SF_DTYPES = (torch.float8_e4m3fn, torch.uint8)
 
 @functools.lru_cache(maxsize=1)
 def source_hash() -> str:
-    here = Path(__file__).parent
-    h = hashlib.sha256()
-    for name in _SOURCES:
-        h.update((here / name).read_bytes())
-    return h.hexdigest()[:16]
+    from .compile_cache import files_hash
+
+    return files_hash(_SOURCES)
 
 
 def cache_key(sh: MoEGemmShape, cfg: MoEGemmConfig, arch: str) -> str:
@@ -132,16 +129,9 @@ def get_compiled(sh: MoEGemmShape, cfg: MoEGemmConfig, arch: str):
 class _Plan:
     """What validation settled for one argument signature."""
 
-    T: int
-    H: int
-    I: int
-    top_k: int
-    n_local: int
-    quant_mode: str
-    activation: str
+    problem: MoEProblem  # the call's layer at its T (uniform routing: what dispatch is keyed by)
     fc1: MoEGemmShape
     fc2: MoEGemmShape
-    problem: object  # kernels.moe_problem.MoEProblem (uniform routing: what the call's T stands for)
     arch: str  # the compile target of x's device
 
 
@@ -175,14 +165,14 @@ def _validate(x, w1, w1sf, w2, w2sf, ids, sc, w1_alpha, w2_alpha, fc2_input_scal
     _need(x.is_contiguous() and _aligned(x), "x must be contiguous and 16-byte aligned")
     T, H = x.shape
     dev = x.device
-    _need(H % 64 == 0 and H >= 64, f"hidden_size must be a multiple of 64 (16-value scale blocks, 64-wide "
-                                   f"k-tiles), got {H}")
+    _need(H % DIM_MULTIPLE == 0 and H >= DIM_MULTIPLE, f"hidden_size must be a multiple of {DIM_MULTIPLE} "
+                                                       f"(16-value scale blocks, 64-wide k-tiles), got {H}")
     _need(activation in ACTIVATIONS, f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     _need(output_dtype == torch.bfloat16, f"output_dtype must be torch.bfloat16, got {output_dtype}", TypeError)
     _need(isinstance(num_experts, int) and num_experts >= 1, f"num_experts must be an int >= 1, got {num_experts!r}",
           TypeError if not isinstance(num_experts, int) else ValueError)
-    _need(isinstance(top_k, int) and 1 <= top_k <= min(8, num_experts),
-          f"top_k must be an int in [1, min(8, num_experts)], got {top_k!r}")
+    _need(isinstance(top_k, int) and 1 <= top_k <= min(MAX_TOP_K, num_experts),
+          f"top_k must be an int in [1, min({MAX_TOP_K}, num_experts)], got {top_k!r}")
     _need(isinstance(num_local, int) and 1 <= num_local <= num_experts,
           f"num_local_experts must be in [1, num_experts={num_experts}], got {num_local!r}")
     _need(isinstance(offset, int) and 0 <= offset <= num_experts - num_local,
@@ -196,7 +186,8 @@ def _validate(x, w1, w1sf, w2, w2sf, ids, sc, w1_alpha, w2_alpha, fc2_input_scal
         inter = rows1 // 2
     else:
         inter = rows1
-    _need(inter % 64 == 0 and inter >= 64, f"intermediate_size must be a multiple of 64, got {inter}")
+    _need(inter % DIM_MULTIPLE == 0 and inter >= DIM_MULTIPLE,
+          f"intermediate_size must be a multiple of {DIM_MULTIPLE}, got {inter}")
     El = num_local
     _check_tensor("w1_weight", w1, _FP4_DTYPES, (El, rows1, H // 2), dev)
     _check_tensor("w1_weight_sf", w1sf, _SF_DTYPES, (El, rows1, H // NVFP4_BLOCK), dev)
@@ -221,7 +212,7 @@ def _validate(x, w1, w1sf, w2, w2sf, ids, sc, w1_alpha, w2_alpha, fc2_input_scal
     fc1, fc2 = gemm_shapes(quant_mode, activation, H, inter)
     problem = MoEProblem("fused_moe", T, num_experts, top_k, H, inter, quant_mode, activation, "uniform",
                          0 if El == num_experts else El)
-    return _Plan(T, H, inter, top_k, El, quant_mode, activation, fc1, fc2, problem, _arch(dev))
+    return _Plan(problem, fc1, fc2, _arch(dev))
 
 
 _PLANS: dict = {}  # argument signature -> _Plan: a repeated call skips the checks (host cost)
@@ -332,14 +323,14 @@ def fused_moe(x: torch.Tensor, w1_weight: torch.Tensor, w1_weight_sf: torch.Tens
             if len(_PLANS) >= PLAN_CACHE_SIZE:
                 _PLANS.clear()
             _PLANS[key] = plan
-    arch = plan.arch
+    arch, p = plan.arch, plan.problem
     ids = token_selected_experts
     capturing = torch.cuda.is_current_stream_capturing()
     if check_expert_ids and not capturing and ids.numel():
         bad = ((ids < 0) | (ids >= num_experts)).any()
         _need(not bool(bad), f"token_selected_experts holds ids outside [0, num_experts={num_experts})")
-    out = output if output is not None else torch.empty(plan.T, plan.H, dtype=torch.bfloat16, device=x.device)
-    P = plan.T * plan.top_k
+    out = output if output is not None else torch.empty(p.T, p.H, dtype=torch.bfloat16, device=x.device)
+    P = p.pairs
     if P == 0:
         return out
     if configs is None:
@@ -351,22 +342,21 @@ def fused_moe(x: torch.Tensor, w1_weight: torch.Tensor, w1_weight_sf: torch.Tens
             why = violations(sh, c)
             _need(not why, f"config {c.short()} cannot run {sh.layer}: {'; '.join(why)}")
 
-    eo, to1, to2, a_rows, out_rows, row_scale = _route(ids, token_final_scales, plan.n_local, local_expert_offset,
-                                                       plan.top_k, cfg1.bm, cfg2.bm, arch)
+    eo, to1, to2, a_rows, out_rows, row_scale = _route(ids, token_final_scales, p.n_local, local_expert_offset,
+                                                       p.top_k, cfg1.bm, cfg2.bm, arch)
     # W4A4: FC1 fake-quantises x's rows and its own output in the kernel (kernels/moe_kernel.py)
-    inter = torch.empty(P, plan.I, dtype=torch.bfloat16, device=x.device)
-    grid1 = -(-P // cfg1.bm) + min(plan.n_local, P)
+    inter = torch.empty(P, p.I, dtype=torch.bfloat16, device=x.device)
+    grid1 = -(-P // cfg1.bm) + min(p.n_local, P)
     _launch_gemm(plan.fc1, cfg1, arch, x, a_rows, w1_weight.view(torch.uint8), w1_weight_sf.view(torch.uint8),
-                 w1_alpha, None, None, inter, eo, to1, P, plan.n_local, grid1,
+                 w1_alpha, None, None, inter, eo, to1, P, p.n_local, grid1,
                  fc2_input_scale if quant_mode == "nvfp4" else None)
     # every pair of a local expert is written; the others stay zero
-    all_local = plan.n_local == num_experts
-    y = (torch.empty if all_local and not capturing else torch.zeros)(P, plan.H, dtype=torch.float32,
-                                                                       device=x.device)
-    grid2 = -(-P // cfg2.bm) + min(plan.n_local, P)
+    all_local = p.n_local == num_experts
+    y = (torch.empty if all_local and not capturing else torch.zeros)(P, p.H, dtype=torch.float32, device=x.device)
+    grid2 = -(-P // cfg2.bm) + min(p.n_local, P)
     _launch_gemm(plan.fc2, cfg2, arch, inter, None, w2_weight.view(torch.uint8), w2_weight_sf.view(torch.uint8),
-                 w2_alpha, row_scale, out_rows, y, eo, to2, P, plan.n_local, grid2)
-    out.copy_(y.view(plan.T, plan.top_k, plan.H).sum(dim=1))  # fp32 sum of the token's pairs, one rounding
+                 w2_alpha, row_scale, out_rows, y, eo, to2, P, p.n_local, grid2)
+    out.copy_(y.view(p.T, p.top_k, p.H).sum(dim=1))  # fp32 sum of the token's pairs, one rounding
     return out
 
 

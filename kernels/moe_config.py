@@ -14,6 +14,8 @@ bytes decide the time) or a large-batch tile by the rows each touched expert rec
 """
 from __future__ import annotations
 
+import functools
+import itertools
 from dataclasses import dataclass
 
 from .config import Knobs
@@ -204,15 +206,16 @@ def simplicity(cfg: MoEConfig, heur: MoEConfig) -> tuple:
             g1.bm * g1.bn * g1.bk + g2.bm * g2.bn * g2.bk)
 
 
-def valid_gemm_configs(sh: MoEGemmShape) -> list[MoEGemmConfig]:
-    import itertools
-
+@functools.lru_cache(maxsize=64)
+def valid_gemm_configs(sh: MoEGemmShape) -> tuple[MoEGemmConfig, ...]:
+    """Every valid config of one GEMM shape (counted once per shape: the heuristic and the family's search
+    space both ask)."""
     out = []
     for combo in itertools.product(*MOE_KNOB_CHOICES.values()):
         cfg = MoEGemmConfig(**dict(zip(MOE_KNOB_CHOICES, combo)))
         if not violations(sh, cfg):
             out.append(cfg)
-    return out
+    return tuple(out)
 
 
 def valid_layer_configs(shapes: tuple[MoEGemmShape, MoEGemmShape]) -> list[tuple]:

@@ -127,12 +127,9 @@ class MoEGemmSpec:
 class MoEGemmKernel:
     def __init__(self, spec: MoEGemmSpec):
         sh, cfg = spec.shape, spec.cfg
-        self.spec = spec
         self.K, self.N = sh.K, sh.N
         self.gated = sh.layer == "fc1" and sh.activation == "silu"
         self.relu2 = sh.layer == "fc1" and sh.activation == "relu2"
-        self.fc2 = sh.layer == "fc2"
-        self.out_f32 = sh.out_dtype == "fp32"
         self.quant_a = sh.quant_a  # W4A4 FC1: NVFP4-fake-quantise each A tile in shared memory (global scale 1)
         self.quant_out = sh.quant_out  # W4A4 FC1: the output fake-quantised with the FC2 input's global scale
         self.bm, self.bn, self.bk, self.stages = cfg.bm, cfg.bn, cfg.bk, cfg.stages

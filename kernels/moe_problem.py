@@ -203,11 +203,6 @@ def flops(p: MoEProblem) -> int:
     return round(2 * p.pairs * (p.fc1_rows * p.H + p.H * p.I) * local_pair_fraction(p))
 
 
-def size_label(p: MoEProblem) -> str:
-    """The runtime size, for tables and plots."""
-    return f"T{p.T}"
-
-
 def layer_label(p: MoEProblem) -> str:
     """The compile-time layer shape, for tables and plots."""
     return f"E{p.E}k{p.top_k} H{p.H} I{p.I}"

@@ -47,7 +47,7 @@ def test_properties_and_labels():
     assert make(local_experts=3).n_local == 3 and make(local_experts=8).n_local == 8
     assert make(activation="relu2").fc1_rows == 64
     assert make(T=0).pairs == 0
-    assert M.size_label(p) == "T4" and M.layer_label(p) == "E8k2 H128 I64"
+    assert M.layer_label(p) == "E8k2 H128 I64"
     with pytest.raises(AttributeError):
         p.T = 5  # frozen: problems are dict keys
 
