@@ -32,20 +32,24 @@ class MoECase(Case):
         return self.touched_bytes
 
 
-def _weights(p: mp.MoEProblem, device) -> dict:
+def layer_tensors(n_local: int, fc1_rows: int, H: int, I: int, quant_mode: str, device, seed: int = 1234) -> dict:  # noqa: E741
+    """One layer's fused_moe weight arguments: random normal weights (std 0.05) in ModelOpt NVFP4, alphas
+    carrying the global scales, and fc2_input_scale 4 for W4A4 (None for W4A16)."""
     from .moe_quant import quantize_weights
 
+    g = torch.Generator(device=device).manual_seed(seed)
+    w1q, w1sf, gs1 = quantize_weights(torch.randn(n_local, fc1_rows, H, generator=g, device=device) * 0.05)
+    w2q, w2sf, gs2 = quantize_weights(torch.randn(n_local, H, I, generator=g, device=device) * 0.05)
+    fc2s = torch.tensor([4.0], device=device) if quant_mode == "nvfp4" else None
+    return dict(w1_weight=w1q, w1_weight_sf=w1sf, w2_weight=w2q, w2_weight_sf=w2sf, w1_alpha=(1.0 / gs1).float(),
+                w2_alpha=(1.0 / (gs2 * (fc2s if fc2s is not None else 1.0))).float(), fc2_input_scale=fc2s)
+
+
+def _weights(p: mp.MoEProblem, device) -> dict:
     key = (p.E, p.top_k, p.H, p.I, p.activation, p.quant_mode, p.local_experts, str(device))
     if key not in _LAYER:
         _LAYER.clear()
-        g = torch.Generator(device=device).manual_seed(1234)
-        w1q, w1sf, gs1 = quantize_weights(torch.randn(p.n_local, p.fc1_rows, p.H, generator=g, device=device) * 0.05)
-        w2q, w2sf, gs2 = quantize_weights(torch.randn(p.n_local, p.H, p.I, generator=g, device=device) * 0.05)
-        fc2s = torch.tensor([4.0], device=device) if p.quant_mode == "nvfp4" else None
-        _LAYER[key] = dict(w1_weight=w1q, w1_weight_sf=w1sf, w2_weight=w2q, w2_weight_sf=w2sf,
-                           w1_alpha=(1.0 / gs1).float(),
-                           w2_alpha=(1.0 / (gs2 * (fc2s if fc2s is not None else 1.0))).float(),
-                           fc2_input_scale=fc2s)
+        _LAYER[key] = layer_tensors(p.n_local, p.fc1_rows, p.H, p.I, p.quant_mode, device)
     return _LAYER[key]
 
 
@@ -86,21 +90,22 @@ def make_cases(problem: mp.MoEProblem, n: int, device="cuda", seed: int = 0) -> 
     return cases
 
 
-def launcher(problem: mp.MoEProblem, cfg, case: Case, arch: str | None = None):
-    """A zero-argument callable running the public op with `cfg` (kernels.moe_config.MoEConfig) forced on the
-    current stream (CUDA-graph capturable: the expert-id check is skipped under capture)."""
+def _call(p: mp.MoEProblem, case: Case, configs=None, check_expert_ids: bool = True):
+    """A zero-argument fused_moe call on the case's tensors (CUDA-graph capturable: the expert-id check is
+    skipped under capture)."""
     from .fused_moe import fused_moe
 
-    a, p = case.args, problem
-    configs = (cfg.gemm("fc1"), cfg.gemm("fc2"))
+    a = case.args
+    return lambda: fused_moe(a["x"], a["w1_weight"], a["w1_weight_sf"], a["w2_weight"], a["w2_weight_sf"],
+                             a["token_selected_experts"], a["token_final_scales"], p.E, p.top_k,
+                             w1_alpha=a["w1_alpha"], w2_alpha=a["w2_alpha"], fc2_input_scale=a["fc2_input_scale"],
+                             num_local_experts=p.n_local, output=a["out"], activation=p.activation,
+                             quant_mode=p.quant_mode, configs=configs, check_expert_ids=check_expert_ids)
 
-    def launch():
-        fused_moe(a["x"], a["w1_weight"], a["w1_weight_sf"], a["w2_weight"], a["w2_weight_sf"],
-                  a["token_selected_experts"], a["token_final_scales"], p.E, p.top_k, w1_alpha=a["w1_alpha"],
-                  w2_alpha=a["w2_alpha"], fc2_input_scale=a["fc2_input_scale"], num_local_experts=p.n_local,
-                  output=a["out"], activation=p.activation, quant_mode=p.quant_mode, configs=configs)
 
-    return launch
+def launcher(problem: mp.MoEProblem, cfg, case: Case, arch: str | None = None):
+    """The call with `cfg` (kernels.moe_config.MoEConfig) forced, on the current stream."""
+    return _call(problem, case, configs=(cfg.gemm("fc1"), cfg.gemm("fc2")))
 
 
 def expected_outputs(problem: mp.MoEProblem, case: Case) -> dict:
@@ -133,14 +138,7 @@ def check(problem: mp.MoEProblem, case: Case, expected: dict | None = None) -> C
     return compare(problem, case.args["out"], expected["out"])
 
 
-def public_launcher(problem, case):
+def public_launcher(problem, case, check_expert_ids: bool = True):
     """fused_moe on a fused-MoE case with no config forced: the LUT entry for the call's T or the heuristic,
     as a serving engine's call gets."""
-    from .fused_moe import fused_moe
-
-    a, p = case.args, problem
-    return lambda: fused_moe(a["x"], a["w1_weight"], a["w1_weight_sf"], a["w2_weight"], a["w2_weight_sf"],
-                             a["token_selected_experts"], a["token_final_scales"], p.E, p.top_k,
-                             w1_alpha=a["w1_alpha"], w2_alpha=a["w2_alpha"], fc2_input_scale=a["fc2_input_scale"],
-                             num_local_experts=p.n_local, output=a["out"], activation=p.activation,
-                             quant_mode=p.quant_mode)
+    return _call(problem, case, check_expert_ids=check_expert_ids)

@@ -205,22 +205,12 @@ def _moe_calls(p, device) -> dict:
     """fused_moe as called eagerly (expert-id check included: it syncs), without that check (what serving code
     that trusts its router pays), and the torch grouped-GEMM baseline (W4A16 problems)."""
     from kernels import moe_runner
-    from kernels.fused_moe import fused_moe
 
     from . import peers
 
     case = moe_runner.make_case(p, device)
-    a = case.args
-
-    def call(check):
-        return lambda: fused_moe(a["x"], a["w1_weight"], a["w1_weight_sf"], a["w2_weight"], a["w2_weight_sf"],
-                                 a["token_selected_experts"], a["token_final_scales"], p.E, p.top_k,
-                                 w1_alpha=a["w1_alpha"], w2_alpha=a["w2_alpha"],
-                                 fc2_input_scale=a["fc2_input_scale"], num_local_experts=p.n_local,
-                                 output=a["out"], activation=p.activation, quant_mode=p.quant_mode,
-                                 check_expert_ids=check)
-
-    fns = {"lutforge": call(True), "lutforge_unchecked": call(False)}
+    fns = {"lutforge": moe_runner.public_launcher(p, case),
+           "lutforge_unchecked": moe_runner.public_launcher(p, case, check_expert_ids=False)}
     if peers.unsupported(p, "torch_eager") is None:
         fns["torch_eager"] = peers.build("torch_eager", p, case)[0]
     return fns

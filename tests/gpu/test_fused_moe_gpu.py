@@ -14,7 +14,7 @@ import torch
 from kernels import fused_moe as fm
 from kernels.fused_moe import fused_moe
 from kernels.moe_config import MoEGemmConfig
-from kernels.moe_quant import quantize_weights
+from kernels.moe_runner import layer_tensors
 from kernels.moe_reference import fused_moe_reference
 
 pytestmark = pytest.mark.gpu
@@ -25,19 +25,8 @@ if not torch.cuda.is_available():
 DEV = "cuda"
 
 
-def make_layer(E, H, I, activation, quant_mode, seed=0, n_local=None):
-    g = torch.Generator(device=DEV).manual_seed(seed)
-    El = n_local or E
-    rows1 = 2 * I if activation == "silu" else I
-    w1 = torch.randn(El, rows1, H, generator=g, device=DEV) * 0.05
-    w2 = torch.randn(El, H, I, generator=g, device=DEV) * 0.05
-    w1q, w1sf, gs1 = quantize_weights(w1)
-    w2q, w2sf, gs2 = quantize_weights(w2)
-    fc2s = torch.tensor([4.0], device=DEV) if quant_mode == "nvfp4" else None
-    a1 = (1.0 / gs1).float()
-    a2 = (1.0 / (gs2 * (fc2s if fc2s is not None else 1.0))).float()
-    return dict(w1_weight=w1q, w1_weight_sf=w1sf, w2_weight=w2q, w2_weight_sf=w2sf, w1_alpha=a1, w2_alpha=a2,
-                fc2_input_scale=fc2s)
+def make_layer(E, H, I, activation, quant_mode, seed=0, n_local=None):  # noqa: E741
+    return layer_tensors(n_local or E, 2 * I if activation == "silu" else I, H, I, quant_mode, DEV, seed)
 
 
 def make_routing(T, E, k, seed=0, skew=None):
