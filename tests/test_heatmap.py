@@ -476,6 +476,21 @@ def _click(driver, label_index):
                           ".dispatchEvent(new MouseEvent('click', {bubbles: true}))", label_index)
 
 
+def _hover(driver, xval, yval, prefix):
+    """Hover the first facet's cell at (xval, yval) and return the hover texts once one starts with
+    `prefix`: Plotly throttles hover calls (50 ms), so a call right after the previous one draws later."""
+    from selenium.common.exceptions import TimeoutException
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    js = (f"Plotly.Fx.hover({GD}, {{xval: {xval}, yval: {yval}}}, 'xy');"
+          "return Array.from(document.querySelectorAll('.hoverlayer .hovertext')).map(e => e.textContent)")
+    try:
+        return WebDriverWait(driver, 10, poll_frequency=0.1).until(
+            lambda d: (h := d.execute_script(js)) and all(t.startswith(prefix) for t in h) and h)
+    except TimeoutException:  # let the caller's assertion show what was drawn instead
+        return driver.execute_script(js)
+
+
 def _cell_texts(driver):
     return driver.execute_script(f"return Array.from(document.querySelectorAll('#{DIV_ID} .hm text'))"
                                  ".map(e => e.textContent)")
@@ -517,9 +532,7 @@ def test_buttons_switch_views_in_headless_chromium(results, tmp_path, browser):
         assert active == [i % 4 if m == i // 4 else -1 for m in range(2)]  # one highlighted button in all rows
         texts = _cell_texts(browser)
         assert at(view(fig, b.name)["text"], fig, 256, 4096) in texts
-        hover = browser.execute_script(
-            f"Plotly.Fx.hover({GD}, {{xval: 2, yval: 1}}, 'xy');"  # T=256, C=4096 of the first facet
-            "return Array.from(document.querySelectorAll('.hoverlayer .hovertext')).map(e => e.textContent)")
+        hover = _hover(browser, 2, 1, f"T=256 C=4096{b.label} of ")  # T=256, C=4096 of the first facet
         assert len(hover) == 1 and hover[0].startswith(f"T=256 C=4096{b.label} of ")
         assert at(view(fig, b.name)["text"], fig, 256, 4096) in hover[0]
         assert f"lutforge (public op): {s['public']['median_us']:.2f} µs" in hover[0]
