@@ -1,7 +1,7 @@
 """fused_moe on the GPU against its rooflines and the torch baseline, in one run:
 
     python benchmarks/fused_moe.py [--layers qwen3-30b-a3b,deepseek-v3] [--tokens 1,8,64,4096,16384]
-                                   [--quant nvfp4,w4a16] [--out FILE.md]
+                                   [--quant nvfp4,w4a16] [--splits 1,2,4,8] [--out FILE.md]
 
 Measured in the same process, first: the device-to-device copy bandwidth (sweep.timer.copy_roofline) and the
 dense bf16 matrix rate (torch.mm 8192^3, CUDA-graph replay, median). Then per (layer of the moe problem set,
@@ -13,6 +13,8 @@ T, quant mode), uniform routing:
                   torch has no FP4 activations)
 * host            microseconds per eager call of fused_moe (expert-id check on, and off), N back-to-back
                   calls with the GPU held busy (sweep/host_cost.py)
+* fc2 split-K     at decode (T <= 64), with --splits: the config lutforge chose with FC2's split-K forced to
+                  each valid value (kernels/moe_config.py's split_heuristic threshold, checked on the device)
 
 Each lutforge output is first checked against the float64 reference (kernels/moe_runner.check). The targets of
 the fused-MoE issue: decode (T <= 64) at >= 70 % of the weight-bytes roofline (the FP4 weights and scales of
@@ -31,6 +33,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import problem_sets  # noqa: E402
+from dataclasses import replace  # noqa: E402
+
+from kernels import fused_moe as fm  # noqa: E402
+from kernels import moe_config as mc  # noqa: E402
 from kernels import moe_problem as mp  # noqa: E402
 from kernels import moe_runner  # noqa: E402
 from sweep import host_cost, peers  # noqa: E402
@@ -58,17 +64,21 @@ def timed(p, make_launch) -> float:
     return time_launchers([make_launch(c) for c in cases], set_bytes=first.nbytes).median_us
 
 
-def bench(p, copy_gbps: float, tflops: float) -> dict:
+def bench(p, copy_gbps: float, tflops: float, splits: tuple[int, ...] = ()) -> dict:
     row = {"layer": mp.layer_label(p), "T": p.T, "quant_mode": p.quant_mode, "activation": p.activation}
     case = moe_runner.make_case(p, seed=7)
     moe_runner.public_launcher(p, case)()
     torch.cuda.synchronize()
+    chosen = fm._SELECTED.get((p, case.args["x"].device.index))  # the LUT entry or heuristic the call took
+    row["config"] = chosen.short() if chosen is not None else None
     res = moe_runner.check(p, case)
     row["check"] = res.message
     if not res.ok:
         row["status"] = "wrong_result"
         return row
     us = timed(p, lambda c: moe_runner.public_launcher(p, c))
+    if chosen is not None and p.T <= DECODE_T:
+        row.update(split_times(p, chosen, splits))
     row.update(status="ok", lutforge_us=us, ideal_bytes=mp.ideal_bytes(p), flops=mp.flops(p))
     row["pct_weight_roofline"] = 100 * mp.ideal_bytes(p) / (us * 1e-6) / (copy_gbps * 1e9)
     row["pct_mm_rate"] = 100 * mp.flops(p) / (us * 1e-6) / (tflops * 1e12)
@@ -78,6 +88,24 @@ def bench(p, copy_gbps: float, tflops: float) -> dict:
     for r in host_cost.measure(p, impls=("lutforge", "lutforge_unchecked")):
         row[f"host_{r['impl']}_us"] = r.get("host_us")
     return row
+
+
+def split_times(p, cfg, splits: tuple[int, ...]) -> dict:
+    """Median µs of `cfg` with FC2's split-K forced to each of `splits` the layer allows, each output checked."""
+    shapes = mc.gemm_shapes(p.quant_mode, p.activation, p.H, p.I)
+    out = {}
+    for s in splits:
+        forced = replace(cfg, fc2_splits=s)
+        if mc.layer_violations(shapes, forced):
+            continue
+        case = moe_runner.make_case(p, seed=11)
+        moe_runner.launcher(p, forced, case)()
+        torch.cuda.synchronize()
+        if not moe_runner.check(p, case).ok:
+            out[f"fc2_split{s}_us"] = float("nan")
+            continue
+        out[f"fc2_split{s}_us"] = timed(p, lambda c, f=forced: moe_runner.launcher(p, f, c))
+    return out
 
 
 def markdown(rows: list[dict], copy_gbps: float, tflops: float, device: str) -> str:
@@ -96,6 +124,17 @@ def markdown(rows: list[dict], copy_gbps: float, tflops: float, device: str) -> 
                      f"{f('host_lutforge_unchecked_us', '.0f')} | {r['check']} |")
     dec = [r for r in rows if r["status"] == "ok" and r["T"] <= DECODE_T]
     big = [r for r in rows if r["status"] == "ok" and r["T"] >= BATCH_T]
+    split_cols = sorted({k for r in dec for k in r if k.startswith("fc2_split")},
+                        key=lambda k: int(k[len("fc2_split"):-len("_us")]))
+    if split_cols:
+        lines += ["", "FC2 split-K at decode (µs; the chosen config with fc2_splits forced):", "",
+                  "| layer | T | quant | config | " + " | ".join(f"k{c[len('fc2_split'):-len('_us')]}"
+                                                             for c in split_cols) + " |",
+                  "|---|---|---|---|" + "---|" * len(split_cols)]
+        for r in dec:
+            cfg = (r.get("config") or "–").replace("|", "/")
+            lines.append(f"| {r['layer']} | {r['T']} | {r['quant_mode']} | {cfg} | "
+                         + " | ".join(format(r[c], ".1f") if c in r else "–" for c in split_cols) + " |")
     lines += [""]
     if dec:
         worst = min(r["pct_weight_roofline"] for r in dec)
@@ -113,6 +152,7 @@ def main() -> None:
     ap.add_argument("--layers", default="qwen3-30b-a3b,mixtral-8x7b,deepseek-v3,gpt-oss-120b")
     ap.add_argument("--tokens", default="1,8,64,512,4096,16384")
     ap.add_argument("--quant", default="nvfp4,w4a16")
+    ap.add_argument("--splits", default="", help="FC2 split-K values to time at decode, e.g. 1,2,4,8 (default: none)")
     ap.add_argument("--out", default="fused_moe.md")
     args = ap.parse_args()
     ps = problem_sets.load("moe")
@@ -121,6 +161,7 @@ def main() -> None:
     unknown = [w for w in want if w not in layers]
     if unknown:
         raise SystemExit(f"unknown layers {unknown}; the moe set has {sorted(layers)}")
+    splits = tuple(int(s) for s in args.splits.split(",") if s.strip())
     copy = copy_roofline().gbps
     tflops = mm_rate_tflops()
     rows = []
@@ -129,7 +170,7 @@ def main() -> None:
         for T in (int(t) for t in args.tokens.split(",")):
             for q in args.quant.split(","):
                 p = mp.MoEProblem(base.op, T, base.E, base.top_k, base.H, base.I, q, base.activation, "uniform")
-                rows.append(bench(p, copy, tflops))
+                rows.append(bench(p, copy, tflops, splits))
                 print(json.dumps(rows[-1]), flush=True)
     out = Path(args.out)
     out.write_text(markdown(rows, copy, tflops, torch.cuda.get_device_name()))

@@ -16,6 +16,10 @@ One kernel serves both layers (compile-time flags):
   two accumulators; out = silu(alpha*g) * (alpha*u).
 * FC1 ReLU2: out = relu(alpha*acc)^2.
 * FC2: out = alpha*acc*row_scale[s] (the routing weight), written to row out_rows[s] (the pair's index).
+  Split-K (cfg.splits > 1, FC2 only; compile-time): the grid's z axis is the split: CTA (tile, ntile, z)
+  walks k-tiles [z*K/(bk*splits), (z+1)*K/(bk*splits)) and writes its whole fp32 partial tile, scaled by
+  alpha and the routing weight like an unsplit one (linear: the partials still sum to the output), to row
+  z*n_rows + out_rows[s] of the [splits * n_rows, N] output; the caller sums the splits with the pairs.
 Outputs are bf16 or fp32 rows (8-element vector stores from a shared-memory staging tile).
 W4A4 ("nvfp4") FC1 also fake-quantises (kernels/moe_quant.py: e2m1(q) * s, exact in bf16) its A tile in
 shared memory after each k-tile lands (global scale 1), and its output in 16-element blocks with the FC2
@@ -25,8 +29,11 @@ Pipeline per k-tile: wait for the tile's cp.async group, barrier, expand the pac
 tile, issue the cp.async loads of the tile `stages - 1` ahead, barrier, ldmatrix + mma over the tile.
 Shared tiles are padded by 16 bytes per row so ldmatrix and the stores are free of bank conflicts.
 
-Sizes (K, N of the layer) are compile-time; rows, experts and strides are runtime (64-bit strides: a
-DeepSeek-V3 FC1 weight holds 3.7 G bytes).
+Launch geometry: grid (grid_m, N / bn, splits): x the m-tiles of every local expert (plus slack CTAs that
+exit), y the column tiles, z the K splits (1 unsplit); one CTA of 32 * warps_m * warps_n threads each.
+
+Sizes (K, N of the layer, the split count) are compile-time; rows, experts and strides are runtime
+(64-bit strides: a DeepSeek-V3 FC1 weight holds 3.7 G bytes).
 """
 from __future__ import annotations
 
@@ -133,6 +140,8 @@ class MoEGemmKernel:
         self.quant_a = sh.quant_a  # W4A4 FC1: NVFP4-fake-quantise each A tile in shared memory (global scale 1)
         self.quant_out = sh.quant_out  # W4A4 FC1: the output fake-quantised with the FC2 input's global scale
         self.bm, self.bn, self.bk, self.stages = cfg.bm, cfg.bn, cfg.bk, cfg.stages
+        self.splits = cfg.splits  # split-K (FC2): CTAs along the grid's z axis, each over K / splits
+        self.k_tiles = sh.K // (cfg.bk * cfg.splits)  # k-tiles one CTA walks
         self.wm, self.wn = cfg.warps_m, cfg.warps_n
         self.threads = 32 * self.wm * self.wn
         self.nb = self.bn * (2 if self.gated else 1)  # B rows per CTA
@@ -181,7 +190,8 @@ class MoEGemmKernel:
         tiled_mma = cute.make_tiled_mma(op, cute.make_layout((self.wm, self.wn, 1)),
                                         permutation_mnk=(self.wm * 16, self.wn * 16, 16))
         self.kernel(mA, mARows, mW, mSF, mAlpha, mScale, mORows, mOut, mEO, mTO, mGS, n_rows, n_experts,
-                    tiled_mma).launch(grid=[grid_m, N // self.bn, 1], block=[self.threads, 1, 1], stream=stream)
+                    tiled_mma).launch(grid=[grid_m, N // self.bn, self.splits], block=[self.threads, 1, 1],
+                                      stream=stream)
 
     # ------------------------------------------------------------------ device side
     @cute.kernel
@@ -190,7 +200,7 @@ class MoEGemmKernel:
                tiled_mma: cute.TiledMma):
         bm = self.bm
         tidx, _, _ = cute.arch.thread_idx()
-        tile, ntile, _ = cute.arch.block_idx()
+        tile, ntile, split = cute.arch.block_idx()
 
         # Which expert's m-tile this CTA is: the last e with tile_offsets[e] <= tile.
         lo = Int32(0)
@@ -207,13 +217,16 @@ class MoEGemmKernel:
             row0 = mEO[e] + (tile - mTO[e]) * bm  # first sorted position of the tile
             row_end = mEO[e + 1]
             self._tile(mA, mARows, mW, mSF, mAlpha, mScale, mORows, mOut, mGS, tiled_mma, e, row0, row_end,
-                       ntile, tidx)
+                       ntile, split, n_rows, tidx)
 
     @cute.jit
     def _tile(self, mA, mARows, mW, mSF, mAlpha, mScale, mORows, mOut, mGS, tiled_mma, e, row0, row_end, ntile,
-              tidx):
-        bm, bn, bk, stages, nb, K = self.bm, self.bn, self.bk, self.stages, self.nb, self.K
-        k_tiles = K // bk
+              split, n_rows, tidx):
+        bm, bn, bk, stages, nb = self.bm, self.bn, self.bk, self.stages, self.nb
+        k_tiles = self.k_tiles  # this CTA's k-tiles: [kt0, kt0 + k_tiles) of the expert's K / bk
+        kt0 = Int32(0)
+        if const_expr(self.splits > 1):
+            kt0 = split * k_tiles
         n0 = ntile * bn
 
         smem = cutlass.utils.SmemAllocator()
@@ -258,7 +271,8 @@ class MoEGemmKernel:
         # output rows the epilogue drops (an mma output row depends on its A row alone).
         for s in cutlass.range_constexpr(stages - 1):
             if s < k_tiles:
-                self._issue(s, s, a_src, a_ok, mAv, sAv, mWv, sWv, mSFv, sSFv, cp16, cp16b, cp_sf, e, n0, tidx)
+                self._issue(kt0 + s, s, a_src, a_ok, mAv, sAv, mWv, sWv, mSFv, sSFv, cp16, cp16b, cp_sf, e, n0,
+                            tidx)
             cute.arch.cp_async_commit_group()
 
         # MMA partitions: ldmatrix copies from the padded tiles into the fragments.
@@ -295,8 +309,8 @@ class MoEGemmKernel:
                 self._quantize_a(sA, stage, tidx)
             nk = kt + stages - 1
             if nk < k_tiles:
-                self._issue(nk, nk % stages, a_src, a_ok, mAv, sAv, mWv, sWv, mSFv, sSFv, cp16, cp16b, cp_sf, e, n0,
-                            tidx)
+                self._issue(kt0 + nk, nk % stages, a_src, a_ok, mAv, sAv, mWv, sWv, mSFv, sSFv, cp16, cp16b, cp_sf, e,
+                            n0, tidx)
             cute.arch.cp_async_commit_group()
             cute.arch.barrier()
             for kb in cutlass.range_constexpr(k_blocks):
@@ -334,18 +348,21 @@ class MoEGemmKernel:
         gs = Float32(1.0)
         if const_expr(self.quant_out):
             gs = mGS[0]
+        row_base = Int32(0)  # split z writes its partial tile to output rows [z * n_rows, (z + 1) * n_rows)
+        if const_expr(self.splits > 1):
+            row_base = split * n_rows
         for i in cutlass.range_constexpr(-(-self.out_vecs // self.threads)):
             c = tidx + i * self.threads
             r = c // (bn // vec)
             cc = c % (bn // vec)
             s = row0 + r
             if c < self.out_vecs and s < row_end:
-                self._store_vec(sCv, mOutv, mScale, mORows, r, cc, s, ntile, gs)
+                self._store_vec(sCv, mOutv, mScale, mORows, r, cc, s, ntile, gs, row_base)
 
     @cute.jit
-    def _store_vec(self, sCv, mOutv, mScale, mORows, r, cc, s, ntile, gs):
+    def _store_vec(self, sCv, mOutv, mScale, mORows, r, cc, s, ntile, gs, row_base):
         """Row r's `vec` columns from cc*vec of the staged tile (times the row's scale; fake-quantised as one
-        NVFP4 block under quant_out) to its output row."""
+        NVFP4 block under quant_out) to its output row (offset by the split's slice)."""
         vec = self.vec
         frag = cute.make_rmem_tensor((vec,), Float32)
         cute.autovec_copy(sCv[(0, None), (r, cc)], frag)
@@ -357,6 +374,8 @@ class MoEGemmKernel:
         dst = s
         if const_expr(mORows is not None):
             dst = mORows[s]
+        if const_expr(self.splits > 1):
+            dst = dst + row_base
         o = cute.make_rmem_tensor((vec,), mOutv.element_type)
         o.store(vals.to(mOutv.element_type))
         cute.autovec_copy(o, mOutv[(0, None), (dst, ntile * (self.bn // vec) + cc)])

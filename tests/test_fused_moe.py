@@ -7,8 +7,10 @@ import torch
 
 from kernels import fused_moe as fm
 from kernels.encoders import dequantize_fp4, quantize_nvfp4
-from kernels.moe_config import (MOE_KNOB_CHOICES, MoEGemmConfig, MoEGemmShape, gemm_shapes, heuristic, smem_bytes,
-                                violations)
+from kernels import moe_config as mc
+from kernels import moe_problem as mp
+from kernels.moe_config import (MOE_KNOB_CHOICES, MoEConfig, MoEGemmConfig, MoEGemmShape, gemm_shapes, heuristic,
+                                smem_bytes, violations)
 from kernels.moe_quant import dequantize_weights, fake_quantize_nvfp4, quantize_weights
 from kernels.moe_reference import fused_moe_reference
 from kernels.moe_route_kernel import MoERouteSpec
@@ -149,15 +151,123 @@ def test_configs_declare_their_constraints():
 
 @pytest.mark.parametrize("H, I", [(2048, 768), (4096, 14336), (7168, 2048), (2880, 2880)])
 @pytest.mark.parametrize("rows", [1, 8, 40, 1000])
-def test_heuristic_is_valid_for_real_layers(H, I, rows):
+@pytest.mark.parametrize("touched", [0.0, 0.3, 2.0, 128.0])
+def test_heuristic_is_valid_for_real_layers(H, I, rows, touched):
     for sh in (MoEGemmShape("fc1", "silu", H, I), MoEGemmShape("fc2", "silu", I, H, "fp32")):
-        cfg = heuristic(sh, rows)
+        cfg = heuristic(sh, rows, touched)
         assert not violations(sh, cfg) and smem_bytes(sh, cfg) <= 227 * 1024
         assert (cfg.bm == 16) == (rows <= 16)  # decode tiles for a handful of rows per expert
+        assert cfg.splits == 1 or (sh.layer == "fc2" and rows <= 16 and sh.K // (cfg.bk * cfg.splits) >= 2)
 
 
 def test_knob_choices_are_what_the_kernel_takes():
     assert set(MOE_KNOB_CHOICES) == set(MoEGemmConfig().as_dict())
+
+
+# --------------------------------------------------------------------------- FC2 split-K
+MIXTRAL = dict(E=8, top_k=2, H=4096, I=14336)
+QWEN3 = dict(E=128, top_k=8, H=2048, I=768)
+
+
+def _layer_heuristic(T, E, top_k, H, I, local_experts=0, routing="uniform"):  # noqa: E741
+    """What the family's heuristic asks for a problem (kernels/family.py's _moe_family)."""
+    p = mp.MoEProblem("fused_moe", T, E, top_k, H, I, "nvfp4", "silu", routing, local_experts)
+    shapes = gemm_shapes(p.quant_mode, p.activation, p.H, p.I)
+    return shapes, mc.layer_heuristic(shapes, mp.rows_per_expert(p), mp.expected_experts_touched(p))
+
+
+def test_split_constraints():
+    fc1, fc2 = gemm_shapes("w4a16", "silu", 4096, 14336)
+    assert not violations(fc2, MoEGemmConfig(16, 32, 256, 4, 1, 2, 8))  # K=14336 = 7 * 256 * 8
+    assert any("only FC2 splits K" in v for v in violations(fc1, MoEGemmConfig(16, 32, 256, 4, 1, 2, 2)))
+    qwen_fc2 = gemm_shapes("w4a16", "silu", 2048, 768)[1]  # K=768 = 3 * 256
+    assert any("multiple of bk*splits=512" in v for v in violations(qwen_fc2, MoEGemmConfig(16, 32, 256, 4, 1, 2, 2)))
+    assert not violations(qwen_fc2, MoEGemmConfig(16, 32, 64, 4, 1, 2, 4))  # 768 = 3 * 64 * 4
+    oss_fc2 = gemm_shapes("w4a16", "silu", 2880, 2880)[1]  # K=2880: 45 k-tiles of 64, no equal split
+    assert all(any("bk*splits" in v for v in violations(oss_fc2, MoEGemmConfig(16, 16, 64, 4, 1, 1, s)))
+               for s in (2, 4, 8))
+    assert any("decode tile (bm <= 32)" in v for v in violations(fc2, MoEGemmConfig(64, 64, 128, 3, 2, 2, 2)))
+    assert not violations(fc2, MoEGemmConfig(32, 64, 128, 3, 2, 2, 2))
+    assert any("splits=3 not in" in v for v in violations(fc2, MoEGemmConfig(16, 32, 256, 4, 1, 2, 3)))
+    with pytest.raises(ValueError, match="only FC2 splits K"):
+        MoEConfig.of(MoEGemmConfig(16, 32, 256, 4, 1, 2, 2), MoEGemmConfig(16, 32, 256, 4, 1, 2))
+
+
+def test_heuristic_splits_fc2_where_the_grid_is_short_of_ctas():
+    shapes, cfg = _layer_heuristic(1, **MIXTRAL)  # 2 experts x 4096/32 = 256 CTAs unsplit: < 2 per SM
+    g2 = cfg.gemm("fc2")
+    assert cfg.fc2_splits == g2.splits > 1 and cfg.gemm("fc1").splits == 1
+    assert not mc.layer_violations(shapes, cfg)
+    assert mc.fc2_ctas(shapes[1], g2, 1.0, 2.0) * g2.splits >= mc.SPLIT_MIN_CTAS_PER_SM * mc.SM_COUNT
+    assert shapes[1].K // (g2.bk * g2.splits) >= mc.SPLIT_MIN_K_TILES
+    assert _layer_heuristic(4096, **QWEN3)[1].fc2_splits == 1  # large batch: never
+    assert _layer_heuristic(1, **QWEN3)[1].fc2_splits == 1  # 8 experts x 2048/32 = 512 CTAs: enough
+    assert _layer_heuristic(64, **MIXTRAL)[1].fc2_splits == 1  # every expert touched
+    # expert parallelism: DeepSeek-V3 with 8 of 256 experts local sees one expert at T=1: 224 CTAs
+    assert _layer_heuristic(1, 256, 8, 7168, 2048, local_experts=8)[1].fc2_splits == 2
+    # no touched-expert count (the former call): no split
+    assert mc.layer_heuristic(shapes, 1.0).fc2_splits == 1
+    # 8 CTAs: as many splits as keep 2 k-tiles each (K=2048 with bk=256 has 8 k-tiles: 4, not 8)
+    narrow = MoEGemmShape("fc2", "silu", 2048, 256, "fp32")
+    assert mc.split_heuristic(narrow, MoEGemmConfig(16, 32, 256, 4, 1, 2), 1.0, 0.01) == 4
+    assert mc.split_heuristic(narrow, MoEGemmConfig(16, 32, 64, 4, 1, 2), 1.0, 0.01) == 8
+
+
+def test_valid_layer_configs_cross_the_split_fc2_configs_and_agree_with_violations():
+    shapes = gemm_shapes("nvfp4", "silu", 4096, 14336)
+    valid = mc.valid_layer_configs(shapes)
+    assert list(mc.FAMILY_KNOB_CHOICES)[-1] == "fc2_splits" and "fc1_splits" not in mc.FAMILY_KNOB_CHOICES
+    assert list(mc.FAMILY_KNOB_CHOICES) == list(MoEConfig().as_dict())  # tuples build MoEConfig positionally
+    splits = {v[-1] for v in valid}
+    assert splits == {1, 2, 4, 8}
+    unsplit = [v for v in valid if v[-1] == 1]
+    assert len(unsplit) == 32115  # the space before FC2 could split K
+    assert len(valid) == 68007  # splits > 1 on decode tiles (bm 16, 32): about 2.1x
+    assert all(not mc.layer_violations(shapes, MoEConfig(*v)) for v in valid[::211])
+    assert all(MoEConfig(*v).gemm("fc2").splits == v[-1] and MoEConfig(*v).gemm("fc1").splits == 1
+               for v in valid[::997])
+    # complete: every valid FC2 config (split or not) appears with each FC1 config of its bm and stages
+    fc1_bs = {(c.bm, c.stages) for c in mc.valid_gemm_configs(shapes[0])}
+    fc2_keys = {(v[0], v[1], *v[6:]) for v in valid}
+    assert fc2_keys == {(c.bm, c.stages, c.bn, c.bk, c.warps_m, c.warps_n, c.splits)
+                        for c in mc.valid_gemm_configs(shapes[1]) if (c.bm, c.stages) in fc1_bs}
+
+
+def test_family_knob_round_trip_and_old_entries_read_unsplit():
+    from kernels.family import families
+
+    fam = families()["moe"]
+    cfg = MoEConfig.of(MoEGemmConfig(16, 32, 256, 4, 1, 2), MoEGemmConfig(16, 32, 256, 4, 1, 2, 4))
+    assert cfg.fc2_splits == 4 and cfg.gemm("fc2") == MoEGemmConfig(16, 32, 256, 4, 1, 2, 4)
+    row = {f"knob_{k}": v for k, v in cfg.as_dict().items()}
+    assert "knob_fc2_splits" in row and fam.row_config(row) == cfg
+    assert MoEConfig.from_dict(cfg.as_dict()) == cfg
+    old = {k: v for k, v in cfg.as_dict().items() if k != "fc2_splits"}  # a LUT entry from before the knob
+    assert MoEConfig(**old).fc2_splits == 1
+    assert "k4" in cfg.short() and "k1" not in MoEConfig().short()
+
+
+def test_splits_are_compile_time_and_in_the_cache_key():
+    sh = gemm_shapes("w4a16", "silu", 4096, 14336)[1]
+    keys = {fm.cache_key(sh, MoEGemmConfig(16, 32, 256, 4, 1, 2, s), "sm_90a") for s in (1, 2, 4, 8)}
+    assert len(keys) == 4
+    cases = fm.compile_check_cases([(4096, 14336, "silu")], configs=1)
+    assert any(sh.layer == "fc2" and c.splits > 1 for sh, c in cases)  # compile-check covers a split tile
+    with pytest.raises(ValueError, match="only FC2 splits K"):
+        fm.compile_gemm(gemm_shapes("w4a16", "silu", 4096, 14336)[0], MoEGemmConfig(16, 32, 256, 4, 1, 2, 2),
+                        "sm_90a")
+
+
+@pytest.mark.parametrize("arch", ["sm_90a", "sm_100a"])
+@pytest.mark.parametrize("H, I, cfg", [
+    (4096, 14336, MoEGemmConfig(16, 32, 256, 4, 1, 2, 2)),  # Mixtral's decode tile, 28 k-tiles per split
+    (7168, 2048, MoEGemmConfig(32, 64, 64, 3, 2, 2, 8)),  # 4 k-tiles per split
+    (2048, 768, MoEGemmConfig(16, 16, 64, 5, 1, 1, 4)),  # 3 k-tiles per split, fewer than the stages
+])
+def test_split_configs_compile(arch, H, I, cfg):  # noqa: E741
+    sh = gemm_shapes("w4a16", "silu", H, I)[1]
+    assert not violations(sh, cfg)
+    assert fm.compile_gemm(sh, cfg, arch) is not None
 
 
 @pytest.mark.parametrize("layer_kind, activation, out", [("fc1", "silu", "bf16"), ("fc1", "relu2", "fp32"),

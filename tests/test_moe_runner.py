@@ -66,3 +66,16 @@ def test_peers_that_cannot_run_a_moe_problem_say_why():
     assert "FP4 activations" in unsupported(problem(quant_mode="nvfp4"), "torch_eager")
     assert unsupported(problem(), "torch_eager") is None
     assert "torch.compile" in unsupported(problem(), "torch_compile")
+
+
+def test_the_forced_config_launcher_passes_fc2_splits(monkeypatch):
+    from kernels import fused_moe as fm
+    from kernels.moe_config import MoEConfig
+
+    seen = {}
+    monkeypatch.setattr(fm, "fused_moe", lambda *a, **kw: seen.update(kw))
+    p = problem(T=1)
+    cfg = MoEConfig(16, 4, 32, 128, 1, 2, 32, 64, 1, 2, 4)
+    mr.launcher(p, cfg, mr.make_case(p, device="cpu"))()
+    fc1, fc2 = seen["configs"]
+    assert (fc1.splits, fc2.splits) == (1, 4) and (fc2.bm, fc2.bn, fc2.bk, fc2.stages) == (16, 32, 64, 4)

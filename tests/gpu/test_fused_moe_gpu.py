@@ -105,6 +105,53 @@ def test_explicit_configs(cfgs):
     run_and_check(200, 8, 2, 256, 256, "silu", "w4a16", configs=cfgs)
 
 
+# FC2 split-K (kernels/moe_config.py): forced (FC1, FC2) configs for a layer with H=256, I=512 (FC2's K = 512).
+SPLIT_CFGS = {
+    2: (MoEGemmConfig(16, 32, 128, 4, 1, 2), MoEGemmConfig(16, 32, 128, 4, 1, 2, 2)),  # 2 k-tiles per split
+    4: (MoEGemmConfig(16, 16, 64, 2, 1, 1), MoEGemmConfig(16, 16, 64, 2, 1, 1, 4)),  # ReLU2's FC1 fits too
+    8: (MoEGemmConfig(32, 32, 64, 3, 2, 2), MoEGemmConfig(32, 64, 64, 3, 2, 2, 8)),  # 1 k-tile per split: < stages
+}
+
+
+@pytest.mark.parametrize("splits", [2, 8])
+@pytest.mark.parametrize("quant_mode", ["w4a16", "nvfp4"])
+@pytest.mark.parametrize("T, n_local, offset", [(0, None, 0), (1, None, 0), (37, None, 0), (333, None, 0),
+                                                (37, 8, 4), (1, 8, 8), (333, 8, 0)])
+def test_fc2_split_k(T, n_local, offset, splits, quant_mode):
+    """Every split's partial rows land (poisoned output, NaN if not), non-local experts' rows read 0 in every
+    split (expert parallelism: y zero-initialised), several m-tiles per expert (T=333: 83 rows each)."""
+    run_and_check(T, 16, 4, 256, 512, "silu", quant_mode, seed=splits + T, n_local=n_local, offset=offset,
+                  configs=SPLIT_CFGS[splits])
+
+
+def test_fc2_split_k_relu2_and_top_k_1():
+    run_and_check(7, 16, 4, 256, 512, "relu2", "nvfp4", seed=3, configs=SPLIT_CFGS[4])
+    run_and_check(45, 8, 1, 256, 512, "silu", "w4a16", seed=4, configs=SPLIT_CFGS[4])
+
+
+def test_fc2_split_k_is_deterministic_and_agrees_with_the_unsplit_tile():
+    E, k, H, I, T = 16, 4, 256, 512, 29  # noqa: E741
+    layer = make_layer(E, H, I, "silu", "w4a16", seed=9)
+    ids, w = make_routing(T, E, k, seed=9)
+    x = torch.randn(T, H, device=DEV).to(torch.bfloat16)
+    fc1, fc2 = SPLIT_CFGS[8]
+    runs = []
+    for c2 in (fc2, fc2, MoEGemmConfig(fc2.bm, fc2.bn, fc2.bk, fc2.stages, fc2.warps_m, fc2.warps_n)):
+        out = torch.full((T, H), float("nan"), dtype=torch.bfloat16, device=DEV)
+        runs.append(_call(layer, x, ids, w, E, k, out, "w4a16", configs=(fc1, c2)).float())
+    torch.cuda.synchronize()
+    assert torch.equal(runs[0], runs[1])  # no atomics: the same bits every call
+    scale = runs[2].abs().max()
+    assert float((runs[0] - runs[2]).abs().max() / scale) <= 2**-6  # fp32 sums reassociated: a bf16 ulp at most
+
+
+def test_heuristic_decode_with_few_touched_experts():
+    """A Mixtral-like decode step (E=8, top-2, T=1: 2 experts x 256/32 n-tiles): the family heuristic's tile,
+    FC2 split when the dispatcher answers with the heuristic (no LUT entry for this layer)."""
+    run_and_check(1, 8, 2, 256, 1024, "silu", "nvfp4", seed=5)
+    run_and_check(1, 8, 2, 256, 1024, "silu", "w4a16", seed=6, n_local=4, offset=4)
+
+
 def test_real_layer_shapes_decode_and_batch():
     run_and_check(4, 128, 8, 2048, 768, "silu", "nvfp4")  # Qwen3-30B-A3B, decode
     run_and_check(512, 128, 8, 2048, 768, "silu", "w4a16")
@@ -139,22 +186,24 @@ def test_routing_kernel_sorts_pairs_by_local_expert(T, E, k, n_local, offset):
     assert (a_rows[:n].long() == pairs // k).all() and torch.equal(rs[:n], w.reshape(-1)[pairs])
 
 
-def _call(layer, x, ids, w, E, k, out, quant_mode="nvfp4"):
+def _call(layer, x, ids, w, E, k, out, quant_mode="nvfp4", configs=None):
     return fused_moe(x, layer["w1_weight"], layer["w1_weight_sf"], layer["w2_weight"], layer["w2_weight_sf"], ids, w, E,
                      k, w1_alpha=layer["w1_alpha"], w2_alpha=layer["w2_alpha"], fc2_input_scale=layer["fc2_input_scale"],
-                     output=out, quant_mode=quant_mode)
+                     output=out, quant_mode=quant_mode, configs=configs)
 
 
-def test_cuda_graph_replay_follows_new_inputs_in_the_same_buffers():
-    E, k, H, I, T = 16, 4, 256, 128, 40
+@pytest.mark.parametrize("I, configs", [(128, None), (512, "split")])
+def test_cuda_graph_replay_follows_new_inputs_in_the_same_buffers(I, configs):  # noqa: E741
+    E, k, H, T = 16, 4, 256, 40
+    configs = SPLIT_CFGS[8] if configs == "split" else None
     layer = make_layer(E, H, I, "silu", "nvfp4")
     ids, w = make_routing(T, E, k, seed=3)
     x = torch.randn(T, H, device=DEV).to(torch.bfloat16)
     out = torch.empty(T, H, dtype=torch.bfloat16, device=DEV)
-    _call(layer, x, ids, w, E, k, out)  # warm-up: compiles, caches the plan
+    _call(layer, x, ids, w, E, k, out, configs=configs)  # warm-up: compiles, caches the plan
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        _call(layer, x, ids, w, E, k, out)
+        _call(layer, x, ids, w, E, k, out, configs=configs)
     for seed in (5, 6):
         ids2, w2 = make_routing(T, E, k, seed=seed)
         ids.copy_(ids2)
