@@ -25,7 +25,6 @@ import logging
 import re
 from dataclasses import dataclass, replace
 
-from . import config
 from .config import KernelConfig
 from .family import family_of, family_of_key
 from .luts import LutModule, exact_key, load_shipped, read_lut
@@ -172,17 +171,26 @@ class Dispatcher:
         s = self.lookup(problem, arch, device_class, row_stride, ptr_align)
         return s.config, s.tier
 
-    def segments(self, family: Problem, arch: int, device_class: str | None = None, row_stride: int | None = None,
+    def segments(self, family, arch: int, device_class: str | None = None, row_stride: int | None = None,
                  ptr_align: int = 16, t_max: int = T_MAX) -> list[tuple[int, int, Selection]]:
-        """Every answer dispatch gives for `family` (its T ignored) over T = 1..t_max, as (T_first, T_last,
-        selection) runs: what a warm-up must compile so that no later T compiles. The answer is piecewise
-        constant in T; its change points are the LUT's exact T (and T±1), its range bounds, and the
-        heuristic's thresholds (each monotone in T), found by bisection between powers of two."""
+        """Every answer dispatch gives for `family` (a problem of a family with a RANGE table, its runtime size
+        ignored: T of the row norms and of the fused MoE) over sizes 1..t_max, as (first, last, selection)
+        runs: what a warm-up must compile so that no later size compiles. The answer is piecewise constant in
+        the size; its change points are the LUT's exact sizes (and ±1), its range bounds, and the heuristic's
+        thresholds (each monotone in the size), found by bisection between powers of two."""
+        fam = family_of(family)
+        if not fam.has_range:
+            raise ValueError(f"the {fam.name} family has no runtime-size axis to walk (its LUT is exact entries)")
+        size = fam.key_fields[-1]
+
+        def sized(T: int):
+            return replace(family, **{size: T})
+
         def at(T: int) -> Selection:
-            return self.lookup(replace(family, T=T), arch, device_class, row_stride, ptr_align)
+            return self.lookup(sized(T), arch, device_class, row_stride, ptr_align)
 
         points = {1, t_max}
-        rkey = (family.op, family.out_format, family.scale_layout, family.in_dtype, family.C, family.heads)
+        rkey = fam.key(family)[:-1]
         for t in self._tables(arch, device_class.lower() if device_class else None):
             for key in t.exact:
                 if key[:-1] == rkey:
@@ -191,8 +199,8 @@ class Dispatcher:
                 for b in t.range[rkey][0]:
                     points.update((b - 1, b))
 
-        def heur(T: int) -> KernelConfig:
-            return config.heuristic(replace(family, T=T), arch, row_stride, ptr_align)
+        def heur(T: int):
+            return fam.heuristic(sized(T), arch, row_stride, ptr_align)
 
         grid = sorted({min(t_max, 1 << i) for i in range(t_max.bit_length() + 1)})
 

@@ -81,7 +81,7 @@ class Family:
     runner_module: str
     has_range: bool  # LUT RANGE tables along the last key field (the row family's T)
     # the valid knob tuples (knob_choices order) of a problem, where crossing every knob's choices is too
-    # many to test one by one (the fused MoE's two GEMMs: 1728^2); None = that product, filtered
+    # many to test one by one (the fused MoE's two GEMMs: 1728 x 6912); None = that product, filtered
     valid_configs: Callable[..., list] | None = None
 
     @property
@@ -189,14 +189,15 @@ def _moe_family() -> Family:
         from_key=from_key, positions=lambda p: p.T, size_label=lambda p: str(p.T),
         config_type=mc.MoEConfig, knob_choices=mc.FAMILY_KNOB_CHOICES,
         violations=lambda p, cfg, arch=90, stride=None, ptr_align=16: mc.layer_violations(shapes(p), cfg),
-        heuristic=lambda p, arch=90, stride=None, ptr_align=16: mc.layer_heuristic(shapes(p), mp.rows_per_expert(p)),
+        heuristic=lambda p, arch=90, stride=None, ptr_align=16: mc.layer_heuristic(
+            shapes(p), mp.rows_per_expert(p), mp.expected_experts_touched(p)),
         fit=lambda p, cfg, arch=90, stride=None, ptr_align=16: (
             None if cfg is None or mc.layer_violations(shapes(p), cfg) else cfg),
         space_key=lambda p: replace(p, T=0, routing="uniform", E=1, top_k=1, local_experts=0),  # validity: K, N
         searchable=lambda p, cfg: True, simplicity=mc.simplicity, ideal_bytes=mp.ideal_bytes,
         compile_key=lambda p: (p.op, p.quant_mode, p.activation, p.H, p.I), canonical=lambda p: replace(p, T=0),
-        cache_key=lambda p, cfg, arch: fused().layer_cache_key(shapes(p), cfg, arch),
-        precompile=lambda p, cfg, arch: fused().precompile_layer(shapes(p), cfg, arch),
+        cache_key=lambda p, cfg, arch: fused().layer_cache_key(p, cfg, arch),
+        precompile=lambda p, cfg, arch: fused().precompile_layer(p, cfg, arch),
         source_hash=lambda: fused().source_hash(), runner_module="kernels.moe_runner", has_range=True,
         valid_configs=lambda p, arch: mc.valid_layer_configs(shapes(p)))
 

@@ -2,9 +2,10 @@
 
 One call: validate (cached per argument signature), sort the (token, expert) pairs by local expert (one
 routing launch, kernels/moe_route_kernel.py), FC1 grouped GEMM with the activation fused
-(kernels/moe_kernel.py), FC2 grouped GEMM scaled by the routing weights and written per pair, then the sum of
-each token's pairs into the output. Numerics and scale conventions: kernels/moe_quant.py; the float
-reference: kernels/moe_reference.py.
+(kernels/moe_kernel.py), FC2 grouped GEMM scaled by the routing weights and written per pair (per pair and
+K split when FC2 splits K: fp32 partials [splits, pairs, H]), then the sum of each token's pairs (and
+splits) into the output, one fp32 reduction and one rounding. Numerics and scale conventions:
+kernels/moe_quant.py; the float reference: kernels/moe_reference.py.
 
 Expert ids are checked against [0, num_experts) eagerly (one reduction and one host read;
 check_expert_ids=False skips it); under CUDA-graph capture the check is skipped (it would sync) and
@@ -75,18 +76,34 @@ def compile_gemm(sh: MoEGemmShape, cfg: MoEGemmConfig, arch: str):
                        f"fused_moe {sh.layer} K={sh.K} N={sh.N} {cfg.short()}")
 
 
-def layer_cache_key(shapes: tuple[MoEGemmShape, MoEGemmShape], cfg, arch: str) -> str:
-    """The disk-cache names of a layer's two GEMMs (a kernels.moe_config.MoEConfig), joined by '+'."""
-    return "+".join(cache_key(sh, cfg.gemm(sh.layer), arch) for sh in shapes)
+def route_spec(p: MoEProblem, cfg, ids_dtype: str = "int32", scale_dtype: str = "fp32"):
+    """The routing kernel a call of layer `p` with knobs `cfg` launches (routing ids and weights of these
+    dtypes; int32 / fp32 unless the caller passes others)."""
+    from .moe_route_kernel import MoERouteSpec
+
+    return MoERouteSpec(p.n_local, p.top_k, cfg.bm, cfg.bm, ids_dtype, scale_dtype)
 
 
-def precompile_layer(shapes: tuple[MoEGemmShape, MoEGemmShape], cfg, arch: str):
-    """Compile both GEMMs of a layer into the disk cache (idempotent): one compile_cache.CompileInfo, times
-    summed, the larger register and shared-memory use."""
+def _layer_kernels(p: MoEProblem, cfg, arch: str) -> list[tuple[str, object]]:
+    """(disk-cache key, compile function) of every kernel one call runs: FC1, FC2 and the routing kernel."""
+    fc1, fc2 = gemm_shapes(p.quant_mode, p.activation, p.H, p.I)
+    spec = route_spec(p, cfg)
+    return [(cache_key(sh, cfg.gemm(sh.layer), arch), functools.partial(compile_gemm, sh, cfg.gemm(sh.layer), arch))
+            for sh in (fc1, fc2)] + [(route_cache_key(spec, arch), functools.partial(compile_route, spec, arch))]
+
+
+def layer_cache_key(p: MoEProblem, cfg, arch: str) -> str:
+    """The disk-cache names of the kernels a call of layer `p` with knobs `cfg` (a MoEConfig) runs, joined
+    by '+' (the AOT library links them all)."""
+    return "+".join(k for k, _ in _layer_kernels(p, cfg, arch))
+
+
+def precompile_layer(p: MoEProblem, cfg, arch: str):
+    """Compile a call's kernels (both GEMMs and the routing kernel) into the disk cache (idempotent): one
+    compile_cache.CompileInfo, times summed, the largest register and shared-memory use."""
     from .compile_cache import CompileInfo, precompile_key
 
-    infos = [precompile_key(cache_key(sh, cfg.gemm(sh.layer), arch),
-                            functools.partial(compile_gemm, sh, cfg.gemm(sh.layer), arch)) for sh in shapes]
+    infos = [precompile_key(k, fn) for k, fn in _layer_kernels(p, cfg, arch)]
     worst = lambda vals: max((v for v in vals if v is not None), default=None)  # noqa: E731
     return CompileInfo(sum(i.compile_s for i in infos), worst(i.registers for i in infos),
                        worst(i.smem_bytes for i in infos), all(i.from_cache for i in infos))
@@ -111,12 +128,15 @@ def compile_route(spec, arch: str):
     return compile_dsl(MoERouteKernel(spec), args, arch, f"fused_moe routing {spec}")
 
 
+def route_cache_key(spec, arch: str) -> str:
+    raw = repr((_CACHE_VERSION, spec, arch, source_hash()))
+    return "moer" + hashlib.sha256(raw.encode()).hexdigest()[:20]
+
+
 def get_route(spec, arch: str):
     from .compile_cache import cached_function
 
-    raw = repr((_CACHE_VERSION, spec, arch, source_hash()))
-    key = "moer" + hashlib.sha256(raw.encode()).hexdigest()[:20]
-    return cached_function(key, arch, lambda: compile_route(spec, arch))
+    return cached_function(route_cache_key(spec, arch), arch, lambda: compile_route(spec, arch))
 
 
 def get_compiled(sh: MoEGemmShape, cfg: MoEGemmConfig, arch: str):
@@ -284,8 +304,8 @@ def fused_moe(x: torch.Tensor, w1_weight: torch.Tensor, w1_weight_sf: torch.Tens
 
     Arguments as flashinfer's `b12x_fused_moe` (see kernels/moe_quant.py for the scale conventions);
     in addition `local_expert_offset` (the first local expert's global id under expert parallelism, default
-    0) and `configs` (explicit (FC1, FC2) kernel configs; default: the device class's LUT entry for this
-    T, else the family heuristic by rows per expert).
+    0) and `configs` (explicit (FC1, FC2) kernel configs, FC2's possibly splitting K; default: the device
+    class's LUT entry for this T, else the family heuristic by rows per expert and experts touched).
     `check_expert_ids` (default True) refuses ids outside [0, num_experts) with a ValueError: one reduction and
     a host sync per eager call; serving code that trusts its router passes False (ids out of range then route
     nowhere, as under CUDA-graph capture, where the check is always skipped).
@@ -350,20 +370,25 @@ def fused_moe(x: torch.Tensor, w1_weight: torch.Tensor, w1_weight_sf: torch.Tens
     _launch_gemm(plan.fc1, cfg1, arch, x, a_rows, w1_weight.view(torch.uint8), w1_weight_sf.view(torch.uint8),
                  w1_alpha, None, None, inter, eo, to1, P, p.n_local, grid1,
                  fc2_input_scale if quant_mode == "nvfp4" else None)
-    # every pair of a local expert is written; the others stay zero
+    # Every split writes its whole partial tile of every pair of a local expert; the other pairs' rows (non-local
+    # experts, or ids out of range under capture) are written by no split and stay zero in each.
     all_local = p.n_local == num_experts
-    y = (torch.empty if all_local and not capturing else torch.zeros)(P, p.H, dtype=torch.float32, device=x.device)
+    splits = cfg2.splits
+    y = (torch.empty if all_local and not capturing else torch.zeros)(splits, P, p.H, dtype=torch.float32,
+                                                                      device=x.device)
     grid2 = -(-P // cfg2.bm) + min(p.n_local, P)
     _launch_gemm(plan.fc2, cfg2, arch, inter, None, w2_weight.view(torch.uint8), w2_weight_sf.view(torch.uint8),
-                 w2_alpha, row_scale, out_rows, y, eo, to2, P, p.n_local, grid2)
-    out.copy_(y.view(p.T, p.top_k, p.H).sum(dim=1))  # fp32 sum of the token's pairs, one rounding
+                 w2_alpha, row_scale, out_rows, y.view(splits * P, p.H), eo, to2, P, p.n_local, grid2)
+    # fp32 sum over the K splits and the token's pairs, one rounding
+    out.copy_(y.view(splits, p.T, p.top_k, p.H).sum(dim=(0, 2)) if splits > 1 else y.view(p.T, p.top_k, p.H).sum(dim=1))
     return out
 
 
 def compile_check_cases(layers, configs: int = 1, seed: int = 0) -> list[tuple[MoEGemmShape, MoEGemmConfig]]:
     """(shape, config) pairs `lutforge compile-check` compiles for `layers` ((H, I, activation) triples):
     FC1 and FC2 of W4A16 (and W4A4's quantising FC1 for the first layer), each with the heuristic configs of
-    decode, mid and large batches plus `configs` random valid ones."""
+    decode, mid and large batches (FC2 also at decode with one touched expert: the split-K tile where K
+    allows) plus `configs` random valid ones."""
     import random
 
     from .moe_config import MOE_KNOB_CHOICES
@@ -375,9 +400,11 @@ def compile_check_cases(layers, configs: int = 1, seed: int = 0) -> list[tuple[M
         if i == 0:
             shapes.append(gemm_shapes("nvfp4", activation, H, inter)[0])
         for sh in shapes:
-            cfgs = [heuristic(sh, rows) for rows in (1, 40, 1000)]
+            cfgs = list(dict.fromkeys([heuristic(sh, rows) for rows in (1, 40, 1000)]
+                                      + ([heuristic(sh, 1, experts_touched=1.0)] if sh.layer == "fc2" else [])))
+            want = len(cfgs) + configs
             for _ in range(500):
-                if len(set(cfgs)) >= 3 + configs:
+                if len(set(cfgs)) >= want:
                     break
                 c = MoEGemmConfig(**{k: rng.choice(v) for k, v in MOE_KNOB_CHOICES.items()})
                 if not violations(sh, c):

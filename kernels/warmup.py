@@ -1,9 +1,10 @@
-"""Warm-up: load or compile, before serving, every kernel dispatch can return for given row lengths.
+"""Warm-up: load or compile, before serving, every kernel dispatch can return for given row lengths (the norms)
+or for a fused-MoE layer.
 
 Dispatch answers per (op, C, formats) change with T (LUT entries, range bounds, heuristic thresholds), so a
 process that compiled only the configs of the T it met so far compiles again when a batch of another size
-arrives (~0.3 s each, measured on the H200). `warmup` walks every T (Dispatcher.segments) and makes each
-answer's function resident; `reachable_configs` is the same walk for building the AOT library.
+arrives (~0.3 s each, measured on the H200). `warmup` / `warmup_moe` walk every T (Dispatcher.segments) and
+make each answer's functions resident; `reachable_configs` is the same walk for building the AOT library.
 """
 from __future__ import annotations
 
@@ -49,12 +50,9 @@ def reachable_configs(family: Problem, arch: int, device_class: str | None) -> l
     return seen
 
 
-def warmup(op: str, C, in_dtypes=("bf16",), out_formats=None, heads: int = 1, scale_layouts=None, device=None,
-           arch: str | None = None, device_class: str | None = None) -> WarmupReport:
-    """Make resident every kernel `op` can dispatch to for row length(s) C, across all T, on `device` (default
-    the current CUDA device) or, without a GPU, for `arch` (e.g. "sm_90a") and `device_class` (e.g. "h200"):
-    then only the disk cache is filled, for later processes. Covers contiguous, 16-byte-aligned data (what
-    torch allocates); other layouts narrow the vector and are compiled when first met."""
+def _target(device, arch, device_class) -> tuple[str, str | None]:
+    """(arch name, device class): the given device's (default the current CUDA device), or arch and class as
+    given (no GPU: only the disk cache is filled)."""
     if arch is None:
         import torch
 
@@ -62,6 +60,16 @@ def warmup(op: str, C, in_dtypes=("bf16",), out_formats=None, heads: int = 1, sc
         props = torch.cuda.get_device_properties(idx)
         arch = arch_name(props.major * 10 + props.minor)
         device_class = device_class or device_class_of(props.name)
+    return arch, device_class
+
+
+def warmup(op: str, C, in_dtypes=("bf16",), out_formats=None, heads: int = 1, scale_layouts=None, device=None,
+           arch: str | None = None, device_class: str | None = None) -> WarmupReport:
+    """Make resident every kernel `op` can dispatch to for row length(s) C, across all T, on `device` (default
+    the current CUDA device) or, without a GPU, for `arch` (e.g. "sm_90a") and `device_class` (e.g. "h200"):
+    then only the disk cache is filled, for later processes. Covers contiguous, 16-byte-aligned data (what
+    torch allocates); other layouts narrow the vector and are compiled when first met."""
+    arch, device_class = _target(device, arch, device_class)
     sm = arch_number(arch)
     before = compile_count()
     done = set()
@@ -74,3 +82,36 @@ def warmup(op: str, C, in_dtypes=("bf16",), out_formats=None, heads: int = 1, sc
                 done.add((fam, cfg))
                 get_compiled(fam, cfg, arch)
     return WarmupReport(len(done), compile_count() - before, len(fams))
+
+
+def warmup_moe(num_experts: int, top_k: int, hidden_size: int, intermediate_size: int, activation: str = "silu",
+               quant_mode: str = "nvfp4", num_local_experts: int | None = None, ids_dtypes=("int32",),
+               scale_dtypes=("fp32",), device=None, arch: str | None = None,
+               device_class: str | None = None) -> WarmupReport:
+    """Make resident every kernel `kernels.fused_moe.fused_moe` can run for one layer, across all T: both
+    grouped GEMMs of each config dispatch returns, and the routing kernel for each pair of row tiles they use
+    (per routing-id dtype, "int32"/"int64", and routing-weight dtype, "fp32"/"bf16", the call will pass).
+    Same device / arch / device_class convention as `warmup`."""
+    from . import fused_moe as fm
+    from .moe_config import gemm_shapes
+    from .moe_problem import MoEProblem
+
+    arch, device_class = _target(device, arch, device_class)
+    n_local = num_experts if num_local_experts is None else num_local_experts
+    layer = MoEProblem("fused_moe", 0, num_experts, top_k, hidden_size, intermediate_size, quant_mode, activation,
+                       "uniform", 0 if n_local == num_experts else n_local)  # what fused_moe's dispatch asks
+    shapes = gemm_shapes(quant_mode, activation, hidden_size, intermediate_size)
+    before, done = compile_count(), set()
+    for cfg in reachable_configs(layer, arch_number(arch), device_class):
+        for sh in shapes:
+            g = cfg.gemm(sh.layer)
+            if (sh, g) not in done:
+                done.add((sh, g))
+                fm.get_compiled(sh, g, arch)
+        for ids in ids_dtypes:
+            for sc in scale_dtypes:
+                spec = fm.route_spec(layer, cfg, ids, sc)
+                if spec not in done:
+                    done.add(spec)
+                    fm.get_route(spec, arch)
+    return WarmupReport(len(done), compile_count() - before, 1)

@@ -1,6 +1,7 @@
-"""What the ahead-of-time library holds: every config dispatch can return, over all T, for the row-problem
-families the shipped LUTs cover and for families a user declares (ops x row lengths x formats), plus the
-exact entries of the other kernel families (channel-first: one config per swept problem)."""
+"""What the ahead-of-time library holds: every config dispatch can return, over every runtime size, for the
+problems of the families with a RANGE table that the shipped LUTs cover (row norms over T, fused-MoE layers
+over T) and for row families a user declares (ops x row lengths x formats), plus the exact entries of the
+other kernel families (channel-first: one config per swept problem)."""
 from __future__ import annotations
 
 from kernels.dispatch import default_dispatcher
@@ -10,10 +11,11 @@ from kernels.problem import Problem
 from kernels.warmup import families, reachable_configs
 
 
-def lut_families(arch: int) -> tuple[dict[str, list[Problem]], dict[str, list[tuple]]]:
-    """Per device class of the shipped LUT modules of `arch`: the (T-free) row-problem families its module
-    answers, and the (problem, config) exact entries of its other kernel families, read in one pass."""
-    rows: dict[str, list[Problem]] = {}
+def lut_families(arch: int) -> tuple[dict[str, list], dict[str, list[tuple]]]:
+    """Per device class of the shipped LUT modules of `arch`: the size-free problems (runtime size 0) of the
+    families with a RANGE table (row norms, fused MoE) its module answers, whose every size dispatch walks,
+    and the (problem, config) exact entries of the other families, read in one pass."""
+    walked: dict[str, list] = {}
     others: dict[str, list[tuple]] = {}
     for lut in load_shipped():
         if lut.arch != arch:
@@ -21,14 +23,15 @@ def lut_families(arch: int) -> tuple[dict[str, list[Problem]], dict[str, list[tu
         fams, exact = set(), []
         for key, knobs in lut.exact.items():
             f = family_of_key(key)
-            if f.name != "row":
+            if f.has_range:
+                fams.add(f.from_key(*key[:-1], 0))
+            else:
                 exact.append((f.problem_of_key(key), f.config_type(**knobs)))
-        for key in [k for k in [*lut.exact, *lut.range] if family_of_key(k).name == "row"]:
-            op, fmt, layout, dt, C, heads = key[:6]
-            fams.add(Problem(op, 0, C, dt, fmt, heads, layout))
-        rows[lut.device_class] = sorted(fams, key=repr)
+        for key in lut.range:
+            fams.add(family_of_key(key).from_key(*key, 0))
+        walked[lut.device_class] = sorted(fams, key=repr)
         others[lut.device_class] = exact
-    return rows, others
+    return walked, others
 
 
 def declared_families(ops, Cs, in_dtypes, out_formats, heads: int = 1) -> list[Problem]:

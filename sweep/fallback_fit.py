@@ -511,8 +511,8 @@ def holdout_sizes(sets, sizes: str) -> tuple[int, ...]:
     for name in sets:
         if name and name.lower() != "none":
             ps = problem_sets.load(name)
-            if ps.family == "moe":
-                raise ValueError(f"problem set {name!r} is a fused-MoE set: it has no hidden sizes to hold out")
+            if ps.family != "row":  # the fallback is the row family's heuristic
+                raise ValueError(f"problem set {name!r} is a {ps.family} set: it has no row hidden sizes to hold out")
             out |= {c for _t, c, _h in ps.shapes}
     return tuple(sorted(out))
 

@@ -24,8 +24,8 @@ import numpy as np
 import pandas as pd
 
 from kernels.family import all_ops
-from kernels.problem import OPS
 
+from .families import facet_fields, harness
 from .report import (BEST_PEER, BEST_TRIAL, HEURISTIC, LUTFORGE, PROBLEM_KEY, best_peer, filter_rows, load_ok_rows,
                      peer_names, picks, reference, speedups)
 from .results_io import size_label
@@ -34,8 +34,7 @@ METRICS = ("pct_copy", "gbps", "vs_peer", "speedup_vs_heuristic")
 SERIES = (LUTFORGE, BEST_TRIAL)  # whose numbers a view shows: the public op, or the best sweep trial
 SERIES_LABEL = {LUTFORGE: "lutforge (public op)", BEST_TRIAL: "best trial", HEURISTIC: "lutforge heuristic"}
 # a facet: one kind of kernel (the fused MoE's quant mode, activation and routing make kinds of their own)
-FACET_KEY = ["family", "op", "out_format", "in_dtype", "scale_layout", "heads", "quant_mode", "activation", "routing",
-             "local_experts"]
+FACET_KEY = ["family", "op", "out_format", "in_dtype", *facet_fields()]
 NO_SET = "(no problem set)"
 DIV_ID = "lutforge-heatmap"  # the plotly graph div, for scripts and tests that inspect the page
 NO_DATA = "–"  # the text of a cell the shown view has no row for
@@ -91,24 +90,20 @@ class Facet:
     cells: dict  # (x label, C) -> problem key (PROBLEM_KEY values) of this set's problems
 
     @property
-    def per_head(self) -> bool:
-        return self.key[1] in OPS and OPS[self.key[1]].per_head
+    def fields(self) -> dict:
+        return dict(zip(FACET_KEY, self.key))
+
+    @property
+    def harness(self):
+        return harness(self.key[0])
 
     @property
     def title_lines(self) -> list[str]:
-        family, op, out, in_dtype, layout, heads, quant_mode, activation, routing, local = self.key
-        second = f"{in_dtype} → {out}"
-        if family == "moe":
-            second = f"{quant_mode} {activation}, {routing} routing" + (f", {local} local experts" if local else "")
-        if op in OPS and OPS[op].fp4_scales:
-            second += f", {layout} scales"
-        if self.per_head:
-            second += f", {heads} heads"
-        return [f"{self.problem_set} · {op}", second]
+        return [f"{self.problem_set} · {self.key[1]}", self.harness.facet_subtitle(self.fields)]
 
     @property
     def x_title(self) -> str:
-        return "positions N x S" if self.key[0] == "channel_first" else "tokens T"
+        return self.harness.x_title
 
     @property
     def name(self) -> str:
@@ -286,8 +281,8 @@ def facet_grid(facet: Facet, view: View, have: dict[str, set]) -> Grid:
 def hover_template(facet: Facet, view: View) -> str:
     """Shape, the view's headline and the cell's hovertext (its value or why none), then every series'
     numbers (customdata)."""
-    heads = f" ({facet.key[5]} heads)" if facet.per_head else ""
-    x = "N x S" if facet.key[0] == "channel_first" else "T"
+    heads = f" ({facet.fields['heads']} heads)" if facet.fields.get("heads", 1) != 1 else ""  # per-head ops
+    x = facet.harness.x_symbol
     return f"{x}=%{{x}} C=%{{y}}{heads}<br>{view.headline}%{{hovertext}}<br>%{{customdata}}<extra></extra>"
 
 
@@ -359,8 +354,7 @@ def _axes(i: int, f: Facet, rect, W: float, H: float) -> dict:
     where the facet is too low for the long one)."""
     left, top, w, h = rect
     n = "" if i == 0 else str(i + 1)
-    y_title = ("head dim C" if f.per_head else "channels C" if f.key[0] == "channel_first" else "hidden C") \
-        if len(f.Cs) >= 3 else "C"
+    y_title = f.harness.c_title(f.fields) if len(f.Cs) >= 3 else "C"
     common = dict(type="category", fixedrange=True, tickfont=dict(size=10), showgrid=False, title_standoff=4)
     return {f"xaxis{n}": dict(common, domain=[left / W, (left + w) / W], anchor=f"y{n}", title_text=f.x_title,
                               categoryorder="array", categoryarray=list(f.Ts)),
@@ -514,8 +508,8 @@ def write_heatmap(fig, path: str | os.PathLike, plotlyjs: str | os.PathLike = "i
               help="Directory of Parquet results (searched recursively).")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="HTML file to write.")
-@click.option("--op", "ops", multiple=True, type=click.Choice(list(OPS)), metavar="OP",
-              help=f"Only these ops (repeatable): {', '.join(OPS)}.")
+@click.option("--op", "ops", multiple=True, type=click.Choice(list(all_ops())), metavar="OP",
+              help=f"Only these ops (repeatable): {', '.join(all_ops())}.")
 @click.option("--metric", type=click.Choice(METRICS), default="pct_copy", show_default=True,
               help="The view the page opens on (the others are a button away): % of copy, bandwidth, speedup "
                    "over the best (or --peer) peer, or over the heuristic.")

@@ -15,16 +15,16 @@ import click
 import numpy as np
 import pandas as pd
 
-from kernels.family import all_ops, families
-from kernels.problem import FP4_BLOCK, OPS
+from kernels.family import all_ops, family_of_op
+from kernels.problem import FP4_BLOCK
 
+from .families import harness
 from .host_cost import IMPLS as HOST_IMPLS
 from .results_io import OWN_IMPLS, PROBLEM_COLUMNS, PROBLEM_DEFAULTS, read_results, superseded
 from .schema import KNOB_CHOICES, KNOB_COLUMNS
 
 # A problem: the shape and formats one measurement answers (the device is fixed per report/heatmap).
 PROBLEM_KEY = list(PROBLEM_COLUMNS)
-HOST_KEY = [c for c in PROBLEM_KEY if c in families()["row"].key_fields]  # host cost is measured for row ops
 REQUIRED_COLUMNS = {"kind", "impl", "config_source", "status", "problem_set", "median_us", "gbps", "pct_copy",
                     "copy_gbps", "device_name", "backend", "run_id", *PROBLEM_KEY, *KNOB_COLUMNS}
 # "lutforge" is what a user's call of the public op gets (bench rows: runtime dispatch, LUT tier or
@@ -48,9 +48,9 @@ def load_ok_rows(results_dir: str | os.PathLike, ops: tuple[str, ...] = (), devi
     if df.empty:
         raise ValueError(f"{results_dir}: the results hold no rows")
     df = df.assign(superseded=superseded(df))  # kept for harness facts (sweep wall time); picks skip them
-    unknown = set(ops) - set(OPS)
+    unknown = set(ops) - set(all_ops())
     if unknown:
-        raise ValueError(f"unknown op(s) {sorted(unknown)}; known: {', '.join(OPS)}")
+        raise ValueError(f"unknown op(s) {sorted(unknown)}; known: {', '.join(all_ops())}")
     if ops:
         present = sorted(df["op"].dropna().unique())
         df = df[df["op"].isin(ops)]
@@ -96,11 +96,19 @@ def filter_rows(rows: pd.DataFrame, problem_set: str | None = None,
         if rows.empty:
             raise ValueError(f"no rows of problem set {name!r}; sets there: {', '.join(there) or 'none'}")
     if shapes is not None:
-        wanted = {(t, c, h or 1, h is not None) for t, c, h in shapes}
-        rows = rows[rows["family"] == "row"]  # --shapes names row shapes
-        per_head = rows["op"].map(lambda op: OPS[op].per_head)
-        key = zip(rows["T"], rows["C"], rows["heads"], per_head)
-        rows = rows[[k in wanted for k in key]]
+        wanted: dict = {}  # (op, formats, layout) -> the problem keys the shapes name (families without: none)
+
+        def named(r) -> bool:
+            kind = (r["op"], r["in_dtype"], r["out_format"], r["scale_layout"])
+            fam = family_of_op(kind[0])
+            if kind not in wanted:
+                try:
+                    wanted[kind] = {fam.key(p) for p in harness(fam).inline_problems(*kind[:1], shapes, *kind[1:])}
+                except ValueError:
+                    wanted[kind] = set()
+            return tuple(r[f] for f in fam.key_fields) in wanted[kind]
+
+        rows = rows[[named(r) for _, r in rows.iterrows()]]
         if rows.empty:
             raise ValueError("no rows of the shapes given (TxC for row ops, TxHxD for per-head ops)")
     return rows
@@ -127,10 +135,11 @@ def render_host(host: pd.DataFrame) -> list[str]:
     torch's F.rms_norm at the same shape: at or below it, FP4 outputs within HOST_BUDGET_FP4 of it."""
     if host.empty:
         return []
-    per_run = host.groupby(["run_id"] + HOST_KEY + ["impl"], sort=True)["host_us"].median().unstack("impl")
-    med = per_run.groupby(level=HOST_KEY, sort=True).median()
+    host = host.assign(**{c: v for c, v in PROBLEM_DEFAULTS.items() if c not in host.columns})
+    per_run = host.groupby(["run_id"] + PROBLEM_KEY + ["impl"], sort=True)["host_us"].median().unstack("impl")
+    med = per_run.groupby(level=PROBLEM_KEY, sort=True).median()
     # the verdict compares lutforge with torch inside each run (same machine, same moment), then takes the median
-    ratio = (per_run["lutforge"] / per_run["torch_rms_norm"]).groupby(level=HOST_KEY).median() \
+    ratio = (per_run["lutforge"] / per_run["torch_rms_norm"]).groupby(level=PROBLEM_KEY).median() \
         if {"lutforge", "torch_rms_norm"} <= set(per_run.columns) else pd.Series(dtype=float)
     impls = [i for i in HOST_IMPLS if i in med.columns]
     runs = host["run_id"].nunique()
@@ -144,7 +153,7 @@ def render_host(host: pd.DataFrame) -> list[str]:
              "ratio = lutforge / torch_rms_norm within a run, median over runs.", ""]
     body, met, total = [], 0, 0
     for key, r in med.iterrows():
-        k = dict(zip(HOST_KEY, key))
+        k = dict(zip(PROBLEM_KEY, key))
         op, out, layout = k["op"], k["out_format"], k["scale_layout"]
         limit = HOST_BUDGET_FP4 if out in FP4_BLOCK else 1.0
         q = ratio.get(key, float("nan"))
@@ -152,8 +161,7 @@ def render_host(host: pd.DataFrame) -> list[str]:
         ok = judged and q <= limit
         total += judged
         met += bool(ok)
-        shape = f"{k['T']}×{k['heads']}×{k['C']}" if k["heads"] > 1 else f"{k['T']}×{k['C']}"
-        body.append([op, out + ("/swz" if layout == "swizzled" else ""), shape]
+        body.append([op, out + ("/swz" if layout == "swizzled" else ""), shape_text(k)]
                     + [_fmt(r.get(i), ".1f") for i in impls] + [_fmt(q, ".2f"), "yes" if ok else "**no**"])
     lines += _table(["op", "out", "shape", *impls, "ratio", "≤ budget"], body) + [""]
     lines += [f"lutforge within budget on {met} of {total} problems (budget: torch's F.rms_norm at the same shape "
@@ -314,20 +322,9 @@ def section_summary(p: pd.DataFrame) -> pd.DataFrame:
 
 
 def shape_text(row: pd.Series) -> str:
-    """T x C (channel-first: N x C x S; fused MoE: T and the layer), plus what else tells this problem apart
-    from its neighbours."""
-    if row["family"] == "moe":
-        local = f", {row['local_experts']} local" if row["local_experts"] else ""
-        return (f"T={row['T']} E{row['E']} top-{row['top_k']} H{row['C']} I{row['I']}, {row['quant_mode']} "
-                f"{row['activation']}, {row['routing']} routing{local}")
-    if row["family"] != "row":
-        return f"{row['N']} × {row['C']} × {row['S']}, {row['in_dtype']} in"
-    s = f"{row['T']} × {row['C']}"
-    if OPS[row["op"]].per_head:
-        s += f" ({row['heads']} heads)"
-    if OPS[row["op"]].fp4_scales:
-        s += f", {row['scale_layout']} scales"
-    return s + f", {row['in_dtype']} in"
+    """The row's shape as its family prints it (T x C; channel-first N x C x S; fused MoE T and the layer),
+    plus what else tells this problem apart from its neighbours."""
+    return harness(row["family"]).shape_text(row)
 
 
 def _fmt(x: float, spec: str) -> str:
@@ -426,8 +423,7 @@ def _section(pset: str, op: str, out: str, sec: pd.DataFrame, worst: int) -> lis
         lines += [f"Worst shapes for {ref} (lowest % of copy, {len(tuned)} of {n_shapes}):", ""]
         body = [[shape_text(r), _fmt(r["median_us"], ".2f"), _fmt(r["gbps"], ".0f"), _fmt(r["pct_copy"], ".1f"),
                  r["backend"], r["knobs"] or "–"] for _, r in tuned.iterrows()]
-        shape = {"row": "shape (T × C)", "channel_first": "shape (N × C × S)", "moe": "layer"}.get(
-            tuned["family"].iloc[0], "shape") if tuned["family"].nunique() == 1 else "shape"
+        shape = harness(tuned["family"].iloc[0]).shape_header if tuned["family"].nunique() == 1 else "shape"
         lines += _table([shape, "µs", "GB/s", "% of copy", "backend", "knobs"], body) + [""]
     return lines
 
@@ -437,8 +433,8 @@ def _section(pset: str, op: str, out: str, sec: pd.DataFrame, worst: int) -> lis
               help="Directory of Parquet results (searched recursively).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Markdown file to write (default: print to stdout).")
-@click.option("--op", "ops", multiple=True, type=click.Choice(list(OPS)), metavar="OP",
-              help=f"Only these ops (repeatable): {', '.join(OPS)}.")
+@click.option("--op", "ops", multiple=True, type=click.Choice(list(all_ops())), metavar="OP",
+              help=f"Only these ops (repeatable): {', '.join(all_ops())}.")
 @click.option("--device", default=None, help="Device name to report on when the rows span several.")
 @click.option("--problem-set", default=None, help="Only this problem set: a shipped name or a .toml path.")
 @click.option("--shapes", default=None, help="Only these shapes: TxC for row ops, TxHxD for per-head ops (comma list).")

@@ -33,10 +33,10 @@ def problem_columns(p) -> dict:
 
 
 def size_label(row) -> str:
-    """A result row's runtime size as tables and heatmap columns show it: T for the row family; N x S for
-    channel-first problems, whose positions N * S alone do not tell two apart (192 x 1 x 399360 and
-    192 x 4 x 99840)."""
-    return f"{int(row['N'])}x{int(row['S'])}" if row["family"] == "channel_first" else str(int(row["T"]))
+    """A result row's runtime size as tables and heatmap columns show it (its family's label: T, or N x S)."""
+    from .families import harness
+
+    return harness(row["family"]).size_label(row)
 
 
 def problem_of_row(row):

@@ -37,6 +37,7 @@ from optuna.trial import TrialState
 
 from kernels.family import Family, family_of, family_of_config, family_of_op
 
+from .families import harness_of
 from .provenance import make_row
 from .results_io import append_rows, read_results
 from .sampler import ValidConfigSampler
@@ -58,13 +59,9 @@ MEASURED = ("ok", "compile_error", "runtime_error", "timeout", "wrong_result")
 
 
 def size_token(p) -> str:
-    """The runtime-size part of a study name (sibling studies differ only there): T for the row family, the
-    key's sizes joined by x for others (channel-first: N x S)."""
-    fam = family_of(p)
-    if fam.name in ("row", "moe"):
-        return f"T{p.T}"
-    sizes = [getattr(p, k) for k in fam.key_fields if k not in ("op", "out_format", "in_dtype", "C")]
-    return "P" + "x".join(str(v) for v in sizes)
+    """The runtime-size part of a study name (sibling studies differ only there): T, or the family's sizes
+    joined by x after a letter (channel-first: P<N>x<S>)."""
+    return harness_of(p).size_token(p)
 
 
 def token_positions(token: str) -> int:
@@ -77,17 +74,8 @@ def study_name(p, device_class: str) -> str:
     version (a changed kernel starts new studies instead of resuming stale measurements)."""
     if not device_class or not isinstance(device_class, str):
         raise ValueError(f"device_class must be a non-empty str, got {device_class!r}")
-    fam = family_of(p)
-    parts = [p.op, p.out_format, p.in_dtype, size_token(p), f"C{p.C}"]
-    if fam.name == "row":
-        if p.heads != 1:
-            parts.append(f"H{p.heads}")
-        if p.scale_layout != "rowmajor":
-            parts.append(p.scale_layout)
-    elif fam.name == "moe":  # the layer and its routing besides C = H
-        parts += [p.quant_mode, p.activation, p.routing, f"E{p.E}", f"k{p.top_k}", f"I{p.I}"] + \
-            ([f"L{p.local_experts}"] if p.local_experts else [])
-    return ":".join(parts + [device_class, f"k{fam.source_hash()[:8]}"])
+    parts = [p.op, p.out_format, p.in_dtype, size_token(p), f"C{p.C}", *harness_of(p).study_parts(p)]
+    return ":".join(parts + [device_class, f"k{family_of(p).source_hash()[:8]}"])
 
 
 class SearchSpace:

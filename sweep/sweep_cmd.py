@@ -15,8 +15,9 @@ from pathlib import Path
 import click
 
 from kernels.family import all_ops, family_of, family_of_op
-from kernels.problem import FP4_BLOCK, OPS, SCALE_LAYOUTS, Problem
+from kernels.problem import SCALE_LAYOUTS, Problem
 
+from .families import harness
 from .study import MEASURED
 from .trial_worker import BACKENDS
 
@@ -128,18 +129,12 @@ def select_problems(problem_set: str | None, ops: list[str], outs: list[str], in
                 skipped.append(f"{op}/{out} (outputs of {op} with {in_dtype} input: {allowed})")
                 continue
             for layout in layouts:
-                if layout != "rowmajor" and not (out in FP4_BLOCK and op in OPS and OPS[op].fp4_scales):
+                if layout not in harness(fam).scale_layouts(op, out):
                     skipped.append(f"{op}/{out}/{layout} (only ops writing FP4 block scales have a {layout} layout)")
                     continue
                 try:
-                    if shapes is not None and fam.name != "row":
-                        raise ValueError("--shapes gives row shapes; channel-first ops take a problem set with a "
-                                         "[channel_first] shapes table (e.g. --problem-set wan_vae_decoder)")
                     if shapes is not None:
-                        ps = [Problem(op, t, c, in_dtype, out, h or 1, layout) for t, c, h in shapes
-                              if (h is not None) == OPS[op].per_head]
-                        if not ps:
-                            raise ValueError("no shape of its kind (row ops: TxC, per-head ops: TxHxD)")
+                        ps = harness(fam).inline_problems(op, shapes, in_dtype, out, layout)
                     else:
                         ps = problem_sets.problems(problem_set, op, in_dtype, out, scale_layout=layout,
                                                    directory=set_dir)

@@ -14,14 +14,8 @@ takes on a GPU ("slow" only stretches the trial, so a test can interrupt a sweep
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import time
-
-from kernels import channel_first as cf
-from kernels.config import KernelConfig, iters_per_row, smem_bytes
-from kernels.family import family_of
-from kernels.problem import Problem, ideal_bytes
 
 from . import fault_injection
 from .provenance import software
@@ -61,100 +55,11 @@ def device_info() -> dict:
 
 
 def model_us(p, cfg) -> float:
-    """Modelled kernel time in microseconds (launch-bound when small, bandwidth-bound when large)."""
-    if family_of(p).name == "channel_first":
-        return _channel_first_us(p, cfg)
-    if family_of(p).name == "moe":
-        return _moe_us(p, cfg)
-    rows = p.rows
-    rows_per_cta = cfg.rows_per_cta
-    row_blocks = max(1, -(-rows // rows_per_cta))
-    grid = row_blocks * cfg.cluster
-    resident = min(MAX_THREADS_PER_SM // cfg.threads, MAX_CTAS_PER_SM,
-                   max(1, SMEM_PER_SM // max(1, smem_bytes(p, cfg))))
-    if cfg.ctas_per_sm:
-        resident = min(resident, cfg.ctas_per_sm)
-        grid = min(grid, cfg.ctas_per_sm * SM_COUNT)
-    slots = resident * SM_COUNT
-    concurrent = min(grid, slots)
-    loads = min(iters_per_row(p, cfg), LOADS_IN_FLIGHT)
-    if cfg.stage == "smem":
-        loads = LOADS_IN_FLIGHT  # cp.async issues the whole tile before waiting
-    inflight = concurrent * cfg.threads * cfg.vec_bytes * loads
-    bw = min(COPY_GBPS * 1e9, inflight / LATENCY_S)
-    waves = -(-grid // slots) if not cfg.ctas_per_sm else -(-row_blocks * cfg.cluster // slots)
-    # Persistent grids pay one prologue but loop over row blocks; plain grids pay a prologue per wave.
-    t = LAUNCH_US + (WAVE_US if cfg.ctas_per_sm else WAVE_US * waves)
-    moved = ideal_bytes(p)
-    if not cfg.weight_smem and rows_per_cta == 1 and p.C * 2 > 8192:
-        moved += grid * p.C * 2 // 8  # weight re-fetched from L2 per CTA, partly overlapping HBM traffic
-    t += moved / bw * 1e6
-    warps_per_row = max(1, cfg.threads_per_row // 32)
-    if warps_per_row > 1:
-        t += BLOCK_REDUCE_US * math.log2(warps_per_row) * waves
-    if cfg.cluster > 1:
-        t += CLUSTER_SYNC_US * waves
-    if cfg.stage == "smem":
-        t *= 1.02  # the extra shared-memory round trip
-    return t
+    """Modelled kernel time in microseconds (launch-bound when small, bandwidth-bound when large): each
+    family's model of its kernel (sweep/families) on this module's device constants."""
+    from .families import harness_of
 
-
-def _channel_first_us(p: cf.ChannelFirstProblem, cfg: cf.ChannelFirstConfig) -> float:
-    """The same physics for the channel-first kernel: a CTA owns positions_per_cta positions of one n and loads
-    every channel of them; partial sums of channel groups in different warps meet in shared memory."""
-    grid = max(1, p.N * -(-p.S // cfg.positions_per_cta))
-    resident = min(MAX_THREADS_PER_SM // cfg.threads, MAX_CTAS_PER_SM,
-                   max(1, SMEM_PER_SM // max(1, cf.smem_bytes(p, cfg))))
-    slots = resident * SM_COUNT
-    loads = LOADS_IN_FLIGHT if cfg.stage == "smem" else min(cf.channels_per_thread(p, cfg), LOADS_IN_FLIGHT)
-    inflight = min(grid, slots) * cfg.threads * cfg.vec_bytes * loads
-    bw = min(COPY_GBPS * 1e9, inflight / LATENCY_S)
-    waves = -(-grid // slots)
-    t = LAUNCH_US + WAVE_US * waves + cf.ideal_bytes(p) / bw * 1e6
-    if cf.reduction_slots(p, cfg) > 1:
-        t += BLOCK_REDUCE_US * math.log2(cf.reduction_slots(p, cfg)) * waves
-    if cfg.vec_bytes * cf.lanes(p, cfg) < 32:
-        t *= 1.3  # a warp's run per channel shorter than a 32-byte sector wastes bandwidth
-    return t
-
-
-MMA_SYNC_TFLOPS = 660.0  # dense bf16 mma.sync rate of the model device (about 2/3 of its wgmma peak)
-MOE_GLUE_LAUNCHES = 3  # the routing launch, the per-token sum and its copy into the output, around the two GEMMs
-
-
-def _moe_gemm_us(p, sh, g) -> float:
-    """One grouped GEMM: its weight (and activation) bytes over the bandwidth its cp.async stages keep in
-    flight, or its mma work over the tensor rate its tile reaches (rows padded to bm), whichever is longer."""
-    from kernels.moe_config import smem_bytes as moe_smem
-    from kernels.moe_problem import expected_experts_touched, rows_per_expert, weight_bytes
-
-    touched = max(expected_experts_touched(p), 1e-9)
-    rows = rows_per_expert(p)
-    m_tiles = touched * max(1, -(-int(math.ceil(rows)) // g.bm))
-    grid = max(1.0, m_tiles * (sh.N // g.bn))
-    resident = max(1, min(MAX_THREADS_PER_SM // g.threads, MAX_CTAS_PER_SM, SMEM_PER_SM // moe_smem(sh, g)))
-    slots = resident * SM_COUNT
-    nb = g.bn * (2 if sh.gated else 1)
-    inflight = min(grid, slots) * (g.stages - 1) * (nb * g.bk // 2 + g.bm * g.bk * 2)
-    bw = min(COPY_GBPS * 1e9, inflight / LATENCY_S)
-    share = (sh.N * (2 if sh.gated else 1)) * sh.K / (p.fc1_rows * p.H + p.H * p.I)
-    nbytes = weight_bytes(p, touched) * share * m_tiles / touched  # each m-tile of an expert reads its slab
-    nbytes += m_tiles * g.bm * sh.K * 2  # A rows (the n-tiles after the first hit L2)
-    padded = m_tiles * g.bm * (sh.N * (2 if sh.gated else 1)) * sh.K * 2  # flops with rows padded to bm
-    intensity = g.bm * g.bn / (g.bm + g.bn) / 32  # shared-memory reads per mma: 1 from a 64x64 tile up
-    rate = MMA_SYNC_TFLOPS * 1e12 * min(1.0, intensity) * min(1.0, resident * g.threads / 256)
-    waves = -(-grid // slots)
-    return WAVE_US * waves + max(nbytes / bw, padded / rate) * 1e6
-
-
-def _moe_us(p, cfg) -> float:
-    """A fused-MoE call: the glue launches, then FC1 and FC2."""
-    from kernels.moe_config import gemm_shapes
-
-    if p.T == 0:
-        return LAUNCH_US
-    fc1, fc2 = gemm_shapes(p.quant_mode, p.activation, p.H, p.I)
-    return LAUNCH_US * MOE_GLUE_LAUNCHES + _moe_gemm_us(p, fc1, cfg.gemm("fc1")) + _moe_gemm_us(p, fc2, cfg.gemm("fc2"))
+    return harness_of(p).synthetic_us(p, cfg)
 
 
 def _spread(p, cfg) -> float:
@@ -176,13 +81,9 @@ def precompile(p, cfg) -> dict:
     t0 = time.perf_counter()
     if fault_for(p, cfg) == "compile_error":
         raise RuntimeError(f"injected synthetic compile error for {cfg.short()}")
-    name = family_of(p).name
-    if name == "moe":
-        from kernels.moe_config import gemm_shapes, smem_bytes as moe_smem
+    from .families import harness_of
 
-        smem = max(moe_smem(sh, cfg.gemm(sh.layer)) for sh in gemm_shapes(p.quant_mode, p.activation, p.H, p.I))
-    else:
-        smem = cf.smem_bytes(p, cfg) if name == "channel_first" else smem_bytes(p, cfg)
+    smem = harness_of(p).synthetic_smem(p, cfg)
     return {"compile_s": time.perf_counter() - t0, "registers": None, "smem_bytes": smem}
 
 

@@ -4,9 +4,11 @@ T), export of winners into a LUT module beside row entries (EXACT, and RANGE alo
 tiles), validation, runtime dispatch of a MoE problem from that module, and the report over those rows."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 from click.testing import CliRunner
 
-from kernels.dispatch import Dispatcher
+from kernels.dispatch import Dispatcher, default_dispatcher
 from kernels.family import families, family_of, family_of_op
 from kernels.moe_config import MoEConfig, valid_gemm_configs, gemm_shapes
 from kernels.moe_problem import MoEProblem
@@ -40,6 +42,9 @@ def test_moe_problems_round_trip_through_their_keys_and_have_one_space_per_layer
     for T in (1, 64, 4096):
         cfg = fam.heuristic(MoEProblem("fused_moe", T, 128, 8, 2048, 768))
         assert not fam.violations(p, cfg) and (cfg.bm == 16) == (T <= 64)  # 4 rows per expert at T=64
+    mixtral = MoEProblem("fused_moe", 1, 8, 2, 4096, 14336)  # 2 experts x 4096/32 = 256 FC2 CTAs: split
+    assert fam.heuristic(mixtral).fc2_splits > 1 and not fam.violations(mixtral, fam.heuristic(mixtral))
+    assert fam.heuristic(MoEProblem("fused_moe", 4096, 8, 2, 4096, 14336)).fc2_splits == 1
 
 
 def test_moe_sweep_export_dispatch_and_report(tmp_path):
@@ -74,8 +79,36 @@ def test_moe_sweep_export_dispatch_and_report(tmp_path):
     near, far = at(p.T + 1), at(p.T * 4 + 5)  # within 2x of the swept T: the range answers; beyond: heuristic
     assert near.tier == "range" and near.config == sel.config
     assert far.tier == "heuristic" and not family_of(p).violations(p, far.config)
+    # the walk over T (warm-up, AOT library) finds every answer: the exact T, the range's span, the heuristic
+    t_max = 1 << 15
+    segs = d.segments(replace(p, T=0), 90, "synthetic", t_max=t_max)
+    assert segs[0][0] == 1 and segs[-1][1] == t_max
+    for T in sorted({1, 2, 3, p.T - 1, p.T, p.T + 1, 2 * p.T, 4 * p.T + 5, 1000, t_max} - {0}):
+        (run,) = [s for a, b, s in segs if a <= T <= b]
+        assert run == at(T), T
 
     report = tmp_path / "BENCHMARKS.md"
     r = CliRunner().invoke(main, ["report", "--results", str(res), "--allow-synthetic", "-o", str(report)])
     assert r.exit_code == 0, r.output
     assert "fused_moe" in report.read_text()
+
+
+def test_warmup_moe_makes_every_T_of_a_layer_resident(monkeypatch):
+    """After warmup_moe, whatever T a call brings, its two GEMMs and its routing kernel are already loaded."""
+    from kernels import fused_moe as fm
+    from kernels.moe_route_kernel import MoERouteSpec
+    from kernels.warmup import warmup_moe
+
+    loaded = []
+    monkeypatch.setattr(fm, "get_compiled", lambda sh, cfg, arch: loaded.append((sh, cfg, arch)))
+    monkeypatch.setattr(fm, "get_route", lambda spec, arch: loaded.append((spec, arch)))
+    report = warmup_moe(8, 2, 4096, 14336, arch="sm_90a", device_class="h200")  # Mixtral: decode splits FC2
+    assert report.kernels == len(set(loaded)) == len(loaded) >= 3
+    shapes = gemm_shapes("nvfp4", "silu", 4096, 14336)
+    cfgs = set()
+    for T in (1, 2, 3, 17, 64, 65, 300, 4096, 16384, 1 << 20):
+        cfg = default_dispatcher().lookup(MoEProblem("fused_moe", T, 8, 2, 4096, 14336), 90, "h200").config
+        cfgs.add(cfg)
+        assert all((sh, cfg.gemm(sh.layer), "sm_90a") in loaded for sh in shapes), T
+        assert (MoERouteSpec(8, 2, cfg.bm, cfg.bm, "int32", "fp32"), "sm_90a") in loaded, T
+    assert len(cfgs) >= 2  # decode and large-batch tiles both covered

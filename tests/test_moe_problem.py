@@ -169,7 +169,7 @@ def test_moe_set_expands_for_fused_moe_only():
     assert chosen == [] and len(skipped) == 1 and "moe set" in skipped[0]
     chosen, skipped = select_problems("moe", ["fused_moe"], ["bf16"], "bf16", 4)
     assert len(chosen) == 4 and not skipped
-    with pytest.raises(ValueError, match="fused-MoE set: it has no hidden sizes"):
+    with pytest.raises(ValueError, match="is a moe set: it has no row hidden sizes"):
         holdout_sizes(["moe"], "")
 
 

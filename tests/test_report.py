@@ -170,8 +170,8 @@ def test_host_section_judges_each_run_against_torch_in_that_run():
                          row("a", "rmsnorm_fp4quant", "nvfp4", "lutforge", 19.0),
                          row("a", "rmsnorm_fp4quant", "nvfp4", "torch_rms_norm", 9.0)])
     text = "\n".join(render_host(host))
-    assert "| rmsnorm | bf16 | 1×4096 | 11.0 | 12.0 | 0.91 | yes |" in text  # slower machine in run b: ratio holds
-    assert "| rmsnorm_fp4quant | nvfp4 | 1×4096 | 19.0 | 9.0 | 2.11 | **no** |" in text  # FP4: 2x budget
+    assert "| rmsnorm | bf16 | 1 × 4096, bf16 in | 11.0 | 12.0 | 0.91 | yes |" in text  # slower machine in run b: ratio holds
+    assert "| rmsnorm_fp4quant | nvfp4 | 1 × 4096, rowmajor scales, bf16 in | 19.0 | 9.0 | 2.11 | **no** |" in text  # FP4: 2x budget
     assert "within budget on 1 of 2 problems" in text
     assert render_host(host.iloc[0:0]) == []
 

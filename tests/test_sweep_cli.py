@@ -160,12 +160,15 @@ def test_wall_budget_leaves_time_for_the_rebench_of_what_the_search_reached(tmp_
     # Every timing takes 0.3 s, so re-benchmarking 4 problems (finalist + heuristic, 3 rounds) costs ~7 s of
     # a 15 s budget: the search must stop early enough for it, not at the budget's end.
     res, budget = tmp_path / "results", 15.0
+    proc = subprocess.Popen(CLI + ["sweep", "--op", "fused_rmsnorm_silu", "--problem-set", "wan_vae", "--out", "bf16",
+                                   "--backend", "synthetic", "--trials", "500", "--limit-shapes", "4", "--finalists",
+                                   "1", "--compile-workers", "2", "--wall-budget", str(budget), "--results", str(res)],
+                            cwd=REPO, env=cli_env(**{FAULTS_ENV: json.dumps([{"when": {}, "fault": "slow"}])}),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = proc.stderr.readline()  # "sweep <run id>: ...", printed as the budget starts (imports are before it)
     t0 = time.time()
-    r = run_cli(["sweep", "--op", "fused_rmsnorm_silu", "--problem-set", "wan_vae", "--out", "bf16", "--backend",
-                 "synthetic", "--trials", "500", "--limit-shapes", "4", "--finalists", "1", "--compile-workers", "2",
-                 "--wall-budget", str(budget), "--results", str(res)],
-                **{FAULTS_ENV: json.dumps([{"when": {}, "fault": "slow"}])})
-    assert r.returncode == 0, r.stderr
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and first.startswith("sweep "), first + err
     df = read_results(res)
     stamp = lambda kind: pd.to_datetime(df[df["kind"] == kind]["timestamp"]).map(lambda t: t.timestamp())
     trials, rebench = stamp("trial"), stamp("rebench")
