@@ -20,6 +20,14 @@ Semantics, per position p (all C channels of one (b, t, h, w)), computed in fp32
 * silu=True applies y * sigmoid(y) after the affine (WanResidualBlock's norm -> SiLU pair).
 * fp8 e4m3 output: e4m3(y / scale), saturating at +-448 (a static per-tensor scale as the row kernel's
   rmsnorm_quant; scale=1.0 is fused_rmsnorm_silu's unscaled fp8 convention).
+* NVFP4 output (C % 16 == 0): 16-channel blocks of each position, rmsnorm_fp4quant's convention
+  (kernels/encoders.quantize_nvfp4): s = e4m3(gs * amax / 6), codes e2m1(y * gs / f32(s)), gs the optional
+  multiplicative global scale (a one-element float32 device tensor; 1 when absent). The blocks run along C,
+  the axis a following FP4 GEMM / implicit-GEMM convolution contracts over, so the output is channels-last:
+  packed codes [positions, C/2] (two channels per byte, the even channel in the low nibble, as
+  encoders.pack_fp4), positions in the (n, s) order of the [N, C, S] view (a contiguous [B, C, T, H, W]
+  input gives [B, T, H, W, C/2]); e4m3 block scales [positions, C/16] row-major, or the 128x4-swizzled
+  layout of rmsnorm_fp4quant's is_sf_swizzled_layout=True (the kernel writes its zero padding).
 
 Memory view: x is walked as [N, C, S]: S positions along the innermost contiguous run of spatial dims,
 C strided by sC, and N = every other dim (the batch and any spatial dims outside the contiguous run, e.g.
@@ -31,7 +39,6 @@ import functools
 import hashlib
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -39,7 +46,9 @@ from .config import MAX_REG_VALUES_PER_THREAD, MAX_SMEM_BYTES, REG_VALUES_BUDGET
 from .problem import ELEM_BYTES
 
 IN_DTYPES = ("bf16", "fp16")
-OUT_FORMATS = ("bf16", "fp16", "fp8")
+OUT_FORMATS = ("bf16", "fp16", "fp8", "nvfp4")
+NVFP4_BLOCK = 16  # channels per NVFP4 scale block (encoders.NVFP4_BLOCK)
+SCALE_LAYOUTS = ("rowmajor", "swizzled")  # NVFP4 block scales: [positions, C/16], or 128x4-swizzled tiles
 F_NORMALIZE_EPS = 1e-12  # torch.nn.functional.normalize's default, used by WanRMS_norm
 RMS_EPS = 1e-6  # the row ops' default
 MAX_GRID_Y = 65535  # N is the grid's y extent
@@ -63,17 +72,25 @@ class ChannelFirstProblem:
     silu: bool = False
     bias: bool = False
     l2norm: bool = False
-    # the row family's key columns, at the values that mean "not applicable" (results and tables share them)
-    scale_layout = "rowmajor"
+    # NVFP4 block scales' layout (the row family's key column; "rowmajor" = not applicable otherwise)
+    scale_layout: str = "rowmajor"
+    # the row family's key column, at the value that means "not applicable" (results and tables share it)
     heads = 1
 
     def __post_init__(self):
         if self.in_dtype not in IN_DTYPES:
             raise ValueError(f"in_dtype must be one of {IN_DTYPES}, got {self.in_dtype!r}")
-        if self.out_format not in (self.in_dtype, "fp8"):
-            raise ValueError(f"out_format must be {self.in_dtype!r} or 'fp8', got {self.out_format!r}")
+        if self.out_format not in (self.in_dtype, "fp8", "nvfp4"):
+            raise ValueError(f"out_format must be {self.in_dtype!r}, 'fp8' or 'nvfp4', got {self.out_format!r}")
         if self.N < 0 or self.S < 0 or self.C < 1:
             raise ValueError(f"need N >= 0, S >= 0, C >= 1; got N={self.N} C={self.C} S={self.S}")
+        if self.out_format == "nvfp4" and self.C % NVFP4_BLOCK:
+            raise ValueError(f"NVFP4 output needs C divisible by {NVFP4_BLOCK} (its scale blocks run along C), "
+                             f"got C={self.C}")
+        if self.scale_layout not in SCALE_LAYOUTS:
+            raise ValueError(f"scale_layout must be one of {SCALE_LAYOUTS}, got {self.scale_layout!r}")
+        if self.scale_layout != "rowmajor" and self.out_format != "nvfp4":
+            raise ValueError(f"scale_layout {self.scale_layout!r} applies to NVFP4 output only")
 
     @property
     def op(self) -> str:
@@ -83,28 +100,45 @@ class ChannelFirstProblem:
 
     @classmethod
     def from_op(cls, op: str, N: int, C: int, S: int, in_dtype: str = "bf16",
-                out_format: str | None = None) -> "ChannelFirstProblem":
+                out_format: str | None = None, scale_layout: str = "rowmajor") -> "ChannelFirstProblem":
         """The problem an op name (OPS) stands for; out_format None = in_dtype."""
         if op not in OPS:
             raise ValueError(f"unknown channel-first op {op!r}; known: {', '.join(OPS)}")
         return cls(N, C, S, in_dtype, out_format or in_dtype, silu="_silu" in op, bias=op.endswith("_bias"),
-                   l2norm=op.startswith("cf_l2norm"))
+                   l2norm=op.startswith("cf_l2norm"), scale_layout=scale_layout)
 
     @property
     def positions(self) -> int:
         return self.N * self.S
 
     @property
+    def nvfp4(self) -> bool:
+        return self.out_format == "nvfp4"
+
+    @property
     def static_key(self) -> tuple:
         """What a compiled kernel depends on (N and S are runtime)."""
-        return (self.C, self.in_dtype, self.out_format, self.silu, self.bias, self.l2norm)
+        return (self.C, self.in_dtype, self.out_format, self.silu, self.bias, self.l2norm, self.scale_layout)
+
+
+def scale_bytes(p: ChannelFirstProblem) -> int:
+    """Bytes of the NVFP4 block scales (0 for other formats): [positions, C/16], or the swizzled buffer
+    (positions padded to 128, scale columns to 4)."""
+    if not p.nvfp4:
+        return 0
+    n_sf = p.C // NVFP4_BLOCK
+    if p.scale_layout == "swizzled":
+        return -(-p.positions // 128) * 128 * (-(-n_sf // 4) * 4)
+    return p.positions * n_sf
 
 
 def ideal_bytes(p: ChannelFirstProblem) -> int:
-    """Each element of x read once and of y written once, plus the weight (and bias)."""
+    """Each element of x read once and of y written once (NVFP4: half a byte each plus the block scales),
+    plus the weight (and bias)."""
     e = ELEM_BYTES[p.in_dtype]
     n = p.N * p.C * p.S
-    return n * e + n * ELEM_BYTES[p.out_format] + p.C * e * (2 if p.bias else 1)
+    out = n // 2 + scale_bytes(p) if p.nvfp4 else n * ELEM_BYTES[p.out_format]
+    return n * e + out + p.C * e * (2 if p.bias else 1)
 
 
 # --------------------------------------------------------------------------- knobs
@@ -119,12 +153,16 @@ CF_KNOB_CHOICES: dict[str, tuple] = {
 }
 MAX_SMEM_ITERS = 64  # channels per thread with stage=smem: the loop is unrolled at compile time
 MIN_SEGMENT_BYTES = 32  # a warp's contiguous run per channel: one full 32-byte sector at least
+# NVFP4: the CTA's codes leave shared memory as one contiguous run in 8-byte stores (one 16-channel block
+# each; C/2 is a multiple of 8 for any C % 16 == 0), so the output pointer must be 8-byte aligned
+FP4_STORE_BYTES = 8
 
 
 @dataclass(frozen=True)
 class ChannelFirstConfig(Knobs):
     """Thread (lane, group) of a CTA owns positions [lane*v, lane*v+v) of the CTA's positions_per_cta and
-    loops over its channels (C / groups of them); lanes = positions_per_cta / v, groups = threads / lanes."""
+    loops over its channels (C / groups of them); lanes = positions_per_cta / v, groups = threads / lanes.
+    NVFP4 output deals channels out in whole 16-channel scale blocks (c_order then orders blocks)."""
 
     threads: int = 256
     positions_per_cta: int = 128
@@ -152,8 +190,34 @@ def channel_groups(p: ChannelFirstProblem, cfg: ChannelFirstConfig) -> int:
     return max(1, cfg.threads // lanes(p, cfg))
 
 
+def channel_unit(p: ChannelFirstProblem) -> int:
+    """Channels dealt to a thread at a time: one, or a whole NVFP4 scale block (its amax, scale and codes then
+    stay in the thread: no exchange between threads before the block is encoded)."""
+    return NVFP4_BLOCK if p.nvfp4 else 1
+
+
 def channels_per_thread(p: ChannelFirstProblem, cfg: ChannelFirstConfig) -> int:
-    return -(-p.C // channel_groups(p, cfg))
+    u = channel_unit(p)
+    return u * -(-(p.C // u) // channel_groups(p, cfg))
+
+
+def fp4_lane_pitch(p: ChannelFirstProblem, cfg: ChannelFirstConfig) -> tuple[int, int]:
+    """Shared-memory pitches (in units: 8-byte code words, scale bytes) between one lane's rows of the NVFP4
+    staging tiles. Unit (lane, block, i) of position lane*v + i sits at ((i * blocks + block) * pitch + lane):
+    the lanes of a warp store adjacent units (conflict-free), and the row-major read-out, which walks
+    (i, block) with the lane fixed, strides by the pitch: odd for the 8-byte words (16 distinct 8-byte bank
+    pairs per half warp), 4 mod 8 for the bytes (32 distinct 4-byte banks per warp)."""
+    ln = lanes(p, cfg)
+    return (ln + 1 if ln > 1 else 1), ln + (4 - ln % 8) % 8
+
+
+def fp4_staging_bytes(p: ChannelFirstProblem, cfg: ChannelFirstConfig) -> tuple[int, int]:
+    """(codes, scales) bytes of the NVFP4 staging tiles in shared memory (0, 0 for other formats)."""
+    if not p.nvfp4:
+        return 0, 0
+    v, nb = vec_elems(p, cfg), p.C // NVFP4_BLOCK
+    wp, bp = fp4_lane_pitch(p, cfg)
+    return v * nb * wp * 8, v * nb * bp
 
 
 def warp_groups(p: ChannelFirstProblem, cfg: ChannelFirstConfig) -> int:
@@ -172,6 +236,9 @@ def smem_bytes(p: ChannelFirstProblem, cfg: ChannelFirstConfig) -> int:
         total += reduction_slots(p, cfg) * cfg.positions_per_cta * 4
     if cfg.stage == "smem":
         total += p.C * cfg.positions_per_cta * ELEM_BYTES[p.in_dtype]
+    if p.nvfp4:
+        codes, scales = fp4_staging_bytes(p, cfg)
+        total += codes + scales + 32  # each tile 16-byte aligned
     return total
 
 
@@ -208,7 +275,13 @@ def violations(p: ChannelFirstProblem, cfg: ChannelFirstConfig, arch: int = 90, 
         why.append(f"positions_per_cta / vector = {ln} lanes do not divide threads={cfg.threads}")
         return why
     groups = channel_groups(p, cfg)
-    if groups > p.C:
+    if p.nvfp4 and groups > _pow2_ceil(p.C // NVFP4_BLOCK):
+        # whole blocks per group and a power of two of groups: up to the next power of two above the block
+        # count some groups idle (C=96: 8 groups for 6 blocks, against 4 groups holding 2 blocks each, 243
+        # registers per thread at 4 positions on sm_90a); beyond it at least half of them would
+        why.append(f"{groups} channel groups > {_pow2_ceil(p.C // NVFP4_BLOCK)} (the power of two above "
+                   f"{p.C // NVFP4_BLOCK} NVFP4 blocks of 16 channels): idle threads")
+    elif groups > p.C:
         why.append(f"{groups} channel groups > C={p.C}: idle threads")
     if cfg.threads > 32 and cfg.positions_per_cta > v and cfg.positions_per_cta >= 2 * max(p.S, 1):
         why.append(f"positions_per_cta={cfg.positions_per_cta} is over twice S={p.S}: idle lanes "
@@ -224,6 +297,8 @@ def violations(p: ChannelFirstProblem, cfg: ChannelFirstConfig, arch: int = 90, 
             why.append("stage=smem copies with cp.async, which moves 4, 8 or 16 bytes")
         if iters > MAX_SMEM_ITERS:
             why.append(f"{iters} channels per thread > {MAX_SMEM_ITERS} (compile-time unrolled loop)")
+        if p.nvfp4 and NVFP4_BLOCK * v > MAX_REG_VALUES_PER_THREAD:  # one scale block's 16 vectors at a time
+            why.append(f"an NVFP4 block of {NVFP4_BLOCK} channels x {v} positions does not fit in registers")
     if smem_bytes(p, cfg) > MAX_SMEM_BYTES:
         why.append(f"needs {smem_bytes(p, cfg)} B shared memory > {MAX_SMEM_BYTES}")
     if cfg.pdl and arch < 90:
@@ -288,20 +363,32 @@ def heuristic(p: ChannelFirstProblem, arch: int = 90, stride_gcd: int | None = N
     4. Small grids (< 2 CTAs per SM) trade positions per CTA for CTAs; PDL below 32 MB, as the row kernel.
     5. When the register tile cannot fit a 32-byte run (C > ~2048 at 16 B vectors), stage it in shared memory
        instead (cp.async), sized for two CTAs per SM.
+    6. NVFP4 deals whole 16-channel blocks (channel_unit), so a thread holds at least 16 channels: within the
+       64-value budget of 2. that means 8-byte vectors (16 x 4 positions); 16-byte vectors (16 x 8 = 128
+       values, the hard cap) only in the second, non-strict round. The shared-memory tile counts its codes and
+       scales staging (C/2 + C/16 bytes per position) besides x.
     """
     e = ELEM_BYTES[p.in_dtype]
     pdl = arch >= 90 and ideal_bytes(p) < SMALL_PROBLEM_BYTES
+    unit = channel_unit(p)
+    units = p.C // unit  # channels, or NVFP4 blocks
+    # bytes per position of a staged tile: x, and NVFP4's codes and scales staging
+    pos_bytes = p.C * e + (p.C // 2 + p.C // NVFP4_BLOCK if p.nvfp4 else 0)
 
     def build(stage: str, vb: int, tile_bytes: int = 0, strict: bool = True) -> ChannelFirstConfig | None:
         v = vb // e
         cap = HEURISTIC_REG_VALUES if strict else MAX_REG_VALUES_PER_THREAD
         max_iters = max(1, cap // v) if stage == "reg" else MAX_SMEM_ITERS
-        groups = min(_pow2_ceil(-(-p.C // max_iters)), _pow2_floor(p.C))
-        iters = -(-p.C // groups)
+        max_units = max_iters // unit if unit > 1 else max_iters
+        if max_units < 1:  # not one NVFP4 block per thread within the budget
+            return None
+        # at most one group per channel (NVFP4: per block, up to the power of two above: violations)
+        groups = min(_pow2_ceil(-(-units // max_units)), _pow2_ceil(units) if unit > 1 else _pow2_floor(units))
+        iters = unit * -(-units // groups)
         if groups > 1024 or (stage == "reg" and iters * v > MAX_REG_VALUES_PER_THREAD):
             return None
         # positions the tile may hold: the CTA register budget, or the staged tile's bytes
-        tile = REG_VALUES_BUDGET // (iters * groups) if stage == "reg" else tile_bytes // (p.C * e)
+        tile = REG_VALUES_BUDGET // (iters * groups) if stage == "reg" else tile_bytes // pos_bytes
         if tile < v:
             return None
         # one warp of lanes per channel at most (a 512-byte run at 16 B); 2-byte vectors take up to 256
@@ -321,7 +408,7 @@ def heuristic(p: ChannelFirstProblem, arch: int = 90, stride_gcd: int | None = N
         # few CTAs: more, smaller CTAs for the SMs, but not below a 32-byte sector per channel and warp
         while ln > min_lanes and p.positions and p.N * -(-p.S // (ln * v)) < 2 * SM_COUNT_GUESS:
             ln //= 2
-        while ln * groups < 32 and 2 * groups <= p.C:  # a whole warp at least: more groups, fewer channels
+        while ln * groups < 32 and 2 * groups <= units:  # a whole warp at least: more groups, fewer channels
             groups *= 2
         while ln * groups < 32:
             ln *= 2
@@ -331,8 +418,12 @@ def heuristic(p: ChannelFirstProblem, arch: int = 90, stride_gcd: int | None = N
     widest = max_vec_bytes(p, stride_gcd, ptr_align)
     tries = []
     for strict in (True, False):  # full 32-byte sectors per channel first; then anything that runs
-        for vb in [b for b in (16, 8, 4, 2) if e <= b <= widest]:
-            tries += [build("reg", vb, strict=strict)]
+        vbs = [b for b in (16, 8, 4, 2) if e <= b <= widest]
+        if p.nvfp4:  # registers at a narrower vector before a staged tile (6.)
+            tries += [build("reg", vb, strict=strict) for vb in vbs]
+        for vb in vbs:
+            if not p.nvfp4:
+                tries += [build("reg", vb, strict=strict)]
             if vb >= 4:
                 tries += [build("smem", vb, SMEM_TILE_TARGET, strict), build("smem", vb, MAX_SMEM_BYTES - 8192, strict)]
     for cfg in tries:
@@ -373,15 +464,29 @@ def reference(x: torch.Tensor, gamma: torch.Tensor, bias: torch.Tensor | None = 
     return y
 
 
+def channels_last_rows(y: torch.Tensor) -> torch.Tensor:
+    """y [B, C, *spatial] as [positions, C] rows, positions in the (n, s) order of the [N, C, S] view (the
+    order of the non-C dims): what the NVFP4 output holds."""
+    return y.movedim(1, -1).reshape(-1, y.shape[1])
+
+
 def expected_output(p: ChannelFirstProblem, x, gamma, bias=None, eps: float | None = None,
-                    scale: float = 1.0) -> torch.Tensor:
+                    scale: float = 1.0, global_scale: torch.Tensor | None = None):
     """What the kernel should write for `p`: fp32 values (bf16/fp16 outputs, compare with kernels/check.py's
-    tolerances) or a float8_e4m3fn tensor (codes <= 1 apart) from the float64 reference rounded to fp32."""
+    tolerances) or a float8_e4m3fn tensor (codes <= 1 apart) from the float64 reference rounded to fp32.
+
+    NVFP4: (codes, block_scale) of encoders.quantize_nvfp4 on the fp32 reference's channels-last rows
+    (`global_scale` as rmsnorm_fp4quant's), both uint8: packed codes [positions, C/2] and the scales
+    [positions, C/16], or flat in the 128x4-swizzled layout (zero padding) for scale_layout "swizzled"."""
     from . import encoders
 
     y = reference(x, gamma, bias, eps, "l2" if p.l2norm else "rms", silu=p.silu).to(torch.float32)
     if p.out_format == "fp8":
         return encoders.quantize_fp8_static(y, float(scale))
+    if p.nvfp4:
+        gs = None if global_scale is None else global_scale.detach().to(y.device, torch.float32)
+        codes, sf = encoders.quantize_nvfp4(channels_last_rows(y), gs)
+        return codes, (encoders.swizzle_scales(sf) if p.scale_layout == "swizzled" else sf)
     return y
 
 
@@ -408,7 +513,8 @@ def torch_channel_first(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
 # Mirrors kernels/compile_cache.compile_kernel / get_compiled (and shares its lock, arch names and disk cache
 # directory): no GPU needed, fake pointers carry the signature, TVM-FFI host functions.
 _CF_CACHE_VERSION = "1"
-_CF_SOURCES = ("channel_first_kernel.py", "channel_first.py", "problem.py", "config.py")  # the kernel's inputs
+# the kernel's inputs (norm_kernel.py: the NVFP4 scale and e2m1 device helpers it borrows)
+_CF_SOURCES = ("channel_first_kernel.py", "channel_first.py", "problem.py", "config.py", "norm_kernel.py")
 _COMPILES = 0
 
 
@@ -419,16 +525,15 @@ def compile_count() -> int:
 
 @functools.lru_cache(maxsize=1)
 def source_hash() -> str:
-    here = Path(__file__).parent
-    h = hashlib.sha256()
-    for name in _CF_SOURCES:
-        h.update((here / name).read_bytes())
-    return h.hexdigest()[:16]
+    """The family's source version (kernels.compile_cache.files_hash of _CF_SOURCES)."""
+    from .compile_cache import files_hash
+
+    return files_hash(_CF_SOURCES)
 
 
 def canonical(p: ChannelFirstProblem) -> ChannelFirstProblem:
     """The compile-relevant part (N, S dynamic; kept at 0)."""
-    return ChannelFirstProblem(0, p.C, 0, p.in_dtype, p.out_format, p.silu, p.bias, p.l2norm)
+    return ChannelFirstProblem(0, p.C, 0, p.in_dtype, p.out_format, p.silu, p.bias, p.l2norm, p.scale_layout)
 
 
 def cache_key(p: ChannelFirstProblem, cfg: ChannelFirstConfig, arch: str) -> str:
@@ -451,10 +556,15 @@ def _fake_args(p: ChannelFirstProblem, cfg: ChannelFirstConfig):
     x = ptr(dt, cfg.vec_bytes)
     w = ptr(dt, ELEM_BYTES[p.in_dtype])
     b = ptr(dt, ELEM_BYTES[p.in_dtype]) if p.bias else None
-    y = ptr(cutlass.Float8E4M3FN if p.out_format == "fp8" else dt, v * ELEM_BYTES[p.out_format])
     i32, i64 = cutlass.Int32(0), cutlass.Int64(0)
-    return (x, w, b, y, i32, i32, i64, i64, i64, i64, cutlass.Float32(1e-6), cutlass.Float32(1.0),
-            make_fake_stream(use_tvm_ffi_env_stream=False))
+    stream = make_fake_stream(use_tvm_ffi_env_stream=False)
+    if p.nvfp4:  # ChannelFirstNvfp4Kernel.__call__: codes (8-byte stores), scales, global scale
+        y = ptr(cutlass.Uint8, FP4_STORE_BYTES)
+        sf = ptr(cutlass.Uint8, 4 if p.scale_layout == "swizzled" else 1)
+        gs = ptr(cutlass.Float32, 4)
+        return (x, w, b, y, sf, gs, i32, i32, i64, i64, i64, i64, cutlass.Float32(1e-6), stream)
+    y = ptr(cutlass.Float8E4M3FN if p.out_format == "fp8" else dt, v * ELEM_BYTES[p.out_format])
+    return (x, w, b, y, i32, i32, i64, i64, i64, i64, cutlass.Float32(1e-6), cutlass.Float32(1.0), stream)
 
 
 def compile_channel_first(p: ChannelFirstProblem, cfg: ChannelFirstConfig, arch: str):
@@ -462,26 +572,27 @@ def compile_channel_first(p: ChannelFirstProblem, cfg: ChannelFirstConfig, arch:
     a config the constraints reject (S's divisibility is not checked: S is runtime), KernelCompileError when
     the DSL fails."""
     global _COMPILES
-    from .channel_first_kernel import ChannelFirstKernel, ChannelFirstSpec
+    from .channel_first_kernel import ChannelFirstKernel, ChannelFirstNvfp4Kernel, ChannelFirstSpec
     from .compile_cache import arch_number, compile_dsl
 
     sm = arch_number(arch)
     cp = canonical(p)
     # S, N are runtime: judge the config for an S the vector divides
-    why = violations(ChannelFirstProblem(1, p.C, 1 << 20, p.in_dtype, p.out_format, p.silu, p.bias, p.l2norm),
-                     cfg, sm)
+    why = violations(ChannelFirstProblem(1, p.C, 1 << 20, p.in_dtype, p.out_format, p.silu, p.bias, p.l2norm,
+                                         p.scale_layout), cfg, sm)
     if why:
         raise ValueError(f"invalid config {cfg.short()} for {p}: {'; '.join(why)}")
-    compiled = compile_dsl(ChannelFirstKernel(ChannelFirstSpec(cp, cfg, sm)), _fake_args(cp, cfg), arch,
-                           f"{p.op}/{p.out_format} C={p.C} {cfg.short()}")
+    kernel = (ChannelFirstNvfp4Kernel if p.nvfp4 else ChannelFirstKernel)(ChannelFirstSpec(cp, cfg, sm))
+    layout = "/swz" if p.scale_layout == "swizzled" else ""
+    compiled = compile_dsl(kernel, _fake_args(cp, cfg), arch, f"{p.op}/{p.out_format}{layout} C={p.C} {cfg.short()}")
     _COMPILES += 1
     return compiled
 
 
 def get_compiled(p: ChannelFirstProblem, cfg: ChannelFirstConfig, arch: str):
     """The launchable tvm_ffi.Function for (p, cfg, arch), cached as the row kernels' are
-    (compile_cache.cached_function; keys prefixed "cf"). Arguments: ChannelFirstKernel.__call__'s, pointers
-    as ints (bias None when p.bias is False)."""
+    (compile_cache.cached_function; keys prefixed "cf"). Arguments: ChannelFirstKernel.__call__'s
+    (ChannelFirstNvfp4Kernel.__call__'s for NVFP4), pointers as ints (bias None when p.bias is False)."""
     from .compile_cache import cached_function
 
     return cached_function(cache_key(p, cfg, arch), arch, lambda: compile_channel_first(p, cfg, arch))
@@ -514,6 +625,11 @@ def compile_check_cases(arch: str = "sm_90a", configs: int = 2, seed: int = 0) -
         for S, silu, bias, l2, fmt in ((6240, True, False, True, "bf16"), (24961, False, True, False, "fp8")):
             p = ChannelFirstProblem(1, C, S, "bf16", fmt, silu, bias, l2)
             problems.setdefault((p.static_key, S % 16 == 0), p)
+        if C % NVFP4_BLOCK == 0:  # NVFP4: both scale layouts, the WAN form and plain RMSNorm + bias
+            for S, silu, bias, l2, layout in ((6240, True, False, True, "rowmajor"), (24961, False, True, False,
+                                                                                      "swizzled")):
+                p = ChannelFirstProblem(1, C, S, "bf16", "nvfp4", silu, bias, l2, layout)
+                problems.setdefault((p.static_key, S % 16 == 0), p)
     rng = random.Random(seed)
     cases = []
     for p in problems.values():

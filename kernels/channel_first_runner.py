@@ -1,6 +1,12 @@
 """Run one channel-first (problem, config) on the GPU, as kernels/runner.py does for the row kernels: random
 contiguous [N, C, S] inputs, poisoned outputs, a graph-capturable launch and a check against the float64
-reference (kernels/check.py's tolerances). The sweep's timing process reaches it through kernels.family."""
+reference (kernels/check.py's tolerances). The sweep's timing process reaches it through kernels.family.
+
+NVFP4 cases hold the channels-last codes y [N, S, C/2] (uint8), the block scales ([N, S, C/16], or the flat
+swizzled buffer) and a random global scale in [0.5, 4.5), as the row family's rmsnorm_fp4quant cases; they are
+judged as the row family judges FP4 (kernels/check.py: scales at most one code apart in at most 1 % of the
+blocks, codes within one step where the scales agree, by value where they do not; the swizzled padding
+exactly zero) against encoders.quantize_nvfp4 of the float64 reference's channels-last rows."""
 from __future__ import annotations
 
 import torch
@@ -36,15 +42,27 @@ def make_cases(problem: cf.ChannelFirstProblem, n: int, device="cuda", seed: int
     _, ws = slot_views(n, (p.C,), dt, device, lambda *nk: (torch.rand(*nk, generator=g, device=device) * 1.5
                                                             + 0.5).to(dt))
     bs = slot_views(n, (p.C,), dt, device, fill(0.5, 0.0))[1] if p.bias else [None] * n
-    ybuf, ys = slot_views(n, shape, FP8 if p.out_format == "fp8" else dt, device)
+    fp4 = {}
+    if p.nvfp4:
+        ybuf, ys = slot_views(n, (p.N, p.S, p.C // 2), torch.uint8, device)
+        nb = p.C // cf.NVFP4_BLOCK
+        sf_shape = (cf.scale_bytes(p),) if p.scale_layout == "swizzled" else (p.N, p.S, nb)
+        sbuf, fp4["block_scale"] = slot_views(n, sf_shape, torch.uint8, device)
+        sbuf.fill_(POISON_BYTE)
+        _, fp4["global_scale"] = slot_views(n, (1,), torch.float32, device, lambda *nk: torch.rand(
+            *nk, generator=g, device=device) * 4.0 + 0.5)
+    else:
+        ybuf, ys = slot_views(n, shape, FP8 if p.out_format == "fp8" else dt, device)
     ybuf.view(torch.uint8).fill_(POISON_BYTE)
     cases = []
-    for x, w, b, y in zip(xs, ws, bs, ys):
+    for i, (x, w, b, y) in enumerate(zip(xs, ws, bs, ys)):
         args = {"x": x, "weight": w, "y": y}
         if b is not None:
             args["bias"] = b
-        inputs = {k: v for k, v in args.items() if k != "y"}  # never written: the args are the pristine copies
-        cases.append(Case(p, inputs, args, eps=_eps(p), outputs=("y",)))
+        args.update({k: v[i] for k, v in fp4.items()})
+        # never written: the args are the pristine copies
+        inputs = {k: v for k, v in args.items() if k not in ("y", "block_scale")}
+        cases.append(Case(p, inputs, args, eps=_eps(p), outputs=("y", "block_scale") if p.nvfp4 else ("y",)))
     return cases
 
 
@@ -58,8 +76,14 @@ def launcher(problem: cf.ChannelFirstProblem, cfg: cf.ChannelFirstConfig, case: 
         return lambda: None
     fn = cf.get_compiled(problem, cfg, arch)
     x, w, y, b = a["x"], a["weight"], a["y"], a.get("bias")
-    args = (x.data_ptr(), w.data_ptr(), None if b is None else b.data_ptr(), y.data_ptr(), problem.N, problem.S,
-            x.stride(0), x.stride(1), y.stride(0), y.stride(1), float(case.eps), float(case.scale))
+    bp = None if b is None else b.data_ptr()
+    if problem.nvfp4:  # ChannelFirstNvfp4Kernel.__call__: y [N, S, C/2] bytes, scales, global scale
+        args = (x.data_ptr(), w.data_ptr(), bp, y.data_ptr(), a["block_scale"].data_ptr(),
+                a["global_scale"].data_ptr(), problem.N, problem.S, x.stride(0), x.stride(1), y.stride(0),
+                y.stride(1), float(case.eps))
+    else:
+        args = (x.data_ptr(), w.data_ptr(), bp, y.data_ptr(), problem.N, problem.S, x.stride(0), x.stride(1),
+                y.stride(0), y.stride(1), float(case.eps), float(case.scale))
 
     def launch():
         fn(*args, torch.cuda.current_stream().cuda_stream)
@@ -69,6 +93,10 @@ def launcher(problem: cf.ChannelFirstProblem, cfg: cf.ChannelFirstConfig, case: 
 
 def expected_outputs(problem: cf.ChannelFirstProblem, case: Case) -> dict:
     i = case.inputs
+    if problem.nvfp4:
+        codes, sf = cf.expected_output(problem, i["x"], i["weight"], i.get("bias"), case.eps,
+                                       global_scale=i["global_scale"])
+        return {"out": codes, "block_scale": sf}
     return {"out": cf.expected_output(problem, i["x"], i["weight"], i.get("bias"), case.eps, case.scale)}
 
 
@@ -77,7 +105,10 @@ def check(problem: cf.ChannelFirstProblem, case: Case, expected: dict | None = N
 
     if expected is None:
         expected = expected_outputs(problem, case)
-    return compare_outputs(problem, {"out": case.args["y"]}, expected)
+    got = {"out": case.args["y"]}
+    if problem.nvfp4:
+        got["block_scale"] = case.args["block_scale"]
+    return compare_outputs(problem, got, expected)
 
 
 def public_launcher(problem, case):
@@ -86,4 +117,8 @@ def public_launcher(problem, case):
 
     a, p = case.args, problem
     x, w, b, y = a["x"], a["weight"], a.get("bias"), a["y"]
+    if p.nvfp4:
+        sf, gs = a["block_scale"].view(FP8), a["global_scale"]
+        return lambda: channel_first_rmsnorm(x, w, b, case.eps, silu=p.silu, l2norm=p.l2norm, out=y, block_scale=sf,
+                                             global_scale=gs, is_sf_swizzled_layout=p.scale_layout == "swizzled")
     return lambda: channel_first_rmsnorm(x, w, b, case.eps, silu=p.silu, l2norm=p.l2norm, out=y, scale=case.scale)

@@ -147,7 +147,7 @@ def _channel_first_family() -> Family:
 
     return Family(
         name="channel_first", problem_type=cf.ChannelFirstProblem, ops=cf.OPS,
-        out_formats=lambda op, in_dtype: (in_dtype, "fp8"),
+        out_formats=lambda op, in_dtype: (in_dtype, "fp8", "nvfp4"),
         key_fields=("op", "out_format", "in_dtype", "C", "N", "S"),
         from_key=lambda op, out_format, in_dtype, C, N, S: cf.ChannelFirstProblem.from_op(
             op, int(N), int(C), int(S), in_dtype, out_format),

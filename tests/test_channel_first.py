@@ -342,3 +342,304 @@ def test_meta_shapes_match_a_real_decode():
     for s in meta:
         expect[(s.C, s.T, s.H, s.W)] += s.calls
     assert real == expect
+
+
+# --------------------------------------------------------------------------- NVFP4 output
+NVFP4_C = (16, 32, 96, 160, 384, 512, 1024, 4096, 16384)
+
+
+def _fp4(C, S=6240, N=1, silu=True, bias=False, l2=True, layout="rowmajor"):
+    return ChannelFirstProblem(N, C, S, "bf16", "nvfp4", silu, bias, l2, layout)
+
+
+def test_nvfp4_problem_validation_and_keys():
+    with pytest.raises(ValueError, match="divisible by 16"):
+        _fp4(40)
+    with pytest.raises(ValueError, match="NVFP4 output only"):
+        ChannelFirstProblem(1, 96, 10, scale_layout="swizzled")
+    with pytest.raises(ValueError, match="scale_layout"):
+        _fp4(96, layout="tiled")
+    assert "nvfp4" in cf.OUT_FORMATS
+    p = _fp4(96, S=10, N=2, bias=True)
+    assert cf.ideal_bytes(p) == 2 * 96 * 10 * 2 + 2 * 96 * 10 // 2 + 2 * 10 * 6 + 96 * 2 * 2
+    swz = _fp4(96, S=10, N=2, layout="swizzled")
+    assert cf.scale_bytes(swz) == 128 * 8 and cf.scale_bytes(ChannelFirstProblem(2, 96, 10)) == 0
+    assert ChannelFirstProblem.from_op("cf_l2norm_silu", 1, 96, 8, "bf16", "nvfp4", "swizzled") == _fp4(
+        96, S=8, layout="swizzled")
+    cfg = ChannelFirstConfig()
+    keys = {cf.cache_key(q, cfg, "sm_90a") for q in (_fp4(96), _fp4(96, layout="swizzled"),
+                                                      ChannelFirstProblem(1, 96, 6240, "bf16", "bf16", True, False,
+                                                                          True))}
+    assert len(keys) == 3
+    assert cf.cache_key(_fp4(96), cfg, "sm_90a") == cf.cache_key(_fp4(96, S=16, N=3), cfg, "sm_90a")
+
+
+def test_source_hash_is_files_hash_of_the_family_sources():
+    from kernels.compile_cache import files_hash
+
+    assert cf.source_hash() == files_hash(cf._CF_SOURCES)
+    assert "norm_kernel.py" in cf._CF_SOURCES  # the NVFP4 device helpers the kernel borrows
+
+
+@pytest.mark.parametrize("arch", [90, 100])
+def test_nvfp4_heuristic_is_valid_everywhere(arch):
+    for C, S in itertools.product(NVFP4_C, S_GRID):
+        for silu, bias, l2, layout in ((True, False, True, "rowmajor"), (False, True, False, "swizzled")):
+            p = ChannelFirstProblem(2, C, S, "bf16", "nvfp4", silu, bias, l2, layout)
+            cfg = cf.heuristic(p, arch)
+            assert cf.violations(p, cfg, arch) == [], (p, cfg)
+            # whole 16-channel blocks per thread, at most the power of two above the block count of groups
+            assert cf.channels_per_thread(p, cfg) % 16 == 0
+            assert cf.channel_groups(p, cfg) <= cf._pow2_ceil(C // 16)
+
+
+@pytest.mark.parametrize("C", [96, 384, 512, 1024])
+def test_nvfp4_heuristic_keeps_the_register_budget(C):
+    """One 16-channel block x 4 positions (8-byte vectors) per thread at aligned S: the 64-value budget (16 x 8 at
+    16-byte vectors took 214 registers per thread at C=1024 on sm_90a, against 128)."""
+    for S in (1560, 6240, 399360):
+        p = _fp4(C, S)
+        cfg = cf.heuristic(p)
+        assert cfg.stage == "reg" and cfg.vec_bytes == 8, cfg
+        assert cf.channels_per_thread(p, cfg) * cf.vec_elems(p, cfg) <= cf.HEURISTIC_REG_VALUES
+        assert min(cf.lanes(p, cfg), 32) * cfg.vec_bytes >= 32 or cfg.threads == 32
+
+
+def test_nvfp4_violations_and_smem():
+    p = _fp4(96)
+    # 16 groups for 6 blocks: half idle
+    assert any("NVFP4 blocks" in w for w in cf.violations(p, ChannelFirstConfig(threads=512, positions_per_cta=256)))
+    assert cf.violations(p, ChannelFirstConfig(threads=256, positions_per_cta=128, vec_bytes=8)) == []
+    cfg = ChannelFirstConfig(threads=256, positions_per_cta=64, vec_bytes=8)
+    codes, scales = cf.fp4_staging_bytes(p, cfg)
+    assert codes == (64 + 4) * 48 and scales == 4 * 6 * 20  # (P + v) rows of C/2 bytes; byte pitch 16 lanes -> 20
+    assert cf.smem_bytes(p, cfg) >= cf.smem_bytes(ChannelFirstProblem(1, 96, 6240), cfg) + codes + scales
+    assert cf.fp4_staging_bytes(ChannelFirstProblem(1, 96, 6240), cfg) == (0, 0)
+    # a staged tile of 16384 channels x 16 positions plus its codes no longer fits shared memory
+    big = _fp4(16384, S=1 << 20)
+    assert any("shared memory" in w for w in cf.violations(
+        big, ChannelFirstConfig(threads=1024, positions_per_cta=16, vec_bytes=16, stage="smem")))
+
+
+def _fp4_write_model(p: ChannelFirstProblem, cfg: ChannelFirstConfig):
+    """The NVFP4 kernel's block assignment, staging addresses and write-out loops (channel_first_kernel.py
+    _block / _encode_fp4 / _write_fp4) replayed in Python: how often each 8-byte code unit and each scale byte
+    of the output buffers is written."""
+    from collections import Counter
+
+    v, ln, P = cf.vec_elems(p, cfg), cf.lanes(p, cfg), cfg.positions_per_cta
+    groups, kb, nb = cf.channel_groups(p, cfg), cf.channels_per_thread(p, cfg) // 16, p.C // 16
+    wp, bp = cf.fp4_lane_pitch(p, cfg)
+    codes_bytes, scale_bytes = cf.fp4_staging_bytes(p, cfg)
+    owned = Counter()
+    for g in range(groups):
+        for k in range(kb):
+            b = k * groups + g if cfg.c_order == "interleaved" else g * kb + k
+            if b < nb:
+                owned[b] += 1
+    assert owned == Counter(range(nb)), "every block belongs to exactly one thread"
+    word = {(i * nb + b) * wp + lane for lane in range(ln) for b in range(nb) for i in range(v)}
+    byte = {(i * nb + b) * bp + lane for lane in range(ln) for b in range(nb) for i in range(v)}
+    assert len(word) == len(byte) == ln * nb * v, "staging addresses are distinct"
+    assert 8 * max(word) + 8 <= codes_bytes and max(byte) < scale_bytes
+    N, S = p.N, p.S
+    codes, scales = Counter(), Counter()
+    n_cta = -(-S // P)
+    kt = -(-nb // 4)
+    for n in range(N):
+        for bidx in range(n_cta):
+            s0 = bidx * P
+            for u in range(P * nb):
+                row, col = divmod(u, nb)
+                if s0 + row < S:
+                    codes[(n * S + s0 + row) * nb + col] += 1
+                    if p.scale_layout == "rowmajor":
+                        scales[(n * S + s0 + row) * nb + col] += 1
+            if p.scale_layout == "swizzled":
+                for u in range(P * kt):
+                    row, kc = divmod(u, kt)
+                    if s0 + row < S:
+                        off = encoders_swizzle_offset(n * S + s0 + row, kc * 4, nb)
+                        scales.update(range(off, off + 4))
+                if n == N - 1 and bidx == n_cta - 1:
+                    rows = N * S
+                    for u in range(((rows + 127) // 128 * 128 - rows) * kt):
+                        off = encoders_swizzle_offset(rows + u // kt, (u % kt) * 4, nb)
+                        scales.update(range(off, off + 4))
+    return codes, scales
+
+
+def encoders_swizzle_offset(row, col, n_sf):
+    from kernels.encoders import swizzle_offset
+    from kernels.norm_kernel import swizzled_sf_offset
+
+    off = swizzled_sf_offset(row, col, -(-n_sf // 4))
+    assert off == swizzle_offset(row, col, n_sf)  # the kernel's helper is the encoder's layout
+    return off
+
+
+@pytest.mark.parametrize("C,S,N,layout", [(96, 1000, 2, "swizzled"), (96, 7, 3, "rowmajor"), (160, 300, 1, "swizzled"),
+                                          (512, 33, 2, "swizzled"), (16, 129, 2, "rowmajor")])
+def test_nvfp4_writes_cover_the_outputs_once(C, S, N, layout):
+    """Every code unit and every scale byte (swizzled: the padding rows and columns too) is written exactly once,
+    for the heuristic and for random configs of both channel orders (tails: S not a multiple of the CTA)."""
+    from kernels.encoders import swizzled_scale_bytes
+
+    p = ChannelFirstProblem(N, C, S, "bf16", "nvfp4", True, True, True, layout)
+    rng = random.Random(C + S)
+    cfgs = [cf.heuristic(p)]
+    for _ in range(3000):
+        c = ChannelFirstConfig(**{k: rng.choice(v) for k, v in CF_KNOB_CHOICES.items()})
+        if len(cfgs) < 5 and c not in cfgs and cf.is_valid(p, c):
+            cfgs.append(c)
+    assert len(cfgs) == 5
+    nb = C // 16
+    sf_total = swizzled_scale_bytes(N * S, nb) if layout == "swizzled" else N * S * nb
+    for cfg in cfgs:
+        codes, scales = _fp4_write_model(p, cfg)
+        assert set(codes.values()) == {1} and len(codes) == N * S * nb, cfg
+        assert set(scales.values()) == {1} and sorted(scales) == list(range(sf_total)), cfg
+
+
+def test_nvfp4_reference_is_the_encoder_on_channels_last_rows():
+    from kernels import encoders
+
+    C = 64
+    x = _x((2, C, 3, 4, 5))
+    w = torch.rand(C, generator=torch.Generator().manual_seed(1)) + 0.5
+    b = torch.randn(C, generator=torch.Generator().manual_seed(2))
+    gs = torch.tensor([2.5])
+    for silu, bias, l2 in ((True, False, True), (False, True, False)):
+        y = cf.reference(x, w, b if bias else None, None, "l2" if l2 else "rms", silu=silu).float()
+        rows = y.permute(0, 2, 3, 4, 1).reshape(-1, C)  # positions (b, t, h, w), channels last
+        for g in (None, gs):
+            codes, sf = encoders.quantize_nvfp4(rows, g)
+            for layout in ("rowmajor", "swizzled"):
+                p = ChannelFirstProblem(2, C, 60, "bf16", "nvfp4", silu, bias, l2, layout)
+                got_codes, got_sf = cf.expected_output(p, x, w, b if bias else None, global_scale=g)
+                assert got_codes.shape == (2 * 60, C // 2) and torch.equal(got_codes, codes)
+                assert torch.equal(got_sf, encoders.swizzle_scales(sf) if layout == "swizzled" else sf)
+            # the codes decode back to the reference within NVFP4's resolution
+            back = encoders.dequantize_fp4(codes, sf, "nvfp4", g)
+            assert float((back - rows).abs().max()) <= float(rows.abs().max()) / 6 * 1.01
+    # a frame-major view [B, T, C, H, W] seen as [B, C, T, H, W]: positions still (b, t, h, w)
+    fm = x.permute(0, 2, 1, 3, 4).contiguous().permute(0, 2, 1, 3, 4)
+    p = _fp4(C, S=20, N=6, silu=False, l2=False)
+    assert cfo.channel_first_view(fm)[:2] == (6, 20)
+    assert torch.equal(cf.expected_output(p, fm, w)[0], cf.expected_output(p, x, w)[0])
+
+
+def _compile_fp4(p, cfg, arch):
+    compiled = cf.compile_channel_first(p, cfg, arch)
+    regs, _ = resource_usage(compiled)
+    assert regs is None or regs <= 255
+    return compiled
+
+
+@pytest.mark.parametrize("arch", ["sm_90a", "sm_100a"])
+def test_nvfp4_heuristic_configs_compile(arch):
+    """The heuristic config at C = 96, 384, 512, 1024: the WAN form (l2norm + SiLU) and RMSNorm + bias, row-major
+    and swizzled scales, aligned and odd S."""
+    sm = 90 if arch == "sm_90a" else 100
+    for C, S, silu, bias, l2, layout in ((96, 6240, True, False, True, "rowmajor"),
+                                         (384, 24961, False, True, False, "swizzled"),
+                                         (512, 6240, False, False, False, "rowmajor"),
+                                         (1024, 1560, True, True, True, "swizzled")):
+        p = ChannelFirstProblem(1, C, S, "bf16", "nvfp4", silu, bias, l2, layout)
+        _compile_fp4(p, cf.heuristic(p, sm), arch)
+
+
+def test_nvfp4_swept_configs_compile():
+    """Configs of the swept space the heuristic does not pick: shared-memory staging with weights read in the
+    loop, the blocked order with idle groups, fp16 with 16-byte vectors, an odd-S tail with 2-byte loads."""
+    for p, cfg in (
+            (_fp4(4096, layout="swizzled"),
+             ChannelFirstConfig(threads=128, positions_per_cta=16, vec_bytes=16, stage="smem")),
+            (_fp4(96, bias=True), ChannelFirstConfig(threads=128, positions_per_cta=32, vec_bytes=4,
+                                                     c_order="blocked", pdl=True)),
+            (ChannelFirstProblem(1, 160, 6240, "fp16", "nvfp4", False, True, False, "swizzled"),
+             ChannelFirstConfig(threads=128, positions_per_cta=64, vec_bytes=16)),
+            (_fp4(48, S=24961, silu=False, l2=False),
+             ChannelFirstConfig(threads=64, positions_per_cta=32, vec_bytes=2))):
+        assert cf.is_valid(p, cfg), cf.violations(p, cfg)
+        _compile_fp4(p, cfg, "sm_90a")
+
+
+def test_nvfp4_in_the_compile_check():
+    cases = cf.compile_check_cases("sm_90a", configs=0)
+    fp4 = [p for p, _ in cases if p.out_format == "nvfp4"]
+    assert {p.scale_layout for p in fp4} == {"rowmajor", "swizzled"}
+    assert all(p.C % 16 == 0 for p in fp4) and {96, 384, 1024} <= {p.C for p in fp4}
+
+
+def test_nvfp4_entry_point_validates_before_launch():
+    C = 32
+    x = torch.randn(1, C, 2, 3, 4, dtype=torch.bfloat16)
+    w = torch.ones(C, dtype=torch.bfloat16)
+    u8 = torch.uint8
+    out = torch.empty(1, 2, 3, 4, C // 2, dtype=u8)
+    sf = torch.empty(1, 2, 3, 4, C // 16, dtype=torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match="divisible by 16"):
+        cfo.channel_first_rmsnorm(torch.randn(1, 40, 4, dtype=torch.bfloat16), torch.ones(40, dtype=torch.bfloat16),
+                                  out_dtype=u8)
+    with pytest.raises(TypeError, match="output dtype"):
+        cfo.channel_first_rmsnorm(x, w, out=torch.empty(1, 2, 3, 4, C // 2, dtype=torch.int8))
+    with pytest.raises(ValueError, match="channels-last"):  # a channel-first shaped out
+        cfo.channel_first_rmsnorm(x, w, out=torch.empty(1, C // 2, 2, 3, 4, dtype=u8))
+    with pytest.raises(ValueError, match="contiguous"):
+        cfo.channel_first_rmsnorm(x, w, out=torch.empty(1, 2, 3, C // 2, 4, dtype=u8).transpose(3, 4))
+    with pytest.raises(TypeError, match="float8_e4m3fn"):
+        cfo.channel_first_rmsnorm(x, w, out=out, block_scale=sf.view(u8))
+    with pytest.raises(ValueError, match="block_scale must have shape"):  # the C/16 dim missing
+        cfo.channel_first_rmsnorm(x, w, out=out, block_scale=torch.empty(1, 2, 3, 4, dtype=torch.float8_e4m3fn))
+    with pytest.raises(ValueError, match="swizzled block_scale"):
+        cfo.channel_first_rmsnorm(x, w, out=out, block_scale=sf.reshape(-1), is_sf_swizzled_layout=True)
+    with pytest.raises(TypeError, match="is_sf_swizzled_layout"):
+        cfo.channel_first_rmsnorm(x, w, out=out, is_sf_swizzled_layout=1)
+    with pytest.raises(ValueError, match="global_scale"):
+        cfo.channel_first_rmsnorm(x, w, out=out, global_scale=torch.ones(1, dtype=torch.float64))
+    with pytest.raises(ValueError, match="NVFP4 output only"):
+        cfo.channel_first_rmsnorm(x, w, block_scale=sf)
+    with pytest.raises(ValueError, match="NVFP4 output only"):
+        cfo.channel_first_rmsnorm(x, w, global_scale=torch.ones(1))
+    with pytest.raises(ValueError, match="scale applies to fp8"):
+        cfo.channel_first_rmsnorm(x, w, out=out, scale=0.5)
+    # the shapes and dtypes are right: only the device stops it (nothing launches off the GPU)
+    with pytest.raises(ValueError, match="CUDA"):
+        cfo.channel_first_rmsnorm(x, w, out=out, block_scale=sf, global_scale=torch.ones(1))
+    with pytest.raises(ValueError, match="CUDA"):
+        cfo.channel_first_rmsnorm(x, w, out_dtype=u8, block_scale=torch.empty(1024, dtype=torch.float8_e4m3fn),
+                                  is_sf_swizzled_layout=True)
+    if hasattr(torch, "float4_e2m1fn_x2"):
+        with pytest.raises(ValueError, match="CUDA"):
+            cfo.channel_first_rmsnorm(x, w, out=out.view(torch.float4_e2m1fn_x2))
+
+
+@pytest.mark.parametrize("layout", ["rowmajor", "swizzled"])
+def test_nvfp4_runner_cases_and_check(layout):
+    """The runner's NVFP4 cases (poisoned channels-last codes and scales, a random global scale) and its check
+    (kernels/check.py's FP4 rules against the reference encoder), on the CPU: the reference itself passes,
+    the poison fails, and so do a code two steps off and a non-zero padding byte of the swizzled scales."""
+    from kernels import channel_first_runner as cfr
+    from kernels.runner import POISON_BYTE
+
+    p = ChannelFirstProblem(2, 96, 200, "bf16", "nvfp4", True, True, True, layout)
+    cases = cfr.make_cases(p, 2, device="cpu", seed=3)
+    a = cases[0].args
+    assert a["y"].shape == (2, 200, 48) and a["y"].dtype == torch.uint8
+    assert a["block_scale"].shape == ((cf.scale_bytes(p),) if layout == "swizzled" else (2, 200, 6))
+    assert bool((a["y"] == POISON_BYTE).all()) and bool((a["block_scale"] == POISON_BYTE).all())
+    assert 0.5 <= float(a["global_scale"]) < 4.5 and cases[0].outputs == ("y", "block_scale")
+    assert not cfr.check(p, cases[0]).ok
+    exp = cfr.expected_outputs(p, cases[0])
+    assert exp["out"].shape == (400, 48)
+    a["y"].copy_(exp["out"].view(2, 200, 48))
+    a["block_scale"].copy_(exp["block_scale"].view(a["block_scale"].shape))
+    assert cfr.check(p, cases[0], exp).ok
+    codes = a["y"].view(-1)
+    codes[5] = (codes[5] & 0xF0) | (((codes[5] & 0x7) + 2) % 8 | (codes[5] & 0x8))  # a code two steps away
+    assert not cfr.check(p, cases[0], exp).ok
+    if layout == "swizzled":
+        a["y"].copy_(exp["out"].view(2, 200, 48))
+        a["block_scale"].view(-1)[-1] = 1  # padding (rows 400..511)
+        assert not cfr.check(p, cases[0], exp).ok

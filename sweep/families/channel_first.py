@@ -19,7 +19,9 @@ def describe_set(ps) -> tuple:
 
 
 def peer_unsupported(p, impl: str) -> str | None:
-    return None if impl in ("torch_eager", "torch_compile") else f"{impl} has no channel-first norm"
+    if impl not in ("torch_eager", "torch_compile"):
+        return f"{impl} has no channel-first norm"
+    return "no torch formula for NVFP4 block quantisation in the peers" if p.out_format == "nvfp4" else None
 
 
 def _channel_first_fn(p, eps: float, scale: float):
@@ -64,7 +66,8 @@ def host_calls(p, device="cuda") -> dict:
         fns = {"lutforge": lambda: channel_first_rmsnorm(x, w, b, case.eps, silu=p.silu, l2norm=p.l2norm)}
     else:
         fns = {"lutforge": runner.public_launcher(p, case)}
-    fns["torch_eager"] = peer_build("torch_eager", p, case)[0]
+    if peer_unsupported(p, "torch_eager") is None:
+        fns["torch_eager"] = peer_build("torch_eager", p, case)[0]
     return fns
 
 
@@ -89,7 +92,7 @@ def synthetic_us(p: cf.ChannelFirstProblem, cfg: cf.ChannelFirstConfig) -> float
 
 def compile_cases(arch: str, configs: int, quick: bool) -> tuple:
     return (cf.compile_check_cases(arch, configs), cf.compile_channel_first,
-            lambda p, c: f"{p.op:24s} {p.out_format:6s} C={p.C:<6d} S={p.S:<8d} {c.short():28s}",
+            lambda p, c: f"{p.op:24s} {p.out_format:6s} {p.scale_layout:9s} C={p.C:<6d} S={p.S:<8d} {c.short():28s}",
             "channel-first kernels")
 
 

@@ -265,3 +265,167 @@ def test_patched_wan_vae_decode_matches_stock(channels_last):
     err_patched = float((got - ref32).abs().mean())
     # the fused norm rounds once where stock rounds after normalize, scale, gamma and SiLU
     assert err_patched <= 1.25 * err_stock + 1e-3, (err_patched, err_stock)
+
+
+# --------------------------------------------------------------------------- NVFP4 output
+def _fp4_problem(x, b, silu, l2norm, swizzled):
+    N, S = cfo.channel_first_view(x)[:2]
+    return cf.ChannelFirstProblem(N, x.shape[1], S, cfo._TORCH_IN[x.dtype], "nvfp4", silu, b is not None, l2norm,
+                                  "swizzled" if swizzled else "rowmajor")
+
+
+def _fp4_outputs(x, swizzled):
+    """Channels-last codes [B, *spatial, C/2] and e4m3 scales ([B, *spatial, C/16] or the swizzled buffer)."""
+    from kernels.encoders import swizzled_scale_bytes
+
+    C, lead = x.shape[1], (x.shape[0], *x.shape[2:])
+    out = torch.empty(*lead, C // 2, dtype=torch.uint8, device=DEV)
+    if swizzled:
+        sf = torch.empty(swizzled_scale_bytes(out.numel() // (C // 2), C // 16), dtype=torch.float8_e4m3fn,
+                         device=DEV)
+    else:
+        sf = torch.empty(*lead, C // 16, dtype=torch.float8_e4m3fn, device=DEV)
+    return out, sf
+
+
+def _check_fp4(p, out, sf, expected, what):
+    from kernels.check import compare_outputs
+
+    res = compare_outputs(p, {"out": out, "block_scale": sf}, {"out": expected[0], "block_scale": expected[1]})
+    assert res.ok, f"{what}: {res.message}"
+
+
+def _run_fp4(x, w, b, *, silu=False, l2norm=False, swizzled=False, gs=None, eps=None, cfg=None, what=""):
+    """NVFP4 on poisoned outputs (0xFF: -6 in e2m1 and NaN as e4m3, then 0x00) through the entry point or one
+    explicit config, judged after each run against encoders.quantize_nvfp4 of the float64 reference's
+    channels-last rows (kernels/check.py's FP4 rules; the swizzled padding exactly zero)."""
+    p = _fp4_problem(x, b, silu, l2norm, swizzled)
+    out, sf = _fp4_outputs(x, swizzled)
+    expected = cf.expected_output(p, x, w, b, eps, global_scale=gs)
+    label = (f"{what} {p.op}/nvfp4{'/swz' if swizzled else ''} C={p.C} N={p.N} S={p.S} gs={gs is not None} "
+             f"{cfg.short() if cfg else 'heuristic'}")
+    for byte in (0xFF, 0x00):
+        out.fill_(byte)
+        sf.view(torch.uint8).fill_(byte)
+        if cfg is None:
+            got = cfo.channel_first_rmsnorm(x, w, b, eps, silu=silu, l2norm=l2norm, out=out, block_scale=sf,
+                                            global_scale=gs, is_sf_swizzled_layout=swizzled)
+            assert got[0] is out and got[1] is sf
+        else:
+            _launch_fp4_config(p, cfg, x, w, b, out, sf, gs, eps)
+        torch.cuda.synchronize()
+        _check_fp4(p, out, sf, expected, f"{label} poison {byte:#x}")
+    return p
+
+
+def _launch_fp4_config(p, cfg, x, w, b, out, sf, gs, eps):
+    fn = cf.get_compiled(p, cfg, ARCH)
+    N, S, sxn, sxc = cfo.channel_first_view(x)
+    C = x.shape[1]
+    eps = (cf.F_NORMALIZE_EPS if p.l2norm else cf.RMS_EPS) if eps is None else eps
+    gs = torch.ones(1, device=DEV) if gs is None else gs
+    fn(x.data_ptr(), w.data_ptr(), None if b is None else b.data_ptr(), out.data_ptr(), sf.data_ptr(), gs.data_ptr(),
+       N, S, sxn, sxc, S * (C // 2), C // 2, float(eps), torch.cuda.current_stream().cuda_stream)
+
+
+FP4_FORMS = [dict(silu=True, l2norm=True, bias=False), dict(silu=False, l2norm=False, bias=False),
+             dict(silu=True, l2norm=False, bias=True), dict(silu=False, l2norm=True, bias=True)]
+
+
+@pytest.mark.parametrize("C,S,N", [(96, 6240, 1), (384, 1560, 2), (512, 1001, 2), (1024, 33, 3), (16, 7, 3),
+                                   (160, 24961, 1), (96, 6241, 2), (4096, 512, 1)])
+@pytest.mark.parametrize("swizzled", [False, True], ids=["rowmajor", "swizzled"])
+@pytest.mark.parametrize("form", FP4_FORMS, ids=lambda f: "-".join(k for k, on in f.items() if on) or "plain")
+def test_nvfp4_variants(C, S, N, swizzled, form):
+    """NVFP4 against the reference encoder: aligned and odd S, N > 1, both scale layouts (swizzled: positions not a
+    multiple of 128 pad the last tile), with and without a global scale, the heuristic plus two random configs."""
+    x, w, b = _inputs((N, C, S), C, torch.bfloat16, form["bias"], seed=C + S + N)
+    kw = dict(silu=form["silu"], l2norm=form["l2norm"], swizzled=swizzled)
+    gs = torch.tensor([2.75], device=DEV)
+    p = _run_fp4(x, w, b, **kw, what="nvfp4")
+    _run_fp4(x, w, b, **kw, gs=gs, what="nvfp4")
+    for cfg in _random_configs(p, 2, seed=C * 5 + S):
+        _run_fp4(x, w, b, **kw, gs=gs if cfg.c_order == "blocked" else None, cfg=cfg, what="nvfp4")
+
+
+def test_nvfp4_swept_space_configs():
+    """Shared-memory staging, the blocked order, 16-byte vectors (16 x 8 values per thread) and idle groups."""
+    C, S = 96, 4096
+    x, w, b = _inputs((2, C, S), C, torch.bfloat16, True, seed=11)
+    p = _fp4_problem(x, b, True, True, True)
+    for cfg in (cf.ChannelFirstConfig(threads=128, positions_per_cta=64, vec_bytes=16, stage="smem"),
+                cf.ChannelFirstConfig(threads=128, positions_per_cta=32, vec_bytes=4, c_order="blocked", pdl=True),
+                cf.ChannelFirstConfig(threads=256, positions_per_cta=256, vec_bytes=16),
+                cf.ChannelFirstConfig(threads=32, positions_per_cta=32, vec_bytes=2)):
+        assert cf.is_valid(p, cfg, SM), cf.violations(p, cfg, SM)
+        _run_fp4(x, w, b, silu=True, l2norm=True, swizzled=True, cfg=cfg, what="swept")
+
+
+def test_nvfp4_layouts_and_allocation():
+    """5-D video, frame-major ([B, T, C, H, W] memory) and image inputs: codes [B, *spatial, C/2] in (b, t, h, w)
+    order; outputs allocated by the op when not given (uint8 or float4_e2m1fn_x2 codes, e4m3 scales)."""
+    C, T, H, W = 192, 3, 10, 14
+    for frame_major in (False, True):
+        x, w, _ = _inputs((2, C, T, H, W), C, torch.bfloat16, False, frame_major=frame_major)
+        _run_fp4(x, w, None, silu=True, l2norm=True, what="video")
+        _run_fp4(x, w, None, silu=True, l2norm=True, swizzled=True, gs=torch.tensor([0.75], device=DEV),
+                 what="video")
+    xi, w, _ = _inputs((T, C, H, W), C, torch.bfloat16, False)
+    _run_fp4(xi, w, None, l2norm=True, what="image")
+    x, w, _ = _inputs((1, C, T, H, W), C, torch.bfloat16, False)
+    for dt in [torch.uint8] + ([torch.float4_e2m1fn_x2] if hasattr(torch, "float4_e2m1fn_x2") else []):
+        for swizzled in (False, True):
+            out, sf = cfo.channel_first_rmsnorm(x, w, silu=True, l2norm=True, out_dtype=dt,
+                                                is_sf_swizzled_layout=swizzled)
+            assert out.dtype == dt and out.shape == (1, T, H, W, C // 2) and sf.dtype == torch.float8_e4m3fn
+            p = _fp4_problem(x, None, True, True, swizzled)
+            _check_fp4(p, out, sf, cf.expected_output(p, x, w), f"allocated {dt} swizzled={swizzled}")
+
+
+def test_nvfp4_fp16_and_misaligned_input():
+    C, S = 384, 4096
+    x, w, b = _inputs((1, C, 2, 30, 52), C, torch.float16, True)
+    _run_fp4(x, w, b, silu=True, l2norm=True, what="fp16")
+    base, w, _ = _inputs((1, C * S + 1), C, torch.bfloat16, False)
+    xm = base[0, 1:].view(1, C, S)  # 2-byte aligned: 2-byte vectors
+    _run_fp4(xm, w, None, silu=True, l2norm=True, swizzled=True, what="misaligned")
+
+
+def test_nvfp4_channels_last_routes_to_rmsnorm_fp4quant():
+    """channels-last RMSNorm input: the row kernel's rmsnorm_fp4quant on the [positions, C] view (same convention,
+    same out / block_scale shapes); SiLU there would change the scale convention and is refused."""
+    C = 384
+    x, w, _ = _inputs((1, C, 2, 30, 52), C, torch.bfloat16, False)
+    x = x.contiguous(memory_format=torch.channels_last_3d)
+    gs = torch.tensor([1.5], device=DEV)
+    for swizzled in (False, True):
+        out, sf = _fp4_outputs(x, swizzled)
+        out.fill_(0xFF)
+        sf.view(torch.uint8).fill_(0xFF)
+        cfo.channel_first_rmsnorm(x, w, eps=1e-6, out=out, block_scale=sf, global_scale=gs,
+                                  is_sf_swizzled_layout=swizzled)
+        p = cf.ChannelFirstProblem(1, C, 2 * 30 * 52, "bf16", "nvfp4", scale_layout="swizzled" if swizzled else
+                                   "rowmajor")
+        _check_fp4(p, out, sf, cf.expected_output(p, x, w, None, 1e-6, global_scale=gs), "channels_last")
+    with pytest.raises(ValueError, match="channels-last"):
+        cfo.channel_first_rmsnorm(x, w, silu=True, out_dtype=torch.uint8)
+
+
+def test_nvfp4_validation_on_device():
+    C, S = 96, 64
+    x, w, _ = _inputs((1, C, S), C, torch.bfloat16, False)
+    out, sf = _fp4_outputs(x, False)
+    with pytest.raises(ValueError, match="8-byte aligned"):
+        raw = torch.empty(out.numel() + 4, dtype=torch.uint8, device=DEV)
+        cfo.channel_first_rmsnorm(x, w, out=raw[4:].view(out.shape), block_scale=sf)
+    with pytest.raises(ValueError, match="block_scale must be on a CUDA device"):
+        cfo.channel_first_rmsnorm(x, w, out=out, block_scale=sf.cpu())
+    with pytest.raises(ValueError, match="global_scale must be on a CUDA device"):
+        cfo.channel_first_rmsnorm(x, w, out=out, block_scale=sf, global_scale=torch.ones(1))
+    with pytest.raises(ValueError, match="out must be on a CUDA device"):
+        cfo.channel_first_rmsnorm(x, w, out=out.cpu(), block_scale=sf)
+    with pytest.raises(ValueError, match="overlap"):
+        buf = torch.empty(out.numel() + sf.numel(), dtype=torch.uint8, device=DEV)
+        cfo.channel_first_rmsnorm(x, w, out=buf[:out.numel()].view(out.shape),
+                                  block_scale=buf[out.numel() // 2:][:sf.numel()].view(torch.float8_e4m3fn)
+                                  .view(sf.shape))
