@@ -238,7 +238,17 @@ def test_sigterm_to_the_whole_process_group_stops_a_sweep_without_failing_trials
     slow = {FAULTS_ENV: json.dumps([{"when": {}, "fault": "slow"}])}  # every timing 0.3 s
     proc = subprocess.Popen(CLI + args, cwd=REPO, env=cli_env(**slow), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    time.sleep(12)  # start-up, then some trials of the 4 x 30
+    db, deadline = res / "optuna.db", time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:  # start-up (slow on a loaded box), then some trials
+        time.sleep(0.5)
+        if db.exists():
+            import sqlite3
+            with sqlite3.connect(db) as con:
+                try:
+                    if con.execute("select count(*) from trials where state = 'COMPLETE'").fetchone()[0] >= 3:
+                        break
+                except sqlite3.OperationalError:  # tables not created yet
+                    pass
     assert proc.poll() is None, proc.communicate()[0]
     os.killpg(proc.pid, signal.SIGTERM)
     t0 = time.monotonic()
