@@ -23,8 +23,6 @@ def fused_moe_reference(x, w1_weight, w1_weight_sf, w2_weight, w2_weight_sf, tok
     """float32 [T, H] (the op rounds it to its output dtype)."""
     T, H = x.shape
     n_local = w1_weight.shape[0]
-    W1 = dequantize_weights(w1_weight, w1_weight_sf).double()
-    W2 = dequantize_weights(w2_weight, w2_weight_sf).double()
     a_in = x.float()
     if quant_mode == "nvfp4":
         a_in = fake_quantize_nvfp4(a_in, torch.ones((), device=x.device))
@@ -34,7 +32,10 @@ def fused_moe_reference(x, w1_weight, w1_weight_sf, w2_weight, w2_weight_sf, tok
         tok, slot = torch.nonzero(ids == e, as_tuple=True)
         if tok.numel() == 0:
             continue
-        h = (a_in[tok].double() @ W1[e].T) * float(w1_alpha[e])
+        # one expert's weights at a time: a whole DeepSeek-V3 layer in float64 would be 60 GB
+        W1 = dequantize_weights(w1_weight[e:e + 1], w1_weight_sf[e:e + 1])[0].double()
+        W2 = dequantize_weights(w2_weight[e:e + 1], w2_weight_sf[e:e + 1])[0].double()
+        h = (a_in[tok].double() @ W1.T) * float(w1_alpha[e])
         if activation == "silu":
             inter = h.shape[1] // 2
             act = torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]
@@ -44,6 +45,6 @@ def fused_moe_reference(x, w1_weight, w1_weight_sf, w2_weight, w2_weight_sf, tok
             act = fake_quantize_nvfp4(act.float(), fc2_input_scale.reshape(()).float())
         else:
             act = act.to(torch.bfloat16)
-        y = (act.double() @ W2[e].T) * float(w2_alpha[e]) * token_final_scales[tok, slot].double().unsqueeze(1)
+        y = (act.double() @ W2.T) * float(w2_alpha[e]) * token_final_scales[tok, slot].double().unsqueeze(1)
         out.index_add_(0, tok, y)
     return out.float()

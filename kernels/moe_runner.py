@@ -38,8 +38,15 @@ def layer_tensors(n_local: int, fc1_rows: int, H: int, I: int, quant_mode: str, 
     from .moe_quant import quantize_weights
 
     g = torch.Generator(device=device).manual_seed(seed)
-    w1q, w1sf, gs1 = quantize_weights(torch.randn(n_local, fc1_rows, H, generator=g, device=device) * 0.05)
-    w2q, w2sf, gs2 = quantize_weights(torch.randn(n_local, H, I, generator=g, device=device) * 0.05)
+
+    def quantized(rows: int, K: int) -> tuple[torch.Tensor, ...]:
+        # expert by expert: the fp32 weights of a whole DeepSeek-V3 layer at once (28 GB, and the encoder's
+        # temporaries beside them) ran out of the H200's memory
+        parts = [quantize_weights(torch.randn(1, rows, K, generator=g, device=device) * 0.05) for _ in range(n_local)]
+        return tuple(torch.cat(t) for t in zip(*parts))
+
+    w1q, w1sf, gs1 = quantized(fc1_rows, H)
+    w2q, w2sf, gs2 = quantized(H, I)
     fc2s = torch.tensor([4.0], device=device) if quant_mode == "nvfp4" else None
     return dict(w1_weight=w1q, w1_weight_sf=w1sf, w2_weight=w2q, w2_weight_sf=w2sf, w1_alpha=(1.0 / gs1).float(),
                 w2_alpha=(1.0 / (gs2 * (fc2s if fc2s is not None else 1.0))).float(), fc2_input_scale=fc2s)

@@ -111,8 +111,13 @@ def _compile_grid():
     l2norm: the WAN form; plain RMSNorm without), deduplicated by what the compiled kernel depends on. C=4096 is
     the shared-memory staging path (aligned S only: odd S there is a 128-channel register loop, slow to build)."""
     seen, out = set(), []
-    cases = list(itertools.product((3, 96, 384, 1024), (6240, 24961), ("bf16", "fp8"), (False, True), (False, True)))
-    cases += list(itertools.product((4096,), (6240,), ("bf16", "fp8"), (False, True), (False, True)))
+    # bias and l2norm crossed at one C; elsewhere the two forms the decoder runs (its WAN form, plain RMSNorm).
+    # `lutforge compile-check` in CI compiles the heuristic config of every decoder shape besides (this grid took
+    # 190 s fully crossed; it is here for the register check)
+    cases = list(itertools.product((96,), (6240, 24961), ("bf16", "fp8"), (False, True), (False, True)))
+    cases += [(C, S, fmt, l2, l2) for C in (3, 384, 1024) for S in (6240, 24961) for fmt in ("bf16", "fp8")
+              for l2 in (False, True) if (C, S) != (1024, 24961) or not l2]
+    cases += [(4096, 6240, fmt, l2, l2) for fmt in ("bf16", "fp8") for l2 in (False, True)]
     for C, S, fmt, bias, l2 in cases:
         p = ChannelFirstProblem(1, C, S, "bf16", fmt, l2, bias, l2)
         cfg = cf.heuristic(p, 90)
@@ -134,7 +139,7 @@ def test_heuristic_configs_compile_for_sm90a():
         regs, _ = resource_usage(compiled)
         assert regs is None or regs <= 255
     assert not failures, failures
-    assert len(grid) >= 60
+    assert len(grid) >= 30
 
 
 def test_same_source_compiles_for_sm100a():

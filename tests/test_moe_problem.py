@@ -7,6 +7,7 @@ import torch
 from click.testing import CliRunner
 
 import problem_sets as PS
+from problem_sets.moe import moe_problems
 from kernels import moe_problem as M
 from kernels.moe_problem import MoEProblem
 from sweep.cli import main
@@ -140,7 +141,7 @@ def test_decode_is_weight_bound():
 def test_shipped_moe_set():
     s = PS.load("moe")
     assert s.family == "moe" and s.shapes == [] and not s.per_head and s.description
-    probs = PS.moe_problems("moe")
+    probs = moe_problems("moe")
     assert len(probs) == 5 * 15 * 2 * 2 == len(s.moe_names)
     assert len(set(probs)) == len(probs) and all(isinstance(p, MoEProblem) for p in probs)
     assert probs[0] == MoEProblem("fused_moe", T=1, E=128, top_k=8, H=2048, I=768, quant_mode="nvfp4",
@@ -158,10 +159,10 @@ def test_moe_set_expands_for_fused_moe_only():
     with pytest.raises(ValueError, match="unknown op"):
         PS.problems("moe", "layernorm", "bf16", "bf16")
     with pytest.raises(ValueError, match="set 'llm' is a row set, not a moe set"):
-        PS.moe_problems("llm")
+        moe_problems("llm")
     with pytest.raises(ValueError, match="takes bf16 x and writes bf16"):
         PS.problems("moe", "fused_moe", "bf16", "fp8")
-    assert PS.problems("moe", "fused_moe", "bf16", "bf16") == PS.moe_problems("moe")
+    assert PS.problems("moe", "fused_moe", "bf16", "bf16") == moe_problems("moe")
     from sweep.fallback_fit import holdout_sizes
     from sweep.sweep_cmd import select_problems
 
@@ -196,7 +197,7 @@ def test_custom_moe_set(tmp_path):
     (tmp_path / "m.toml").write_text(moe_toml(
         layers=f'[{LAYER}, {{name = "b", E = 16, top_k = 4, H = 64, I = 128, activation = "relu2", '
                'local_experts = 4}]', routing='["skewed", "uniform"]'))
-    probs = PS.moe_problems("m", tmp_path)
+    probs = moe_problems("m", tmp_path)
     assert len(probs) == 2 * 2 * 2
     assert probs[-1] == MoEProblem("fused_moe", T=2, E=16, top_k=4, H=64, I=128, activation="relu2",
                                    routing="uniform", local_experts=4)

@@ -13,6 +13,7 @@ from kernels.wan_vae_patch import (WAN22_VAE_CONFIG, WanFusedRMSNorm, patch_wan_
 wan = pytest.importorskip("diffusers.models.autoencoders.autoencoder_kl_wan")
 # a WAN 2.2-shaped VAE (residual up blocks with DupUp3D shortcuts, 2x2 patches) small enough for a CPU test
 TINY_WAN22 = dict(WAN22_VAE_CONFIG, base_dim=16, decoder_base_dim=32, z_dim=8)
+TINY_WAN21 = dict(base_dim=16)  # the WAN 2.1 layout (default config) at 1/6 of its channel widths
 
 
 def _vae(config=None, seed=0):
@@ -96,8 +97,8 @@ def test_channels_last_patch_matches_and_unpatch_restores_weights(wan21):
 def test_bf16_patched_decode_is_as_close_to_fp32_as_stock():
     """bf16: the fused norm rounds once where WanRMS_norm rounds after normalize, scale, gamma and SiLU; the
     patched decode must be no further from the fp32 decode than the stock bf16 decode is."""
-    vae = _vae(seed=3)
-    z = torch.randn(1, 16, 2, 8, 8, generator=torch.Generator().manual_seed(3))
+    vae = _vae(TINY_WAN21, seed=3)  # bf16 Conv3d on the CPU is slow: the full-width decoder took 18 min here
+    z = torch.randn(1, 16, 2, 4, 4, generator=torch.Generator().manual_seed(3))
     ref32 = _decode(vae, z)
     vae = vae.to(torch.bfloat16)
     stock = _decode(vae, z.bfloat16()).float()

@@ -163,10 +163,10 @@ def synthetic_smem(p, cfg) -> int:
 
 def compile_cases(arch: str, configs: int, quick: bool) -> tuple:
     """The FC1/FC2 GEMMs of every layer of the moe problem set (kernels.fused_moe.compile_check_cases)."""
-    import problem_sets
     from kernels.fused_moe import compile_check_cases, compile_gemm
+    from problem_sets.moe import moe_problems
 
-    layers = dict.fromkeys((p.H, p.I, p.activation) for p in problem_sets.moe_problems("moe"))
+    layers = dict.fromkeys((p.H, p.I, p.activation) for p in moe_problems("moe"))
     return (compile_check_cases(list(layers), configs), compile_gemm,
             lambda sh, c: f"fused_moe {sh.layer:3s} {sh.activation:5s} {sh.out_dtype:4s} K={sh.K:<6d} N={sh.N:<6d} "
                           f"{c.short():26s}", "fused-MoE GEMMs")

@@ -353,7 +353,7 @@ def test_nvfp4_swept_space_configs():
     C, S = 96, 4096
     x, w, b = _inputs((2, C, S), C, torch.bfloat16, True, seed=11)
     p = _fp4_problem(x, b, True, True, True)
-    for cfg in (cf.ChannelFirstConfig(threads=128, positions_per_cta=64, vec_bytes=16, stage="smem"),
+    for cfg in (cf.ChannelFirstConfig(threads=128, positions_per_cta=128, vec_bytes=16, stage="smem"),
                 cf.ChannelFirstConfig(threads=128, positions_per_cta=32, vec_bytes=4, c_order="blocked", pdl=True),
                 cf.ChannelFirstConfig(threads=256, positions_per_cta=256, vec_bytes=16),
                 cf.ChannelFirstConfig(threads=32, positions_per_cta=32, vec_bytes=2)):
