@@ -25,7 +25,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+import os
 import sys
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -64,7 +67,7 @@ def timed(p, make_launch) -> float:
     return time_launchers([make_launch(c) for c in cases], set_bytes=first.nbytes).median_us
 
 
-def bench(p, copy_gbps: float, tflops: float, splits: tuple[int, ...] = ()) -> dict:
+def bench(p, copy_gbps: float, tflops: float, splits: tuple[int, ...] = (), tiles: tuple[str, ...] = ()) -> dict:
     row = {"layer": mp.layer_label(p), "T": p.T, "quant_mode": p.quant_mode, "activation": p.activation}
     case = moe_runner.make_case(p, seed=7)
     moe_runner.public_launcher(p, case)()
@@ -79,6 +82,8 @@ def bench(p, copy_gbps: float, tflops: float, splits: tuple[int, ...] = ()) -> d
     us = timed(p, lambda c: moe_runner.public_launcher(p, c))
     if chosen is not None and p.T <= DECODE_T:
         row.update(split_times(p, chosen, splits))
+        if tiles:
+            row.update(tile_times(p, tiles))
     row.update(status="ok", lutforge_us=us, ideal_bytes=mp.ideal_bytes(p), flops=mp.flops(p))
     row["pct_weight_roofline"] = 100 * mp.ideal_bytes(p) / (us * 1e-6) / (copy_gbps * 1e9)
     row["pct_mm_rate"] = 100 * mp.flops(p) / (us * 1e-6) / (tflops * 1e12)
@@ -88,6 +93,51 @@ def bench(p, copy_gbps: float, tflops: float, splits: tuple[int, ...] = ()) -> d
     for r in host_cost.measure(p, impls=("lutforge", "lutforge_unchecked")):
         row[f"host_{r['impl']}_us"] = r.get("host_us")
     return row
+
+
+_POOL = []
+
+
+def _pool() -> ProcessPoolExecutor:
+    if not _POOL:
+        _POOL.append(ProcessPoolExecutor(min(8, os.cpu_count() or 1), mp_context=multiprocessing.get_context("spawn")))
+    return _POOL[0]
+
+
+def parse_tile(text: str) -> mc.MoEGemmConfig:
+    """'BMxBNxBK/STAGES/WMxWN' (e.g. 32x32x128/4/2x2) -> the GEMM config both GEMMs of a forced layer take."""
+    try:
+        tile, stages, warps = text.split("/")
+        bm, bn, bk = (int(v) for v in tile.split("x"))
+        wm, wn = (int(v) for v in warps.split("x"))
+        return mc.MoEGemmConfig(bm, bn, bk, int(stages), wm, wn)
+    except ValueError:
+        raise SystemExit(f"--tiles takes BMxBNxBK/STAGES/WMxWN entries, got {text!r}") from None
+
+
+def tile_times(p, tiles: tuple[str, ...]) -> dict:
+    """Median µs of the layer with both GEMMs forced to each decode tile of `tiles` (FC2's split-K by the
+    heuristic for that tile), each output checked: the evidence for the decode heuristic's tile."""
+    shapes = mc.gemm_shapes(p.quant_mode, p.activation, p.H, p.I)
+    runs = {}
+    for text in tiles:
+        g = parse_tile(text)
+        fc2 = mc.with_splits(shapes[1], g, mp.rows_per_expert(p), mp.expected_experts_touched(p))
+        forced = mc.MoEConfig.of(g, fc2)
+        if not mc.layer_violations(shapes, forced):
+            runs[text] = forced
+    # the kernels compiled side by side into the disk cache first (serially they took most of the run)
+    list(_pool().map(fm.precompile_layer, [p] * len(runs), list(runs.values()), ["sm_90a"] * len(runs)))
+    out = {}
+    for text, forced in runs.items():
+        fc2 = forced.gemm("fc2")
+        case = moe_runner.make_case(p, seed=13)
+        moe_runner.launcher(p, forced, case)()
+        torch.cuda.synchronize()
+        ok = moe_runner.check(p, case).ok
+        out[f"tile {text}{' k%d' % fc2.splits if fc2.splits > 1 else ''}"] = (
+            timed(p, lambda c, f=forced: moe_runner.launcher(p, f, c)) if ok else float("nan"))
+    return out
 
 
 def split_times(p, cfg, splits: tuple[int, ...]) -> dict:
@@ -135,6 +185,14 @@ def markdown(rows: list[dict], copy_gbps: float, tflops: float, device: str) -> 
             cfg = (r.get("config") or "–").replace("|", "/")
             lines.append(f"| {r['layer']} | {r['T']} | {r['quant_mode']} | {cfg} | "
                          + " | ".join(format(r[c], ".1f") if c in r else "–" for c in split_cols) + " |")
+    tile_cols = list(dict.fromkeys(k for r in dec for k in r if k.startswith("tile ")))
+    if tile_cols:
+        lines += ["", "Decode tiles (µs; both GEMMs forced to the tile, FC2 split by the heuristic):", "",
+                  "| layer | T | quant | chosen µs | " + " | ".join(c[len("tile "):] for c in tile_cols) + " |",
+                  "|---|---|---|---|" + "---|" * len(tile_cols)]
+        for r in dec:
+            lines.append(f"| {r['layer']} | {r['T']} | {r['quant_mode']} | {r['lutforge_us']:.1f} | "
+                         + " | ".join(format(r[c], ".1f") if c in r else "–" for c in tile_cols) + " |")
     lines += [""]
     if dec:
         worst = min(r["pct_weight_roofline"] for r in dec)
@@ -153,6 +211,8 @@ def main() -> None:
     ap.add_argument("--tokens", default="1,8,64,512,4096,16384")
     ap.add_argument("--quant", default="nvfp4,w4a16")
     ap.add_argument("--splits", default="", help="FC2 split-K values to time at decode, e.g. 1,2,4,8 (default: none)")
+    ap.add_argument("--tiles", default="", help="decode tiles to time beside the chosen config, comma list of "
+                                                "BMxBNxBK/STAGES/WMxWN (e.g. 32x32x128/4/2x2)")
     ap.add_argument("--out", default="fused_moe.md")
     args = ap.parse_args()
     ps = problem_sets.load("moe")
@@ -162,6 +222,9 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown layers {unknown}; the moe set has {sorted(layers)}")
     splits = tuple(int(s) for s in args.splits.split(",") if s.strip())
+    tiles = tuple(t.strip() for t in args.tiles.split(",") if t.strip())
+    for t in tiles:
+        parse_tile(t)
     copy = copy_roofline().gbps
     tflops = mm_rate_tflops()
     rows = []
@@ -170,7 +233,7 @@ def main() -> None:
         for T in (int(t) for t in args.tokens.split(",")):
             for q in args.quant.split(","):
                 p = mp.MoEProblem(base.op, T, base.E, base.top_k, base.H, base.I, q, base.activation, "uniform")
-                rows.append(bench(p, copy, tflops, splits))
+                rows.append(bench(p, copy, tflops, splits, tiles))
                 print(json.dumps(rows[-1]), flush=True)
     out = Path(args.out)
     out.write_text(markdown(rows, copy, tflops, torch.cuda.get_device_name()))

@@ -133,13 +133,18 @@ def route_cache_key(spec, arch: str) -> str:
     return "moer" + hashlib.sha256(raw.encode()).hexdigest()[:20]
 
 
+@functools.lru_cache(maxsize=256)
 def get_route(spec, arch: str):
+    """The routing kernel's function, memoised on the (hashable) spec: its cache key (a sha256 of the spec and
+    the sources) cost ~20 us per eager call."""
     from .compile_cache import cached_function
 
     return cached_function(route_cache_key(spec, arch), arch, lambda: compile_route(spec, arch))
 
 
+@functools.lru_cache(maxsize=1024)
 def get_compiled(sh: MoEGemmShape, cfg: MoEGemmConfig, arch: str):
+    """A GEMM's function, memoised like get_route."""
     from .compile_cache import cached_function
 
     return cached_function(cache_key(sh, cfg, arch), arch, lambda: compile_gemm(sh, cfg, arch))

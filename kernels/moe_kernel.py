@@ -98,12 +98,12 @@ def _e2m1_value(y):
     |y|'s binade (steps 0.5 below 2, 1 below 4, 2 above; the scalings are powers of two, so exact), as
     kernels/encoders.encode_e2m1 rounds it. The sign of zero is not kept (it changes no product)."""
     a = cute.arch.fmax(y, -y)
-    k = Float32(0.5)
+    k, kinv = Float32(0.5), Float32(2.0)  # steps are powers of two: multiplying by 1/k is exact (no division)
     if a < 4.0:
-        k = Float32(1.0)
+        k, kinv = Float32(1.0), Float32(1.0)
     if a < 2.0:
-        k = Float32(2.0)
-    r = cute.arch.fmin(_rint(a * k) / k, Float32(6.0))
+        k, kinv = Float32(2.0), Float32(0.5)
+    r = cute.arch.fmin(_rint(a * k) * kinv, Float32(6.0))
     if y < 0.0:
         r = -r
     return r
