@@ -148,7 +148,13 @@ def heuristic(sh: MoEGemmShape, rows_per_expert: float, experts_touched: float =
     split_heuristic when `experts_touched` (kernels.moe_problem.expected_experts_touched; 0: unknown, no
     split) leaves the grid short of CTAs."""
     if rows_per_expert <= 16:
-        wants = [MoEGemmConfig(16, 32, 256, 4, 1, 2), MoEGemmConfig(16, 16, 256, 4, 1, 1),
+        # 16x64x128 s3 with 4 warps first: on the H200 (results/h200/e2e/fused_moe_decode.md, both GEMMs forced
+        # to each tile) it beat the 2-warp 16x32x256 s4 tile at T=1 and 64 of Qwen3-30B-A3B, Mixtral-8x7B and
+        # DeepSeek-V3 in both modes by 1.03-1.95x (e.g. DeepSeek T=64 W4A16 4515 vs 6755 us), except Mixtral
+        # T=64 W4A16 (32x32x128 s4 2x2 919 us, this tile 1008): the FP4 expansion is ALU work, and two warps
+        # per CTA left too few warps per SM to issue it
+        wants = [MoEGemmConfig(16, 64, 128, 3, 1, 4), MoEGemmConfig(16, 64, 64, 3, 1, 4),
+                 MoEGemmConfig(16, 32, 256, 4, 1, 2), MoEGemmConfig(16, 16, 256, 4, 1, 1),
                  MoEGemmConfig(16, 32, 128, 4, 1, 2), MoEGemmConfig(16, 16, 64, 4, 1, 1)]
     elif rows_per_expert <= 64:
         wants = [MoEGemmConfig(64, 64, 128, 3, 2, 2), MoEGemmConfig(64, 32, 64, 3, 2, 2),

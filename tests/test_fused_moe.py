@@ -194,17 +194,17 @@ def test_split_constraints():
 
 
 def test_heuristic_splits_fc2_where_the_grid_is_short_of_ctas():
-    shapes, cfg = _layer_heuristic(1, **MIXTRAL)  # 2 experts x 4096/32 = 256 CTAs unsplit: < 2 per SM
+    shapes, cfg = _layer_heuristic(1, **MIXTRAL)  # 2 experts x 4096/64 = 128 CTAs unsplit: < 2 per SM
     g2 = cfg.gemm("fc2")
     assert cfg.fc2_splits == g2.splits > 1 and cfg.gemm("fc1").splits == 1
     assert not mc.layer_violations(shapes, cfg)
     assert mc.fc2_ctas(shapes[1], g2, 1.0, 2.0) * g2.splits >= mc.SPLIT_MIN_CTAS_PER_SM * mc.SM_COUNT
     assert shapes[1].K // (g2.bk * g2.splits) >= mc.SPLIT_MIN_K_TILES
     assert _layer_heuristic(4096, **QWEN3)[1].fc2_splits == 1  # large batch: never
-    assert _layer_heuristic(1, **QWEN3)[1].fc2_splits == 1  # 8 experts x 2048/32 = 512 CTAs: enough
+    assert _layer_heuristic(1, **QWEN3)[1].fc2_splits == 2  # 8 experts x 2048/64 = 256 CTAs: just short
     assert _layer_heuristic(64, **MIXTRAL)[1].fc2_splits == 1  # every expert touched
-    # expert parallelism: DeepSeek-V3 with 8 of 256 experts local sees one expert at T=1: 224 CTAs
-    assert _layer_heuristic(1, 256, 8, 7168, 2048, local_experts=8)[1].fc2_splits == 2
+    # expert parallelism: DeepSeek-V3 with 8 of 256 experts local sees one expert at T=1: 112 CTAs
+    assert _layer_heuristic(1, 256, 8, 7168, 2048, local_experts=8)[1].fc2_splits == 4
     # no touched-expert count (the former call): no split
     assert mc.layer_heuristic(shapes, 1.0).fc2_splits == 1
     # 8 CTAs: as many splits as keep 2 k-tiles each (K=2048 with bk=256 has 8 k-tiles: 4, not 8)
