@@ -1,6 +1,6 @@
 """A/B of the L2 prefetch under PDL: per problem, its dispatched config (LUT or heuristic) with PDL, without
 and with `l2_prefetch`, checked and timed in interleaved rounds by the sweep's timer (best median of the
-rounds). Usage, on a GPU from the repository root: python results/logs/ab_l2_prefetch.py [rounds]"""
+rounds). Usage, on a GPU from the repository root: python benchmarks/ab_l2_prefetch.py [rounds]"""
 import dataclasses
 import multiprocessing as mp
 import sys

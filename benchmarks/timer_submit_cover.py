@@ -1,7 +1,7 @@
 """Does a busy CPU inflate graph-replay timings, and does the spin kernel before each replay's start event
 (sweep.timer.SUBMIT_COVER_CYCLES) stop it? Times heuristic configs with every core busy at low priority (as a
 sweep's compile processes are) and idle, with and without the cover; 3 measurements each, min and max of the
-medians. Usage, on a GPU from the repository root: python results/logs/timer_submit_cover.py"""
+medians. Usage, on a GPU from the repository root: python benchmarks/timer_submit_cover.py"""
 import functools
 import multiprocessing as mp
 import os
