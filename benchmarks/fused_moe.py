@@ -128,34 +128,25 @@ def tile_times(p, tiles: tuple[str, ...]) -> dict:
             runs[text] = forced
     # the kernels compiled side by side into the disk cache first (serially they took most of the run)
     list(_pool().map(fm.precompile_layer, [p] * len(runs), list(runs.values()), ["sm_90a"] * len(runs)))
-    out = {}
-    for text, forced in runs.items():
-        fc2 = forced.gemm("fc2")
-        case = moe_runner.make_case(p, seed=13)
-        moe_runner.launcher(p, forced, case)()
-        torch.cuda.synchronize()
-        ok = moe_runner.check(p, case).ok
-        out[f"tile {text}{' k%d' % fc2.splits if fc2.splits > 1 else ''}"] = (
-            timed(p, lambda c, f=forced: moe_runner.launcher(p, f, c)) if ok else float("nan"))
-    return out
+    return {f"tile {text}{' k%d' % f.fc2_splits if f.fc2_splits > 1 else ''}": forced_time(p, f)
+            for text, f in runs.items()}
+
+
+def forced_time(p, cfg) -> float:
+    """Median µs of the layer with its config forced to `cfg`, NaN when its output fails the check."""
+    case = moe_runner.make_case(p, seed=11)
+    moe_runner.launcher(p, cfg, case)()
+    torch.cuda.synchronize()
+    if not moe_runner.check(p, case).ok:
+        return float("nan")
+    return timed(p, lambda c: moe_runner.launcher(p, cfg, c))
 
 
 def split_times(p, cfg, splits: tuple[int, ...]) -> dict:
     """Median µs of `cfg` with FC2's split-K forced to each of `splits` the layer allows, each output checked."""
     shapes = mc.gemm_shapes(p.quant_mode, p.activation, p.H, p.I)
-    out = {}
-    for s in splits:
-        forced = replace(cfg, fc2_splits=s)
-        if mc.layer_violations(shapes, forced):
-            continue
-        case = moe_runner.make_case(p, seed=11)
-        moe_runner.launcher(p, forced, case)()
-        torch.cuda.synchronize()
-        if not moe_runner.check(p, case).ok:
-            out[f"fc2_split{s}_us"] = float("nan")
-            continue
-        out[f"fc2_split{s}_us"] = timed(p, lambda c, f=forced: moe_runner.launcher(p, f, c))
-    return out
+    forced = {s: replace(cfg, fc2_splits=s) for s in splits}
+    return {f"fc2_split{s}_us": forced_time(p, f) for s, f in forced.items() if not mc.layer_violations(shapes, f)}
 
 
 def markdown(rows: list[dict], copy_gbps: float, tflops: float, device: str) -> str:
