@@ -11,8 +11,10 @@ T, quant mode), uniform routing:
                   rotating cases (routing drawn per case, so the experts read rotate too: kernels/moe_runner.py)
 * torch_grouped   the same layer with the weights dequantised to bf16 through torch._grouped_mm (W4A16:
                   torch has no FP4 activations)
-* host            microseconds per eager call of fused_moe (expert-id check on, and off), N back-to-back
-                  calls with the GPU held busy (sweep/host_cost.py)
+* host            microseconds per eager call of fused_moe (expert-id check on, and off), of its four kernel
+                  launches alone with prebuilt arguments (the floor) and of the torch baseline, N back-to-back
+                  calls with the GPU held busy (sweep/host_cost.py; the checked call syncs, so its figure
+                  includes waiting for the GPU)
 * fc2 split-K     at decode (T <= 64), with --splits: the config lutforge chose with FC2's split-K forced to
                   each valid value (kernels/moe_config.py's split_heuristic threshold, checked on the device)
 
@@ -90,7 +92,7 @@ def bench(p, copy_gbps: float, tflops: float, splits: tuple[int, ...] = (), tile
     if peers.unsupported(p, "torch_eager") is None:
         row["torch_grouped_us"] = timed(p, lambda c: peers.build("torch_eager", p, c)[0])
         row["speedup_vs_torch"] = row["torch_grouped_us"] / us
-    for r in host_cost.measure(p, impls=("lutforge", "lutforge_unchecked")):
+    for r in host_cost.measure(p, impls=("lutforge", "lutforge_unchecked", "lutforge_launch", "torch_eager")):
         row[f"host_{r['impl']}_us"] = r.get("host_us")
     return row
 
@@ -153,7 +155,8 @@ def markdown(rows: list[dict], copy_gbps: float, tflops: float, device: str) -> 
     lines = [f"# fused_moe on {device}", "",
              f"Copy roofline {copy_gbps:.0f} GB/s; dense bf16 torch.mm {MM_N}^3 {tflops:.0f} TFLOPS (same run).", "",
              "| layer | T | quant | µs | % weight roofline | % mm rate | torch grouped µs | speedup | "
-             "host µs (checked / unchecked) | check |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "host µs (checked / unchecked / launch floor / torch) | check |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["status"] != "ok":
             lines.append(f"| {r['layer']} | {r['T']} | {r['quant_mode']} | – | – | – | – | – | – | {r['check']} |")
@@ -162,7 +165,8 @@ def markdown(rows: list[dict], copy_gbps: float, tflops: float, device: str) -> 
         lines.append(f"| {r['layer']} | {r['T']} | {r['quant_mode']} | {r['lutforge_us']:.1f} | "
                      f"{r['pct_weight_roofline']:.1f} | {r['pct_mm_rate']:.1f} | {f('torch_grouped_us', '.1f')} | "
                      f"{f('speedup_vs_torch', '.2f')} | {f('host_lutforge_us', '.0f')} / "
-                     f"{f('host_lutforge_unchecked_us', '.0f')} | {r['check']} |")
+                     f"{f('host_lutforge_unchecked_us', '.0f')} / {f('host_lutforge_launch_us', '.0f')} / "
+                     f"{f('host_torch_eager_us', '.0f')} | {r['check']} |")
     dec = [r for r in rows if r["status"] == "ok" and r["T"] <= DECODE_T]
     big = [r for r in rows if r["status"] == "ok" and r["T"] >= BATCH_T]
     split_cols = sorted({k for r in dec for k in r if k.startswith("fc2_split")},

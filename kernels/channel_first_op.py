@@ -21,12 +21,14 @@ import math
 import torch
 
 from .channel_first import F_NORMALIZE_EPS, MAX_GRID_Y, RMS_EPS, ChannelFirstProblem, _gcd_all, get_compiled
+from .dispatch import on_reload
 
 _TORCH_IN = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 _FP8 = torch.float8_e4m3fn
 _FP4 = getattr(torch, "float4_e2m1fn_x2", None)
 _FP4_DTYPES = tuple(d for d in (_FP4, torch.uint8) if d is not None)  # NVFP4 output: packed e2m1 pairs
 _PLANS: dict = {}
+on_reload(_PLANS.clear)  # plans hold dispatch answers
 PLAN_CACHE_SIZE = 4096
 
 

@@ -280,10 +280,21 @@ def default_dispatcher() -> Dispatcher:
     return _default
 
 
+_ON_RELOAD: list = []  # callables clearing the caches of ops that memoise dispatch answers per call signature
+
+
+def on_reload(clear) -> None:
+    """Register `clear` to run whenever reload_luts forgets the LUTs (an op's plan cache holds their answers)."""
+    _ON_RELOAD.append(clear)
+
+
 def reload_luts() -> None:
-    """Forget the loaded LUTs and memoised answers (after kernels/luts/ changed on disk)."""
+    """Forget the loaded LUTs and memoised answers (after kernels/luts/ changed on disk), the ops' plan caches
+    included: a call after it dispatches from the modules on disk."""
     global _default
     _default = None
+    for clear in _ON_RELOAD:
+        clear()
 
 
 def select_config(problem: Problem, arch: int, device_class: str | None = None,

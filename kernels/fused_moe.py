@@ -4,13 +4,19 @@ One call: validate (cached per argument signature), sort the (token, expert) pai
 routing launch, kernels/moe_route_kernel.py), FC1 grouped GEMM with the activation fused
 (kernels/moe_kernel.py), FC2 grouped GEMM scaled by the routing weights and written per pair (per pair and
 K split when FC2 splits K: fp32 partials [splits, pairs, H]), then the sum of each token's pairs (and
-splits) into the output, one fp32 reduction and one rounding. Numerics and scale conventions:
-kernels/moe_quant.py; the float reference: kernels/moe_reference.py.
+splits) into the output, one fp32 reduction and one rounding (kernels/moe_combine_kernel.py). Numerics and
+scale conventions: kernels/moe_quant.py; the float reference: kernels/moe_reference.py.
 
-Expert ids are checked against [0, num_experts) eagerly (one reduction and one host read;
-check_expert_ids=False skips it); under CUDA-graph capture the check is skipped (it would sync) and
-out-of-range ids route nowhere, like non-local experts. Under torch.compile a call traces to the custom op
-`lutforge::fused_moe`, which runs (and validates) the eager op on the real tensors.
+Host cost: a repeated signature costs a dict lookup, one workspace allocation (routing tables, FC1's output
+and FC2's partials are byte ranges of it, passed as integer pointers), the output's allocation when none is
+given and four TVM-FFI calls on the raw current stream; the functions, grids and workspace layout are bound
+once per signature (_Launch).
+
+Expert ids are checked against [0, num_experts) eagerly: the routing kernel counts the ids out of range and
+the call reads that count back (a host sync) before FC1 launches, so nothing but the workspace has been
+written when it raises; check_expert_ids=False skips the read. Under CUDA-graph capture the read is skipped
+(it would sync) and out-of-range ids route nowhere, like non-local experts. Under torch.compile a call traces
+to the custom op `lutforge::fused_moe`, which runs (and validates) the eager op on the real tensors.
 """
 from __future__ import annotations
 
@@ -20,13 +26,15 @@ from dataclasses import dataclass
 
 import torch
 
+from . import dispatch as _dispatch
 from .moe_config import MoEConfig, MoEGemmConfig, MoEGemmShape, gemm_shapes, heuristic, violations
 from .moe_problem import ACTIVATIONS, DIM_MULTIPLE, MAX_TOP_K, MoEProblem
 from .moe_quant import NVFP4_BLOCK
+from .ops import _get_device, _raw_stream
 
 QUANT_ALIASES = {"nvfp4": "nvfp4", "w4a4": "nvfp4", "w4a16": "w4a16"}
 PRECISION_ALIASES = {"fp4": "nvfp4", "bf16": "w4a16"}
-_SOURCES = ("moe_kernel.py", "moe_config.py", "moe_route_kernel.py")
+_SOURCES = ("moe_kernel.py", "moe_config.py", "moe_route_kernel.py", "moe_combine_kernel.py")
 _CACHE_VERSION = 1
 _FP4_DTYPES = tuple(getattr(torch, n) for n in ("uint8", "float4_e2m1fn_x2") if hasattr(torch, n))
 _SF_DTYPES = (torch.float8_e4m3fn, torch.uint8)
@@ -84,12 +92,20 @@ def route_spec(p: MoEProblem, cfg, ids_dtype: str = "int32", scale_dtype: str = 
     return MoERouteSpec(p.n_local, p.top_k, cfg.bm, cfg.bm, ids_dtype, scale_dtype)
 
 
+def combine_spec(p: MoEProblem, cfg):
+    """The combine kernel a call of layer `p` with knobs `cfg` launches."""
+    from .moe_combine_kernel import MoECombineSpec
+
+    return MoECombineSpec(p.top_k, cfg.gemm("fc2").splits, p.H)
+
+
 def _layer_kernels(p: MoEProblem, cfg, arch: str) -> list[tuple[str, object]]:
-    """(disk-cache key, compile function) of every kernel one call runs: FC1, FC2 and the routing kernel."""
+    """(disk-cache key, compile function) of every kernel one call runs: FC1, FC2, routing and combine."""
     fc1, fc2 = gemm_shapes(p.quant_mode, p.activation, p.H, p.I)
-    spec = route_spec(p, cfg)
-    return [(cache_key(sh, cfg.gemm(sh.layer), arch), functools.partial(compile_gemm, sh, cfg.gemm(sh.layer), arch))
-            for sh in (fc1, fc2)] + [(route_cache_key(spec, arch), functools.partial(compile_route, spec, arch))]
+    spec, comb = route_spec(p, cfg), combine_spec(p, cfg)
+    return ([(cache_key(sh, cfg.gemm(sh.layer), arch), functools.partial(compile_gemm, sh, cfg.gemm(sh.layer), arch))
+             for sh in (fc1, fc2)] + [(route_cache_key(spec, arch), functools.partial(compile_route, spec, arch)),
+                                      (combine_cache_key(comb, arch), functools.partial(compile_combine, comb, arch))])
 
 
 def layer_cache_key(p: MoEProblem, cfg, arch: str) -> str:
@@ -99,7 +115,7 @@ def layer_cache_key(p: MoEProblem, cfg, arch: str) -> str:
 
 
 def precompile_layer(p: MoEProblem, cfg, arch: str):
-    """Compile a call's kernels (both GEMMs and the routing kernel) into the disk cache (idempotent): one
+    """Compile a call's kernels (both GEMMs, routing and combine) into the disk cache (idempotent): one
     compile_cache.CompileInfo, times summed, the largest register and shared-memory use."""
     from .compile_cache import CompileInfo, precompile_key
 
@@ -123,14 +139,44 @@ def compile_route(spec, arch: str):
 
     ids = cutlass.Int32 if spec.ids_dtype == "int32" else cutlass.Int64
     sc = cutlass.Float32 if spec.scale_dtype == "fp32" else cutlass.BFloat16
-    args = (ptr(ids), ptr(sc), *(ptr(cutlass.Int32) for _ in range(5)), ptr(cutlass.Float32), cutlass.Int32(0),
-            cutlass.Int32(0), make_fake_stream(use_tvm_ffi_env_stream=False))
+    args = (ptr(ids), ptr(sc), *(ptr(cutlass.Int32) for _ in range(5)), ptr(cutlass.Float32), ptr(cutlass.Int32),
+            ptr(cutlass.Int32), cutlass.Int32(0), cutlass.Int32(0), cutlass.Int32(0),
+            make_fake_stream(use_tvm_ffi_env_stream=False))
     return compile_dsl(MoERouteKernel(spec), args, arch, f"fused_moe routing {spec}")
 
 
 def route_cache_key(spec, arch: str) -> str:
     raw = repr((_CACHE_VERSION, spec, arch, source_hash()))
     return "moer" + hashlib.sha256(raw.encode()).hexdigest()[:20]
+
+
+def compile_combine(spec, arch: str):
+    """Compile the combine kernel (kernels/moe_combine_kernel.py) for `arch` (no GPU needed)."""
+    import cutlass
+    from cutlass.base_dsl.enums import AddressSpace
+    from cutlass.cute.runtime import make_fake_stream, nullptr
+
+    from .compile_cache import compile_dsl
+    from .moe_combine_kernel import MoECombineKernel
+
+    args = (nullptr(cutlass.Float32, AddressSpace.gmem, assumed_align=16),
+            nullptr(cutlass.Int32, AddressSpace.gmem, assumed_align=4),
+            nullptr(cutlass.BFloat16, AddressSpace.gmem, assumed_align=16), cutlass.Int32(0), cutlass.Int32(0),
+            cutlass.Int32(0), make_fake_stream(use_tvm_ffi_env_stream=False))
+    return compile_dsl(MoECombineKernel(spec), args, arch, f"fused_moe combine {spec}")
+
+
+def combine_cache_key(spec, arch: str) -> str:
+    raw = repr((_CACHE_VERSION, spec, arch, source_hash()))
+    return "moec" + hashlib.sha256(raw.encode()).hexdigest()[:20]
+
+
+@functools.lru_cache(maxsize=256)
+def get_combine(spec, arch: str):
+    """The combine kernel's function, memoised like get_route."""
+    from .compile_cache import cached_function
+
+    return cached_function(combine_cache_key(spec, arch), arch, lambda: compile_combine(spec, arch))
 
 
 @functools.lru_cache(maxsize=256)
@@ -158,6 +204,10 @@ class _Plan:
     fc1: MoEGemmShape
     fc2: MoEGemmShape
     arch: str  # the compile target of x's device
+    device: torch.device
+    ids_dtype: str  # "int32" | "int64"
+    scale_dtype: str  # "fp32" | "bf16"
+    w_strides: tuple  # per-expert strides in bytes of w1, w1_sf, w2, w2_sf
 
 
 def _sig(t):
@@ -237,10 +287,12 @@ def _validate(x, w1, w1sf, w2, w2sf, ids, sc, w1_alpha, w2_alpha, fc2_input_scal
     fc1, fc2 = gemm_shapes(quant_mode, activation, H, inter)
     problem = MoEProblem("fused_moe", T, num_experts, top_k, H, inter, quant_mode, activation, "uniform",
                          0 if El == num_experts else El)
-    return _Plan(problem, fc1, fc2, _arch(dev))
+    return _Plan(problem, fc1, fc2, _arch(dev), dev, "int32" if ids.dtype == torch.int32 else "int64",
+                 "fp32" if sc.dtype == torch.float32 else "bf16",
+                 (w1.stride(0), w1sf.stride(0), w2.stride(0), w2sf.stride(0)))
 
 
-_PLANS: dict = {}  # argument signature -> _Plan: a repeated call skips the checks (host cost)
+_PLANS: dict = {}  # argument signature -> [_Plan, _Launch of the dispatched configs or None]
 PLAN_CACHE_SIZE = 4096  # signatures kept (T varies per batch; the weights' signature does not)
 
 
@@ -253,47 +305,142 @@ def _arch(device) -> str:
 _SELECTED: dict = {}  # (problem, device index) -> MoEConfig
 
 
-def _dispatched(plan: _Plan, device) -> MoEConfig:
+def _dispatched(plan: _Plan) -> MoEConfig:
     """The layer's knobs at this T: the device class's LUT entry, else the family heuristic (kernels.dispatch,
-    as the norms; memoised per problem and device)."""
-    key = (plan.problem, device.index)
+    as the norms; memoised per problem and device until kernels.dispatch.reload_luts)."""
+    key = (plan.problem, plan.device.index)
     cfg = _SELECTED.get(key)
     if cfg is None:
-        from .dispatch import default_dispatcher
         from .ops import _device_info
 
-        sm, dev_class, _ = _device_info(device)
-        cfg = _SELECTED[key] = default_dispatcher().lookup(plan.problem, sm, dev_class).config
+        sm, dev_class, _ = _device_info(plan.device)
+        cfg = _SELECTED[key] = _dispatch.default_dispatcher().lookup(plan.problem, sm, dev_class).config
     return cfg
 
 
-def _route(ids, scales, n_local: int, offset: int, top_k: int, bm1: int, bm2: int, arch: str):
-    """One launch of kernels/moe_route_kernel.py: (expert_offsets, FC1 tile offsets, FC2 tile offsets [E+1],
-    a_rows, out_rows [P] int32, row_scale [P] fp32), all views of one int32 workspace."""
+_dispatch.on_reload(_PLANS.clear)
+_dispatch.on_reload(_SELECTED.clear)
+
+
+def _align16(n: int) -> int:
+    return (n + 15) & ~15
+
+
+def workspace_layout(n_local: int, P: int, inter: int, H: int, splits: int) -> tuple[dict, int]:
+    """Byte offsets of the buffers one call uses inside its single workspace allocation, and its size: the
+    routing tables (int32: expert_offsets, FC1 and FC2 tile offsets [E+1]; a_rows, out_rows, row_scale (fp32),
+    valid [P]; bad [1]), FC1's output (bf16 [P, I]) and FC2's fp32 partials [splits, P, H]. 16-byte aligned."""
+    sizes = {"eo": 4 * (n_local + 1), "to1": 4 * (n_local + 1), "to2": 4 * (n_local + 1), "a_rows": 4 * P,
+             "out_rows": 4 * P, "row_scale": 4 * P, "valid": 4 * P, "bad": 4, "inter": 2 * P * inter,
+             "y": 4 * splits * P * H}
+    offsets, at = {}, 0
+    for name, n in sizes.items():
+        offsets[name] = at
+        at += _align16(n)
+    return offsets, at
+
+
+class _Launch:
+    """One call's kernels bound for an argument signature and a config pair: functions, grids, workspace
+    layout and the launch arguments that do not change between calls."""
+
+    __slots__ = ("device", "route", "fc1", "fc2", "combine", "ws_bytes", "off", "P", "n_local", "fc1_tail",
+                 "fc2_tail", "comb_tail", "T")
+
+    def __init__(self, plan: _Plan, cfg1: MoEGemmConfig, cfg2: MoEGemmConfig):
+        from .moe_combine_kernel import MoECombineSpec, grid_for
+        from .moe_route_kernel import MoERouteSpec
+
+        p, arch = plan.problem, plan.arch
+        self.device, self.T, self.P, self.n_local = plan.device, p.T, p.pairs, p.n_local
+        P, El = self.P, self.n_local
+        self.route = get_route(MoERouteSpec(El, p.top_k, cfg1.bm, cfg2.bm, plan.ids_dtype, plan.scale_dtype), arch)
+        self.fc1, self.fc2 = get_compiled(plan.fc1, cfg1, arch), get_compiled(plan.fc2, cfg2, arch)
+        comb = MoECombineSpec(p.top_k, cfg2.splits, p.H)
+        self.combine = get_combine(comb, arch)
+        off, self.ws_bytes = workspace_layout(El, P, p.I, p.H, cfg2.splits)
+        self.off = off
+        s1, s1f, s2, s2f = plan.w_strides
+        grid1 = -(-P // cfg1.bm) + min(El, P)  # m-tiles of every expert, at most one partial tile each
+        grid2 = -(-P // cfg2.bm) + min(El, P)
+        # (a_count, n_rows, n_experts, grid_m, w_stride_e, sf_stride_e, out_count) of MoEGemmKernel.__call__
+        self.fc1_tail = (p.T, P, El, grid1, s1, s1f, P)
+        self.fc2_tail = (P, P, El, grid2, s2, s2f, cfg2.splits * P)
+        self.comb_tail = (p.T, P, grid_for(comb, p.T))
+
+    def run(self, x, w1, w1sf, w2, w2sf, ids, scales, alpha1, alpha2, gs, out, offset: int, num_experts: int,
+            check: bool):
+        dev = self.device
+        if _get_device() != dev.index:
+            with torch.cuda.device(dev):
+                return self.run(x, w1, w1sf, w2, w2sf, ids, scales, alpha1, alpha2, gs, out, offset, num_experts,
+                                check)
+        ws = torch.empty(self.ws_bytes, dtype=torch.uint8, device=dev)
+        b, o, st = ws.data_ptr(), self.off, _raw_stream(dev.index)
+        eo, a_rows, out_rows, row_scale, valid = b + o["eo"], b + o["a_rows"], b + o["out_rows"], b + o["row_scale"], \
+            b + o["valid"]
+        inter, y = b + o["inter"], b + o["y"]
+        self.route(ids.data_ptr(), scales.data_ptr(), eo, b + o["to1"], b + o["to2"], a_rows, out_rows, row_scale,
+                   valid, b + o["bad"], self.P, offset, num_experts, st)
+        if check:
+            bad = ws[o["bad"]:o["bad"] + 4].view(torch.int32).item()
+            _need(bad == 0, f"token_selected_experts holds {bad} ids outside [0, num_experts={num_experts})")
+        # W4A4: FC1 fake-quantises x's rows and its own output in the kernel (kernels/moe_kernel.py)
+        self.fc1(x.data_ptr(), a_rows, w1.data_ptr(), w1sf.data_ptr(), alpha1.data_ptr(), None, None, inter, eo,
+                 b + o["to1"], *self.fc1_tail, None if gs is None else gs.data_ptr(), st)
+        self.fc2(inter, None, w2.data_ptr(), w2sf.data_ptr(), alpha2.data_ptr(), row_scale, out_rows, y, eo,
+                 b + o["to2"], *self.fc2_tail, None, st)
+        # fp32 sum over the K splits and the token's local pairs, one rounding (kernels/moe_combine_kernel.py)
+        self.combine(y, valid, out.data_ptr(), *self.comb_tail, st)
+        return out
+
+    def floor(self, x, w1, w1sf, w2, w2sf, ids, scales, alpha1, alpha2, gs, out, offset: int, num_experts: int):
+        """A zero-argument callable launching the four kernels with every argument prebuilt (workspace held,
+        stream fixed): what `run` costs without its Python, the floor of the call path's host cost."""
+        ws = torch.empty(self.ws_bytes, dtype=torch.uint8, device=self.device)
+        b, o, st = ws.data_ptr(), self.off, _raw_stream(self.device.index)
+        route = (ids.data_ptr(), scales.data_ptr(), *(b + o[n] for n in (
+            "eo", "to1", "to2", "a_rows", "out_rows", "row_scale", "valid", "bad")), self.P, offset, num_experts, st)
+        fc1 = (x.data_ptr(), b + o["a_rows"], w1.data_ptr(), w1sf.data_ptr(), alpha1.data_ptr(), None, None,
+               b + o["inter"], b + o["eo"], b + o["to1"], *self.fc1_tail, None if gs is None else gs.data_ptr(), st)
+        fc2 = (b + o["inter"], None, w2.data_ptr(), w2sf.data_ptr(), alpha2.data_ptr(), b + o["row_scale"],
+               b + o["out_rows"], b + o["y"], b + o["eo"], b + o["to2"], *self.fc2_tail, None, st)
+        comb = (b + o["y"], b + o["valid"], out.data_ptr(), *self.comb_tail, st)
+        fns = (self.route, self.fc1, self.fc2, self.combine)
+
+        def launch(ws=ws):  # ws held: the pointers stay valid
+            fns[0](*route)
+            fns[1](*fc1)
+            fns[2](*fc2)
+            fns[3](*comb)
+        return launch
+
+
+@functools.lru_cache(maxsize=1024)
+def _bind(plan: _Plan, cfg1: MoEGemmConfig, cfg2: MoEGemmConfig) -> _Launch:
+    return _Launch(plan, cfg1, cfg2)
+
+
+def _route(ids, scales, n_local: int, offset: int, top_k: int, bm1: int, bm2: int, arch: str,
+           num_experts: int | None = None) -> dict:
+    """The routing kernel alone (for tests): its tables as int32 views (row_scale fp32) of a fresh workspace,
+    by workspace_layout's names."""
     from .moe_route_kernel import MoERouteSpec
 
     P = ids.numel()
     spec = MoERouteSpec(n_local, top_k, bm1, bm2, "int32" if ids.dtype == torch.int32 else "int64",
                         "fp32" if scales.dtype == torch.float32 else "bf16")
-    ws = torch.empty(3 * (n_local + 1) + 3 * P, dtype=torch.int32, device=ids.device)
-    eo, to1, to2 = (ws[i * (n_local + 1):(i + 1) * (n_local + 1)] for i in range(3))
-    base = 3 * (n_local + 1)
-    a_rows, out_rows = ws[base:base + P], ws[base + P:base + 2 * P]
-    row_scale = ws[base + 2 * P:].view(torch.float32)
-    get_route(spec, arch)(ids.data_ptr(), scales.data_ptr(), eo.data_ptr(), to1.data_ptr(), to2.data_ptr(),
-                          a_rows.data_ptr(), out_rows.data_ptr(), row_scale.data_ptr(), P, offset,
-                          torch.cuda.current_stream(ids.device).cuda_stream)
-    return eo, to1, to2, a_rows, out_rows, row_scale
-
-
-def _launch_gemm(sh, cfg, arch, a, a_rows, w, sf, alpha, row_scale, out_rows, out, eo, to, n_rows, n_local,
-                 grid_m, out_scale=None):
-    fn = get_compiled(sh, cfg, arch)
-    fn(a.data_ptr(), None if a_rows is None else a_rows.data_ptr(), w.data_ptr(), sf.data_ptr(),
-       alpha.data_ptr(), None if row_scale is None else row_scale.data_ptr(),
-       None if out_rows is None else out_rows.data_ptr(), out.data_ptr(), eo.data_ptr(), to.data_ptr(),
-       a.shape[0], n_rows, n_local, grid_m, w.stride(0), sf.stride(0), out.shape[0],
-       None if out_scale is None else out_scale.data_ptr(), torch.cuda.current_stream(out.device).cuda_stream)
+    off, nbytes = workspace_layout(n_local, P, 0, 0, 1)
+    ws = torch.empty(nbytes, dtype=torch.uint8, device=ids.device)
+    b = ws.data_ptr()
+    get_route(spec, arch)(ids.data_ptr(), scales.data_ptr(), *(b + off[n] for n in (
+        "eo", "to1", "to2", "a_rows", "out_rows", "row_scale", "valid", "bad")), P, offset,
+        n_local + offset if num_experts is None else num_experts, torch.cuda.current_stream(ids.device).cuda_stream)
+    n = {"eo": n_local + 1, "to1": n_local + 1, "to2": n_local + 1, "a_rows": P, "out_rows": P, "row_scale": P,
+         "valid": P, "bad": 1}
+    views = {k: ws[off[k]:off[k] + 4 * v].view(torch.int32) for k, v in n.items()}
+    views["row_scale"] = views["row_scale"].view(torch.float32)
+    return views
 
 
 def fused_moe(x: torch.Tensor, w1_weight: torch.Tensor, w1_weight_sf: torch.Tensor, w2_weight: torch.Tensor,
@@ -311,8 +458,8 @@ def fused_moe(x: torch.Tensor, w1_weight: torch.Tensor, w1_weight_sf: torch.Tens
     in addition `local_expert_offset` (the first local expert's global id under expert parallelism, default
     0) and `configs` (explicit (FC1, FC2) kernel configs, FC2's possibly splitting K; default: the device
     class's LUT entry for this T, else the family heuristic by rows per expert and experts touched).
-    `check_expert_ids` (default True) refuses ids outside [0, num_experts) with a ValueError: one reduction and
-    a host sync per eager call; serving code that trusts its router passes False (ids out of range then route
+    `check_expert_ids` (default True) refuses ids outside [0, num_experts) with a ValueError: the routing
+    kernel counts them and the call reads the count back, a host sync per eager call; serving code that trusts its router passes False (ids out of range then route
     nowhere, as under CUDA-graph capture, where the check is always skipped).
     Returns `output` (allocated when None), [num_tokens, hidden_size] bfloat16."""
     if quant_mode is None:
@@ -332,61 +479,50 @@ def fused_moe(x: torch.Tensor, w1_weight: torch.Tensor, w1_weight_sf: torch.Tens
                                      token_final_scales, w1_alpha, w2_alpha, fc2s, out, num_experts, top_k, n_local,
                                      local_expert_offset, quant_mode, activation, check_expert_ids)
         return out
-    tensors = (x, w1_weight, w1_weight_sf, w2_weight, w2_weight_sf, token_selected_experts, token_final_scales,
-               w1_alpha, w2_alpha, fc2_input_scale if quant_mode == "nvfp4" else None, output)
+    fc2s = fc2_input_scale if quant_mode == "nvfp4" else None
+    plan, launch = _resolve(x, w1_weight, w1_weight_sf, w2_weight, w2_weight_sf, token_selected_experts,
+                            token_final_scales, w1_alpha, w2_alpha, fc2s, output, num_experts, top_k, n_local,
+                            local_expert_offset, quant_mode, activation, output_dtype, configs)
+    out = output if output is not None else torch.empty(plan.problem.T, plan.problem.H, dtype=torch.bfloat16,
+                                                        device=x.device)
+    if launch is None:  # no pairs
+        return out
+    check = check_expert_ids and not torch.cuda.is_current_stream_capturing()
+    return launch.run(x, w1_weight, w1_weight_sf, w2_weight, w2_weight_sf, token_selected_experts,
+                      token_final_scales, w1_alpha, w2_alpha, fc2s, out, local_expert_offset, num_experts, check)
+
+
+def _resolve(x, w1, w1sf, w2, w2sf, ids, sc, w1_alpha, w2_alpha, fc2s, output, num_experts, top_k, n_local, offset,
+             quant_mode, activation, output_dtype, configs) -> tuple[_Plan, _Launch | None]:
+    """The call's plan (validated once per argument signature) and its bound kernels (None without pairs):
+    the dispatched configs' bound once per signature, forced configs checked against the layer."""
     try:
-        key = (tuple(_sig(t) if isinstance(t, torch.Tensor) else (type(t),) for t in tensors), num_experts,
-               top_k, n_local, local_expert_offset, quant_mode, activation, output_dtype)
-        hash(key)
-    except TypeError:
-        key = None
-    plan = _PLANS.get(key) if key is not None else None
-    if plan is None:
-        plan = _validate(*tensors[:10], num_experts, top_k, n_local, local_expert_offset, quant_mode, activation,
-                         output, output_dtype)
+        key = (tuple(_sig(t) if isinstance(t, torch.Tensor) else (type(t),) for t in (
+            x, w1, w1sf, w2, w2sf, ids, sc, w1_alpha, w2_alpha, fc2s, output)), num_experts, top_k, n_local, offset,
+            quant_mode, activation, output_dtype)
+        entry = _PLANS.get(key)
+    except TypeError:  # an unhashable argument: validation names it
+        key, entry = None, None
+    if entry is None:
+        entry = [_validate(x, w1, w1sf, w2, w2sf, ids, sc, w1_alpha, w2_alpha, fc2s, num_experts, top_k, n_local,
+                           offset, quant_mode, activation, output, output_dtype), None]
         if key is not None:
             if len(_PLANS) >= PLAN_CACHE_SIZE:
                 _PLANS.clear()
-            _PLANS[key] = plan
-    arch, p = plan.arch, plan.problem
-    ids = token_selected_experts
-    capturing = torch.cuda.is_current_stream_capturing()
-    if check_expert_ids and not capturing and ids.numel():
-        bad = ((ids < 0) | (ids >= num_experts)).any()
-        _need(not bool(bad), f"token_selected_experts holds ids outside [0, num_experts={num_experts})")
-    out = output if output is not None else torch.empty(p.T, p.H, dtype=torch.bfloat16, device=x.device)
-    P = p.pairs
-    if P == 0:
-        return out
+            _PLANS[key] = entry
+    plan = entry[0]
+    if plan.problem.pairs == 0:
+        return plan, None
     if configs is None:
-        cfg = _dispatched(plan, x.device)
-        cfg1, cfg2 = cfg.gemm("fc1"), cfg.gemm("fc2")
-    else:
-        cfg1, cfg2 = configs
-        for sh, c in ((plan.fc1, cfg1), (plan.fc2, cfg2)):
-            why = violations(sh, c)
-            _need(not why, f"config {c.short()} cannot run {sh.layer}: {'; '.join(why)}")
-
-    eo, to1, to2, a_rows, out_rows, row_scale = _route(ids, token_final_scales, p.n_local, local_expert_offset,
-                                                       p.top_k, cfg1.bm, cfg2.bm, arch)
-    # W4A4: FC1 fake-quantises x's rows and its own output in the kernel (kernels/moe_kernel.py)
-    inter = torch.empty(P, p.I, dtype=torch.bfloat16, device=x.device)
-    grid1 = -(-P // cfg1.bm) + min(p.n_local, P)
-    _launch_gemm(plan.fc1, cfg1, arch, x, a_rows, w1_weight.view(torch.uint8), w1_weight_sf.view(torch.uint8),
-                 w1_alpha, None, None, inter, eo, to1, P, p.n_local, grid1,
-                 fc2_input_scale if quant_mode == "nvfp4" else None)
-    # Every split writes its whole partial tile of every pair of a local expert; the other pairs' rows (non-local
-    # experts, or ids out of range under capture) are written by no split and stay zero in each.
-    all_local = p.n_local == num_experts
-    splits = cfg2.splits
-    y = (torch.empty if all_local and not capturing else torch.zeros)(splits, P, p.H, dtype=torch.float32,
-                                                                      device=x.device)
-    grid2 = -(-P // cfg2.bm) + min(p.n_local, P)
-    _launch_gemm(plan.fc2, cfg2, arch, inter, None, w2_weight.view(torch.uint8), w2_weight_sf.view(torch.uint8),
-                 w2_alpha, row_scale, out_rows, y.view(splits * P, p.H), eo, to2, P, p.n_local, grid2)
-    # fp32 sum over the K splits and the token's pairs, one rounding
-    out.copy_(y.view(splits, p.T, p.top_k, p.H).sum(dim=(0, 2)) if splits > 1 else y.view(p.T, p.top_k, p.H).sum(dim=1))
-    return out
+        if entry[1] is None:
+            cfg = _dispatched(plan)
+            entry[1] = _bind(plan, cfg.gemm("fc1"), cfg.gemm("fc2"))
+        return plan, entry[1]
+    cfg1, cfg2 = configs
+    for sh, c in ((plan.fc1, cfg1), (plan.fc2, cfg2)):
+        why = violations(sh, c)
+        _need(not why, f"config {c.short()} cannot run {sh.layer}: {'; '.join(why)}")
+    return plan, _bind(plan, cfg1, cfg2)
 
 
 def compile_check_cases(layers, configs: int = 1, seed: int = 0) -> list[tuple[MoEGemmShape, MoEGemmConfig]]:

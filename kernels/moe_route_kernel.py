@@ -5,7 +5,10 @@ From expert ids [P] (P = tokens * top_k pairs) it writes, for the grouped GEMMs 
 expert_offsets [E+1] (the sorted positions of each local expert), tile offsets [E+1] for FC1's and FC2's
 row tile, and per sorted position the pair's token (FC1's A row), the pair index (FC2's output row) and its
 routing weight. Pairs of experts outside [offset, offset + E) count under a last bucket E: sorted after the
-local ones, covered by no tile.
+local ones, covered by no tile. Per pair it also writes whether it is local (valid [P]: the combine kernel,
+kernels/moe_combine_kernel.py, skips the others' never-written FC2 rows, so no buffer is zero-filled), and
+the number of ids outside [0, num_experts) (bad [1]: fused_moe's eager check reads this one word instead of
+running its own reduction).
 
 1. count: each thread walks pairs tid, tid + threads, ... and adds 1 to its expert's shared counter (atomics);
 2. scan (warp 0): lane l sums experts [l*c, (l+1)*c), an inclusive shuffle scan gives its start, then the
@@ -46,7 +49,8 @@ class MoERouteKernel:
     @cute.jit
     def __call__(self, ids_ptr: cute.Pointer, scale_ptr: cute.Pointer, eo_ptr: cute.Pointer, to1_ptr: cute.Pointer,
                  to2_ptr: cute.Pointer, a_rows_ptr: cute.Pointer, out_rows_ptr: cute.Pointer,
-                 row_scale_ptr: cute.Pointer, P: Int32, offset: Int32, stream):
+                 row_scale_ptr: cute.Pointer, valid_ptr: cute.Pointer, bad_ptr: cute.Pointer, P: Int32,
+                 offset: Int32, num_experts: Int32, stream):
         E = self.E
         mIds = cute.make_tensor(ids_ptr, cute.make_layout((P,)))
         mScale = cute.make_tensor(scale_ptr, cute.make_layout((P,)))
@@ -56,27 +60,39 @@ class MoERouteKernel:
         mARows = cute.make_tensor(a_rows_ptr, cute.make_layout((P,)))
         mORows = cute.make_tensor(out_rows_ptr, cute.make_layout((P,)))
         mRScale = cute.make_tensor(row_scale_ptr, cute.make_layout((P,)))
-        self.kernel(mIds, mScale, mEO, mTO1, mTO2, mARows, mORows, mRScale, P, offset).launch(
+        mValid = cute.make_tensor(valid_ptr, cute.make_layout((P,)))
+        mBad = cute.make_tensor(bad_ptr, cute.make_layout((1,)))
+        self.kernel(mIds, mScale, mEO, mTO1, mTO2, mARows, mORows, mRScale, mValid, mBad, P, offset,
+                    num_experts).launch(
             grid=[1, 1, 1], block=[THREADS, 1, 1], stream=stream)
 
     @cute.jit
-    def _bucket(self, mIds, j, offset):
-        e = Int32(mIds[j]) - offset
+    def _bucket(self, mIds, j, offset, num_experts):
+        """(local bucket of pair j's expert, E when not local; 1 when its id is outside [0, num_experts)),
+        compared in the ids' own dtype (an int64 id is not truncated into range)."""
+        v = mIds[j]
         b = Int32(self.E)
-        if e >= 0 and e < self.E:
-            b = e
-        return b
+        bad = Int32(1)
+        if v >= 0 and v < num_experts:
+            bad = Int32(0)
+            e = Int32(v) - offset
+            if e >= 0 and e < self.E:
+                b = e
+        return b, bad
 
     @cute.kernel
     def kernel(self, mIds: cute.Tensor, mScale: cute.Tensor, mEO: cute.Tensor, mTO1: cute.Tensor,
-               mTO2: cute.Tensor, mARows: cute.Tensor, mORows: cute.Tensor, mRScale: cute.Tensor, P: Int32,
-               offset: Int32):
+               mTO2: cute.Tensor, mARows: cute.Tensor, mORows: cute.Tensor, mRScale: cute.Tensor,
+               mValid: cute.Tensor, mBad: cute.Tensor, P: Int32, offset: Int32, num_experts: Int32):
         E, per = self.E, self.per_lane
         bm1, bm2 = self.spec.bm1, self.spec.bm2
         tidx, _, _ = cute.arch.thread_idx()
         smem = cutlass.utils.SmemAllocator()
         cnt = smem.allocate_tensor(Int32, cute.make_layout((E + 1,)), byte_alignment=16)
         cur = smem.allocate_tensor(Int32, cute.make_layout((E + 1,)), byte_alignment=16)
+        nbad = smem.allocate_tensor(Int32, cute.make_layout((1,)), byte_alignment=16)
+        if tidx == 0:
+            nbad[0] = Int32(0)
         for i in cutlass.range_constexpr(-(-(E + 1) // THREADS)):
             b = tidx + i * THREADS
             if b < E + 1:
@@ -84,8 +100,13 @@ class MoERouteKernel:
         cute.arch.barrier()
 
         for j in cutlass.range(tidx, P, THREADS, unroll=1):
-            cute.arch.atomic_add(cnt.iterator + self._bucket(mIds, j, offset), Int32(1), scope="cta")
+            b, bad = self._bucket(mIds, j, offset, num_experts)
+            cute.arch.atomic_add(cnt.iterator + b, Int32(1), scope="cta")
+            if bad != 0:
+                cute.arch.atomic_add(nbad.iterator, Int32(1), scope="cta")
         cute.arch.barrier()
+        if tidx == 0:
+            mBad[0] = nbad[0]
 
         if tidx < 32:
             rows = Int32(0)
@@ -124,7 +145,12 @@ class MoERouteKernel:
         cute.arch.barrier()
 
         for j in cutlass.range(tidx, P, THREADS, unroll=1):
-            pos = cute.arch.atomic_add(cur.iterator + self._bucket(mIds, j, offset), Int32(1), scope="cta")
+            b, _ = self._bucket(mIds, j, offset, num_experts)
+            pos = cute.arch.atomic_add(cur.iterator + b, Int32(1), scope="cta")
+            local = Int32(0)
+            if b < self.E:
+                local = Int32(1)
+            mValid[j] = local
             mARows[pos] = j // self.spec.top_k
             mORows[pos] = j
             mRScale[pos] = Float32(mScale[j])

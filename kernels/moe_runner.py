@@ -110,6 +110,23 @@ def _call(p: mp.MoEProblem, case: Case, configs=None, check_expert_ids: bool = T
                              quant_mode=p.quant_mode, configs=configs, check_expert_ids=check_expert_ids)
 
 
+def launch_floor(problem: mp.MoEProblem, case: Case):
+    """The dispatched call's four kernels with prebuilt arguments (kernels.fused_moe._Launch.floor): the floor of
+    fused_moe's host cost, what its Python costs on top of the TVM-FFI calls themselves."""
+    from . import fused_moe as fm
+
+    a, p = case.args, problem
+    fc2s = a["fc2_input_scale"] if p.quant_mode == "nvfp4" else None
+    _, launch = fm._resolve(a["x"], a["w1_weight"], a["w1_weight_sf"], a["w2_weight"], a["w2_weight_sf"],
+                            a["token_selected_experts"], a["token_final_scales"], a["w1_alpha"], a["w2_alpha"], fc2s,
+                            a["out"], p.E, p.top_k, p.n_local, 0, p.quant_mode, p.activation, torch.bfloat16, None)
+    if launch is None:
+        return lambda: None
+    return launch.floor(a["x"], a["w1_weight"], a["w1_weight_sf"], a["w2_weight"], a["w2_weight_sf"],
+                        a["token_selected_experts"], a["token_final_scales"], a["w1_alpha"], a["w2_alpha"], fc2s,
+                        a["out"], 0, p.E)
+
+
 def launcher(problem: mp.MoEProblem, cfg, case: Case, arch: str | None = None):
     """The call with `cfg` (kernels.moe_config.MoEConfig) forced, on the current stream."""
     return _call(problem, case, configs=(cfg.gemm("fc1"), cfg.gemm("fc2")))

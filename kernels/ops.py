@@ -19,7 +19,7 @@ import math
 import torch
 
 from .compile_cache import arch_name, get_compiled
-from .dispatch import device_class_of, select_config
+from .dispatch import device_class_of, on_reload, select_config
 from .problem import FP4_BLOCK, Problem
 
 _IN_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -29,6 +29,7 @@ _INF = math.inf
 _DEVICE_INFO: dict = {}
 _PLANS: dict = {}
 PLAN_CACHE_SIZE = 8192  # signatures kept; a serving process meets a few dozen (T varies, C does not)
+on_reload(_PLANS.clear)  # plans hold dispatch answers
 _compiling = torch.compiler.is_compiling
 # C entry points torch's own generated code uses (CPU builds of torch lack them; no launch happens there)
 _get_device = getattr(torch._C, "_cuda_getDevice", torch.cuda.current_device)

@@ -89,7 +89,7 @@ def warmup_moe(num_experts: int, top_k: int, hidden_size: int, intermediate_size
                scale_dtypes=("fp32",), device=None, arch: str | None = None,
                device_class: str | None = None) -> WarmupReport:
     """Make resident every kernel `kernels.fused_moe.fused_moe` can run for one layer, across all T: both
-    grouped GEMMs of each config dispatch returns, and the routing kernel for each pair of row tiles they use
+    grouped GEMMs of each config dispatch returns, its combine kernel, and the routing kernel for each pair of row tiles they use
     (per routing-id dtype, "int32"/"int64", and routing-weight dtype, "fp32"/"bf16", the call will pass).
     Same device / arch / device_class convention as `warmup`."""
     from . import fused_moe as fm
@@ -114,4 +114,8 @@ def warmup_moe(num_experts: int, top_k: int, hidden_size: int, intermediate_size
                 if spec not in done:
                     done.add(spec)
                     fm.get_route(spec, arch)
+        comb = fm.combine_spec(layer, cfg)
+        if comb not in done:
+            done.add(comb)
+            fm.get_combine(comb, arch)
     return WarmupReport(len(done), compile_count() - before, 1)

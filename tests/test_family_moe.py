@@ -96,12 +96,14 @@ def test_moe_sweep_export_dispatch_and_report(tmp_path):
 def test_warmup_moe_makes_every_T_of_a_layer_resident(monkeypatch):
     """After warmup_moe, whatever T a call brings, its two GEMMs and its routing kernel are already loaded."""
     from kernels import fused_moe as fm
+    from kernels.moe_combine_kernel import MoECombineSpec
     from kernels.moe_route_kernel import MoERouteSpec
     from kernels.warmup import warmup_moe
 
     loaded = []
     monkeypatch.setattr(fm, "get_compiled", lambda sh, cfg, arch: loaded.append((sh, cfg, arch)))
     monkeypatch.setattr(fm, "get_route", lambda spec, arch: loaded.append((spec, arch)))
+    monkeypatch.setattr(fm, "get_combine", lambda spec, arch: loaded.append((spec, arch)))
     report = warmup_moe(8, 2, 4096, 14336, arch="sm_90a", device_class="h200")  # Mixtral: decode splits FC2
     assert report.kernels == len(set(loaded)) == len(loaded) >= 3
     shapes = gemm_shapes("nvfp4", "silu", 4096, 14336)
@@ -111,4 +113,5 @@ def test_warmup_moe_makes_every_T_of_a_layer_resident(monkeypatch):
         cfgs.add(cfg)
         assert all((sh, cfg.gemm(sh.layer), "sm_90a") in loaded for sh in shapes), T
         assert (MoERouteSpec(8, 2, cfg.bm, cfg.bm, "int32", "fp32"), "sm_90a") in loaded, T
+        assert (MoECombineSpec(2, cfg.gemm("fc2").splits, 4096), "sm_90a") in loaded, T
     assert len(cfgs) >= 2  # decode and large-batch tiles both covered

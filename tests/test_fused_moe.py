@@ -13,6 +13,7 @@ from kernels.moe_config import (MOE_KNOB_CHOICES, MoEConfig, MoEGemmConfig, MoEG
                                 smem_bytes, violations)
 from kernels.moe_quant import dequantize_weights, fake_quantize_nvfp4, quantize_weights
 from kernels.moe_reference import fused_moe_reference
+from kernels.moe_combine_kernel import MoECombineSpec
 from kernels.moe_route_kernel import MoERouteSpec
 
 E, H, I, T, K = 4, 128, 64, 6, 2
@@ -90,6 +91,20 @@ def test_w4a16_needs_no_fc2_input_scale_and_aliases_resolve():
                                   MoERouteSpec(256, 8, 128, 64, "int64", "bf16"), MoERouteSpec(8, 1, 32, 16, "int32", "fp32")])
 def test_routing_kernel_compiles_for_sm90a(spec):
     assert fm.compile_route(spec, "sm_90a") is not None
+
+
+@pytest.mark.parametrize("spec", [MoECombineSpec(8, 1, 2048), MoECombineSpec(2, 8, 4096), MoECombineSpec(1, 2, 64)])
+def test_combine_kernel_compiles_for_sm90a(spec):
+    assert fm.compile_combine(spec, "sm_90a") is not None
+
+
+def test_workspace_layout_is_aligned_and_disjoint():
+    off, total = fm.workspace_layout(n_local=7, P=13, inter=768, H=2048, splits=2)
+    sizes = {"eo": 32, "to1": 32, "to2": 32, "a_rows": 52, "out_rows": 52, "row_scale": 52, "valid": 52, "bad": 4,
+             "inter": 2 * 13 * 768, "y": 4 * 2 * 13 * 2048}
+    spans = sorted((off[k], off[k] + n) for k, n in sizes.items())
+    assert all(o % 16 == 0 for o in off.values()) and set(off) == set(sizes)
+    assert all(a_end <= b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:])) and spans[-1][1] <= total
 
 
 def test_weight_quantisation_is_modelopt_nvfp4():

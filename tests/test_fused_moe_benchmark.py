@@ -25,12 +25,13 @@ def test_tile_syntax():
 def test_markdown_tables_and_goals():
     row = dict(layer="E8k2 H4096 I14336", T=1, quant_mode="w4a16", status="ok", lutforge_us=300.0,
                pct_weight_roofline=15.0, pct_mm_rate=0.3, torch_grouped_us=350.0, speedup_vs_torch=350 / 300,
-               host_lutforge_us=250.0, host_lutforge_unchecked_us=150.0, check="ok", config="fc1 a | fc2 b",
+               host_lutforge_us=250.0, host_lutforge_unchecked_us=150.0, host_lutforge_launch_us=12.0,
+               host_torch_eager_us=90.0, check="ok", config="fc1 a | fc2 b",
                fc2_split1_us=301.0, fc2_split2_us=280.0, **{"tile 16x64x128/3/1x4 k4": 190.0,
                                                             "tile 32x32x128/4/2x2": math.nan})
     big = dict(row, T=4096, pct_mm_rate=15.0)
     text = bench.markdown([row, big], 4249.0, 788.0, "NVIDIA H200")
-    assert "| E8k2 H4096 I14336 | 1 | w4a16 | 300.0 | 15.0 | 0.3 | 350.0 | 1.17 | 250 / 150 | ok |" in text
+    assert "| E8k2 H4096 I14336 | 1 | w4a16 | 300.0 | 15.0 | 0.3 | 350.0 | 1.17 | 250 / 150 / 12 / 90 | ok |" in text
     assert "| chosen µs | 16x64x128/3/1x4 k4 | 32x32x128/4/2x2 |" in text
     assert "| 300.0 | 190.0 | nan |" in text
     assert "| k1 | k2 |" in text and "| 301.0 | 280.0 |" in text

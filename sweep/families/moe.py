@@ -109,18 +109,20 @@ def peer_build(impl: str, p, case) -> tuple:
 
 def host_calls(p, device="cuda") -> dict:
     """fused_moe as called eagerly (expert-id check included: it syncs), without that check (what serving code
-    that trusts its router pays), and the torch grouped-GEMM baseline (W4A16 problems)."""
+    that trusts its router pays), its four kernel launches alone with prebuilt arguments (the floor), and the
+    torch grouped-GEMM baseline (W4A16 problems)."""
     from kernels import moe_runner
 
     case = moe_runner.make_case(p, device)
     fns = {"lutforge": moe_runner.public_launcher(p, case),
-           "lutforge_unchecked": moe_runner.public_launcher(p, case, check_expert_ids=False)}
+           "lutforge_unchecked": moe_runner.public_launcher(p, case, check_expert_ids=False),
+           "lutforge_launch": moe_runner.launch_floor(p, case)}
     if peer_unsupported(p, "torch_eager") is None:
         fns["torch_eager"] = peer_build("torch_eager", p, case)[0]
     return fns
 
 
-MOE_GLUE_LAUNCHES = 3  # the routing launch, the per-token sum and its copy into the output, around the two GEMMs
+MOE_GLUE_LAUNCHES = 2  # the routing and the combine launches, around the two GEMMs
 
 
 def _gemm_us(p, sh, g) -> float:

@@ -169,21 +169,32 @@ def test_expert_id_out_of_range_is_refused():
 
 @pytest.mark.parametrize("T, E, k, n_local, offset", [(1, 128, 8, 128, 0), (333, 16, 4, 16, 0), (4096, 256, 8, 256, 0),
                                                       (50, 16, 4, 8, 4), (0, 8, 2, 8, 0)])
-def test_routing_kernel_sorts_pairs_by_local_expert(T, E, k, n_local, offset):
+@pytest.mark.parametrize("ids_dtype", [torch.int32, torch.int64])
+def test_routing_kernel_sorts_pairs_by_local_expert(T, E, k, n_local, offset, ids_dtype):
     ids, w = make_routing(T, E, k)
-    eo, to1, to2, a_rows, out_rows, rs = fm._route(ids, w, n_local, offset, k, 16, 128, "sm_90a")
+    ids = ids.to(ids_dtype)
+    if T >= 50:  # ids out of range (under capture they route nowhere) are counted, not sorted in
+        ids[3, 0], ids[7, 1] = E, -1
+    if ids_dtype == torch.int64 and T >= 50:
+        ids[9, 0] = (1 << 32) + 1  # not truncated into range
+    r = fm._route(ids, w, n_local, offset, k, 16, 128, "sm_90a", num_experts=E)
     torch.cuda.synchronize()
-    flat = ids.reshape(-1).long() - offset
-    local = (flat >= 0) & (flat < n_local)
+    flat = ids.reshape(-1).long()
+    in_range = (flat >= 0) & (flat < E)
+    flat = flat - offset
+    local = in_range & (flat >= 0) & (flat < n_local)
+    assert int(r["bad"][0]) == int((~in_range).sum())
+    assert torch.equal(r["valid"].bool(), local)
     counts = torch.bincount(flat[local], minlength=n_local)
+    eo, out_rows = r["eo"], r["out_rows"]
     assert eo.tolist() == [0] + torch.cumsum(counts, 0).tolist()
-    for t, bm in ((to1, 16), (to2, 128)):
+    for t, bm in ((r["to1"], 16), (r["to2"], 128)):
         assert t.tolist() == [0] + torch.cumsum((counts + bm - 1) // bm, 0).tolist()
     n = int(eo[-1])
     pairs = out_rows[:n].long()
     assert sorted(out_rows.tolist()) == list(range(T * k))  # every pair exactly once
     assert (flat[pairs] == torch.repeat_interleave(torch.arange(n_local, device=DEV), counts)).all()
-    assert (a_rows[:n].long() == pairs // k).all() and torch.equal(rs[:n], w.reshape(-1)[pairs])
+    assert (r["a_rows"][:n].long() == pairs // k).all() and torch.equal(r["row_scale"][:n], w.reshape(-1)[pairs])
 
 
 def _call(layer, x, ids, w, E, k, out, quant_mode="nvfp4", configs=None):
