@@ -219,11 +219,13 @@ PREFETCH_BYTES = 10 << 20
 
 def _threads_per_row(n_vec: int) -> int:
     """Threads sharing a row of n_vec vectors."""
-    if n_vec <= 16:
-        return _next_pow2(n_vec)  # one vector per thread wins for C <= 128 (bf16: 8 lanes at C=64)
+    if n_vec <= 16 and n_vec & (n_vec - 1) == 0:
+        return n_vec  # one vector per thread wins for C <= 128 (bf16: 8 lanes at C=64)
     # Few vectors per thread keep loads in flight, but a partial last iteration idles lanes: take the
     # smallest power of two that divides the row into <= 5 iterations (C=640: 16 lanes x 5 beat 32 x 3
-    # by 1.5x with fp8 out at T=99840).
+    # by 1.5x with fp8 out at T=99840). Short rows too (C=96 bf16: 4 lanes x 3, not 16 lanes with 4 idle):
+    # at C=160 (20 vectors) the best one-vector-per-thread config, 12 of 32 lanes idle, was slower than the
+    # best idle-free one on 34 of 36 problems, 2.1x geomean (wan_vae sweeps, results/h100 and results/h200).
     tpr = 1
     while n_vec % (2 * tpr) == 0 and n_vec // tpr > 5:
         tpr *= 2

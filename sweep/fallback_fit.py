@@ -29,9 +29,14 @@ correction, it costs it 1 %: a correction wins only on measured evidence. (Charg
 regret instead, about 1.1-1.3x, left nothing to learn on these rows: the analytical config is the only one
 measured everywhere, so every correction lost to it on imputed values alone.) A correction may hold a node
 only if its config was measured on MIN_COVERAGE of the node's problems it changes, and on MIN_SUPPORT of them,
-so a leaf cannot memorise the one or two problems where an odd config won; it is not applied below the fewest
-rows it was measured at (small problems are latency-bound, where the grid matters most). The analytical rules
-(a leaf of None) may hold any node. A correction or a split must gain MIN_GAIN per problem of its node. These
+so a leaf cannot memorise the one or two problems where an odd config won, and at every hidden size of the node
+where it changes the config (EVERY_C: the fallback's job is to carry a correction to unseen hidden sizes, and one
+never measured at a training size it changes is extrapolating already: without it, the fit on the rows committed
+by 2026-12-04 (561 problems) split at C <= 809 and turned t128/r32 into one-warp t32/r32 CTAs on ten C=1024
+problems where no such config was ever timed, for a rows_per_cta=1 measured only at C >= 2048; with it, the same
+4-fold leave-C-out scores, 1.0270 vs 1.0270 pooled, with 87 instead of 92 held-out problems left unmeasured); it is
+not applied below the fewest rows it was measured at (small problems are latency-bound, where the grid matters
+most). The analytical rules (a leaf of None) may hold any node. A correction or a split must gain MIN_GAIN per problem of its node. These
 settings won a 4-fold leave-C-out cross-validation on the committed rows (each fold holding out 4-6 hidden
 sizes, WAN and LLM mixed), compared on the held-out problems where both the learned and the analytical config
 were measured.
@@ -76,6 +81,7 @@ MAX_DEPTH = 3
 MIN_LEAF = 12
 MIN_COVERAGE = 0.7
 MIN_SUPPORT = 8  # problems where a correction changed the config and that config was measured
+EVERY_C = True  # ... and it was measured at every hidden size of the node where it changes the config
 MIN_GAIN = math.log(1.0005)  # per problem of the node: a split or a correction must gain >= 0.05 % geomean
 MISSING_PENALTY = 0.01  # an unmeasured problem is charged the analytical config's regret there + 1 %
 
@@ -241,7 +247,7 @@ class _Grower:
     """Greedy growth of the tree over an Evidence's loss matrix."""
 
     def __init__(self, ev: Evidence, max_depth=MAX_DEPTH, min_leaf=MIN_LEAF, min_coverage=MIN_COVERAGE,
-                 min_gain=MIN_GAIN, missing_penalty=MISSING_PENALTY, min_support=MIN_SUPPORT):
+                 min_gain=MIN_GAIN, missing_penalty=MISSING_PENALTY, min_support=MIN_SUPPORT, every_c=EVERY_C):
         self.ev, self.max_depth, self.min_leaf = ev, max_depth, min_leaf
         self.min_coverage, self.min_gain, self.min_support = min_coverage, min_gain, min_support
         self.hit = ~np.isnan(ev.regret) & ev.applied
@@ -250,11 +256,14 @@ class _Grower:
         missing = np.where(np.isnan(base), [m.imputed for m in ev.train], base * (1 + missing_penalty))
         self.loss = np.log(np.where(np.isnan(ev.regret), missing[None, :], ev.regret))
         self.C = ev.features["C"]
+        self.every_c = every_c
 
-    def _best(self, loss, hits, apps, n) -> tuple[np.ndarray, np.ndarray]:
-        """Per column (a set of n problems, as summed loss/hits/changes): the loss and index of the best
-        eligible candidate."""
+    def _best(self, loss, hits, apps, n, unmeasured_c=None) -> tuple[np.ndarray, np.ndarray]:
+        """Per column (a set of n problems, as summed loss/hits/changes, and the hidden sizes where a candidate
+        changes the config but was never measured): the loss and index of the best eligible candidate."""
         ok = (hits >= np.maximum(self.min_support, self.min_coverage * apps)) & (loss <= loss[0] - self.min_gain * n)
+        if self.every_c and unmeasured_c is not None:
+            ok &= unmeasured_c == 0
         ok[0] = True
         masked = np.where(ok, loss, np.inf)
         i = np.argmin(masked, axis=0)
@@ -262,7 +271,7 @@ class _Grower:
 
     def grow(self, idx: np.ndarray, depth: int = 0):
         sums = [a[:, idx].sum(axis=1, keepdims=True) for a in (self.loss, self.hit, self.app)]
-        loss, cand = (float(v[0]) for v in self._best(*sums, len(idx)))
+        loss, cand = (float(v[0]) for v in self._best(*sums, len(idx), self._unmeasured_c(idx)))
         cand = int(cand)
         split = self._best_split(idx, loss) if depth < self.max_depth else None
         if split is None:
@@ -273,6 +282,25 @@ class _Grower:
         f, t, left, right, lo, hi, after = split
         return Split(f, t, self.grow(left, depth + 1), self.grow(right, depth + 1), len(idx), lo, hi,
                      (math.exp(loss / len(idx)), math.exp(after / len(idx))))
+
+    def _unmeasured_c(self, order: np.ndarray, cuts: np.ndarray | None = None):
+        """Per candidate, the hidden sizes among `order`'s problems where it changes the config but was measured
+        on none of them (one column; with `cuts`, one column per cut for each side: order[:cut], order[cut:])."""
+        if not self.every_c:
+            return None if cuts is None else (None, None)
+        if cuts is None:
+            return self._unmeasured_c(order, np.array([len(order)]))[0]
+        cs = self.C[order]
+        left = np.zeros((self.app.shape[0], len(cuts)), dtype=int)
+        right = np.zeros_like(left)
+        for c in np.unique(cs):
+            on = cs == c
+            app = np.cumsum(self.app[:, order] & on, axis=1)
+            hit = np.cumsum(self.hit[:, order] & on, axis=1)
+            a, h = app[:, cuts - 1], hit[:, cuts - 1]
+            left += (a > 0) & (h == 0)
+            right += (app[:, -1:] - a > 0) & (hit[:, -1:] - h == 0)
+        return left, right
 
     def _best_split(self, idx: np.ndarray, loss: float):
         """The (feature, threshold) whose two sides' best candidates cut the summed loss most: every cut of a
@@ -291,7 +319,9 @@ class _Grower:
                 cum = np.cumsum(a[:, order], axis=1)
                 left.append(cum[:, cuts - 1])
                 right.append(cum[:, -1:] - cum[:, cuts - 1])
-            after = self._best(*left, cuts)[0] + self._best(*right, len(order) - cuts)[0]
+            unm_left, unm_right = self._unmeasured_c(order, cuts)
+            after = (self._best(*left, cuts, unm_left)[0]
+                     + self._best(*right, len(order) - cuts, unm_right)[0])
             k = int(np.argmin(after))
             gain = loss - after[k]
             if gain >= self.min_gain * len(idx) and (best is None or gain > best[0] + 1e-9):
@@ -363,7 +393,7 @@ def score(model: Model, problems: list[Measured]) -> dict:
 def fit(rows: pd.DataFrame, arch: int, holdout=(), *, top_k: int = TOP_K, max_knobs: int = MAX_KNOBS,
         max_depth: int = MAX_DEPTH, min_leaf: int = MIN_LEAF, min_coverage: float = MIN_COVERAGE,
         min_support: int = MIN_SUPPORT, min_gain: float = MIN_GAIN,
-        missing_penalty: float = MISSING_PENALTY) -> Model:
+        missing_penalty: float = MISSING_PENALTY, every_c: bool = EVERY_C) -> Model:
     """Fit the tree on every problem of `rows` (load_rows) whose C is not in `holdout` (hidden sizes), and score
     it on those and on the held-out problems."""
     hold = tuple(sorted({int(c) for c in holdout}))
@@ -373,10 +403,10 @@ def fit(rows: pd.DataFrame, arch: int, holdout=(), *, top_k: int = TOP_K, max_kn
     if not train:
         raise ValueError("no training rows left after the hold-out")
     ev = evidence(train, arch, top_k, max_knobs)
-    grower = _Grower(ev, max_depth, min_leaf, min_coverage, min_gain, missing_penalty, min_support)
+    grower = _Grower(ev, max_depth, min_leaf, min_coverage, min_gain, missing_penalty, min_support, every_c)
     params = {"top_k": top_k, "max_knobs": max_knobs, "max_depth": max_depth, "min_leaf": min_leaf,
               "min_coverage": min_coverage, "min_support": min_support, "min_gain": round(math.exp(min_gain) - 1, 6),
-              "missing_penalty": missing_penalty, "candidates": len(ev.cands)}
+              "missing_penalty": missing_penalty, "every_c": every_c, "candidates": len(ev.cands)}
     model = Model(arch, grower.grow(np.arange(len(train))), hold, train, heldout, params,
                   fitted_at=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
     model.scores = {"train": score(model, train), "holdout": score(model, heldout)}

@@ -23,9 +23,12 @@ import time
 
 from .families import harness_of
 
-CALLS = 400  # per repeat; below the CUDA launch queue's ~1024 entries
+CALLS = 400  # per repeat, for one launch per call
+QUEUE_LAUNCHES = 1000  # below the CUDA launch queue's ~1024 entries: more and the loop waits for the GPU (the
+# H200 fused-MoE figures of 120-1350 us per call before this cap were 1600 launches per repeat: GPU time)
 REPEATS = 9
-SLEEP_CYCLES_PER_CALL = 200_000  # ~100 us at ~2 GHz: more than any call here costs, so the GPU stays busy
+SLEEP_CYCLES_PER_LAUNCH = 200_000  # ~100 us at ~2 GHz per enqueued launch: more than any launch's host cost,
+# so the GPU stays busy for the whole loop
 IMPLS = ("lutforge", "lutforge_unchecked", "lutforge_custom_op", "lutforge_launch", "cute_jit_launch",
          "torch_rms_norm", "torch_eager", "quack", "liger", "flashinfer")
 
@@ -36,7 +39,7 @@ def calls(p, device="cuda") -> dict:
     return harness_of(p).host_calls(p, device)
 
 
-def time_host(fn, calls: int = CALLS, repeats: int = REPEATS) -> tuple[float, float, float]:
+def time_host(fn, calls: int = CALLS, repeats: int = REPEATS, launches: int = 1) -> tuple[float, float, float]:
     """(median, p20, p80) host microseconds per call over `repeats` runs of `calls` back-to-back calls."""
     import torch
 
@@ -45,7 +48,7 @@ def time_host(fn, calls: int = CALLS, repeats: int = REPEATS) -> tuple[float, fl
     torch.cuda.synchronize()
     per_call = []
     for _ in range(repeats):
-        torch.cuda._sleep(SLEEP_CYCLES_PER_CALL * calls)  # the GPU is busy for longer than the loop takes
+        torch.cuda._sleep(SLEEP_CYCLES_PER_LAUNCH * launches * calls)  # busy for longer than the loop takes
         t0 = time.perf_counter()
         for _ in range(calls):
             fn()
@@ -59,11 +62,13 @@ def time_host(fn, calls: int = CALLS, repeats: int = REPEATS) -> tuple[float, fl
 def measure(p, impls=IMPLS) -> list[dict]:
     """One dict per impl that can run `p` here: impl, host_us, host_p20_us, host_p80_us (or status/error)."""
     out = []
+    launches = harness_of(p).host_launches
+    n = min(CALLS, QUEUE_LAUNCHES // launches)
     for impl, fn in calls(p).items():
         if impl not in impls:
             continue
         try:
-            med, p20, p80 = time_host(fn)
+            med, p20, p80 = time_host(fn, calls=n, launches=launches)
             out.append({"impl": impl, "status": "ok", "host_us": med, "host_p20_us": p20, "host_p80_us": p80})
         except Exception as e:  # a peer that fails here is reported, not fatal to the others
             out.append({"impl": impl, "status": "runtime_error", "error": f"{type(e).__name__}: {e}"[:500]})

@@ -177,6 +177,9 @@ def _engine_kwargs(url: str) -> dict:
     return {"pool_pre_ping": True}
 
 
+SCHEMA_RACE_RETRIES = 5
+
+
 def open_storage(url: str) -> optuna.storages.RDBStorage:
     """Optuna RDB storage with heartbeats; stale trials are failed and their configs retried."""
     if not isinstance(url, str) or "://" not in url:
@@ -184,12 +187,22 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
     url = normalize_url(url)
     if url.startswith("sqlite:///"):
         Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        warnings.simplefilter("ignore", FutureWarning)
-        storage = optuna.storages.RDBStorage(
-            url, engine_kwargs=_engine_kwargs(url), heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES))
+    for attempt in range(SCHEMA_RACE_RETRIES):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                warnings.simplefilter("ignore", FutureWarning)
+                storage = optuna.storages.RDBStorage(
+                    url, engine_kwargs=_engine_kwargs(url), heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+                    heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+                        max_retry=MAX_RETRIES))
+            break
+        except Exception as e:
+            # Optuna checks for its tables, then creates them: a process opening a new database at the same
+            # moment (a second --gpus worker, a monitor) can create them in between. They exist now: retry.
+            if "already exists" not in str(e) or attempt == SCHEMA_RACE_RETRIES - 1:
+                raise
+            time.sleep(0.1 * (attempt + 1))
     if url.startswith("sqlite"):
         _serialise_sqlite(storage.engine)
     return storage

@@ -132,6 +132,22 @@ def test_held_out_sizes_never_reach_the_fit(tmp_path):
     assert held.scores["holdout"]["analytical"]["geomean_regret"] == pytest.approx(2.2)
 
 
+def test_a_correction_never_timed_at_a_hidden_size_does_not_reach_it(tmp_path):
+    """EVERY_C: the long-row fix was never timed at C=4096, between sizes where it won; the fit may not carry it
+    there (it cannot split 4096 off its neighbours), whereas without the rule it would, on coverage alone."""
+    rows = [r for r in regime_rows() if not (r["C"] == 4096 and r["knob_ctas_per_sm"] == LARGE_FIX["ctas_per_sm"])]
+    _, df = rows_frame(tmp_path, rows)
+    strict, loose = fallback_fit.fit(df, 90), fallback_fit.fit(df, 90, every_c=False)
+    assert strict.params["every_c"] and not loose.params["every_c"]
+    at = [m for m in strict.train if m.problem.C == 4096]
+    assert len(at) == len(TOKENS)
+    for m in at:
+        assert strict.config(m.problem) == analytical_heuristic(m.problem, 90)
+        assert loose.config(m.problem) == corrected(m.problem, analytical_heuristic(m.problem, 90), LARGE_FIX)
+        assert m.regret_of(loose.config(m.problem)) is None  # what the loose fit runs there was never measured
+    assert strict.scores["train"]["learned"]["unmeasured"] == 0
+
+
 def test_cli_writes_module_and_scores(tmp_path):
     d, _ = rows_frame(tmp_path, regime_rows())
     out, scores = tmp_path / "fallback_cli.py", tmp_path / "scores.json"

@@ -302,3 +302,34 @@ def test_preflight_stops_a_sweep_whose_toolchain_cannot_compile():
     assert ev.asked[0] == p
     ev.backend = "synthetic"  # the cost model has no toolchain to check
     preflight(ev, p)
+
+
+def test_open_storage_survives_another_process_creating_the_schema(tmp_path, monkeypatch):
+    """Optuna checks for its tables and then creates them; a second process opening the new database in between
+    makes the create fail with 'already exists' (seen as a CI flake when a test polled a starting sweep's
+    database). open_storage retries instead of ending the sweep; any other error still raises."""
+    import optuna
+    import pytest
+
+    from sweep import study as study_mod
+
+    real = optuna.storages.RDBStorage
+    calls = []
+
+    def racing(url, **kw):
+        calls.append(url)
+        if len(calls) == 1:
+            real(url)  # the other process's tables appear under us
+            raise RuntimeError("(sqlite3.OperationalError) table studies already exists")
+        return real(url, **kw)
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", racing)
+    storage = study_mod.open_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert len(calls) == 2 and storage.get_all_studies() == []
+
+    def broken(url, **kw):
+        raise RuntimeError("disk I/O error")
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", broken)
+    with pytest.raises(RuntimeError, match="disk I/O"):
+        study_mod.open_storage(f"sqlite:///{tmp_path / 'other.db'}")

@@ -43,6 +43,9 @@ class Harness:
     synthetic_us: Callable[[object, object], float]  # the cost model's kernel time
     synthetic_smem: Callable[[object, object], int]  # shared memory of a config (the synthetic "compile")
     compile_cases: Callable[..., tuple]  # (arch, configs, quick) -> (cases, compile_fn, label_fn, noun)
+    # kernel launches one host-cost call of the family's busiest impl enqueues: sweep/host_cost.py keeps its
+    # back-to-back calls below the launch queue's depth, or the loop would wait for the GPU
+    host_launches: int = 1
 
 
 def harness(fam: Family | str) -> Harness:

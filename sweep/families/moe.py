@@ -187,4 +187,5 @@ HARNESS = Harness(
     scale_layouts=lambda op, out: ("rowmajor",), inline_problems=_no_inline_shapes,
     study_parts=study_parts, size_token=lambda p: f"T{p.T}",
     peer_unsupported=peer_unsupported, peer_build=peer_build, host_calls=host_calls,
-    synthetic_us=synthetic_us, synthetic_smem=synthetic_smem, compile_cases=compile_cases)
+    synthetic_us=synthetic_us, synthetic_smem=synthetic_smem, compile_cases=compile_cases,
+    host_launches=32)  # the torch baseline's ~30 ops (fused_moe: 4 launches)

@@ -15,7 +15,7 @@ from .. import synthetic as model
 from ..peers import torch_peer
 from . import Harness
 
-C_SPREAD = (1, 64, 160, 1000, 4096, 65536)  # compile-check: tiny, odd, LLM and beyond-smem hidden sizes
+C_SPREAD = (1, 64, 96, 160, 1000, 4096, 65536)  # compile-check: tiny, short non-power-of-two, odd, LLM, beyond-smem
 _QUACK_OPS = {"rmsnorm", "fused_add_rmsnorm"}
 _LIGER_OPS = {"rmsnorm", "gemma_rmsnorm", "qk_rmsnorm", "gemma_qk_rmsnorm"}
 _FLASHINFER_OPS = {"rmsnorm", "gemma_rmsnorm", "fused_add_rmsnorm", "gemma_fused_add_rmsnorm", "rmsnorm_quant",
