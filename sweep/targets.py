@@ -14,7 +14,7 @@ import pandas as pd
 
 import problem_sets
 
-from .report import BEST_TRIAL, HEURISTIC, LUTFORGE, _table, best_peer, geomean, picks, speedups
+from .report import BEST_TRIAL, HEURISTIC, LUTFORGE, PROBLEM_KEY, _table, best_peer, geomean, picks, speedups
 
 WAN, LLM = "wan_vae", "llm"
 BIG_BYTES = 64 * 10**6  # "shapes >= 64 MB" of ideal traffic
@@ -30,8 +30,14 @@ class Outcome:
 
 
 def _section(rows: pd.DataFrame, pset: str, op: str, out: str) -> pd.DataFrame:
-    sel = rows[(rows["problem_set"] == pset) & (rows["op"] == op) & (rows["out_format"] == out)]
-    return picks(sel) if len(sel) else sel.assign(series=pd.Series(dtype=str))
+    """The picks of the set's problems, from every row of those problems (as the report's sections): a
+    `tune --shapes` run labels its rows with its own set, yet measures the same problems anew."""
+    sel = rows[(rows["op"] == op) & (rows["out_format"] == out)]
+    members = sel.loc[sel["problem_set"] == pset, PROBLEM_KEY].drop_duplicates()
+    if members.empty:
+        return sel.iloc[:0].assign(series=pd.Series(dtype=str))
+    sel = sel.merge(members, on=PROBLEM_KEY)
+    return picks(sel)
 
 
 def _series(p: pd.DataFrame, name: str) -> pd.DataFrame:
@@ -119,6 +125,11 @@ def _heldout_fallback(rows: pd.DataFrame) -> Outcome:
     problem of the held-out sweep (the sweep re-benchmarks the fallback beside its finalists)."""
     target, goal = "learned fallback on held-out shapes vs their sweep's best", "geomean within 3 %"
     sel = rows[(rows["problem_set"] == HELDOUT) & rows["kind"].isin(("trial", "rebench"))]
+    if len(sel):  # each problem's newest held-out sweep only: older runs re-benched an older fallback
+        newest = (sel.sort_values("timestamp").groupby(PROBLEM_KEY, dropna=False)["run_id"].last()
+                  .rename("newest_run").reset_index())
+        sel = sel.merge(newest, on=PROBLEM_KEY)
+        sel = sel[sel["run_id"] == sel["newest_run"]].drop(columns="newest_run")
     p = picks(sel) if len(sel) else sel
     sp = speedups(p, HEURISTIC, BEST_TRIAL) if len(p) else p
     if len(sp) == 0:

@@ -116,6 +116,31 @@ def test_heldout_fallback_score():
     assert "worst 1.10× at rmsnorm/bf16 5000 × 96" in o.measured
 
 
+def test_heldout_score_takes_each_problems_newest_sweep():
+    """An older held-out sweep (an older fallback, faster at this problem) stands for nothing once a newer one ran."""
+    T, C = 100, 1000
+    old = dict(problem_set="heldout", run_id="old", timestamp="2026-11-20T10:00:00Z")
+    new = dict(problem_set="heldout", run_id="new", timestamp="2026-11-22T10:00:00Z")
+    rows = [row("rmsnorm", "bf16", T, C, 10.0, cfg=CFG, kind="rebench") | old,
+            row("rmsnorm", "bf16", T, C, 10.0, cfg=CFG, kind="rebench", config_source="heuristic") | old,
+            row("rmsnorm", "bf16", T, C, 10.0, cfg=CFG, kind="rebench") | new,
+            row("rmsnorm", "bf16", T, C, 12.0, cfg=CFG, kind="rebench", config_source="heuristic") | new]
+    o = _verdicts(rows)["learned fallback on held-out shapes vs their sweep's best"]
+    assert o.met is False and o.measured.startswith("best trial 1.200× faster (geomean over 1 problems)")
+
+
+def test_set_targets_count_newer_rows_of_the_same_problems_from_other_sets():
+    """`tune --shapes` labels its rows 'inline'; the LLM target still judges those problems on them."""
+    rows = [row("rmsnorm", "bf16", 16, 1024, 3.0, cfg=CFG, kind="bench", impl="lutforge", problem_set="llm",
+                run_id="bench-l"),
+            row("rmsnorm", "bf16", 16, 1024, 2.0, cfg=CFG, kind="bench", impl="lutforge", problem_set="inline",
+                run_id="bench-i") | dict(timestamp="2026-11-23T10:00:00Z"),
+            row("rmsnorm", "bf16", 16, 1024, 2.5, kind="bench", impl="quack", config_source="peer",
+                problem_set="inline", run_id="bench-i")]
+    o = _verdicts(rows)["rmsnorm bf16, LLM set"]
+    assert o.met is True and o.measured.startswith("1 of 1 shapes")
+
+
 def test_missing_rows_are_not_measured_and_rendered():
     rows = [row("rmsnorm", "bf16", 16, 1024, 2.0, cfg=CFG, problem_set="llm")]
     outcomes = evaluate(_frame(rows))
