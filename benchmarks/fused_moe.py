@@ -11,10 +11,9 @@ T, quant mode), uniform routing:
                   rotating cases (routing drawn per case, so the experts read rotate too: kernels/moe_runner.py)
 * torch_grouped   the same layer with the weights dequantised to bf16 through torch._grouped_mm (W4A16:
                   torch has no FP4 activations)
-* host            microseconds per eager call of fused_moe (expert-id check on, and off), of its four kernel
-                  launches alone with prebuilt arguments (the floor) and of the torch baseline, N back-to-back
-                  calls with the GPU held busy (sweep/host_cost.py; the checked call syncs, so its figure
-                  includes waiting for the GPU)
+* host            microseconds per eager call of fused_moe (the default expert-id check, which does not sync,
+                  and no check), of its four kernel launches alone with prebuilt arguments (the floor) and of
+                  the torch baseline, N back-to-back calls with the GPU held busy (sweep/host_cost.py)
 * fc2 split-K     at decode (T <= 64), with --splits: the config lutforge chose with FC2's split-K forced to
                   each valid value (kernels/moe_config.py's split_heuristic threshold, checked on the device)
 

@@ -12,10 +12,14 @@ and FC2's partials are byte ranges of it, passed as integer pointers), the outpu
 given and four TVM-FFI calls on the raw current stream; the functions, grids and workspace layout are bound
 once per signature (_Launch).
 
-Expert ids are checked against [0, num_experts) eagerly: the routing kernel counts the ids out of range and
-the call reads that count back (a host sync) before FC1 launches, so nothing but the workspace has been
-written when it raises; check_expert_ids=False skips the read. Under CUDA-graph capture the read is skipped
-(it would sync) and out-of-range ids route nowhere, like non-local experts. Under torch.compile a call traces
+Expert ids are checked against [0, num_experts) without a host sync by default: the routing kernel counts
+the ids out of range, routes their pairs nowhere (like non-local experts) and, when there are any, writes the
+count into a pinned host word of the device (_BadIds); every call reads that word first, a memory load, and
+raises once the GPU has run a call that saw bad ids, naming the count. The error arrives one or more calls
+late (the sync the exact check needs would cost the call all the GPU work queued before it: 3.3-4.5 ms per
+call measured on the H200, results/h200/BENCHMARKS.md host table) and also covers CUDA-graph replays.
+check_expert_ids="sync" reads this call's count back before FC1 launches (a sync; nothing but the workspace
+has been written when it raises); "off" (or False) skips both. Under torch.compile a call traces
 to the custom op `lutforge::fused_moe`, which runs (and validates) the eager op on the real tensors.
 """
 from __future__ import annotations
@@ -340,6 +344,40 @@ def workspace_layout(n_local: int, P: int, inter: int, H: int, splits: int) -> t
     return offsets, at
 
 
+class _BadIds:
+    """Per device, two pinned host int32 words the routing kernel writes the count of out-of-range expert ids
+    into when a call has any (pinned memory is addressable from kernels by its host pointer under unified
+    addressing): [0] collects the default check's counts, read at the start of every call (a memory load,
+    no sync); [1] is the "sync" check's, zeroed before the routing launch and read after a stream sync."""
+
+    _words: dict[int, "_BadIds"] = {}
+
+    def __init__(self, index: int):
+        self.buf = torch.zeros(2, dtype=torch.int32, pin_memory=True)  # held for the process: graphs keep it
+        self.host = self.buf.numpy()
+        self.deferred_ptr = self.buf.data_ptr()
+        self.sync_ptr = self.deferred_ptr + 4
+
+    @classmethod
+    def of(cls, index: int) -> "_BadIds":
+        w = cls._words.get(index)
+        if w is None:
+            w = cls._words[index] = cls(index)
+        return w
+
+    def raise_pending(self, num_experts: int) -> None:
+        """Raise for a count an earlier call (eager or graph replay) on this device left, clearing it."""
+        n = int(self.host[0])
+        if n:
+            self.host[0] = 0
+            raise ValueError(f"an earlier fused_moe call on this device had {n} token_selected_experts ids outside "
+                             f"[0, num_experts={num_experts}) (checked without a sync, so reported late; their "
+                             "pairs were routed nowhere). check_expert_ids='sync' refuses them in the call itself")
+
+
+CHECK_MODES = {"deferred": "deferred", "sync": "sync", "off": "off", True: "deferred", False: "off"}
+
+
 class _Launch:
     """One call's kernels bound for an argument signature and a config pair: functions, grids, workspace
     layout and the launch arguments that do not change between calls."""
@@ -369,7 +407,7 @@ class _Launch:
         self.comb_tail = (p.T, P, grid_for(comb, p.T))
 
     def run(self, x, w1, w1sf, w2, w2sf, ids, scales, alpha1, alpha2, gs, out, offset: int, num_experts: int,
-            check: bool):
+            check: str):
         dev = self.device
         if _get_device() != dev.index:
             with torch.cuda.device(dev):
@@ -380,11 +418,20 @@ class _Launch:
         eo, a_rows, out_rows, row_scale, valid = b + o["eo"], b + o["a_rows"], b + o["out_rows"], b + o["row_scale"], \
             b + o["valid"]
         inter, y = b + o["inter"], b + o["y"]
+        bad = b + o["bad"]
+        if check != "off":
+            words = _BadIds.of(dev.index)
+            words.raise_pending(num_experts)
+            bad = words.deferred_ptr
+            if check == "sync":
+                words.host[1] = 0
+                bad = words.sync_ptr
         self.route(ids.data_ptr(), scales.data_ptr(), eo, b + o["to1"], b + o["to2"], a_rows, out_rows, row_scale,
-                   valid, b + o["bad"], self.P, offset, num_experts, st)
-        if check:
-            bad = ws[o["bad"]:o["bad"] + 4].view(torch.int32).item()
-            _need(bad == 0, f"token_selected_experts holds {bad} ids outside [0, num_experts={num_experts})")
+                   valid, bad, self.P, offset, num_experts, st)
+        if check == "sync":
+            torch.cuda.current_stream(dev).synchronize()
+            n_bad = int(words.host[1])
+            _need(n_bad == 0, f"token_selected_experts holds {n_bad} ids outside [0, num_experts={num_experts})")
         # W4A4: FC1 fake-quantises x's rows and its own output in the kernel (kernels/moe_kernel.py)
         self.fc1(x.data_ptr(), a_rows, w1.data_ptr(), w1sf.data_ptr(), alpha1.data_ptr(), None, None, inter, eo,
                  b + o["to1"], *self.fc1_tail, None if gs is None else gs.data_ptr(), st)
@@ -431,7 +478,7 @@ def _route(ids, scales, n_local: int, offset: int, top_k: int, bm1: int, bm2: in
     spec = MoERouteSpec(n_local, top_k, bm1, bm2, "int32" if ids.dtype == torch.int32 else "int64",
                         "fp32" if scales.dtype == torch.float32 else "bf16")
     off, nbytes = workspace_layout(n_local, P, 0, 0, 1)
-    ws = torch.empty(nbytes, dtype=torch.uint8, device=ids.device)
+    ws = torch.zeros(nbytes, dtype=torch.uint8, device=ids.device)  # the kernel writes `bad` only when nonzero
     b = ws.data_ptr()
     get_route(spec, arch)(ids.data_ptr(), scales.data_ptr(), *(b + off[n] for n in (
         "eo", "to1", "to2", "a_rows", "out_rows", "row_scale", "valid", "bad")), P, offset,
@@ -451,16 +498,17 @@ def fused_moe(x: torch.Tensor, w1_weight: torch.Tensor, w1_weight_sf: torch.Tens
               activation: str = "silu", activation_precision: str = "fp4", quant_mode: str | None = None,
               source_format: str = "modelopt", local_expert_offset: int = 0,
               configs: tuple[MoEGemmConfig, MoEGemmConfig] | None = None,
-              check_expert_ids: bool = True) -> torch.Tensor:
+              check_expert_ids: str | bool = "deferred") -> torch.Tensor:
     """Run a fused MoE layer (routing permutation, FC1, activation, FC2, weighted scatter) on SM90.
 
     Arguments as flashinfer's `b12x_fused_moe` (see kernels/moe_quant.py for the scale conventions);
     in addition `local_expert_offset` (the first local expert's global id under expert parallelism, default
     0) and `configs` (explicit (FC1, FC2) kernel configs, FC2's possibly splitting K; default: the device
     class's LUT entry for this T, else the family heuristic by rows per expert and experts touched).
-    `check_expert_ids` (default True) refuses ids outside [0, num_experts) with a ValueError: the routing
-    kernel counts them and the call reads the count back, a host sync per eager call; serving code that trusts its router passes False (ids out of range then route
-    nowhere, as under CUDA-graph capture, where the check is always skipped).
+    `check_expert_ids` refuses ids outside [0, num_experts) with a ValueError: "deferred" (default, or True)
+    without a sync, raised by a later call on the device once the GPU has run this one (its bad pairs route
+    nowhere); "sync" in this call, reading the count back (a host sync; under CUDA-graph capture it acts as
+    "deferred"); "off" (or False) not at all (bad pairs route nowhere).
     Returns `output` (allocated when None), [num_tokens, hidden_size] bfloat16."""
     if quant_mode is None:
         _need(activation_precision in PRECISION_ALIASES,
@@ -471,13 +519,15 @@ def fused_moe(x: torch.Tensor, w1_weight: torch.Tensor, w1_weight_sf: torch.Tens
     _need(source_format == "modelopt", f"source_format {source_format!r} is not supported: only ModelOpt NVFP4 "
                                        "weights (packed e2m1, e4m3 block scales [E, rows, K/16])")
     n_local = num_experts if num_local_experts is None else num_local_experts
+    check = CHECK_MODES.get(check_expert_ids) if isinstance(check_expert_ids, (str, bool)) else None
+    _need(check is not None, f"check_expert_ids must be one of {tuple(CHECK_MODES)}, got {check_expert_ids!r}")
     if torch.compiler.is_compiling():  # traced: one opaque custom op, whose eager call validates everything
         _need(configs is None, "configs cannot be forced under torch.compile (the LUT or heuristic answers)")
         fc2s = fc2_input_scale if quant_mode == "nvfp4" else None
         out = output if output is not None else torch.empty(x.shape, dtype=torch.bfloat16, device=x.device)
         torch.ops.lutforge.fused_moe(x, w1_weight, w1_weight_sf, w2_weight, w2_weight_sf, token_selected_experts,
                                      token_final_scales, w1_alpha, w2_alpha, fc2s, out, num_experts, top_k, n_local,
-                                     local_expert_offset, quant_mode, activation, check_expert_ids)
+                                     local_expert_offset, quant_mode, activation, check)
         return out
     fc2s = fc2_input_scale if quant_mode == "nvfp4" else None
     plan, launch = _resolve(x, w1_weight, w1_weight_sf, w2_weight, w2_weight_sf, token_selected_experts,
@@ -487,7 +537,8 @@ def fused_moe(x: torch.Tensor, w1_weight: torch.Tensor, w1_weight_sf: torch.Tens
                                                         device=x.device)
     if launch is None:  # no pairs
         return out
-    check = check_expert_ids and not torch.cuda.is_current_stream_capturing()
+    if check == "sync" and torch.cuda.is_current_stream_capturing():
+        check = "deferred"  # a capture cannot sync; replays report late like the default
     return launch.run(x, w1_weight, w1_weight_sf, w2_weight, w2_weight_sf, token_selected_experts,
                       token_final_scales, w1_alpha, w2_alpha, fc2s, out, local_expert_offset, num_experts, check)
 
@@ -560,7 +611,7 @@ def _fused_moe_op(x: torch.Tensor, w1_weight: torch.Tensor, w1_weight_sf: torch.
                   w2_weight_sf: torch.Tensor, token_selected_experts: torch.Tensor, token_final_scales: torch.Tensor,
                   w1_alpha: torch.Tensor, w2_alpha: torch.Tensor, fc2_input_scale: torch.Tensor | None,
                   output: torch.Tensor, num_experts: int, top_k: int, num_local_experts: int,
-                  local_expert_offset: int, quant_mode: str, activation: str, check_expert_ids: bool) -> None:
+                  local_expert_offset: int, quant_mode: str, activation: str, check_expert_ids: str) -> None:
     """What a traced fused_moe call lowers to: the eager op on real tensors, writing `output`."""
     fused_moe(x, w1_weight, w1_weight_sf, w2_weight, w2_weight_sf, token_selected_experts, token_final_scales,
               num_experts, top_k, w1_alpha=w1_alpha, w2_alpha=w2_alpha, fc2_input_scale=fc2_input_scale,

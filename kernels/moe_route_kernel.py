@@ -7,8 +7,8 @@ row tile, and per sorted position the pair's token (FC1's A row), the pair index
 routing weight. Pairs of experts outside [offset, offset + E) count under a last bucket E: sorted after the
 local ones, covered by no tile. Per pair it also writes whether it is local (valid [P]: the combine kernel,
 kernels/moe_combine_kernel.py, skips the others' never-written FC2 rows, so no buffer is zero-filled), and
-the number of ids outside [0, num_experts) (bad [1]: fused_moe's eager check reads this one word instead of
-running its own reduction).
+the number of ids outside [0, num_experts) when there are any (bad [1], written only then: fused_moe points
+it at a pinned host word its check reads, kernels/fused_moe.py, instead of running its own reduction).
 
 1. count: each thread walks pairs tid, tid + threads, ... and adds 1 to its expert's shared counter (atomics);
 2. scan (warp 0): lane l sums experts [l*c, (l+1)*c), an inclusive shuffle scan gives its start, then the
@@ -106,7 +106,8 @@ class MoERouteKernel:
                 cute.arch.atomic_add(nbad.iterator, Int32(1), scope="cta")
         cute.arch.barrier()
         if tidx == 0:
-            mBad[0] = nbad[0]
+            if nbad[0] > 0:  # only a bad call writes: a later good one cannot erase the count before it is read
+                mBad[0] = nbad[0]
 
         if tidx < 32:
             rows = Int32(0)

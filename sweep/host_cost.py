@@ -7,7 +7,8 @@ launch; N stays below the launch queue's depth so no call waits for a free slot.
 
 Implementations (rows kind=host, impl=...):
   lutforge            the public op as a user calls it (outputs allocated by the op where it allocates)
-  lutforge_unchecked  fused_moe with check_expert_ids=False (the default check reads the ids back: a sync)
+  lutforge_sync       fused_moe with check_expert_ids="sync" (reads this call's bad-id count back: a sync)
+  lutforge_unchecked  fused_moe with check_expert_ids="off" (the default check reads a pinned word, no sync)
   lutforge_custom_op  torch.ops.lutforge.norm, the custom op torch.compile graphs call (outputs preallocated)
   lutforge_launch     the compiled TVM-FFI function alone with prebuilt arguments: the floor of our call path
   cute_jit_launch     the same kernel compiled without TVM-FFI, called through CuTe-DSL's own executor with
@@ -29,7 +30,7 @@ QUEUE_LAUNCHES = 1000  # below the CUDA launch queue's ~1024 entries: more and t
 REPEATS = 9
 SLEEP_CYCLES_PER_LAUNCH = 200_000  # ~100 us at ~2 GHz per enqueued launch: more than any launch's host cost,
 # so the GPU stays busy for the whole loop
-IMPLS = ("lutforge", "lutforge_unchecked", "lutforge_custom_op", "lutforge_launch", "cute_jit_launch",
+IMPLS = ("lutforge", "lutforge_sync", "lutforge_unchecked", "lutforge_custom_op", "lutforge_launch", "cute_jit_launch",
          "torch_rms_norm", "torch_eager", "quack", "liger", "flashinfer")
 
 

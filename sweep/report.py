@@ -124,6 +124,12 @@ def load_host_rows(results_dir: str | os.PathLike, device: str | None = None) ->
         host = host[host["device_name"] == device]
     for col, default in PROBLEM_DEFAULTS.items():
         host = host.assign(**{col: host[col].fillna(default)})
+    if len(host):  # per problem, only runs of the newest kernel source: an older call path is not what users get
+        src = host["kernel_source"].fillna("")
+        key = host[[c for c in PROBLEM_COLUMNS if c in host.columns]].astype(str).agg("|".join, axis=1)
+        order = host["timestamp"].sort_values(kind="stable").index
+        newest = src.loc[order].groupby(key.loc[order]).last()
+        host = host[src.to_numpy() == newest.reindex(key).to_numpy()]
     return host
 
 
@@ -162,7 +168,8 @@ def render_host(host: pd.DataFrame) -> list[str]:
         total += judged
         met += bool(ok)
         body.append([op, out + ("/swz" if layout == "swizzled" else ""), shape_text(k)]
-                    + [_fmt(r.get(i), ".1f") for i in impls] + [_fmt(q, ".2f"), "yes" if ok else "**no**"])
+                    + [_fmt(r.get(i), ".1f") for i in impls]
+                    + [_fmt(q, ".2f"), ("yes" if ok else "**no**") if judged else "–"])
     lines += _table(["op", "out", "shape", *impls, "ratio", "≤ budget"], body) + [""]
     lines += [f"lutforge within budget on {met} of {total} problems (budget: torch's F.rms_norm at the same shape "
               f"in the same run; FP4 outputs {HOST_BUDGET_FP4:g}× it).", ""]

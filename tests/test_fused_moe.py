@@ -71,6 +71,7 @@ def call(**over):
     (dict(source_format="compressed_tensors"), ValueError, "source_format"),
     (dict(output_dtype=torch.float16), TypeError, "output_dtype"),
     (dict(output=torch.empty(T, H, dtype=torch.float32)), TypeError, "output must have dtype"),
+    (dict(check_expert_ids="always"), ValueError, "check_expert_ids must be one of"),
     (dict(), ValueError, "CUDA device"),  # every check passes on CPU tensors but the device
 ])
 def test_bad_arguments_are_refused_before_launch(over, exc, match):

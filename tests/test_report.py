@@ -186,3 +186,22 @@ def test_the_public_op_stands_by_its_newest_bench(tmp_path):
     p = picks(load_ok_rows(tmp_path))
     ours = p[p["series"] == LUTFORGE]
     assert len(ours) == 1 and ours.iloc[0]["run_id"] == "bench-new" and ours.iloc[0]["median_us"] == 9
+
+
+def test_host_rows_of_an_older_kernel_source_drop_out(tmp_path):
+    """A host run on a newer call path (fused_moe's expert-id check stopped syncing) replaces the older runs of
+    that problem instead of being averaged with them; problems the new run did not measure keep their rows."""
+    from sweep.report import load_host_rows, render_host
+
+    def host(run, C, impl, us, src, ts):
+        return {"run_id": run, "kind": "host", "status": "ok", "impl": impl, "op": "rmsnorm", "out_format": "bf16",
+                "in_dtype": "bf16", "scale_layout": "rowmajor", "heads": 1, "T": 1, "C": C, "host_us": us,
+                "kernel_source": src, "timestamp": ts, "device_name": DEVICE}
+    append_rows(tmp_path, [host("old", 4096, "lutforge", 3300.0, "s1", "2026-11-01T00:00:00Z"),
+                           host("old", 4096, "torch_rms_norm", 10.0, "s1", "2026-11-01T00:00:00Z"),
+                           host("old", 2048, "lutforge", 9.0, "s1", "2026-11-01T00:00:00Z"),
+                           host("new", 4096, "lutforge", 40.0, "s2", "2026-12-01T00:00:00Z")], prefix="host")
+    rows = load_host_rows(tmp_path, DEVICE)
+    assert sorted(zip(rows["run_id"], rows["C"])) == [("new", 4096), ("old", 2048)]
+    text = "\n".join(render_host(rows))
+    assert "| rmsnorm | bf16 | 1 × 4096, bf16 in | 40.0 | – | – |" in text  # no torch row left: not judged

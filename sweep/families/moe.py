@@ -108,14 +108,15 @@ def peer_build(impl: str, p, case) -> tuple:
 
 
 def host_calls(p, device="cuda") -> dict:
-    """fused_moe as called eagerly (expert-id check included: it syncs), without that check (what serving code
-    that trusts its router pays), its four kernel launches alone with prebuilt arguments (the floor), and the
-    torch grouped-GEMM baseline (W4A16 problems)."""
+    """fused_moe as called eagerly (the default, non-syncing expert-id check), with the syncing check, without
+    any check, its four kernel launches alone with prebuilt arguments (the floor), and the torch grouped-GEMM
+    baseline (W4A16 problems)."""
     from kernels import moe_runner
 
     case = moe_runner.make_case(p, device)
     fns = {"lutforge": moe_runner.public_launcher(p, case),
-           "lutforge_unchecked": moe_runner.public_launcher(p, case, check_expert_ids=False),
+           "lutforge_sync": moe_runner.public_launcher(p, case, check_expert_ids="sync"),
+           "lutforge_unchecked": moe_runner.public_launcher(p, case, check_expert_ids="off"),
            "lutforge_launch": moe_runner.launch_floor(p, case)}
     if peer_unsupported(p, "torch_eager") is None:
         fns["torch_eager"] = peer_build("torch_eager", p, case)[0]

@@ -158,13 +158,49 @@ def test_real_layer_shapes_decode_and_batch():
 
 
 def test_expert_id_out_of_range_is_refused():
+    """"sync" refuses in the call; the default (no sync) lets the call run with the bad pair routed nowhere and
+    refuses at the next call once the GPU has run it, also for a CUDA-graph replay; "off" never refuses."""
     layer = make_layer(8, 128, 64, "silu", "w4a16")
     ids, w = make_routing(4, 8, 2)
+    good = ids.clone()
     ids[1, 0] = 8
     x = torch.randn(4, 128, device=DEV).to(torch.bfloat16)
+
+    def call(i, check="deferred"):
+        return fused_moe(x, layer["w1_weight"], layer["w1_weight_sf"], layer["w2_weight"], layer["w2_weight_sf"], i, w,
+                         8, 2, w1_alpha=layer["w1_alpha"], w2_alpha=layer["w2_alpha"], quant_mode="w4a16",
+                         check_expert_ids=check)
+
     with pytest.raises(ValueError, match="outside"):
-        fused_moe(x, layer["w1_weight"], layer["w1_weight_sf"], layer["w2_weight"], layer["w2_weight_sf"], ids, w, 8, 2,
-                  w1_alpha=layer["w1_alpha"], w2_alpha=layer["w2_alpha"], quant_mode="w4a16")
+        call(ids, "sync")
+    call(good, "sync")  # the sync check counts this call only
+    out = call(ids)  # no sync, no error yet
+    torch.cuda.synchronize()
+    assert torch.isfinite(out.float()).all()
+    dropped_ids, dropped_w = good.clone(), w.clone()
+    dropped_w[1, 0] = 0.0  # the bad pair contributes nothing
+    ref = fused_moe_reference(x, layer["w1_weight"], layer["w1_weight_sf"], layer["w2_weight"], layer["w2_weight_sf"],
+                              dropped_ids, dropped_w, w1_alpha=layer["w1_alpha"], w2_alpha=layer["w2_alpha"],
+                              quant_mode="w4a16")
+    assert float((out.float() - ref).abs().max() / ref.abs().max()) < 2**-6
+    with pytest.raises(ValueError, match="earlier fused_moe call on this device had 1 "):
+        call(good)
+    call(good)  # reported once
+    call(ids, "off")
+    torch.cuda.synchronize()
+    call(good)  # "off" records nothing
+
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        call(ids)
+    torch.cuda.synchronize()
+    call(good)  # the capture itself ran no kernel
+    g.replay()
+    torch.cuda.synchronize()
+    with pytest.raises(ValueError, match="earlier"):
+        call(good)
+    with pytest.raises(ValueError, match="check_expert_ids must be one of"):
+        call(good, "always")
 
 
 @pytest.mark.parametrize("T, E, k, n_local, offset", [(1, 128, 8, 128, 0), (333, 16, 4, 16, 0), (4096, 256, 8, 256, 0),
