@@ -352,7 +352,7 @@ class _BadIds:
 
     _words: dict[int, "_BadIds"] = {}
 
-    def __init__(self, index: int):
+    def __init__(self):
         self.buf = torch.zeros(2, dtype=torch.int32, pin_memory=True)  # held for the process: graphs keep it
         self.host = self.buf.numpy()
         self.deferred_ptr = self.buf.data_ptr()
@@ -362,7 +362,7 @@ class _BadIds:
     def of(cls, index: int) -> "_BadIds":
         w = cls._words.get(index)
         if w is None:
-            w = cls._words[index] = cls(index)
+            w = cls._words[index] = cls()
         return w
 
     def raise_pending(self, num_experts: int) -> None:
