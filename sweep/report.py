@@ -119,17 +119,12 @@ def load_host_rows(results_dir: str | os.PathLike, device: str | None = None) ->
     df = read_results(results_dir)
     if "host_us" not in df.columns:
         return df.iloc[0:0]
-    host = df[(df["kind"] == "host") & (df["status"] == "ok") & (df["host_us"] > 0)]
+    # per problem, only runs of the newest kernel source: an older call path is not what users get
+    host = df[(df["kind"] == "host") & (df["status"] == "ok") & (df["host_us"] > 0) & ~superseded(df)]
     if device is not None:
         host = host[host["device_name"] == device]
     for col, default in PROBLEM_DEFAULTS.items():
         host = host.assign(**{col: host[col].fillna(default)})
-    if len(host):  # per problem, only runs of the newest kernel source: an older call path is not what users get
-        src = host["kernel_source"].fillna("")
-        key = host[[c for c in PROBLEM_COLUMNS if c in host.columns]].astype(str).agg("|".join, axis=1)
-        order = host["timestamp"].sort_values(kind="stable").index
-        newest = src.loc[order].groupby(key.loc[order]).last()
-        host = host[src.to_numpy() == newest.reindex(key).to_numpy()]
     return host
 
 

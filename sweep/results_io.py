@@ -100,18 +100,21 @@ def superseded(df: pd.DataFrame) -> pd.Series:
     """True for lutforge's own rows measured on a kernel source that a later run replaced on the same problem.
 
     Per problem and device class, lutforge's sweep rows (trials, re-benches) stand only for the kernel source
-    of the newest sweep row, and its bench rows for that of the newest bench row (a bench of a newer kernel
-    does not void the sweep that chose the configs it ran); rows without a kernel_source (schema v1) count
-    as one older source. Peer rows never are: they time other libraries and do not go stale when our kernel
-    changes."""
+    of the newest sweep row, its bench rows for that of the newest bench row and its host-cost rows for that
+    of the newest host row (a bench or host run of a newer kernel does not void the sweep that chose the
+    configs it ran, nor one another's measurements); rows without a kernel_source (schema v1) count as one
+    older source. Peer rows never are: they time other libraries and do not go stale when our kernel
+    changes, except host-cost rows, every impl's: the host table judges lutforge against torch within one
+    run, so an older run's peers go with its lutforge rows."""
     out = pd.Series(False, index=df.index)
     sweep_row = df["kind"].isin(("trial", "rebench"))
-    own = sweep_row | df["impl"].isin(OWN_IMPLS)
+    host = df["kind"] == "host"
+    own = sweep_row | host | df["impl"].isin(OWN_IMPLS)
     if not own.any():
         return out
-    key = df.loc[own, [*PROBLEM_COLUMNS, "device_class"]].astype(str).agg("|".join, axis=1)
-    mine = df[own].assign(_src=df.loc[own, "kernel_source"].fillna(""),
-                          _key=key + sweep_row[own].map({True: "|sweep", False: "|bench"}))
+    key = df.loc[own, [*PROBLEM_COLUMNS, "device_class"]].astype(object).fillna("").astype(str).agg("|".join, axis=1)
+    group = sweep_row.map({True: "|sweep", False: "|bench"}).where(~host, "|host")
+    mine = df[own].assign(_src=df.loc[own, "kernel_source"].fillna(""), _key=key + group[own])
     newest = mine.sort_values("timestamp", kind="stable").groupby("_key")["_src"].last()
     out[own] = mine["_src"].to_numpy() != newest.reindex(mine["_key"]).to_numpy()
     return out

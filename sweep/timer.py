@@ -122,8 +122,8 @@ def time_launchers(launchers: list[Callable[[], object]], *, set_bytes: int = 0,
         keep = [launchers[i % n]() for i in range(launches)]
     graph.replay()  # first replay uploads the graph
     torch.cuda.synchronize()
-    warm_ms = 0.0 if launches <= WARM_MAX_LAUNCHES else WARM_MS
-    while warm_ms < WARM_MS:  # untimed replays first (WARM_MS)
+    warm_ms = 0.0
+    while launches <= WARM_MAX_LAUNCHES and warm_ms < WARM_MS:  # untimed replays first (WARM_MS)
         start.record()
         graph.replay()
         end.record()
