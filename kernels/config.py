@@ -359,6 +359,30 @@ def corrected(p: Problem, base: KernelConfig, correction: dict, arch: int = 90, 
     return from_relative(p, relative_of(p, base) | correction, arch, row_stride, ptr_align)
 
 
+def probes(p: Problem, arch: int = 90) -> list[KernelConfig]:
+    """The analytical config and its one-step corrections, most telling first: what every sweep times beside
+    the heuristic so that each problem measures the same corrections.
+
+    Why: the learned fallback can only adopt a correction measured on most problems it changes
+    (sweep.fallback_fit), and a search's own trials rarely coincide between problems; the analytical config
+    itself is no longer trial 0 wherever the learned fallback changes it. Each probe is a correction the
+    fit can name (relative knobs, kernels.config.RELATIVE_KNOBS), so its leaves draw on measured evidence."""
+    base = analytical_heuristic(p, arch)
+    vpt = relative_of(p, base)["vectors_per_thread"]
+    steps = [{"pdl": True, "l2_prefetch": not (base.pdl and base.l2_prefetch)} if arch >= 90 else None,
+             {"pdl": not base.pdl, "l2_prefetch": False} if arch >= 90 else None,
+             {"vectors_per_thread": vpt / 2}, {"vec_bytes": base.vec_bytes // 2},
+             {"threads": min(1024, base.threads * 2)}, {"rows_per_cta": 1}, {"stage": "smem"},
+             {"vectors_per_thread": vpt * 2}, {"threads": max(32, base.threads // 2)}, {"weight_smem": True},
+             {"ctas_per_sm": 4}]
+    out = [base]
+    for step in steps:
+        cfg = corrected(p, base, step, arch) if step and step.get("vec_bytes", 2) >= 2 else None
+        if cfg is not None and cfg not in out:
+            out.append(cfg)
+    return out
+
+
 @functools.lru_cache(maxsize=None)
 def _shipped_choose(arch: int):
     """`choose` of the shipped learned fallback for `arch`; None when there is none, or it does not load (logged:

@@ -18,7 +18,8 @@ What a family declares:
   family's layout argument, None = dense), `heuristic(p, arch, stride, ptr_align)`, `fit(p, cfg, arch,
   stride, ptr_align)` (a tuned config made to fit the actual layout, or None), `space_key(p)` (the
   part of a problem validity depends on: one counted search space per key), `searchable(p, cfg)` (what
-  the sampler proposes among valid configs), `simplicity(cfg, heuristic)` (tie-break sort key).
+  the sampler proposes among valid configs), `simplicity(cfg, heuristic)` (tie-break sort key), and
+  optionally `probes(p, arch)` (configs every sweep times after the heuristic).
 * cost: `ideal_bytes(p)` (each tensor moved once: GB/s and % of copy).
 * compilation: `compile_key(p)` (what a compiled kernel depends on), `canonical(p)` (the problem with the
   runtime sizes zeroed), `cache_key(p, cfg, arch)` (its compiled function's name in the disk cache and the
@@ -83,6 +84,9 @@ class Family:
     # the valid knob tuples (knob_choices order) of a problem, where crossing every knob's choices is too
     # many to test one by one (the fused MoE's two GEMMs: 1728 x 6912); None = that product, filtered
     valid_configs: Callable[..., list] | None = None
+    # configs every sweep of a problem times after the heuristic, most telling first (the row family: the
+    # analytical config and its one-knob corrections, the learned fallback's evidence); None = none
+    probes: Callable[..., list] | None = None
 
     @property
     def runner(self):
@@ -139,7 +143,7 @@ def _row_family() -> Family:
         canonical=compile_cache.canonical, cache_key=compile_cache.cache_key,
         precompile=lambda p, cfg, arch: compile_cache.precompile(p, cfg, arch),  # late-bound: tests patch it
         source_hash=compile_cache.kernel_source_hash,
-        runner_module="kernels.runner", has_range=True)
+        runner_module="kernels.runner", has_range=True, probes=config.probes)
 
 
 def _channel_first_family() -> Family:

@@ -6,7 +6,9 @@ bookkeeping that makes a sweep resumable and safe to run from many processes at 
   counted valid space fits the budget, Parzen scoring otherwise. A config that is still invalid (an
   enqueued one, say) stops at the first knob that admits no valid completion and is recorded
   `invalid` with the reason. The objective is the median microseconds (minimised).
-- The heuristic config is enqueued first, then the winners of sibling studies (same kernel, other T).
+- The heuristic config is enqueued first, then the winners of sibling studies (same kernel, other T),
+  then the family's probe configs (the row family: the analytical config and its one-knob corrections,
+  so every problem measures the corrections the learned fallback may adopt).
 - A claims table beside Optuna's tables (same database) gives each (study, config) to exactly one
   trial: a config another trial already measured is never measured again, across processes and
   hosts. A trial of a process that died (kill -9) is failed at once when its owner is a dead local
@@ -49,6 +51,7 @@ BRUTE_FORCE_MAX = 512  # valid configs brute force may enumerate when no trial b
 TIE_FRACTION = 0.02  # re-benchmarked medians closer than this are ties
 FINALISTS = 3
 SEEDS = 3  # winners of sibling studies (other T) enqueued after the heuristic
+PROBE_SHARE = 3  # a trial budget gives the family's probe configs at most 1/PROBE_SHARE of what seeds leave
 REBENCH_ROUNDS = 3
 HEARTBEAT_S = 30
 GRACE_S = 120
@@ -465,9 +468,9 @@ class StudyRun:
                         run_id=self.run_id, study=self.name(p), trial=trial, kind=kind, impl=impl,
                         config_source=source, problem_set=problem_set)
 
-    def open_study(self, p, sampler=None, seeds: int = SEEDS) -> optuna.Study:
-        """Create or load the study; the creating process enqueues the heuristic and up to `seeds`
-        sibling winners exactly once."""
+    def open_study(self, p, sampler=None, seeds: int = SEEDS, probes: int | None = None) -> optuna.Study:
+        """Create or load the study; the creating process enqueues, exactly once, the heuristic, up to
+        `seeds` sibling winners and up to `probes` of the family's probe configs (None: all)."""
         name = self.name(p)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -476,9 +479,12 @@ class StudyRun:
         if self.claims.claim(name, "enqueue:heuristic", -1) is None:
             heur = family_of(p).heuristic(p, self.arch_num)
             study.enqueue_trial(heur.as_dict())
-            for cfg in self.sibling_winners(p, seeds):
-                if cfg != heur:
+            queued = [heur]
+            fam = family_of(p)
+            for cfg in self.sibling_winners(p, seeds) + (fam.probes(p, self.arch_num) if fam.probes else [])[:probes]:
+                if cfg not in queued:
                     study.enqueue_trial(cfg.as_dict())
+                    queued.append(cfg)
         return study
 
     def sibling_winners(self, p, limit: int = SEEDS) -> list:
@@ -539,7 +545,8 @@ class StudyRun:
         sampler = choose_sampler(space, self.trials, self.seed)
         sampler_name = sampler.name
         budget = None if self.trials is None else min(self.trials, len(space.searched))
-        study = self.open_study(p, sampler, SEEDS if budget is None else min(SEEDS, budget - 1))
+        seeds = SEEDS if budget is None else min(SEEDS, budget - 1)
+        study = self.open_study(p, sampler, seeds, None if budget is None else max(0, budget - 1 - seeds) // PROBE_SHARE)
         name = study.study_name
         reap_dead_trials(study, self.storage)
         n, _, waiting = self.measured(study)

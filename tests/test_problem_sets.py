@@ -8,7 +8,7 @@ from sweep.cli import main
 
 
 def test_shipped_sets_and_sizes():
-    assert PS.list_sets() == ["dit", "heldout", "llm", "moe", "qk_norm", "wan_vae", "wan_vae_decoder"]
+    assert PS.list_sets() == ["dit", "fallback_train", "heldout", "llm", "moe", "qk_norm", "wan_vae", "wan_vae_decoder"]
     wan = PS.load("wan_vae")
     assert len(wan.shapes) == 8 * 5 and not wan.per_head
     assert {c for _, c, _ in wan.shapes} == {64, 128, 160, 256, 320, 512, 640, 1024}
@@ -72,7 +72,7 @@ def test_problems_rejects_mismatched_kinds_and_bad_combinations():
         PS.problems("llm", "layernorm", "bf16", "bf16")
     with pytest.raises(ValueError, match="out formats"):  # Problem's own validation
         PS.problems("llm", "rmsnorm", "bf16", "fp8")
-    with pytest.raises(ValueError, match="unknown problem set 'nope'; known: dit, heldout, llm"):
+    with pytest.raises(ValueError, match="unknown problem set 'nope'; known: dit, fallback_train, heldout, llm"):
         PS.load("nope")
     with pytest.raises(ValueError, match="unknown problem set"):
         PS.load("../problem_sets/llm")

@@ -333,3 +333,35 @@ def test_open_storage_survives_another_process_creating_the_schema(tmp_path, mon
     monkeypatch.setattr(optuna.storages, "RDBStorage", broken)
     with pytest.raises(RuntimeError, match="disk I/O"):
         study_mod.open_storage(f"sqlite:///{tmp_path / 'other.db'}")
+
+
+def test_every_sweep_times_the_analytical_config_and_its_probes(tmp_path):
+    """The learned fallback adopts only corrections measured on most problems: a sweep enqueues the row
+    family's probes (the analytical config and its one-knob corrections) after the heuristic, within a share of
+    the trial budget, so each is measured even where the search would never propose it."""
+    from kernels.config import analytical_heuristic, probes
+    from sweep.study import PROBE_SHARE, SEEDS, Claims, RowWriter, StudyRun, open_storage
+
+    p = Problem("fused_rmsnorm_silu", 3000, 1000)  # a held-out size: the learned fallback changes its config
+    wanted = probes(p, 90)
+    assert wanted[0] == analytical_heuristic(p, 90) and len(wanted) >= 8 and len(set(wanted)) == len(wanted)
+    assert all(not violations(p, c, 90) for c in wanted)
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    ev = Evaluator("synthetic", compile_workers=1)
+    claims = Claims(url)
+    budgets = {}
+    try:
+        ev.start()
+        for trials in (48, 12):
+            run = StudyRun(ev, open_storage(url), claims, RowWriter(str(tmp_path / str(trials))),
+                           f"run-{trials}", tmp_path / str(trials), trials=trials, seed=0)
+            q = Problem(p.op, p.T + trials, p.C)  # a study of its own per budget
+            study = run.run(q, "test")
+            budgets[trials] = {KernelConfig(**t.params) for t in study.get_trials() if t.params}
+    finally:
+        ev.close()
+        claims.close()
+    want48 = set(probes(Problem(p.op, p.T + 48, p.C), 90))
+    assert want48 <= budgets[48]
+    n12 = (12 - 1 - SEEDS) // PROBE_SHARE  # a short search keeps most of its budget for the search
+    assert set(probes(Problem(p.op, p.T + 12, p.C), 90)[:n12]) <= budgets[12]
