@@ -328,7 +328,7 @@ def _pow2_ceil(n: int) -> int:
 
 
 SM_COUNT_GUESS = 132  # H100/H200 SXM; only shapes the grid of small problems
-SMALL_PROBLEM_BYTES = 32 << 20  # kernels/config.py's PDL threshold (launch latency dominates below)
+SMALL_PROBLEM_BYTES = 32 << 20  # PDL below this (launch latency dominates); the row family measured 100 MB, not re-measured here
 # Values of x per thread the heuristic keeps in registers: half the constraint's cap. The fp32 copies of x
 # stay live across the reduction barrier, so 12 channels x 8 positions took 185 registers per thread
 # (C=96, t256/p256, sm_90a cubin) against 64 for 6 x 8 (t512/p256): two 512-thread CTAs per SM instead of one.

@@ -211,8 +211,9 @@ def _gcd(a: int, b: int) -> int:
 
 
 SM_COUNT_GUESS = 132  # H100 SXM; only shapes the grid for small problems
-SMALL_PROBLEM_BYTES = 32 << 20
-PREFETCH_BYTES = 10 << 20
+# PDL below this: against the same config without it (pf off, every H200 sweep pair, 2026-12-04, 275 pairs)
+# PDL was 25 % faster below 3 MB, 6-8 % at 3-32 MB, 3 % at 32-100 MB and even (1.000) from 100 MB up.
+SMALL_PROBLEM_BYTES = 100 << 20
 # Measurements behind the rules below: the H100 fused_rmsnorm_silu sweeps (bf16 and fp8), now results/h100;
 # on those shapes the heuristic reaches 95 % of the tuned geomean (BENCHMARKS.md).
 
@@ -266,9 +267,11 @@ def analytical_heuristic(p: Problem, arch: int = 90, row_stride: int | None = No
     small = ideal_bytes(p) < SMALL_PROBLEM_BYTES
     # PDL won at every T=1560 and T=6240 shape of the WAN set (up to 1.8x with the CTA rule above).
     pdl = arch >= 90 and small
-    # Prefetching x into L2 during the wait won 1.05-1.46x below ~10 MB and lost up to 0.87x above
-    # (H200, results/logs/ab_l2_prefetch_h200.log).
-    prefetch = pdl and ideal_bytes(p) < PREFETCH_BYTES
+    # Prefetching x into L2 during the wait pays while the grid fits in a wave or two: against the same PDL
+    # config without it (every H200 sweep pair, 2026-12-04, 351 pairs) it was 14 % faster at <= 1/4 wave,
+    # 10 % at 1/4-1/2, 2 % at 1/2-1, 0.5 % at 1-2 waves and even beyond (0.999-1.000 geomean); with PDL
+    # only below SMALL_PROBLEM_BYTES it is never a loss on average.
+    prefetch = pdl
     cfg = KernelConfig(threads=threads, threads_per_row=tpr, vec_bytes=vb, pdl=pdl, l2_prefetch=prefetch)
     if is_valid(p, cfg, arch, row_stride):
         return cfg

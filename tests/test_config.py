@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from kernels.config import (KNOB_CHOICES, PREFETCH_BYTES, KernelConfig, analytical_heuristic, heuristic, is_valid,
+from kernels.config import (KNOB_CHOICES, KernelConfig, analytical_heuristic, heuristic, is_valid,
                             violations)
 from kernels.problem import FP4_BLOCK, OPS, Problem, ideal_bytes, out_formats
 
@@ -86,18 +86,18 @@ def test_ideal_bytes_counts_each_tensor_once():
     assert ideal_bytes(Problem("fused_rmsnorm_silu", T, C, out_format="nvfp4")) == T * C * 2 + 2 * C + T * C // 2 + T * C // 16
 
 
-def test_analytical_rules_prefetch_into_l2_only_small_pdl_problems():
-    """Measured rule (results/logs/ab_l2_prefetch_h200.log): prefetch below PREFETCH_BYTES, never without PDL.
+def test_analytical_rules_prefetch_into_l2_with_pdl_only():
+    """Measured rule (kernels/config.py, every H200 sweep pair): prefetch wherever PDL is on, never without it.
     The learned fallback may correct it where sweep rows say so, but never prefetches without PDL either."""
     for T, C in ((1, 64), (1560, 64), (6240, 320), (256, 8192), (24960, 256), (99840, 1024), (1, 65536)):
         for op in ("rmsnorm", "fused_rmsnorm_silu", "fused_add_rmsnorm"):
             p = Problem(op, T, C)
             cfg = analytical_heuristic(p, 90)
-            assert cfg.l2_prefetch == (cfg.pdl and ideal_bytes(p) < PREFETCH_BYTES), (p, cfg.short())
+            assert cfg.l2_prefetch == cfg.pdl, (p, cfg.short())
             assert not heuristic(p, 90).l2_prefetch or heuristic(p, 90).pdl
             assert not heuristic(p, 80).l2_prefetch  # no PDL before SM90
     assert analytical_heuristic(Problem("rmsnorm", 1560, 64), 90).l2_prefetch
-    assert not analytical_heuristic(Problem("rmsnorm", 99840, 1024), 90).l2_prefetch
+    assert not analytical_heuristic(Problem("rmsnorm", 399360, 1024), 90).pdl  # 1.6 GB: no PDL, no prefetch
 
 
 @pytest.mark.parametrize("C,tpr", [(64, 8), (128, 16), (96, 4), (160, 4), (40, 1), (48, 2)])
