@@ -216,3 +216,18 @@ def test_shipped_model_is_sm90_only():
     assert config._shipped_choose(90) is not None and config._shipped_choose(100) is None
     p = Problem("rmsnorm", 50000, 6144)
     assert heuristic(p, 100) == analytical_heuristic(p, 100)  # sm100 has no model
+
+
+def test_problems_that_never_timed_the_analytical_config_are_left_out(tmp_path):
+    """Against an imputed analytical regret any measured correction looks like a gain: a problem whose sweep
+    never timed the analytical config is no evidence and stays out of the fit."""
+    rows = regime_rows()
+    blind = Problem("rmsnorm", 2048, 512)  # a small-C problem whose rows lack the analytical config
+    base = analytical_heuristic(blind, 90)
+    rows += [_row(blind, corrected(blind, base, {"stage": "smem"}), 5.0),
+             _row(blind, replace(base, vec_bytes=4), 20.0)]
+    _, df = rows_frame(tmp_path, rows)
+    model = fallback_fit.fit(df, 90)
+    keys = {(m.problem.T, m.problem.C) for m in model.train}
+    assert (blind.T, blind.C) not in keys and len(keys) == len(SMALL_C + LARGE_C) * len(TOKENS)
+    assert {leaf.correction and tuple(leaf.correction) for leaf in model.leaves()} <= {("weight_smem",), ("ctas_per_sm",)}
