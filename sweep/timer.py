@@ -36,7 +36,9 @@ SUBMIT_COVER_CYCLES = 400_000
 # Not the SM clock's ramp from idle: that settles within the first 2 ms replay (clock_ramp_h200.log). Graphs
 # of many short launches showed no such bias with or without it (the held-out sweep: sweep_heldout_refit_
 # fallback_h200.log vs sweep_heldout_clock_warm_h200.log), where it would double a sweep's wall time.
-WARM_MS = 100.0
+# 20 ms is enough: an A/B of 0/20/100 ms, two rounds, read 432-433 / 392.2-392.6 / 392.0-393.0 us through the
+# public op against 391.6-392.9 us through the harness each time (timer_warmup_h200.log).
+WARM_MS = 20.0
 WARM_MAX_LAUNCHES = 64  # launches per replay up to which the warm-up runs (kernels of >= ~30 us)
 
 
