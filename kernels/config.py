@@ -372,15 +372,15 @@ def probes(p: Problem, arch: int = 90) -> list[KernelConfig]:
     fit can name (relative knobs, kernels.config.RELATIVE_KNOBS), so its leaves draw on measured evidence."""
     base = analytical_heuristic(p, arch)
     vpt = relative_of(p, base)["vectors_per_thread"]
-    steps = [{"pdl": True, "l2_prefetch": not (base.pdl and base.l2_prefetch)} if arch >= 90 else None,
-             {"pdl": not base.pdl, "l2_prefetch": False} if arch >= 90 else None,
+    steps = [{"pdl": True, "l2_prefetch": not (base.pdl and base.l2_prefetch)},
+             {"pdl": not base.pdl, "l2_prefetch": False},
              {"vectors_per_thread": vpt / 2}, {"vec_bytes": base.vec_bytes // 2},
              {"threads": min(1024, base.threads * 2)}, {"rows_per_cta": 1}, {"stage": "smem"},
              {"vectors_per_thread": vpt * 2}, {"threads": max(32, base.threads // 2)}, {"weight_smem": True},
              {"ctas_per_sm": 4}]
     out = [base]
-    for step in steps:
-        cfg = corrected(p, base, step, arch) if step and step.get("vec_bytes", 2) >= 2 else None
+    for step in steps:  # a step the problem cannot run (PDL before SM90, a 1-byte vector, ...) gives None
+        cfg = corrected(p, base, step, arch)
         if cfg is not None and cfg not in out:
             out.append(cfg)
     return out

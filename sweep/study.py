@@ -477,10 +477,10 @@ class StudyRun:
             study = optuna.create_study(study_name=name, storage=self.storage, direction="minimize",
                                         sampler=sampler, load_if_exists=True)
         if self.claims.claim(name, "enqueue:heuristic", -1) is None:
-            heur = family_of(p).heuristic(p, self.arch_num)
+            fam = family_of(p)
+            heur = fam.heuristic(p, self.arch_num)
             study.enqueue_trial(heur.as_dict())
             queued = [heur]
-            fam = family_of(p)
             for cfg in self.sibling_winners(p, seeds) + (fam.probes(p, self.arch_num) if fam.probes else [])[:probes]:
                 if cfg not in queued:
                     study.enqueue_trial(cfg.as_dict())

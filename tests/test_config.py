@@ -109,3 +109,19 @@ def test_short_rows_leave_no_lane_idle_where_a_power_of_two_divides_them(C, tpr)
         cfg = analytical_heuristic(Problem("rmsnorm", T, C), 90)
         assert cfg.vec_bytes == 16 and cfg.threads_per_row == tpr, cfg.short()
         assert (C // 8) % cfg.threads_per_row == 0  # every lane has a vector in every iteration
+
+
+def test_probes_are_distinct_valid_and_start_with_the_analytical_config():
+    import random
+
+    from kernels.config import probes
+
+    rng = random.Random(0)
+    for _ in range(200):
+        p = Problem(rng.choice(("rmsnorm", "fused_rmsnorm_silu", "fused_add_rmsnorm")), rng.randint(1, 1 << 17),
+                    rng.choice((2, 6, 64, 96, 130, 1000, 4096, 65536)))
+        for arch in (80, 90, 100):
+            ps = probes(p, arch)
+            assert ps[0] == analytical_heuristic(p, arch) and len(set(ps)) == len(ps)
+            assert all(is_valid(p, c, arch) for c in ps), p
+            assert arch >= 90 or not any(c.pdl for c in ps)
