@@ -36,10 +36,16 @@ by 2026-12-04 (561 problems) split at C <= 809 and turned t128/r32 into one-warp
 problems where no such config was ever timed, for a rows_per_cta=1 measured only at C >= 2048; with it, the same
 4-fold leave-C-out scores, 1.0270 vs 1.0270 pooled, with 87 instead of 92 held-out problems left unmeasured); it is
 not applied below the fewest rows it was measured at (small problems are latency-bound, where the grid matters
-most). The analytical rules (a leaf of None) may hold any node. A correction or a split must gain MIN_GAIN per problem of its node. These
-settings won a 4-fold leave-C-out cross-validation on the committed rows (each fold holding out 4-6 hidden
-sizes, WAN and LLM mixed), compared on the held-out problems where both the learned and the analytical config
-were measured.
+most). The analytical rules (a leaf of None) may hold any node. A correction or a split must gain MIN_GAIN per problem of its node.
+
+Probed problems only (MIN_PROBED): since sweeps time the analytical config's one-knob corrections on every
+problem (kernels.config.probes), a problem that measured most of them says which correction wins there;
+one that did not (sweeps before probes existed: every H100 row) says little, and an imputed value decides.
+The best probe of a problem came within 0.4-0.6 % of its 48-trial sweep's best (72 training and 30 held-out
+H200 problems, 2026-12-04), so the tree's job is to pick the right probe per regime. On the rows of that day,
+leave-C-out folds (C 192/1536/5120 and 128/768/4096 held out beside the held-out set) scored: probed >= 0.8 with
+depth 5, leaves of 6 and support 4: 1.040 and 1.022 (analytical 1.048 and 1.035); depth 3, leaves of 12,
+support 8: 1.042 and 1.027; probed >= 0.5: 1.045; every problem (the earlier default): 1.047 against 1.047.
 
 Splits: binary, on kernels.config.fallback_features; a threshold sits between consecutive training values (at
 the power of two nearest their geometric mean when one lies between, else at that mean), each side keeps
@@ -63,7 +69,7 @@ import pandas as pd
 
 import problem_sets
 from kernels.config import (RELATIVE_KNOBS, KernelConfig, analytical_heuristic, corrected, fallback_features,
-                            learned, relative_of)
+                            learned, probes, relative_of)
 from kernels.family import families
 from kernels.problem import Problem
 from lut_export.winners import row_config
@@ -77,13 +83,14 @@ FEATURES = ("C", "rows", "ideal_bytes", "out_bits", "per_head", "residual", "max
 BINARY = ("per_head", "residual")
 TOP_K = 3  # candidates come from each training problem's fastest configs
 MAX_KNOBS = 2  # a correction names at most this many knobs, unless it is a top config's whole difference
-MAX_DEPTH = 3
-MIN_LEAF = 12
+MAX_DEPTH = 5
+MIN_LEAF = 6
 MIN_COVERAGE = 0.7
-MIN_SUPPORT = 8  # problems where a correction changed the config and that config was measured
+MIN_SUPPORT = 4  # problems where a correction changed the config and that config was measured
 EVERY_C = True  # ... and it was measured at every hidden size of the node where it changes the config
 MIN_GAIN = math.log(1.0005)  # per problem of the node: a split or a correction must gain >= 0.05 % geomean
 MISSING_PENALTY = 0.01  # an unmeasured problem is charged the analytical config's regret there + 1 %
+MIN_PROBED = 0.8  # the share of its probe configs (kernels.config.probes) a training problem measured
 
 
 # ------------------------------------------------------------------------------------------- measurements
@@ -146,6 +153,12 @@ def measured_problems(rows: pd.DataFrame) -> list[Measured]:
         out.append(Measured(tuple(d[k] for k in KEY), p, d["device_class"], {c: t / best for c, t in times.items()},
                             tuple(sorted(set(g["run_id"].astype(str)))), len(g), absent))
     return out
+
+
+def probed(m: Measured, arch: int) -> float:
+    """The share of the problem's probe configs (kernels.config.probes) its rows measured."""
+    ps = probes(m.problem, arch)
+    return sum(m.regret_of(c) is not None for c in ps) / len(ps)
 
 
 # ----------------------------------------------------------------------------------------------- evidence
@@ -393,7 +406,7 @@ def score(model: Model, problems: list[Measured]) -> dict:
 def fit(rows: pd.DataFrame, arch: int, holdout=(), *, top_k: int = TOP_K, max_knobs: int = MAX_KNOBS,
         max_depth: int = MAX_DEPTH, min_leaf: int = MIN_LEAF, min_coverage: float = MIN_COVERAGE,
         min_support: int = MIN_SUPPORT, min_gain: float = MIN_GAIN,
-        missing_penalty: float = MISSING_PENALTY, every_c: bool = EVERY_C) -> Model:
+        missing_penalty: float = MISSING_PENALTY, every_c: bool = EVERY_C, min_probed: float = MIN_PROBED) -> Model:
     """Fit the tree on every problem of `rows` (load_rows) whose C is not in `holdout` (hidden sizes), and score
     it on those and on the held-out problems."""
     hold = tuple(sorted({int(c) for c in holdout}))
@@ -403,7 +416,7 @@ def fit(rows: pd.DataFrame, arch: int, holdout=(), *, top_k: int = TOP_K, max_kn
     # 120 of 804 problems had not timed the new analytical config, and the tree fitted to them lost to the
     # rules on its validation fold, 1.062 vs 1.047); it is left out of the fit and of the training score.
     train = [m for m in problems if m.problem.C not in hold
-             and m.regret_of(analytical_heuristic(m.problem, arch)) is not None]
+             and m.regret_of(analytical_heuristic(m.problem, arch)) is not None and probed(m, arch) >= min_probed]
     heldout = [m for m in problems if m.problem.C in hold]
     if not train:
         raise ValueError("no training rows left after the hold-out")
@@ -411,7 +424,8 @@ def fit(rows: pd.DataFrame, arch: int, holdout=(), *, top_k: int = TOP_K, max_kn
     grower = _Grower(ev, max_depth, min_leaf, min_coverage, min_gain, missing_penalty, min_support, every_c)
     params = {"top_k": top_k, "max_knobs": max_knobs, "max_depth": max_depth, "min_leaf": min_leaf,
               "min_coverage": min_coverage, "min_support": min_support, "min_gain": round(math.exp(min_gain) - 1, 6),
-              "missing_penalty": missing_penalty, "every_c": every_c, "candidates": len(ev.cands)}
+              "missing_penalty": missing_penalty, "every_c": every_c, "min_probed": min_probed,
+              "candidates": len(ev.cands)}
     model = Model(arch, grower.grow(np.arange(len(train))), hold, train, heldout, params,
                   fitted_at=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
     model.scores = {"train": score(model, train), "holdout": score(model, heldout)}

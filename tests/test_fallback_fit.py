@@ -36,7 +36,8 @@ def _row(p: Problem, cfg: KernelConfig, us: float, kind: str = "trial", **extra)
 
 def regime_rows(poison_C: int | None = None) -> list[dict]:
     """Small rows want the weight in shared memory, long rows a persistent grid; each problem also timed the
-    analytical config (10 % slower), the other regime's fix (20 % slower) and two poor configs. At
+    analytical config (10 % slower), the other regime's fix (20 % slower), two poor configs and the other
+    probes (30 % slower). At
     `poison_C` a staged config wins by 2x instead (what a fit that saw those rows would pick up)."""
     rows = []
     for C in SMALL_C + LARGE_C:
@@ -48,6 +49,8 @@ def regime_rows(poison_C: int | None = None) -> list[dict]:
                      replace(base, vec_bytes=4): 14.0, replace(base, vec_bytes=2): 15.0}
             if C == poison_C:
                 times[corrected(p, base, {"stage": "smem"})] = 5.0
+            for cfg in config.probes(p, 90):  # every sweep times the probes (the fit trains on probed problems)
+                times.setdefault(cfg, 13.0)
             rows += [_row(p, cfg, us, config_source="heuristic" if cfg == base else "search")
                      for cfg, us in times.items()]
     return rows
@@ -218,16 +221,21 @@ def test_shipped_model_is_sm90_only():
     assert heuristic(p, 100) == analytical_heuristic(p, 100)  # sm100 has no model
 
 
-def test_problems_that_never_timed_the_analytical_config_are_left_out(tmp_path):
-    """Against an imputed analytical regret any measured correction looks like a gain: a problem whose sweep
-    never timed the analytical config is no evidence and stays out of the fit."""
+def test_problems_that_never_timed_the_analytical_config_or_its_probes_are_left_out(tmp_path):
+    """Against an imputed regret any measured correction looks like a gain: a problem whose sweep never timed
+    the analytical config, or most of its probes, is no evidence and stays out of the fit."""
     rows = regime_rows()
     blind = Problem("rmsnorm", 2048, 512)  # a small-C problem whose rows lack the analytical config
     base = analytical_heuristic(blind, 90)
     rows += [_row(blind, corrected(blind, base, {"stage": "smem"}), 5.0),
              _row(blind, replace(base, vec_bytes=4), 20.0)]
+    unprobed = Problem("rmsnorm", 3072, 512)  # timed the analytical config but none of its probes
+    ubase = analytical_heuristic(unprobed, 90)
+    rows += [_row(unprobed, ubase, 11.0), _row(unprobed, corrected(unprobed, ubase, {"stage": "smem"}), 5.0)]
     _, df = rows_frame(tmp_path, rows)
     model = fallback_fit.fit(df, 90)
     keys = {(m.problem.T, m.problem.C) for m in model.train}
-    assert (blind.T, blind.C) not in keys and len(keys) == len(SMALL_C + LARGE_C) * len(TOKENS)
+    assert len(keys) == len(SMALL_C + LARGE_C) * len(TOKENS)
+    assert (blind.T, blind.C) not in keys and (unprobed.T, unprobed.C) not in keys
+    assert (unprobed.T, unprobed.C) in {(m.problem.T, m.problem.C) for m in fallback_fit.fit(df, 90, min_probed=0).train}
     assert {leaf.correction and tuple(leaf.correction) for leaf in model.leaves()} <= {("weight_smem",), ("ctas_per_sm",)}
