@@ -36,7 +36,7 @@ by 2026-12-04 (561 problems) split at C <= 809 and turned t128/r32 into one-warp
 problems where no such config was ever timed, for a rows_per_cta=1 measured only at C >= 2048; with it, the same
 4-fold leave-C-out scores, 1.0270 vs 1.0270 pooled, with 87 instead of 92 held-out problems left unmeasured); it is
 not applied below the fewest rows it was measured at (small problems are latency-bound, where the grid matters
-most). The analytical rules (a leaf of None) may hold any node. A correction or a split must gain MIN_GAIN per problem of its node.
+most) nor above MAX_ROWS_REACH times the most (large ones are bandwidth-bound, another regime). The analytical rules (a leaf of None) may hold any node. A correction or a split must gain MIN_GAIN per problem of its node.
 
 Probed problems only (MIN_PROBED): since sweeps time the analytical config's one-knob corrections on every
 problem (kernels.config.probes), a problem that measured most of them says which correction wins there;
@@ -90,6 +90,7 @@ MIN_SUPPORT = 4  # problems where a correction changed the config and that confi
 EVERY_C = True  # ... and it was measured at every hidden size of the node where it changes the config
 MIN_GAIN = math.log(1.0005)  # per problem of the node: a split or a correction must gain >= 0.05 % geomean
 MISSING_PENALTY = 0.01  # an unmeasured problem is charged the analytical config's regret there + 1 %
+MAX_ROWS_REACH = 4  # a correction reaches up to this many times the most rows it was measured at (not 400k from 5k)
 MIN_PROBED = 0.8  # the share of its probe configs (kernels.config.probes) a training problem measured
 
 
@@ -226,6 +227,7 @@ class Leaf:
     support: int  # problems where the correction changed the config and that config was measured
     changed: int  # problems where the correction changed the config
     min_rows: int = 0  # the fewest rows the correction was measured at: below, the analytical rules answer
+    max_rows: int = 0  # MAX_ROWS_REACH x the most rows it was measured at: above, the rules answer (0: no bound)
 
 
 @dataclass
@@ -243,7 +245,8 @@ class Split:
 def _walk(node, f: dict):
     while isinstance(node, Split):
         node = node.left if f[node.feature] <= node.threshold else node.right
-    return node.correction if f["rows"] >= node.min_rows else None
+    inside = f["rows"] >= node.min_rows and (not node.max_rows or f["rows"] <= node.max_rows)
+    return node.correction if inside else None
 
 
 def _threshold(lo: int, hi: int) -> int:
@@ -289,9 +292,10 @@ class _Grower:
         split = self._best_split(idx, loss) if depth < self.max_depth else None
         if split is None:
             support = idx[self.hit[cand, idx]]
+            rows = self.ev.features["rows"][support]
             return Leaf(self.ev.cands[cand], [self.ev.train[j] for j in idx], math.exp(loss / len(idx)),
-                        len(support), int(self.app[cand, idx].sum()),
-                        int(self.ev.features["rows"][support].min()) if len(support) else 0)
+                        len(support), int(self.app[cand, idx].sum()), int(rows.min()) if len(support) else 0,
+                        int(rows.max()) * MAX_ROWS_REACH if len(support) else 0)
         f, t, left, right, lo, hi, after = split
         return Split(f, t, self.grow(left, depth + 1), self.grow(right, depth + 1), len(idx), lo, hi,
                      (math.exp(loss / len(idx)), math.exp(after / len(idx))))
@@ -497,8 +501,16 @@ def _leaf_lines(model: Model, leaf: Leaf, ind: str) -> list[str]:
                           break_on_hyphens=False)
     if leaf.correction is None:
         return lines + [f"{ind}return None"]
-    if leaf.min_rows > 1:  # smaller problems are latency-bound, where the grid matters most: no extrapolation
+    # Outside the rows it was measured at the rules answer: small problems are latency-bound, where the grid
+    # matters most, and large ones bandwidth-bound: the fits on probed mid-T rows must not reach 400k rows.
+    if leaf.min_rows > 1 and leaf.max_rows:
+        lines += [f"{ind}if not {_num(leaf.min_rows)} <= rows <= {_num(leaf.max_rows)}:  # outside the rows it "
+                  f"reaches: keep the rules", f"{ind}    return None"]
+    elif leaf.min_rows > 1:
         lines += [f"{ind}if rows < {_num(leaf.min_rows)}:  # fewer rows than it was measured at: keep the rules",
+                  f"{ind}    return None"]
+    elif leaf.max_rows:
+        lines += [f"{ind}if rows > {_num(leaf.max_rows)}:  # more rows than it reaches: keep the rules",
                   f"{ind}    return None"]
     body = ", ".join(f"{k!r}: {leaf.correction[k]!r}" for k in RELATIVE_KNOBS if k in leaf.correction)
     return lines + [f"{ind}return {{{body}}}"]
