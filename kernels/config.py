@@ -213,7 +213,7 @@ def _gcd(a: int, b: int) -> int:
 SM_COUNT_GUESS = 132  # H100 SXM; only shapes the grid for small problems
 # PDL below this: against the same config without it (pf off, every H200 sweep pair, 2026-12-04, 275 pairs)
 # PDL was 25 % faster below 3 MB, 6-8 % at 3-32 MB, 3 % at 32-100 MB and even (1.000) from 100 MB up.
-SMALL_PROBLEM_BYTES = 100 << 20
+SMALL_PROBLEM_BYTES = 100 << 20  # 100 MiB
 # Measurements behind the rules below: the H100 fused_rmsnorm_silu sweeps (bf16 and fp8), now results/h100;
 # on those shapes the heuristic reaches 95 % of the tuned geomean (BENCHMARKS.md).
 

@@ -63,7 +63,7 @@ def _rows():
     return [
         row("fused_rmsnorm_silu", "bf16", 6240, 160, 3.0, cfg=CFG_OLD) | old,   # A, old kernel, fastest number
         row("fused_rmsnorm_silu", "bf16", 6240, 160, 3.5, cfg=CFG_NEW) | new,   # A, current kernel
-        row("fused_rmsnorm_silu", "bf16", 99840, 64, 1.7, cfg=CFG_OLD) | old,   # B, only measured before
+        row("fused_rmsnorm_silu", "bf16", 399360, 128, 1.7, cfg=CFG_OLD) | old,   # B, only measured before
         row("fused_rmsnorm_silu", "bf16", 6240, 160, 4.0, kind="bench", impl="quack", config_source="peer") | old,
     ]
 
@@ -75,13 +75,13 @@ def test_rows_of_a_replaced_kernel_source_drop_out_per_problem(tmp_path):
     a = cur[cur["T"] == 6240]
     assert sorted(a["impl"]) == ["lutforge", "quack"]  # the peer row stays
     assert a.loc[a["impl"] == "lutforge", "median_us"].tolist() == [3.5]
-    assert cur.loc[cur["T"] == 99840, "median_us"].tolist() == [1.7]  # no newer source measured B
+    assert cur.loc[cur["T"] == 399360, "median_us"].tolist() == [1.7]  # no newer source measured B
 
 
 def test_export_takes_winners_from_the_current_kernel_source(tmp_path):
     # Each problem's heuristic was timed beside the configs (slower): export only trusts winners compared with it.
     heur = [row("fused_rmsnorm_silu", "bf16", T, C, 9.0, config_source="heuristic",
-                cfg=heuristic(Problem("fused_rmsnorm_silu", T, C), 90)) for T, C in ((6240, 160), (99840, 64))]
+                cfg=heuristic(Problem("fused_rmsnorm_silu", T, C), 90)) for T, C in ((6240, 160), (399360, 128))]
     _write_v1(tmp_path / "res" / "old.parquet", [r for r in _rows() if "kernel_source" not in r] + heur[1:] +
               [heur[0] | dict(timestamp="2026-11-20T10:00:00Z")])
     append_rows(tmp_path / "res", [r for r in _rows() if "kernel_source" in r]
@@ -93,8 +93,8 @@ def test_export_takes_winners_from_the_current_kernel_source(tmp_path):
     exact = ns["EXACT"]
     key = ("fused_rmsnorm_silu", "bf16", "rowmajor", "bf16", 160, 1, 6240)
     assert KernelConfig.from_dict(exact[key]) == CFG_NEW  # the current kernel's config, though its time is slower
-    # B's heuristic has no l2_prefetch (25 MB), so a v1 kernel could have timed today's heuristic beside it
-    only_old = ("fused_rmsnorm_silu", "bf16", "rowmajor", "bf16", 64, 1, 99840)
+    # B's heuristic has no PDL and no l2_prefetch (204 MB), so a v1 kernel could have timed today's heuristic
+    only_old = ("fused_rmsnorm_silu", "bf16", "rowmajor", "bf16", 128, 1, 399360)
     assert KernelConfig.from_dict(exact[only_old]) == CFG_OLD
 
 
@@ -112,7 +112,7 @@ def test_report_picks_skip_superseded_rows_and_says_how_many(tmp_path):
     rows = load_ok_rows(tmp_path)
     assert int(rows["superseded"].sum()) == 1  # the old kernel's row on A; B's only row and the peer stay
     tuned = picks(rows).query("series == @BEST_TRIAL").set_index("T")["median_us"]
-    assert tuned.to_dict() == {6240: 3.5, 99840: 1.7}
+    assert tuned.to_dict() == {6240: 3.5, 399360: 1.7}
     assert "1 lutforge rows measured a kernel source that a later run replaced" in render_report(rows)
 
 
