@@ -503,14 +503,10 @@ def _leaf_lines(model: Model, leaf: Leaf, ind: str) -> list[str]:
         return lines + [f"{ind}return None"]
     # Outside the rows it was measured at the rules answer: small problems are latency-bound, where the grid
     # matters most, and large ones bandwidth-bound: the fits on probed mid-T rows must not reach 400k rows.
-    if leaf.min_rows > 1 and leaf.max_rows:
-        lines += [f"{ind}if not {_num(leaf.min_rows)} <= rows <= {_num(leaf.max_rows)}:  # outside the rows it "
-                  f"reaches: keep the rules", f"{ind}    return None"]
-    elif leaf.min_rows > 1:
-        lines += [f"{ind}if rows < {_num(leaf.min_rows)}:  # fewer rows than it was measured at: keep the rules",
-                  f"{ind}    return None"]
-    elif leaf.max_rows:
-        lines += [f"{ind}if rows > {_num(leaf.max_rows)}:  # more rows than it reaches: keep the rules",
+    outside = ([f"rows < {_num(leaf.min_rows)}"] if leaf.min_rows > 1 else []) \
+        + ([f"rows > {_num(leaf.max_rows)}"] if leaf.max_rows else [])
+    if outside:
+        lines += [f"{ind}if {' or '.join(outside)}:  # outside the rows it reaches: keep the rules",
                   f"{ind}    return None"]
     body = ", ".join(f"{k!r}: {leaf.correction[k]!r}" for k in RELATIVE_KNOBS if k in leaf.correction)
     return lines + [f"{ind}return {{{body}}}"]

@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from kernels.config import (KNOB_CHOICES, KernelConfig, analytical_heuristic, heuristic, is_valid,
+from kernels.config import (KNOB_CHOICES, KernelConfig, analytical_heuristic, heuristic, is_valid, probes,
                             violations)
 from kernels.problem import FP4_BLOCK, OPS, Problem, ideal_bytes, out_formats
 
@@ -112,10 +112,6 @@ def test_short_rows_leave_no_lane_idle_where_a_power_of_two_divides_them(C, tpr)
 
 
 def test_probes_are_distinct_valid_and_start_with_the_analytical_config():
-    import random
-
-    from kernels.config import probes
-
     rng = random.Random(0)
     for _ in range(200):
         p = Problem(rng.choice(("rmsnorm", "fused_rmsnorm_silu", "fused_add_rmsnorm")), rng.randint(1, 1 << 17),
