@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import fcntl
 import functools
+import hashlib
 import itertools
 import json
 import math
@@ -476,16 +477,38 @@ class StudyRun:
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study = optuna.create_study(study_name=name, storage=self.storage, direction="minimize",
                                         sampler=sampler, load_if_exists=True)
+        fam = family_of(p)
+        wanted = (fam.probes(p, self.arch_num) if fam.probes else [])[:probes]
         if self.claims.claim(name, "enqueue:heuristic", -1) is None:
-            fam = family_of(p)
             heur = fam.heuristic(p, self.arch_num)
             study.enqueue_trial(heur.as_dict())
             queued = [heur]
-            for cfg in self.sibling_winners(p, seeds) + (fam.probes(p, self.arch_num) if fam.probes else [])[:probes]:
+            for cfg in self.sibling_winners(p, seeds) + wanted:
                 if cfg not in queued:
                     study.enqueue_trial(cfg.as_dict())
                     queued.append(cfg)
+        else:
+            self.enqueue_missing_probes(study, fam, wanted)
         return study
+
+    def enqueue_missing_probes(self, study: optuna.Study, fam, wanted: list) -> int:
+        """Enqueue (exactly once per probe set) the probes an existing study never tried; return how many.
+
+        Why: probes sit around the analytical rules of the day. When the rules change, a study swept before
+        holds the old rules' probes, so the learned fallback cannot count its problem as probed
+        (sweep.fallback_fit.probed) until a re-run times the new ones; enqueued trials run even when the
+        trial budget is spent (Sweep.run's objective), so re-running the same sweep command measures them."""
+        tried = {config_key(t.params) for t in study.get_trials(deepcopy=False) if t.params}
+        missing = [cfg for cfg in wanted if config_key(cfg.as_dict()) not in tried]
+        if not missing:
+            return 0
+        key = "enqueue:probes:" + hashlib.sha256(
+            json.dumps(sorted(config_key(c.as_dict()) for c in missing)).encode()).hexdigest()[:16]
+        if self.claims.claim(study.study_name, key, -1) is not None:
+            return 0  # another process enqueued this set
+        for cfg in missing:
+            study.enqueue_trial(cfg.as_dict())
+        return len(missing)
 
     def sibling_winners(self, p, limit: int = SEEDS) -> list:
         """Best configs of studies of the same kernel at other sizes (T; channel-first N x S), nearest first.

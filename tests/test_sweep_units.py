@@ -365,3 +365,45 @@ def test_every_sweep_times_the_analytical_config_and_its_probes(tmp_path):
     assert want48 <= budgets[48]
     n12 = (12 - 1 - SEEDS) // PROBE_SHARE  # a short search keeps most of its budget for the search
     assert set(probes(Problem(p.op, p.T + 12, p.C), 90)[:n12]) <= budgets[12]
+
+
+def test_a_rerun_times_the_probes_of_changed_rules_once(tmp_path, monkeypatch):
+    """A study swept before the analytical rules changed lacks the new rules' probes; re-running the same
+    sweep command (its trial budget already spent) times exactly the missing ones, and a third run nothing."""
+    import dataclasses
+
+    from kernels.config import probes
+    from sweep import study as study_mod
+    from sweep.study import PROBE_SHARE, SEEDS, Claims, RowWriter, StudyRun, config_key, open_storage
+
+    p = Problem("rmsnorm", 2000, 1536)
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    ev = Evaluator("synthetic", compile_workers=1)
+    claims = Claims(url)
+    real_family_of = study_mod.family_of
+
+    def sweep_once(tag):
+        run = StudyRun(ev, open_storage(url), claims, RowWriter(str(tmp_path / tag)), f"run-{tag}", tmp_path / tag,
+                       trials=16, seed=0)
+        return {config_key(t.params): t for t in run.run(p, "test").get_trials() if t.params}
+
+    try:
+        ev.start()
+        first = sweep_once("a")
+        old = probes(p, 90)
+        # new rules: their probes are the old ones with the vector width halved (a few coincide or are invalid)
+        new = [c for c in (dataclasses.replace(c, vec_bytes=max(2, c.vec_bytes // 2)) for c in old)
+               if not violations(p, c, 90)]
+        share = (16 - 1 - SEEDS) // PROBE_SHARE  # the probes a 16-trial budget makes room for
+        missing = {config_key(c.as_dict()) for c in new[:share]} - set(first)
+        assert missing, "the changed rules must propose configs the first sweep never timed"
+        monkeypatch.setattr(study_mod, "family_of",
+                            lambda q: dataclasses.replace(real_family_of(q), probes=lambda q, arch: new))
+        second = sweep_once("b")
+        assert set(second) - set(first) == missing  # only the new probes ran, although the budget was spent
+        assert all(second[k].state.name == "COMPLETE" for k in missing)
+        third = sweep_once("c")
+        assert set(third) == set(second)
+    finally:
+        ev.close()
+        claims.close()
