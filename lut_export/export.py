@@ -145,14 +145,37 @@ def export_lut(results_dir, out=None, arch=None, device_class: str | None = None
         swept = swept_keys(sel.rows)
         notes += [f"{k}: no winner in the rows; the entry {path.name} had is kept"
                   for k in old if k in swept and k not in winners]
+    exact, ranges = _write_module(path, expected, entries, runs, sel.arch, sel.device_class, sel.backend)
+    return ExportResult(path, sel.arch, sel.device_class, sel.backend, len(exact), len(ranges),
+                        sum(len(s) for s in ranges.values()), notes, merged=existing is not None, **counts)
+
+
+def _write_module(path: Path, name: str, entries: dict[tuple, Entry], runs: dict[str, dict], arch: int,
+                  device_class: str, backend: str) -> tuple[dict, dict]:
+    """Render `entries` (RUNS trimmed to the runs they cite) and write the module only if it validates."""
     used = {r for _, p in entries.values() for r in p.run_ids}
     runs = {rid: info for rid, info in union_runs(runs).items() if rid in used}
     exact, ranges = build_tables({k: cfg for k, (cfg, _) in entries.items()})
-    metadata = build_metadata(runs, sel.arch, sel.device_class, sel.backend)
+    metadata = build_metadata(runs, arch, device_class, backend)
     text = render(metadata, exact, ranges, {k: p for k, (_, p) in entries.items()}, runs)
-    errs = check_module(parse_lut(text, expected), shipped=is_shipped(path))
+    errs = check_module(parse_lut(text, name), shipped=is_shipped(path))
     if errs:
         raise ValueError(f"refusing to write {path}: the generated LUT fails validation:\n  " + "\n  ".join(errs))
     write_atomic(path, text)
-    return ExportResult(path, sel.arch, sel.device_class, sel.backend, len(exact), len(ranges),
-                        sum(len(s) for s in ranges.values()), notes, merged=existing is not None, **counts)
+    return exact, ranges
+
+
+def drop_entries(path, keys) -> int:
+    """Remove the EXACT entries `keys` from the module at `path` (their problems then dispatch to the
+    fallback); the number removed.
+
+    Why: `tune` re-times each exported entry against the fallback on the GPU (lut_export.gpu_check); an
+    entry that is wrong there, or slower than the fallback beyond noise, is worse than no entry at all."""
+    path = Path(path)
+    lut = parse_lut(path.read_text(encoding="utf-8"), path.stem)
+    entries, runs = module_entries(lut)
+    gone = set(keys) & entries.keys()
+    if gone:
+        _write_module(path, path.stem, {k: e for k, e in entries.items() if k not in gone}, runs, lut.arch,
+                      lut.device_class, lut.metadata["backend"])
+    return len(gone)

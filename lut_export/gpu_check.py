@@ -2,10 +2,20 @@
 the analytical heuristic by more than noise (re-timed here, interleaved, with rotated buffers)."""
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from kernels.family import family_of_key
 from kernels.luts import LutModule
 
 from .winners import TIE
+
+
+class Finding(NamedTuple):
+    """What the GPU check found: `key` the entry (None: the whole module), `kind` one of module | failed |
+    wrong | slower, and the message."""
+    key: tuple | None
+    kind: str
+    message: str
 
 ROUNDS = 2  # interleaved tuned/heuristic timing rounds; the best median of each counts
 MAX_SETS = 256  # rotation sets per config; tinier problems are launch-bound, L2 residency barely moves them
@@ -18,7 +28,7 @@ def _time(run, problem, cfg, cases, arch: str):
     return time_launchers(launchers, set_bytes=cases[0].nbytes)
 
 
-def gpu_check(lut: LutModule, device: int = 0, keys=None) -> list[str]:
+def gpu_check(lut: LutModule, device: int = 0, keys=None) -> list[Finding]:
     """Problems found by running the module's EXACT entries (those in `keys` when given: `tune` checks
     what its run exported) on GPU `device` (empty list = all good)."""
     import torch
@@ -29,16 +39,16 @@ def gpu_check(lut: LutModule, device: int = 0, keys=None) -> list[str]:
     from sweep.timer import l2_bytes, rotation_sets
 
     if not torch.cuda.is_available():
-        return ["--gpu needs a CUDA device; none is visible"]
+        return [Finding(None, "module", "--gpu needs a CUDA device; none is visible")]
     torch.cuda.set_device(device)
     arch = arch_name(lut.metadata["arch"])
     here = arch_of(device)
     if here != arch:
-        return [f"{lut.name} is for {arch} but this GPU is {here}"]
+        return [Finding(None, "module", f"{lut.name} is for {arch} but this GPU is {here}")]
     cls = device_class_of(torch.cuda.get_device_name(device))
     if cls != lut.metadata["device_class"]:
-        return [f"{lut.name} was tuned on {lut.metadata['device_class']} but this GPU is {cls}; "
-                "re-time it on its own device class"]
+        return [Finding(None, "module", f"{lut.name} was tuned on {lut.metadata['device_class']} but this GPU is {cls}; "
+                "re-time it on its own device class")]
     errs = []
     for key, knobs in lut.exact.items():
         if keys is not None and key not in keys:
@@ -53,10 +63,10 @@ def gpu_check(lut: LutModule, device: int = 0, keys=None) -> list[str]:
             torch.cuda.synchronize()
             res = run.check(p, case)
         except Exception as e:  # a CUDA fault or compile failure is a finding, not a crash of the validator
-            errs.append(f"{where}: failed to run: {type(e).__name__}: {e}")
+            errs.append(Finding(key, "failed", f"{where}: failed to run: {type(e).__name__}: {e}"))
             continue
         if not res.ok:
-            errs.append(f"{where}: wrong result: {res.message}")
+            errs.append(Finding(key, "wrong", f"{where}: wrong result: {res.message}"))
             continue
         if fam.positions(p) == 0:
             continue  # nothing to time
@@ -75,7 +85,7 @@ def gpu_check(lut: LutModule, device: int = 0, keys=None) -> list[str]:
         spread = sum((t.p80_us - t.p20_us) / t.median_us for t in (tuned, heur))
         noise = max(TIE, spread)
         if tuned.median_us > heur.median_us * (1 + noise):
-            errs.append(f"{where}: {tuned.median_us:.2f} us, slower than the heuristic {h.short()} "
-                        f"({heur.median_us:.2f} us) by more than noise ({100 * noise:.1f} %)")
+            errs.append(Finding(key, "slower", f"{where}: {tuned.median_us:.2f} us, slower than the heuristic "
+                                f"{h.short()} ({heur.median_us:.2f} us) by more than noise ({100 * noise:.1f} %)"))
         del cases
     return errs

@@ -324,5 +324,5 @@ def validate_file(path, compile: bool = False, gpu: bool = False) -> list[str]:
     if gpu:
         from .gpu_check import gpu_check
 
-        errs = gpu_check(lut)
+        errs = [f.message for f in gpu_check(lut)]
     return errs

@@ -63,7 +63,7 @@ def _local_device_class(backend: str) -> str:
 def tune_command(ops, problem_set, shapes, outs, in_dtype, layouts, trials, wall_budget, results_dir, lut_path,
                  peer_spec, storage, gpus, limit_shapes, backend, compile_workers, seed):
     """Tune OP on a problem set (or --shapes) for this GPU: sweep, merge into the LUT, validate, bench, report."""
-    from lut_export.export import export_lut
+    from lut_export.export import drop_entries, export_lut
     from lut_export.gpu_check import gpu_check
     from lut_export.validate import is_shipped
     from kernels.dispatch import reload_luts
@@ -111,11 +111,20 @@ def tune_command(ops, problem_set, shapes, outs, in_dtype, layouts, trials, wall
         _done(t0, "skipped: the synthetic backend has no GPU")
     else:
         lut = read_lut(ex.path)
-        errs = gpu_check(lut, keys=keys & set(lut.exact))
-        for e in errs:
-            click.echo(f"      FAIL {e}", err=True)
-        _done(t0, f"{len(keys & set(lut.exact)) - len(errs)} entries ok, {len(errs)} failed")
-    failed = [] if synthetic else errs  # the bench and report still run: they show what the entries do
+        checked = keys & set(lut.exact)
+        findings = gpu_check(lut, keys=checked)
+        for f in findings:
+            click.echo(f"      FAIL {f.message}", err=True)
+        rejected = {f.key for f in findings if f.key is not None}
+        dropped = drop_entries(ex.path, rejected) if rejected else 0
+        if dropped:
+            reload_luts()  # the bench below must dispatch those problems to the fallback, as users now will
+        _done(t0, f"{len(checked) - len(rejected)} entries ok, {len(findings)} failed"
+              + (f"; {dropped} removed from {ex.path.name}: those problems dispatch to the fallback" if dropped else ""))
+        errs = [f.message for f in findings if f.kind != "slower"]
+    # the bench and report still run: they show what the entries do. An entry that only lost to the fallback
+    # is no error once removed; a wrong or crashing one is (the kernel or the check has a bug).
+    failed = [] if synthetic else errs
 
     t0 = _stage(3, f"the public op (dispatching from {which}) beside {', '.join(peers) or 'no peers'}")
     rows, skipped_peers, _ = bench(problems, peers, backend, results, progress=_bench_progress(len(problems)))
@@ -153,8 +162,8 @@ def tune_command(ops, problem_set, shapes, outs, in_dtype, layouts, trials, wall
     for what, where in artefacts:
         click.echo(f"  {what:<15} {where}")
     if failed:
-        raise click.ClickException(f"{len(failed)} LUT entries failed the GPU check (listed under stage 3); "
-                                   f"{ex.path} holds them: rerun the sweep of those problems")
+        raise click.ClickException(f"{len(failed)} LUT entries failed the GPU check (listed under stage 3) and were "
+                                   f"removed from {ex.path}: a kernel or its check is wrong there")
 
 
 def _bench_progress(total: int):

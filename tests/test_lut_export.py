@@ -529,3 +529,22 @@ def test_validation_ties_provenance_to_exact_and_metadata_to_runs(exported):
     assert any("METADATA['source_run_ids']" in e and "is not the union of RUNS" in e
                for e in check_module(replace(lut, metadata=stale)))
     assert f"lut_format {LUT_FORMAT} needs RUNS; re-export" in check_module(replace(lut, runs=None))
+
+
+def test_drop_entries_removes_only_those_and_their_runs(tmp_path):
+    """`tune` removes the entries its GPU check rejects (wrong, or slower than the fallback): the others keep
+    their configs and provenance, the range tables are rebuilt without the removed point, and a run no entry
+    cites any more leaves RUNS."""
+    from lut_export.export import drop_entries
+
+    out = tmp_path / "sm90_h100.py"
+    assert _export_rows(tmp_path, _timed([P1], A, "run-1", T1), out).exit_code == 0
+    assert _export_rows(tmp_path, _timed([P2], B, "run-2", T2) + _timed([P3], B, "run-2", T2), out).exit_code == 0
+    before = read_lut(out)
+    assert drop_entries(out, {_key(*P1), ("rmsnorm", "bf16", "none", "bf16", 1, 1, 1)}) == 1  # unknown keys: ignored
+    lut = read_lut(out)
+    assert _configs(out) == {_key(*P2): B, _key(*P3): B}
+    assert lut.provenance[_key(*P2)] == before.provenance[_key(*P2)]
+    assert lut.metadata["source_run_ids"] == ["run-2"] and "run-1" not in lut.runs
+    assert check_module(lut, shipped=False) == []
+    assert drop_entries(out, set()) == 0 and read_lut(out).exact == lut.exact
