@@ -5,6 +5,7 @@ agree become one."""
 from __future__ import annotations
 
 import time
+import uuid
 from pathlib import Path
 
 import click
@@ -63,11 +64,10 @@ def _local_device_class(backend: str) -> str:
 def tune_command(ops, problem_set, shapes, outs, in_dtype, layouts, trials, wall_budget, results_dir, lut_path,
                  peer_spec, storage, gpus, limit_shapes, backend, compile_workers, seed):
     """Tune OP on a problem set (or --shapes) for this GPU: sweep, merge into the LUT, validate, bench, report."""
-    from lut_export.export import drop_entries, export_lut
-    from lut_export.gpu_check import gpu_check
+    from lut_export.export import export_lut
     from lut_export.validate import is_shipped
     from kernels.dispatch import reload_luts
-    from kernels.luts import exact_key, read_lut
+    from kernels.luts import exact_key
 
     from .bench_cmd import bench, format_table, table_impls
     from .heatmap import heatmap_figure, write_heatmap
@@ -110,16 +110,12 @@ def tune_command(ops, problem_set, shapes, outs, in_dtype, layouts, trials, wall
     if synthetic:
         _done(t0, "skipped: the synthetic backend has no GPU")
     else:
-        lut = read_lut(ex.path)
-        checked = keys & set(lut.exact)
-        findings = gpu_check(lut, keys=checked)
+        checked, findings, dropped = check_exported(ex.path, keys, info, results)
         for f in findings:
             click.echo(f"      FAIL {f.message}", err=True)
-        rejected = {f.key for f in findings if f.key is not None}
-        dropped = drop_entries(ex.path, rejected) if rejected else 0
         if dropped:
             reload_luts()  # the bench below must dispatch those problems to the fallback, as users now will
-        _done(t0, f"{len(checked) - len(rejected)} entries ok, {len(findings)} failed"
+        _done(t0, f"{checked - len(findings)} entries ok, {len(findings)} failed"
               + (f"; {dropped} removed from {ex.path.name}: those problems dispatch to the fallback" if dropped else ""))
         errs = [f.message for f in findings if f.kind != "slower"]
     # the bench and report still run: they show what the entries do. An entry that only lost to the fallback
@@ -164,6 +160,37 @@ def tune_command(ops, problem_set, shapes, outs, in_dtype, layouts, trials, wall
     if failed:
         raise click.ClickException(f"{len(failed)} LUT entries failed the GPU check (listed under stage 3) and were "
                                    f"removed from {ex.path}: a kernel or its check is wrong there")
+
+
+def check_exported(path: Path, keys: set, info: dict, results: Path, check=None) -> tuple[int, list, int]:
+    """Stage 3 of `tune`: the GPU check (lut_export.gpu_check, or `check`) of the module's entries for `keys`;
+    its re-timings appended to `results` as one re-bench run, and the entries it rejected removed from the
+    module. Returns (entries checked, findings, entries removed).
+
+    Why keep the timings: export picks each problem's winner from its newest re-bench that timed the heuristic
+    (lut_export.winners.newest_rebench), so an entry the check found slower is not re-elected from the sweep's
+    older re-bench by the next `tune` of other shapes."""
+    from kernels.luts import read_lut
+    from lut_export.export import drop_entries
+    from lut_export.gpu_check import gpu_check
+
+    from .provenance import make_row
+    from .results_io import append_rows
+
+    lut = read_lut(path)
+    rows: list[dict] = []
+    run_id = uuid.uuid4().hex[:12]
+
+    def record(p, cfg, source, t):
+        rows.append(make_row(problem=p, result={"status": "ok", "median_us": t.median_us, "p20_us": t.p20_us,
+                                                "p80_us": t.p80_us}, device=info["provenance"],
+                             copy_gbps=info["copy_gbps"], knobs=cfg.as_dict(), run_id=run_id, study=None, trial=-1,
+                             kind="rebench", impl="lutforge", config_source=source, problem_set=None))
+    checked = keys & set(lut.exact)
+    findings = (check or gpu_check)(lut, keys=checked, record=record)
+    append_rows(results, rows, prefix="check")
+    rejected = {f.key for f in findings if f.key is not None}
+    return len(checked), findings, drop_entries(path, rejected) if rejected else 0
 
 
 def _bench_progress(total: int):

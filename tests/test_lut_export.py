@@ -548,3 +548,28 @@ def test_drop_entries_removes_only_those_and_their_runs(tmp_path):
     assert lut.metadata["source_run_ids"] == ["run-2"] and "run-1" not in lut.runs
     assert check_module(lut, shipped=False) == []
     assert drop_entries(out, set()) == 0 and read_lut(out).exact == lut.exact
+
+
+def test_the_newest_rebench_that_timed_the_heuristic_decides(tmp_path):
+    """`tune`'s GPU check re-times an exported entry against the heuristic and keeps the timings as a re-bench
+    run: when it found the entry slower, the next export must not re-elect the entry from the older sweep
+    re-bench, whose samples would otherwise be pooled with the check's. A newer run that never timed the
+    heuristic cannot decide (it says nothing about dispatch without the entry)."""
+    p = Problem("rmsnorm", 1560, 64)
+    heur = heuristic(p, 90)
+    entry = replace(heur, threads=2 * heur.threads)
+    key = ("rmsnorm", "bf16", "rowmajor", "bf16", 64, 1, 1560)
+
+    def rb(us, cfg, run, at, source="search"):
+        return row("rmsnorm", "bf16", 1560, 64, us, cfg=cfg, kind="rebench", run_id=run, config_source=source) \
+            | dict(timestamp=at)
+
+    sweep = [rb(1.0, entry, "sweep", T0), rb(1.0, entry, "sweep", T0), rb(1.2, heur, "sweep", T0, "heuristic")]
+    check = [rb(1.3, entry, "check", T1), rb(1.1, heur, "check", T1, "heuristic")]
+    lonely = [rb(0.5, entry, "later", T2)]  # newer, but without the heuristic
+    for name, rows, want in (("sweep-only", sweep, entry), ("with-check", sweep + check, heur),
+                             ("with-lonely", sweep + check + lonely, heur)):
+        append_rows(tmp_path / name, rows)
+        winners, _ = pick_winners(select_rows(read_results(tmp_path / name)))
+        assert winners[key].config == want, name
+        assert winners[key].run_ids == (("sweep",) if name == "sweep-only" else ("check",))
