@@ -13,7 +13,9 @@ What a family declares:
   study names, Parquet key columns, LUT EXACT keys; the runtime size last), `from_key` (a problem back from
   those values), `positions` (the rows or positions it normalises: the report's and heatmap's x axis),
   `size_label` (its runtime size as tables print it).
-* knobs: `config_type` (a kernels.config.Knobs dataclass), `knob_choices` (fixed, full lists).
+* knobs: `config_type` (a kernels.config.Knobs dataclass), `knob_choices` (fixed, full lists), and
+  `added_knobs`: knobs added after result rows and LUT entries were written, each with the value such a row
+  or entry means (what the kernel did before the knob existed); rows and entries without them still load.
 * constraints and heuristic: `violations(p, cfg, arch, stride, ptr_align)` (empty = valid; stride: the
   family's layout argument, None = dense), `heuristic(p, arch, stride, ptr_align)`, `fit(p, cfg, arch,
   stride, ptr_align)` (a tuned config made to fit the actual layout, or None), `space_key(p)` (the
@@ -33,7 +35,7 @@ What a family declares:
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 
@@ -87,6 +89,14 @@ class Family:
     # configs every sweep of a problem times after the heuristic, most telling first (the row family: the
     # analytical config and its one-knob corrections, the learned fallback's evidence); None = none
     probes: Callable[..., list] | None = None
+    # knob -> the value a result row or LUT entry written before the knob existed means (the fused MoE's
+    # fc1_mma/fc2_mma: "sync", the only MMA it had); a row without the column, or null there, reads it
+    added_knobs: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        unknown = set(self.added_knobs) - set(self.knob_choices)
+        if unknown:
+            raise ValueError(f"{self.name}: added_knobs {sorted(unknown)} are not knobs of the family")
 
     @property
     def runner(self):
@@ -115,13 +125,24 @@ class Family:
         return self.from_key(*key)
 
     def row_config(self, row) -> object:
-        """The config of a result row (knob_* columns), values converted to the types of knob_choices."""
+        """The config of a result row (knob_* columns), values converted to the types of knob_choices; a knob
+        of `added_knobs` the row lacks (an older row: no column, or null) reads as the value it ran with."""
         d = {}
         for name, choices in self.knob_choices.items():
-            v = row[f"knob_{name}"]
+            if name in self.added_knobs:
+                v = row.get(f"knob_{name}")
+                if _missing(v):
+                    v = self.added_knobs[name]
+            else:
+                v = row[f"knob_{name}"]
             t = type(choices[0])
             d[name] = bool(v) if t is bool else int(v) if t is int else str(v)
         return self.config_type(**d)
+
+
+def _missing(v) -> bool:
+    """None or a float NaN (a Parquet null read through pandas)."""
+    return v is None or (isinstance(v, float) and v != v)
 
 
 def _row_family() -> Family:
@@ -192,18 +213,18 @@ def _moe_family() -> Family:
                     "local_experts", "T"),
         from_key=from_key, positions=lambda p: p.T, size_label=lambda p: str(p.T),
         config_type=mc.MoEConfig, knob_choices=mc.FAMILY_KNOB_CHOICES,
-        violations=lambda p, cfg, arch=90, stride=None, ptr_align=16: mc.layer_violations(shapes(p), cfg),
+        violations=lambda p, cfg, arch=90, stride=None, ptr_align=16: mc.layer_violations(shapes(p), cfg, arch),
         heuristic=lambda p, arch=90, stride=None, ptr_align=16: mc.layer_heuristic(
-            shapes(p), mp.rows_per_expert(p), mp.expected_experts_touched(p)),
+            shapes(p), mp.rows_per_expert(p), mp.expected_experts_touched(p), arch),
         fit=lambda p, cfg, arch=90, stride=None, ptr_align=16: (
-            None if cfg is None or mc.layer_violations(shapes(p), cfg) else cfg),
+            None if cfg is None or mc.layer_violations(shapes(p), cfg, arch) else cfg),
         space_key=lambda p: replace(p, T=0, routing="uniform", E=1, top_k=1, local_experts=0),  # validity: K, N
         searchable=lambda p, cfg: True, simplicity=mc.simplicity, ideal_bytes=mp.ideal_bytes,
         compile_key=lambda p: (p.op, p.quant_mode, p.activation, p.H, p.I), canonical=lambda p: replace(p, T=0),
         cache_key=lambda p, cfg, arch: fused().layer_cache_key(p, cfg, arch),
         precompile=lambda p, cfg, arch: fused().precompile_layer(p, cfg, arch),
         source_hash=lambda: fused().source_hash(), runner_module="kernels.moe_runner", has_range=True,
-        valid_configs=lambda p, arch: mc.valid_layer_configs(shapes(p)))
+        valid_configs=lambda p, arch: mc.valid_layer_configs(shapes(p), arch), added_knobs=mc.ADDED_KNOBS)
 
 
 _FAMILIES: dict[str, Family] = {}

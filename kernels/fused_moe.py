@@ -38,7 +38,7 @@ from .ops import _get_device, _raw_stream
 
 QUANT_ALIASES = {"nvfp4": "nvfp4", "w4a4": "nvfp4", "w4a16": "w4a16"}
 PRECISION_ALIASES = {"fp4": "nvfp4", "bf16": "w4a16"}
-_SOURCES = ("moe_kernel.py", "moe_config.py", "moe_route_kernel.py", "moe_combine_kernel.py")
+_SOURCES = ("moe_kernel.py", "moe_wgmma_kernel.py", "moe_config.py", "moe_route_kernel.py", "moe_combine_kernel.py")
 _CACHE_VERSION = 1
 _FP4_DTYPES = tuple(getattr(torch, n) for n in ("uint8", "float4_e2m1fn_x2") if hasattr(torch, n))
 _SF_DTYPES = (torch.float8_e4m3fn, torch.uint8)
@@ -75,16 +75,28 @@ def _fake_args(sh: MoEGemmShape):
             make_fake_stream(use_tvm_ffi_env_stream=False))
 
 
+def gemm_kernel_class(cfg: MoEGemmConfig):
+    """The kernel class that runs `cfg`: its MMA backend (kernels/moe_kernel.py for mma.sync,
+    kernels/moe_wgmma_kernel.py for warpgroup MMA). Both take the same launch arguments and grid."""
+    if cfg.mma == "wgmma":
+        from .moe_wgmma_kernel import MoEWgmmaKernel
+
+        return MoEWgmmaKernel
+    from .moe_kernel import MoEGemmKernel
+
+    return MoEGemmKernel
+
+
 def compile_gemm(sh: MoEGemmShape, cfg: MoEGemmConfig, arch: str):
     """Compile one grouped GEMM for `arch` as a TVM-FFI function (no GPU needed); ValueError for a config
-    the constraints reject."""
+    the constraints reject there (e.g. mma="wgmma" for sm_100a)."""
     from .compile_cache import arch_number, compile_dsl
-    from .moe_kernel import MoEGemmKernel, MoEGemmSpec
+    from .moe_kernel import MoEGemmSpec
 
-    why = violations(sh, cfg)
+    why = violations(sh, cfg, arch_number(arch))
     if why:
-        raise ValueError(f"invalid config {cfg.short()} for {sh}: {'; '.join(why)}")
-    return compile_dsl(MoEGemmKernel(MoEGemmSpec(sh, cfg, arch_number(arch))), _fake_args(sh), arch,
+        raise ValueError(f"invalid config {cfg.short()} for {sh} on {arch}: {'; '.join(why)}")
+    return compile_dsl(gemm_kernel_class(cfg)(MoEGemmSpec(sh, cfg, arch_number(arch))), _fake_args(sh), arch,
                        f"fused_moe {sh.layer} K={sh.K} N={sh.N} {cfg.short()}")
 
 
@@ -570,20 +582,31 @@ def _resolve(x, w1, w1sf, w2, w2sf, ids, sc, w1_alpha, w2_alpha, fc2s, output, n
             entry[1] = _bind(plan, cfg.gemm("fc1"), cfg.gemm("fc2"))
         return plan, entry[1]
     cfg1, cfg2 = configs
+    from .compile_cache import arch_number
+
     for sh, c in ((plan.fc1, cfg1), (plan.fc2, cfg2)):
-        why = violations(sh, c)
+        why = violations(sh, c, arch_number(plan.arch))
         _need(not why, f"config {c.short()} cannot run {sh.layer}: {'; '.join(why)}")
     return plan, _bind(plan, cfg1, cfg2)
 
 
-def compile_check_cases(layers, configs: int = 1, seed: int = 0) -> list[tuple[MoEGemmShape, MoEGemmConfig]]:
-    """(shape, config) pairs `lutforge compile-check` compiles for `layers` ((H, I, activation) triples):
-    FC1 and FC2 of W4A16 (and W4A4's quantising FC1 for the first layer), each with the heuristic configs of
-    decode, mid and large batches (FC2 also at decode with one touched expert: the split-K tile where K
-    allows) plus `configs` random valid ones."""
+def compile_check_cases(layers, configs: int = 1, seed: int = 0,
+                        arch: str | None = None) -> list[tuple[MoEGemmShape, MoEGemmConfig]]:
+    """(shape, config) pairs `lutforge compile-check` compiles for `layers` ((H, I, activation) triples) and
+    target `arch`: FC1 and FC2 of W4A16 (and W4A4's quantising FC1 for the first layer), each with the
+    heuristic configs of decode, mid and large batches (FC2 also at decode with one touched expert: the
+    split-K tile where K allows), the first large-batch wgmma tile that fits (where the arch has wgmma: SM90)
+    plus `configs` random valid ones. Without an arch, only configs valid on every compile target
+    (compile_cache.ARCHS) are listed: no wgmma, which is SM90's alone."""
     import random
 
-    from .moe_config import MOE_KNOB_CHOICES
+    from .compile_cache import ARCHS, arch_number
+    from .moe_config import MOE_KNOB_CHOICES, WGMMA_TILES
+
+    archs = [arch_number(arch)] if arch is not None else sorted(ARCHS.values())
+
+    def ok(sh, c):
+        return all(not violations(sh, c, a) for a in archs)
 
     rng = random.Random(seed)
     out: list[tuple[MoEGemmShape, MoEGemmConfig]] = []
@@ -592,14 +615,16 @@ def compile_check_cases(layers, configs: int = 1, seed: int = 0) -> list[tuple[M
         if i == 0:
             shapes.append(gemm_shapes("nvfp4", activation, H, inter)[0])
         for sh in shapes:
-            cfgs = list(dict.fromkeys([heuristic(sh, rows) for rows in (1, 40, 1000)]
-                                      + ([heuristic(sh, 1, experts_touched=1.0)] if sh.layer == "fc2" else [])))
+            heur = [heuristic(sh, rows, arch=a) for a in archs for rows in (1, 40, 1000)]
+            heur += [heuristic(sh, 1, experts_touched=1.0, arch=a) for a in archs] if sh.layer == "fc2" else []
+            cfgs = list(dict.fromkeys(c for c in heur + [next((t for t in WGMMA_TILES if ok(sh, t)), None)]
+                                      if c is not None and ok(sh, c)))
             want = len(cfgs) + configs
             for _ in range(500):
                 if len(set(cfgs)) >= want:
                     break
                 c = MoEGemmConfig(**{k: rng.choice(v) for k, v in MOE_KNOB_CHOICES.items()})
-                if not violations(sh, c):
+                if ok(sh, c):
                     cfgs.append(c)
             out += [(sh, c) for c in dict.fromkeys(cfgs)]
     return out

@@ -8,6 +8,13 @@ activation, K and N and the output dtype: everything but the routed rows) and la
   a gated FC1 CTA reads 2*bn weight rows (gate and up).
 * stages: cp.async pipeline depth (k-tiles in flight).
 * warps_m, warps_n: the warp grid over the tile (each warp a 16x16 mma.sync patch per step).
+* mma: the tensor-core instruction. "sync" (kernels/moe_kernel.py): each warp runs mma.sync 16x8x16 on
+  its own patch of the tile. "wgmma" (kernels/moe_wgmma_kernel.py, SM90 only): warpgroups of four warps run
+  asynchronous warpgroup MMAs (64 rows x bn/warpgroups columns per instruction) straight from shared memory,
+  the bf16 B tile expanded into the other of two buffers while the previous k-tile's wgmma runs. mma.sync
+  cannot reach Hopper's dense bf16 rate (the large batches ran at 16-30 % of torch.mm 8192^3 with it); the
+  wgmma tiles are bm 64/128 only, with warps_m = 4 (one warpgroup's warps, 16 rows each of its 64) and
+  warps_n the number of warpgroups (bm/64 along M, the rest along N), and never split K.
 * splits (FC2 only): split-K. The grid gets a third axis of `splits` CTAs per (m-tile, n-tile); split s
   sums over K elements [s*K/splits, (s+1)*K/splits) and writes its whole fp32 partial tile to its own
   slice of the per-pair output y [splits, pairs, H]; the per-token sum after the GEMM adds the splits and
@@ -37,14 +44,22 @@ MAX_THREADS = 512
 
 MOE_KNOB_CHOICES = {
     "bm": (16, 32, 64, 128),
-    "bn": (16, 32, 64, 128),
+    "bn": (16, 32, 64, 96, 128, 192, 256),
     "bk": (64, 128, 256),
     "stages": (2, 3, 4, 5),
     "warps_m": (1, 2, 4),
     "warps_n": (1, 2, 4),
     "splits": (1, 2, 4, 8),
+    "mma": ("sync", "wgmma"),
 }
 SPLIT_MAX_BM = 32  # splits > 1 only with decode tiles (see violations)
+# mma.sync's column tiles: the space its sweeps, LUT entries and heuristic were measured on. The wider and
+# the 96-multiple widths are wgmma's (a warpgroup instruction takes up to 256 columns; 96 and 192 divide
+# gpt-oss-120b's 2880, which no power of two above 64 does).
+SYNC_BN = (16, 32, 64, 128)
+WGMMA_ARCH = 90  # warpgroup MMA is SM90's (sm_90a); Blackwell's tensor cores take tcgen05 instead
+WGMMA_WARPS_M = 4  # the four warps of a warpgroup, 16 rows each of its 64-row instruction
+WGMMA_MIN_STAGES = 3  # a k-tile's buffers are refilled two tiles later, once its asynchronous wgmma retired
 
 
 @dataclass(frozen=True)
@@ -81,18 +96,46 @@ class MoEGemmConfig(Knobs):
     warps_m: int = 2
     warps_n: int = 2
     splits: int = 1  # split-K (FC2 only): CTAs per output tile, each over K / splits
+    mma: str = "sync"  # "sync": per-warp mma.sync; "wgmma": SM90 warpgroup MMA (warps_n = warpgroups)
 
     def short(self) -> str:
         split = f" k{self.splits}" if self.splits != 1 else ""
-        return f"{self.bm}x{self.bn}x{self.bk} s{self.stages} w{self.warps_m}x{self.warps_n}{split}"
+        mma = f" {self.mma}" if self.mma != "sync" else ""
+        return f"{self.bm}x{self.bn}x{self.bk} s{self.stages} w{self.warps_m}x{self.warps_n}{split}{mma}"
 
     @property
     def threads(self) -> int:
         return 32 * self.warps_m * self.warps_n
 
+    @property
+    def warpgroups(self) -> tuple[int, int]:
+        """wgmma: the warpgroups along M and along N (warps_n of them in all, bm/64 along M)."""
+        wg_m = max(1, self.bm // 64)
+        return wg_m, max(1, self.warps_n // wg_m)
+
+
+def wgmma_smem_layout(sh: MoEGemmShape, cfg: MoEGemmConfig) -> tuple[dict[str, int], int]:
+    """Byte offsets in the wgmma kernel's one shared-memory arena and its size (kernels/moe_wgmma_kernel.py
+    carves its tensors out of it, so the two cannot drift): per stage the A tile (bf16, 128-byte swizzled
+    rows), the packed weights and the scales; two expanded bf16 B tiles (the one wgmma reads, the one being
+    written); the epilogue's fp32 staging tile (rows of bn + 8: conflict-free for the accumulator layout)
+    overlays them all once the main loop is done. Sections 1024-byte aligned (the swizzle atom)."""
+    nb = cfg.bn * (2 if sh.gated else 1)
+    sizes = {"a": cfg.stages * cfg.bm * cfg.bk * 2, "b": 2 * nb * cfg.bk * 2,
+             "w": cfg.stages * nb * cfg.bk // 2, "sf": cfg.stages * nb * cfg.bk // 16}
+    offsets, at = {}, 0
+    for name, n in sizes.items():
+        offsets[name] = at
+        at += -(-n // 1024) * 1024
+    offsets["c"] = 0
+    return offsets, max(at, cfg.bm * (cfg.bn + 8) * 4)
+
 
 def smem_bytes(sh: MoEGemmShape, cfg: MoEGemmConfig) -> int:
-    """Shared memory of one CTA (kernels/moe_kernel.py's allocations, 16-byte padded rows)."""
+    """Shared memory of one CTA (kernels/moe_kernel.py's allocations, 16-byte padded rows; the wgmma kernel's
+    arena: wgmma_smem_layout)."""
+    if cfg.mma == "wgmma":
+        return wgmma_smem_layout(sh, cfg)[1]
     nb = cfg.bn * (2 if sh.gated else 1)
     pad = cfg.bk + 8
     per_stage = cfg.bm * pad * 2 + nb * cfg.bk // 2 + nb * cfg.bk // 16
@@ -103,22 +146,23 @@ def accumulators_per_thread(sh: MoEGemmShape, cfg: MoEGemmConfig) -> int:
     return cfg.bm * cfg.bn * (2 if sh.gated else 1) // cfg.threads
 
 
-def violations(sh: MoEGemmShape, cfg: MoEGemmConfig) -> list[str]:
-    """Why `cfg` cannot run `sh` (empty = valid)."""
+def violations(sh: MoEGemmShape, cfg: MoEGemmConfig, arch: int = WGMMA_ARCH) -> list[str]:
+    """Why `cfg` cannot run `sh` on SM `arch` (empty = valid)."""
     out = []
     for k, choices in MOE_KNOB_CHOICES.items():
         if getattr(cfg, k) not in choices:
-            out.append(f"{k}={getattr(cfg, k)} not in {choices}")
+            out.append(f"{k}={getattr(cfg, k)!r} not in {choices}")
     if out:
         return out
+    if cfg.mma == "wgmma":
+        return _wgmma_violations(sh, cfg, arch) + _tile_violations(sh, cfg) + _budget_violations(sh, cfg)
+    if cfg.bn not in SYNC_BN:
+        out.append(f"bn={cfg.bn} is a wgmma tile width; mma=sync takes bn in {SYNC_BN}")
     if cfg.bm % (16 * cfg.warps_m):
         out.append(f"bm={cfg.bm} must be a multiple of 16*warps_m={16 * cfg.warps_m}")
     if cfg.bn % (16 * cfg.warps_n):
         out.append(f"bn={cfg.bn} must be a multiple of 16*warps_n={16 * cfg.warps_n}")
-    if sh.K % cfg.bk:
-        out.append(f"K={sh.K} must be a multiple of bk={cfg.bk}")
-    if sh.N % cfg.bn:
-        out.append(f"N={sh.N} must be a multiple of bn={cfg.bn}")
+    out += _tile_violations(sh, cfg)
     if cfg.splits != 1:
         if sh.layer != "fc2":
             out.append(f"splits={cfg.splits}: only FC2 splits K (FC1's fused activation needs the whole sum)")
@@ -130,6 +174,51 @@ def violations(sh: MoEGemmShape, cfg: MoEGemmConfig) -> list[str]:
         # against bn*K/(2*splits) of weights read, i.e. 8*bm*splits/K of the weight traffic.
         if cfg.bm > SPLIT_MAX_BM:
             out.append(f"splits={cfg.splits} needs a decode tile (bm <= {SPLIT_MAX_BM}), got bm={cfg.bm}")
+    return out + _budget_violations(sh, cfg)
+
+
+def _wgmma_violations(sh: MoEGemmShape, cfg: MoEGemmConfig, arch: int) -> list[str]:
+    """The warpgroup-MMA backend's own constraints (kernels/moe_wgmma_kernel.py)."""
+    out = []
+    if arch != WGMMA_ARCH:
+        out.append(f"mma=wgmma is SM90's warpgroup MMA (sm_90a only; sm_{arch} has none: Blackwell's tensor cores "
+                   "take tcgen05); use mma=sync")
+    if cfg.bm not in (64, 128):
+        out.append(f"mma=wgmma tiles bm=64 (one warpgroup of 64 rows) or 128 (two along M), got bm={cfg.bm}")
+        return out
+    if cfg.warps_m != WGMMA_WARPS_M:
+        out.append(f"mma=wgmma takes warps_m={WGMMA_WARPS_M} (a warpgroup's four warps, 16 rows each of its 64), "
+                   f"got warps_m={cfg.warps_m}")
+    wg_m = cfg.bm // 64
+    if cfg.warps_n % wg_m:
+        out.append(f"mma=wgmma: warps_n={cfg.warps_n} warpgroups cannot cover bm={cfg.bm} ({wg_m} along M)")
+    else:
+        wg_n = cfg.warps_n // wg_m
+        if cfg.bn % (8 * wg_n) or cfg.bn // wg_n > 256:
+            out.append(f"mma=wgmma: bn={cfg.bn} over {wg_n} warpgroups along N is not a wgmma width per warpgroup "
+                       "(a multiple of 8, at most 256)")
+    if cfg.stages < WGMMA_MIN_STAGES:
+        out.append(f"mma=wgmma needs stages >= {WGMMA_MIN_STAGES} (a k-tile's buffers are refilled two tiles "
+                   f"later, once its asynchronous wgmma has retired), got stages={cfg.stages}")
+    if cfg.splits != 1:
+        out.append(f"mma=wgmma does not split K (splits=1), got splits={cfg.splits}")
+    return out
+
+
+def _tile_violations(sh: MoEGemmShape, cfg: MoEGemmConfig) -> list[str]:
+    """Both backends walk whole tiles."""
+    out = []
+    if sh.K % cfg.bk:
+        out.append(f"K={sh.K} must be a multiple of bk={cfg.bk}")
+    if sh.N % cfg.bn:
+        out.append(f"N={sh.N} must be a multiple of bn={cfg.bn}")
+    return out
+
+
+def _budget_violations(sh: MoEGemmShape, cfg: MoEGemmConfig) -> list[str]:
+    """Constraints both backends share: whole NVFP4 output blocks, the thread, shared-memory and register
+    budgets."""
+    out = []
     if sh.quant_out and cfg.bn % 16:
         out.append(f"bn={cfg.bn}: a quantised output stores whole 16-element NVFP4 blocks")
     if cfg.threads > MAX_THREADS:
@@ -142,11 +231,22 @@ def violations(sh: MoEGemmShape, cfg: MoEGemmConfig) -> list[str]:
     return out
 
 
-def heuristic(sh: MoEGemmShape, rows_per_expert: float, experts_touched: float = 0.0) -> MoEGemmConfig:
-    """A valid config from the rows each touched expert receives: decode tiles (bm 16, deep k-tiles to keep
-    weight bytes in flight) up to 16 rows, mid tiles to 64, large tiles beyond; FC2's K split by
-    split_heuristic when `experts_touched` (kernels.moe_problem.expected_experts_touched; 0: unknown, no
-    split) leaves the grid short of CTAs."""
+# The large-batch wgmma tiles (kernels/moe_wgmma_kernel.py), widest first: two warpgroups along M, 128
+# accumulators per thread at most (gated FC1 at bn 128 holds gate and up: 2 x 64 x 128 / 128 threads each);
+# 192 and 96 for N = 2880 (gpt-oss-120b), which no power of two above 64 divides. The heuristic prefers them
+# for rows_per_expert > 64 only once WGMMA_LARGE_BATCH is on: it stays off until the backend is measured on
+# the H200 (tests/gpu/test_fused_moe_gpu.py -k wgmma for correctness, .device/run/moe_wgmma.sh for the
+# times against today's 128x64x64 mma.sync tile), and is switched on in the change that records those numbers.
+WGMMA_LARGE_BATCH = False
+WGMMA_TILES = tuple(MoEGemmConfig(128, bn, 64, 4, 4, 2, mma="wgmma") for bn in (256, 192, 128, 96, 64))
+
+
+def heuristic(sh: MoEGemmShape, rows_per_expert: float, experts_touched: float = 0.0,
+              arch: int = WGMMA_ARCH) -> MoEGemmConfig:
+    """A valid config (on SM `arch`) from the rows each touched expert receives: decode tiles (bm 16, deep
+    k-tiles to keep weight bytes in flight) up to 16 rows, mid tiles to 64, large tiles beyond (the wgmma
+    ones first when WGMMA_LARGE_BATCH is on); FC2's K split by split_heuristic when `experts_touched`
+    (kernels.moe_problem.expected_experts_touched; 0: unknown, no split) leaves the grid short of CTAs."""
     if rows_per_expert <= 16:
         # 16x64x128 s3 with 4 warps first: on the H200 (results/h200/e2e/fused_moe_decode.md, both GEMMs forced
         # to each tile) it beat the 2-warp 16x32x256 s4 tile at T=1 and 64 of Qwen3-30B-A3B, Mixtral-8x7B and
@@ -162,8 +262,10 @@ def heuristic(sh: MoEGemmShape, rows_per_expert: float, experts_touched: float =
     else:
         wants = [MoEGemmConfig(128, 64, 64, 4, 4, 2), MoEGemmConfig(128, 32, 64, 4, 4, 2),
                  MoEGemmConfig(64, 32, 64, 3, 2, 2), MoEGemmConfig(64, 16, 64, 3, 2, 1)]
+        if WGMMA_LARGE_BATCH:
+            wants = list(WGMMA_TILES) + wants
     for cfg in wants + [MoEGemmConfig(16, 16, 64, 2, 1, 1)]:
-        if not violations(sh, cfg):
+        if not violations(sh, cfg, arch):
             return with_splits(sh, cfg, rows_per_expert, experts_touched)
     raise ValueError(f"no valid config for {sh}")
 
@@ -214,10 +316,16 @@ def with_splits(sh: MoEGemmShape, cfg: MoEGemmConfig, rows_per_expert: float,
 # --------------------------------------------------------------------------- the family's config: both GEMMs
 SHARED_KNOBS = ("bm", "stages")  # both GEMMs see the same rows per expert: one row tile, one pipeline depth
 FC2_KNOBS = ("splits",)  # FC2's alone (FC1 cannot split K): no fc1_splits column
-PER_GEMM_KNOBS = tuple(k for k in MOE_KNOB_CHOICES if k not in SHARED_KNOBS + FC2_KNOBS)
+# Per-GEMM knobs added after LUT entries and result rows were written: their fields and columns come after
+# fc2_splits (positional knob tuples and older rows keep their meaning), and a row or entry without one
+# means ADDED_KNOBS' value, what the kernels did before the knob existed (mma.sync).
+LATE_PER_GEMM_KNOBS = ("mma",)
+PER_GEMM_KNOBS = tuple(k for k in MOE_KNOB_CHOICES if k not in SHARED_KNOBS + FC2_KNOBS + LATE_PER_GEMM_KNOBS)
 FAMILY_KNOB_CHOICES = {**{k: MOE_KNOB_CHOICES[k] for k in SHARED_KNOBS},
                        **{f"{layer}_{k}": MOE_KNOB_CHOICES[k] for layer in LAYERS for k in PER_GEMM_KNOBS},
-                       **{f"fc2_{k}": MOE_KNOB_CHOICES[k] for k in FC2_KNOBS}}
+                       **{f"fc2_{k}": MOE_KNOB_CHOICES[k] for k in FC2_KNOBS},
+                       **{f"{layer}_{k}": MOE_KNOB_CHOICES[k] for k in LATE_PER_GEMM_KNOBS for layer in LAYERS}}
+ADDED_KNOBS = {f"{layer}_mma": "sync" for layer in LAYERS}
 
 
 @dataclass(frozen=True)
@@ -225,7 +333,8 @@ class MoEConfig(Knobs):
     """One fused-MoE call's knobs: the row tile and pipeline depth both GEMMs use, each GEMM's column
     tile, k-tile and warp grid, and FC2's split-K (crossing two full GEMM spaces made 462k valid configs
     per layer, too many to count or search; the LUT entries along T are the cut-overs between decode and
-    large-batch tiles). Fields in FAMILY_KNOB_CHOICES order (fc2_splits last: it came last)."""
+    large-batch tiles) and each GEMM's MMA backend. Fields in FAMILY_KNOB_CHOICES order: knobs added later
+    come last (fc2_splits, then fc1_mma and fc2_mma), defaulting to what entries written before them ran."""
 
     bm: int = 64
     stages: int = 3
@@ -238,6 +347,8 @@ class MoEConfig(Knobs):
     fc2_warps_m: int = 2
     fc2_warps_n: int = 2
     fc2_splits: int = 1
+    fc1_mma: str = "sync"
+    fc2_mma: str = "sync"
 
     @classmethod
     def of(cls, fc1: MoEGemmConfig, fc2: MoEGemmConfig) -> "MoEConfig":
@@ -245,11 +356,11 @@ class MoEConfig(Knobs):
             raise ValueError(f"both GEMMs share bm and stages, got {fc1.short()} and {fc2.short()}")
         if fc1.splits != 1:
             raise ValueError(f"only FC2 splits K, got FC1 {fc1.short()}")
-        return cls(fc1.bm, fc1.stages, **{f"fc1_{k}": getattr(fc1, k) for k in PER_GEMM_KNOBS},
-                   **{f"fc2_{k}": getattr(fc2, k) for k in PER_GEMM_KNOBS + FC2_KNOBS})
+        return cls(fc1.bm, fc1.stages, **{f"fc1_{k}": getattr(fc1, k) for k in PER_GEMM_KNOBS + LATE_PER_GEMM_KNOBS},
+                   **{f"fc2_{k}": getattr(fc2, k) for k in PER_GEMM_KNOBS + FC2_KNOBS + LATE_PER_GEMM_KNOBS})
 
     def gemm(self, layer: str) -> MoEGemmConfig:
-        own = PER_GEMM_KNOBS + (FC2_KNOBS if layer == "fc2" else ())
+        own = PER_GEMM_KNOBS + LATE_PER_GEMM_KNOBS + (FC2_KNOBS if layer == "fc2" else ())
         return MoEGemmConfig(bm=self.bm, stages=self.stages, **{k: getattr(self, f"{layer}_{k}") for k in own})
 
     def short(self) -> str:
@@ -264,22 +375,23 @@ def gemm_shapes(quant_mode: str, activation: str, H: int, inter: int) -> tuple[M
             MoEGemmShape("fc2", activation, inter, H, "fp32"))
 
 
-def layer_violations(shapes: tuple[MoEGemmShape, MoEGemmShape], cfg: MoEConfig) -> list[str]:
-    return [f"{sh.layer}: {v}" for sh in shapes for v in violations(sh, cfg.gemm(sh.layer))]
+def layer_violations(shapes: tuple[MoEGemmShape, MoEGemmShape], cfg: MoEConfig, arch: int = WGMMA_ARCH) -> list[str]:
+    return [f"{sh.layer}: {v}" for sh in shapes for v in violations(sh, cfg.gemm(sh.layer), arch)]
 
 
 def layer_heuristic(shapes: tuple[MoEGemmShape, MoEGemmShape], rows_per_expert: float,
-                    experts_touched: float = 0.0) -> MoEConfig:
+                    experts_touched: float = 0.0, arch: int = WGMMA_ARCH) -> MoEConfig:
     """FC1's heuristic tile; FC2's own, or (when its row tile or depth differs) the first valid unsplit FC2
-    config with FC1's bm and stages, preferring FC2's heuristic column tile; then FC2's split-K for that tile
-    (split_heuristic: needs `experts_touched`, kernels.moe_problem.expected_experts_touched; 0 = unknown,
-    no split)."""
-    c1, c2 = heuristic(shapes[0], rows_per_expert), heuristic(shapes[1], rows_per_expert)
+    config with FC1's bm and stages, preferring FC2's heuristic MMA backend and column tile; then FC2's
+    split-K for that tile (split_heuristic: needs `experts_touched`, kernels.moe_problem.expected_experts_touched;
+    0 = unknown, no split). Valid on SM `arch`."""
+    c1, c2 = heuristic(shapes[0], rows_per_expert, arch=arch), heuristic(shapes[1], rows_per_expert, arch=arch)
     if (c2.bm, c2.stages) != (c1.bm, c1.stages):
-        same = [c for c in valid_gemm_configs(shapes[1]) if (c.bm, c.stages, c.splits) == (c1.bm, c1.stages, 1)]
+        same = [c for c in valid_gemm_configs(shapes[1], arch) if (c.bm, c.stages, c.splits) == (c1.bm, c1.stages, 1)]
         if not same:
             raise ValueError(f"no FC2 config with bm={c1.bm} stages={c1.stages} for {shapes[1]}")
-        c2 = min(same, key=lambda c: (c.bn != c2.bn, c.bk != c2.bk, c.threads != c2.threads, -c.bn, -c.bk))
+        c2 = min(same, key=lambda c: (c.mma != c2.mma, c.bn != c2.bn, c.bk != c2.bk, c.threads != c2.threads,
+                                      -c.bn, -c.bk))
     return MoEConfig.of(c1, with_splits(shapes[1], c2, rows_per_expert, experts_touched))
 
 
@@ -293,30 +405,32 @@ def simplicity(cfg: MoEConfig, heur: MoEConfig) -> tuple:
 
 
 @functools.lru_cache(maxsize=64)
-def valid_gemm_configs(sh: MoEGemmShape) -> tuple[MoEGemmConfig, ...]:
-    """Every valid config of one GEMM shape (counted once per shape: the heuristic and the family's search
-    space both ask)."""
+def valid_gemm_configs(sh: MoEGemmShape, arch: int = WGMMA_ARCH) -> tuple[MoEGemmConfig, ...]:
+    """Every valid config of one GEMM shape on SM `arch` (counted once per shape: the heuristic and the
+    family's search space both ask)."""
     out = []
     for combo in itertools.product(*MOE_KNOB_CHOICES.values()):
         cfg = MoEGemmConfig(**dict(zip(MOE_KNOB_CHOICES, combo)))
-        if not violations(sh, cfg):
+        if not violations(sh, cfg, arch):
             out.append(cfg)
     return tuple(out)
 
 
-def valid_layer_configs(shapes: tuple[MoEGemmShape, MoEGemmShape]) -> list[tuple]:
-    """Every valid MoEConfig of a layer as knob tuples (FAMILY_KNOB_CHOICES order): per shared (bm, stages),
-    the two GEMMs' valid configs crossed (their other constraints are independent). FC1's are unsplit; FC2's
-    split ones (decode tiles bm 16/32, K a multiple of bk*splits) take the moe set's layers from 32,115 to
-    68,007 (Mixtral-8x7B K=14336, DeepSeek-V3 K=2048: every split on bm 16/32) and 44,319 (Qwen3-30B-A3B
-    K=768 = 3 * 256: fewer); K an odd number of 64-tiles (gpt-oss-120b 2880, the ReLU2 layer's 1856) allows
-    no split (2,896 and 8,848, unchanged)."""
-    fc1, fc2 = (valid_gemm_configs(sh) for sh in shapes)
+def valid_layer_configs(shapes: tuple[MoEGemmShape, MoEGemmShape], arch: int = WGMMA_ARCH) -> list[tuple]:
+    """Every valid MoEConfig of a layer on SM `arch` as knob tuples (FAMILY_KNOB_CHOICES order): per shared
+    (bm, stages), the two GEMMs' valid configs crossed (their other constraints are independent). FC1's are
+    unsplit; FC2's split ones (decode tiles bm 16/32, K a multiple of bk*splits) took the moe set's mma.sync
+    spaces from 32,115 to 68,007 (Mixtral-8x7B K=14336, DeepSeek-V3 K=2048: every split on bm 16/32) and
+    44,319 (Qwen3-30B-A3B K=768 = 3 * 256: fewer); K an odd number of 64-tiles (gpt-oss-120b 2880, the ReLU2
+    layer's 1856) allows no split (2,896 and 8,848). On SM90 the wgmma tiles (bm 64/128, either GEMM) add
+    their crossings with every config of the same bm and stages."""
+    fc1, fc2 = (valid_gemm_configs(sh, arch) for sh in shapes)
     out = []
     for bm in MOE_KNOB_CHOICES["bm"]:
         for st in MOE_KNOB_CHOICES["stages"]:
             a = [c for c in fc1 if (c.bm, c.stages) == (bm, st)]
             b = [c for c in fc2 if (c.bm, c.stages) == (bm, st)]
             out += [(bm, st, *(getattr(x, k) for k in PER_GEMM_KNOBS), *(getattr(y, k) for k in PER_GEMM_KNOBS),
-                     *(getattr(y, k) for k in FC2_KNOBS)) for x in a for y in b]
+                     *(getattr(y, k) for k in FC2_KNOBS), *(getattr(g, k) for k in LATE_PER_GEMM_KNOBS for g in (x, y)))
+                    for x in a for y in b]
     return out

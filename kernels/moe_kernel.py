@@ -186,12 +186,16 @@ class MoEGemmKernel:
         mGS = None
         if const_expr(gs_ptr is not None):
             mGS = cute.make_tensor(gs_ptr, cute.make_layout((1,)))
-        op = cute.nvgpu.warp.MmaF16BF16Op(cutlass.BFloat16, Float32, (16, 8, 16))
-        tiled_mma = cute.make_tiled_mma(op, cute.make_layout((self.wm, self.wn, 1)),
-                                        permutation_mnk=(self.wm * 16, self.wn * 16, 16))
+        tiled_mma = self._make_tiled_mma()
         self.kernel(mA, mARows, mW, mSF, mAlpha, mScale, mORows, mOut, mEO, mTO, mGS, n_rows, n_experts,
                     tiled_mma).launch(grid=[grid_m, N // self.bn, self.splits], block=[self.threads, 1, 1],
                                       stream=stream)
+
+    def _make_tiled_mma(self):
+        """The warps' mma.sync grid: warps_m x warps_n warps, each a 16x16 patch per step (two 16x8x16 atoms)."""
+        op = cute.nvgpu.warp.MmaF16BF16Op(cutlass.BFloat16, Float32, (16, 8, 16))
+        return cute.make_tiled_mma(op, cute.make_layout((self.wm, self.wn, 1)),
+                                   permutation_mnk=(self.wm * 16, self.wn * 16, 16))
 
     # ------------------------------------------------------------------ device side
     @cute.kernel
@@ -299,12 +303,13 @@ class MoEGemmKernel:
             acc.fill(0.0)
             accs.append(acc)
         k_blocks = bk // 16
+        sBw = cute.zipped_divide(cute.recast_tensor(sB, Uint32), (1, 8))  # bf16 pairs, 8 per 16-element block
 
         for kt in cutlass.range(k_tiles, unroll=1):
             stage = kt % stages
             cute.arch.cp_async_wait_group(stages - 2)
             cute.arch.barrier()
-            self._expand(sWp, sSF, sB, stage, tidx)
+            self._expand(sWp, sSF, sBw, stage, tidx)
             if const_expr(self.quant_a):
                 self._quantize_a(sA, stage, tidx)
             nk = kt + stages - 1
@@ -319,8 +324,15 @@ class MoEGemmKernel:
                     cute.copy(s2r_b, tBs[h][None, None, kb], tBr[h][None, None, kb])
                     cute.gemm(tiled_mma, accs[h], tCrA[None, None, kb], tCrB[h][None, None, kb], accs[h])
         cute.arch.cp_async_wait_group(0)
+        self._epilogue(accs, tCsC, sC, mAlpha, mScale, mORows, mOut, mGS, e, row0, row_end, ntile,
+                       split, n_rows, tidx)
 
-        # Epilogue: alpha and the activation in registers, staged through sC, then 8-element row vectors.
+    @cute.jit
+    def _epilogue(self, accs, tCsC, sC, mAlpha, mScale, mORows, mOut, mGS, e, row0, row_end, ntile, split, n_rows,
+                  tidx):
+        """alpha and the activation in registers (accs: one accumulator, or gate and up when gated), staged
+        through sC (the thread's part of it: tCsC), then `vec`-element row vectors to the output rows."""
+        bn = self.bn
         alpha = mAlpha[e]
         acc0 = accs[0]
         vals = acc0.load() * alpha
@@ -433,13 +445,13 @@ class MoEGemmKernel:
         return row
 
     @cute.jit
-    def _expand(self, sWp, sSF, sB, stage, tidx):
+    def _expand(self, sWp, sSF, sBw, stage, tidx):
         """Packed e2m1 + e4m3 scales of one stage -> the bf16 tile, one 16-element block per unit, two codes
         per instruction sequence (_expand_pair): the expansion's instructions per weight are what caps the
-        decode bandwidth (the H200 issues ~33 T thread-instructions/s against 8.4 T weights/s at copy speed)."""
+        decode bandwidth (the H200 issues ~33 T thread-instructions/s against 8.4 T weights/s at copy speed).
+        sBw: the (nb, bk) bf16 tile as words (bf16 pairs), zipped by 8: block (n, kb) is sBw[(0, None), (n, kb)]."""
         bk = self.bk
         words = cute.recast_tensor(sWp[None, None, stage], Uint32)  # (nb, bk/8) words of 8 codes
-        sBw = cute.zipped_divide(cute.recast_tensor(sB, Uint32), (1, 8))  # bf16 pairs, 8 per 16-element block
         for i in cutlass.range_constexpr(-(-self.units // self.threads)):
             u = tidx + i * self.threads
             if u < self.units:

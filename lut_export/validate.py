@@ -84,12 +84,13 @@ def check_metadata(lut: LutModule, shipped: bool) -> list[str]:
 
 
 def _config(fam, knobs) -> tuple[object | None, list[str]]:
-    """The `fam` config of a knob dict, or the reasons it is not one (names and values checked strictly)."""
+    """The `fam` config of a knob dict, or the reasons it is not one (names and values checked strictly; a knob
+    the family added after the entry was written may be absent: the entry means its default, fam.added_knobs)."""
     if not isinstance(knobs, dict):
         return None, [f"knobs must be a dict, got {type(knobs).__name__}"]
     choices_of = fam.knob_choices
     errs = [f"unknown knob {k!r}" for k in knobs if k not in choices_of]
-    errs += [f"missing knob {k!r}" for k in choices_of if k not in knobs]
+    errs += [f"missing knob {k!r}" for k in choices_of if k not in knobs and k not in fam.added_knobs]
     for k, choices in choices_of.items():
         if k in knobs:
             v = knobs[k]

@@ -10,7 +10,6 @@ import pandas as pd
 from kernels.config import KernelConfig
 from kernels.family import SIZE_FIELDS, families
 from sweep.results_io import OWN_IMPLS, PROBLEM_DEFAULTS
-from sweep.schema import knob_columns
 from sweep.study import TIE_FRACTION, pick_winner
 
 from .render import utc_stamp
@@ -70,9 +69,10 @@ def select_rows(df: pd.DataFrame, arch=None, device_class: str | None = None,
                       for col, default in PROBLEM_DEFAULTS.items()})
     has_knobs = pd.Series(False, index=df.index)
     for fam in families().values():
-        cols = [c for c in knob_columns(fam) if c in df]
-        if len(cols) == len(fam.knob_choices):
-            has_knobs |= (df["family"] == fam.name) & df[cols].notna().all(axis=1)
+        # knobs added after older rows were written may be absent or null there: those rows read their default
+        needed = [f"knob_{k}" for k in fam.knob_choices if k not in fam.added_knobs]
+        if all(c in df for c in needed):
+            has_knobs |= (df["family"] == fam.name) & df[needed].notna().all(axis=1)
     own = df["kind"].isin(USED_KINDS) & (df["impl"].isna() | df["impl"].isin(OWN_IMPLS)) & has_knobs
     ok = own & (df["status"] == "ok") & (df["median_us"] > 0)
     if arch is not None:

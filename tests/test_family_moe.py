@@ -115,3 +115,26 @@ def test_warmup_moe_makes_every_T_of_a_layer_resident(monkeypatch):
         assert (MoERouteSpec(8, 2, cfg.bm, cfg.bm, "int32", "fp32"), "sm_90a") in loaded, T
         assert (MoECombineSpec(2, cfg.gemm("fc2").splits, 4096), "sm_90a") in loaded, T
     assert len(cfgs) >= 2  # decode and large-batch tiles both covered
+
+
+def test_old_moe_rows_without_mma_columns_still_export(tmp_path):
+    """Parquet rows written before the knob (no knob_fc1_mma / knob_fc2_mma columns) are still usable rows
+    and pick winners: their configs read as mma.sync."""
+    import pyarrow.parquet as pq
+
+    from lut_export.winners import pick_winners, select_rows
+
+    res = tmp_path / "results"
+    _sweep(res, "--op", "fused_moe", "--problem-set", "moe", "--out", "bf16", "--limit-shapes", "2")
+    for f in res.rglob("*.parquet"):  # rewrite every file as an older writer left it
+        t = pq.read_table(f)
+        keep = t.column("knob_fc1_mma").to_pylist(), t.column("knob_fc2_mma").to_pylist()
+        rows = [i for i, (a, b) in enumerate(zip(*keep)) if a in (None, "sync") and b in (None, "sync")]
+        pq.write_table(t.take(rows).drop_columns(["knob_fc1_mma", "knob_fc2_mma"]), f)
+    df = read_results(res)
+    assert "knob_fc1_mma" not in df.columns and (df["family"] == "moe").any()
+    sel = select_rows(df, arch=90, allow_synthetic=True)
+    winners, _ = pick_winners(sel)
+    moe = {k: w for k, w in winners.items() if k[0] == "fused_moe"}
+    assert len(moe) == 2 and all(isinstance(w.config, MoEConfig) for w in moe.values())
+    assert all(w.config.fc1_mma == w.config.fc2_mma == "sync" for w in moe.values())

@@ -232,20 +232,26 @@ def test_heuristic_splits_fc2_where_the_grid_is_short_of_ctas():
 def test_valid_layer_configs_cross_the_split_fc2_configs_and_agree_with_violations():
     shapes = gemm_shapes("nvfp4", "silu", 4096, 14336)
     valid = mc.valid_layer_configs(shapes)
-    assert list(mc.FAMILY_KNOB_CHOICES)[-1] == "fc2_splits" and "fc1_splits" not in mc.FAMILY_KNOB_CHOICES
+    # knobs added later come last, so older positional tuples keep their meaning: fc2_splits, then the MMAs
+    assert list(mc.FAMILY_KNOB_CHOICES)[-3:] == ["fc2_splits", "fc1_mma", "fc2_mma"]
+    assert "fc1_splits" not in mc.FAMILY_KNOB_CHOICES
     assert list(mc.FAMILY_KNOB_CHOICES) == list(MoEConfig().as_dict())  # tuples build MoEConfig positionally
-    splits = {v[-1] for v in valid}
+    split_at = list(mc.FAMILY_KNOB_CHOICES).index("fc2_splits")
+    splits = {v[split_at] for v in valid}
     assert splits == {1, 2, 4, 8}
-    unsplit = [v for v in valid if v[-1] == 1]
-    assert len(unsplit) == 32115  # the space before FC2 could split K
-    assert len(valid) == 68007  # splits > 1 on decode tiles (bm 16, 32): about 2.1x
+    sync = [v for v in valid if v[-2:] == ("sync", "sync")]
+    assert len([v for v in sync if v[split_at] == 1]) == 32115  # the mma.sync space before FC2 could split K
+    assert len(sync) == 68007  # splits > 1 on decode tiles (bm 16, 32): about 2.1x
+    assert sync == mc.valid_layer_configs(shapes, arch=100)  # no wgmma off SM90: the mma.sync space alone
+    wgmma = [v for v in valid if "wgmma" in v[-2:]]
+    assert wgmma and all(v[0] in (64, 128) and v[split_at] == 1 for v in wgmma)
     assert all(not mc.layer_violations(shapes, MoEConfig(*v)) for v in valid[::211])
-    assert all(MoEConfig(*v).gemm("fc2").splits == v[-1] and MoEConfig(*v).gemm("fc1").splits == 1
+    assert all(MoEConfig(*v).gemm("fc2").splits == v[split_at] and MoEConfig(*v).gemm("fc1").splits == 1
                for v in valid[::997])
     # complete: every valid FC2 config (split or not) appears with each FC1 config of its bm and stages
     fc1_bs = {(c.bm, c.stages) for c in mc.valid_gemm_configs(shapes[0])}
-    fc2_keys = {(v[0], v[1], *v[6:]) for v in valid}
-    assert fc2_keys == {(c.bm, c.stages, c.bn, c.bk, c.warps_m, c.warps_n, c.splits)
+    fc2_keys = {(v[0], v[1], *v[6:split_at + 1], v[-1]) for v in valid}
+    assert fc2_keys == {(c.bm, c.stages, c.bn, c.bk, c.warps_m, c.warps_n, c.splits, c.mma)
                         for c in mc.valid_gemm_configs(shapes[1]) if (c.bm, c.stages) in fc1_bs}
 
 
@@ -359,3 +365,150 @@ def test_torch_compile_traces_one_custom_op():
     calls = [n for n in gm.graph.nodes if n.op == "call_function"]
     assert [n.target for n in calls if "lutforge" in str(n.target)] == [torch.ops.lutforge.fused_moe]
     assert str(torch.ops.lutforge.fused_moe.default._schema).count("Tensor(a") >= 1  # output is mutated
+
+
+# --------------------------------------------------------------------------- the wgmma backend (SM90)
+W = dict(mma="wgmma")
+
+
+def _wgmma_shapes():
+    """Every layer and mode the backend serves, on K/N sizes of Qwen3-30B-A3B: gated FC1 (W4A16, and W4A4
+    quantising its input and output), ReLU2 FC1 (both modes), FC2 (fp32 rows scaled and scattered)."""
+    return {"fc1 silu w4a16": gemm_shapes("w4a16", "silu", 2048, 768)[0],
+            "fc1 silu nvfp4": gemm_shapes("nvfp4", "silu", 2048, 768)[0],
+            "fc1 relu2 w4a16": gemm_shapes("w4a16", "relu2", 2048, 768)[0],
+            "fc1 relu2 nvfp4": gemm_shapes("nvfp4", "relu2", 2048, 768)[0],
+            "fc2 silu": gemm_shapes("w4a16", "silu", 2048, 768)[1],
+            "fc2 relu2": gemm_shapes("w4a16", "relu2", 2048, 768)[1]}
+
+
+# two warpgroups along M (the large-batch tile: gated FC1's gate and up accumulators at bn 128, FC2 at 256);
+# one warpgroup of 64 rows with bk 128 (two swizzle atoms along K); two warpgroups side by side along N
+WGMMA_TILES = {"128 rows": lambda sh: MoEGemmConfig(128, 128 if sh.gated else 256, 64, 4, 4, 2, **W),
+               "64 rows bk128": lambda sh: MoEGemmConfig(64, 64, 128, 3, 4, 1, **W),
+               "64 rows 2 wg along N": lambda sh: MoEGemmConfig(64, 128, 64, 5, 4, 2, **W)}
+
+
+@pytest.mark.parametrize("tile", list(WGMMA_TILES))
+@pytest.mark.parametrize("mode", list(_wgmma_shapes()))
+def test_wgmma_backend_compiles_every_layer_and_mode_for_sm90a(mode, tile):
+    from kernels.compile_cache import resource_usage
+    from kernels.moe_wgmma_kernel import MoEWgmmaKernel
+
+    sh = _wgmma_shapes()[mode]
+    cfg = WGMMA_TILES[tile](sh)
+    assert not violations(sh, cfg), violations(sh, cfg)
+    assert fm.gemm_kernel_class(cfg) is MoEWgmmaKernel
+    assert fm.gemm_kernel_class(replace_mma(cfg, "sync")) is not MoEWgmmaKernel
+    regs, _ = resource_usage(fm.compile_gemm(sh, cfg, "sm_90a"))
+    assert regs is not None and regs <= 255
+
+
+def replace_mma(cfg, mma):
+    from dataclasses import replace
+
+    return replace(cfg, mma=mma)
+
+
+def test_wgmma_constraints_say_what_is_wrong():
+    fc1, fc2 = gemm_shapes("w4a16", "silu", 2048, 768)
+
+    def why(sh, cfg, arch=90):
+        return "; ".join(violations(sh, cfg, arch))
+
+    assert not why(fc2, MoEGemmConfig(128, 256, 64, 4, 4, 2, **W))
+    assert "sm_90a only" in why(fc2, MoEGemmConfig(128, 256, 64, 4, 4, 2, **W), arch=100)
+    assert "tiles bm=64" in why(fc2, MoEGemmConfig(32, 64, 64, 4, 4, 1, **W))
+    assert "warps_m=4" in why(fc2, MoEGemmConfig(64, 64, 64, 4, 2, 2, **W))
+    assert "cannot cover bm=128" in why(fc2, MoEGemmConfig(128, 64, 64, 4, 4, 1, **W))  # 1 warpgroup, 2 needed
+    assert "not a wgmma width" in why(fc2, MoEGemmConfig(64, 16, 64, 4, 4, 4, **W))  # 4 columns per warpgroup
+    assert "stages >= 3" in why(fc2, MoEGemmConfig(128, 256, 64, 2, 4, 2, **W))
+    assert "does not split K" in why(fc2, MoEGemmConfig(64, 64, 64, 4, 4, 1, 2, **W))
+    assert "accumulators per thread" in why(fc1, MoEGemmConfig(128, 256, 64, 4, 4, 2, **W))  # gate + up: 256
+    assert "shared memory" in why(fc2, MoEGemmConfig(128, 256, 256, 5, 4, 2, **W))
+    oss_fc1 = gemm_shapes("w4a16", "silu", 2880, 2880)[0]
+    assert "N=2880 must be a multiple of bn=128" in why(oss_fc1, MoEGemmConfig(128, 128, 64, 4, 4, 2, **W))
+    assert "mma='tensor' not in" in why(fc2, MoEGemmConfig(mma="tensor"))
+    # the widths wgmma adds stay out of the mma.sync space swept so far
+    assert "wgmma tile width" in why(fc2, MoEGemmConfig(64, 256, 64, 3, 2, 2))
+    with pytest.raises(ValueError, match="sm_90a only"):
+        fm.compile_gemm(fc2, MoEGemmConfig(128, 256, 64, 4, 4, 2, **W), "sm_100a")
+
+
+def test_wgmma_shared_memory_is_the_kernels_arena():
+    sh = gemm_shapes("w4a16", "silu", 4096, 14336)[0]
+    cfg = MoEGemmConfig(128, 128, 64, 4, 4, 2, **W)
+    off, total = mc.wgmma_smem_layout(sh, cfg)
+    nb = 2 * cfg.bn
+    assert off == {"a": 0, "b": 4 * 128 * 64 * 2, "w": 4 * 128 * 64 * 2 + 2 * nb * 64 * 2,
+                   "sf": 4 * 128 * 64 * 2 + 2 * nb * 64 * 2 + 4 * nb * 32, "c": 0}
+    assert total == off["sf"] + 4 * nb * 4 == smem_bytes(sh, cfg) == 167936  # 164 KB: one CTA per SM
+    assert total >= cfg.bm * (cfg.bn + 8) * 4  # the fp32 staging tile fits over the operands
+    assert all(v % 1024 == 0 for v in off.values())  # the 128-byte swizzle's 1024-byte atom
+
+
+def test_wgmma_is_off_in_the_heuristic_until_measured(monkeypatch):
+    shapes = gemm_shapes("nvfp4", "silu", 4096, 14336)
+    assert mc.WGMMA_LARGE_BATCH is False
+    for rows in (1, 40, 1000, 4096):
+        assert all(heuristic(sh, rows).mma == "sync" for sh in shapes)
+        assert mc.layer_heuristic(shapes, rows, 8.0) == mc.layer_heuristic(shapes, rows, 8.0, arch=100)
+    monkeypatch.setattr(mc, "WGMMA_LARGE_BATCH", True)
+    for H, I, act in ((4096, 14336, "silu"), (2048, 768, "silu"), (2880, 2880, "silu"), (2688, 1856, "relu2"),
+                      (7168, 2048, "silu")):
+        for q in ("w4a16", "nvfp4"):
+            sh2 = gemm_shapes(q, act, H, I)
+            big = mc.layer_heuristic(sh2, 1000, 8.0)
+            assert (big.fc1_mma, big.fc2_mma) == ("wgmma", "wgmma") and not mc.layer_violations(sh2, big)
+            assert big.gemm("fc2").bn >= 192  # the wide FC2 tile (2880 = 15 x 192, 2688 = 14 x 192)
+            assert mc.layer_heuristic(sh2, 40, 8.0).fc1_mma == "sync"  # mid batches keep mma.sync
+            off_sm90 = mc.layer_heuristic(sh2, 1000, 8.0, arch=100)
+            assert (off_sm90.fc1_mma, off_sm90.fc2_mma) == ("sync", "sync") and \
+                not mc.layer_violations(sh2, off_sm90, arch=100)
+
+
+def test_compile_check_covers_wgmma_on_sm90_only():
+    layers = [(2048, 768, "silu"), (2880, 2880, "silu"), (2688, 1856, "relu2")]
+    on90 = fm.compile_check_cases(layers, configs=1, arch="sm_90a")
+    wg = [(sh, c) for sh, c in on90 if c.mma == "wgmma"]
+    assert {(sh.layer, sh.activation, sh.quant_a) for sh, _ in wg} == {
+        ("fc1", "silu", False), ("fc1", "silu", True), ("fc2", "silu", False), ("fc1", "relu2", False),
+        ("fc2", "relu2", False)}  # a wgmma tile for every GEMM of every layer
+    assert all(not violations(sh, c, 90) for sh, c in on90)
+    for arch in ("sm_100a", None):  # no target named: only what every target compiles
+        cases = fm.compile_check_cases(layers, configs=1, arch=arch)
+        assert cases and all(c.mma == "sync" and not violations(sh, c, 100) for sh, c in cases)
+
+
+def test_mma_is_compile_time_and_in_the_cache_key():
+    sh = gemm_shapes("w4a16", "silu", 2048, 768)[1]
+    keys = {fm.cache_key(sh, MoEGemmConfig(128, 128, 64, 4, 4, 2, mma=m), "sm_90a") for m in ("sync", "wgmma")}
+    assert len(keys) == 2
+    assert "wgmma" in MoEGemmConfig(128, 128, 64, 4, 4, 2, **W).short() and "sync" not in MoEGemmConfig().short()
+
+
+def test_mma_knobs_come_last_and_older_rows_and_entries_read_sync():
+    """fc1_mma/fc2_mma came after fc2_splits: a result row or LUT entry written before them (no such columns
+    or keys, or nulls read back from Parquet) means mma.sync, the kernels' only MMA then."""
+    from kernels.family import families
+    from lut_export.validate import _config
+
+    fam = families()["moe"]
+    assert fam.added_knobs == {"fc1_mma": "sync", "fc2_mma": "sync"} == mc.ADDED_KNOBS
+    assert all(getattr(MoEConfig(), k) == v for k, v in fam.added_knobs.items())  # dataclass defaults agree
+    cfg = MoEConfig.of(MoEGemmConfig(128, 128, 64, 4, 4, 2, **W), MoEGemmConfig(128, 64, 64, 4, 4, 2))
+    assert (cfg.fc1_mma, cfg.fc2_mma) == ("wgmma", "sync") and cfg.gemm("fc1").mma == "wgmma"
+    row = {f"knob_{k}": v for k, v in cfg.as_dict().items()}
+    assert fam.row_config(row) == cfg
+    old = {k: v for k, v in row.items() if k not in ("knob_fc1_mma", "knob_fc2_mma")}
+    got = fam.row_config(old)
+    assert (got.fc1_mma, got.fc2_mma) == ("sync", "sync") and got.gemm("fc2") == cfg.gemm("fc2")
+    assert fam.row_config({**old, "knob_fc1_mma": float("nan"), "knob_fc2_mma": None}) == got
+    with pytest.raises(KeyError):  # knobs that were always there are still required
+        fam.row_config({k: v for k, v in old.items() if k != "knob_fc2_bk"})
+    entry = {k: v for k, v in cfg.as_dict().items() if not k.endswith("_mma")}  # a LUT entry from before
+    assert MoEConfig.from_dict(entry) == got
+    assert _config(fam, entry) == (got, [])
+    assert any("missing knob 'fc2_bk'" in e for e in _config(fam, {k: v for k, v in entry.items() if k != "fc2_bk"})[1])
+    assert "fc1_mma" not in families()["row"].added_knobs
+

@@ -278,3 +278,99 @@ def test_torch_compile_traces_to_the_custom_op_and_matches_eager():
     compiled = torch.compile(f, fullgraph=True)(x, ids, w)
     torch.cuda.synchronize()
     assert torch.equal(compiled, eager)
+
+
+# --------------------------------------------------------------------------- the wgmma backend (SM90)
+# Forced (FC1, FC2) configs on a small real layer (H=512, I=256, E=8, top-2: FC1 K=512 N=256, FC2 K=256
+# N=512): two warpgroups along M (the large-batch tile; gated FC1's gate and up at bn 128), one warpgroup of
+# 64 rows with bk 128 (FC2: one k-tile less than its stages), two warpgroups side by side along N, and wgmma
+# FC1 beside an mma.sync FC2 (the backends share bm and stages, so they mix in one call).
+WG = dict(mma="wgmma")
+WGMMA_CFGS = {
+    "wg128": (MoEGemmConfig(128, 128, 64, 4, 4, 2, **WG), MoEGemmConfig(128, 256, 64, 4, 4, 2, **WG)),
+    "wg64": (MoEGemmConfig(64, 64, 128, 3, 4, 1, **WG), MoEGemmConfig(64, 128, 128, 3, 4, 1, **WG)),
+    "wg64n2": (MoEGemmConfig(64, 128, 64, 5, 4, 2, **WG), MoEGemmConfig(64, 64, 64, 5, 4, 2, **WG)),
+    "wg_sync": (MoEGemmConfig(128, 64, 64, 4, 4, 2, **WG), MoEGemmConfig(128, 64, 64, 4, 4, 2)),
+}
+
+
+@pytest.mark.parametrize("cfgs", ["wg128", "wg64"])
+@pytest.mark.parametrize("quant_mode", ["w4a16", "nvfp4"])
+@pytest.mark.parametrize("activation", ["silu", "relu2"])
+@pytest.mark.parametrize("skew", [None, "one"])
+@pytest.mark.parametrize("T", [1, 7, 300, 1000])
+def test_wgmma_modes_activations_sizes(T, skew, activation, quant_mode, cfgs):
+    """Every mode and activation through forced wgmma configs against the float reference; uniform routing
+    and one expert taking every token (T=1000: 8 m-tiles of 128 rows for expert 0, the others few rows or
+    none), so partial m-tiles, empty experts and several m-tiles per expert all occur."""
+    run_and_check(T, 8, 2, 512, 256, activation, quant_mode, seed=T + 3, skew=skew, configs=WGMMA_CFGS[cfgs])
+
+
+@pytest.mark.parametrize("cfgs", ["wg64n2", "wg_sync"])
+@pytest.mark.parametrize("quant_mode", ["w4a16", "nvfp4"])
+def test_wgmma_warpgroups_along_n_and_mixed_backends(cfgs, quant_mode):
+    for T, skew in ((7, None), (1000, "one")):
+        run_and_check(T, 8, 2, 512, 256, "silu", quant_mode, seed=T, skew=skew, configs=WGMMA_CFGS[cfgs])
+
+
+def test_wgmma_expert_parallel_local_subset():
+    run_and_check(300, 16, 4, 512, 256, "silu", "w4a16", n_local=8, offset=4, configs=WGMMA_CFGS["wg128"])
+    run_and_check(300, 16, 4, 512, 256, "relu2", "nvfp4", n_local=8, offset=8, configs=WGMMA_CFGS["wg64"])
+
+
+@pytest.mark.parametrize("activation", ["silu", "relu2"])
+def test_wgmma_agrees_with_mma_sync_up_to_summation_order(activation):
+    """The same tile on both backends (W4A16): the B tile is the same exact bf16 expansion and both sum in
+    fp32, so the outputs differ by reassociation only: at most a bf16 ulp or so of the output's scale, and
+    almost every element identical or one ulp apart."""
+    E, k, H, I, T = 8, 2, 512, 256, 1000  # noqa: E741
+    layer = make_layer(E, H, I, activation, "w4a16", seed=21)
+    ids, w = make_routing(T, E, k, seed=21)
+    x = torch.randn(T, H, device=DEV).to(torch.bfloat16)
+    runs = {}
+    for mma in ("sync", "wgmma"):
+        cfgs = (MoEGemmConfig(128, 64, 64, 4, 4, 2, mma=mma), MoEGemmConfig(128, 64, 64, 4, 4, 2, mma=mma))
+        out = torch.full((T, H), float("nan"), dtype=torch.bfloat16, device=DEV)
+        runs[mma] = fused_moe(x, layer["w1_weight"], layer["w1_weight_sf"], layer["w2_weight"], layer["w2_weight_sf"],
+                              ids, w, E, k, w1_alpha=layer["w1_alpha"], w2_alpha=layer["w2_alpha"], output=out,
+                              activation=activation, quant_mode="w4a16", configs=cfgs).float()
+    torch.cuda.synchronize()
+    a, b = runs["sync"], runs["wgmma"]
+    assert not torch.isnan(b).any()
+    scale = a.abs().max()
+    assert float((a - b).abs().max() / scale) <= 2**-7
+    assert float(((a - b).abs() > 2**-7 * a.abs() + 1e-6 * scale).float().mean()) < 0.01
+
+
+def test_wgmma_cuda_graph_replay_follows_new_inputs():
+    E, k, H, I, T = 8, 2, 512, 256, 300  # noqa: E741
+    layer = make_layer(E, H, I, "silu", "nvfp4")
+    ids, w = make_routing(T, E, k, seed=3)
+    x = torch.randn(T, H, device=DEV).to(torch.bfloat16)
+    out = torch.empty(T, H, dtype=torch.bfloat16, device=DEV)
+    cfgs = WGMMA_CFGS["wg128"]
+    _call(layer, x, ids, w, E, k, out, configs=cfgs)  # warm-up: compiles, caches the plan
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        _call(layer, x, ids, w, E, k, out, configs=cfgs)
+    for seed in (5, 6):
+        ids2, w2 = make_routing(T, E, k, seed=seed, skew="one" if seed == 6 else None)
+        ids.copy_(ids2)
+        w.copy_(w2)
+        x.copy_(torch.randn(T, H, device=DEV).to(torch.bfloat16))
+        out.fill_(float("nan"))
+        g.replay()
+        torch.cuda.synchronize()
+        ref = fused_moe_reference(x, layer["w1_weight"], layer["w1_weight_sf"], layer["w2_weight"],
+                                  layer["w2_weight_sf"], ids, w, w1_alpha=layer["w1_alpha"], w2_alpha=layer["w2_alpha"],
+                                  fc2_input_scale=layer["fc2_input_scale"], quant_mode="nvfp4")
+        assert float((out.float() - ref).norm() / ref.norm()) < 0.03
+
+
+def test_wgmma_configs_are_refused_where_they_cannot_run():
+    layer = make_layer(8, 512, 256, "silu", "w4a16")
+    ids, w = make_routing(4, 8, 2)
+    x = torch.randn(4, 512, device=DEV).to(torch.bfloat16)
+    bad = (MoEGemmConfig(128, 128, 64, 2, 4, 2, **WG), MoEGemmConfig(128, 256, 64, 2, 4, 2, **WG))
+    with pytest.raises(ValueError, match="stages >= 3"):
+        _call(layer, x, ids, w, 8, 2, None, "w4a16", configs=bad)
