@@ -1,4 +1,5 @@
-"""Knobs, constraints and the analytical heuristic of the fused-MoE grouped GEMM (kernels/moe_kernel.py).
+"""Knobs, constraints and the analytical heuristic of the fused-MoE grouped GEMM (kernels/moe_kernel.py,
+kernels/moe_wgmma_kernel.py).
 
 A fused-MoE call runs two grouped GEMMs (FC1, FC2); each is compiled for a `MoEGemmShape` (the layer, its
 activation, K and N and the output dtype: everything but the routed rows) and launched with a
@@ -26,7 +27,9 @@ activation, K and N and the output dtype: everything but the routed rows) and la
 
 The heuristic picks a decode tile (bm 16: at T <= 64 an expert sees a handful of rows, so the weights'
 bytes decide the time) or a large-batch tile by the rows each touched expert receives; at decode it splits
-FC2's K when the touched experts' tiles alone leave the GPU short of CTAs (split_heuristic).
+FC2's K when the touched experts' tiles alone leave the GPU short of CTAs (split_heuristic). Its large-batch
+tiles are mma.sync until WGMMA_LARGE_BATCH is switched on (after the wgmma backend is measured on the GPU).
+Constraints and heuristic take the SM they are for (`arch`, 90 by default): wgmma is SM90's alone.
 """
 from __future__ import annotations
 
