@@ -38,7 +38,7 @@ from .ops import _get_device, _raw_stream
 
 QUANT_ALIASES = {"nvfp4": "nvfp4", "w4a4": "nvfp4", "w4a16": "w4a16"}
 PRECISION_ALIASES = {"fp4": "nvfp4", "bf16": "w4a16"}
-_SOURCES = ("moe_kernel.py", "moe_wgmma_kernel.py", "moe_config.py", "moe_route_kernel.py", "moe_combine_kernel.py")
+_SOURCES = ("moe_kernel.py", "moe_wgmma_kernel.py", "moe_gemv_kernel.py", "moe_config.py", "moe_route_kernel.py", "moe_combine_kernel.py")
 _CACHE_VERSION = 1
 _FP4_DTYPES = tuple(getattr(torch, n) for n in ("uint8", "float4_e2m1fn_x2") if hasattr(torch, n))
 _SF_DTYPES = (torch.float8_e4m3fn, torch.uint8)
@@ -77,7 +77,12 @@ def _fake_args(sh: MoEGemmShape):
 
 def gemm_kernel_class(cfg: MoEGemmConfig):
     """The kernel class that runs `cfg`: its MMA backend (kernels/moe_kernel.py for mma.sync,
-    kernels/moe_wgmma_kernel.py for warpgroup MMA). Both take the same launch arguments and grid."""
+    kernels/moe_wgmma_kernel.py for warpgroup MMA, kernels/moe_gemv_kernel.py for the CUDA-core decode GEMV).
+    All take the same launch arguments and grid."""
+    if cfg.mma == "fma":
+        from .moe_gemv_kernel import MoEGemvKernel
+
+        return MoEGemvKernel
     if cfg.mma == "wgmma":
         from .moe_wgmma_kernel import MoEWgmmaKernel
 
@@ -595,13 +600,13 @@ def compile_check_cases(layers, configs: int = 1, seed: int = 0,
     """(shape, config) pairs `lutforge compile-check` compiles for `layers` ((H, I, activation) triples) and
     target `arch`: FC1 and FC2 of W4A16 (and W4A4's quantising FC1 for the first layer), each with the
     heuristic configs of decode, mid and large batches (FC2 also at decode with one touched expert: the
-    split-K tile where K allows), the first large-batch wgmma tile that fits (where the arch has wgmma: SM90)
-    plus `configs` random valid ones. Without an arch, only configs valid on every compile target
+    split-K tile where K allows), the first large-batch wgmma tile that fits (where the arch has wgmma: SM90),
+    the first decode GEMV tile (mma="fma") that fits, plus `configs` random valid ones. Without an arch, only configs valid on every compile target
     (compile_cache.ARCHS) are listed: no wgmma, which is SM90's alone."""
     import random
 
     from .compile_cache import ARCHS, arch_number
-    from .moe_config import MOE_KNOB_CHOICES, WGMMA_TILES
+    from .moe_config import GEMV_TILES, MOE_KNOB_CHOICES, WGMMA_TILES
 
     archs = [arch_number(arch)] if arch is not None else sorted(ARCHS.values())
 
@@ -617,8 +622,8 @@ def compile_check_cases(layers, configs: int = 1, seed: int = 0,
         for sh in shapes:
             heur = [heuristic(sh, rows, arch=a) for a in archs for rows in (1, 40, 1000)]
             heur += [heuristic(sh, 1, experts_touched=1.0, arch=a) for a in archs] if sh.layer == "fc2" else []
-            cfgs = list(dict.fromkeys(c for c in heur + [next((t for t in WGMMA_TILES if ok(sh, t)), None)]
-                                      if c is not None and ok(sh, c)))
+            firsts = [next((t for t in tiles if ok(sh, t)), None) for tiles in (WGMMA_TILES, GEMV_TILES)]
+            cfgs = list(dict.fromkeys(c for c in heur + firsts if c is not None and ok(sh, c)))
             want = len(cfgs) + configs
             for _ in range(500):
                 if len(set(cfgs)) >= want:

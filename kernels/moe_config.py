@@ -46,14 +46,14 @@ SMEM_LIMIT = 227 * 1024  # bytes of shared memory a CTA may opt into on SM90
 MAX_THREADS = 512
 
 MOE_KNOB_CHOICES = {
-    "bm": (16, 32, 64, 128),
+    "bm": (1, 2, 4, 8, 16, 32, 64, 128),
     "bn": (16, 32, 64, 96, 128, 192, 256),
     "bk": (64, 128, 256),
     "stages": (2, 3, 4, 5),
     "warps_m": (1, 2, 4),
     "warps_n": (1, 2, 4),
     "splits": (1, 2, 4, 8),
-    "mma": ("sync", "wgmma"),
+    "mma": ("sync", "wgmma", "fma"),
 }
 SPLIT_MAX_BM = 32  # splits > 1 only with decode tiles (see violations)
 # mma.sync's column tiles: the space its sweeps, LUT entries and heuristic were measured on. The wider and
@@ -63,6 +63,15 @@ SYNC_BN = (16, 32, 64, 128)
 WGMMA_ARCH = 90  # warpgroup MMA is SM90's (sm_90a); Blackwell's tensor cores take tcgen05 instead
 WGMMA_WARPS_M = 4  # the four warps of a warpgroup, 16 rows each of its 64-row instruction
 WGMMA_MIN_STAGES = 3  # a k-tile's buffers are refilled two tiles later, once its asynchronous wgmma retired
+# mma="fma" (kernels/moe_gemv_kernel.py): decode m-tiles of at most GEMV_MAX_BM rows; each warp's weight rows
+# (its bn / warps_n columns, with their up rows when gated) and rows x weight rows fp32 accumulators stay within
+# what fits in registers beside the loaded chunks and their expansion (at 16 weight rows, or 2 x 16 accumulators
+# with 16 rows, the compiled GEMV reached 237-255 registers on sm_90a; within 8 and 32 it takes 48-202, W4A4's
+# activation quantisation the most)
+GEMV_MAX_BM = 8
+GEMV_MAX_ROWS = 8
+GEMV_MAX_ACC = 32
+GEMV_CHUNK = 32  # K elements per lane load (16 packed bytes): K must split into whole chunks per K split
 
 
 @dataclass(frozen=True)
@@ -139,6 +148,9 @@ def smem_bytes(sh: MoEGemmShape, cfg: MoEGemmConfig) -> int:
     arena: wgmma_smem_layout)."""
     if cfg.mma == "wgmma":
         return wgmma_smem_layout(sh, cfg)[1]
+    if cfg.mma == "fma":  # the K groups' sums per (row, weight row), and the quantised output's staging
+        rows = cfg.bn * (2 if sh.gated else 1)
+        return 4 * cfg.warps_m * cfg.bm * rows + (4 * cfg.bm * cfg.bn if sh.quant_out else 0) + 64
     nb = cfg.bn * (2 if sh.gated else 1)
     pad = cfg.bk + 8
     per_stage = cfg.bm * pad * 2 + nb * cfg.bk // 2 + nb * cfg.bk // 16
@@ -146,7 +158,14 @@ def smem_bytes(sh: MoEGemmShape, cfg: MoEGemmConfig) -> int:
 
 
 def accumulators_per_thread(sh: MoEGemmShape, cfg: MoEGemmConfig) -> int:
+    if cfg.mma == "fma":  # every lane holds all of its warp's (row, weight row) sums
+        return cfg.bm * gemv_rows(sh, cfg)
     return cfg.bm * cfg.bn * (2 if sh.gated else 1) // cfg.threads
+
+
+def gemv_rows(sh: MoEGemmShape, cfg: MoEGemmConfig) -> int:
+    """mma="fma": the weight rows one warp streams (its columns, and their up rows when gated)."""
+    return cfg.bn // cfg.warps_n * (2 if sh.gated else 1)
 
 
 def violations(sh: MoEGemmShape, cfg: MoEGemmConfig, arch: int = WGMMA_ARCH) -> list[str]:
@@ -159,6 +178,8 @@ def violations(sh: MoEGemmShape, cfg: MoEGemmConfig, arch: int = WGMMA_ARCH) -> 
         return out
     if cfg.mma == "wgmma":
         return _wgmma_violations(sh, cfg, arch) + _tile_violations(sh, cfg) + _budget_violations(sh, cfg)
+    if cfg.mma == "fma":
+        return _gemv_violations(sh, cfg) + _tile_violations(sh, cfg) + _budget_violations(sh, cfg)
     if cfg.bn not in SYNC_BN:
         out.append(f"bn={cfg.bn} is a wgmma tile width; mma=sync takes bn in {SYNC_BN}")
     if cfg.bm % (16 * cfg.warps_m):
@@ -208,6 +229,32 @@ def _wgmma_violations(sh: MoEGemmShape, cfg: MoEGemmConfig, arch: int) -> list[s
     return out
 
 
+def _gemv_violations(sh: MoEGemmShape, cfg: MoEGemmConfig) -> list[str]:
+    """The CUDA-core decode GEMV's own constraints (kernels/moe_gemv_kernel.py). It has no k-tile pipeline:
+    stages and bk take one value (2, 64) so that the search does not time one kernel under many names."""
+    out = []
+    if cfg.bm > GEMV_MAX_BM:
+        out.append(f"mma=fma is the decode GEMV: bm <= {GEMV_MAX_BM} rows per m-tile, got bm={cfg.bm}")
+    if (cfg.stages, cfg.bk) != (2, 64):
+        out.append(f"mma=fma has no k-tile pipeline: stages=2 and bk=64 (unused), got stages={cfg.stages} "
+                   f"bk={cfg.bk}")
+    if cfg.bn % cfg.warps_n:
+        out.append(f"mma=fma: bn={cfg.bn} must split into warps_n={cfg.warps_n} equal column groups")
+        return out
+    rows = gemv_rows(sh, cfg)
+    if rows > GEMV_MAX_ROWS:
+        out.append(f"mma=fma: {rows} weight rows per warp > {GEMV_MAX_ROWS} (bn / warps_n columns"
+                   + (", doubled for the gate and up rows)" if sh.gated else ")"))
+    if cfg.bm * rows > GEMV_MAX_ACC:
+        out.append(f"mma=fma: bm x weight rows = {cfg.bm * rows} accumulators per lane > {GEMV_MAX_ACC}")
+    if sh.K % (GEMV_CHUNK * cfg.splits):
+        out.append(f"mma=fma: K={sh.K} must be a multiple of {GEMV_CHUNK}*splits={GEMV_CHUNK * cfg.splits} "
+                   "(whole 16-byte chunks per K split)")
+    if cfg.splits != 1 and sh.layer != "fc2":
+        out.append(f"splits={cfg.splits}: only FC2 splits K (FC1's fused activation needs the whole sum)")
+    return out
+
+
 def _tile_violations(sh: MoEGemmShape, cfg: MoEGemmConfig) -> list[str]:
     """Both backends walk whole tiles."""
     out = []
@@ -244,13 +291,28 @@ WGMMA_LARGE_BATCH = False
 WGMMA_TILES = tuple(MoEGemmConfig(128, bn, 64, 4, 4, 2, mma="wgmma") for bn in (256, 192, 128, 96, 64))
 
 
+# The decode GEMV tiles (kernels/moe_gemv_kernel.py) by the rows of the m-tile, a warp's weight rows at 8 (4
+# gated columns, or 8 ungated) over 4 warps along N: up to GEMV_MAX_ROWS rows per expert, where CUDA-core FMAs
+# (bm per weight) stay below the FP4 expansion's cost and the weight read. The heuristic prefers them only once
+# GEMV_DECODE is on: it stays off until the backend is measured on the H200 (tests/gpu/test_fused_moe_gpu.py
+# -k gemv for correctness, benchmarks/fused_moe.py for the decode times against the mma.sync decode tile), and
+# is switched on in the change that records those numbers.
+GEMV_DECODE = False
+GEMV_ROWS = 4
+GEMV_TILES = tuple(MoEGemmConfig(bm, bn, 64, 2, 1, 4, mma="fma") for bm in (1, 2, 4) for bn in (32, 16))
+
+
 def heuristic(sh: MoEGemmShape, rows_per_expert: float, experts_touched: float = 0.0,
               arch: int = WGMMA_ARCH) -> MoEGemmConfig:
     """A valid config (on SM `arch`) from the rows each touched expert receives: decode tiles (bm 16, deep
     k-tiles to keep weight bytes in flight) up to 16 rows, mid tiles to 64, large tiles beyond (the wgmma
     ones first when WGMMA_LARGE_BATCH is on); FC2's K split by split_heuristic when `experts_touched`
     (kernels.moe_problem.expected_experts_touched; 0: unknown, no split) leaves the grid short of CTAs."""
-    if rows_per_expert <= 16:
+    if GEMV_DECODE and rows_per_expert <= GEMV_ROWS:
+        # the smallest m-tile holding an expert's expected rows (at T=1 one row each), the widest column tile
+        # whose warps stay within GEMV_MAX_ROWS weight rows (gated FC1: 16; FC2 and ReLU2: 32)
+        wants = [c for c in GEMV_TILES if c.bm >= rows_per_expert]
+    elif rows_per_expert <= 16:
         # 16x64x128 s3 with 4 warps first: on the H200 (results/h200/e2e/fused_moe_decode.md, both GEMMs forced
         # to each tile) it beat the 2-warp 16x32x256 s4 tile at T=1 and 64 of Qwen3-30B-A3B, Mixtral-8x7B and
         # DeepSeek-V3 in both modes by 1.03-1.95x (e.g. DeepSeek T=64 W4A16 4515 vs 6755 us), except Mixtral

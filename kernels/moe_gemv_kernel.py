@@ -30,10 +30,9 @@ import cutlass
 import cutlass.cute as cute
 from cutlass import Float32, Int32, Int64, Uint32, const_expr
 
-from .moe_config import MoEGemmConfig, MoEGemmShape
+from .moe_config import GEMV_CHUNK, gemv_rows
 from .moe_kernel import SEARCH_STEPS, MoEGemmSpec, _e4m3_to_f32, _expand_pair, _fake_quantize_block
 
-CHUNK = 32  # K elements per lane-chunk: 16 packed bytes, two 16-element scale blocks
 
 
 @cute.jit
@@ -41,14 +40,6 @@ def _unpack(w):
     """bf16x2 word -> (low, high) as fp32 (a bf16 is the top half of an fp32)."""
     return cute.arch.inline_ptx("{ shl.b32 {$w0}, {$r0}, 16; and.b32 {$w1}, {$r0}, 0xFFFF0000; }",
                                 write_only_types=[Float32, Float32], read_only_args=[w])
-
-
-def gemv_shape(sh: MoEGemmShape, cfg: MoEGemmConfig) -> dict:
-    """The derived sizes of the GEMV for (shape, config): shared with kernels/moe_config's constraints."""
-    gate = 2 if sh.gated else 1
-    cols = cfg.bn // cfg.warps_n  # output columns per warp
-    return {"cols": cols, "rows": cols * gate, "acc": cfg.bm * cols * gate,
-            "chunks": sh.K // (CHUNK * cfg.splits)}  # chunks per split
 
 
 class MoEGemvKernel:
@@ -61,8 +52,9 @@ class MoEGemvKernel:
         self.bm, self.bn, self.splits = cfg.bm, cfg.bn, cfg.splits
         self.wk, self.wn = cfg.warps_m, cfg.warps_n  # warps along K, along the columns
         self.threads = 32 * self.wk * self.wn
-        g = gemv_shape(sh, cfg)
-        self.cols, self.rows, self.chunks = g["cols"], g["rows"], g["chunks"]
+        self.cols = cfg.bn // cfg.warps_n  # output columns per warp
+        self.rows = gemv_rows(sh, cfg)  # weight rows per warp
+        self.chunks = sh.K // (GEMV_CHUNK * cfg.splits)  # 16-byte chunks of a weight row per K split
         self.iters = -(-self.chunks // (32 * self.wk))  # chunk rounds of one lane
 
     # ------------------------------------------------------------------ host side

@@ -242,7 +242,12 @@ def test_valid_layer_configs_cross_the_split_fc2_configs_and_agree_with_violatio
     sync = [v for v in valid if v[-2:] == ("sync", "sync")]
     assert len([v for v in sync if v[split_at] == 1]) == 32115  # the mma.sync space before FC2 could split K
     assert len(sync) == 68007  # splits > 1 on decode tiles (bm 16, 32): about 2.1x
-    assert sync == mc.valid_layer_configs(shapes, arch=100)  # no wgmma off SM90: the mma.sync space alone
+    fma = [v for v in valid if "fma" in v[-2:]]
+    # the decode GEMV alone takes m-tiles below 16 rows, so both GEMMs of such a layer config are GEMVs
+    assert fma and all(v[-2:] == ("fma", "fma") and v[0] <= mc.GEMV_MAX_BM and v[1] == 2 for v in fma)
+    assert {v[0] for v in fma} == {1, 2, 4}  # Mixtral's gated FC1 warps hold 8 weight rows at least: bm 8 needs 64
+    # no wgmma off SM90: the mma.sync space and the GEMV's
+    assert sorted(sync + fma) == sorted(mc.valid_layer_configs(shapes, arch=100))
     wgmma = [v for v in valid if "wgmma" in v[-2:]]
     assert wgmma and all(v[0] in (64, 128) and v[split_at] == 1 for v in wgmma)
     assert all(not mc.layer_violations(shapes, MoEConfig(*v)) for v in valid[::211])
@@ -467,6 +472,66 @@ def test_wgmma_is_off_in_the_heuristic_until_measured(monkeypatch):
                 not mc.layer_violations(sh2, off_sm90, arch=100)
 
 
+GEMV = dict(stages=2, bk=64, mma="fma")
+
+
+@pytest.mark.parametrize("arch", ["sm_90a", "sm_100a"])
+@pytest.mark.parametrize("tile", ["1 row", "4 rows, 2 K groups, FC2 split"])
+@pytest.mark.parametrize("mode", list(_wgmma_shapes()))
+def test_gemv_backend_compiles_every_layer_and_mode(mode, tile, arch):
+    """The decode GEMV compiles for every layer and mode (one source for SM90 and SM100), within the
+    registers of its constraints, and is the kernel class of mma="fma"."""
+    from kernels.compile_cache import resource_usage
+    from kernels.moe_gemv_kernel import MoEGemvKernel
+
+    sh = _wgmma_shapes()[mode]
+    if tile == "1 row":
+        cfg = MoEGemmConfig(1, 16, warps_m=1, warps_n=4, **GEMV)
+    else:
+        cfg = MoEGemmConfig(4, 16 if sh.gated else 32, warps_m=2, warps_n=4, splits=2 if sh.layer == "fc2" else 1,
+                            **GEMV)
+    assert not violations(sh, cfg, int(arch[3:5])), violations(sh, cfg)
+    assert fm.gemm_kernel_class(cfg) is MoEGemvKernel
+    regs, _ = resource_usage(fm.compile_gemm(sh, cfg, arch))
+    assert regs is not None and regs <= 224  # 48-202 on these (W4A4's activation quantisation the most)
+
+
+def test_gemv_constraints_say_what_is_wrong():
+    fc1, fc2 = gemm_shapes("w4a16", "silu", 2048, 768)
+
+    def why(sh, cfg):
+        return "; ".join(violations(sh, cfg))
+
+    assert not why(fc1, MoEGemmConfig(4, 16, warps_m=1, warps_n=4, **GEMV))
+    assert not why(fc2, MoEGemmConfig(1, 32, warps_m=4, warps_n=4, splits=8, **GEMV))  # K=768 = 8 x 3 chunks
+    assert "bm <= 8" in why(fc2, MoEGemmConfig(16, 32, warps_m=1, warps_n=4, **GEMV))
+    assert "no k-tile pipeline" in why(fc2, MoEGemmConfig(1, 32, 128, 3, 1, 4, mma="fma"))
+    assert "16 weight rows per warp > 8" in why(fc1, MoEGemmConfig(1, 32, warps_m=1, warps_n=4, **GEMV))
+    assert "64 accumulators per lane > 32" in why(fc1, MoEGemmConfig(8, 16, warps_m=1, warps_n=4, **GEMV))
+    assert "multiple of 32*splits=256" in why(gemm_shapes("w4a16", "silu", 2048, 1856)[1],
+                                    MoEGemmConfig(1, 32, warps_m=1, warps_n=4, splits=8, **GEMV))
+    assert "only FC2 splits K" in why(fc1, MoEGemmConfig(1, 16, warps_m=1, warps_n=4, splits=2, **GEMV))
+    # the tensor-core kernels refuse the GEMV's m-tiles
+    assert "multiple of 16*warps_m" in why(fc2, MoEGemmConfig(4, 32, 64, 3, 1, 2))
+    assert "tiles bm=64" in why(fc2, MoEGemmConfig(4, 64, 64, 4, 4, 1, mma="wgmma"))
+
+
+def test_gemv_is_off_in_the_heuristic_until_measured(monkeypatch):
+    shapes = gemm_shapes("nvfp4", "silu", 4096, 14336)
+    assert mc.GEMV_DECODE is False
+    assert all(heuristic(sh, rows).mma == "sync" for sh in shapes for rows in (0.5, 1, 4))
+    monkeypatch.setattr(mc, "GEMV_DECODE", True)
+    for H, I, act in ((4096, 14336, "silu"), (2048, 768, "silu"), (2880, 2880, "silu"), (2688, 1856, "relu2"),
+                      (7168, 2048, "silu")):
+        for q in ("w4a16", "nvfp4"):
+            sh2 = gemm_shapes(q, act, H, I)
+            for rows, bm in ((1.0, 1), (1.6, 2), (4.0, 4)):
+                cfg = mc.layer_heuristic(sh2, rows, 8.0)
+                assert (cfg.fc1_mma, cfg.fc2_mma, cfg.bm) == ("fma", "fma", bm), (H, rows, cfg.short())
+                assert not mc.layer_violations(sh2, cfg) and not mc.layer_violations(sh2, cfg, arch=100)
+            assert mc.layer_heuristic(sh2, 5.0, 8.0).fc1_mma == "sync"  # past GEMV_ROWS: the mma decode tile
+
+
 def test_compile_check_covers_wgmma_on_sm90_only():
     layers = [(2048, 768, "silu"), (2880, 2880, "silu"), (2688, 1856, "relu2")]
     on90 = fm.compile_check_cases(layers, configs=1, arch="sm_90a")
@@ -475,9 +540,13 @@ def test_compile_check_covers_wgmma_on_sm90_only():
         ("fc1", "silu", False), ("fc1", "silu", True), ("fc2", "silu", False), ("fc1", "relu2", False),
         ("fc2", "relu2", False)}  # a wgmma tile for every GEMM of every layer
     assert all(not violations(sh, c, 90) for sh, c in on90)
-    for arch in ("sm_100a", None):  # no target named: only what every target compiles
-        cases = fm.compile_check_cases(layers, configs=1, arch=arch)
-        assert cases and all(c.mma == "sync" and not violations(sh, c, 100) for sh, c in cases)
+    shapes = {(sh.layer, sh.activation, sh.quant_a) for sh, _ in on90}
+    for arch in ("sm_90a", "sm_100a", None):  # no target named: only what every target compiles
+        cases = on90 if arch == "sm_90a" else fm.compile_check_cases(layers, configs=1, arch=arch)
+        # the decode GEMV (plain CUDA-core code) compiles for every target, for every GEMM of every layer
+        assert {(sh.layer, sh.activation, sh.quant_a) for sh, c in cases if c.mma == "fma"} == shapes
+        if arch != "sm_90a":
+            assert cases and all(c.mma != "wgmma" and not violations(sh, c, 100) for sh, c in cases)
 
 
 def test_mma_is_compile_time_and_in_the_cache_key():

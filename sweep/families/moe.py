@@ -170,7 +170,7 @@ def compile_cases(arch: str, configs: int, quick: bool) -> tuple:
     from problem_sets.moe import moe_problems
 
     layers = dict.fromkeys((p.H, p.I, p.activation) for p in moe_problems("moe"))
-    return (compile_check_cases(list(layers), configs), compile_gemm,
+    return (compile_check_cases(list(layers), configs, arch=arch), compile_gemm,
             lambda sh, c: f"fused_moe {sh.layer:3s} {sh.activation:5s} {sh.out_dtype:4s} K={sh.K:<6d} N={sh.N:<6d} "
                           f"{c.short():26s}", "fused-MoE GEMMs")
 

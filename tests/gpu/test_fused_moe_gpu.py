@@ -374,3 +374,57 @@ def test_wgmma_configs_are_refused_where_they_cannot_run():
     bad = (MoEGemmConfig(128, 128, 64, 2, 4, 2, **WG), MoEGemmConfig(128, 256, 64, 2, 4, 2, **WG))
     with pytest.raises(ValueError, match="stages >= 3"):
         _call(layer, x, ids, w, 8, 2, None, "w4a16", configs=bad)
+
+
+# The decode GEMV (mma="fma", kernels/moe_gemv_kernel.py): m-tiles of 1-4 rows, so a tile of T=7 with top-2
+# over 8 experts takes several m-tiles per expert; K groups (warps_m) and FC2's split-K; H=512 I=256 and a
+# layer whose K is not a multiple of 32 lanes x 32 codes (I=320: FC2's 10 chunks leave 22 lanes idle).
+FMA = dict(stages=2, bk=64, mma="fma")
+GEMV_CFGS = {
+    "1 row": (MoEGemmConfig(1, 16, warps_m=1, warps_n=4, **FMA), MoEGemmConfig(1, 32, warps_m=1, warps_n=4, **FMA)),
+    "4 rows, K groups, split": (MoEGemmConfig(4, 16, warps_m=2, warps_n=4, **FMA),
+                                MoEGemmConfig(4, 32, warps_m=4, warps_n=4, splits=2, **FMA)),
+    "2 rows, 4 K groups, 2 column groups": (MoEGemmConfig(2, 16, warps_m=4, warps_n=4, **FMA),
+                                            MoEGemmConfig(2, 16, warps_m=2, warps_n=2, splits=4, **FMA)),
+}
+
+
+@pytest.mark.parametrize("cfgs", list(GEMV_CFGS))
+@pytest.mark.parametrize("quant_mode", ["w4a16", "nvfp4"])
+@pytest.mark.parametrize("activation", ["silu", "relu2"])
+@pytest.mark.parametrize("skew", [None, "one"])
+@pytest.mark.parametrize("T", [1, 7, 64])
+def test_gemv_modes_activations_sizes(T, skew, activation, quant_mode, cfgs):
+    """Every mode and activation through forced GEMV configs against the float reference; uniform routing
+    and one expert taking every token (partial m-tiles, empty experts, many m-tiles of one expert)."""
+    cfg1, cfg2 = GEMV_CFGS[cfgs]
+    if activation == "relu2":  # ungated FC1: its warps may take twice the columns
+        cfg1 = MoEGemmConfig(cfg1.bm, 2 * cfg1.bn, warps_m=cfg1.warps_m, warps_n=cfg1.warps_n, **FMA)
+    run_and_check(T, 8, 2, 512, 256, activation, quant_mode, seed=T + 5, skew=skew, configs=(cfg1, cfg2))
+
+
+@pytest.mark.parametrize("quant_mode", ["w4a16", "nvfp4"])
+def test_gemv_idle_lanes_top_k_and_expert_parallel(quant_mode):
+    run_and_check(5, 16, 8, 512, 320, "silu", quant_mode, seed=3, configs=GEMV_CFGS["1 row"])
+    run_and_check(9, 16, 1, 512, 320, "relu2", quant_mode, seed=4, configs=(
+        MoEGemmConfig(2, 32, warps_m=1, warps_n=4, **FMA), MoEGemmConfig(2, 16, warps_m=2, warps_n=2, splits=2, **FMA)))
+    run_and_check(33, 16, 4, 512, 256, "silu", quant_mode, n_local=8, offset=4, configs=GEMV_CFGS["1 row"])
+
+
+def test_gemv_agrees_with_mma_sync_at_decode():
+    """W4A16 at T=1 on Mixtral-like proportions (K 1024 / 2048): both backends multiply the same exact bf16
+    weights in fp32, so the outputs differ by summation order only."""
+    E, k, H, I, T = 8, 2, 1024, 2048, 3  # noqa: E741
+    layer = make_layer(E, H, I, "silu", "w4a16", seed=31)
+    ids, w = make_routing(T, E, k, seed=31)
+    x = torch.randn(T, H, device=DEV).to(torch.bfloat16)
+    runs = []
+    for cfgs in ((MoEGemmConfig(16, 64, 128, 3, 1, 4), MoEGemmConfig(16, 64, 128, 3, 1, 4)), GEMV_CFGS["1 row"]):
+        out = torch.full((T, H), float("nan"), dtype=torch.bfloat16, device=DEV)
+        runs.append(fused_moe(x, layer["w1_weight"], layer["w1_weight_sf"], layer["w2_weight"], layer["w2_weight_sf"],
+                              ids, w, E, k, w1_alpha=layer["w1_alpha"], w2_alpha=layer["w2_alpha"], output=out,
+                              quant_mode="w4a16", configs=cfgs).float())
+    torch.cuda.synchronize()
+    a, b = runs
+    assert not torch.isnan(b).any()
+    assert float((a - b).abs().max() / a.abs().max()) <= 2**-7
