@@ -15,7 +15,10 @@ activation, K and N and the output dtype: everything but the routed rows) and la
   the bf16 B tile expanded into the other of two buffers while the previous k-tile's wgmma runs. mma.sync
   cannot reach Hopper's dense bf16 rate (the large batches ran at 16-30 % of torch.mm 8192^3 with it); the
   wgmma tiles are bm 64/128 only, with warps_m = 4 (one warpgroup's warps, 16 rows each of its 64) and
-  warps_n the number of warpgroups (bm/64 along M, the rest along N), and never split K.
+  warps_n the number of warpgroups (bm/64 along M, the rest along N), and never split K. "fma"
+  (kernels/moe_gemv_kernel.py): no tensor core, a grouped GEMV on CUDA cores for decode m-tiles of bm 1-8
+  rows; warps_n groups of bn / warps_n columns, warps_m groups along K; stages and bk unused (2, 64). At
+  decode the mma.sync tile reads the weights at 9-26 % of the copy roofline, behind two barriers a k-tile.
 * splits (FC2 only): split-K. The grid gets a third axis of `splits` CTAs per (m-tile, n-tile); split s
   sums over K elements [s*K/splits, (s+1)*K/splits) and writes its whole fp32 partial tile to its own
   slice of the per-pair output y [splits, pairs, H]; the per-token sum after the GEMM adds the splits and
