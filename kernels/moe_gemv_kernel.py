@@ -31,7 +31,8 @@ import cutlass.cute as cute
 from cutlass import Float32, Int32, Int64, Uint32, const_expr
 
 from .moe_config import GEMV_CHUNK, gemv_rows
-from .moe_kernel import SEARCH_STEPS, MoEGemmSpec, _e4m3_to_f32, _expand_pair, _fake_quantize_block
+from .moe_kernel import (MoEGemmSpec, _e4m3_to_f32, _expand_pair, _fake_quantize_block, expert_of_tile,
+                         routing_tensors)
 
 
 
@@ -72,22 +73,9 @@ class MoEGemvKernel:
         mW = cute.make_tensor(cute.recast_ptr(w_ptr, dtype=Uint32), cute.make_layout(
             (n_experts, nw, K // 8), stride=(cute.assume(w_stride_e // 4, divby=4), K // 8, 1)))
         mSF = cute.make_tensor(sf_ptr, cute.make_layout((n_experts, nw, K // 16), stride=(sf_stride_e, K // 16, 1)))
-        mAlpha = cute.make_tensor(alpha_ptr, cute.make_layout((n_experts,)))
-        mEO = cute.make_tensor(expert_offsets_ptr, cute.make_layout((n_experts + 1,)))
-        mTO = cute.make_tensor(tile_offsets_ptr, cute.make_layout((n_experts + 1,)))
-        mOut = cute.make_tensor(out_ptr, cute.make_layout((out_count, N), stride=(cute.assume(Int64(N), divby=8), 1)))
-        mARows = None
-        if const_expr(a_rows_ptr is not None):
-            mARows = cute.make_tensor(a_rows_ptr, cute.make_layout((n_rows,)))
-        mScale = None
-        if const_expr(row_scale_ptr is not None):
-            mScale = cute.make_tensor(row_scale_ptr, cute.make_layout((n_rows,)))
-        mORows = None
-        if const_expr(out_rows_ptr is not None):
-            mORows = cute.make_tensor(out_rows_ptr, cute.make_layout((n_rows,)))
-        mGS = None
-        if const_expr(gs_ptr is not None):
-            mGS = cute.make_tensor(gs_ptr, cute.make_layout((1,)))
+        mAlpha, mEO, mTO, mOut, mARows, mScale, mORows, mGS = routing_tensors(
+            N, n_experts, n_rows, out_count, alpha_ptr, expert_offsets_ptr, tile_offsets_ptr, out_ptr, a_rows_ptr,
+            row_scale_ptr, out_rows_ptr, gs_ptr)
         self.kernel(mA, mARows, mW, mSF, mAlpha, mScale, mORows, mOut, mEO, mTO, mGS, n_rows, n_experts).launch(
             grid=[grid_m, N // self.bn, self.splits], block=[self.threads, 1, 1], stream=stream)
 
@@ -97,16 +85,7 @@ class MoEGemvKernel:
                mORows, mOut: cute.Tensor, mEO: cute.Tensor, mTO: cute.Tensor, mGS, n_rows: Int32, n_experts: Int32):
         tidx, _, _ = cute.arch.thread_idx()
         tile, ntile, split = cute.arch.block_idx()
-        lo = Int32(0)  # the expert of this m-tile: the last e with tile_offsets[e] <= tile
-        hi = n_experts
-        for _ in cutlass.range_constexpr(SEARCH_STEPS):
-            if hi - lo > 1:
-                mid = (lo + hi) >> 1
-                if mTO[mid] <= tile:
-                    lo = mid
-                else:
-                    hi = mid
-        e = lo
+        e = expert_of_tile(mTO, tile, n_experts)
         if tile < mTO[n_experts]:
             row0 = mEO[e] + (tile - mTO[e]) * self.bm
             self._tile(mA, mARows, mW, mSF, mAlpha, mScale, mORows, mOut, mGS, e, row0, mEO[e + 1], ntile, split,

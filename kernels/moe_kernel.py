@@ -124,6 +124,47 @@ def _fake_quantize_block(f, gs):
         f[i] = _e2m1_value(f[i] * factor) * s
 
 
+@cute.jit
+def expert_of_tile(mTO, tile, n_experts):
+    """The local expert whose m-tiles hold grid tile `tile`: the last e with tile_offsets[e] <= tile (a binary
+    search; a tile past tile_offsets[n_experts] is slack and its CTA exits)."""
+    lo = Int32(0)
+    hi = n_experts
+    for _ in cutlass.range_constexpr(SEARCH_STEPS):
+        if hi - lo > 1:
+            mid = (lo + hi) >> 1
+            if mTO[mid] <= tile:
+                lo = mid
+            else:
+                hi = mid
+    return lo
+
+
+@cute.jit
+def routing_tensors(N: int, n_experts, n_rows, out_count, alpha_ptr, expert_offsets_ptr, tile_offsets_ptr, out_ptr,
+                    a_rows_ptr, row_scale_ptr, out_rows_ptr, gs_ptr):
+    """The launch's tensors every fused-MoE GEMM backend shares: alphas, expert and tile offsets, the output
+    rows of N columns, and the optional gather rows, routing weights, output rows and FC2 input scale (None
+    where the layer has none)."""
+    mAlpha = cute.make_tensor(alpha_ptr, cute.make_layout((n_experts,)))
+    mEO = cute.make_tensor(expert_offsets_ptr, cute.make_layout((n_experts + 1,)))
+    mTO = cute.make_tensor(tile_offsets_ptr, cute.make_layout((n_experts + 1,)))
+    mOut = cute.make_tensor(out_ptr, cute.make_layout((out_count, N), stride=(cute.assume(Int64(N), divby=8), 1)))
+    mARows = None
+    if const_expr(a_rows_ptr is not None):
+        mARows = cute.make_tensor(a_rows_ptr, cute.make_layout((n_rows,)))
+    mScale = None
+    if const_expr(row_scale_ptr is not None):
+        mScale = cute.make_tensor(row_scale_ptr, cute.make_layout((n_rows,)))
+    mORows = None
+    if const_expr(out_rows_ptr is not None):
+        mORows = cute.make_tensor(out_rows_ptr, cute.make_layout((n_rows,)))
+    mGS = None
+    if const_expr(gs_ptr is not None):
+        mGS = cute.make_tensor(gs_ptr, cute.make_layout((1,)))
+    return mAlpha, mEO, mTO, mOut, mARows, mScale, mORows, mGS
+
+
 @dataclass(frozen=True)
 class MoEGemmSpec:
     shape: MoEGemmShape
@@ -169,23 +210,9 @@ class MoEGemmKernel:
             (n_experts, nw, K // 2), stride=(cute.assume(w_stride_e, divby=16), K // 2, 1)))
         mSF = cute.make_tensor(sf_ptr, cute.make_layout(
             (n_experts, nw, K // 16), stride=(cute.assume(sf_stride_e, divby=self.sf_bytes), K // 16, 1)))
-        mAlpha = cute.make_tensor(alpha_ptr, cute.make_layout((n_experts,)))
-        mEO = cute.make_tensor(expert_offsets_ptr, cute.make_layout((n_experts + 1,)))
-        mTO = cute.make_tensor(tile_offsets_ptr, cute.make_layout((n_experts + 1,)))
-        mOut = cute.make_tensor(out_ptr, cute.make_layout((out_count, N), stride=(cute.assume(Int64(N), divby=8), 1)))
-        mARows = None
-        if const_expr(a_rows_ptr is not None):
-            mARows = cute.make_tensor(a_rows_ptr, cute.make_layout((n_rows,)))
-        mScale = None
-        if const_expr(row_scale_ptr is not None):
-            mScale = cute.make_tensor(row_scale_ptr, cute.make_layout((n_rows,)))
-        mORows = None
-        if const_expr(out_rows_ptr is not None):
-            mORows = cute.make_tensor(out_rows_ptr, cute.make_layout((n_rows,)))
-
-        mGS = None
-        if const_expr(gs_ptr is not None):
-            mGS = cute.make_tensor(gs_ptr, cute.make_layout((1,)))
+        mAlpha, mEO, mTO, mOut, mARows, mScale, mORows, mGS = routing_tensors(
+            N, n_experts, n_rows, out_count, alpha_ptr, expert_offsets_ptr, tile_offsets_ptr, out_ptr, a_rows_ptr,
+            row_scale_ptr, out_rows_ptr, gs_ptr)
         tiled_mma = self._make_tiled_mma()
         self.kernel(mA, mARows, mW, mSF, mAlpha, mScale, mORows, mOut, mEO, mTO, mGS, n_rows, n_experts,
                     tiled_mma).launch(grid=[grid_m, N // self.bn, self.splits], block=[self.threads, 1, 1],
@@ -206,17 +233,7 @@ class MoEGemmKernel:
         tidx, _, _ = cute.arch.thread_idx()
         tile, ntile, split = cute.arch.block_idx()
 
-        # Which expert's m-tile this CTA is: the last e with tile_offsets[e] <= tile.
-        lo = Int32(0)
-        hi = n_experts
-        for _ in cutlass.range_constexpr(SEARCH_STEPS):
-            if hi - lo > 1:
-                mid = (lo + hi) >> 1
-                if mTO[mid] <= tile:
-                    lo = mid
-                else:
-                    hi = mid
-        e = lo
+        e = expert_of_tile(mTO, tile, n_experts)
         if tile < mTO[n_experts]:
             row0 = mEO[e] + (tile - mTO[e]) * bm  # first sorted position of the tile
             row_end = mEO[e + 1]
@@ -255,24 +272,7 @@ class MoEGemmKernel:
         mSFv = cute.zipped_divide(mSF, (1, 1, self.sf_bytes))
         sSFv = cute.zipped_divide(sSF, (1, self.sf_bytes, 1))
 
-        # The A rows and B rows this thread copies (the same every k-tile).
-        a_per_thr = -(-self.a_chunks // self.threads)
-        a_src = cute.make_rmem_tensor((a_per_thr,), Int32)
-        a_ok = cute.make_rmem_tensor((a_per_thr,), cutlass.Boolean)
-        for i in cutlass.range_constexpr(a_per_thr):
-            c = tidx + i * self.threads
-            r = c // (bk // 8)
-            s = row0 + r
-            ok = c < self.a_chunks and s < row_end
-            src = s
-            if const_expr(mARows is not None):
-                if ok:
-                    src = mARows[s]
-            a_src[i] = src
-            a_ok[i] = ok
-
-        # Rows past the expert's end are never loaded: whatever the shared tile holds there only reaches
-        # output rows the epilogue drops (an mma output row depends on its A row alone).
+        a_src, a_ok = self._a_sources(mARows, row0, row_end, tidx)
         for s in cutlass.range_constexpr(stages - 1):
             if s < k_tiles:
                 self._issue(kt0 + s, s, a_src, a_ok, mAv, sAv, mWv, sWv, mSFv, sSFv, cp16, cp16b, cp_sf, e, n0,
@@ -410,6 +410,26 @@ class MoEGemmKernel:
                 _fake_quantize_block(f, Float32(1.0))
                 blk.store(f.load().to(cutlass.BFloat16))
                 cute.autovec_copy(blk, sAq[(0, None, 0), (r, kb, stage)])
+
+    @cute.jit
+    def _a_sources(self, mARows, row0, row_end, tidx):
+        """The A rows this thread copies, the same every k-tile (its 16-byte chunks c = tidx + i * threads of the
+        tile), and which of them exist. Rows past the expert's end are never loaded: whatever the shared tile
+        holds there only reaches output rows the epilogue drops (an output row depends on its A row alone)."""
+        a_per_thr = -(-self.a_chunks // self.threads)
+        a_src = cute.make_rmem_tensor((a_per_thr,), Int32)
+        a_ok = cute.make_rmem_tensor((a_per_thr,), cutlass.Boolean)
+        for i in cutlass.range_constexpr(a_per_thr):
+            c = tidx + i * self.threads
+            s = row0 + c // (self.bk // 8)
+            ok = c < self.a_chunks and s < row_end
+            src = s
+            if const_expr(mARows is not None):
+                if ok:
+                    src = mARows[s]
+            a_src[i] = src
+            a_ok[i] = ok
+        return a_src, a_ok
 
     @cute.jit
     def _issue(self, kt, stage, a_src, a_ok, mAv, sAv, mWv, sWv, mSFv, sSFv, cp16, cp16b, cp_sf, e, n0, tidx):

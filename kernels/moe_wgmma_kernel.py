@@ -113,21 +113,7 @@ class MoEWgmmaKernel(MoEGemmKernel):
         mSFv = cute.zipped_divide(mSF, (1, 1, self.sf_bytes))
         sSFv = cute.zipped_divide(sSF, (1, self.sf_bytes, 1))
 
-        # The A rows this thread copies (the same every k-tile); rows past the expert's end are never loaded:
-        # an output row depends on its A row alone, and the epilogue drops those rows.
-        a_per_thr = -(-self.a_chunks // self.threads)
-        a_src = cute.make_rmem_tensor((a_per_thr,), cutlass.Int32)
-        a_ok = cute.make_rmem_tensor((a_per_thr,), cutlass.Boolean)
-        for i in cutlass.range_constexpr(a_per_thr):
-            c = tidx + i * self.threads
-            s = row0 + c // (bk // 8)
-            ok = c < self.a_chunks and s < row_end
-            src = s
-            if const_expr(mARows is not None):
-                if ok:
-                    src = mARows[s]
-            a_src[i] = src
-            a_ok[i] = ok
+        a_src, a_ok = self._a_sources(mARows, row0, row_end, tidx)
 
         for s in cutlass.range_constexpr(stages - 2):
             if s < k_tiles:
