@@ -158,8 +158,9 @@ def tune_command(ops, problem_set, shapes, outs, in_dtype, layouts, trials, wall
     for what, where in artefacts:
         click.echo(f"  {what:<15} {where}")
     if failed:
-        raise click.ClickException(f"{len(failed)} LUT entries failed the GPU check (listed under stage 3) and were "
-                                   f"removed from {ex.path}: a kernel or its check is wrong there")
+        raise click.ClickException(f"{len(failed)} GPU check failures (listed under stage 3) beyond entries slower than "
+                                   f"the fallback; the entries concerned were removed from {ex.path}: a kernel or "
+                                   "its check is wrong there")
 
 
 def check_exported(path: Path, keys: set, info: dict, results: Path, check=None) -> tuple[int, list, int]:
