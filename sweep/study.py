@@ -644,11 +644,19 @@ class StudyRun:
                 if (n >= budget and not waiting) or total >= cap:
                     study.stop()
 
+        if self.time_budget is not None and waiting:
+            # The enqueued configs (the heuristic, sibling winners, probes) run before the time budget starts: a
+            # short --time-budget would otherwise end inside them, and the learned fallback counts a problem only
+            # once it measured most of its probes (sweep.fallback_fit.probed). The wall budget still stops them.
+            left = None if self.deadline is None else max(self.search_time_left(), 1e-3)
+            study.optimize(objective, n_trials=waiting, timeout=left, n_jobs=self.n_jobs, callbacks=[after],
+                           gc_after_trial=False)
         timeout = self.time_budget
         if self.deadline is not None:
             left = max(self.search_time_left(), 1e-3)
             timeout = left if timeout is None else min(timeout, left)
-        study.optimize(objective, timeout=timeout, n_jobs=self.n_jobs, callbacks=[after], gc_after_trial=False)
+        if self.in_time():
+            study.optimize(objective, timeout=timeout, n_jobs=self.n_jobs, callbacks=[after], gc_after_trial=False)
         self.writer.flush()
         return study
 

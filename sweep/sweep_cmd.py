@@ -443,7 +443,8 @@ def parse_gpus(gpus: str | None) -> list[str] | None:
               help="Configs to measure per problem (total in the study, so a resume continues to N). "
                    "Default 100 when no --time-budget is given.")
 @click.option("--time-budget", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Seconds of search per problem and worker process.")
+              help="Seconds of search per problem and worker process, after the configs every sweep times (the "
+                   "heuristic, neighbours' winners and the fallback's probe configs).")
 @click.option("--wall-budget", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Seconds for the whole sweep, re-bench included: the search stops when the time left is what "
                    "re-benchmarking the problems it reached will take (estimated from their measured timing "

@@ -407,3 +407,25 @@ def test_a_rerun_times_the_probes_of_changed_rules_once(tmp_path, monkeypatch):
     finally:
         ev.close()
         claims.close()
+
+
+def test_a_short_time_budget_still_times_every_enqueued_config(tmp_path):
+    """--time-budget counts from the end of the enqueued configs: a 1 ms budget per problem still measures
+    the heuristic and every probe, so the sweep's problems are probed for the learned fallback."""
+    from kernels.config import probes
+    from sweep.study import Claims, RowWriter, StudyRun, config_key, open_storage
+
+    p = Problem("fused_rmsnorm_silu", 3000, 1536)
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    ev = Evaluator("synthetic", compile_workers=1)
+    claims = Claims(url)
+    try:
+        ev.start()
+        run = StudyRun(ev, open_storage(url), claims, RowWriter(str(tmp_path)), "run-t", tmp_path, None, 0.001, seed=0)
+        study = run.run(p, "test")
+    finally:
+        ev.close()
+        claims.close()
+    tried = {config_key(t.params) for t in study.get_trials() if t.params and t.state.name == "COMPLETE"}
+    assert {config_key(c.as_dict()) for c in probes(p, 90)} <= tried
+    assert not [t for t in study.get_trials() if t.state.name == "WAITING"]
