@@ -7,8 +7,9 @@ weight-bytes roofline (results/h200/BENCHMARKS.md, fused_moe rows at T <= 64). H
 barrier sits in the main loop: every lane streams its own 16-byte chunks of FP4 weights (32 codes, two
 16-element scale blocks) for each of its weight rows, expands them in registers with the same exact sequence
 as the mma kernel (kernels.moe_kernel._expand_pair: e2m1 x e4m3 is exact in bf16) and multiplies them with
-the m-tile's activation rows in fp32 (each activation pair unpacked once per weight row it meets). Latency is
-hidden by the many warps and the loads of all the lane's rows issued before their first use.
+the m-tile's activation rows in fp32 (an activation block unpacked once and used by every weight row, a weight
+pair once per activation row). Latency is hidden by the many warps and the loads of all the lane's rows issued
+before their first use.
 
 Work split (the config's knobs, kernels/moe_config.py, mma="fma"):
 * grid (grid_m, N / bn, splits) as the mma kernels: x the m-tiles of the local experts (tile -> expert by
