@@ -360,7 +360,8 @@ def heuristic(p: ChannelFirstProblem, arch: int = 90, stride_gcd: int | None = N
        REG_VALUES_BUDGET values, so positions_per_cta = 32768 / C (C=96: 256, C=384: 64, C=1024: 32).
     3. At most one warp of lanes per channel (a 512-byte run per load at 16 B vectors); fewer lanes when the
        budget says so, but never below a 32-byte sector per channel per warp.
-    4. Small grids (< 2 CTAs per SM) trade positions per CTA for CTAs; PDL below 32 MB (the row kernel's former threshold; not re-measured here).
+    4. Small grids (< 2 CTAs per SM) trade positions per CTA for CTAs; PDL below 32 MB (the row kernel's
+       former threshold; not re-measured here).
     5. When the register tile cannot fit a 32-byte run (C > ~2048 at 16 B vectors), stage it in shared memory
        instead (cp.async), sized for two CTAs per SM.
     6. NVFP4 deals whole 16-channel blocks (channel_unit), so a thread holds at least 16 channels: within the

@@ -38,7 +38,8 @@ from .ops import _get_device, _raw_stream
 
 QUANT_ALIASES = {"nvfp4": "nvfp4", "w4a4": "nvfp4", "w4a16": "w4a16"}
 PRECISION_ALIASES = {"fp4": "nvfp4", "bf16": "w4a16"}
-_SOURCES = ("moe_kernel.py", "moe_wgmma_kernel.py", "moe_gemv_kernel.py", "moe_config.py", "moe_route_kernel.py", "moe_combine_kernel.py")
+_SOURCES = ("moe_kernel.py", "moe_wgmma_kernel.py", "moe_gemv_kernel.py", "moe_config.py", "moe_route_kernel.py",
+            "moe_combine_kernel.py")
 _CACHE_VERSION = 1
 _FP4_DTYPES = tuple(getattr(torch, n) for n in ("uint8", "float4_e2m1fn_x2") if hasattr(torch, n))
 _SF_DTYPES = (torch.float8_e4m3fn, torch.uint8)
@@ -601,8 +602,8 @@ def compile_check_cases(layers, configs: int = 1, seed: int = 0,
     target `arch`: FC1 and FC2 of W4A16 (and W4A4's quantising FC1 for the first layer), each with the
     heuristic configs of decode, mid and large batches (FC2 also at decode with one touched expert: the
     split-K tile where K allows), the first large-batch wgmma tile that fits (where the arch has wgmma: SM90),
-    the first decode GEMV tile (mma="fma") that fits, plus `configs` random valid ones. Without an arch, only configs valid on every compile target
-    (compile_cache.ARCHS) are listed: no wgmma, which is SM90's alone."""
+    the first decode GEMV tile (mma="fma") that fits, plus `configs` random valid ones. Without an arch, only
+    configs valid on every compile target (compile_cache.ARCHS) are listed: no wgmma, which is SM90's alone."""
     import random
 
     from .compile_cache import ARCHS, arch_number

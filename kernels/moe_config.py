@@ -191,8 +191,6 @@ def violations(sh: MoEGemmShape, cfg: MoEGemmConfig, arch: int = WGMMA_ARCH) -> 
         out.append(f"bn={cfg.bn} must be a multiple of 16*warps_n={16 * cfg.warps_n}")
     out += _tile_violations(sh, cfg)
     if cfg.splits != 1:
-        if sh.layer != "fc2":
-            out.append(f"splits={cfg.splits}: only FC2 splits K (FC1's fused activation needs the whole sum)")
         if sh.K % (cfg.bk * cfg.splits):
             out.append(f"K={sh.K} must be a multiple of bk*splits={cfg.bk * cfg.splits} (equal k-ranges)")
         # A split only pays where the grid is short of CTAs: at decode, where each touched expert's rows fit
@@ -253,14 +251,14 @@ def _gemv_violations(sh: MoEGemmShape, cfg: MoEGemmConfig) -> list[str]:
     if sh.K % (GEMV_CHUNK * cfg.splits):
         out.append(f"mma=fma: K={sh.K} must be a multiple of {GEMV_CHUNK}*splits={GEMV_CHUNK * cfg.splits} "
                    "(whole 16-byte chunks per K split)")
-    if cfg.splits != 1 and sh.layer != "fc2":
-        out.append(f"splits={cfg.splits}: only FC2 splits K (FC1's fused activation needs the whole sum)")
     return out
 
 
 def _tile_violations(sh: MoEGemmShape, cfg: MoEGemmConfig) -> list[str]:
-    """Both backends walk whole tiles."""
+    """Every backend walks whole tiles, and splits K only in FC2 (FC1's fused activation needs the whole sum)."""
     out = []
+    if cfg.splits != 1 and sh.layer != "fc2":
+        out.append(f"splits={cfg.splits}: only FC2 splits K (FC1's fused activation needs the whole sum)")
     if sh.K % cfg.bk:
         out.append(f"K={sh.K} must be a multiple of bk={cfg.bk}")
     if sh.N % cfg.bn:
@@ -295,7 +293,7 @@ WGMMA_TILES = tuple(MoEGemmConfig(128, bn, 64, 4, 4, 2, mma="wgmma") for bn in (
 
 
 # The decode GEMV tiles (kernels/moe_gemv_kernel.py) by the rows of the m-tile, a warp's weight rows at 8 (4
-# gated columns, or 8 ungated) over 4 warps along N: up to GEMV_MAX_ROWS rows per expert, where CUDA-core FMAs
+# gated columns, or 8 ungated) over 4 warps along N: up to GEMV_ROWS rows per expert, where CUDA-core FMAs
 # (bm per weight) stay below the FP4 expansion's cost and the weight read. The heuristic prefers them only once
 # GEMV_DECODE is on: it stays off until the backend is measured on the H200 (tests/gpu/test_fused_moe_gpu.py
 # -k gemv for correctness, benchmarks/fused_moe.py for the decode times against the mma.sync decode tile), and
