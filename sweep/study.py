@@ -437,6 +437,13 @@ class StudyRun:
             return None
         return self.deadline - time.time() - self.rebench_reserve_s()
 
+    def _optimize_timeout(self, budget: float | None) -> float | None:
+        """`budget` seconds, cut to the search time the wall budget leaves (None: no limit)."""
+        if self.deadline is None:
+            return budget
+        left = max(self.search_time_left(), 1e-3)
+        return left if budget is None else min(budget, left)
+
     def in_time(self) -> bool:
         left = self.search_time_left()
         return not self.stopped and (left is None or left > 0)
@@ -648,13 +655,9 @@ class StudyRun:
             # The enqueued configs (the heuristic, sibling winners, probes) run before the time budget starts: a
             # short --time-budget would otherwise end inside them, and the learned fallback counts a problem only
             # once it measured most of its probes (sweep.fallback_fit.probed). The wall budget still stops them.
-            left = None if self.deadline is None else max(self.search_time_left(), 1e-3)
-            study.optimize(objective, n_trials=waiting, timeout=left, n_jobs=self.n_jobs, callbacks=[after],
-                           gc_after_trial=False)
-        timeout = self.time_budget
-        if self.deadline is not None:
-            left = max(self.search_time_left(), 1e-3)
-            timeout = left if timeout is None else min(timeout, left)
+            study.optimize(objective, n_trials=waiting, timeout=self._optimize_timeout(None), n_jobs=self.n_jobs,
+                           callbacks=[after], gc_after_trial=False)
+        timeout = self._optimize_timeout(self.time_budget)
         if self.in_time():
             study.optimize(objective, timeout=timeout, n_jobs=self.n_jobs, callbacks=[after], gc_after_trial=False)
         self.writer.flush()
