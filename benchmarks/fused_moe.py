@@ -68,7 +68,8 @@ def timed(p, make_launch) -> float:
     return time_launchers([make_launch(c) for c in cases], set_bytes=first.nbytes).median_us
 
 
-def bench(p, copy_gbps: float, tflops: float, splits: tuple[int, ...] = (), tiles: tuple[str, ...] = ()) -> dict:
+def bench(p, copy_gbps: float, tflops: float, splits: tuple[int, ...] = (), tiles: tuple[str, ...] = (),
+          switches: tuple[str, ...] = ()) -> dict:
     row = {"layer": mp.layer_label(p), "T": p.T, "quant_mode": p.quant_mode, "activation": p.activation}
     case = moe_runner.make_case(p, seed=7)
     moe_runner.public_launcher(p, case)()
@@ -83,8 +84,12 @@ def bench(p, copy_gbps: float, tflops: float, splits: tuple[int, ...] = (), tile
     us = timed(p, lambda c: moe_runner.public_launcher(p, c))
     if chosen is not None and p.T <= DECODE_T:
         row.update(split_times(p, chosen, splits))
-        if tiles:
-            row.update(tile_times(p, tiles))
+    if tiles:
+        row.update(tile_times(p, tiles))
+    if switches:
+        cfg = switched_heuristic(p, switches)
+        row["switched_config"] = cfg.short()
+        row["switched_us"] = forced_time(p, cfg)
     row.update(status="ok", lutforge_us=us, ideal_bytes=mp.ideal_bytes(p), flops=mp.flops(p))
     row["pct_weight_roofline"] = 100 * mp.ideal_bytes(p) / (us * 1e-6) / (copy_gbps * 1e9)
     row["pct_mm_rate"] = 100 * mp.flops(p) / (us * 1e-6) / (tflops * 1e12)
@@ -106,19 +111,39 @@ def _pool() -> ProcessPoolExecutor:
 
 
 def parse_tile(text: str) -> mc.MoEGemmConfig:
-    """'BMxBNxBK/STAGES/WMxWN' (e.g. 32x32x128/4/2x2) -> the GEMM config both GEMMs of a forced layer take."""
+    """'BMxBNxBK/STAGES/WMxWN[/MMA]' (e.g. 32x32x128/4/2x2, 128x128x64/4/4x2/wgmma, 1x32x64/2/1x4/fma) -> the
+    GEMM config both GEMMs of a forced layer take (MMA: mma.sync by default)."""
     try:
-        tile, stages, warps = text.split("/")
+        tile, stages, warps, *mma = text.split("/")
         bm, bn, bk = (int(v) for v in tile.split("x"))
         wm, wn = (int(v) for v in warps.split("x"))
-        return mc.MoEGemmConfig(bm, bn, bk, int(stages), wm, wn)
+        if mma and mma[0] not in ("sync", "wgmma", "fma") or len(mma) > 1:
+            raise ValueError(text)
+        return mc.MoEGemmConfig(bm, bn, bk, int(stages), wm, wn, mma=mma[0] if mma else "sync")
     except ValueError:
-        raise SystemExit(f"--tiles takes BMxBNxBK/STAGES/WMxWN entries, got {text!r}") from None
+        raise SystemExit(f"--tiles takes BMxBNxBK/STAGES/WMxWN[/MMA] entries, got {text!r}") from None
+
+
+SWITCHES = {"gemv": "GEMV_DECODE", "wgmma": "WGMMA_LARGE_BATCH"}
+
+
+def switched_heuristic(p, switches: tuple[str, ...]) -> mc.MoEConfig:
+    """The layer config kernels/moe_config.py's heuristic picks with the backend switches named in `switches`
+    (SWITCHES) turned on: what turning them on would ship for problems the LUT does not hold."""
+    saved = {name: getattr(mc, name) for name in SWITCHES.values()}
+    try:
+        for s in switches:
+            setattr(mc, SWITCHES[s], True)
+        shapes = mc.gemm_shapes(p.quant_mode, p.activation, p.H, p.I)
+        return mc.layer_heuristic(shapes, mp.rows_per_expert(p), mp.expected_experts_touched(p))
+    finally:
+        for name, value in saved.items():
+            setattr(mc, name, value)
 
 
 def tile_times(p, tiles: tuple[str, ...]) -> dict:
-    """Median µs of the layer with both GEMMs forced to each decode tile of `tiles` (FC2's split-K by the
-    heuristic for that tile), each output checked: the evidence for the decode heuristic's tile."""
+    """Median µs of the layer with both GEMMs forced to each tile of `tiles` the layer allows (FC2's split-K by
+    the heuristic for that tile), each output checked: the evidence for the heuristic's tiles and backends."""
     shapes = mc.gemm_shapes(p.quant_mode, p.activation, p.H, p.I)
     runs = {}
     for text in tiles:
@@ -179,14 +204,24 @@ def markdown(rows: list[dict], copy_gbps: float, tflops: float, device: str) -> 
             cfg = (r.get("config") or "–").replace("|", "/")
             lines.append(f"| {r['layer']} | {r['T']} | {r['quant_mode']} | {cfg} | "
                          + " | ".join(format(r[c], ".1f") if c in r else "–" for c in split_cols) + " |")
-    tile_cols = list(dict.fromkeys(k for r in dec for k in r if k.startswith("tile ")))
+    tiled = [r for r in rows if r["status"] == "ok"]
+    tile_cols = list(dict.fromkeys(k for r in tiled for k in r if k.startswith("tile ")))
     if tile_cols:
-        lines += ["", "Decode tiles (µs; both GEMMs forced to the tile, FC2 split by the heuristic):", "",
+        lines += ["", "Forced tiles (µs; both GEMMs forced to the tile, FC2 split by the heuristic; NaN: wrong "
+                  "result):", "",
                   "| layer | T | quant | chosen µs | " + " | ".join(c[len("tile "):] for c in tile_cols) + " |",
                   "|---|---|---|---|" + "---|" * len(tile_cols)]
-        for r in dec:
+        for r in tiled:
             lines.append(f"| {r['layer']} | {r['T']} | {r['quant_mode']} | {r['lutforge_us']:.1f} | "
                          + " | ".join(format(r[c], ".1f") if c in r else "–" for c in tile_cols) + " |")
+    switched = [r for r in rows if r["status"] == "ok" and "switched_us" in r]
+    if switched:
+        lines += ["", "The heuristic with backend switches on (forced, checked; NaN: wrong result):", "",
+                  "| layer | T | quant | chosen | µs | switched config | µs | speedup |", "|---|---|---|---|---|---|---|---|"]
+        for r in switched:
+            lines.append(f"| {r['layer']} | {r['T']} | {r['quant_mode']} | {r.get('config') or '–'} | "
+                         f"{r['lutforge_us']:.1f} | {r['switched_config']} | {r['switched_us']:.1f} | "
+                         f"{r['lutforge_us'] / r['switched_us']:.2f} |")
     lines += [""]
     if dec:
         worst = min(r["pct_weight_roofline"] for r in dec)
@@ -205,8 +240,11 @@ def main() -> None:
     ap.add_argument("--tokens", default="1,8,64,512,4096,16384")
     ap.add_argument("--quant", default="nvfp4,w4a16")
     ap.add_argument("--splits", default="", help="FC2 split-K values to time at decode, e.g. 1,2,4,8 (default: none)")
-    ap.add_argument("--tiles", default="", help="decode tiles to time beside the chosen config, comma list of "
-                                                "BMxBNxBK/STAGES/WMxWN (e.g. 32x32x128/4/2x2)")
+    ap.add_argument("--tiles", default="", help="tiles to time beside the chosen config, comma list of "
+                                                "BMxBNxBK/STAGES/WMxWN[/MMA] (e.g. 32x32x128/4/2x2, "
+                                                "128x128x64/4/4x2/wgmma, 1x32x64/2/1x4/fma)")
+    ap.add_argument("--switches", default="", help="also time the heuristic's choice with these backend switches "
+                                                   f"on, comma list of {', '.join(SWITCHES)}")
     ap.add_argument("--out", default="fused_moe.md")
     args = ap.parse_args()
     ps = problem_sets.load("moe")
@@ -219,16 +257,21 @@ def main() -> None:
     tiles = tuple(t.strip() for t in args.tiles.split(",") if t.strip())
     for t in tiles:
         parse_tile(t)
+    switches = tuple(s.strip() for s in args.switches.split(",") if s.strip())
+    if set(switches) - set(SWITCHES):
+        raise SystemExit(f"--switches takes {', '.join(SWITCHES)}, got {args.switches!r}")
     copy = copy_roofline().gbps
     tflops = mm_rate_tflops()
+    problems = [mp.MoEProblem(layers[name].op, T, layers[name].E, layers[name].top_k, layers[name].H,
+                              layers[name].I, q, layers[name].activation, "uniform")
+                for name in want for T in (int(t) for t in args.tokens.split(",")) for q in args.quant.split(",")]
+    if switches:  # their kernels compiled side by side into the disk cache first
+        cfgs = [switched_heuristic(p, switches) for p in problems]
+        list(_pool().map(fm.precompile_layer, problems, cfgs, ["sm_90a"] * len(cfgs)))
     rows = []
-    for name in want:
-        base = layers[name]
-        for T in (int(t) for t in args.tokens.split(",")):
-            for q in args.quant.split(","):
-                p = mp.MoEProblem(base.op, T, base.E, base.top_k, base.H, base.I, q, base.activation, "uniform")
-                rows.append(bench(p, copy, tflops, splits, tiles))
-                print(json.dumps(rows[-1]), flush=True)
+    for p in problems:
+        rows.append(bench(p, copy, tflops, splits, tiles, switches))
+        print(json.dumps(rows[-1]), flush=True)
     out = Path(args.out)
     out.write_text(markdown(rows, copy, tflops, torch.cuda.get_device_name()))
     out.with_suffix(".json").write_text(json.dumps({"copy_gbps": copy, "mm_tflops": tflops, "rows": rows}, indent=1))
