@@ -24,6 +24,7 @@ to the custom op `lutforge::fused_moe`, which runs (and validates) the eager op 
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 from dataclasses import dataclass
@@ -231,9 +232,28 @@ class _Plan:
     scale_dtype: str  # "fp32" | "bf16"
     w_strides: tuple  # per-expert strides in bytes of w1, w1_sf, w2, w2_sf
 
+    @property
+    def out_shape(self) -> tuple[int, int]:
+        return self.problem.T, self.problem.H
+
 
 def _sig(t):
     return None if t is None else (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() & 15)
+
+
+def _call_key(x, w1, w1sf, w2, w2sf, ids, sc, a1, a2, fc2s, output, *options) -> tuple:
+    """A call's signature (its tensors', then `options`: the other arguments as given) as one flat tuple (a per-tensor helper in a loop cost ~40 % more host time,
+    profiled on CPU with the kernels mocked): shapes, strides, dtypes and devices, and one alignment class for
+    the tensors that must be 16-byte aligned (validation refuses any other, so a nonzero class never finds a
+    plan). AttributeError or TypeError for an argument that is no tensor: validation names it."""
+    k = (x.shape, x.stride(), x.dtype, x.device, w1.shape, w1.stride(), w1.dtype, w1.device, w1sf.shape,
+         w1sf.stride(), w1sf.dtype, w1sf.device, w2.shape, w2.stride(), w2.dtype, w2.device, w2sf.shape,
+         w2sf.stride(), w2sf.dtype, w2sf.device, ids.shape, ids.stride(), ids.dtype, ids.device, sc.shape,
+         sc.stride(), sc.dtype, sc.device, a1.shape, a1.stride(), a1.dtype, a1.device, a2.shape, a2.stride(),
+         a2.dtype, a2.device, (x.data_ptr() | w1.data_ptr() | w1sf.data_ptr() | w2.data_ptr() | w2sf.data_ptr()
+                               | (0 if output is None else output.data_ptr())) & 15,
+         None if fc2s is None else (fc2s.shape, fc2s.dtype, fc2s.device), options)
+    return k if output is None else k + (output.shape, output.stride(), output.dtype, output.device)
 
 
 def _need(cond: bool, msg: str, exc=ValueError) -> None:
@@ -315,6 +335,7 @@ def _validate(x, w1, w1sf, w2, w2sf, ids, sc, w1_alpha, w2_alpha, fc2_input_scal
 
 
 _PLANS: dict = {}  # argument signature -> [_Plan, _Launch of the dispatched configs or None]
+_CALLS: dict = {}  # a call's whole signature (tensors and options) -> (_Plan, _Launch or None, check mode, fc2s used)
 PLAN_CACHE_SIZE = 4096  # signatures kept (T varies per batch; the weights' signature does not)
 
 
@@ -341,6 +362,7 @@ def _dispatched(plan: _Plan) -> MoEConfig:
 
 
 _dispatch.on_reload(_PLANS.clear)
+_dispatch.on_reload(_CALLS.clear)
 _dispatch.on_reload(_SELECTED.clear)
 
 
@@ -360,6 +382,10 @@ def workspace_layout(n_local: int, P: int, inter: int, H: int, splits: int) -> t
         offsets[name] = at
         at += _align16(n)
     return offsets, at
+
+
+# the workspace buffers `_Launch.run` passes, in the order it unpacks their pointers
+_RUN_BUFFERS = ("eo", "to1", "to2", "a_rows", "out_rows", "row_scale", "valid", "bad", "inter", "y")
 
 
 class _BadIds:
@@ -400,8 +426,8 @@ class _Launch:
     """One call's kernels bound for an argument signature and a config pair: functions, grids, workspace
     layout and the launch arguments that do not change between calls."""
 
-    __slots__ = ("device", "route", "fc1", "fc2", "combine", "ws_bytes", "off", "P", "n_local", "fc1_tail",
-                 "fc2_tail", "comb_tail", "T")
+    __slots__ = ("device", "route", "fc1", "fc2", "combine", "ws_bytes", "off", "offsets", "P", "n_local",
+                 "fc1_tail", "fc2_tail", "comb_tail", "T")
 
     def __init__(self, plan: _Plan, cfg1: MoEGemmConfig, cfg2: MoEGemmConfig):
         from .moe_combine_kernel import MoECombineSpec, grid_for
@@ -416,6 +442,7 @@ class _Launch:
         self.combine = get_combine(comb, arch)
         off, self.ws_bytes = workspace_layout(El, P, p.I, p.H, cfg2.splits)
         self.off = off
+        self.offsets = tuple(off[n] for n in _RUN_BUFFERS)
         s1, s1f, s2, s2f = plan.w_strides
         grid1 = -(-P // cfg1.bm) + min(El, P)  # m-tiles of every expert, at most one partial tile each
         grid2 = -(-P // cfg2.bm) + min(El, P)
@@ -432,11 +459,8 @@ class _Launch:
                 return self.run(x, w1, w1sf, w2, w2sf, ids, scales, alpha1, alpha2, gs, out, offset, num_experts,
                                 check)
         ws = torch.empty(self.ws_bytes, dtype=torch.uint8, device=dev)
-        b, o, st = ws.data_ptr(), self.off, _raw_stream(dev.index)
-        eo, a_rows, out_rows, row_scale, valid = b + o["eo"], b + o["a_rows"], b + o["out_rows"], b + o["row_scale"], \
-            b + o["valid"]
-        inter, y = b + o["inter"], b + o["y"]
-        bad = b + o["bad"]
+        b, st = ws.data_ptr(), _raw_stream(dev.index)
+        eo, to1, to2, a_rows, out_rows, row_scale, valid, bad, inter, y = [b + o for o in self.offsets]
         if check != "off":
             words = _BadIds.of(dev.index)
             words.raise_pending(num_experts)
@@ -444,17 +468,17 @@ class _Launch:
             if check == "sync":
                 words.host[1] = 0
                 bad = words.sync_ptr
-        self.route(ids.data_ptr(), scales.data_ptr(), eo, b + o["to1"], b + o["to2"], a_rows, out_rows, row_scale,
-                   valid, bad, self.P, offset, num_experts, st)
+        self.route(ids.data_ptr(), scales.data_ptr(), eo, to1, to2, a_rows, out_rows, row_scale, valid, bad, self.P,
+                   offset, num_experts, st)
         if check == "sync":
             torch.cuda.current_stream(dev).synchronize()
             n_bad = int(words.host[1])
             _need(n_bad == 0, f"token_selected_experts holds {n_bad} ids outside [0, num_experts={num_experts})")
         # W4A4: FC1 fake-quantises x's rows and its own output in the kernel (kernels/moe_kernel.py)
         self.fc1(x.data_ptr(), a_rows, w1.data_ptr(), w1sf.data_ptr(), alpha1.data_ptr(), None, None, inter, eo,
-                 b + o["to1"], *self.fc1_tail, None if gs is None else gs.data_ptr(), st)
+                 to1, *self.fc1_tail, None if gs is None else gs.data_ptr(), st)
         self.fc2(inter, None, w2.data_ptr(), w2sf.data_ptr(), alpha2.data_ptr(), row_scale, out_rows, y, eo,
-                 b + o["to2"], *self.fc2_tail, None, st)
+                 to2, *self.fc2_tail, None, st)
         # fp32 sum over the K splits and the token's local pairs, one rounding (kernels/moe_combine_kernel.py)
         self.combine(y, valid, out.data_ptr(), *self.comb_tail, st)
         return out
@@ -528,6 +552,38 @@ def fused_moe(x: torch.Tensor, w1_weight: torch.Tensor, w1_weight_sf: torch.Tens
     nowhere); "sync" in this call, reading the count back (a host sync; under CUDA-graph capture it acts as
     "deferred"); "off" (or False) not at all (bad pairs route nowhere).
     Returns `output` (allocated when None), [num_tokens, hidden_size] bfloat16."""
+    if configs is None and not torch.compiler.is_compiling():
+        try:  # a repeated call: one lookup of everything validation and dispatch settled for its signature
+            key = _call_key(x, w1_weight, w1_weight_sf, w2_weight, w2_weight_sf, token_selected_experts,
+                            token_final_scales, w1_alpha, w2_alpha, fc2_input_scale, output, num_experts, top_k,
+                            num_local_experts, local_expert_offset, quant_mode, activation_precision, activation,
+                            source_format, output_dtype, check_expert_ids)
+            plan, launch, check, uses_fc2s = _CALLS[key]
+        except (KeyError, AttributeError, TypeError):
+            key = None
+        if key is not None:
+            out = output if output is not None else torch.empty(plan.out_shape, dtype=torch.bfloat16,
+                                                                device=x.device)
+            if launch is None:
+                return out
+            if check == "sync" and torch.cuda.is_current_stream_capturing():
+                check = "deferred"
+            return launch.run(x, w1_weight, w1_weight_sf, w2_weight, w2_weight_sf, token_selected_experts,
+                              token_final_scales, w1_alpha, w2_alpha, fc2_input_scale if uses_fc2s else None,
+                              out, local_expert_offset, num_experts, check)
+    return _fused_moe_first(x, w1_weight, w1_weight_sf, w2_weight, w2_weight_sf, token_selected_experts,
+                            token_final_scales, num_experts, top_k, w1_alpha, w2_alpha, fc2_input_scale,
+                            num_local_experts, output, output_dtype, activation, activation_precision, quant_mode,
+                            source_format, local_expert_offset, configs, check_expert_ids)
+
+
+def _fused_moe_first(x, w1_weight, w1_weight_sf, w2_weight, w2_weight_sf, token_selected_experts, token_final_scales,
+                     num_experts, top_k, w1_alpha, w2_alpha, fc2_input_scale, num_local_experts, output, output_dtype,
+                     activation, activation_precision, quant_mode, source_format, local_expert_offset, configs,
+                     check_expert_ids):
+    """fused_moe's every check, dispatch and binding: a signature's first call (and every call that forces
+    `configs` or traces under torch.compile), remembering what it settled for the next calls."""
+    requested_mode = quant_mode
     if quant_mode is None:
         _need(activation_precision in PRECISION_ALIASES,
               f"activation_precision must be one of {tuple(PRECISION_ALIASES)}, got {activation_precision!r}")
@@ -551,8 +607,18 @@ def fused_moe(x: torch.Tensor, w1_weight: torch.Tensor, w1_weight_sf: torch.Tens
     plan, launch = _resolve(x, w1_weight, w1_weight_sf, w2_weight, w2_weight_sf, token_selected_experts,
                             token_final_scales, w1_alpha, w2_alpha, fc2s, output, num_experts, top_k, n_local,
                             local_expert_offset, quant_mode, activation, output_dtype, configs)
-    out = output if output is not None else torch.empty(plan.problem.T, plan.problem.H, dtype=torch.bfloat16,
-                                                        device=x.device)
+    out = output if output is not None else torch.empty(plan.out_shape, dtype=torch.bfloat16, device=x.device)
+    if configs is None:
+        if len(_CALLS) >= PLAN_CACHE_SIZE:
+            _CALLS.clear()
+        # not remembered when an argument validation let through because it goes unused (a W4A16 call's
+        # fc2_input_scale, a quant_mode call's activation_precision) is no tensor or unhashable
+        with contextlib.suppress(AttributeError, TypeError):
+            _CALLS[_call_key(x, w1_weight, w1_weight_sf, w2_weight, w2_weight_sf, token_selected_experts,
+                             token_final_scales, w1_alpha, w2_alpha, fc2_input_scale, output, num_experts, top_k,
+                             num_local_experts, local_expert_offset, requested_mode, activation_precision,
+                             activation, source_format, output_dtype, check_expert_ids)] = (
+                plan, launch, check, fc2s is not None)
     if launch is None:  # no pairs
         return out
     if check == "sync" and torch.cuda.is_current_stream_capturing():
