@@ -81,6 +81,8 @@ def read_results(results_dir: str | os.PathLike) -> pd.DataFrame:
         if "schema_version" not in t.column_names:
             raise ValueError(f"{f}: no schema_version column; not a lutforge results file")
         versions = set(t.column("schema_version").to_pylist())
+        if not versions:  # a file of no rows adds nothing (and has no version to adapt)
+            continue
         if not versions <= set(READABLE_VERSIONS):
             raise ValueError(f"{f}: schema version {sorted(versions)} but this lutforge reads "
                              f"v{', v'.join(map(str, READABLE_VERSIONS))}")
@@ -92,6 +94,8 @@ def read_results(results_dir: str | os.PathLike) -> pd.DataFrame:
                     frame[name] = frame[name].astype(object)
                     frame.loc[frame["knob_threads"].notna(), name] = ADDED_KNOB_DEFAULTS[name]
         frames.append(frame)
+    if not frames:
+        raise ValueError(f"no rows in the Parquet files under {d}")
     df = pd.concat(frames, ignore_index=True)
     return df.assign(**{c: df[c].fillna(v) for c, v in PROBLEM_DEFAULTS.items() if c in df.columns})
 

@@ -120,6 +120,7 @@ def test_warmup_moe_makes_every_T_of_a_layer_resident(monkeypatch):
 def test_old_moe_rows_without_mma_columns_still_export(tmp_path):
     """Parquet rows written before the knob (no knob_fc1_mma / knob_fc2_mma columns) are still usable rows
     and pick winners: their configs read as mma.sync."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     from lut_export.winners import pick_winners, select_rows
@@ -130,7 +131,8 @@ def test_old_moe_rows_without_mma_columns_still_export(tmp_path):
         t = pq.read_table(f)
         keep = t.column("knob_fc1_mma").to_pylist(), t.column("knob_fc2_mma").to_pylist()
         rows = [i for i, (a, b) in enumerate(zip(*keep)) if a in (None, "sync") and b in (None, "sync")]
-        pq.write_table(t.take(rows).drop_columns(["knob_fc1_mma", "knob_fc2_mma"]), f)
+        # typed indices: a file holding no mma.sync row (an empty list) would reach take() as nulls
+        pq.write_table(t.take(pa.array(rows, pa.int64())).drop_columns(["knob_fc1_mma", "knob_fc2_mma"]), f)
     df = read_results(res)
     assert "knob_fc1_mma" not in df.columns and (df["family"] == "moe").any()
     sel = select_rows(df, arch=90, allow_synthetic=True)

@@ -47,6 +47,14 @@ def test_older_rows_read_the_value_their_kernel_ran_with_for_knobs_added_later(t
     assert row_config(ours.iloc[0]) == CFG_OLD
 
 
+def test_files_of_no_rows_are_skipped_and_a_directory_of_only_those_is_refused(tmp_path):
+    _write_v1(tmp_path / "empty.parquet", [])
+    with pytest.raises(ValueError, match="no rows in the Parquet files"):
+        read_results(tmp_path)
+    append_rows(tmp_path, [row("rmsnorm", "bf16", 1560, 128, 3.0, cfg=CFG_OLD) | {"kernel_source": "abc"}])
+    assert read_results(tmp_path)["C"].tolist() == [128]
+
+
 def test_unknown_schema_versions_are_refused(tmp_path):
     _write_v1(tmp_path / "old.parquet", [row("rmsnorm", "bf16", 1560, 64, 2.0) | {"schema_version": 99}])
     t = pq.read_table(tmp_path / "old.parquet")
