@@ -17,8 +17,8 @@ activation, K and N and the output dtype: everything but the routed rows) and la
   wgmma tiles are bm 64/128 only, with warps_m = 4 (one warpgroup's warps, 16 rows each of its 64) and
   warps_n the number of warpgroups (bm/64 along M, the rest along N), and never split K. "fma"
   (kernels/moe_gemv_kernel.py): no tensor core, a grouped GEMV on CUDA cores for decode m-tiles of bm 1-8
-  rows; warps_n groups of bn / warps_n columns, warps_m groups along K; stages and bk unused (2, 64). At
-  decode the mma.sync tile reads the weights at 9-26 % of the copy roofline, behind two barriers a k-tile.
+  rows; warps_n groups of bn / warps_n columns, warps_m groups along K; stages - 1 chunk rounds loaded
+  together (stages 2 or 3), bk unused (64). At decode the mma.sync tile reads the weights at 9-26 % of the copy roofline, behind two barriers a k-tile.
 * splits (FC2 only): split-K. The grid gets a third axis of `splits` CTAs per (m-tile, n-tile); split s
   sums over K elements [s*K/splits, (s+1)*K/splits) and writes its whole fp32 partial tile to its own
   slice of the per-pair output y [splits, pairs, H]; the per-token sum after the GEMM adds the splits and
@@ -75,6 +75,9 @@ GEMV_MAX_BM = 8
 GEMV_MAX_ROWS = 8
 GEMV_MAX_ACC = 32
 GEMV_CHUNK = 32  # K elements per lane load (16 packed bytes): K must split into whole chunks per K split
+# stages - 1: the chunk rounds whose loads a lane issues together (2: load a round, then use it; 3: two rounds
+# per round trip); 6 registers per chunk and weight row, so two rounds of GEMV_MAX_ROWS at most
+GEMV_STAGES = (2, 3)
 
 
 @dataclass(frozen=True)
@@ -232,13 +235,14 @@ def _wgmma_violations(sh: MoEGemmShape, cfg: MoEGemmConfig, arch: int) -> list[s
 
 def _gemv_violations(sh: MoEGemmShape, cfg: MoEGemmConfig) -> list[str]:
     """The CUDA-core decode GEMV's own constraints (kernels/moe_gemv_kernel.py). It has no k-tile pipeline:
-    stages and bk take one value (2, 64) so that the search does not time one kernel under many names."""
+    bk takes one value (64) so that the search does not time one kernel under many names; stages - 1 counts
+    the chunk rounds loaded together."""
     out = []
     if cfg.bm > GEMV_MAX_BM:
         out.append(f"mma=fma is the decode GEMV: bm <= {GEMV_MAX_BM} rows per m-tile, got bm={cfg.bm}")
-    if (cfg.stages, cfg.bk) != (2, 64):
-        out.append(f"mma=fma has no k-tile pipeline: stages=2 and bk=64 (unused), got stages={cfg.stages} "
-                   f"bk={cfg.bk}")
+    if cfg.stages not in GEMV_STAGES or cfg.bk != 64:
+        out.append(f"mma=fma has no k-tile pipeline: stages in {GEMV_STAGES} (one more than the chunk rounds "
+                   f"loaded together) and bk=64 (unused), got stages={cfg.stages} bk={cfg.bk}")
     if cfg.bn % cfg.warps_n:
         out.append(f"mma=fma: bn={cfg.bn} must split into warps_n={cfg.warps_n} equal column groups")
         return out

@@ -19,7 +19,8 @@ Work split (the config's knobs, kernels/moe_config.py, mma="fma"):
   warp also reads the columns' up rows), warps_m groups along K (each a share of the split's chunks; their
   sums meet in shared memory).
 * a lane takes chunks lane, lane + 32 * warps_m, ... of its K group's range; per chunk and weight row one
-  16-byte load and two scale bytes.
+  16-byte load and two scale bytes. `stages - 1` chunk rounds are loaded together before the first is used:
+  more bytes in flight per round trip where K is long (DeepSeek-V3's 7168 takes 14 rounds at warps_m 1).
 Epilogue: warp shuffles sum each (row, weight row) accumulator, the K groups add through shared memory, then
 one thread per (row, column) applies alpha and the activation (gated SiLU, ReLU2), FC2's routing weight and
 output row, and stores; W4A4 FC1 fake-quantises its activation rows per 16-element block as they are loaded
@@ -57,7 +58,8 @@ class MoEGemvKernel:
         self.cols = cfg.bn // cfg.warps_n  # output columns per warp
         self.rows = gemv_rows(sh, cfg)  # weight rows per warp
         self.chunks = sh.K // (GEMV_CHUNK * cfg.splits)  # 16-byte chunks of a weight row per K split
-        self.iters = -(-self.chunks // (32 * self.wk))  # chunk rounds of one lane
+        self.rounds = cfg.stages - 1  # chunk rounds whose loads are issued together, before the first use
+        self.batches = -(-self.chunks // (32 * self.wk * self.rounds))  # load batches of one lane
 
     # ------------------------------------------------------------------ host side
     @cute.jit
@@ -135,42 +137,49 @@ class MoEGemvKernel:
         mAv = cute.zipped_divide(mA, (1, 8))  # 8 words = one 16-element scale block of a row
         mWv = cute.zipped_divide(mW, (1, 1, 4))  # 4 words = 16 packed bytes = one chunk of a weight row
         ld16 = cute.make_copy_atom(cute.nvgpu.CopyUniversalOp(), Uint32, num_bits_per_copy=128)  # one 16-byte load
-        wq = cute.make_rmem_tensor(cute.make_layout((rows, 4), stride=(4, 1)), Uint32)  # rows of 16 bytes
-        sf = cute.make_rmem_tensor((rows, 2), Uint32)
+        rounds = self.rounds
+        wq = cute.make_rmem_tensor(cute.make_layout((rounds, rows, 4), stride=(rows * 4, 4, 1)), Uint32)
+        sf = cute.make_rmem_tensor(cute.make_layout((rounds, rows, 2), stride=(rows * 2, 2, 1)), Uint32)
         wx = cute.make_rmem_tensor((rows, 8), Uint32)  # one block of every weight row, expanded (bf16 pairs)
         av = cute.make_rmem_tensor((8,), Uint32)
         blk = cute.make_rmem_tensor((16,), Float32)
-        for it in cutlass.range(self.iters, unroll=1):
-            cc = (it * wk + kw) * 32 + lane  # chunk within the split
-            if cc < self.chunks:
-                c = c_base + cc
-                # every weight row's chunk and scales first: loads in flight before the first use
-                for r in cutlass.range_constexpr(rows):
-                    row = self._w_row(r, n0, wn)
-                    cute.copy(ld16, mWv[(0, 0, None), (e, row, c)], wq[r, None])
-                    for b in cutlass.range_constexpr(2):
-                        sf[r, b] = Uint32(mSF[e, row, 2 * c + b])
-                for h in cutlass.range_constexpr(2):  # the chunk's two 16-element scale blocks
-                    for r in cutlass.range_constexpr(rows):  # expanded once, used by every live row
-                        scale = _e4m3_to_f32(sf[r, h])
-                        scale2 = Uint32(cute.arch.inline_ptx("cvt.rn.bf16x2.f32 {$w0}, {$r0}, {$r0};",
-                                                             write_only_types=[Uint32], read_only_args=[scale]))
-                        for wd in cutlass.range_constexpr(2):  # 8 codes per word, 2 words per block
-                            for k in cutlass.range_constexpr(4):
-                                wx[r, 4 * wd + k] = _expand_pair(wq[r, 2 * h + wd], k, scale2)
-                    for m in cutlass.range_constexpr(bm):
-                        if live[m]:  # uniform over the CTA: rows past the expert's end cost nothing
-                            cute.autovec_copy(mAv[(0, None), (src[m], 2 * c + h)], av)
-                            for j in cutlass.range_constexpr(8):
-                                a_lo, a_hi = _unpack(av[j])
-                                blk[2 * j] = a_lo
-                                blk[2 * j + 1] = a_hi
-                            if const_expr(self.quant_a):
-                                _fake_quantize_block(blk, Float32(1.0))
-                            for r in cutlass.range_constexpr(rows):
+        for it in cutlass.range(self.batches, unroll=1):
+            # every weight row's chunk and scales of the batch's rounds first: loads in flight before any use
+            for q in cutlass.range_constexpr(rounds):
+                cc = ((it * rounds + q) * wk + kw) * 32 + lane  # chunk within the split
+                if cc < self.chunks:
+                    c = c_base + cc
+                    for r in cutlass.range_constexpr(rows):
+                        row = self._w_row(r, n0, wn)
+                        cute.copy(ld16, mWv[(0, 0, None), (e, row, c)], wq[q, r, None])
+                        for b in cutlass.range_constexpr(2):
+                            sf[q, r, b] = Uint32(mSF[e, row, 2 * c + b])
+            for q in cutlass.range_constexpr(rounds):
+                cc = ((it * rounds + q) * wk + kw) * 32 + lane
+                if cc < self.chunks:
+                    c = c_base + cc
+                    for h in cutlass.range_constexpr(2):  # the chunk's two 16-element scale blocks
+                        for r in cutlass.range_constexpr(rows):  # expanded once, used by every live row
+                            scale = _e4m3_to_f32(sf[q, r, h])
+                            scale2 = Uint32(cute.arch.inline_ptx("cvt.rn.bf16x2.f32 {$w0}, {$r0}, {$r0};",
+                                                                 write_only_types=[Uint32], read_only_args=[scale]))
+                            for wd in cutlass.range_constexpr(2):  # 8 codes per word, 2 words per block
+                                for k in cutlass.range_constexpr(4):
+                                    wx[r, 4 * wd + k] = _expand_pair(wq[q, r, 2 * h + wd], k, scale2)
+                        for m in cutlass.range_constexpr(bm):
+                            if live[m]:  # uniform over the CTA: rows past the expert's end cost nothing
+                                cute.autovec_copy(mAv[(0, None), (src[m], 2 * c + h)], av)
                                 for j in cutlass.range_constexpr(8):
-                                    w_lo, w_hi = _unpack(wx[r, j])
-                                    acc[m * rows + r] = acc[m * rows + r] + w_lo * blk[2 * j] + w_hi * blk[2 * j + 1]
+                                    a_lo, a_hi = _unpack(av[j])
+                                    blk[2 * j] = a_lo
+                                    blk[2 * j + 1] = a_hi
+                                if const_expr(self.quant_a):
+                                    _fake_quantize_block(blk, Float32(1.0))
+                                for r in cutlass.range_constexpr(rows):
+                                    for j in cutlass.range_constexpr(8):
+                                        w_lo, w_hi = _unpack(wx[r, j])
+                                        acc[m * rows + r] = (acc[m * rows + r] + w_lo * blk[2 * j]
+                                                             + w_hi * blk[2 * j + 1])
 
         # the warp's sums, then the K groups', through shared memory: sRed[kw, m, weight row of the CTA]
         for m in cutlass.range_constexpr(bm):

@@ -506,6 +506,8 @@ def test_gemv_constraints_say_what_is_wrong():
     assert not why(fc2, MoEGemmConfig(1, 32, warps_m=4, warps_n=4, splits=8, **GEMV))  # K=768 = 8 x 3 chunks
     assert "bm <= 8" in why(fc2, MoEGemmConfig(16, 32, warps_m=1, warps_n=4, **GEMV))
     assert "no k-tile pipeline" in why(fc2, MoEGemmConfig(1, 32, 128, 3, 1, 4, mma="fma"))
+    assert not why(fc2, MoEGemmConfig(1, 32, 64, 3, 1, 4, mma="fma"))  # two chunk rounds loaded together
+    assert "stages in (2, 3)" in why(fc2, MoEGemmConfig(1, 32, 64, 4, 1, 4, mma="fma"))
     assert "16 weight rows per warp > 8" in why(fc1, MoEGemmConfig(1, 32, warps_m=1, warps_n=4, **GEMV))
     assert "64 accumulators per lane > 32" in why(fc1, MoEGemmConfig(8, 16, warps_m=1, warps_n=4, **GEMV))
     assert "multiple of 32*splits=256" in why(gemm_shapes("w4a16", "silu", 2048, 1856)[1],

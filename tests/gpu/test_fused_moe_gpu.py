@@ -8,6 +8,8 @@ may round to the neighbouring e2m1 code (one FP4 step on a few elements of FC2's
 """
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -368,6 +370,8 @@ GEMV_CFGS = {
                                 MoEGemmConfig(4, 32, warps_m=4, warps_n=4, splits=2, **FMA)),
     "2 rows, 4 K groups, 2 column groups": (MoEGemmConfig(2, 16, warps_m=4, warps_n=4, **FMA),
                                             MoEGemmConfig(2, 16, warps_m=2, warps_n=2, splits=4, **FMA)),
+    "2 rounds loaded together": (MoEGemmConfig(2, 16, warps_m=1, warps_n=4, **dict(FMA, stages=3)),
+                                 MoEGemmConfig(1, 16, warps_m=1, warps_n=4, **dict(FMA, stages=3))),
 }
 
 
@@ -381,7 +385,7 @@ def test_gemv_modes_activations_sizes(T, skew, activation, quant_mode, cfgs):
     and one expert taking every token (partial m-tiles, empty experts, many m-tiles of one expert)."""
     cfg1, cfg2 = GEMV_CFGS[cfgs]
     if activation == "relu2":  # ungated FC1: its warps may take twice the columns
-        cfg1 = MoEGemmConfig(cfg1.bm, 2 * cfg1.bn, warps_m=cfg1.warps_m, warps_n=cfg1.warps_n, **FMA)
+        cfg1 = dataclasses.replace(cfg1, bn=2 * cfg1.bn)
     run_and_check(T, 8, 2, 512, 256, activation, quant_mode, seed=T + 5, skew=skew, configs=(cfg1, cfg2))
 
 
@@ -404,12 +408,17 @@ def test_gemv_agrees_with_mma_sync_at_decode():
     x = torch.randn(T, H, device=DEV).to(torch.bfloat16)
     runs = []
     gemv = (MoEGemmConfig(1, 16, warps_m=1, warps_n=4, **FMA), MoEGemmConfig(1, 32, warps_m=2, warps_n=4, **FMA))
-    for cfgs in ((MoEGemmConfig(16, 64, 128, 3, 1, 4), MoEGemmConfig(16, 64, 128, 3, 1, 4)), gemv):
+    # stages 3: two chunk rounds loaded together; FC2's 64 chunks per row at warps_m 1 fill both, 32 lanes each
+    two_rounds = dict(FMA, stages=3)
+    gemv3 = (MoEGemmConfig(1, 16, warps_m=1, warps_n=4, **two_rounds),
+             MoEGemmConfig(2, 32, warps_m=1, warps_n=4, splits=1, **two_rounds))
+    for cfgs in ((MoEGemmConfig(16, 64, 128, 3, 1, 4), MoEGemmConfig(16, 64, 128, 3, 1, 4)), gemv, gemv3):
         out = torch.full((T, H), float("nan"), dtype=torch.bfloat16, device=DEV)
         runs.append(fused_moe(x, layer["w1_weight"], layer["w1_weight_sf"], layer["w2_weight"], layer["w2_weight_sf"],
                               ids, w, E, k, w1_alpha=layer["w1_alpha"], w2_alpha=layer["w2_alpha"], output=out,
                               quant_mode="w4a16", configs=cfgs).float())
     torch.cuda.synchronize()
-    a, b = runs
-    assert not torch.isnan(b).any()
-    assert float((a - b).abs().max() / a.abs().max()) <= 2**-7
+    a = runs[0]
+    for b in runs[1:]:
+        assert not torch.isnan(b).any()
+        assert float((a - b).abs().max() / a.abs().max()) <= 2**-7
