@@ -28,10 +28,11 @@ activation, K and N and the output dtype: everything but the routed rows) and la
   splits: 64 KB more against 66 MB of FC2 weights and scales; the ratio grows with the rows, see
   violations: splits > 1 is declared for decode tiles, bm <= 32, only).
 
-The heuristic picks a decode tile (bm 16: at T <= 64 an expert sees a handful of rows, so the weights'
-bytes decide the time) or a large-batch tile by the rows each touched expert receives; at decode it splits
-FC2's K when the touched experts' tiles alone leave the GPU short of CTAs (split_heuristic). Its large-batch
-tiles are mma.sync until WGMMA_LARGE_BATCH is switched on (after the wgmma backend is measured on the GPU).
+The heuristic picks by the rows each touched expert receives: the CUDA-core GEMV at one row (T=1), an
+mma.sync decode tile (bm 16: at T <= 64 an expert sees a handful of rows, so the weights' bytes decide the
+time) to 16, mid tiles to 64, the wgmma tiles beyond; at decode it splits FC2's K when the touched experts'
+tiles alone leave the GPU short of CTAs (split_heuristic). GEMV_DECODE and WGMMA_LARGE_BATCH cite the
+measurements that switched those backends on.
 Constraints and heuristic take the SM they are for (`arch`, 90 by default): wgmma is SM90's alone.
 """
 from __future__ import annotations
@@ -289,22 +290,28 @@ def _budget_violations(sh: MoEGemmShape, cfg: MoEGemmConfig) -> list[str]:
 # The large-batch wgmma tiles (kernels/moe_wgmma_kernel.py), widest first: two warpgroups along M, 128
 # accumulators per thread at most (gated FC1 at bn 128 holds gate and up: 2 x 64 x 128 / 128 threads each);
 # 192 and 96 for N = 2880 (gpt-oss-120b), which no power of two above 64 divides. The heuristic prefers them
-# for rows_per_expert > 64 only once WGMMA_LARGE_BATCH is on: it stays off until the backend is measured on
-# the H200 (tests/gpu/test_fused_moe_gpu.py -k wgmma for correctness, .device/run/moe_wgmma.sh for the
-# times against today's 128x64x64 mma.sync tile), and is switched on in the change that records those numbers.
-WGMMA_LARGE_BATCH = False
+# for rows_per_expert > 64: at T=4096 they beat the 128x64x64 mma.sync tile on every layer and mode, 1.41-1.53x
+# (H100 SXM, results/logs/moe_wgmma_h100.log: Qwen3-30B-A3B 2322 vs 3512 us NVFP4 and 1777 vs 2506 W4A16,
+# Mixtral-8x7B 13984 vs 21972 and 10138 vs 14731, gpt-oss-120b 6069 vs 9065 and 3960 vs 6009, DeepSeek-V3
+# 20987 vs 32038 NVFP4), and agreed with the reference in every GPU test (results/logs/
+# moe_tests_wgmma_gemv_h100.log). WGMMA_LARGE_BATCH off restores the mma.sync tiles.
+WGMMA_LARGE_BATCH = True
 WGMMA_TILES = tuple(MoEGemmConfig(128, bn, 64, 4, 4, 2, mma="wgmma") for bn in (256, 192, 128, 96, 64))
 
 
-# The decode GEMV tiles (kernels/moe_gemv_kernel.py) by the rows of the m-tile, a warp's weight rows at 8 (4
-# gated columns, or 8 ungated) over 4 warps along N: up to GEMV_ROWS rows per expert, where CUDA-core FMAs
-# (bm per weight) stay below the FP4 expansion's cost and the weight read. The heuristic prefers them only once
-# GEMV_DECODE is on: it stays off until the backend is measured on the H200 (tests/gpu/test_fused_moe_gpu.py
-# -k gemv for correctness, benchmarks/fused_moe.py for the decode times against the mma.sync decode tile), and
-# is switched on in the change that records those numbers.
-GEMV_DECODE = False
-GEMV_ROWS = 4
-GEMV_TILES = tuple(MoEGemmConfig(bm, bn, 64, 2, 1, 4, mma="fma") for bm in (1, 2, 4) for bn in (32, 16))
+# The decode GEMV tiles (kernels/moe_gemv_kernel.py): one row per m-tile, 4 warps along N, a warp's weight rows
+# within GEMV_MAX_ROWS. The heuristic takes them where every touched expert expects one row (GEMV_ROWS: T=1, or
+# experts so many that tokens rarely share one), where they beat the 16x64x128 mma.sync decode tile on every
+# layer and mode at T=1, 1.09-2.14x, and lose 1.8-3.8x at 2.3-4 rows (T=64 of gpt-oss-120b and Qwen3-30B-A3B:
+# 4x16x64 tiles 3485 vs 1964 us, 1196 vs 353 us), the CUDA-core FMAs growing with the rows (H100 SXM,
+# results/logs/moe_gemv_h100.log: T=1 Qwen3-30B-A3B 40.6 vs 55.8 us NVFP4 and 33.2 vs 47.2 W4A16, Mixtral-8x7B
+# 208.7 vs 227.0 and 166.9 vs 190.1, gpt-oss-120b 69.7 vs 142.1 and 62.2 vs 133.3, DeepSeek-V3 193.0 vs 216.7
+# NVFP4). bn 16 first for FC2 too: both GEMMs at 1x16x64 beat FC2 at 1x32x64 in 4 of those 7 (by 1.03-1.04x,
+# e.g. 40.6 vs 42.1 us), tied in 2 and lost DeepSeek-V3 (193.0 vs 189.4); stages 2: a second chunk round in
+# flight (stages 3) was no faster in 6 of 7 (gpt-oss NVFP4 80.1 vs 69.7 us), Mixtral W4A16 163.4 vs 166.9.
+GEMV_DECODE = True
+GEMV_ROWS = 1.0
+GEMV_TILES = tuple(MoEGemmConfig(1, bn, 64, 2, 1, 4, mma="fma") for bn in (16, 32))
 
 
 def heuristic(sh: MoEGemmShape, rows_per_expert: float, experts_touched: float = 0.0,
@@ -314,9 +321,7 @@ def heuristic(sh: MoEGemmShape, rows_per_expert: float, experts_touched: float =
     ones first when WGMMA_LARGE_BATCH is on); FC2's K split by split_heuristic when `experts_touched`
     (kernels.moe_problem.expected_experts_touched; 0: unknown, no split) leaves the grid short of CTAs."""
     if GEMV_DECODE and rows_per_expert <= GEMV_ROWS:
-        # the smallest m-tile holding an expert's expected rows (at T=1 one row each), the widest column tile
-        # whose warps stay within GEMV_MAX_ROWS weight rows (gated FC1: 16; FC2 and ReLU2: 32)
-        wants = [c for c in GEMV_TILES if c.bm >= rows_per_expert]
+        wants = list(GEMV_TILES)
     elif rows_per_expert <= 16:
         # 16x64x128 s3 with 4 warps first: on the H200 (results/h200/e2e/fused_moe_decode.md, both GEMMs forced
         # to each tile) it beat the 2-warp 16x32x256 s4 tile at T=1 and 64 of Qwen3-30B-A3B, Mixtral-8x7B and

@@ -10,6 +10,7 @@ from click.testing import CliRunner
 
 from kernels.dispatch import Dispatcher, default_dispatcher
 from kernels.family import families, family_of, family_of_op
+from kernels import moe_config as mc
 from kernels.moe_config import MoEConfig, valid_gemm_configs, gemm_shapes
 from kernels.moe_problem import MoEProblem
 from sweep.cli import main
@@ -41,8 +42,9 @@ def test_moe_problems_round_trip_through_their_keys_and_have_one_space_per_layer
     assert study_name(p, "h200").startswith("fused_moe:bf16:bf16:T64:C2048:nvfp4:silu:skewed:E128:k8:I768:L32:h200:k")
     for T in (1, 64, 4096):
         cfg = fam.heuristic(MoEProblem("fused_moe", T, 128, 8, 2048, 768))
-        assert not fam.violations(p, cfg) and (cfg.bm == 16) == (T <= 64)  # 4 rows per expert at T=64
-    mixtral = MoEProblem("fused_moe", 1, 8, 2, 4096, 14336)  # 2 experts x 4096/32 = 256 FC2 CTAs: split
+        # one row per expert at T=1: the GEMV; 4 at T=64: the mma decode tile
+        assert not fam.violations(p, cfg) and cfg.bm == {1: 1, 64: 16}.get(T, cfg.bm) and (cfg.bm <= 16) == (T <= 64)
+    mixtral = MoEProblem("fused_moe", 2, 8, 2, 4096, 14336)  # 3.5 experts x 4096/64 = 224 FC2 CTAs: split
     assert fam.heuristic(mixtral).fc2_splits > 1 and not fam.violations(mixtral, fam.heuristic(mixtral))
     assert fam.heuristic(MoEProblem("fused_moe", 4096, 8, 2, 4096, 14336)).fc2_splits == 1
 
@@ -117,7 +119,7 @@ def test_warmup_moe_makes_every_T_of_a_layer_resident(monkeypatch):
     assert len(cfgs) >= 2  # decode and large-batch tiles both covered
 
 
-def test_old_moe_rows_without_mma_columns_still_export(tmp_path):
+def test_old_moe_rows_without_mma_columns_still_export(tmp_path, monkeypatch):
     """Parquet rows written before the knob (no knob_fc1_mma / knob_fc2_mma columns) are still usable rows
     and pick winners: their configs read as mma.sync."""
     import pyarrow as pa
@@ -125,6 +127,8 @@ def test_old_moe_rows_without_mma_columns_still_export(tmp_path):
 
     from lut_export.winners import pick_winners, select_rows
 
+    for switch in ("GEMV_DECODE", "WGMMA_LARGE_BATCH"):  # the heuristic of then, whose sweeps were mma.sync
+        monkeypatch.setattr(mc, switch, False)
     res = tmp_path / "results"
     _sweep(res, "--op", "fused_moe", "--problem-set", "moe", "--out", "bf16", "--limit-shapes", "2")
     for f in res.rglob("*.parquet"):  # rewrite every file as an older writer left it

@@ -172,7 +172,8 @@ def test_heuristic_is_valid_for_real_layers(H, I, rows, touched):
     for sh in (MoEGemmShape("fc1", "silu", H, I), MoEGemmShape("fc2", "silu", I, H, "fp32")):
         cfg = heuristic(sh, rows, touched)
         assert not violations(sh, cfg) and smem_bytes(sh, cfg) <= 227 * 1024
-        assert (cfg.bm == 16) == (rows <= 16)  # decode tiles for a handful of rows per expert
+        # the GEMV at one row per expert, decode tiles for a handful of rows
+        assert cfg.bm == (1 if rows <= mc.GEMV_ROWS else 16 if rows <= 16 else cfg.bm) and (cfg.bm <= 16) == (rows <= 16)
         assert cfg.splits == 1 or (sh.layer == "fc2" and rows <= 16 and sh.K // (cfg.bk * cfg.splits) >= 2)
 
 
@@ -209,7 +210,10 @@ def test_split_constraints():
         MoEConfig.of(MoEGemmConfig(16, 32, 256, 4, 1, 2, 2), MoEGemmConfig(16, 32, 256, 4, 1, 2))
 
 
-def test_heuristic_splits_fc2_where_the_grid_is_short_of_ctas():
+def test_heuristic_splits_fc2_where_the_grid_is_short_of_ctas(monkeypatch):
+    gemv = _layer_heuristic(1, **MIXTRAL)[1]  # the GEMV's 2 experts x 4096/16 = 512 CTAs: no split
+    assert (gemv.fc2_mma, gemv.fc2_splits) == ("fma", 1)
+    monkeypatch.setattr(mc, "GEMV_DECODE", False)  # the mma.sync decode tile's split
     shapes, cfg = _layer_heuristic(1, **MIXTRAL)  # 2 experts x 4096/64 = 128 CTAs unsplit: < 2 per SM
     g2 = cfg.gemm("fc2")
     assert cfg.fc2_splits == g2.splits > 1 and cfg.gemm("fc1").splits == 1
@@ -452,13 +456,8 @@ def test_wgmma_shared_memory_is_the_kernels_arena():
     assert all(v % 1024 == 0 for v in off.values())  # the 128-byte swizzle's 1024-byte atom
 
 
-def test_wgmma_is_off_in_the_heuristic_until_measured(monkeypatch):
-    shapes = gemm_shapes("nvfp4", "silu", 4096, 14336)
-    assert mc.WGMMA_LARGE_BATCH is False
-    for rows in (1, 40, 1000, 4096):
-        assert all(heuristic(sh, rows).mma == "sync" for sh in shapes)
-        assert mc.layer_heuristic(shapes, rows, 8.0) == mc.layer_heuristic(shapes, rows, 8.0, arch=100)
-    monkeypatch.setattr(mc, "WGMMA_LARGE_BATCH", True)
+def test_wgmma_takes_large_batches_on_sm90_only(monkeypatch):
+    assert mc.WGMMA_LARGE_BATCH is True  # switched on by the measurement moe_config.py cites
     for H, I, act in ((4096, 14336, "silu"), (2048, 768, "silu"), (2880, 2880, "silu"), (2688, 1856, "relu2"),
                       (7168, 2048, "silu")):
         for q in ("w4a16", "nvfp4"):
@@ -470,6 +469,11 @@ def test_wgmma_is_off_in_the_heuristic_until_measured(monkeypatch):
             off_sm90 = mc.layer_heuristic(sh2, 1000, 8.0, arch=100)
             assert (off_sm90.fc1_mma, off_sm90.fc2_mma) == ("sync", "sync") and \
                 not mc.layer_violations(sh2, off_sm90, arch=100)
+    monkeypatch.setattr(mc, "WGMMA_LARGE_BATCH", False)
+    shapes = gemm_shapes("nvfp4", "silu", 4096, 14336)
+    for rows in (40, 1000, 4096):
+        assert all(heuristic(sh, rows).mma == "sync" for sh in shapes)
+        assert mc.layer_heuristic(shapes, rows, 8.0) == mc.layer_heuristic(shapes, rows, 8.0, arch=100)
 
 
 GEMV = dict(stages=2, bk=64, mma="fma")
@@ -518,20 +522,21 @@ def test_gemv_constraints_say_what_is_wrong():
     assert "tiles bm=64" in why(fc2, MoEGemmConfig(4, 64, 64, 4, 4, 1, mma="wgmma"))
 
 
-def test_gemv_is_off_in_the_heuristic_until_measured(monkeypatch):
-    shapes = gemm_shapes("nvfp4", "silu", 4096, 14336)
-    assert mc.GEMV_DECODE is False
-    assert all(heuristic(sh, rows).mma == "sync" for sh in shapes for rows in (0.5, 1, 4))
-    monkeypatch.setattr(mc, "GEMV_DECODE", True)
+def test_gemv_takes_one_row_per_expert_only(monkeypatch):
+    assert mc.GEMV_DECODE is True  # switched on by the measurement moe_config.py cites
     for H, I, act in ((4096, 14336, "silu"), (2048, 768, "silu"), (2880, 2880, "silu"), (2688, 1856, "relu2"),
                       (7168, 2048, "silu")):
         for q in ("w4a16", "nvfp4"):
             sh2 = gemm_shapes(q, act, H, I)
-            for rows, bm in ((1.0, 1), (1.6, 2), (4.0, 4)):
-                cfg = mc.layer_heuristic(sh2, rows, 8.0)
-                assert (cfg.fc1_mma, cfg.fc2_mma, cfg.bm) == ("fma", "fma", bm), (H, rows, cfg.short())
-                assert not mc.layer_violations(sh2, cfg) and not mc.layer_violations(sh2, cfg, arch=100)
-            assert mc.layer_heuristic(sh2, 5.0, 8.0).fc1_mma == "sync"  # past GEMV_ROWS: the mma decode tile
+            for arch in (90, 100):  # one source serves both
+                cfg = mc.layer_heuristic(sh2, 1.0, 8.0, arch=arch)
+                assert (cfg.fc1_mma, cfg.fc2_mma, cfg.bm) == ("fma", "fma", 1), (H, cfg.short())
+                assert cfg.gemm("fc1").bn == 16 and not mc.layer_violations(sh2, cfg, arch=arch)
+            # past one row (T=4 of 128 experts, top-8: 1.11): the mma decode tile
+            assert mc.layer_heuristic(sh2, 1.11, 8.0).fc1_mma == "sync"
+    monkeypatch.setattr(mc, "GEMV_DECODE", False)
+    shapes = gemm_shapes("nvfp4", "silu", 4096, 14336)
+    assert all(heuristic(sh, rows).mma == "sync" for sh in shapes for rows in (0.5, 1, 4))
 
 
 def test_compile_check_covers_wgmma_on_sm90_only():
