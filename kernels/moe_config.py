@@ -28,7 +28,7 @@ activation, K and N and the output dtype: everything but the routed rows) and la
   splits: 64 KB more against 66 MB of FC2 weights and scales; the ratio grows with the rows, see
   violations: splits > 1 is declared for decode tiles, bm <= 32, only).
 
-The heuristic picks by the rows each touched expert receives: the CUDA-core GEMV at one row (T=1), an
+The heuristic picks by the rows each touched expert receives: the CUDA-core GEMV to 1.5 rows (T=1-4), an
 mma.sync decode tile (bm 16: at T <= 64 an expert sees a handful of rows, so the weights' bytes decide the
 time) to 16, mid tiles to 64, the wgmma tiles beyond; at decode it splits FC2's K when the touched experts'
 tiles alone leave the GPU short of CTAs (split_heuristic). GEMV_DECODE and WGMMA_LARGE_BATCH cite the
@@ -300,17 +300,21 @@ WGMMA_TILES = tuple(MoEGemmConfig(128, bn, 64, 4, 4, 2, mma="wgmma") for bn in (
 
 
 # The decode GEMV tiles (kernels/moe_gemv_kernel.py): one row per m-tile, 4 warps along N, a warp's weight rows
-# within GEMV_MAX_ROWS. The heuristic takes them where every touched expert expects one row (GEMV_ROWS: T=1, or
-# experts so many that tokens rarely share one), where they beat the 16x64x128 mma.sync decode tile on every
-# layer and mode at T=1, 1.09-2.14x, and lose 1.8-3.8x at 2.3-4 rows (T=64 of gpt-oss-120b and Qwen3-30B-A3B:
-# 4x16x64 tiles 3485 vs 1964 us, 1196 vs 353 us), the CUDA-core FMAs growing with the rows (H100 SXM,
-# results/logs/moe_gemv_h100.log: T=1 Qwen3-30B-A3B 40.6 vs 55.8 us NVFP4 and 33.2 vs 47.2 W4A16, Mixtral-8x7B
-# 208.7 vs 227.0 and 166.9 vs 190.1, gpt-oss-120b 69.7 vs 142.1 and 62.2 vs 133.3, DeepSeek-V3 193.0 vs 216.7
-# NVFP4). bn 16 first for FC2 too: both GEMMs at 1x16x64 beat FC2 at 1x32x64 in 4 of those 7 (by 1.03-1.04x,
+# within GEMV_MAX_ROWS. The heuristic takes them up to GEMV_ROWS rows per touched expert (H100 SXM, both GEMMs
+# forced to each tile, outputs checked):
+# - T=1 (1 row): 1.09-2.14x over the 16x64x128 mma.sync decode tile on every layer and mode (results/logs/
+#   moe_gemv_h100.log: Qwen3-30B-A3B 40.6 vs 55.8 us NVFP4 and 33.2 vs 47.2 W4A16, Mixtral-8x7B 208.7 vs 227.0
+#   and 166.9 vs 190.1, gpt-oss-120b 69.7 vs 142.1 and 62.2 vs 133.3, DeepSeek-V3 193.0 vs 216.7 NVFP4);
+# - T=4 (1.06-1.46 rows, the second row of an expert a second m-tile re-reading its weights): faster in 7 of 8
+#   (results/logs/moe_decode_h100.log: gpt-oss-120b 223.7 vs 347.8 and 166.6 vs 322.4, Qwen3-30B-A3B 79.8 vs
+#   103.6 W4A16, DeepSeek-V3 519.9 vs 647.6 W4A16), 2 % slower on Mixtral-8x7B NVFP4 at 1.46 (666.2 vs 653.3);
+# - T=64 (2.3-4 rows): 1.8-3.8x slower, the CUDA-core FMAs growing with the rows (gpt-oss-120b 4x16x64 3485 vs
+#   1964 us, Qwen3-30B-A3B 1196 vs 353: results/logs/moe_gemv_h100.log).
+# bn 16 first for FC2 too: both GEMMs at 1x16x64 beat FC2 at 1x32x64 in 4 of those 7 T=1 rows (by 1.03-1.04x,
 # e.g. 40.6 vs 42.1 us), tied in 2 and lost DeepSeek-V3 (193.0 vs 189.4); stages 2: a second chunk round in
 # flight (stages 3) was no faster in 6 of 7 (gpt-oss NVFP4 80.1 vs 69.7 us), Mixtral W4A16 163.4 vs 166.9.
 GEMV_DECODE = True
-GEMV_ROWS = 1.0
+GEMV_ROWS = 1.5
 GEMV_TILES = tuple(MoEGemmConfig(1, bn, 64, 2, 1, 4, mma="fma") for bn in (16, 32))
 
 

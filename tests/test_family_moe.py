@@ -27,7 +27,7 @@ def _sweep(results, *args):
     return r.output
 
 
-def test_moe_problems_round_trip_through_their_keys_and_have_one_space_per_layer_shape():
+def test_moe_problems_round_trip_through_their_keys_and_have_one_space_per_layer_shape(monkeypatch):
     p = MoEProblem("fused_moe", 64, 128, 8, 2048, 768, "nvfp4", "silu", "skewed", 32)
     fam = family_of(p)
     assert fam is family_of_op("fused_moe") and fam.name == "moe"
@@ -44,6 +44,7 @@ def test_moe_problems_round_trip_through_their_keys_and_have_one_space_per_layer
         cfg = fam.heuristic(MoEProblem("fused_moe", T, 128, 8, 2048, 768))
         # one row per expert at T=1: the GEMV; 4 at T=64: the mma decode tile
         assert not fam.violations(p, cfg) and cfg.bm == {1: 1, 64: 16}.get(T, cfg.bm) and (cfg.bm <= 16) == (T <= 64)
+    monkeypatch.setattr(mc, "GEMV_DECODE", False)  # the mma.sync decode tile's split
     mixtral = MoEProblem("fused_moe", 2, 8, 2, 4096, 14336)  # 3.5 experts x 4096/64 = 224 FC2 CTAs: split
     assert fam.heuristic(mixtral).fc2_splits > 1 and not fam.violations(mixtral, fam.heuristic(mixtral))
     assert fam.heuristic(MoEProblem("fused_moe", 4096, 8, 2, 4096, 14336)).fc2_splits == 1

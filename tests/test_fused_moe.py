@@ -2,6 +2,8 @@
 reference against a per-pair loop, the configs' constraints and their compiles for sm_90a."""
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -528,12 +530,12 @@ def test_gemv_takes_one_row_per_expert_only(monkeypatch):
                       (7168, 2048, "silu")):
         for q in ("w4a16", "nvfp4"):
             sh2 = gemm_shapes(q, act, H, I)
-            for arch in (90, 100):  # one source serves both
-                cfg = mc.layer_heuristic(sh2, 1.0, 8.0, arch=arch)
+            for arch, rows in itertools.product((90, 100), (1.0, 1.11, 1.46)):  # one source serves both
+                cfg = mc.layer_heuristic(sh2, rows, 8.0, arch=arch)
                 assert (cfg.fc1_mma, cfg.fc2_mma, cfg.bm) == ("fma", "fma", 1), (H, cfg.short())
                 assert cfg.gemm("fc1").bn == 16 and not mc.layer_violations(sh2, cfg, arch=arch)
-            # past one row (T=4 of 128 experts, top-8: 1.11): the mma decode tile
-            assert mc.layer_heuristic(sh2, 1.11, 8.0).fc1_mma == "sync"
+            # past GEMV_ROWS (T=64 of gpt-oss-120b: 2.3): the mma decode tile
+            assert mc.layer_heuristic(sh2, 2.3, 8.0).fc1_mma == "sync"
     monkeypatch.setattr(mc, "GEMV_DECODE", False)
     shapes = gemm_shapes("nvfp4", "silu", 4096, 14336)
     assert all(heuristic(sh, rows).mma == "sync" for sh in shapes for rows in (0.5, 1, 4))
