@@ -320,9 +320,10 @@ GEMV_TILES = tuple(MoEGemmConfig(1, bn, 64, 2, 1, 4, mma="fma") for bn in (16, 3
 
 def heuristic(sh: MoEGemmShape, rows_per_expert: float, experts_touched: float = 0.0,
               arch: int = WGMMA_ARCH) -> MoEGemmConfig:
-    """A valid config (on SM `arch`) from the rows each touched expert receives: decode tiles (bm 16, deep
-    k-tiles to keep weight bytes in flight) up to 16 rows, mid tiles to 64, large tiles beyond (the wgmma
-    ones first when WGMMA_LARGE_BATCH is on); FC2's K split by split_heuristic when `experts_touched`
+    """A valid config (on SM `arch`) from the rows each touched expert receives: the GEMV up to GEMV_ROWS
+    (when GEMV_DECODE is on), decode tiles (bm 16, deep k-tiles to keep weight bytes in flight) up to 16 rows,
+    mid tiles to 64, large tiles beyond (the wgmma ones first when WGMMA_LARGE_BATCH is on and the SM is 90);
+    FC2's K split by split_heuristic when `experts_touched`
     (kernels.moe_problem.expected_experts_touched; 0: unknown, no split) leaves the grid short of CTAs."""
     if GEMV_DECODE and rows_per_expert <= GEMV_ROWS:
         wants = list(GEMV_TILES)
