@@ -112,13 +112,13 @@ def _pool() -> ProcessPoolExecutor:
 
 
 def parse_tile(text: str) -> mc.MoEGemmConfig:
-    """'BMxBNxBK/STAGES/WMxWN[/MMA]' (e.g. 32x32x128/4/2x2, 128x128x64/4/4x2/wgmma, 1x32x64/2/1x4/fma) -> the
+    """'BMxBNxBK/STAGES/WMxWN[/MMA]' (e.g. 32x32x128/4/2x2, 128x128x64/4/4x2/wgmma, 8x64x64/2/1x4/gemv) -> the
     GEMM config both GEMMs of a forced layer take (MMA: mma.sync by default)."""
     try:
         tile, stages, warps, *mma = text.split("/")
         bm, bn, bk = (int(v) for v in tile.split("x"))
         wm, wn = (int(v) for v in warps.split("x"))
-        if mma and mma[0] not in ("sync", "wgmma", "fma") or len(mma) > 1:
+        if mma and mma[0] not in ("sync", "wgmma", "gemv") or len(mma) > 1:
             raise ValueError(text)
         return mc.MoEGemmConfig(bm, bn, bk, int(stages), wm, wn, mma=mma[0] if mma else "sync")
     except ValueError:
@@ -244,7 +244,7 @@ def main() -> None:
     ap.add_argument("--splits", default="", help="FC2 split-K values to time at decode, e.g. 1,2,4,8 (default: none)")
     ap.add_argument("--tiles", default="", help="tiles to time beside the chosen config, comma list of "
                                                 "BMxBNxBK/STAGES/WMxWN[/MMA] (e.g. 32x32x128/4/2x2, "
-                                                "128x128x64/4/4x2/wgmma, 1x32x64/2/1x4/fma)")
+                                                "128x128x64/4/4x2/wgmma, 8x64x64/2/1x4/gemv)")
     ap.add_argument("--switches", default="", help="also time the heuristic's choice with these backend switches "
                                                    f"flipped, comma list of {', '.join(SWITCHES)}")
     ap.add_argument("--out", default="fused_moe.md")

@@ -79,9 +79,9 @@ def _fake_args(sh: MoEGemmShape):
 
 def gemm_kernel_class(cfg: MoEGemmConfig):
     """The kernel class that runs `cfg`: its MMA backend (kernels/moe_kernel.py for mma.sync,
-    kernels/moe_wgmma_kernel.py for warpgroup MMA, kernels/moe_gemv_kernel.py for the CUDA-core decode GEMV).
+    kernels/moe_wgmma_kernel.py for warpgroup MMA, kernels/moe_gemv_kernel.py for the decode GEMV).
     All take the same launch arguments and grid."""
-    if cfg.mma == "fma":
+    if cfg.mma == "gemv":
         from .moe_gemv_kernel import MoEGemvKernel
 
         return MoEGemvKernel
@@ -668,7 +668,7 @@ def compile_check_cases(layers, configs: int = 1, seed: int = 0,
     target `arch`: FC1 and FC2 of W4A16 (and W4A4's quantising FC1 for the first layer), each with the
     heuristic configs of decode, mid and large batches (FC2 also at decode with one touched expert: the
     split-K tile where K allows), the first large-batch wgmma tile that fits (where the arch has wgmma: SM90),
-    the first decode GEMV tile (mma="fma") that fits, plus `configs` random valid ones. Without an arch, only
+    the first decode GEMV tile (mma="gemv") that fits, plus `configs` random valid ones. Without an arch, only
     configs valid on every compile target (compile_cache.ARCHS) are listed: no wgmma, which is SM90's alone."""
     import random
 

@@ -15,10 +15,12 @@ activation, K and N and the output dtype: everything but the routed rows) and la
   the bf16 B tile expanded into the other of two buffers while the previous k-tile's wgmma runs. mma.sync
   cannot reach Hopper's dense bf16 rate (the large batches ran at 16-30 % of torch.mm 8192^3 with it); the
   wgmma tiles are bm 64/128 only, with warps_m = 4 (one warpgroup's warps, 16 rows each of its 64) and
-  warps_n the number of warpgroups (bm/64 along M, the rest along N), and never split K. "fma"
-  (kernels/moe_gemv_kernel.py): no tensor core, a grouped GEMV on CUDA cores for decode m-tiles of bm 1-8
-  rows; warps_n groups of bn / warps_n columns, warps_m groups along K; stages - 1 chunk rounds loaded
-  together (stages 2 or 3), bk unused (64). At decode the mma.sync tile reads the weights at 9-26 % of the copy roofline, behind two barriers a k-tile.
+  warps_n the number of warpgroups (bm/64 along M, the rest along N), and never split K. "gemv"
+  (kernels/moe_gemv_kernel.py): the decode GEMV, bm 8 or 16 rows, each lane expanding its own FP4 chunks
+  straight into mma.sync fragments (no shared memory, no barrier in the main loop: at decode the mma.sync
+  tile reads the weights at 9-26 % of the copy roofline, behind two barriers a k-tile); warps_n groups of
+  bn / warps_n columns in 16-row mma groups, warps_m groups along K; stages - 1 chunk rounds loaded together
+  (stages 2 or 3), bk unused (64).
 * splits (FC2 only): split-K. The grid gets a third axis of `splits` CTAs per (m-tile, n-tile); split s
   sums over K elements [s*K/splits, (s+1)*K/splits) and writes its whole fp32 partial tile to its own
   slice of the per-pair output y [splits, pairs, H]; the per-token sum after the GEMM adds the splits and
@@ -28,7 +30,7 @@ activation, K and N and the output dtype: everything but the routed rows) and la
   splits: 64 KB more against 66 MB of FC2 weights and scales; the ratio grows with the rows, see
   violations: splits > 1 is declared for decode tiles, bm <= 32, only).
 
-The heuristic picks by the rows each touched expert receives: the CUDA-core GEMV to 1.5 rows (T=1-4), an
+The heuristic picks by the rows each touched expert receives: the decode GEMV to GEMV_ROWS rows, an
 mma.sync decode tile (bm 16: at T <= 64 an expert sees a handful of rows, so the weights' bytes decide the
 time) to 16, mid tiles to 64, the wgmma tiles beyond; at decode it splits FC2's K when the touched experts'
 tiles alone leave the GPU short of CTAs (split_heuristic). GEMV_DECODE and WGMMA_LARGE_BATCH cite the
@@ -57,7 +59,7 @@ MOE_KNOB_CHOICES = {
     "warps_m": (1, 2, 4),
     "warps_n": (1, 2, 4),
     "splits": (1, 2, 4, 8),
-    "mma": ("sync", "wgmma", "fma"),
+    "mma": ("sync", "wgmma", "gemv"),
 }
 SPLIT_MAX_BM = 32  # splits > 1 only with decode tiles (see violations)
 # mma.sync's column tiles: the space its sweeps, LUT entries and heuristic were measured on. The wider and
@@ -67,17 +69,15 @@ SYNC_BN = (16, 32, 64, 128)
 WGMMA_ARCH = 90  # warpgroup MMA is SM90's (sm_90a); Blackwell's tensor cores take tcgen05 instead
 WGMMA_WARPS_M = 4  # the four warps of a warpgroup, 16 rows each of its 64-row instruction
 WGMMA_MIN_STAGES = 3  # a k-tile's buffers are refilled two tiles later, once its asynchronous wgmma retired
-# mma="fma" (kernels/moe_gemv_kernel.py): decode m-tiles of at most GEMV_MAX_BM rows; each warp's weight rows
-# (its bn / warps_n columns, with their up rows when gated) and rows x weight rows fp32 accumulators stay within
-# what fits in registers beside the loaded chunks and their expansion (at 16 weight rows, or 2 x 16 accumulators
-# with 16 rows, the compiled GEMV reached 237-255 registers on sm_90a; within 8 and 32 it takes 48-202, W4A4's
-# activation quantisation the most)
-GEMV_MAX_BM = 8
-GEMV_MAX_ROWS = 8
-GEMV_MAX_ACC = 32
+# mma="gemv" (kernels/moe_gemv_kernel.py): m-tiles of one or two mma n-tiles (8 rows each); a warp's weight
+# rows (its bn / warps_n columns, with their up rows when gated) fill whole 16-row mma groups, at most
+# GEMV_MAX_GROUPS of them, so that the loaded chunks (8 words per group and round, 16 per n-tile and round) fit
+# in registers beside the expansion
+GEMV_BM = (8, 16)
+GEMV_MAX_GROUPS = 2
 GEMV_CHUNK = 32  # K elements per lane load (16 packed bytes): K must split into whole chunks per K split
 # stages - 1: the chunk rounds whose loads a lane issues together (2: load a round, then use it; 3: two rounds
-# per round trip); 6 registers per chunk and weight row, so two rounds of GEMV_MAX_ROWS at most
+# per round trip)
 GEMV_STAGES = (2, 3)
 
 
@@ -155,7 +155,7 @@ def smem_bytes(sh: MoEGemmShape, cfg: MoEGemmConfig) -> int:
     arena: wgmma_smem_layout)."""
     if cfg.mma == "wgmma":
         return wgmma_smem_layout(sh, cfg)[1]
-    if cfg.mma == "fma":  # the K groups' sums per (row, weight row), and the quantised output's staging
+    if cfg.mma == "gemv":  # the K groups' sums per (row, weight row), and the quantised output's staging
         rows = cfg.bn * (2 if sh.gated else 1)
         return 4 * cfg.warps_m * cfg.bm * rows + (4 * cfg.bm * cfg.bn if sh.quant_out else 0) + 64
     nb = cfg.bn * (2 if sh.gated else 1)
@@ -165,13 +165,13 @@ def smem_bytes(sh: MoEGemmShape, cfg: MoEGemmConfig) -> int:
 
 
 def accumulators_per_thread(sh: MoEGemmShape, cfg: MoEGemmConfig) -> int:
-    if cfg.mma == "fma":  # every lane holds all of its warp's (row, weight row) sums
-        return cfg.bm * gemv_rows(sh, cfg)
+    if cfg.mma == "gemv":  # per 16-row mma group and 8-row n-tile, a lane's 4 of the 16 x 8 sums
+        return 4 * (gemv_rows(sh, cfg) // 16) * (cfg.bm // 8)
     return cfg.bm * cfg.bn * (2 if sh.gated else 1) // cfg.threads
 
 
 def gemv_rows(sh: MoEGemmShape, cfg: MoEGemmConfig) -> int:
-    """mma="fma": the weight rows one warp streams (its columns, and their up rows when gated)."""
+    """mma="gemv": the weight rows one warp streams (its columns, and their up rows when gated)."""
     return cfg.bn // cfg.warps_n * (2 if sh.gated else 1)
 
 
@@ -185,7 +185,7 @@ def violations(sh: MoEGemmShape, cfg: MoEGemmConfig, arch: int = WGMMA_ARCH) -> 
         return out
     if cfg.mma == "wgmma":
         return _wgmma_violations(sh, cfg, arch) + _tile_violations(sh, cfg) + _budget_violations(sh, cfg)
-    if cfg.mma == "fma":
+    if cfg.mma == "gemv":
         return _gemv_violations(sh, cfg) + _tile_violations(sh, cfg) + _budget_violations(sh, cfg)
     if cfg.bn not in SYNC_BN:
         out.append(f"bn={cfg.bn} is a wgmma tile width; mma=sync takes bn in {SYNC_BN}")
@@ -235,29 +235,27 @@ def _wgmma_violations(sh: MoEGemmShape, cfg: MoEGemmConfig, arch: int) -> list[s
 
 
 def _gemv_violations(sh: MoEGemmShape, cfg: MoEGemmConfig) -> list[str]:
-    """The CUDA-core decode GEMV's own constraints (kernels/moe_gemv_kernel.py). It has no k-tile pipeline:
-    bk takes one value (64) so that the search does not time one kernel under many names; stages - 1 counts
-    the chunk rounds loaded together."""
+    """The decode GEMV's own constraints (kernels/moe_gemv_kernel.py). It has no k-tile pipeline: bk takes one
+    value (64) so that the search does not time one kernel under many names; stages - 1 counts the chunk rounds
+    loaded together."""
     out = []
-    if cfg.bm > GEMV_MAX_BM:
-        out.append(f"mma=fma is the decode GEMV: bm <= {GEMV_MAX_BM} rows per m-tile, got bm={cfg.bm}")
+    if cfg.bm not in GEMV_BM:
+        out.append(f"mma=gemv is the decode GEMV: bm in {GEMV_BM} (one or two 8-row mma n-tiles), got bm={cfg.bm}")
     if cfg.stages not in GEMV_STAGES or cfg.bk != 64:
-        out.append(f"mma=fma has no k-tile pipeline: stages in {GEMV_STAGES} (one more than the chunk rounds "
+        out.append(f"mma=gemv has no k-tile pipeline: stages in {GEMV_STAGES} (one more than the chunk rounds "
                    f"loaded together) and bk=64 (unused), got stages={cfg.stages} bk={cfg.bk}")
     if cfg.bn % cfg.warps_n:
-        out.append(f"mma=fma: bn={cfg.bn} must split into warps_n={cfg.warps_n} equal column groups")
+        out.append(f"mma=gemv: bn={cfg.bn} must split into warps_n={cfg.warps_n} equal column groups")
         return out
     rows = gemv_rows(sh, cfg)
-    if rows > GEMV_MAX_ROWS:
-        out.append(f"mma=fma: {rows} weight rows per warp > {GEMV_MAX_ROWS} (bn / warps_n columns"
-                   + (", doubled for the gate and up rows)" if sh.gated else ")"))
-    if cfg.bm * rows > GEMV_MAX_ACC:
-        out.append(f"mma=fma: bm x weight rows = {cfg.bm * rows} accumulators per lane > {GEMV_MAX_ACC}")
+    if rows % 16 or rows > 16 * GEMV_MAX_GROUPS:
+        out.append(f"mma=gemv: a warp's {rows} weight rows (bn / warps_n columns"
+                   + (", doubled for the gate and up rows" if sh.gated else "")
+                   + f") must fill 1 to {GEMV_MAX_GROUPS} 16-row mma groups")
     if sh.K % (GEMV_CHUNK * cfg.splits):
-        out.append(f"mma=fma: K={sh.K} must be a multiple of {GEMV_CHUNK}*splits={GEMV_CHUNK * cfg.splits} "
+        out.append(f"mma=gemv: K={sh.K} must be a multiple of {GEMV_CHUNK}*splits={GEMV_CHUNK * cfg.splits} "
                    "(whole 16-byte chunks per K split)")
     return out
-
 
 def _tile_violations(sh: MoEGemmShape, cfg: MoEGemmConfig) -> list[str]:
     """Every backend walks whole tiles, and splits K only in FC2 (FC1's fused activation needs the whole sum)."""
@@ -299,23 +297,42 @@ WGMMA_LARGE_BATCH = True
 WGMMA_TILES = tuple(MoEGemmConfig(128, bn, 64, 4, 4, 2, mma="wgmma") for bn in (256, 192, 128, 96, 64))
 
 
-# The decode GEMV tiles (kernels/moe_gemv_kernel.py): one row per m-tile, 4 warps along N, a warp's weight rows
-# within GEMV_MAX_ROWS. The heuristic takes them up to GEMV_ROWS rows per touched expert (H100 SXM, both GEMMs
-# forced to each tile, outputs checked):
-# - T=1 (1 row): 1.09-2.14x over the 16x64x128 mma.sync decode tile on every layer and mode (results/logs/
-#   moe_gemv_h100.log: Qwen3-30B-A3B 40.6 vs 55.8 us NVFP4 and 33.2 vs 47.2 W4A16, Mixtral-8x7B 208.7 vs 227.0
-#   and 166.9 vs 190.1, gpt-oss-120b 69.7 vs 142.1 and 62.2 vs 133.3, DeepSeek-V3 193.0 vs 216.7 NVFP4);
-# - T=4 (1.06-1.46 rows, the second row of an expert a second m-tile re-reading its weights): faster in 7 of 8
-#   (results/logs/moe_decode_h100.log: gpt-oss-120b 223.7 vs 347.8 and 166.6 vs 322.4, Qwen3-30B-A3B 79.8 vs
-#   103.6 W4A16, DeepSeek-V3 519.9 vs 647.6 W4A16), 2 % slower on Mixtral-8x7B NVFP4 at 1.46 (666.2 vs 653.3);
-# - T=64 (2.3-4 rows): 1.8-3.8x slower, the CUDA-core FMAs growing with the rows (gpt-oss-120b 4x16x64 3485 vs
-#   1964 us, Qwen3-30B-A3B 1196 vs 353: results/logs/moe_gemv_h100.log).
-# bn 16 first for FC2 too: both GEMMs at 1x16x64 beat FC2 at 1x32x64 in 4 of those 7 T=1 rows (by 1.03-1.04x,
-# e.g. 40.6 vs 42.1 us), tied in 2 and lost DeepSeek-V3 (193.0 vs 189.4); stages 2: a second chunk round in
-# flight (stages 3) was no faster in 6 of 7 (gpt-oss NVFP4 80.1 vs 69.7 us), Mixtral W4A16 163.4 vs 166.9.
+# The decode GEMV tiles (kernels/moe_gemv_kernel.py): bm 8 (one mma n-tile), 4 warps along N of one 16-row mma
+# group each (gated FC1 at bn 32: 8 columns' gate and up rows; the other GEMMs at bn 64), the K groups from
+# gemv_warps_m. The heuristic takes them up to GEMV_ROWS = 8 rows per touched expert, one m-tile: each expert's
+# weights read once, as the 16-row mma.sync decode tile reads them, without its shared memory and barriers.
+# H200, one call against the previous tree (whose T=1 ran the CUDA-core GEMV and T=64 the 16x64x128 mma.sync
+# tile with the 13-instruction expansion; results/h200/e2e/fused_moe_decode.md, results/logs/
+# moe_decode_prev_tree_h200.md; every MoE GPU test passed, results/logs/moe_tests_gemv_h200.log):
+# - W4A16 T=1: 1.21-1.89x faster on every layer (Mixtral-8x7B 87.5 vs 165.4 us, 53 % of the weight roofline;
+#   DeepSeek-V3 89.4 vs 156.5; gpt-oss-120b 41.4 vs 61.6; Qwen3-30B-A3B 27.0 vs 32.8);
+# - at 2-4 rows (T=64 of gpt-oss-120b, DeepSeek-V3, Qwen3-30B-A3B): W4A16 2.77, 2.15 and 1.10x faster (676 vs
+#   1870, 2080 vs 4477, 284 vs 312 us); NVFP4 1.10 and 1.10x faster on DeepSeek and Qwen, 2 % slower on gpt-oss;
+# - NVFP4 T=1: faster on Qwen3-30B-A3B and DeepSeek-V3 (50.0 vs 55.1, 196.6 vs 217.4 us), slower than the former
+#   CUDA-core GEMV on Mixtral-8x7B and gpt-oss-120b (227.8 vs 207.6, 89.7 vs 69.2): W4A4's FC1 fake-quantises
+#   each lane's 32 activations per chunk round, ~5x the round's weight expansion, so quantising x once per call
+#   is what that mode needs next. 5-8 rows per expert were not measured.
 GEMV_DECODE = True
-GEMV_ROWS = 1.5
-GEMV_TILES = tuple(MoEGemmConfig(1, bn, 64, 2, 1, 4, mma="fma") for bn in (16, 32))
+GEMV_ROWS = 8
+GEMV_TILES = tuple(MoEGemmConfig(8, bn, 64, 2, 1, 4, mma="gemv") for bn in (32, 64))
+# A GEMV warp keeps 32 lanes x 2 weight rows x 16 bytes = 1 KB of weights in flight per chunk round, and the
+# copy roofline needs ~4.2 TB/s x ~1 us / 132 SMs ~ 32 KB per SM in flight: ~32 warps per SM. Where the
+# grid's CTAs (touched experts x N / bn x FC2's splits) hold fewer, the K groups (warps_m 2, 4) multiply
+# the warps (an assumption of the copy model, as SPLIT_MIN_CTAS_PER_SM; benchmarks/fused_moe.py --tiles
+# times the alternatives)
+GEMV_MIN_WARPS_PER_SM = 32
+
+
+def gemv_warps_m(sh: MoEGemmShape, cfg: MoEGemmConfig, experts_touched: float) -> int:
+    """The decode GEMV's K groups for `cfg` (its warps_m ignored): the fewest that bring the grid to
+    GEMV_MIN_WARPS_PER_SM * SM_COUNT warps, while each K group keeps a whole round of chunks (4 lanes')."""
+    warps = max(1.0, experts_touched) * (sh.N // cfg.bn) * cfg.splits * cfg.warps_n
+    best = 1
+    for wm in MOE_KNOB_CHOICES["warps_m"][1:]:
+        if warps * best >= GEMV_MIN_WARPS_PER_SM * SM_COUNT or sh.K // (GEMV_CHUNK * cfg.splits) < 4 * wm:
+            break
+        best = wm
+    return best
 
 
 def heuristic(sh: MoEGemmShape, rows_per_expert: float, experts_touched: float = 0.0,
@@ -346,7 +363,10 @@ def heuristic(sh: MoEGemmShape, rows_per_expert: float, experts_touched: float =
             wants = list(WGMMA_TILES) + wants
     for cfg in wants + [MoEGemmConfig(16, 16, 64, 2, 1, 1)]:
         if not violations(sh, cfg, arch):
-            return with_splits(sh, cfg, rows_per_expert, experts_touched)
+            cfg = with_splits(sh, cfg, rows_per_expert, experts_touched)
+            if cfg.mma == "gemv":
+                cfg = replace(cfg, warps_m=gemv_warps_m(sh, cfg, experts_touched))
+            return cfg
     raise ValueError(f"no valid config for {sh}")
 
 

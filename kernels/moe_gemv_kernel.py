@@ -1,48 +1,96 @@
-"""The fused-MoE grouped GEMM for decode on CUDA cores (CuTe-DSL): a grouped GEMV, for m-tiles of 1-8 rows.
+"""The fused-MoE grouped GEMM for decode (CuTe-DSL): m-tiles of 8 or 16 rows on mma.sync fed from registers.
 
-Why: at decode an expert sees a handful of rows, so the layer is a read of its FP4 weights, and the mma.sync
-kernel (kernels/moe_kernel.py) spends that read behind two CTA barriers per k-tile, the FP4 expansion into
-shared memory and a pipeline only `stages` tiles deep; on the H200 it ran the decode layers at 9-26 % of the
-weight-bytes roofline (results/h200/BENCHMARKS.md, fused_moe rows at T <= 64). Here no shared memory or
-barrier sits in the main loop: every lane streams its own 16-byte chunks of FP4 weights (32 codes, two
-16-element scale blocks) for each of its weight rows, expands them in registers with the same exact sequence
-as the mma kernel (kernels.moe_kernel._expand_pair: e2m1 x e4m3 is exact in bf16) and multiplies them with
-the m-tile's activation rows in fp32 (an activation block unpacked once and used by every weight row, a weight
-pair once per activation row). Latency is hidden by the many warps and the loads of all the lane's rows issued
-before their first use.
+Why: at decode an expert sees a handful of rows, so the layer is a read of its FP4 weights, and what caps the
+read is the ALU work of expanding them. The mma.sync tile kernel (kernels/moe_kernel.py) expands into shared
+memory behind two CTA barriers per k-tile (9-26 % of the weight-bytes roofline on the H200); the CUDA-core
+GEMV that replaced it at one row per expert spent ~8.5 instructions per weight (13 for each pair's expansion,
+an unpack and an FMA per row: 18-42 % on the H100, results/h100/e2e/fused_moe_decode.md) and slowed with every
+row it took. Here each lane expands its own 16-byte chunks of FP4 weights straight into the A fragment of a
+bf16 mma.sync m16n8k16 (no shared memory, no barrier in the main loop) at 5 instructions a pair, and the
+tensor core does the multiplies for up to 8 rows per instruction: the weights cost the same at 1 row or 16.
 
-Work split (the config's knobs, kernels/moe_config.py, mma="fma"):
+Fragments. mma.sync sums over its 16 k slots whatever k each slot holds, as long as a slot holds the same k
+in A and B: lane (g, t) = (lane / 4, lane % 4) feeds A rows g and g + 8 and B column (token) g at slots
+2t, 2t+1, 2t+8, 2t+9. So lane t's slots hold k's of its own chunk (the four lanes t of a warp read four
+consecutive chunks of every row), and a 32-bit word of 8 codes (low nibble first) makes the pairs
+(code j, code j + 4), j = 0..3 (fp4_pair's); the activation pair of the same two k's is one prmt of the
+token's bf16 words.
+
+FP4 expansion: kernels/moe_kernel.fp4_pair (exact; the weights times 2^-7, undone with alpha in the epilogue).
+
+Work split (the config's knobs, kernels/moe_config.py, mma="gemv"):
 * grid (grid_m, N / bn, splits) as the mma kernels: x the m-tiles of the local experts (tile -> expert by
   binary search over tile_offsets), y the column tiles, z FC2's K splits (partials written to their own slice
   of the output rows, as the mma kernel's).
-* a CTA of warps_m x warps_n warps: warps_n column groups of bn / warps_n output columns each (a gated FC1
-  warp also reads the columns' up rows), warps_m groups along K (each a share of the split's chunks; their
-  sums meet in shared memory).
-* a lane takes chunks lane, lane + 32 * warps_m, ... of its K group's range; per chunk and weight row one
-  16-byte load and two scale bytes. `stages - 1` chunk rounds are loaded together before the first is used:
-  more bytes in flight per round trip where K is long (DeepSeek-V3's 7168 takes 14 rounds at warps_m 1).
-Epilogue: warp shuffles sum each (row, weight row) accumulator, the K groups add through shared memory, then
+* a CTA of warps_m x warps_n warps: warps_n column groups of bn / warps_n output columns (gated FC1: each
+  16-row mma group holds 8 columns' gate rows, then their up rows), warps_m groups along K (each a share of
+  the split's chunks; their sums meet in shared memory).
+* per round a warp reads 4 consecutive chunks (one per lane t) of each of its weight rows; `stages - 1`
+  rounds are loaded together before the first is used (more bytes in flight per round trip where K is long).
+  A round past the split's last chunk is skipped by the whole warp (mma is collective); a lane whose chunk
+  is past it feeds zeros.
+Epilogue: the accumulators go to shared memory by (K group, row, weight row), the K groups add there, then
 one thread per (row, column) applies alpha and the activation (gated SiLU, ReLU2), FC2's routing weight and
-output row, and stores; W4A4 FC1 fake-quantises its activation rows per 16-element block as they are loaded
-(global scale 1) and its output in 16-column NVFP4 blocks (the FC2 input's global scale), as the mma kernel.
+output row, and stores; W4A4 FC1 fake-quantises its activation blocks as they are loaded (global scale 1) and
+its output in 16-column NVFP4 blocks (the FC2 input's global scale), as the mma kernel.
 """
 from __future__ import annotations
 
 import cutlass
 import cutlass.cute as cute
-from cutlass import Float32, Int32, Int64, Uint32, const_expr
+from cutlass import Float32, Int32, Int64, Uint16, Uint32, const_expr
 
 from .moe_config import GEMV_CHUNK, gemv_rows
-from .moe_kernel import (MoEGemmSpec, _e4m3_to_f32, _expand_pair, _fake_quantize_block, expert_of_tile,
+from .moe_kernel import (UNDO_SHIFT, MoEGemmSpec, _fake_quantize_block, block_scale2, expert_of_tile, fp4_pair,
                          routing_tensors)
 
+LANES_K = 4  # lanes t of a quad: consecutive chunks of a row per round
 
 
 @cute.jit
-def _unpack(w):
-    """bf16x2 word -> (low, high) as fp32 (a bf16 is the top half of an fp32)."""
-    return cute.arch.inline_ptx("{ shl.b32 {$w0}, {$r0}, 16; and.b32 {$w1}, {$r0}, 0xFFFF0000; }",
-                                write_only_types=[Float32, Float32], read_only_args=[w])
+def _act_pair(lo_word, hi_word, high: cutlass.Constexpr):
+    """bf16x2 of the low (or high) halves of two activation words: a[k], a[k + 4] for fp4_pair's pair."""
+    sel = 0x7632 if high else 0x5410
+    return Uint32(cute.arch.inline_ptx(f"prmt.b32 {{$w0}}, {{$r0}}, {{$r1}}, {hex(sel)};",
+                                       write_only_types=[Uint32], read_only_args=[lo_word, hi_word]))
+
+
+@cute.jit
+def _block_scales(pair16):
+    """A chunk's two e4m3 block scales (one 16-bit load) -> their block_scale2 words."""
+    lo, hi = cute.arch.inline_ptx(
+        "{ .reg .b16 p; .reg .b32 hh; .reg .f16 a, b; cvt.u16.u32 p, {$r0}; cvt.rn.f16x2.e4m3x2 hh, p;"
+        " mov.b32 {a, b}, hh; cvt.f32.f16 {$w0}, a; cvt.f32.f16 {$w1}, b; }",
+        write_only_types=[Float32, Float32], read_only_args=[pair16])
+    return block_scale2(lo), block_scale2(hi)
+
+
+@cute.jit
+def _mma(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
+    """d = A(16x16 bf16) x B(16x8 bf16) + c, fp32 (mma.sync m16n8k16, row.col)."""
+    return cute.arch.inline_ptx(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {{$w0}, {$w1}, {$w2}, {$w3}}, "
+        "{{$r0}, {$r1}, {$r2}, {$r3}}, {{$r4}, {$r5}}, {{$r6}, {$r7}, {$r8}, {$r9}};",
+        write_only_types=[Float32, Float32, Float32, Float32],
+        read_only_args=[a0, a1, a2, a3, b0, b1, c0, c1, c2, c3])
+
+
+@cute.jit
+def _quantize_words(words):
+    """W4A4: 32 bf16 activations (16 words, two 16-element blocks) -> their NVFP4 fake-quantised values
+    (global scale 1; exact in bf16), in place."""
+    blk = cute.make_rmem_tensor((16,), Float32)
+    for b in cutlass.range_constexpr(2):
+        for i in cutlass.range_constexpr(8):
+            lo, hi = cute.arch.inline_ptx("{ shl.b32 {$w0}, {$r0}, 16; and.b32 {$w1}, {$r0}, 0xFFFF0000; }",
+                                          write_only_types=[Float32, Float32], read_only_args=[words[8 * b + i]])
+            blk[2 * i] = lo
+            blk[2 * i + 1] = hi
+        _fake_quantize_block(blk, Float32(1.0))
+        for i in cutlass.range_constexpr(8):
+            words[8 * b + i] = Uint32(cute.arch.inline_ptx("cvt.rn.bf16x2.f32 {$w0}, {$r1}, {$r0};",
+                                                           write_only_types=[Uint32],
+                                                           read_only_args=[blk[2 * i], blk[2 * i + 1]]))
 
 
 class MoEGemvKernel:
@@ -57,9 +105,11 @@ class MoEGemvKernel:
         self.threads = 32 * self.wk * self.wn
         self.cols = cfg.bn // cfg.warps_n  # output columns per warp
         self.rows = gemv_rows(sh, cfg)  # weight rows per warp
+        self.groups = self.rows // 16  # mma row groups (16 weight rows each) per warp
+        self.ntok = cfg.bm // 8  # mma n-tiles (8 rows of the m-tile each)
         self.chunks = sh.K // (GEMV_CHUNK * cfg.splits)  # 16-byte chunks of a weight row per K split
         self.rounds = cfg.stages - 1  # chunk rounds whose loads are issued together, before the first use
-        self.batches = -(-self.chunks // (32 * self.wk * self.rounds))  # load batches of one lane
+        self.batches = -(-self.chunks // (LANES_K * self.wk * self.rounds))  # load batches of a warp
 
     # ------------------------------------------------------------------ host side
     @cute.jit
@@ -70,12 +120,13 @@ class MoEGemvKernel:
                  w_stride_e: Int64, sf_stride_e: Int64, out_count: Int32, gs_ptr, stream):
         K, N = self.K, self.N
         nw = 2 * N if self.gated else N  # weight rows per expert
-        # A and W as 32-bit words: bf16 pairs, and 8 packed codes
+        # A and W as 32-bit words (bf16 pairs, 8 packed codes); the scales as 16-bit pairs (one chunk's two)
         mA = cute.make_tensor(cute.recast_ptr(a_ptr, dtype=Uint32),
                               cute.make_layout((a_count, K // 2), stride=(cute.assume(Int64(K // 2), divby=4), 1)))
         mW = cute.make_tensor(cute.recast_ptr(w_ptr, dtype=Uint32), cute.make_layout(
             (n_experts, nw, K // 8), stride=(cute.assume(w_stride_e // 4, divby=4), K // 8, 1)))
-        mSF = cute.make_tensor(sf_ptr, cute.make_layout((n_experts, nw, K // 16), stride=(sf_stride_e, K // 16, 1)))
+        mSF = cute.make_tensor(cute.recast_ptr(sf_ptr, dtype=Uint16), cute.make_layout(
+            (n_experts, nw, K // 32), stride=(sf_stride_e // 2, K // 32, 1)))
         mAlpha, mEO, mTO, mOut, mARows, mScale, mORows, mGS = routing_tensors(
             N, n_experts, n_rows, out_count, alpha_ptr, expert_offsets_ptr, tile_offsets_ptr, out_ptr, a_rows_ptr,
             row_scale_ptr, out_rows_ptr, gs_ptr)
@@ -95,35 +146,39 @@ class MoEGemvKernel:
                        n_rows, tidx)
 
     @cute.jit
-    def _w_row(self, r, n0, wn):
-        """Expert weight row of the warp's weight row r: its columns' gate rows, then (gated) their up rows."""
-        col = n0 + wn * self.cols + r
-        if const_expr(self.gated):
-            if r >= self.cols:
-                col = self.N + n0 + wn * self.cols + (r - self.cols)
-        return col
-
-    @cute.jit
     def _tile(self, mA, mARows, mW, mSF, mAlpha, mScale, mORows, mOut, mGS, e, row0, row_end, ntile, split, n_rows,
               tidx):
-        bm, bn, rows, cols, wk = self.bm, self.bn, self.rows, self.cols, self.wk
+        bm, bn, rows, cols, wk, groups, ntok = self.bm, self.bn, self.rows, self.cols, self.wk, self.groups, self.ntok
+        rounds = self.rounds
         lane = tidx % 32
+        g = lane // 4  # A rows g, g + 8 of each mma group; token g of each n-tile
+        t = lane % 4  # the quad's chunk of a round
         warp = tidx // 32
         kw = warp % wk  # the warp's K group
         wn = warp // wk  # and column group
-        n0 = ntile * bn
         c_base = split * self.chunks  # the split's first chunk (of the row's K / 32)
 
-        # the tile's activation rows (A row of each; rows past the expert's end are never read)
-        src = cute.make_rmem_tensor((bm,), Int32)
-        live = cute.make_rmem_tensor((bm,), cutlass.Boolean)
-        for m in cutlass.range_constexpr(bm):
-            s = row0 + m
-            live[m] = s < row_end
-            src[m] = s
+        # the lane's weight rows of the expert: group rg's A rows g and g + 8 (gated: column rg*8+g's gate and
+        # up rows; else columns rg*16+g and rg*16+g+8 of the warp's)
+        wrow = cute.make_rmem_tensor((groups * 2,), Int32)
+        col0 = ntile * bn + wn * cols
+        for rg in cutlass.range_constexpr(groups):
+            if const_expr(self.gated):
+                wrow[2 * rg] = col0 + rg * 8 + g
+                wrow[2 * rg + 1] = self.N + col0 + rg * 8 + g
+            else:
+                wrow[2 * rg] = col0 + rg * 16 + g
+                wrow[2 * rg + 1] = col0 + rg * 16 + 8 + g
+        # the lane's token of each n-tile (its A row; rows past the expert's end are never read)
+        src = cute.make_rmem_tensor((ntok,), Int32)
+        live = cute.make_rmem_tensor((ntok,), cutlass.Boolean)
+        for j in cutlass.range_constexpr(ntok):
+            s = row0 + 8 * j + g
+            live[j] = s < row_end
+            src[j] = s
             if const_expr(mARows is not None):
                 if s < row_end:
-                    src[m] = mARows[s]
+                    src[j] = mARows[s]
 
         smem = cutlass.utils.SmemAllocator()
         sRed = smem.allocate_tensor(Float32, cute.make_layout(
@@ -132,83 +187,93 @@ class MoEGemvKernel:
         if const_expr(self.quant_out):
             sC = smem.allocate_tensor(Float32, cute.make_layout((bm, bn), stride=(bn, 1)), byte_alignment=16)
 
-        acc = cute.make_rmem_tensor((bm * rows,), Float32)
+        acc = cute.make_rmem_tensor(cute.make_layout((groups, ntok, 4), stride=(ntok * 4, 4, 1)), Float32)
         acc.fill(0.0)
-        mAv = cute.zipped_divide(mA, (1, 8))  # 8 words = one 16-element scale block of a row
+        mAv = cute.zipped_divide(mA, (1, 4))  # 4 words = 8 activations
         mWv = cute.zipped_divide(mW, (1, 1, 4))  # 4 words = 16 packed bytes = one chunk of a weight row
         ld16 = cute.make_copy_atom(cute.nvgpu.CopyUniversalOp(), Uint32, num_bits_per_copy=128)  # one 16-byte load
-        rounds = self.rounds
-        wq = cute.make_rmem_tensor(cute.make_layout((rounds, rows, 4), stride=(rows * 4, 4, 1)), Uint32)
-        sf = cute.make_rmem_tensor(cute.make_layout((rounds, rows, 2), stride=(rows * 2, 2, 1)), Uint32)
-        wx = cute.make_rmem_tensor((rows, 8), Uint32)  # one block of every weight row, expanded (bf16 pairs)
-        av = cute.make_rmem_tensor((8,), Uint32)
-        blk = cute.make_rmem_tensor((16,), Float32)
+        wq = cute.make_rmem_tensor(cute.make_layout((rounds, groups * 2, 4), stride=(groups * 8, 4, 1)), Uint32)
+        sf = cute.make_rmem_tensor(cute.make_layout((rounds, groups * 2), stride=(groups * 2, 1)), Uint32)
+        aw = cute.make_rmem_tensor(cute.make_layout((rounds, ntok, 4, 4), stride=(ntok * 16, 16, 1, 4)), Uint32)
+        ap = cute.make_rmem_tensor(cute.make_layout((ntok, 16), stride=(16, 1)), Uint32)  # activation pairs
         for it in cutlass.range(self.batches, unroll=1):
-            # every weight row's chunk and scales of the batch's rounds first: loads in flight before any use
+            # the batch's rounds of weights, scales and activations first: loads in flight before any use
             for q in cutlass.range_constexpr(rounds):
-                cc = ((it * rounds + q) * wk + kw) * 32 + lane  # chunk within the split
-                if cc < self.chunks:
-                    c = c_base + cc
-                    for r in cutlass.range_constexpr(rows):
-                        row = self._w_row(r, n0, wn)
-                        cute.copy(ld16, mWv[(0, 0, None), (e, row, c)], wq[q, r, None])
-                        for b in cutlass.range_constexpr(2):
-                            sf[q, r, b] = Uint32(mSF[e, row, 2 * c + b])
+                cc = ((it * rounds + q) * wk + kw) * LANES_K + t  # the lane's chunk within the split
+                c = c_base + cc
+                for r in cutlass.range_constexpr(groups * 2):
+                    if cc < self.chunks:
+                        cute.copy(ld16, mWv[(0, 0, None), (e, wrow[r], c)], wq[q, r, None])
+                        sf[q, r] = Uint32(mSF[e, wrow[r], c])
+                    else:  # past the split's end: zeros into the collective mma
+                        wq[q, r, None].fill(0)
+                        sf[q, r] = Uint32(0)
+                for j in cutlass.range_constexpr(ntok):
+                    if live[j] & (cc < self.chunks):
+                        for v in cutlass.range_constexpr(4):
+                            cute.copy(ld16, mAv[(0, None), (src[j], 4 * c + v)], aw[q, j, None, v])
+                    else:  # a token past the expert's end (or no chunk): zeros, never NaN times a zero weight
+                        aw[q, j, None, None].fill(0)
             for q in cutlass.range_constexpr(rounds):
-                cc = ((it * rounds + q) * wk + kw) * 32 + lane
-                if cc < self.chunks:
-                    c = c_base + cc
-                    for h in cutlass.range_constexpr(2):  # the chunk's two 16-element scale blocks
-                        for r in cutlass.range_constexpr(rows):  # expanded once, used by every live row
-                            scale = _e4m3_to_f32(sf[q, r, h])
-                            scale2 = Uint32(cute.arch.inline_ptx("cvt.rn.bf16x2.f32 {$w0}, {$r0}, {$r0};",
-                                                                 write_only_types=[Uint32], read_only_args=[scale]))
-                            for wd in cutlass.range_constexpr(2):  # 8 codes per word, 2 words per block
-                                for k in cutlass.range_constexpr(4):
-                                    wx[r, 4 * wd + k] = _expand_pair(wq[q, r, 2 * h + wd], k, scale2)
-                        for m in cutlass.range_constexpr(bm):
-                            if live[m]:  # uniform over the CTA: rows past the expert's end cost nothing
-                                cute.autovec_copy(mAv[(0, None), (src[m], 2 * c + h)], av)
-                                for j in cutlass.range_constexpr(8):
-                                    a_lo, a_hi = _unpack(av[j])
-                                    blk[2 * j] = a_lo
-                                    blk[2 * j + 1] = a_hi
-                                if const_expr(self.quant_a):
-                                    _fake_quantize_block(blk, Float32(1.0))
-                                for r in cutlass.range_constexpr(rows):
-                                    for j in cutlass.range_constexpr(8):
-                                        w_lo, w_hi = _unpack(wx[r, j])
-                                        acc[m * rows + r] = (acc[m * rows + r] + w_lo * blk[2 * j]
-                                                             + w_hi * blk[2 * j + 1])
+                if ((it * rounds + q) * wk + kw) * LANES_K < self.chunks:  # the warp's round (uniform: mma)
+                    for j in cutlass.range_constexpr(ntok):
+                        words = aw[q, j, None, None]  # the token's 16 words of the chunk (32 activations)
+                        if const_expr(self.quant_a):
+                            _quantize_words(words)
+                        for wi in cutlass.range_constexpr(4):  # words 4wi..4wi+3 hold code word wi's k's
+                            for p in cutlass.range_constexpr(4):  # pair p: k = 8wi + p and 8wi + p + 4
+                                ap[j, 4 * wi + p] = _act_pair(words[4 * wi + p // 2], words[4 * wi + 2 + p // 2],
+                                                              p % 2 == 1)
+                    for rg in cutlass.range_constexpr(groups):
+                        s_g = _block_scales(sf[q, 2 * rg])  # bf16x2 scales of the chunk's two blocks
+                        s_h = _block_scales(sf[q, 2 * rg + 1])
+                        for wi in cutlass.range_constexpr(4):
+                            w_g = wq[q, 2 * rg, wi]
+                            w_h = wq[q, 2 * rg + 1, wi]
+                            for p2 in cutlass.range_constexpr(2):  # one mma per two pairs of each A row
+                                a0 = fp4_pair(w_g, 2 * p2, s_g[wi // 2])
+                                a1 = fp4_pair(w_h, 2 * p2, s_h[wi // 2])
+                                a2 = fp4_pair(w_g, 2 * p2 + 1, s_g[wi // 2])
+                                a3 = fp4_pair(w_h, 2 * p2 + 1, s_h[wi // 2])
+                                for j in cutlass.range_constexpr(ntok):
+                                    d = _mma(a0, a1, a2, a3, ap[j, 4 * wi + 2 * p2], ap[j, 4 * wi + 2 * p2 + 1],
+                                             acc[rg, j, 0], acc[rg, j, 1], acc[rg, j, 2], acc[rg, j, 3])
+                                    for x in cutlass.range_constexpr(4):
+                                        acc[rg, j, x] = d[x]
 
-        # the warp's sums, then the K groups', through shared memory: sRed[kw, m, weight row of the CTA]
-        for m in cutlass.range_constexpr(bm):
-            for r in cutlass.range_constexpr(rows):
-                v = cute.arch.warp_reduction_sum(acc[m * rows + r])
-                if lane == 0:
-                    sRed[kw, m, wn * rows + r] = v
+        # the accumulators by (K group, row, the CTA's weight row): lane (g, t) holds rows 2t, 2t+1 of n-tile j
+        # at A rows g (c0, c1) and g + 8 (c2, c3)
+        for rg in cutlass.range_constexpr(groups):
+            for j in cutlass.range_constexpr(ntok):
+                for x in cutlass.range_constexpr(4):
+                    m = 8 * j + 2 * t + x % 2
+                    if m < bm:
+                        sRed[kw, m, wn * rows + rg * 16 + 8 * (x // 2) + g] = acc[rg, j, x]
         cute.arch.barrier()
 
-        alpha = mAlpha[e]
+        alpha = mAlpha[e] * UNDO_SHIFT  # the A fragments held the weights times 2^-7 (fp4_pair)
         row_base = Int32(0)  # split z writes its partial tile to output rows [z * n_rows, (z + 1) * n_rows)
         if const_expr(self.splits > 1):
             row_base = split * n_rows
         for i in cutlass.range_constexpr(-(-bm * bn // self.threads)):
-            t = tidx + i * self.threads
-            m = t // bn
-            col = t % bn
-            if t < bm * bn:
+            idx = tidx + i * self.threads
+            m = idx // bn
+            col = idx % bn
+            if idx < bm * bn:
                 s = row0 + m
                 if s < row_end:
-                    r_g = (col // cols) * rows + col % cols  # the column's gate (or only) row in sRed
-                    g = Float32(0.0)
+                    cw = col % cols
+                    r_g = (col // cols) * rows + cw  # the column's (only) row in sRed
+                    if const_expr(self.gated):  # groups of 8 columns: gate rows, then up rows
+                        r_g = (col // cols) * rows + (cw // 8) * 16 + cw % 8
+                    gsum = Float32(0.0)
                     for q in cutlass.range_constexpr(wk):
-                        g = g + sRed[q, m, r_g]
-                    val = g * alpha
+                        gsum = gsum + sRed[q, m, r_g]
+                    val = gsum * alpha
                     if const_expr(self.gated):
                         u = Float32(0.0)
                         for q in cutlass.range_constexpr(wk):
-                            u = u + sRed[q, m, r_g + cols]
+                            u = u + sRed[q, m, r_g + 8]
                         val = val * cute.arch.rcp_approx(1.0 + cute.math.exp(-val, fastmath=True)) * (u * alpha)
                     if const_expr(self.relu2):
                         v = cute.arch.fmax(val, Float32(0.0))
@@ -221,21 +286,21 @@ class MoEGemvKernel:
                         dst = s
                         if const_expr(mORows is not None):
                             dst = mORows[s]
-                        mOut[dst + row_base, n0 + col] = val.to(mOut.element_type)
+                        mOut[dst + row_base, ntile * bn + col] = val.to(mOut.element_type)
         if const_expr(self.quant_out):  # W4A4 FC1 (no routing weight, rows in pair order): 16-column blocks
             cute.arch.barrier()
             gs = mGS[0]
             mOutv = cute.zipped_divide(mOut, (1, 16))
             for i in cutlass.range_constexpr(-(-bm * (bn // 16) // self.threads)):
-                t = tidx + i * self.threads
-                m = t // (bn // 16)
-                b = t % (bn // 16)
+                idx = tidx + i * self.threads
+                m = idx // (bn // 16)
+                b = idx % (bn // 16)
                 s = row0 + m
-                if t < bm * (bn // 16) and s < row_end:
+                if idx < bm * (bn // 16) and s < row_end:
                     frag = cute.make_rmem_tensor((16,), Float32)
-                    for j in cutlass.range_constexpr(16):
-                        frag[j] = sC[m, 16 * b + j]
+                    for x in cutlass.range_constexpr(16):
+                        frag[x] = sC[m, 16 * b + x]
                     _fake_quantize_block(frag, gs)
                     o = cute.make_rmem_tensor((16,), mOut.element_type)
                     o.store(frag.load().to(mOut.element_type))
-                    cute.autovec_copy(o, mOutv[(0, None), (s, (n0 // 16) + b)])
+                    cute.autovec_copy(o, mOutv[(0, None), (s, (ntile * bn // 16) + b)])

@@ -1,9 +1,10 @@
 """The CuTe-DSL grouped GEMM of the fused-MoE family: one expert's rows times its NVFP4 weights, on SM90.
 
 Hopper's tensor cores take no FP4, so the weights are dequantised in the main loop: each k-tile's packed
-e2m1 bytes and e4m3 block scales arrive in shared memory by cp.async, the CTA expands them to a bf16 tile
-(e2m1 x e4m3 has at most 6 significant bits, so the bf16 value is exact) and the warps run bf16 mma.sync
-(16x8x16) on it with fp32 accumulation. The per-expert global scale (alpha) is applied in the epilogue.
+e2m1 bytes and e4m3 block scales arrive in shared memory by cp.async, the CTA expands them to a bf16 tile of
+the weights times 2^-7 (fp4_pair: e2m1 x e4m3 has at most 6 significant bits, so the bf16 value is exact) and
+the warps run bf16 mma.sync (16x8x16) on it with fp32 accumulation. The per-expert global scale (alpha, times
+2^7) is applied in the epilogue.
 
 Rows. The caller sorts the (token, expert) pairs by local expert (kernels/fused_moe.py): positions
 [expert_offsets[e], expert_offsets[e+1]) belong to expert e, and tile t of the grid's x axis is m-tile
@@ -57,25 +58,50 @@ def _e4m3_to_f32(b):
         write_only_types=[Float32], read_only_args=[b & 0xFF]))
 
 
-_PAIR_PTX = ("{ .reg .b32 t, t4, m, s, c; prmt.b32 t, {$r0}, 0, SEL; shr.b32 t4, t, 4;"
-             " and.b32 m, t, 7; and.b32 s, t4, 0x70000; or.b32 m, m, s;"
-             " and.b32 s, t, 8; and.b32 t4, t4, 0x80000; or.b32 s, s, t4;"
-             " shl.b32 m, m, 6; shl.b32 s, s, 12; or.b32 m, m, s;"
-             " mov.b32 c, 0x7E807E80; mul.rn.bf16x2 m, m, c; mul.rn.bf16x2 {$w0}, m, {$r1}; }")
+# FP4 expansion (exact). A word holds 8 codes, low nibble first; pair j = (code j, code j + 4), the two nibbles 16
+# bits apart, so one shift places both magnitudes at bf16 bits 6-8 and another both signs at bit 15: read as bf16
+# that is 2^-126 times the e2m1 value (subnormal bf16 for the codes 0 and 0.5; bf16 arithmetic keeps them). One
+# bf16x2 multiply by the block scale times 2^SCALE_SHIFT then gives value * scale * 2^-7: at most 6 significant
+# bits and at least 2^-17, so exact and normal. 119 is the largest shift that keeps scale * 2^k finite in bf16 for
+# every e4m3 scale (448 * 2^119 < 2^128), which leaves the products with activations the most headroom above
+# fp32's underflow; each kernel's epilogue multiplies alpha by UNDO_SHIFT. 5 instructions a pair (the former
+# per-byte sequence took 13).
+SCALE_SHIFT = 119
+UNDO_SHIFT = 2.0 ** (126 - SCALE_SHIFT)
+
+
+def fp4_pair_ptx(j: int) -> str:
+    """PTX of fp4_pair for pair j of a word (exposed for the bit-level model in the tests)."""
+    def shift(reg: str, d: int) -> str:
+        return (f"shl.b32 {reg}, {{$r0}}, {d};" if d > 0 else f"shr.b32 {reg}, {{$r0}}, {-d};" if d < 0
+                else f"mov.b32 {reg}, {{$r0}};")
+    return ("{ .reg .b32 m, s; " + shift("m", 6 - 4 * j) + " " + shift("s", 12 - 4 * j)
+            + " and.b32 s, s, 0x80008000; and.b32 m, m, 0x01C001C0; or.b32 m, m, s; mul.rn.bf16x2 {$w0}, m, {$r1}; }")
+
+
+_PAIR_PTX = tuple(fp4_pair_ptx(j) for j in range(4))
 
 
 @cute.jit
-def _expand_pair(w, k: cutlass.Constexpr, scale2):
-    """Byte k of w (codes 2k, 2k+1, low nibble first) -> bf16x2 of their values times the block scale.
+def fp4_pair(w, j: cutlass.Constexpr, scale2):
+    """Codes j and j + 4 of word w as a bf16x2 (low half code j) of value * scale * 2^-7; scale2 = block_scale2."""
+    return Uint32(cute.arch.inline_ptx(_PAIR_PTX[j], write_only_types=[Uint32], read_only_args=[w, scale2]))
 
-    prmt puts the byte at bits 0-7 and 16-23; each half then gets its code's magnitude bits at 6-8 and sign
-    at 15, which read as bf16 are 2^-126 times the e2m1 value (normal and subnormal alike: bf16 arithmetic
-    keeps subnormals), so one bf16x2 multiply by 2^126 (0x7E80) gives the value exactly and one by the
-    scale the product (at most 6 significant bits: exact). Checked bit for bit on every byte against the
-    encoder's table in tests/test_fused_moe.py's model of this sequence."""
-    sel = (4 << 12) | (k << 8) | (4 << 4) | k  # d = [byte k, 0, byte k, 0]
-    return Uint32(cute.arch.inline_ptx(_PAIR_PTX.replace("SEL", hex(sel)), write_only_types=[Uint32],
-                                       read_only_args=[w, scale2]))
+
+@cute.jit
+def block_scale2(scale):
+    """An fp32 block scale -> the bf16x2 word fp4_pair multiplies by: scale * 2^SCALE_SHIFT in both halves."""
+    return Uint32(cute.arch.inline_ptx("{ .reg .f32 f; mul.f32 f, {$r0}, 0f7B000000; cvt.rn.bf16x2.f32 {$w0}, f, f; }",
+                                       write_only_types=[Uint32], read_only_args=[scale]))
+
+
+@cute.jit
+def natural_pairs(p_lo, p_hi, high: cutlass.Constexpr):
+    """Two fp4_pair words of adjacent pairs (j, j + 4) and (j + 1, j + 5) -> codes (j, j + 1) (high: (j + 4,
+    j + 5)) as one bf16x2: the k order of a bf16 tile row."""
+    sel = 0x7632 if high else 0x5410
+    return Uint32(cute.arch.inline_ptx(f"prmt.b32 {{$w0}}, {{$r0}}, {{$r1}}, {hex(sel)};",
+                                       write_only_types=[Uint32], read_only_args=[p_lo, p_hi]))
 
 
 @cute.jit
@@ -333,7 +359,7 @@ class MoEGemmKernel:
         """alpha and the activation in registers (accs: one accumulator, or gate and up when gated), staged
         through sC (the thread's part of it: tCsC), then `vec`-element row vectors to the output rows."""
         bn = self.bn
-        alpha = mAlpha[e]
+        alpha = mAlpha[e] * UNDO_SHIFT  # the B tile holds the weights times 2^-7 (fp4_pair)
         acc0 = accs[0]
         vals = acc0.load() * alpha
         if const_expr(self.gated):
@@ -466,8 +492,8 @@ class MoEGemmKernel:
 
     @cute.jit
     def _expand(self, sWp, sSF, sBw, stage, tidx):
-        """Packed e2m1 + e4m3 scales of one stage -> the bf16 tile, one 16-element block per unit, two codes
-        per instruction sequence (_expand_pair): the expansion's instructions per weight are what caps the
+        """Packed e2m1 + e4m3 scales of one stage -> the bf16 tile (times 2^-7), one 16-element block per unit,
+        four fp4_pair words per code word put in k order by prmt: the expansion's instructions per weight cap the
         decode bandwidth (the H200 issues ~33 T thread-instructions/s against 8.4 T weights/s at copy speed).
         sBw: the (nb, bk) bf16 tile as words (bf16 pairs), zipped by 8: block (n, kb) is sBw[(0, None), (n, kb)]."""
         bk = self.bk
@@ -477,12 +503,13 @@ class MoEGemmKernel:
             if u < self.units:
                 n = u // (bk // 16)
                 kb = u % (bk // 16)
-                sf = _e4m3_to_f32(Uint32(sSF[n, kb, stage]))
-                scale2 = Uint32(cute.arch.inline_ptx("cvt.rn.bf16x2.f32 {$w0}, {$r0}, {$r0};",
-                                                     write_only_types=[Uint32], read_only_args=[sf]))
+                scale2 = block_scale2(_e4m3_to_f32(Uint32(sSF[n, kb, stage])))
                 o = cute.make_rmem_tensor((8,), Uint32)
+                p = cute.make_rmem_tensor((4,), Uint32)
                 for h in cutlass.range_constexpr(2):
                     w = Uint32(words[n, 2 * kb + h])
-                    for k in cutlass.range_constexpr(4):
-                        o[4 * h + k] = _expand_pair(w, k, scale2)
+                    for j in cutlass.range_constexpr(4):
+                        p[j] = fp4_pair(w, j, scale2)
+                    for k in cutlass.range_constexpr(4):  # word k: codes 2k, 2k + 1
+                        o[4 * h + k] = natural_pairs(p[2 * (k % 2)], p[2 * (k % 2) + 1], k >= 2)
                 cute.autovec_copy(o, sBw[(0, None), (n, kb)])

@@ -11,7 +11,7 @@ Semantics are MoEGemmKernel's, unchanged: the same launch arguments and grid (x 
 expert found by binary search over tile_offsets, y the column tiles), gathered A rows (a_rows), FC1 gated
 SiLU (gate rows [n0, n0+bn) and up rows [I+n0, I+n0+bn): two accumulators), ReLU2, FC2's row scale and
 out_rows, W4A4's in-shared-memory fake quantisation of the A tile and of the output's 16-element blocks. It
-reuses MoEGemmKernel's cp.async issue, its exact FP4 expansion (_expand: _expand_pair's bf16 arithmetic, so
+reuses MoEGemmKernel's cp.async issue, its exact FP4 expansion (_expand: fp4_pair's bf16 arithmetic, so
 the B tile is bit for bit the one mma.sync multiplies), its A quantisation and its epilogue; only fp32
 summation order differs. It never splits K (violations declare splits=1).
 

@@ -42,8 +42,9 @@ def test_moe_problems_round_trip_through_their_keys_and_have_one_space_per_layer
     assert study_name(p, "h200").startswith("fused_moe:bf16:bf16:T64:C2048:nvfp4:silu:skewed:E128:k8:I768:L32:h200:k")
     for T in (1, 64, 4096):
         cfg = fam.heuristic(MoEProblem("fused_moe", T, 128, 8, 2048, 768))
-        # one row per expert at T=1: the GEMV; 4 at T=64: the mma decode tile
-        assert not fam.violations(p, cfg) and cfg.bm == {1: 1, 64: 16}.get(T, cfg.bm) and (cfg.bm <= 16) == (T <= 64)
+        # one row per expert at T=1 and 4 at T=64: the GEMV's 8-row m-tiles
+        assert not fam.violations(p, cfg) and cfg.bm == {1: 8, 64: 8}.get(T, cfg.bm) and (cfg.bm <= 16) == (T <= 64)
+        assert (cfg.fc1_mma == "gemv") == (T <= 64)
     monkeypatch.setattr(mc, "GEMV_DECODE", False)  # the mma.sync decode tile's split
     mixtral = MoEProblem("fused_moe", 2, 8, 2, 4096, 14336)  # 3.5 experts x 4096/64 = 224 FC2 CTAs: split
     assert fam.heuristic(mixtral).fc2_splits > 1 and not fam.violations(mixtral, fam.heuristic(mixtral))

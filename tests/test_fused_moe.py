@@ -2,7 +2,9 @@
 reference against a per-pair loop, the configs' constraints and their compiles for sm_90a."""
 from __future__ import annotations
 
+import inspect
 import itertools
+import math
 
 import pytest
 import torch
@@ -175,7 +177,8 @@ def test_heuristic_is_valid_for_real_layers(H, I, rows, touched):
         cfg = heuristic(sh, rows, touched)
         assert not violations(sh, cfg) and smem_bytes(sh, cfg) <= 227 * 1024
         # the GEMV up to GEMV_ROWS per expert, decode tiles for a handful of rows
-        assert cfg.bm == (1 if rows <= mc.GEMV_ROWS else 16 if rows <= 16 else cfg.bm) and (cfg.bm <= 16) == (rows <= 16)
+        assert cfg.bm == (8 if rows <= mc.GEMV_ROWS else 16 if rows <= 16 else cfg.bm) and (cfg.bm <= 16) == (rows <= 16)
+        assert (cfg.mma == "gemv") == (rows <= mc.GEMV_ROWS)
         assert cfg.splits == 1 or (sh.layer == "fc2" and rows <= 16 and sh.K // (cfg.bk * cfg.splits) >= 2)
 
 
@@ -213,8 +216,12 @@ def test_split_constraints():
 
 
 def test_heuristic_splits_fc2_where_the_grid_is_short_of_ctas(monkeypatch):
-    gemv = _layer_heuristic(1, **MIXTRAL)[1]  # the GEMV's 2 experts x 4096/16 = 512 CTAs: no split
-    assert (gemv.fc2_mma, gemv.fc2_splits) == ("fma", 1)
+    # the GEMV's 2 experts x 4096/64 = 128 CTAs: split 4 ways, then 4 K groups of warps (16 warps a CTA)
+    gemv = _layer_heuristic(1, **MIXTRAL)[1]
+    assert (gemv.fc2_mma, gemv.fc2_splits, gemv.fc2_warps_m) == ("gemv", 4, 4)
+    # FC1: 2 x 14336/32 = 896 CTAs of 4 warps, short of 32 warps per SM: two K groups
+    assert mc.gemv_warps_m(gemm_shapes("nvfp4", "silu", 4096, 14336)[0], mc.GEMV_TILES[0], 2.0) == 2
+    assert mc.gemv_warps_m(gemm_shapes("nvfp4", "silu", 2048, 768)[1], mc.GEMV_TILES[1], 128.0) == 1  # many CTAs
     monkeypatch.setattr(mc, "GEMV_DECODE", False)  # the mma.sync decode tile's split
     shapes, cfg = _layer_heuristic(1, **MIXTRAL)  # 2 experts x 4096/64 = 128 CTAs unsplit: < 2 per SM
     g2 = cfg.gemm("fc2")
@@ -248,12 +255,15 @@ def test_valid_layer_configs_cross_the_split_fc2_configs_and_agree_with_violatio
     sync = [v for v in valid if v[-2:] == ("sync", "sync")]
     assert len([v for v in sync if v[split_at] == 1]) == 32115  # the mma.sync space before FC2 could split K
     assert len(sync) == 68007  # splits > 1 on decode tiles (bm 16, 32): about 2.1x
-    fma = [v for v in valid if "fma" in v[-2:]]
-    # the decode GEMV alone takes m-tiles below 16 rows, so both GEMMs of such a layer config are GEMVs
-    assert fma and all(v[-2:] == ("fma", "fma") and v[0] <= mc.GEMV_MAX_BM and v[1] in mc.GEMV_STAGES for v in fma)
-    assert {v[0] for v in fma} == {1, 2, 4}  # Mixtral's gated FC1 warps hold 8 weight rows at least: bm 8 needs 64
+    gemv = [v for v in valid if "gemv" in v[-2:]]
+    assert gemv and all(v[0] in mc.GEMV_BM and v[1] in mc.GEMV_STAGES for v in gemv)
+    assert {v[0] for v in gemv} == {8, 16}
+    # the decode GEMV alone takes 8-row m-tiles, so both GEMMs of such a layer config are GEMVs; at 16 rows it
+    # crosses with the mma.sync decode tiles of the same stages
+    assert all(v[-2:] == ("gemv", "gemv") for v in gemv if v[0] == 8)
+    assert {v[-2:] for v in gemv if v[0] == 16} == {("gemv", "gemv"), ("gemv", "sync"), ("sync", "gemv")}
     # no wgmma off SM90: the mma.sync space and the GEMV's
-    assert sorted(sync + fma) == sorted(mc.valid_layer_configs(shapes, arch=100))
+    assert sorted(sync + gemv) == sorted(mc.valid_layer_configs(shapes, arch=100))
     wgmma = [v for v in valid if "wgmma" in v[-2:]]
     assert wgmma and all(v[0] in (64, 128) and v[split_at] == 1 for v in wgmma)
     assert all(not mc.layer_violations(shapes, MoEConfig(*v)) for v in valid[::211])
@@ -328,31 +338,71 @@ def _bf16_value(bits: int) -> float:
     return struct.unpack("<f", struct.pack("<I", (bits & 0xFFFF) << 16))[0]
 
 
-def test_the_kernels_fp4_expansion_is_exact_for_every_byte():
-    """A bit-level model of kernels/moe_kernel._PAIR_PTX (prmt, shifts and masks, then bf16 multiplies by
-    2^126 and the scale) against the encoder's E2M1 table, for every byte at every position of a word."""
-    from kernels import moe_kernel as mk
-    from kernels.encoders import decode_e2m1
+def test_the_kernels_fp4_pairs_and_scales_are_exact():
+    """A bit-level model of kernels/moe_kernel.fp4_pair, every backend's FP4 expansion (two shifts, two masks,
+    an or, then one bf16x2 multiply by the block scale times 2^119) against the encoder's tables: every code pair at every
+    pair position of a word, other nibbles set (they must not leak in), times every finite e4m3 scale, gives
+    value * scale * 2^-7 exactly (the product of two bf16 values that are exact is exact when it is a normal
+    bf16: at most 8 significant bits, exponent in range)."""
+    from fractions import Fraction
 
-    ptx = mk._PAIR_PTX
-    steps = ["prmt.b32 t, {$r0}, 0, SEL", "shr.b32 t4, t, 4", "and.b32 m, t, 7", "and.b32 s, t4, 0x70000",
-             "or.b32 m, m, s", "and.b32 s, t, 8", "and.b32 t4, t4, 0x80000", "or.b32 s, s, t4", "shl.b32 m, m, 6",
-             "shl.b32 s, s, 12", "or.b32 m, m, s", "mov.b32 c, 0x7E807E80", "mul.rn.bf16x2 m, m, c",
-             "mul.rn.bf16x2 {$w0}, m, {$r1}"]
-    at = 0
-    for st in steps:  # the model below follows the kernel's sequence, in order
-        at = ptx.index(st, at) + len(st)
+    from kernels import moe_kernel as gk
+    from kernels.encoders import decode_e2m1, decode_e4m3
+
     table = decode_e2m1(torch.arange(16, dtype=torch.uint8)).tolist()
+    scales = [v for v in decode_e4m3(torch.arange(256, dtype=torch.uint8)).tolist() if math.isfinite(v)]
+
+    def exact_bf16(x: Fraction) -> bool:
+        if x == 0:
+            return True
+        m, e = abs(x), 0
+        while m >= 2:
+            m, e = m / 2, e + 1
+        while m < 1:
+            m, e = m * 2, e - 1
+        return -126 <= e <= 127 and (m * 128).denominator == 1
+
+    for scale in scales:  # the scale word: scale * 2^119, exactly a bf16 (4 significant bits), finite
+        assert exact_bf16(Fraction(scale) * 2**gk.SCALE_SHIFT)
+    for j in range(4):
+        ptx = gk.fp4_pair_ptx(j)
+        d_m, d_s = 6 - 4 * j, 12 - 4 * j
+        for st in ([f"shl.b32 m, {{$r0}}, {d_m}" if d_m > 0 else f"shr.b32 m, {{$r0}}, {-d_m}"]
+                   + [f"shl.b32 s, {{$r0}}, {d_s}" if d_s > 0 else "mov.b32 s, {$r0}"]
+                   + ["and.b32 s, s, 0x80008000", "and.b32 m, m, 0x01C001C0", "or.b32 m, m, s",
+                      "mul.rn.bf16x2 {$w0}, m, {$r1}"]):
+            assert st in ptx, (j, st)
+        for lo in range(16):
+            for hi in range(16):
+                w = (0x5A5A5A5A & ~((0xF << 4 * j) | (0xF << (16 + 4 * j)))) | lo << 4 * j | hi << (16 + 4 * j)
+                m = ((w << d_m) if d_m > 0 else (w >> -d_m)) & 0x01C001C0
+                sg = ((w << d_s) if d_s > 0 else w) & 0x80008000
+                bits = (m | sg) & 0xFFFFFFFF
+                for half, code in ((bits & 0xFFFF, lo), (bits >> 16, hi)):
+                    assert _bf16_value(half) * 2.0**126 == table[code], (j, lo, hi)
+                    for scale in scales[::7] + [scales[-1]]:
+                        prod = Fraction(_bf16_value(half)) * Fraction(scale) * 2**gk.SCALE_SHIFT
+                        assert exact_bf16(prod) and prod == Fraction(table[code]) * Fraction(scale) / 2**7
+    assert gk.UNDO_SHIFT == 2.0**7
+    # the tile kernels' prmt back to k order (natural_pairs): word k of the tile row holds codes 2k, 2k + 1
+    sels = [int(p.split("prmt.b32 {$w0}, {$r0}, {$r1}, ")[1].split(";")[0], 16) for p in (
+        "prmt.b32 {$w0}, {$r0}, {$r1}, 0x5410;", "prmt.b32 {$w0}, {$r0}, {$r1}, 0x7632;")]
+    assert "0x7632 if high else 0x5410" in inspect.getsource(gk.natural_pairs)
+
+    def prmt(a, b, sel):
+        bs = [(a >> 8 * i) & 0xFF for i in range(4)] + [(b >> 8 * i) & 0xFF for i in range(4)]
+        return sum(bs[(sel >> 4 * i) & 7] << 8 * i for i in range(4))
+
+    w = 0x8A3F61C5  # codes 5, C, 1, 6, F, 3, A, 8 (low nibble first)
+    pairs = []
+    for j in range(4):
+        d_m, d_s = 6 - 4 * j, 12 - 4 * j
+        m = ((w << d_m) if d_m > 0 else (w >> -d_m)) & 0x01C001C0
+        pairs.append((m | (((w << d_s) if d_s > 0 else w) & 0x80008000)) & 0xFFFFFFFF)
     for k in range(4):
-        for byte in range(256):
-            w = byte << (8 * k) | (0xA5 << (8 * ((k + 1) % 4)))  # other bytes must not leak in
-            b = [(w >> (8 * i)) & 0xFF for i in range(4)] + [0, 0, 0, 0]
-            sel = (4 << 12) | (k << 8) | (4 << 4) | k
-            t = sum(b[(sel >> (4 * j)) & 7] << (8 * j) for j in range(4))
-            t4 = t >> 4
-            m = ((((t & 7) | (t4 & 0x70000)) << 6) | (((t & 8) | (t4 & 0x80000)) << 12)) & 0xFFFFFFFF
-            lo, hi = _bf16_value(m) * 2.0**126, _bf16_value(m >> 16) * 2.0**126
-            assert (lo, hi) == (table[byte & 0xF], table[byte >> 4]), (k, byte)
+        word = prmt(pairs[2 * (k % 2)], pairs[2 * (k % 2) + 1], sels[k >= 2])
+        for half, code in ((word & 0xFFFF, (w >> 8 * k) & 0xF), (word >> 16, (w >> (8 * k + 4)) & 0xF)):
+            assert _bf16_value(half) * 2.0**126 == table[code], k
 
 
 def test_torch_compile_traces_one_custom_op():
@@ -478,28 +528,28 @@ def test_wgmma_takes_large_batches_on_sm90_only(monkeypatch):
         assert mc.layer_heuristic(shapes, rows, 8.0) == mc.layer_heuristic(shapes, rows, 8.0, arch=100)
 
 
-GEMV = dict(stages=2, bk=64, mma="fma")
+GEMV = dict(stages=2, bk=64, mma="gemv")
 
 
 @pytest.mark.parametrize("arch", ["sm_90a", "sm_100a"])
-@pytest.mark.parametrize("tile", ["1 row", "4 rows, 2 K groups, FC2 split"])
+@pytest.mark.parametrize("tile", ["8 rows", "16 rows, two mma groups, 2 K groups, FC2 split"])
 @pytest.mark.parametrize("mode", list(_wgmma_shapes()))
 def test_gemv_backend_compiles_every_layer_and_mode(mode, tile, arch):
     """The decode GEMV compiles for every layer and mode (one source for SM90 and SM100), within the
-    registers of its constraints, and is the kernel class of mma="fma"."""
+    registers of its constraints, and is the kernel class of mma="gemv"."""
     from kernels.compile_cache import resource_usage
     from kernels.moe_gemv_kernel import MoEGemvKernel
 
     sh = _wgmma_shapes()[mode]
-    if tile == "1 row":
-        cfg = MoEGemmConfig(1, 16, warps_m=1, warps_n=4, **GEMV)
+    if tile == "8 rows":
+        cfg = MoEGemmConfig(8, 32 if sh.gated else 64, warps_m=1, warps_n=4, **GEMV)
     else:
-        cfg = MoEGemmConfig(4, 16 if sh.gated else 32, warps_m=2, warps_n=4, splits=2 if sh.layer == "fc2" else 1,
-                            **GEMV)
+        cfg = MoEGemmConfig(16, 64 if sh.gated else 128, warps_m=2, warps_n=4,
+                            splits=2 if sh.layer == "fc2" else 1, **GEMV)
     assert not violations(sh, cfg, int(arch[3:5])), violations(sh, cfg)
     assert fm.gemm_kernel_class(cfg) is MoEGemvKernel
     regs, _ = resource_usage(fm.compile_gemm(sh, cfg, arch))
-    assert regs is not None and regs <= 224  # 48-202 on these (W4A4's activation quantisation the most)
+    assert regs is not None and regs <= 224  # 56-152 on these (W4A4's activation quantisation the most)
 
 
 def test_gemv_constraints_say_what_is_wrong():
@@ -508,20 +558,24 @@ def test_gemv_constraints_say_what_is_wrong():
     def why(sh, cfg):
         return "; ".join(violations(sh, cfg))
 
-    assert not why(fc1, MoEGemmConfig(4, 16, warps_m=1, warps_n=4, **GEMV))
-    assert not why(fc2, MoEGemmConfig(1, 32, warps_m=4, warps_n=4, splits=8, **GEMV))  # K=768 = 8 x 3 chunks
-    assert "bm <= 8" in why(fc2, MoEGemmConfig(16, 32, warps_m=1, warps_n=4, **GEMV))
-    assert "no k-tile pipeline" in why(fc2, MoEGemmConfig(1, 32, 128, 3, 1, 4, mma="fma"))
-    assert not why(fc2, MoEGemmConfig(1, 32, 64, 3, 1, 4, mma="fma"))  # two chunk rounds loaded together
-    assert "stages in (2, 3)" in why(fc2, MoEGemmConfig(1, 32, 64, 4, 1, 4, mma="fma"))
-    assert "16 weight rows per warp > 8" in why(fc1, MoEGemmConfig(1, 32, warps_m=1, warps_n=4, **GEMV))
-    assert "64 accumulators per lane > 32" in why(fc1, MoEGemmConfig(8, 16, warps_m=1, warps_n=4, **GEMV))
+    assert not why(fc1, MoEGemmConfig(8, 32, warps_m=1, warps_n=4, **GEMV))
+    assert not why(fc2, MoEGemmConfig(16, 64, warps_m=4, warps_n=4, splits=8, **GEMV))  # K=768 = 8 x 3 chunks
+    assert "bm in (8, 16)" in why(fc2, MoEGemmConfig(4, 64, warps_m=1, warps_n=4, **GEMV))
+    assert "bm in (8, 16)" in why(fc2, MoEGemmConfig(32, 64, warps_m=1, warps_n=4, **GEMV))
+    assert "no k-tile pipeline" in why(fc2, MoEGemmConfig(8, 64, 128, 3, 1, 4, mma="gemv"))
+    assert not why(fc2, MoEGemmConfig(8, 64, 64, 3, 1, 4, mma="gemv"))  # two chunk rounds loaded together
+    assert "stages in (2, 3)" in why(fc2, MoEGemmConfig(8, 64, 64, 4, 1, 4, mma="gemv"))
+    # a warp's weight rows fill whole 16-row mma groups, at most two
+    assert "8 weight rows" in why(fc2, MoEGemmConfig(8, 32, warps_m=1, warps_n=4, **GEMV))
+    assert "8 weight rows (bn / warps_n columns, doubled" in why(fc1, MoEGemmConfig(8, 16, warps_m=1, warps_n=4, **GEMV))
+    assert "64 weight rows" in why(fc1, MoEGemmConfig(8, 32, warps_m=1, warps_n=1, **GEMV))
+    assert not why(fc1, MoEGemmConfig(8, 32, warps_m=1, warps_n=2, **GEMV))  # 16 columns: 32 gate and up rows
     assert "multiple of 32*splits=256" in why(gemm_shapes("w4a16", "silu", 2048, 1856)[1],
-                                    MoEGemmConfig(1, 32, warps_m=1, warps_n=4, splits=8, **GEMV))
-    assert "only FC2 splits K" in why(fc1, MoEGemmConfig(1, 16, warps_m=1, warps_n=4, splits=2, **GEMV))
-    # the tensor-core kernels refuse the GEMV's m-tiles
-    assert "multiple of 16*warps_m" in why(fc2, MoEGemmConfig(4, 32, 64, 3, 1, 2))
-    assert "tiles bm=64" in why(fc2, MoEGemmConfig(4, 64, 64, 4, 4, 1, mma="wgmma"))
+                                              MoEGemmConfig(8, 64, warps_m=1, warps_n=4, splits=8, **GEMV))
+    assert "only FC2 splits K" in why(fc1, MoEGemmConfig(8, 32, warps_m=1, warps_n=4, splits=2, **GEMV))
+    # the tensor-core tile kernels refuse the GEMV's 8-row m-tiles
+    assert "multiple of 16*warps_m" in why(fc2, MoEGemmConfig(8, 32, 64, 3, 1, 2))
+    assert "tiles bm=64" in why(fc2, MoEGemmConfig(8, 64, 64, 4, 4, 1, mma="wgmma"))
 
 
 def test_gemv_takes_decode_up_to_gemv_rows(monkeypatch):
@@ -530,12 +584,13 @@ def test_gemv_takes_decode_up_to_gemv_rows(monkeypatch):
                       (7168, 2048, "silu")):
         for q in ("w4a16", "nvfp4"):
             sh2 = gemm_shapes(q, act, H, I)
-            for arch, rows in itertools.product((90, 100), (1.0, 1.11, 1.46)):  # one source serves both
+            for arch, rows in itertools.product((90, 100), (1.0, 1.46, 4.0, mc.GEMV_ROWS)):  # one source serves both
                 cfg = mc.layer_heuristic(sh2, rows, 8.0, arch=arch)
-                assert (cfg.fc1_mma, cfg.fc2_mma, cfg.bm) == ("fma", "fma", 1), (H, cfg.short())
-                assert cfg.gemm("fc1").bn == 16 and not mc.layer_violations(sh2, cfg, arch=arch)
-            # past GEMV_ROWS (T=64 of gpt-oss-120b: 2.3): the mma decode tile
-            assert mc.layer_heuristic(sh2, 2.3, 8.0).fc1_mma == "sync"
+                assert (cfg.fc1_mma, cfg.fc2_mma, cfg.bm) == ("gemv", "gemv", 8), (H, cfg.short())
+                assert cfg.gemm("fc1").bn == (32 if act == "silu" else 64) and cfg.gemm("fc2").bn == 64
+                assert not mc.layer_violations(sh2, cfg, arch=arch)
+            # past GEMV_ROWS: the mma decode tile
+            assert mc.layer_heuristic(sh2, mc.GEMV_ROWS + 0.5, 8.0).fc1_mma == "sync"
     monkeypatch.setattr(mc, "GEMV_DECODE", False)
     shapes = gemm_shapes("nvfp4", "silu", 4096, 14336)
     assert all(heuristic(sh, rows).mma == "sync" for sh in shapes for rows in (0.5, 1, 4))
@@ -552,8 +607,8 @@ def test_compile_check_covers_wgmma_on_sm90_only():
     shapes = {(sh.layer, sh.activation, sh.quant_a) for sh, _ in on90}
     for arch in ("sm_90a", "sm_100a", None):  # no target named: only what every target compiles
         cases = on90 if arch == "sm_90a" else fm.compile_check_cases(layers, configs=1, arch=arch)
-        # the decode GEMV (plain CUDA-core code) compiles for every target, for every GEMM of every layer
-        assert {(sh.layer, sh.activation, sh.quant_a) for sh, c in cases if c.mma == "fma"} == shapes
+        # the decode GEMV (mma.sync, which SM100 keeps) compiles for every target, for every GEMM of every layer
+        assert {(sh.layer, sh.activation, sh.quant_a) for sh, c in cases if c.mma == "gemv"} == shapes
         if arch != "sm_90a":
             assert cases and all(c.mma != "wgmma" and not violations(sh, c, 100) for sh, c in cases)
 

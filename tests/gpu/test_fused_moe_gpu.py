@@ -246,7 +246,7 @@ def _graph_case(name):
     split-K, the wgmma large-batch tile, the decode GEMV."""
     return {"dispatched": (16, 4, 256, 128, 40, None, None), "split": (16, 4, 256, 512, 40, SPLIT_CFGS[8], None),
             "wgmma": (8, 2, 512, 256, 300, WGMMA_CFGS["wg128"], "one"),
-            "gemv": (8, 2, 512, 256, 3, GEMV_CFGS["4 rows, K groups, split"], "one")}[name]
+            "gemv": (8, 2, 512, 256, 3, GEMV_CFGS["16 rows, K groups, split"], "one")}[name]
 
 
 @pytest.mark.parametrize("case", ["dispatched", "split", "wgmma", "gemv"])
@@ -360,18 +360,19 @@ def test_wgmma_configs_are_refused_where_they_cannot_run():
         _call(layer, x, ids, w, 8, 2, None, "w4a16", configs=bad)
 
 
-# The decode GEMV (mma="fma", kernels/moe_gemv_kernel.py): m-tiles of 1-4 rows, so a tile of T=7 with top-2
-# over 8 experts takes several m-tiles per expert; K groups (warps_m) and FC2's split-K; H=512 I=256 and a
-# layer whose K is not a multiple of 32 lanes x 32 codes (I=320: FC2's 10 chunks leave 22 lanes idle).
-FMA = dict(stages=2, bk=64, mma="fma")
+# The decode GEMV (mma="gemv", kernels/moe_gemv_kernel.py): m-tiles of 8 or 16 rows (one or two mma n-tiles), so
+# a tile of T=7 with top-2 over 8 experts is partial and T=64 takes several m-tiles per expert; K groups
+# (warps_m), two 16-row mma groups per warp and FC2's split-K; H=512 I=256 (FC2's 8 chunks over 4 splits leave
+# two lanes of each quad and the second K group idle) and I=320 (FC2's 10 chunks: a partial round).
+GEMV = dict(stages=2, bk=64, mma="gemv")
 GEMV_CFGS = {
-    "1 row": (MoEGemmConfig(1, 16, warps_m=1, warps_n=4, **FMA), MoEGemmConfig(1, 32, warps_m=1, warps_n=4, **FMA)),
-    "4 rows, K groups, split": (MoEGemmConfig(4, 16, warps_m=2, warps_n=4, **FMA),
-                                MoEGemmConfig(4, 32, warps_m=4, warps_n=4, splits=2, **FMA)),
-    "2 rows, 4 K groups, 2 column groups": (MoEGemmConfig(2, 16, warps_m=4, warps_n=4, **FMA),
-                                            MoEGemmConfig(2, 16, warps_m=2, warps_n=2, splits=4, **FMA)),
-    "2 rounds loaded together": (MoEGemmConfig(2, 16, warps_m=1, warps_n=4, **dict(FMA, stages=3)),
-                                 MoEGemmConfig(1, 16, warps_m=1, warps_n=4, **dict(FMA, stages=3))),
+    "8 rows": (MoEGemmConfig(8, 32, warps_m=1, warps_n=4, **GEMV), MoEGemmConfig(8, 64, warps_m=1, warps_n=4, **GEMV)),
+    "16 rows, K groups, split": (MoEGemmConfig(16, 32, warps_m=2, warps_n=4, **GEMV),
+                                 MoEGemmConfig(16, 64, warps_m=4, warps_n=4, splits=2, **GEMV)),
+    "two mma groups a warp, 4 K groups, 4 splits": (MoEGemmConfig(8, 32, warps_m=4, warps_n=2, **GEMV),
+                                                    MoEGemmConfig(8, 64, warps_m=2, warps_n=2, splits=4, **GEMV)),
+    "2 rounds loaded together": (MoEGemmConfig(16, 32, warps_m=1, warps_n=4, **dict(GEMV, stages=3)),
+                                 MoEGemmConfig(16, 64, warps_m=1, warps_n=4, **dict(GEMV, stages=3))),
 }
 
 
@@ -391,27 +392,27 @@ def test_gemv_modes_activations_sizes(T, skew, activation, quant_mode, cfgs):
 
 @pytest.mark.parametrize("quant_mode", ["w4a16", "nvfp4"])
 def test_gemv_idle_lanes_top_k_and_expert_parallel(quant_mode):
-    run_and_check(5, 16, 8, 512, 320, "silu", quant_mode, seed=3, configs=GEMV_CFGS["1 row"])
+    run_and_check(5, 16, 8, 512, 320, "silu", quant_mode, seed=3, configs=GEMV_CFGS["8 rows"])
     run_and_check(9, 16, 1, 512, 320, "relu2", quant_mode, seed=4, configs=(
-        MoEGemmConfig(2, 32, warps_m=1, warps_n=4, **FMA), MoEGemmConfig(2, 16, warps_m=2, warps_n=2, splits=2, **FMA)))
-    run_and_check(33, 16, 4, 512, 256, "silu", quant_mode, n_local=8, offset=4, configs=GEMV_CFGS["1 row"])
+        MoEGemmConfig(16, 64, warps_m=1, warps_n=4, **GEMV), MoEGemmConfig(16, 64, warps_m=2, warps_n=2, splits=2, **GEMV)))
+    run_and_check(33, 16, 4, 512, 256, "silu", quant_mode, n_local=8, offset=4, configs=GEMV_CFGS["8 rows"])
 
 
 def test_gemv_agrees_with_mma_sync_at_decode():
-    """W4A16 at T=3 on Mixtral-like proportions (K 1024 / 2048): both backends multiply the same exact bf16
-    weights in fp32, so the outputs differ by summation order only. FC2's 64 chunks per row over two K groups
-    give the second group chunks of its own, so their sum through shared memory adds non-zero partials (the
-    smaller layers above leave every group past the first idle)."""
+    """W4A16 at T=3 on Mixtral-like proportions (K 1024 / 2048): both backends multiply the same exact weights
+    (the GEMV's times 2^-7, undone in its epilogue) with fp32 sums, so the outputs differ by summation order
+    only. FC2's 64 chunks per row over two K groups give the second group chunks of its own, so their sum
+    through shared memory adds non-zero partials."""
     E, k, H, I, T = 8, 2, 1024, 2048, 3  # noqa: E741
     layer = make_layer(E, H, I, "silu", "w4a16", seed=31)
     ids, w = make_routing(T, E, k, seed=31)
     x = torch.randn(T, H, device=DEV).to(torch.bfloat16)
     runs = []
-    gemv = (MoEGemmConfig(1, 16, warps_m=1, warps_n=4, **FMA), MoEGemmConfig(1, 32, warps_m=2, warps_n=4, **FMA))
-    # stages 3: two chunk rounds loaded together; FC2's 64 chunks per row at warps_m 1 fill both, 32 lanes each
-    two_rounds = dict(FMA, stages=3)
-    gemv3 = (MoEGemmConfig(1, 16, warps_m=1, warps_n=4, **two_rounds),
-             MoEGemmConfig(2, 32, warps_m=1, warps_n=4, splits=1, **two_rounds))
+    gemv = (MoEGemmConfig(8, 32, warps_m=1, warps_n=4, **GEMV), MoEGemmConfig(8, 64, warps_m=2, warps_n=4, **GEMV))
+    # stages 3: two chunk rounds loaded together; FC2's 64 chunks per row at warps_m 1: 16 rounds of 4 lanes
+    two_rounds = dict(GEMV, stages=3)
+    gemv3 = (MoEGemmConfig(16, 32, warps_m=1, warps_n=4, **two_rounds),
+             MoEGemmConfig(16, 64, warps_m=1, warps_n=4, splits=1, **two_rounds))
     for cfgs in ((MoEGemmConfig(16, 64, 128, 3, 1, 4), MoEGemmConfig(16, 64, 128, 3, 1, 4)), gemv, gemv3):
         out = torch.full((T, H), float("nan"), dtype=torch.bfloat16, device=DEV)
         runs.append(fused_moe(x, layer["w1_weight"], layer["w1_weight_sf"], layer["w2_weight"], layer["w2_weight_sf"],
