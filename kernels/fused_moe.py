@@ -1,7 +1,7 @@
 """`fused_moe`: a whole MoE layer on SM90 with NVFP4 weights, the seed's `b12x_fused_moe` signature.
 
 One call: validate (cached per argument signature), sort the (token, expert) pairs by local expert (one
-routing launch, kernels/moe_route_kernel.py), FC1 grouped GEMM with the activation fused
+routing launch, kernels/moe_route_kernel.py, which under W4A4 also fake-quantises x once), FC1 grouped GEMM with the activation fused
 (kernels/moe_kernel.py), FC2 grouped GEMM scaled by the routing weights and written per pair (per pair and
 K split when FC2 splits K: fp32 partials [splits, pairs, H]), then the sum of each token's pairs (and
 splits) into the output, one fp32 reduction and one rounding (kernels/moe_combine_kernel.py). Numerics and
@@ -9,8 +9,8 @@ scale conventions: kernels/moe_quant.py; the float reference: kernels/moe_refere
 
 Host cost: a repeated signature costs a dict lookup, one workspace allocation (routing tables, FC1's output
 and FC2's partials are byte ranges of it, passed as integer pointers), the output's allocation when none is
-given and four TVM-FFI calls on the raw current stream; the functions, grids and workspace layout are bound
-once per signature (_Launch).
+given and four TVM-FFI calls on the raw current stream (W4A4's quantised x is one more byte range); the
+functions, grids and workspace layout are bound once per signature (_Launch).
 
 Expert ids are checked against [0, num_experts) without a host sync by default: the routing kernel counts
 the ids out of range, routes their pairs nowhere (like non-local experts) and, when there are any, writes the
@@ -112,7 +112,12 @@ def route_spec(p: MoEProblem, cfg, ids_dtype: str = "int32", scale_dtype: str = 
     dtypes; int32 / fp32 unless the caller passes others)."""
     from .moe_route_kernel import MoERouteSpec
 
-    return MoERouteSpec(p.n_local, p.top_k, cfg.bm, cfg.bm, ids_dtype, scale_dtype)
+    return MoERouteSpec(p.n_local, p.top_k, cfg.bm, cfg.bm, ids_dtype, scale_dtype, quant_h(p))
+
+
+def quant_h(p: MoEProblem) -> int:
+    """The routing launch's x quantisation (kernels/moe_route_kernel.py): H for W4A4, else 0."""
+    return p.H if p.quant_mode == "nvfp4" else 0
 
 
 def combine_spec(p: MoEProblem, cfg):
@@ -162,8 +167,10 @@ def compile_route(spec, arch: str):
 
     ids = cutlass.Int32 if spec.ids_dtype == "int32" else cutlass.Int64
     sc = cutlass.Float32 if spec.scale_dtype == "fp32" else cutlass.BFloat16
+    x = nullptr(cutlass.BFloat16, AddressSpace.gmem, assumed_align=16) if spec.quant_h else None
+    xq = nullptr(cutlass.BFloat16, AddressSpace.gmem, assumed_align=16) if spec.quant_h else None
     args = (ptr(ids), ptr(sc), *(ptr(cutlass.Int32) for _ in range(5)), ptr(cutlass.Float32), ptr(cutlass.Int32),
-            ptr(cutlass.Int32), cutlass.Int32(0), cutlass.Int32(0), cutlass.Int32(0),
+            ptr(cutlass.Int32), cutlass.Int32(0), cutlass.Int32(0), cutlass.Int32(0), x, xq, cutlass.Int32(0),
             make_fake_stream(use_tvm_ffi_env_stream=False))
     return compile_dsl(MoERouteKernel(spec), args, arch, f"fused_moe routing {spec}")
 
@@ -370,13 +377,14 @@ def _align16(n: int) -> int:
     return (n + 15) & ~15
 
 
-def workspace_layout(n_local: int, P: int, inter: int, H: int, splits: int) -> tuple[dict, int]:
+def workspace_layout(n_local: int, P: int, inter: int, H: int, splits: int, xq_rows: int = 0) -> tuple[dict, int]:
     """Byte offsets of the buffers one call uses inside its single workspace allocation, and its size: the
     routing tables (int32: expert_offsets, FC1 and FC2 tile offsets [E+1]; a_rows, out_rows, row_scale (fp32),
-    valid [P]; bad [1]), FC1's output (bf16 [P, I]) and FC2's fp32 partials [splits, P, H]. 16-byte aligned."""
+    valid [P]; bad [1]), FC1's output (bf16 [P, I]), FC2's fp32 partials [splits, P, H] and W4A4's quantised x
+    (bf16 [xq_rows, H]; 0 rows otherwise). 16-byte aligned."""
     sizes = {"eo": 4 * (n_local + 1), "to1": 4 * (n_local + 1), "to2": 4 * (n_local + 1), "a_rows": 4 * P,
              "out_rows": 4 * P, "row_scale": 4 * P, "valid": 4 * P, "bad": 4, "inter": 2 * P * inter,
-             "y": 4 * splits * P * H}
+             "y": 4 * splits * P * H, "xq": 2 * xq_rows * H}
     offsets, at = {}, 0
     for name, n in sizes.items():
         offsets[name] = at
@@ -385,7 +393,7 @@ def workspace_layout(n_local: int, P: int, inter: int, H: int, splits: int) -> t
 
 
 # the workspace buffers `_Launch.run` passes, in the order it unpacks their pointers
-_RUN_BUFFERS = ("eo", "to1", "to2", "a_rows", "out_rows", "row_scale", "valid", "bad", "inter", "y")
+_RUN_BUFFERS = ("eo", "to1", "to2", "a_rows", "out_rows", "row_scale", "valid", "bad", "inter", "y", "xq")
 
 
 class _BadIds:
@@ -427,20 +435,22 @@ class _Launch:
     layout and the launch arguments that do not change between calls."""
 
     __slots__ = ("device", "route", "fc1", "fc2", "combine", "ws_bytes", "off", "offsets", "P", "n_local",
-                 "fc1_tail", "fc2_tail", "comb_tail", "T")
+                 "fc1_tail", "fc2_tail", "comb_tail", "T", "n_quant")
 
     def __init__(self, plan: _Plan, cfg1: MoEGemmConfig, cfg2: MoEGemmConfig):
         from .moe_combine_kernel import MoECombineSpec, grid_for
-        from .moe_route_kernel import MoERouteSpec
+        from .moe_route_kernel import MoERouteSpec, quant_ctas
 
         p, arch = plan.problem, plan.arch
         self.device, self.T, self.P, self.n_local = plan.device, p.T, p.pairs, p.n_local
         P, El = self.P, self.n_local
-        self.route = get_route(MoERouteSpec(El, p.top_k, cfg1.bm, cfg2.bm, plan.ids_dtype, plan.scale_dtype), arch)
+        spec = MoERouteSpec(El, p.top_k, cfg1.bm, cfg2.bm, plan.ids_dtype, plan.scale_dtype, quant_h(p))
+        self.route = get_route(spec, arch)
+        self.n_quant = quant_ctas(spec, p.T)  # W4A4: the routing launch's CTAs quantising x into xq
         self.fc1, self.fc2 = get_compiled(plan.fc1, cfg1, arch), get_compiled(plan.fc2, cfg2, arch)
         comb = MoECombineSpec(p.top_k, cfg2.splits, p.H)
         self.combine = get_combine(comb, arch)
-        off, self.ws_bytes = workspace_layout(El, P, p.I, p.H, cfg2.splits)
+        off, self.ws_bytes = workspace_layout(El, P, p.I, p.H, cfg2.splits, p.T if self.n_quant else 0)
         self.off = off
         self.offsets = tuple(off[n] for n in _RUN_BUFFERS)
         s1, s1f, s2, s2f = plan.w_strides
@@ -460,7 +470,7 @@ class _Launch:
                                 check)
         ws = torch.empty(self.ws_bytes, dtype=torch.uint8, device=dev)
         b, st = ws.data_ptr(), _raw_stream(dev.index)
-        eo, to1, to2, a_rows, out_rows, row_scale, valid, bad, inter, y = [b + o for o in self.offsets]
+        eo, to1, to2, a_rows, out_rows, row_scale, valid, bad, inter, y, xq = [b + o for o in self.offsets]
         if check != "off":
             words = _BadIds.of(dev.index)
             words.raise_pending(num_experts)
@@ -468,14 +478,15 @@ class _Launch:
             if check == "sync":
                 words.host[1] = 0
                 bad = words.sync_ptr
+        xp = x.data_ptr()
         self.route(ids.data_ptr(), scales.data_ptr(), eo, to1, to2, a_rows, out_rows, row_scale, valid, bad, self.P,
-                   offset, num_experts, st)
+                   offset, num_experts, *((xp, xq) if self.n_quant else (None, None)), self.n_quant, st)
         if check == "sync":
             torch.cuda.current_stream(dev).synchronize()
             n_bad = int(words.host[1])
             _need(n_bad == 0, f"token_selected_experts holds {n_bad} ids outside [0, num_experts={num_experts})")
-        # W4A4: FC1 fake-quantises x's rows and its own output in the kernel (kernels/moe_kernel.py)
-        self.fc1(x.data_ptr(), a_rows, w1.data_ptr(), w1sf.data_ptr(), alpha1.data_ptr(), None, None, inter, eo,
+        # W4A4: FC1 reads x as the routing launch quantised it (xq) and fake-quantises its own output
+        self.fc1(xq if self.n_quant else xp, a_rows, w1.data_ptr(), w1sf.data_ptr(), alpha1.data_ptr(), None, None, inter, eo,
                  to1, *self.fc1_tail, None if gs is None else gs.data_ptr(), st)
         self.fc2(inter, None, w2.data_ptr(), w2sf.data_ptr(), alpha2.data_ptr(), row_scale, out_rows, y, eo,
                  to2, *self.fc2_tail, None, st)
@@ -488,9 +499,11 @@ class _Launch:
         stream fixed): what `run` costs without its Python, the floor of the call path's host cost."""
         ws = torch.empty(self.ws_bytes, dtype=torch.uint8, device=self.device)
         b, o, st = ws.data_ptr(), self.off, _raw_stream(self.device.index)
+        xq = (x.data_ptr(), b + o["xq"]) if self.n_quant else (None, None)
         route = (ids.data_ptr(), scales.data_ptr(), *(b + o[n] for n in (
-            "eo", "to1", "to2", "a_rows", "out_rows", "row_scale", "valid", "bad")), self.P, offset, num_experts, st)
-        fc1 = (x.data_ptr(), b + o["a_rows"], w1.data_ptr(), w1sf.data_ptr(), alpha1.data_ptr(), None, None,
+            "eo", "to1", "to2", "a_rows", "out_rows", "row_scale", "valid", "bad")), self.P, offset, num_experts,
+            *xq, self.n_quant, st)
+        fc1 = (xq[1] if self.n_quant else x.data_ptr(), b + o["a_rows"], w1.data_ptr(), w1sf.data_ptr(), alpha1.data_ptr(), None, None,
                b + o["inter"], b + o["eo"], b + o["to1"], *self.fc1_tail, None if gs is None else gs.data_ptr(), st)
         fc2 = (b + o["inter"], None, w2.data_ptr(), w2sf.data_ptr(), alpha2.data_ptr(), b + o["row_scale"],
                b + o["out_rows"], b + o["y"], b + o["eo"], b + o["to2"], *self.fc2_tail, None, st)
@@ -524,7 +537,8 @@ def _route(ids, scales, n_local: int, offset: int, top_k: int, bm1: int, bm2: in
     b = ws.data_ptr()
     get_route(spec, arch)(ids.data_ptr(), scales.data_ptr(), *(b + off[n] for n in (
         "eo", "to1", "to2", "a_rows", "out_rows", "row_scale", "valid", "bad")), P, offset,
-        n_local + offset if num_experts is None else num_experts, torch.cuda.current_stream(ids.device).cuda_stream)
+        n_local + offset if num_experts is None else num_experts, None, None, 0,
+        torch.cuda.current_stream(ids.device).cuda_stream)
     n = {"eo": n_local + 1, "to1": n_local + 1, "to2": n_local + 1, "a_rows": P, "out_rows": P, "row_scale": P,
          "valid": P, "bad": 1}
     views = {k: ws[off[k]:off[k] + 4 * v].view(torch.int32) for k, v in n.items()}

@@ -88,7 +88,6 @@ class MoEGemmShape:
     K: int  # reduction length: H for FC1, I for FC2
     N: int  # output columns: I for FC1 (per half when gated), H for FC2
     out_dtype: str = "bf16"
-    quant_a: bool = False  # W4A4 FC1: NVFP4-fake-quantise the A rows (x) in the kernel
     quant_out: bool = False  # W4A4 FC1: NVFP4-fake-quantise the output (FC2's input) in the epilogue
 
     def __post_init__(self):
@@ -96,8 +95,8 @@ class MoEGemmShape:
             raise ValueError(f"layer must be one of {LAYERS}, got {self.layer!r}")
         if self.out_dtype not in OUT_DTYPES:
             raise ValueError(f"out_dtype must be one of {OUT_DTYPES}, got {self.out_dtype!r}")
-        if (self.quant_a or self.quant_out) and self.layer != "fc1":
-            raise ValueError("only FC1 quantises (its input x and its output, FC2's input)")
+        if self.quant_out and self.layer != "fc1":
+            raise ValueError("only FC1 quantises its output (FC2's input)")
         if self.K % 64 or self.N % 16 or self.K < 64 or self.N < 16:
             raise ValueError(f"need K a multiple of 64 and N of 16, got K={self.K} N={self.N}")
 
@@ -309,9 +308,10 @@ WGMMA_TILES = tuple(MoEGemmConfig(128, bn, 64, 4, 4, 2, mma="wgmma") for bn in (
 # - at 2-4 rows (T=64 of gpt-oss-120b, DeepSeek-V3, Qwen3-30B-A3B): W4A16 2.77, 2.15 and 1.10x faster (676 vs
 #   1870, 2080 vs 4477, 284 vs 312 us); NVFP4 1.10 and 1.10x faster on DeepSeek and Qwen, 2 % slower on gpt-oss;
 # - NVFP4 T=1: faster on Qwen3-30B-A3B and DeepSeek-V3 (50.0 vs 55.1, 196.6 vs 217.4 us), slower than the former
-#   CUDA-core GEMV on Mixtral-8x7B and gpt-oss-120b (227.8 vs 207.6, 89.7 vs 69.2): W4A4's FC1 fake-quantises
-#   each lane's 32 activations per chunk round, ~5x the round's weight expansion, so quantising x once per call
-#   is what that mode needs next. 5-8 rows per expert were not measured.
+#   CUDA-core GEMV on Mixtral-8x7B and gpt-oss-120b (227.8 vs 207.6, 89.7 vs 69.2): that GEMV's W4A4 FC1
+#   fake-quantised each lane's 32 activations per chunk round, ~5x the round's weight expansion (x is now
+#   quantised once per call by the routing launch, kernels/moe_route_kernel.py). 5-8 rows per expert were not
+#   measured.
 GEMV_DECODE = True
 GEMV_ROWS = 8
 GEMV_TILES = tuple(MoEGemmConfig(8, bn, 64, 2, 1, 4, mma="gemv") for bn in (32, 64))
@@ -468,10 +468,10 @@ class MoEConfig(Knobs):
 
 
 def gemm_shapes(quant_mode: str, activation: str, H: int, inter: int) -> tuple[MoEGemmShape, MoEGemmShape]:
-    """(FC1, FC2) of a layer: FC1 writes bf16 (W4A4: x and the output fake-quantised to NVFP4 in the kernel);
-    FC2 writes fp32 per pair (summed per token after)."""
+    """(FC1, FC2) of a layer: FC1 writes bf16 (W4A4: its output fake-quantised to NVFP4 in the kernel, its input
+    x by the routing launch, kernels/moe_route_kernel.py); FC2 writes fp32 per pair (summed per token after)."""
     w4a4 = quant_mode == "nvfp4"
-    return (MoEGemmShape("fc1", activation, H, inter, "bf16", quant_a=w4a4, quant_out=w4a4),
+    return (MoEGemmShape("fc1", activation, H, inter, "bf16", quant_out=w4a4),
             MoEGemmShape("fc2", activation, inter, H, "fp32"))
 
 

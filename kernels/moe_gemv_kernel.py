@@ -31,8 +31,8 @@ Work split (the config's knobs, kernels/moe_config.py, mma="gemv"):
   is past it feeds zeros.
 Epilogue: the accumulators go to shared memory by (K group, row, weight row), the K groups add there, then
 one thread per (row, column) applies alpha and the activation (gated SiLU, ReLU2), FC2's routing weight and
-output row, and stores; W4A4 FC1 fake-quantises its activation blocks as they are loaded (global scale 1) and
-its output in 16-column NVFP4 blocks (the FC2 input's global scale), as the mma kernel.
+output row, and stores; W4A4 FC1 (x quantised by the routing launch) fake-quantises its output in 16-column
+NVFP4 blocks (the FC2 input's global scale), as the mma kernel.
 """
 from __future__ import annotations
 
@@ -75,31 +75,13 @@ def _mma(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
         read_only_args=[a0, a1, a2, a3, b0, b1, c0, c1, c2, c3])
 
 
-@cute.jit
-def _quantize_words(words):
-    """W4A4: 32 bf16 activations (16 words, two 16-element blocks) -> their NVFP4 fake-quantised values
-    (global scale 1; exact in bf16), in place."""
-    blk = cute.make_rmem_tensor((16,), Float32)
-    for b in cutlass.range_constexpr(2):
-        for i in cutlass.range_constexpr(8):
-            lo, hi = cute.arch.inline_ptx("{ shl.b32 {$w0}, {$r0}, 16; and.b32 {$w1}, {$r0}, 0xFFFF0000; }",
-                                          write_only_types=[Float32, Float32], read_only_args=[words[8 * b + i]])
-            blk[2 * i] = lo
-            blk[2 * i + 1] = hi
-        _fake_quantize_block(blk, Float32(1.0))
-        for i in cutlass.range_constexpr(8):
-            words[8 * b + i] = Uint32(cute.arch.inline_ptx("cvt.rn.bf16x2.f32 {$w0}, {$r1}, {$r0};",
-                                                           write_only_types=[Uint32],
-                                                           read_only_args=[blk[2 * i], blk[2 * i + 1]]))
-
-
 class MoEGemvKernel:
     def __init__(self, spec: MoEGemmSpec):
         sh, cfg = spec.shape, spec.cfg
         self.K, self.N = sh.K, sh.N
         self.gated = sh.layer == "fc1" and sh.activation == "silu"
         self.relu2 = sh.layer == "fc1" and sh.activation == "relu2"
-        self.quant_a, self.quant_out = sh.quant_a, sh.quant_out
+        self.quant_out = sh.quant_out
         self.bm, self.bn, self.splits = cfg.bm, cfg.bn, cfg.splits
         self.wk, self.wn = cfg.warps_m, cfg.warps_n  # warps along K, along the columns
         self.threads = 32 * self.wk * self.wn
@@ -218,8 +200,6 @@ class MoEGemvKernel:
                 if ((it * rounds + q) * wk + kw) * LANES_K < self.chunks:  # the warp's round (uniform: mma)
                     for j in cutlass.range_constexpr(ntok):
                         words = aw[q, j, None, None]  # the token's 16 words of the chunk (32 activations)
-                        if const_expr(self.quant_a):
-                            _quantize_words(words)
                         for wi in cutlass.range_constexpr(4):  # words 4wi..4wi+3 hold code word wi's k's
                             for p in cutlass.range_constexpr(4):  # pair p: k = 8wi + p and 8wi + p + 4
                                 ap[j, 4 * wi + p] = _act_pair(words[4 * wi + p // 2], words[4 * wi + 2 + p // 2],

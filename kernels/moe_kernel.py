@@ -22,8 +22,8 @@ One kernel serves both layers (compile-time flags):
   alpha and the routing weight like an unsplit one (linear: the partials still sum to the output), to row
   z*n_rows + out_rows[s] of the [splits * n_rows, N] output; the caller sums the splits with the pairs.
 Outputs are bf16 or fp32 rows (8-element vector stores from a shared-memory staging tile).
-W4A4 ("nvfp4") FC1 also fake-quantises (kernels/moe_quant.py: e2m1(q) * s, exact in bf16) its A tile in
-shared memory after each k-tile lands (global scale 1), and its output in 16-element blocks with the FC2
+W4A4 ("nvfp4") FC1 reads x as the routing launch fake-quantised it (kernels/moe_route_kernel.py) and
+fake-quantises its output (kernels/moe_quant.py: e2m1(q) * s, exact in bf16) in 16-element blocks with the FC2
 input's global scale (read from device memory: no host sync), so FC2 reads the values W4A4 multiplies.
 
 Pipeline per k-tile: wait for the tile's cp.async group, barrier, expand the packed B tile into the bf16
@@ -204,7 +204,6 @@ class MoEGemmKernel:
         self.K, self.N = sh.K, sh.N
         self.gated = sh.layer == "fc1" and sh.activation == "silu"
         self.relu2 = sh.layer == "fc1" and sh.activation == "relu2"
-        self.quant_a = sh.quant_a  # W4A4 FC1: NVFP4-fake-quantise each A tile in shared memory (global scale 1)
         self.quant_out = sh.quant_out  # W4A4 FC1: the output fake-quantised with the FC2 input's global scale
         self.bm, self.bn, self.bk, self.stages = cfg.bm, cfg.bn, cfg.bk, cfg.stages
         self.splits = cfg.splits  # split-K (FC2): CTAs along the grid's z axis, each over K / splits
@@ -220,7 +219,6 @@ class MoEGemmKernel:
         self.units = self.nb * self.bk // 16  # 16-element scale blocks to expand per tile
         self.vec = 16 if self.quant_out else 8  # output elements per store unit (an NVFP4 block when quantised)
         self.out_vecs = self.bm * self.bn // self.vec
-        self.a_units = self.bm * self.bk // 16  # 16-element A blocks to quantise per tile
 
     # ------------------------------------------------------------------ host side
     @cute.jit
@@ -336,8 +334,6 @@ class MoEGemmKernel:
             cute.arch.cp_async_wait_group(stages - 2)
             cute.arch.barrier()
             self._expand(sWp, sSF, sBw, stage, tidx)
-            if const_expr(self.quant_a):
-                self._quantize_a(sA, stage, tidx)
             nk = kt + stages - 1
             if nk < k_tiles:
                 self._issue(kt0 + nk, nk % stages, a_src, a_ok, mAv, sAv, mWv, sWv, mSFv, sSFv, cp16, cp16b, cp_sf, e,
@@ -417,25 +413,6 @@ class MoEGemmKernel:
         o = cute.make_rmem_tensor((vec,), mOutv.element_type)
         o.store(vals.to(mOutv.element_type))
         cute.autovec_copy(o, mOutv[(0, None), (dst, ntile * (self.bn // vec) + cc)])
-
-    @cute.jit
-    def _quantize_a(self, sA, stage, tidx):
-        """The stage's A tile fake-quantised to NVFP4 in place, one 16-element block per unit (global scale
-        1: the seed takes no FC1 input scale). Rows past the expert's end hold stale data; their outputs are
-        dropped."""
-        sAq = cute.zipped_divide(sA, (1, 16, 1))
-        for i in cutlass.range_constexpr(-(-self.a_units // self.threads)):
-            u = tidx + i * self.threads
-            if u < self.a_units:
-                r = u // (self.bk // 16)
-                kb = u % (self.bk // 16)
-                blk = cute.make_rmem_tensor((16,), cutlass.BFloat16)
-                cute.autovec_copy(sAq[(0, None, 0), (r, kb, stage)], blk)
-                f = cute.make_rmem_tensor((16,), Float32)
-                f.store(blk.load().to(Float32))
-                _fake_quantize_block(f, Float32(1.0))
-                blk.store(f.load().to(cutlass.BFloat16))
-                cute.autovec_copy(blk, sAq[(0, None, 0), (r, kb, stage)])
 
     @cute.jit
     def _a_sources(self, mARows, row0, row_end, tidx):

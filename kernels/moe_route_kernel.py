@@ -18,6 +18,13 @@ it at a pinned host word its check reads, kernels/fused_moe.py, instead of runni
    by pair index, so the layer's output does not depend on it.
 One CTA: at T=16384, top-8 (131072 pairs) this is ~256 shared atomics per thread, microseconds next to the
 GEMMs' milliseconds; at decode sizes it is one short launch.
+
+W4A4 (spec.quant_h = H): the launch's other CTAs fake-quantise x to NVFP4 (kernels/moe_quant.py conventions,
+global scale 1, one 16-element block per thread and step) into xq [T, H] bf16, the values FC1 multiplies, while
+CTA 0 routes. Once per call: done inside FC1 instead, every CTA of a row tile re-quantised the same rows (N / bn
+CTAs of them), and the decode GEMV every lane's 32 activations per chunk round, ~5x the round's weight
+expansion (W4A4 Mixtral-8x7B at T=1 ran at 227.8 us against W4A16's 87.5 on the H200:
+results/h200/e2e/fused_moe_decode.md).
 """
 from __future__ import annotations
 
@@ -25,9 +32,12 @@ from dataclasses import dataclass
 
 import cutlass
 import cutlass.cute as cute
-from cutlass import Float32, Int32, const_expr
+from cutlass import BFloat16, Float32, Int32, const_expr
+
+from .moe_kernel import _fake_quantize_block
 
 THREADS = 512
+QUANT_MAX_CTAS = 264  # the quantising CTAs of a launch: two per SM of the H200 (132); more T loops over them
 
 
 @dataclass(frozen=True)
@@ -38,6 +48,14 @@ class MoERouteSpec:
     bm2: int  # FC2's row tile
     ids_dtype: str  # int32 | int64
     scale_dtype: str  # fp32 | bf16
+    quant_h: int = 0  # W4A4: x's hidden size, fake-quantised into xq by the other CTAs (0: no quantisation)
+
+
+def quant_ctas(spec: MoERouteSpec, T: int) -> int:
+    """The quantising CTAs of a launch for T tokens (0 without quantisation): a block of 16 per thread."""
+    if not spec.quant_h:
+        return 0
+    return max(1, min(QUANT_MAX_CTAS, -(-T * (spec.quant_h // 16) // THREADS)))
 
 
 class MoERouteKernel:
@@ -50,7 +68,7 @@ class MoERouteKernel:
     def __call__(self, ids_ptr: cute.Pointer, scale_ptr: cute.Pointer, eo_ptr: cute.Pointer, to1_ptr: cute.Pointer,
                  to2_ptr: cute.Pointer, a_rows_ptr: cute.Pointer, out_rows_ptr: cute.Pointer,
                  row_scale_ptr: cute.Pointer, valid_ptr: cute.Pointer, bad_ptr: cute.Pointer, P: Int32,
-                 offset: Int32, num_experts: Int32, stream):
+                 offset: Int32, num_experts: Int32, x_ptr, xq_ptr, n_quant: Int32, stream):
         E = self.E
         mIds = cute.make_tensor(ids_ptr, cute.make_layout((P,)))
         mScale = cute.make_tensor(scale_ptr, cute.make_layout((P,)))
@@ -62,9 +80,14 @@ class MoERouteKernel:
         mRScale = cute.make_tensor(row_scale_ptr, cute.make_layout((P,)))
         mValid = cute.make_tensor(valid_ptr, cute.make_layout((P,)))
         mBad = cute.make_tensor(bad_ptr, cute.make_layout((1,)))
+        mX, mXq = None, None
+        if const_expr(self.spec.quant_h):  # [T * H / 16] 16-element blocks of x and of xq
+            blocks = (P // self.spec.top_k) * (self.spec.quant_h // 16)
+            mX = cute.zipped_divide(cute.make_tensor(x_ptr, cute.make_layout((blocks * 16,))), (16,))
+            mXq = cute.zipped_divide(cute.make_tensor(xq_ptr, cute.make_layout((blocks * 16,))), (16,))
         self.kernel(mIds, mScale, mEO, mTO1, mTO2, mARows, mORows, mRScale, mValid, mBad, P, offset,
-                    num_experts).launch(
-            grid=[1, 1, 1], block=[THREADS, 1, 1], stream=stream)
+                    num_experts, mX, mXq).launch(
+            grid=[1 + n_quant, 1, 1], block=[THREADS, 1, 1], stream=stream)
 
     @cute.jit
     def _bucket(self, mIds, j, offset, num_experts):
@@ -83,7 +106,31 @@ class MoERouteKernel:
     @cute.kernel
     def kernel(self, mIds: cute.Tensor, mScale: cute.Tensor, mEO: cute.Tensor, mTO1: cute.Tensor,
                mTO2: cute.Tensor, mARows: cute.Tensor, mORows: cute.Tensor, mRScale: cute.Tensor,
-               mValid: cute.Tensor, mBad: cute.Tensor, P: Int32, offset: Int32, num_experts: Int32):
+               mValid: cute.Tensor, mBad: cute.Tensor, P: Int32, offset: Int32, num_experts: Int32, mX, mXq):
+        bid, _, _ = cute.arch.block_idx()
+        if bid == 0:
+            self._route(mIds, mScale, mEO, mTO1, mTO2, mARows, mORows, mRScale, mValid, mBad, P, offset, num_experts)
+        if const_expr(self.spec.quant_h):
+            if bid > 0:
+                self._quantize(mX, mXq, bid - 1)
+
+    @cute.jit
+    def _quantize(self, mX, mXq, cta):
+        """Blocks cta * THREADS + tid, then a grid's worth further on, of x into xq."""
+        tidx, _, _ = cute.arch.thread_idx()
+        nq, _, _ = cute.arch.grid_dim()
+        n = cute.size(mX, mode=[1])
+        for b in cutlass.range(cta * THREADS + tidx, n, (nq - 1) * THREADS, unroll=1):
+            blk = cute.make_rmem_tensor((16,), BFloat16)
+            cute.autovec_copy(mX[(None,), b], blk)
+            f = cute.make_rmem_tensor((16,), Float32)
+            f.store(blk.load().to(Float32))
+            _fake_quantize_block(f, Float32(1.0))
+            blk.store(f.load().to(BFloat16))
+            cute.autovec_copy(blk, mXq[(None,), b])
+
+    @cute.jit
+    def _route(self, mIds, mScale, mEO, mTO1, mTO2, mARows, mORows, mRScale, mValid, mBad, P, offset, num_experts):
         E, per = self.E, self.per_lane
         bm1, bm2 = self.spec.bm1, self.spec.bm2
         tidx, _, _ = cute.arch.thread_idx()

@@ -10,9 +10,9 @@ warpgroup and runs asynchronously: the FP4 expansion of the next k-tile overlaps
 Semantics are MoEGemmKernel's, unchanged: the same launch arguments and grid (x the m-tiles of every local
 expert found by binary search over tile_offsets, y the column tiles), gathered A rows (a_rows), FC1 gated
 SiLU (gate rows [n0, n0+bn) and up rows [I+n0, I+n0+bn): two accumulators), ReLU2, FC2's row scale and
-out_rows, W4A4's in-shared-memory fake quantisation of the A tile and of the output's 16-element blocks. It
+out_rows, W4A4's fake quantisation of the output's 16-element blocks (x arrives quantised). It
 reuses MoEGemmKernel's cp.async issue, its exact FP4 expansion (_expand: fp4_pair's bf16 arithmetic, so
-the B tile is bit for bit the one mma.sync multiplies), its A quantisation and its epilogue; only fp32
+the B tile is bit for bit the one mma.sync multiplies) and its epilogue; only fp32
 summation order differs. It never splits K (violations declare splits=1).
 
 Warps. warps_m = 4 and warps_n warpgroups: bm/64 of them along M (each 64 rows, its four warps 16 rows
@@ -28,9 +28,9 @@ epilogue's fp32 staging tile overlays the arena once every wgmma has retired.
 Pipeline per k-tile kt (prefetch distance stages - 2: the buffers of tile kt-1 are still being read by its
 wgmma while kt's are prepared, so tile kt + stages - 2 goes into those of kt - 2):
   wait for kt's cp.async group; barrier (every thread's copies of kt landed; every warpgroup has retired
-  kt-2's wgmma, so its B buffer and A stage are free); fake-quantise A (W4A4); expand B into buffer kt % 2;
+  kt-2's wgmma, so its B buffer and A stage are free); expand B into buffer kt % 2;
   issue the cp.async loads of tile kt + stages - 2; fence.proxy.async (the generic-proxy writes: cp.async,
-  expansion, quantisation, made visible to the async proxy wgmma reads through); barrier; wgmma over the
+  expansion, made visible to the async proxy wgmma reads through); barrier; wgmma over the
   tile's k-steps (warpgroup fence, commit); wait until at most this tile's group is in flight.
 So kt's wgmma runs while the next iteration waits, expands and loads.
 """
@@ -139,8 +139,6 @@ class MoEWgmmaKernel(MoEGemmKernel):
             buf = kt % 2
             cute.arch.cp_async_wait_group(stages - 3)
             cute.arch.barrier()
-            if const_expr(self.quant_a):
-                self._quantize_a(sA, stage, tidx)
             sBw = cute.zipped_divide(_swizzled_words(sB[None, None, buf], b_layout.inner), (1, 8))
             self._expand(sWp, sSF, sBw, stage, tidx)
             nk = kt + stages - 2

@@ -113,10 +113,12 @@ def test_warmup_moe_makes_every_T_of_a_layer_resident(monkeypatch):
     shapes = gemm_shapes("nvfp4", "silu", 4096, 14336)
     cfgs = set()
     for T in (1, 2, 3, 17, 64, 65, 300, 4096, 16384, 1 << 20):
-        cfg = default_dispatcher().lookup(MoEProblem("fused_moe", T, 8, 2, 4096, 14336), 90, "h200").config
+        p = MoEProblem("fused_moe", T, 8, 2, 4096, 14336)
+        cfg = default_dispatcher().lookup(p, 90, "h200").config
         cfgs.add(cfg)
         assert all((sh, cfg.gemm(sh.layer), "sm_90a") in loaded for sh in shapes), T
-        assert (MoERouteSpec(8, 2, cfg.bm, cfg.bm, "int32", "fp32"), "sm_90a") in loaded, T
+        # W4A4 (the problem's default mode): the routing launch quantises x
+        assert (MoERouteSpec(8, 2, cfg.bm, cfg.bm, "int32", "fp32", quant_h=4096), "sm_90a") in loaded, T
         assert (MoECombineSpec(2, cfg.gemm("fc2").splits, 4096), "sm_90a") in loaded, T
     assert len(cfgs) >= 2  # decode and large-batch tiles both covered
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import itertools
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -93,9 +94,19 @@ def test_w4a16_needs_no_fc2_input_scale_and_aliases_resolve():
 
 
 @pytest.mark.parametrize("spec", [MoERouteSpec(128, 8, 16, 16, "int32", "fp32"),
-                                  MoERouteSpec(256, 8, 128, 64, "int64", "bf16"), MoERouteSpec(8, 1, 32, 16, "int32", "fp32")])
+                                  MoERouteSpec(256, 8, 128, 64, "int64", "bf16"), MoERouteSpec(8, 1, 32, 16, "int32", "fp32"),
+                                  MoERouteSpec(8, 2, 8, 8, "int32", "fp32", quant_h=4096)])
 def test_routing_kernel_compiles_for_sm90a(spec):
     assert fm.compile_route(spec, "sm_90a") is not None
+
+
+def test_routing_launch_quantises_x_on_ctas_of_its_own():
+    from kernels.moe_route_kernel import QUANT_MAX_CTAS, quant_ctas
+
+    spec = MoERouteSpec(8, 2, 8, 8, "int32", "fp32", quant_h=4096)
+    assert quant_ctas(MoERouteSpec(8, 2, 8, 8, "int32", "fp32"), 4096) == 0  # W4A16: routing alone
+    assert quant_ctas(spec, 1) == 1 and quant_ctas(spec, 2) == 1  # 256 blocks of 16 per token, 512 threads
+    assert quant_ctas(spec, 3) == 2 and quant_ctas(spec, 16384) == QUANT_MAX_CTAS
 
 
 @pytest.mark.parametrize("spec", [MoECombineSpec(8, 1, 2048), MoECombineSpec(2, 8, 4096), MoECombineSpec(1, 2, 64)])
@@ -104,9 +115,9 @@ def test_combine_kernel_compiles_for_sm90a(spec):
 
 
 def test_workspace_layout_is_aligned_and_disjoint():
-    off, total = fm.workspace_layout(n_local=7, P=13, inter=768, H=2048, splits=2)
+    off, total = fm.workspace_layout(n_local=7, P=13, inter=768, H=2048, splits=2, xq_rows=5)
     sizes = {"eo": 32, "to1": 32, "to2": 32, "a_rows": 52, "out_rows": 52, "row_scale": 52, "valid": 52, "bad": 4,
-             "inter": 2 * 13 * 768, "y": 4 * 2 * 13 * 2048}
+             "inter": 2 * 13 * 768, "y": 4 * 2 * 13 * 2048, "xq": 2 * 5 * 2048}
     spans = sorted((off[k], off[k] + n) for k, n in sizes.items())
     assert all(o % 16 == 0 for o in off.values()) and set(off) == set(sizes)
     assert all(a_end <= b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:])) and spans[-1][1] <= total
@@ -324,12 +335,16 @@ def test_heuristic_configs_compile_for_sm90a(layer_kind, activation, out, rows):
 
 @pytest.mark.parametrize("activation", ["silu", "relu2"])
 @pytest.mark.parametrize("rows", [1, 200])
-def test_w4a4_fc1_quantising_its_input_and_output_compiles(activation, rows):
+def test_w4a4_fc1_quantising_its_output_and_the_routing_launch_quantising_x_compile(activation, rows):
     sh = gemm_shapes("nvfp4", activation, 2048, 768)[0]
-    assert sh.quant_a and sh.quant_out and sh.out_dtype == "bf16"
+    assert sh.quant_out and sh.out_dtype == "bf16"
     assert fm.compile_gemm(sh, heuristic(sh, rows), "sm_90a") is not None
     with pytest.raises(ValueError, match="only FC1 quantises"):
-        MoEGemmShape("fc2", activation, 768, 2048, "fp32", quant_a=True)
+        MoEGemmShape("fc2", activation, 768, 2048, "fp32", quant_out=True)
+    p = mp.MoEProblem("fused_moe", 3, 8, 2, 2048, 768, "nvfp4", activation)
+    spec = fm.route_spec(p, mc.MoEConfig())
+    assert spec.quant_h == 2048 and fm.route_spec(replace(p, quant_mode="w4a16"), mc.MoEConfig()).quant_h == 0
+    assert fm.compile_route(spec, "sm_90a") is not None
 
 
 def _bf16_value(bits: int) -> float:
@@ -600,15 +615,15 @@ def test_compile_check_covers_wgmma_on_sm90_only():
     layers = [(2048, 768, "silu"), (2880, 2880, "silu"), (2688, 1856, "relu2")]
     on90 = fm.compile_check_cases(layers, configs=1, arch="sm_90a")
     wg = [(sh, c) for sh, c in on90 if c.mma == "wgmma"]
-    assert {(sh.layer, sh.activation, sh.quant_a) for sh, _ in wg} == {
+    assert {(sh.layer, sh.activation, sh.quant_out) for sh, _ in wg} == {
         ("fc1", "silu", False), ("fc1", "silu", True), ("fc2", "silu", False), ("fc1", "relu2", False),
         ("fc2", "relu2", False)}  # a wgmma tile for every GEMM of every layer
     assert all(not violations(sh, c, 90) for sh, c in on90)
-    shapes = {(sh.layer, sh.activation, sh.quant_a) for sh, _ in on90}
+    shapes = {(sh.layer, sh.activation, sh.quant_out) for sh, _ in on90}
     for arch in ("sm_90a", "sm_100a", None):  # no target named: only what every target compiles
         cases = on90 if arch == "sm_90a" else fm.compile_check_cases(layers, configs=1, arch=arch)
         # the decode GEMV (mma.sync, which SM100 keeps) compiles for every target, for every GEMM of every layer
-        assert {(sh.layer, sh.activation, sh.quant_a) for sh, c in cases if c.mma == "gemv"} == shapes
+        assert {(sh.layer, sh.activation, sh.quant_out) for sh, c in cases if c.mma == "gemv"} == shapes
         if arch != "sm_90a":
             assert cases and all(c.mma != "wgmma" and not violations(sh, c, 100) for sh, c in cases)
 
