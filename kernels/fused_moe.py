@@ -1,11 +1,11 @@
 """`fused_moe`: a whole MoE layer on SM90 with NVFP4 weights, the seed's `b12x_fused_moe` signature.
 
 One call: validate (cached per argument signature), sort the (token, expert) pairs by local expert (one
-routing launch, kernels/moe_route_kernel.py, which under W4A4 also fake-quantises x once), FC1 grouped GEMM with the activation fused
-(kernels/moe_kernel.py), FC2 grouped GEMM scaled by the routing weights and written per pair (per pair and
-K split when FC2 splits K: fp32 partials [splits, pairs, H]), then the sum of each token's pairs (and
-splits) into the output, one fp32 reduction and one rounding (kernels/moe_combine_kernel.py). Numerics and
-scale conventions: kernels/moe_quant.py; the float reference: kernels/moe_reference.py.
+routing launch, kernels/moe_route_kernel.py, which under W4A4 also fake-quantises x once), FC1 grouped GEMM
+with the activation fused (kernels/moe_kernel.py), FC2 grouped GEMM scaled by the routing weights and written
+per pair (per pair and K split when FC2 splits K: fp32 partials [splits, pairs, H]), then the sum of each
+token's pairs (and splits) into the output, one fp32 reduction and one rounding (kernels/moe_combine_kernel.py).
+Numerics and scale conventions: kernels/moe_quant.py; the float reference: kernels/moe_reference.py.
 
 Host cost: a repeated signature costs a dict lookup, one workspace allocation (routing tables, FC1's output
 and FC2's partials are byte ranges of it, passed as integer pointers), the output's allocation when none is
@@ -478,16 +478,16 @@ class _Launch:
             if check == "sync":
                 words.host[1] = 0
                 bad = words.sync_ptr
-        xp = x.data_ptr()
+        quant = (x.data_ptr(), xq) if self.n_quant else (None, None)  # W4A4: x in, its quantised rows out
         self.route(ids.data_ptr(), scales.data_ptr(), eo, to1, to2, a_rows, out_rows, row_scale, valid, bad, self.P,
-                   offset, num_experts, *((xp, xq) if self.n_quant else (None, None)), self.n_quant, st)
+                   offset, num_experts, *quant, self.n_quant, st)
         if check == "sync":
             torch.cuda.current_stream(dev).synchronize()
             n_bad = int(words.host[1])
             _need(n_bad == 0, f"token_selected_experts holds {n_bad} ids outside [0, num_experts={num_experts})")
         # W4A4: FC1 reads x as the routing launch quantised it (xq) and fake-quantises its own output
-        self.fc1(xq if self.n_quant else xp, a_rows, w1.data_ptr(), w1sf.data_ptr(), alpha1.data_ptr(), None, None, inter, eo,
-                 to1, *self.fc1_tail, None if gs is None else gs.data_ptr(), st)
+        self.fc1(xq if self.n_quant else x.data_ptr(), a_rows, w1.data_ptr(), w1sf.data_ptr(), alpha1.data_ptr(), None,
+                 None, inter, eo, to1, *self.fc1_tail, None if gs is None else gs.data_ptr(), st)
         self.fc2(inter, None, w2.data_ptr(), w2sf.data_ptr(), alpha2.data_ptr(), row_scale, out_rows, y, eo,
                  to2, *self.fc2_tail, None, st)
         # fp32 sum over the K splits and the token's local pairs, one rounding (kernels/moe_combine_kernel.py)
@@ -499,12 +499,13 @@ class _Launch:
         stream fixed): what `run` costs without its Python, the floor of the call path's host cost."""
         ws = torch.empty(self.ws_bytes, dtype=torch.uint8, device=self.device)
         b, o, st = ws.data_ptr(), self.off, _raw_stream(self.device.index)
-        xq = (x.data_ptr(), b + o["xq"]) if self.n_quant else (None, None)
+        quant = (x.data_ptr(), b + o["xq"]) if self.n_quant else (None, None)
         route = (ids.data_ptr(), scales.data_ptr(), *(b + o[n] for n in (
             "eo", "to1", "to2", "a_rows", "out_rows", "row_scale", "valid", "bad")), self.P, offset, num_experts,
-            *xq, self.n_quant, st)
-        fc1 = (xq[1] if self.n_quant else x.data_ptr(), b + o["a_rows"], w1.data_ptr(), w1sf.data_ptr(), alpha1.data_ptr(), None, None,
-               b + o["inter"], b + o["eo"], b + o["to1"], *self.fc1_tail, None if gs is None else gs.data_ptr(), st)
+            *quant, self.n_quant, st)
+        fc1 = (b + o["xq"] if self.n_quant else x.data_ptr(), b + o["a_rows"], w1.data_ptr(), w1sf.data_ptr(),
+               alpha1.data_ptr(), None, None, b + o["inter"], b + o["eo"], b + o["to1"], *self.fc1_tail,
+               None if gs is None else gs.data_ptr(), st)
         fc2 = (b + o["inter"], None, w2.data_ptr(), w2sf.data_ptr(), alpha2.data_ptr(), b + o["row_scale"],
                b + o["out_rows"], b + o["y"], b + o["eo"], b + o["to2"], *self.fc2_tail, None, st)
         comb = (b + o["y"], b + o["valid"], out.data_ptr(), *self.comb_tail, st)

@@ -14,7 +14,7 @@ in A and B: lane (g, t) = (lane / 4, lane % 4) feeds A rows g and g + 8 and B co
 2t, 2t+1, 2t+8, 2t+9. So lane t's slots hold k's of its own chunk (the four lanes t of a warp read four
 consecutive chunks of every row), and a 32-bit word of 8 codes (low nibble first) makes the pairs
 (code j, code j + 4), j = 0..3 (fp4_pair's); the activation pair of the same two k's is one prmt of the
-token's bf16 words.
+token's bf16 words (bf16_halves).
 
 FP4 expansion: kernels/moe_kernel.fp4_pair (exact; the weights times 2^-7, undone with alpha in the epilogue).
 
@@ -41,18 +41,10 @@ import cutlass.cute as cute
 from cutlass import Float32, Int32, Int64, Uint16, Uint32, const_expr
 
 from .moe_config import GEMV_CHUNK, gemv_rows
-from .moe_kernel import (UNDO_SHIFT, MoEGemmSpec, _fake_quantize_block, block_scale2, expert_of_tile, fp4_pair,
-                         routing_tensors)
+from .moe_kernel import (UNDO_SHIFT, MoEGemmSpec, _fake_quantize_block, bf16_halves, block_scale2, expert_of_tile,
+                         fp4_pair, routing_tensors)
 
 LANES_K = 4  # lanes t of a quad: consecutive chunks of a row per round
-
-
-@cute.jit
-def _act_pair(lo_word, hi_word, high: cutlass.Constexpr):
-    """bf16x2 of the low (or high) halves of two activation words: a[k], a[k + 4] for fp4_pair's pair."""
-    sel = 0x7632 if high else 0x5410
-    return Uint32(cute.arch.inline_ptx(f"prmt.b32 {{$w0}}, {{$r0}}, {{$r1}}, {hex(sel)};",
-                                       write_only_types=[Uint32], read_only_args=[lo_word, hi_word]))
 
 
 @cute.jit
@@ -201,9 +193,9 @@ class MoEGemvKernel:
                     for j in cutlass.range_constexpr(ntok):
                         words = aw[q, j, None, None]  # the token's 16 words of the chunk (32 activations)
                         for wi in cutlass.range_constexpr(4):  # words 4wi..4wi+3 hold code word wi's k's
-                            for p in cutlass.range_constexpr(4):  # pair p: k = 8wi + p and 8wi + p + 4
-                                ap[j, 4 * wi + p] = _act_pair(words[4 * wi + p // 2], words[4 * wi + 2 + p // 2],
-                                                              p % 2 == 1)
+                            for p in cutlass.range_constexpr(4):  # pair p: a[k], a[k + 4], k = 8wi + p
+                                ap[j, 4 * wi + p] = bf16_halves(words[4 * wi + p // 2], words[4 * wi + 2 + p // 2],
+                                                                p % 2 == 1)
                     for rg in cutlass.range_constexpr(groups):
                         s_g = _block_scales(sf[q, 2 * rg])  # bf16x2 scales of the chunk's two blocks
                         s_h = _block_scales(sf[q, 2 * rg + 1])

@@ -96,12 +96,13 @@ def block_scale2(scale):
 
 
 @cute.jit
-def natural_pairs(p_lo, p_hi, high: cutlass.Constexpr):
-    """Two fp4_pair words of adjacent pairs (j, j + 4) and (j + 1, j + 5) -> codes (j, j + 1) (high: (j + 4,
-    j + 5)) as one bf16x2: the k order of a bf16 tile row."""
+def bf16_halves(lo_word, hi_word, high: cutlass.Constexpr):
+    """The low (high: the high) bf16 halves of two words as one bf16x2, lo_word's first (one prmt). Puts two
+    fp4_pair words of pairs (j, j + 4), (j + 1, j + 5) in a tile row's k order, codes (j, j + 1) (high: (j + 4,
+    j + 5)); pairs a token's activation words as fp4_pair pairs its codes (the GEMV's B fragments)."""
     sel = 0x7632 if high else 0x5410
     return Uint32(cute.arch.inline_ptx(f"prmt.b32 {{$w0}}, {{$r0}}, {{$r1}}, {hex(sel)};",
-                                       write_only_types=[Uint32], read_only_args=[p_lo, p_hi]))
+                                       write_only_types=[Uint32], read_only_args=[lo_word, hi_word]))
 
 
 @cute.jit
@@ -488,5 +489,5 @@ class MoEGemmKernel:
                     for j in cutlass.range_constexpr(4):
                         p[j] = fp4_pair(w, j, scale2)
                     for k in cutlass.range_constexpr(4):  # word k: codes 2k, 2k + 1
-                        o[4 * h + k] = natural_pairs(p[2 * (k % 2)], p[2 * (k % 2) + 1], k >= 2)
+                        o[4 * h + k] = bf16_halves(p[2 * (k % 2)], p[2 * (k % 2) + 1], k >= 2)
                 cute.autovec_copy(o, sBw[(0, None), (n, kb)])

@@ -399,10 +399,9 @@ def test_the_kernels_fp4_pairs_and_scales_are_exact():
                         prod = Fraction(_bf16_value(half)) * Fraction(scale) * 2**gk.SCALE_SHIFT
                         assert exact_bf16(prod) and prod == Fraction(table[code]) * Fraction(scale) / 2**7
     assert gk.UNDO_SHIFT == 2.0**7
-    # the tile kernels' prmt back to k order (natural_pairs): word k of the tile row holds codes 2k, 2k + 1
-    sels = [int(p.split("prmt.b32 {$w0}, {$r0}, {$r1}, ")[1].split(";")[0], 16) for p in (
-        "prmt.b32 {$w0}, {$r0}, {$r1}, 0x5410;", "prmt.b32 {$w0}, {$r0}, {$r1}, 0x7632;")]
-    assert "0x7632 if high else 0x5410" in inspect.getsource(gk.natural_pairs)
+    # the tile kernels' prmt back to k order (bf16_halves): word k of the tile row holds codes 2k, 2k + 1
+    sels = (0x5410, 0x7632)  # bf16_halves' selectors: low halves, high halves
+    assert "0x7632 if high else 0x5410" in inspect.getsource(gk.bf16_halves)
 
     def prmt(a, b, sel):
         bs = [(a >> 8 * i) & 0xFF for i in range(4)] + [(b >> 8 * i) & 0xFF for i in range(4)]
