@@ -107,12 +107,12 @@ def compile_gemm(sh: MoEGemmShape, cfg: MoEGemmConfig, arch: str):
                        f"fused_moe {sh.layer} K={sh.K} N={sh.N} {cfg.short()}")
 
 
-def route_spec(p: MoEProblem, cfg, ids_dtype: str = "int32", scale_dtype: str = "fp32"):
-    """The routing kernel a call of layer `p` with knobs `cfg` launches (routing ids and weights of these
-    dtypes; int32 / fp32 unless the caller passes others)."""
+def route_spec(p: MoEProblem, bm1: int, bm2: int, ids_dtype: str = "int32", scale_dtype: str = "fp32"):
+    """The routing kernel a call of layer `p` launches for FC1 and FC2 row tiles `bm1`, `bm2` (routing ids and
+    weights of these dtypes; int32 / fp32 unless the caller passes others)."""
     from .moe_route_kernel import MoERouteSpec
 
-    return MoERouteSpec(p.n_local, p.top_k, cfg.bm, cfg.bm, ids_dtype, scale_dtype, quant_h(p))
+    return MoERouteSpec(p.n_local, p.top_k, bm1, bm2, ids_dtype, scale_dtype, quant_h(p))
 
 
 def quant_h(p: MoEProblem) -> int:
@@ -130,7 +130,7 @@ def combine_spec(p: MoEProblem, cfg):
 def _layer_kernels(p: MoEProblem, cfg, arch: str) -> list[tuple[str, object]]:
     """(disk-cache key, compile function) of every kernel one call runs: FC1, FC2, routing and combine."""
     fc1, fc2 = gemm_shapes(p.quant_mode, p.activation, p.H, p.I)
-    spec, comb = route_spec(p, cfg), combine_spec(p, cfg)
+    spec, comb = route_spec(p, cfg.bm, cfg.bm), combine_spec(p, cfg)
     return ([(cache_key(sh, cfg.gemm(sh.layer), arch), functools.partial(compile_gemm, sh, cfg.gemm(sh.layer), arch))
              for sh in (fc1, fc2)] + [(route_cache_key(spec, arch), functools.partial(compile_route, spec, arch)),
                                       (combine_cache_key(comb, arch), functools.partial(compile_combine, comb, arch))])
@@ -439,12 +439,12 @@ class _Launch:
 
     def __init__(self, plan: _Plan, cfg1: MoEGemmConfig, cfg2: MoEGemmConfig):
         from .moe_combine_kernel import MoECombineSpec, grid_for
-        from .moe_route_kernel import MoERouteSpec, quant_ctas
+        from .moe_route_kernel import quant_ctas
 
         p, arch = plan.problem, plan.arch
         self.device, self.T, self.P, self.n_local = plan.device, p.T, p.pairs, p.n_local
         P, El = self.P, self.n_local
-        spec = MoERouteSpec(El, p.top_k, cfg1.bm, cfg2.bm, plan.ids_dtype, plan.scale_dtype, quant_h(p))
+        spec = route_spec(p, cfg1.bm, cfg2.bm, plan.ids_dtype, plan.scale_dtype)
         self.route = get_route(spec, arch)
         self.n_quant = quant_ctas(spec, p.T)  # W4A4: the routing launch's CTAs quantising x into xq
         self.fc1, self.fc2 = get_compiled(plan.fc1, cfg1, arch), get_compiled(plan.fc2, cfg2, arch)

@@ -110,7 +110,7 @@ def warmup_moe(num_experts: int, top_k: int, hidden_size: int, intermediate_size
                 fm.get_compiled(sh, g, arch)
         for ids in ids_dtypes:
             for sc in scale_dtypes:
-                spec = fm.route_spec(layer, cfg, ids, sc)
+                spec = fm.route_spec(layer, cfg.bm, cfg.bm, ids, sc)
                 if spec not in done:
                     done.add(spec)
                     fm.get_route(spec, arch)

@@ -342,8 +342,8 @@ def test_w4a4_fc1_quantising_its_output_and_the_routing_launch_quantising_x_comp
     with pytest.raises(ValueError, match="only FC1 quantises"):
         MoEGemmShape("fc2", activation, 768, 2048, "fp32", quant_out=True)
     p = mp.MoEProblem("fused_moe", 3, 8, 2, 2048, 768, "nvfp4", activation)
-    spec = fm.route_spec(p, mc.MoEConfig())
-    assert spec.quant_h == 2048 and fm.route_spec(replace(p, quant_mode="w4a16"), mc.MoEConfig()).quant_h == 0
+    spec = fm.route_spec(p, 64, 64)
+    assert spec.quant_h == 2048 and fm.route_spec(replace(p, quant_mode="w4a16"), 64, 64).quant_h == 0
     assert fm.compile_route(spec, "sm_90a") is not None
 
 
