@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from . import dispatch as _dispatch
-from .moe_config import MoEConfig, MoEGemmConfig, MoEGemmShape, gemm_shapes, heuristic, violations
+from .moe_config import PDL, MoEConfig, MoEGemmConfig, MoEGemmShape, gemm_shapes, heuristic, violations
 from .moe_problem import ACTIVATIONS, DIM_MULTIPLE, MAX_TOP_K, MoEProblem
 from .moe_quant import NVFP4_BLOCK
 from .ops import _get_device, _raw_stream
@@ -54,7 +54,7 @@ def source_hash() -> str:
 
 
 def cache_key(sh: MoEGemmShape, cfg: MoEGemmConfig, arch: str) -> str:
-    raw = repr((_CACHE_VERSION, sh, sorted(cfg.as_dict().items()), arch, source_hash()))
+    raw = repr((_CACHE_VERSION, sh, sorted(cfg.as_dict().items()), arch, source_hash(), PDL))
     return "moe" + hashlib.sha256(raw.encode()).hexdigest()[:21]
 
 
@@ -176,7 +176,7 @@ def compile_route(spec, arch: str):
 
 
 def route_cache_key(spec, arch: str) -> str:
-    raw = repr((_CACHE_VERSION, spec, arch, source_hash()))
+    raw = repr((_CACHE_VERSION, spec, arch, source_hash(), PDL))
     return "moer" + hashlib.sha256(raw.encode()).hexdigest()[:20]
 
 
@@ -197,7 +197,7 @@ def compile_combine(spec, arch: str):
 
 
 def combine_cache_key(spec, arch: str) -> str:
-    raw = repr((_CACHE_VERSION, spec, arch, source_hash()))
+    raw = repr((_CACHE_VERSION, spec, arch, source_hash(), PDL))
     return "moec" + hashlib.sha256(raw.encode()).hexdigest()[:20]
 
 

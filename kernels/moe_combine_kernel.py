@@ -17,7 +17,9 @@ from dataclasses import dataclass
 
 import cutlass
 import cutlass.cute as cute
-from cutlass import Float32, Int32, Int64
+from cutlass import Float32, Int32, Int64, const_expr
+
+from .moe_config import PDL
 
 THREADS = 256
 VEC = 8  # fp32 elements per thread and row: two 16-byte loads, one 16-byte bf16 store
@@ -46,7 +48,8 @@ class MoECombineKernel:
         mY = cute.make_tensor(y_ptr, cute.make_layout((splits * P, H), stride=(cute.assume(Int64(H), divby=8), 1)))
         mValid = cute.make_tensor(valid_ptr, cute.make_layout((P,)))
         mOut = cute.make_tensor(out_ptr, cute.make_layout((T, H), stride=(cute.assume(Int64(H), divby=8), 1)))
-        self.kernel(mY, mValid, mOut, T, P).launch(grid=[grid, 1, 1], block=[THREADS, 1, 1], stream=stream)
+        self.kernel(mY, mValid, mOut, T, P).launch(grid=[grid, 1, 1], block=[THREADS, 1, 1], stream=stream,
+                                                    use_pdl=PDL)
 
     @cute.kernel
     def kernel(self, mY: cute.Tensor, mValid: cute.Tensor, mOut: cute.Tensor, T: Int32, P: Int32):
@@ -54,6 +57,9 @@ class MoECombineKernel:
         per_row = H // VEC
         tidx, _, _ = cute.arch.thread_idx()
         bidx, _, _ = cute.arch.block_idx()
+        if const_expr(PDL):  # the predecessor's writes first, then let the next kernel launch (moe_config.PDL)
+            cute.arch.griddepcontrol_wait()
+            cute.arch.griddepcontrol_launch_dependents()
         i = bidx * THREADS + tidx
         t = i // per_row
         c = i % per_row

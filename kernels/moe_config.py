@@ -42,6 +42,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import os
 from dataclasses import dataclass, replace
 
 from .config import Knobs
@@ -79,6 +80,13 @@ GEMV_CHUNK = 32  # K elements per lane load (16 packed bytes): K must split into
 # stages - 1: the chunk rounds whose loads a lane issues together (2: load a round, then use it; 3: two rounds
 # per round trip)
 GEMV_STAGES = (2, 3)
+# Programmatic dependent launch between a call's four kernels: FC1, FC2 and the combine are launched with
+# programmatic stream serialisation and wait (griddepcontrol.wait) for their predecessor's grid before touching
+# memory, and each kernel signals its dependents as soon as it runs, so the next grid's launch and CTA
+# start-up overlap the previous one's tail instead of following its last CTA. The routing launch, first of
+# the call, is launched plainly: it follows whatever the stream ran before. LUTFORGE_MOE_PDL=0 compiles the
+# plain launches (for A/B timing; part of the kernels' cache keys).
+PDL = os.environ.get("LUTFORGE_MOE_PDL", "1") != "0"
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ import cutlass
 import cutlass.cute as cute
 from cutlass import Float32, Int32, Int64, Uint16, Uint32, const_expr
 
-from .moe_config import GEMV_CHUNK, gemv_rows
+from .moe_config import GEMV_CHUNK, PDL, gemv_rows
 from .moe_kernel import (UNDO_SHIFT, MoEGemmSpec, _fake_quantize_block, bf16_halves, block_scale2, expert_of_tile,
                          fp4_pair, routing_tensors)
 
@@ -105,7 +105,7 @@ class MoEGemvKernel:
             N, n_experts, n_rows, out_count, alpha_ptr, expert_offsets_ptr, tile_offsets_ptr, out_ptr, a_rows_ptr,
             row_scale_ptr, out_rows_ptr, gs_ptr)
         self.kernel(mA, mARows, mW, mSF, mAlpha, mScale, mORows, mOut, mEO, mTO, mGS, n_rows, n_experts).launch(
-            grid=[grid_m, N // self.bn, self.splits], block=[self.threads, 1, 1], stream=stream)
+            grid=[grid_m, N // self.bn, self.splits], block=[self.threads, 1, 1], stream=stream, use_pdl=PDL)
 
     # ------------------------------------------------------------------ device side
     @cute.kernel
@@ -113,6 +113,9 @@ class MoEGemvKernel:
                mORows, mOut: cute.Tensor, mEO: cute.Tensor, mTO: cute.Tensor, mGS, n_rows: Int32, n_experts: Int32):
         tidx, _, _ = cute.arch.thread_idx()
         tile, ntile, split = cute.arch.block_idx()
+        if const_expr(PDL):  # the predecessor's writes first, then let the next kernel launch (moe_config.PDL)
+            cute.arch.griddepcontrol_wait()
+            cute.arch.griddepcontrol_launch_dependents()
         e = expert_of_tile(mTO, tile, n_experts)
         if tile < mTO[n_experts]:
             row0 = mEO[e] + (tile - mTO[e]) * self.bm

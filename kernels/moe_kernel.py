@@ -44,7 +44,7 @@ import cutlass
 import cutlass.cute as cute
 from cutlass import Float32, Int32, Int64, Uint32, const_expr
 
-from .moe_config import MoEGemmConfig, MoEGemmShape
+from .moe_config import PDL, MoEGemmConfig, MoEGemmShape
 
 SEARCH_STEPS = 10  # binary search over <= 1024 local experts
 
@@ -241,7 +241,7 @@ class MoEGemmKernel:
         tiled_mma = self._make_tiled_mma()
         self.kernel(mA, mARows, mW, mSF, mAlpha, mScale, mORows, mOut, mEO, mTO, mGS, n_rows, n_experts,
                     tiled_mma).launch(grid=[grid_m, N // self.bn, self.splits], block=[self.threads, 1, 1],
-                                      stream=stream)
+                                      stream=stream, use_pdl=PDL)
 
     def _make_tiled_mma(self):
         """The warps' mma.sync grid: warps_m x warps_n warps, each a 16x16 patch per step (two 16x8x16 atoms)."""
@@ -257,6 +257,9 @@ class MoEGemmKernel:
         bm = self.bm
         tidx, _, _ = cute.arch.thread_idx()
         tile, ntile, split = cute.arch.block_idx()
+        if const_expr(PDL):  # the predecessor's writes first, then let the next kernel launch (moe_config.PDL)
+            cute.arch.griddepcontrol_wait()
+            cute.arch.griddepcontrol_launch_dependents()
 
         e = expert_of_tile(mTO, tile, n_experts)
         if tile < mTO[n_experts]:

@@ -34,6 +34,7 @@ import cutlass
 import cutlass.cute as cute
 from cutlass import BFloat16, Float32, Int32, const_expr
 
+from .moe_config import PDL
 from .moe_kernel import _fake_quantize_block
 
 THREADS = 512
@@ -108,6 +109,8 @@ class MoERouteKernel:
                mTO2: cute.Tensor, mARows: cute.Tensor, mORows: cute.Tensor, mRScale: cute.Tensor,
                mValid: cute.Tensor, mBad: cute.Tensor, P: Int32, offset: Int32, num_experts: Int32, mX, mXq):
         bid, _, _ = cute.arch.block_idx()
+        if const_expr(PDL):  # FC1 may launch now: it waits for this grid before reading anything (moe_config.PDL)
+            cute.arch.griddepcontrol_launch_dependents()
         if bid == 0:
             self._route(mIds, mScale, mEO, mTO1, mTO2, mARows, mORows, mRScale, mValid, mBad, P, offset, num_experts)
         if const_expr(self.spec.quant_h):
