@@ -7,8 +7,8 @@ y [splits, P, H] fp32 by pair index; pairs whose expert is not local (expert par
 under CUDA-graph capture) are written by no split, and the routing kernel marks them in valid [P]
 (kernels/moe_route_kernel.py): they are skipped, so y is never zero-filled.
 
-One thread per 8-column vector of an output row: it reads its vector of each local pair and split (two
-16-byte loads each), adds them in a fixed order (split-major, then the pair's rank in the token: the result
+One thread per 8-column vector of an output row: it reads its vector of each pair and split (two 16-byte
+loads each; a split's loads all issued before the first use), adds those of the local pairs in a fixed order (split-major, then the pair's rank in the token: the result
 does not depend on the routing kernel's order) and stores 16 bytes of bf16.
 """
 from __future__ import annotations
@@ -66,15 +66,24 @@ class MoECombineKernel:
         if t < T:
             mYv = cute.zipped_divide(mY, (1, VEC))
             mOutv = cute.zipped_divide(mOut, (1, VEC))
+            # the flags, then a split's vectors of every pair, loaded before any is used (no branch around the
+            # loads): behind a per-pair branch they were a chain of dependent round trips, 9.7 us for one token
+            # of Qwen3-30B-A3B (top_k 8, 2 splits) under ncu on the H100 (results/logs/ncu_moe_decode_h100.txt); with
+            # the GEMMs' ballot expert count the layer's T=1 call went from 25.7 to 22.7 us (H100, two calls:
+            # results/h100/e2e/fused_moe_decode.md, results/logs/moe_decode_latency_h100.md).
+            # A row that is not local is read (y holds every pair's row) but never added.
+            valid = cute.make_rmem_tensor((top_k,), Int32)
+            for k in cutlass.range_constexpr(top_k):
+                valid[k] = mValid[t * top_k + k]
             acc = cute.make_rmem_tensor((VEC,), Float32)
             acc.fill(0.0)
-            part = cute.make_rmem_tensor((VEC,), Float32)
+            parts = cute.make_rmem_tensor(cute.make_layout((VEC, top_k), stride=(1, VEC)), Float32)
             for z in cutlass.range_constexpr(splits):
                 for k in cutlass.range_constexpr(top_k):
-                    pair = t * top_k + k
-                    if mValid[pair] != 0:
-                        cute.autovec_copy(mYv[(0, None), (z * P + pair, c)], part)
-                        acc.store(acc.load() + part.load())
+                    cute.autovec_copy(mYv[(0, None), (z * P + t * top_k + k, c)], parts[None, k])
+                for k in cutlass.range_constexpr(top_k):
+                    if valid[k] != 0:
+                        acc.store(acc.load() + parts[None, k].load())
             o = cute.make_rmem_tensor((VEC,), cutlass.BFloat16)
             o.store(acc.load().to(cutlass.BFloat16))
             cute.autovec_copy(o, mOutv[(0, None), (t, c)])

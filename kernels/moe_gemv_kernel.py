@@ -20,7 +20,7 @@ FP4 expansion: kernels/moe_kernel.fp4_pair (exact; the weights times 2^-7, undon
 
 Work split (the config's knobs, kernels/moe_config.py, mma="gemv"):
 * grid (grid_m, N / bn, splits) as the mma kernels: x the m-tiles of the local experts (tile -> expert by
-  binary search over tile_offsets), y the column tiles, z FC2's K splits (partials written to their own slice
+  a warp-wide count over tile_offsets), y the column tiles, z FC2's K splits (partials written to their own slice
   of the output rows, as the mma kernel's).
 * a CTA of warps_m x warps_n warps: warps_n column groups of bn / warps_n output columns (gated FC1: each
   16-row mma group holds 8 columns' gate rows, then their up rows), warps_m groups along K (each a share of

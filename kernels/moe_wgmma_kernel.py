@@ -8,7 +8,7 @@ operands from shared memory (descriptors, no ldmatrix), takes 64 x N x 16 per in
 warpgroup and runs asynchronously: the FP4 expansion of the next k-tile overlaps it.
 
 Semantics are MoEGemmKernel's, unchanged: the same launch arguments and grid (x the m-tiles of every local
-expert found by binary search over tile_offsets, y the column tiles), gathered A rows (a_rows), FC1 gated
+expert counted over tile_offsets, y the column tiles), gathered A rows (a_rows), FC1 gated
 SiLU (gate rows [n0, n0+bn) and up rows [I+n0, I+n0+bn): two accumulators), ReLU2, FC2's row scale and
 out_rows, W4A4's fake quantisation of the output's 16-element blocks (x arrives quantised). It
 reuses MoEGemmKernel's cp.async issue, its exact FP4 expansion (_expand: fp4_pair's bf16 arithmetic, so
