@@ -8,8 +8,9 @@ under CUDA-graph capture) are written by no split, and the routing kernel marks 
 (kernels/moe_route_kernel.py): they are skipped, so y is never zero-filled.
 
 One thread per 8-column vector of an output row: it reads its vector of each pair and split (two 16-byte
-loads each; a split's loads all issued before the first use), adds those of the local pairs in a fixed order (split-major, then the pair's rank in the token: the result
-does not depend on the routing kernel's order) and stores 16 bytes of bf16.
+loads each; a split's loads all issued before the first use), adds those of the local pairs in a fixed order
+(split-major, then the pair's rank in the token: the result does not depend on the routing kernel's order)
+and stores 16 bytes of bf16.
 """
 from __future__ import annotations
 
