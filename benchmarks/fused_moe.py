@@ -125,6 +125,14 @@ def parse_tile(text: str) -> mc.MoEGemmConfig:
         raise SystemExit(f"--tiles takes BMxBNxBK/STAGES/WMxWN[/MMA] entries, got {text!r}") from None
 
 
+def parse_tiles(text: str) -> tuple[mc.MoEGemmConfig, mc.MoEGemmConfig]:
+    """'TILE' (both GEMMs) or 'FC1TILE:FC2TILE' (parse_tile each; they must share bm and stages)."""
+    parts = text.split(":")
+    if len(parts) > 2:
+        raise SystemExit(f"--tiles entries are TILE or FC1TILE:FC2TILE, got {text!r}")
+    return parse_tile(parts[0]), parse_tile(parts[-1])
+
+
 SWITCHES = {"gemv": "GEMV_DECODE", "wgmma": "WGMMA_LARGE_BATCH"}
 
 
@@ -149,9 +157,9 @@ def tile_times(p, tiles: tuple[str, ...]) -> dict:
     shapes = mc.gemm_shapes(p.quant_mode, p.activation, p.H, p.I)
     runs = {}
     for text in tiles:
-        g = parse_tile(text)
-        fc2 = mc.with_splits(shapes[1], g, mp.rows_per_expert(p), mp.expected_experts_touched(p))
-        forced = mc.MoEConfig.of(g, fc2)
+        g1, g2 = parse_tiles(text)
+        fc2 = mc.with_splits(shapes[1], g2, mp.rows_per_expert(p), mp.expected_experts_touched(p))
+        forced = mc.MoEConfig.of(g1, fc2)
         if not mc.layer_violations(shapes, forced):
             runs[text] = forced
     # the kernels compiled side by side into the disk cache first (serially they took most of the run)
@@ -244,7 +252,8 @@ def main() -> None:
     ap.add_argument("--splits", default="", help="FC2 split-K values to time at decode, e.g. 1,2,4,8 (default: none)")
     ap.add_argument("--tiles", default="", help="tiles to time beside the chosen config, comma list of "
                                                 "BMxBNxBK/STAGES/WMxWN[/MMA] (e.g. 32x32x128/4/2x2, "
-                                                "128x128x64/4/4x2/wgmma, 8x64x64/2/1x4/gemv)")
+                                                "128x128x64/4/4x2/wgmma, 8x64x64/2/1x4/gemv), each for both "
+                                                "GEMMs or as FC1TILE:FC2TILE")
     ap.add_argument("--switches", default="", help="also time the heuristic's choice with these backend switches "
                                                    f"flipped, comma list of {', '.join(SWITCHES)}")
     ap.add_argument("--out", default="fused_moe.md")
@@ -258,7 +267,7 @@ def main() -> None:
     splits = tuple(int(s) for s in args.splits.split(",") if s.strip())
     tiles = tuple(t.strip() for t in args.tiles.split(",") if t.strip())
     for t in tiles:
-        parse_tile(t)
+        parse_tiles(t)
     switches = tuple(s.strip() for s in args.switches.split(",") if s.strip())
     if set(switches) - set(SWITCHES):
         raise SystemExit(f"--switches takes {', '.join(SWITCHES)}, got {args.switches!r}")

@@ -14,8 +14,9 @@ activation, K and N and the output dtype: everything but the routed rows) and la
   asynchronous warpgroup MMAs (64 rows x bn/warpgroups columns per instruction) straight from shared memory,
   the bf16 B tile expanded into the other of two buffers while the previous k-tile's wgmma runs. mma.sync
   cannot reach Hopper's dense bf16 rate (the large batches ran at 16-30 % of torch.mm 8192^3 with it); the
-  wgmma tiles are bm 64/128 only, with warps_m = 4 (one warpgroup's warps, 16 rows each of its 64) and
-  warps_n the number of warpgroups (bm/64 along M, the rest along N), and never split K. "gemv"
+  wgmma tiles are bm 64/128/256 (WGMMA_BM), with warps_m = 4 (one warpgroup's warps, 16 rows each of its
+  64) and warps_n the number of warpgroups (bm/64 along M, or all of them each over several 64-row
+  instructions; the rest along N), and never split K. "gemv"
   (kernels/moe_gemv_kernel.py): the decode GEMV, bm 8 or 16 rows, each lane expanding its own FP4 chunks
   straight into mma.sync fragments (no shared memory, no barrier in the main loop: at decode the mma.sync
   tile reads the weights at 9-26 % of the copy roofline, behind two barriers a k-tile); warps_n groups of
@@ -53,7 +54,7 @@ SMEM_LIMIT = 227 * 1024  # bytes of shared memory a CTA may opt into on SM90
 MAX_THREADS = 512
 
 MOE_KNOB_CHOICES = {
-    "bm": (1, 2, 4, 8, 16, 32, 64, 128),
+    "bm": (1, 2, 4, 8, 16, 32, 64, 128, 256),
     "bn": (16, 32, 64, 96, 128, 192, 256),
     "bk": (64, 128, 256),
     "stages": (2, 3, 4, 5),
@@ -67,8 +68,14 @@ SPLIT_MAX_BM = 32  # splits > 1 only with decode tiles (see violations)
 # the 96-multiple widths are wgmma's (a warpgroup instruction takes up to 256 columns; 96 and 192 divide
 # gpt-oss-120b's 2880, which no power of two above 64 does).
 SYNC_BN = (16, 32, 64, 128)
+SYNC_MAX_BM = 128  # likewise its row tiles; bm 256 is wgmma's
 WGMMA_ARCH = 90  # warpgroup MMA is SM90's (sm_90a); Blackwell's tensor cores take tcgen05 instead
 WGMMA_WARPS_M = 4  # the four warps of a warpgroup, 16 rows each of its 64-row instruction
+# wgmma row tiles. bm 256 (two warpgroups of 128 rows, two instructions each) halves the FP4 expansion per
+# multiply-add against bm 128: a CTA expands its B tile once for all its rows, and at bm 128 the expansion's
+# ~4.5 thread instructions per weight (8 warps, 4 schedulers) took about as many issue cycles as the
+# k-tile's wgmma took tensor cycles (the large batches ran at 16-36 % of the mm rate on H100 and H200)
+WGMMA_BM = (64, 128, 256)
 WGMMA_MIN_STAGES = 3  # a k-tile's buffers are refilled two tiles later, once its asynchronous wgmma retired
 # mma="gemv" (kernels/moe_gemv_kernel.py): m-tiles of one or two mma n-tiles (8 rows each); a warp's weight
 # rows (its bn / warps_n columns, with their up rows when gated) fill whole 16-row mma groups, at most
@@ -138,8 +145,9 @@ class MoEGemmConfig(Knobs):
 
     @property
     def warpgroups(self) -> tuple[int, int]:
-        """wgmma: the warpgroups along M and along N (warps_n of them in all, bm/64 along M)."""
-        wg_m = max(1, self.bm // 64)
+        """wgmma: the warpgroups along M and along N (warps_n of them in all): bm/64 along M, or all of them
+        when fewer (each then covers bm / warps_n rows, several 64-row instructions)."""
+        wg_m = max(1, min(self.bm // 64, self.warps_n))
         return wg_m, max(1, self.warps_n // wg_m)
 
 
@@ -199,6 +207,8 @@ def violations(sh: MoEGemmShape, cfg: MoEGemmConfig, arch: int = WGMMA_ARCH) -> 
         return _gemv_violations(sh, cfg) + _tile_violations(sh, cfg) + _budget_violations(sh, cfg)
     if cfg.bn not in SYNC_BN:
         out.append(f"bn={cfg.bn} is a wgmma tile width; mma=sync takes bn in {SYNC_BN}")
+    if cfg.bm > SYNC_MAX_BM:
+        out.append(f"bm={cfg.bm} is a wgmma row tile; mma=sync takes bm <= {SYNC_MAX_BM}")
     if cfg.bm % (16 * cfg.warps_m):
         out.append(f"bm={cfg.bm} must be a multiple of 16*warps_m={16 * cfg.warps_m}")
     if cfg.bn % (16 * cfg.warps_n):
@@ -222,20 +232,16 @@ def _wgmma_violations(sh: MoEGemmShape, cfg: MoEGemmConfig, arch: int) -> list[s
     if arch != WGMMA_ARCH:
         out.append(f"mma=wgmma is SM90's warpgroup MMA (sm_90a only; sm_{arch} has none: Blackwell's tensor cores "
                    "take tcgen05); use mma=sync")
-    if cfg.bm not in (64, 128):
-        out.append(f"mma=wgmma tiles bm=64 (one warpgroup of 64 rows) or 128 (two along M), got bm={cfg.bm}")
+    if cfg.bm not in WGMMA_BM:
+        out.append(f"mma=wgmma tiles bm in {WGMMA_BM} (64-row warpgroup instructions), got bm={cfg.bm}")
         return out
     if cfg.warps_m != WGMMA_WARPS_M:
         out.append(f"mma=wgmma takes warps_m={WGMMA_WARPS_M} (a warpgroup's four warps, 16 rows each of its 64), "
                    f"got warps_m={cfg.warps_m}")
-    wg_m = cfg.bm // 64
-    if cfg.warps_n % wg_m:
-        out.append(f"mma=wgmma: warps_n={cfg.warps_n} warpgroups cannot cover bm={cfg.bm} ({wg_m} along M)")
-    else:
-        wg_n = cfg.warps_n // wg_m
-        if cfg.bn % (8 * wg_n) or cfg.bn // wg_n > 256:
-            out.append(f"mma=wgmma: bn={cfg.bn} over {wg_n} warpgroups along N is not a wgmma width per warpgroup "
-                       "(a multiple of 8, at most 256)")
+    wg_n = cfg.warpgroups[1]  # warps_n and bm / 64 are powers of two: the warpgroups always tile M
+    if cfg.bn % (8 * wg_n) or cfg.bn // wg_n > 256:
+        out.append(f"mma=wgmma: bn={cfg.bn} over {wg_n} warpgroups along N is not a wgmma width per warpgroup "
+                   "(a multiple of 8, at most 256)")
     if cfg.stages < WGMMA_MIN_STAGES:
         out.append(f"mma=wgmma needs stages >= {WGMMA_MIN_STAGES} (a k-tile's buffers are refilled two tiles "
                    f"later, once its asynchronous wgmma has retired), got stages={cfg.stages}")

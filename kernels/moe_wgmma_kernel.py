@@ -16,8 +16,9 @@ the B tile is bit for bit the one mma.sync multiplies) and its epilogue; only fp
 summation order differs. It never splits K (violations declare splits=1).
 
 Warps. warps_m = 4 and warps_n warpgroups: bm/64 of them along M (each 64 rows, its four warps 16 rows
-apiece of the instruction), the rest along N (bn / that many columns each, one instruction per accumulator
-and k-step of 16). Every thread also copies and expands (no producer warps): the expansion is ALU work that
+apiece of the instruction), or, when there are fewer, all of them along M, each over bm / warps_n rows in
+several 64-row instructions (bm 256 on two warpgroups: half the FP4 expansion per multiply-add of bm 128);
+the rest along N (bn / that many columns each, one instruction per accumulator, 64 rows and k-step of 16). Every thread also copies and expands (no producer warps): the expansion is ALU work that
 wants all the warps it can get.
 
 Shared memory: one arena (kernels/moe_config.wgmma_smem_layout): `stages` A tiles (bf16, K-major, 128-byte

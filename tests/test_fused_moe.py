@@ -276,7 +276,7 @@ def test_valid_layer_configs_cross_the_split_fc2_configs_and_agree_with_violatio
     # no wgmma off SM90: the mma.sync space and the GEMV's
     assert sorted(sync + gemv) == sorted(mc.valid_layer_configs(shapes, arch=100))
     wgmma = [v for v in valid if "wgmma" in v[-2:]]
-    assert wgmma and all(v[0] in (64, 128) and v[split_at] == 1 for v in wgmma)
+    assert wgmma and all(v[0] in mc.WGMMA_BM and v[split_at] == 1 for v in wgmma)
     assert all(not mc.layer_violations(shapes, MoEConfig(*v)) for v in valid[::211])
     assert all(MoEConfig(*v).gemm("fc2").splits == v[split_at] and MoEConfig(*v).gemm("fc1").splits == 1
                for v in valid[::997])
@@ -458,8 +458,10 @@ def _wgmma_shapes():
 
 
 # two warpgroups along M (the large-batch tile: gated FC1's gate and up accumulators at bn 128, FC2 at 256);
+# two of 128 rows each (bm 256: two 64-row instructions a warpgroup);
 # one warpgroup of 64 rows with bk 128 (two swizzle atoms along K); two warpgroups side by side along N
 WGMMA_TILES = {"128 rows": lambda sh: MoEGemmConfig(128, 128 if sh.gated else 256, 64, 4, 4, 2, **W),
+               "256 rows": lambda sh: MoEGemmConfig(256, 64 if sh.gated else 128, 64, 4, 4, 2, **W),
                "64 rows bk128": lambda sh: MoEGemmConfig(64, 64, 128, 3, 4, 1, **W),
                "64 rows 2 wg along N": lambda sh: MoEGemmConfig(64, 128, 64, 5, 4, 2, **W)}
 
@@ -493,9 +495,12 @@ def test_wgmma_constraints_say_what_is_wrong():
 
     assert not why(fc2, MoEGemmConfig(128, 256, 64, 4, 4, 2, **W))
     assert "sm_90a only" in why(fc2, MoEGemmConfig(128, 256, 64, 4, 4, 2, **W), arch=100)
-    assert "tiles bm=64" in why(fc2, MoEGemmConfig(32, 64, 64, 4, 4, 1, **W))
+    assert "tiles bm in (64, 128, 256)" in why(fc2, MoEGemmConfig(32, 64, 64, 4, 4, 1, **W))
     assert "warps_m=4" in why(fc2, MoEGemmConfig(64, 64, 64, 4, 2, 2, **W))
-    assert "cannot cover bm=128" in why(fc2, MoEGemmConfig(128, 64, 64, 4, 4, 1, **W))  # 1 warpgroup, 2 needed
+    assert not why(fc2, MoEGemmConfig(128, 64, 64, 4, 4, 1, **W))  # one warpgroup of 128 rows: two instructions
+    assert MoEGemmConfig(128, 64, 64, 4, 4, 1, **W).warpgroups == (1, 1)
+    assert MoEGemmConfig(256, 128, 64, 4, 4, 2, **W).warpgroups == (2, 1)
+    assert MoEGemmConfig(64, 128, 64, 4, 4, 2, **W).warpgroups == (1, 2)
     assert "not a wgmma width" in why(fc2, MoEGemmConfig(64, 16, 64, 4, 4, 4, **W))  # 4 columns per warpgroup
     assert "stages >= 3" in why(fc2, MoEGemmConfig(128, 256, 64, 2, 4, 2, **W))
     assert "does not split K" in why(fc2, MoEGemmConfig(64, 64, 64, 4, 4, 1, 2, **W))
@@ -589,7 +594,7 @@ def test_gemv_constraints_say_what_is_wrong():
     assert "only FC2 splits K" in why(fc1, MoEGemmConfig(8, 32, warps_m=1, warps_n=4, splits=2, **GEMV))
     # the tensor-core tile kernels refuse the GEMV's 8-row m-tiles
     assert "multiple of 16*warps_m" in why(fc2, MoEGemmConfig(8, 32, 64, 3, 1, 2))
-    assert "tiles bm=64" in why(fc2, MoEGemmConfig(8, 64, 64, 4, 4, 1, mma="wgmma"))
+    assert "tiles bm in" in why(fc2, MoEGemmConfig(8, 64, 64, 4, 4, 1, mma="wgmma"))
 
 
 def test_gemv_takes_decode_up_to_gemv_rows(monkeypatch):

@@ -291,19 +291,21 @@ def test_torch_compile_traces_to_the_custom_op_and_matches_eager():
 
 # --------------------------------------------------------------------------- the wgmma backend (SM90)
 # Forced (FC1, FC2) configs on a small real layer (H=512, I=256, E=8, top-2: FC1 K=512 N=256, FC2 K=256
-# N=512): two warpgroups along M (the large-batch tile; gated FC1's gate and up at bn 128), one warpgroup of
+# N=512): two warpgroups along M (the large-batch tile; gated FC1's gate and up at bn 128), two of 128 rows
+# each (bm 256: two 64-row instructions per warpgroup; T=1000 puts 4 such m-tiles on one expert), one warpgroup of
 # 64 rows with bk 128 (FC2: one k-tile less than its stages), two warpgroups side by side along N, and wgmma
 # FC1 beside an mma.sync FC2 (the backends share bm and stages, so they mix in one call).
 WG = dict(mma="wgmma")
 WGMMA_CFGS = {
     "wg128": (MoEGemmConfig(128, 128, 64, 4, 4, 2, **WG), MoEGemmConfig(128, 256, 64, 4, 4, 2, **WG)),
+    "wg256": (MoEGemmConfig(256, 64, 64, 4, 4, 2, **WG), MoEGemmConfig(256, 128, 64, 4, 4, 2, **WG)),
     "wg64": (MoEGemmConfig(64, 64, 128, 3, 4, 1, **WG), MoEGemmConfig(64, 128, 128, 3, 4, 1, **WG)),
     "wg64n2": (MoEGemmConfig(64, 128, 64, 5, 4, 2, **WG), MoEGemmConfig(64, 64, 64, 5, 4, 2, **WG)),
     "wg_sync": (MoEGemmConfig(128, 64, 64, 4, 4, 2, **WG), MoEGemmConfig(128, 64, 64, 4, 4, 2)),
 }
 
 
-@pytest.mark.parametrize("cfgs", ["wg128", "wg64"])
+@pytest.mark.parametrize("cfgs", ["wg128", "wg256", "wg64"])
 @pytest.mark.parametrize("quant_mode", ["w4a16", "nvfp4"])
 @pytest.mark.parametrize("activation", ["silu", "relu2"])
 @pytest.mark.parametrize("skew", [None, "one"])
@@ -325,6 +327,7 @@ def test_wgmma_warpgroups_along_n_and_mixed_backends(cfgs, quant_mode):
 def test_wgmma_expert_parallel_local_subset():
     run_and_check(300, 16, 4, 512, 256, "silu", "w4a16", n_local=8, offset=4, configs=WGMMA_CFGS["wg128"])
     run_and_check(300, 16, 4, 512, 256, "relu2", "nvfp4", n_local=8, offset=8, configs=WGMMA_CFGS["wg64"])
+    run_and_check(300, 16, 4, 512, 256, "silu", "nvfp4", n_local=8, offset=4, configs=WGMMA_CFGS["wg256"])
 
 
 @pytest.mark.parametrize("activation", ["silu", "relu2"])
