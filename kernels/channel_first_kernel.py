@@ -54,6 +54,7 @@ from cutlass import Float32, Int32, const_expr
 from .channel_first import (FP4_STORE_BYTES, NVFP4_BLOCK, ChannelFirstConfig, ChannelFirstProblem, channel_groups,
                             channels_per_thread, fp4_lane_pitch, lanes, reduction_slots, vec_elems, warp_groups)
 from .norm_kernel import NormKernel, swizzled_sf_offset
+from .pdl import await_predecessor_and_release
 from .problem import OPS
 
 
@@ -177,9 +178,7 @@ class ChannelFirstKernel:
         qinv = Float32(1.0)
         if const_expr(self.fp8):  # one IEEE divide per thread; per element it costs ~10 instructions
             qinv = Float32(1.0) / qscale
-        if const_expr(self.cfg.pdl):
-            cute.arch.griddepcontrol_wait()
-            cute.arch.griddepcontrol_launch_dependents()
+        await_predecessor_and_release(self.cfg.pdl)
 
         smem = cutlass.utils.SmemAllocator()
         red = None

@@ -18,9 +18,10 @@ from dataclasses import dataclass
 
 import cutlass
 import cutlass.cute as cute
-from cutlass import Float32, Int32, Int64, const_expr
+from cutlass import Float32, Int32, Int64
 
 from .moe_config import PDL
+from .pdl import await_predecessor_and_release
 
 THREADS = 256
 VEC = 8  # fp32 elements per thread and row: two 16-byte loads, one 16-byte bf16 store
@@ -58,9 +59,7 @@ class MoECombineKernel:
         per_row = H // VEC
         tidx, _, _ = cute.arch.thread_idx()
         bidx, _, _ = cute.arch.block_idx()
-        if const_expr(PDL):  # the predecessor's writes first, then let the next kernel launch (moe_config.PDL)
-            cute.arch.griddepcontrol_wait()
-            cute.arch.griddepcontrol_launch_dependents()
+        await_predecessor_and_release(PDL)  # moe_config.PDL
         i = bidx * THREADS + tidx
         t = i // per_row
         c = i % per_row

@@ -43,6 +43,7 @@ from cutlass import Float32, Int32, Int64, Uint16, Uint32, const_expr
 from .moe_config import GEMV_CHUNK, PDL, gemv_rows
 from .moe_kernel import (UNDO_SHIFT, MoEGemmSpec, _fake_quantize_block, bf16_halves, block_scale2, expert_of_tile,
                          fp4_pair, routing_tensors)
+from .pdl import await_predecessor_and_release
 
 LANES_K = 4  # lanes t of a quad: consecutive chunks of a row per round
 
@@ -113,9 +114,7 @@ class MoEGemvKernel:
                mORows, mOut: cute.Tensor, mEO: cute.Tensor, mTO: cute.Tensor, mGS, n_rows: Int32, n_experts: Int32):
         tidx, _, _ = cute.arch.thread_idx()
         tile, ntile, split = cute.arch.block_idx()
-        if const_expr(PDL):  # the predecessor's writes first, then let the next kernel launch (moe_config.PDL)
-            cute.arch.griddepcontrol_wait()
-            cute.arch.griddepcontrol_launch_dependents()
+        await_predecessor_and_release(PDL)  # moe_config.PDL
         e = expert_of_tile(mTO, tile, n_experts)
         if tile < mTO[n_experts]:
             row0 = mEO[e] + (tile - mTO[e]) * self.bm

@@ -45,6 +45,7 @@ import cutlass.cute as cute
 from cutlass import Float32, Int32, Int64, Uint32, const_expr
 
 from .moe_config import PDL, MoEGemmConfig, MoEGemmShape
+from .pdl import await_predecessor_and_release
 
 EXPERT_ROUND = 256  # tile_offsets entries a warp compares per round trip (expert_of_tile): 8 per lane
 
@@ -262,9 +263,7 @@ class MoEGemmKernel:
         bm = self.bm
         tidx, _, _ = cute.arch.thread_idx()
         tile, ntile, split = cute.arch.block_idx()
-        if const_expr(PDL):  # the predecessor's writes first, then let the next kernel launch (moe_config.PDL)
-            cute.arch.griddepcontrol_wait()
-            cute.arch.griddepcontrol_launch_dependents()
+        await_predecessor_and_release(PDL)  # moe_config.PDL
 
         e = expert_of_tile(mTO, tile, n_experts)
         if tile < mTO[n_experts]:

@@ -21,6 +21,7 @@ import cutlass.cute as cute
 from cutlass import Float32, Int32, Uint8, Uint32, const_expr
 
 from .config import KernelConfig, chunk_cols, iters_per_row, vec_elems
+from .pdl import await_predecessor_and_release
 from .problem import FP4_BLOCK, Problem
 
 FLT_MIN = 1.1754943508222875e-38
@@ -138,9 +139,7 @@ class NormKernel:
         if const_expr(self.cfg.pdl):
             if const_expr(self.cfg.l2_prefetch):
                 self._prefetch_l2(bidx, lane, r_in_cta, rank, rows, mXv, mResv)
-            # wait for the previous grid's writes, then let the next kernel start its launch early
-            cute.arch.griddepcontrol_wait()
-            cute.arch.griddepcontrol_launch_dependents()
+            await_predecessor_and_release(True)
 
         smem = cutlass.utils.SmemAllocator()
         red_buf = None
