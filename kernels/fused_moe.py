@@ -461,6 +461,23 @@ class _Launch:
         self.fc2_tail = (P, P, El, grid2, s2, s2f, cfg2.splits * P)
         self.comb_tail = (p.T, P, grid_for(comb, p.T))
 
+    def arguments(self, base: int, bad: int, x, w1, w1sf, w2, w2sf, ids, scales, alpha1, alpha2, gs, out,
+                  offset: int, num_experts: int, st) -> tuple[tuple, tuple, tuple, tuple]:
+        """The four kernels' arguments (routing, FC1, FC2, combine) over the workspace at `base`, the routing
+        kernel counting bad expert ids at `bad`."""
+        eo, to1, to2, a_rows, out_rows, row_scale, valid, _, inter, y, xq = [base + o for o in self.offsets]
+        quant = (x.data_ptr(), xq) if self.n_quant else (None, None)  # W4A4: x in, its quantised rows out
+        route = (ids.data_ptr(), scales.data_ptr(), eo, to1, to2, a_rows, out_rows, row_scale, valid, bad, self.P,
+                 offset, num_experts, *quant, self.n_quant, st)
+        # W4A4: FC1 reads x as the routing launch quantised it (xq) and fake-quantises its own output
+        fc1 = (xq if self.n_quant else x.data_ptr(), a_rows, w1.data_ptr(), w1sf.data_ptr(), alpha1.data_ptr(), None,
+               None, inter, eo, to1, *self.fc1_tail, None if gs is None else gs.data_ptr(), st)
+        fc2 = (inter, None, w2.data_ptr(), w2sf.data_ptr(), alpha2.data_ptr(), row_scale, out_rows, y, eo, to2,
+               *self.fc2_tail, None, st)
+        # fp32 sum over the K splits and the token's local pairs, one rounding (kernels/moe_combine_kernel.py)
+        comb = (y, valid, out.data_ptr(), *self.comb_tail, st)
+        return route, fc1, fc2, comb
+
     def run(self, x, w1, w1sf, w2, w2sf, ids, scales, alpha1, alpha2, gs, out, offset: int, num_experts: int,
             check: str):
         dev = self.device
@@ -469,8 +486,8 @@ class _Launch:
                 return self.run(x, w1, w1sf, w2, w2sf, ids, scales, alpha1, alpha2, gs, out, offset, num_experts,
                                 check)
         ws = torch.empty(self.ws_bytes, dtype=torch.uint8, device=dev)
-        b, st = ws.data_ptr(), _raw_stream(dev.index)
-        eo, to1, to2, a_rows, out_rows, row_scale, valid, bad, inter, y, xq = [b + o for o in self.offsets]
+        b = ws.data_ptr()
+        bad = b + self.off["bad"]
         if check != "off":
             words = _BadIds.of(dev.index)
             words.raise_pending(num_experts)
@@ -478,37 +495,25 @@ class _Launch:
             if check == "sync":
                 words.host[1] = 0
                 bad = words.sync_ptr
-        quant = (x.data_ptr(), xq) if self.n_quant else (None, None)  # W4A4: x in, its quantised rows out
-        self.route(ids.data_ptr(), scales.data_ptr(), eo, to1, to2, a_rows, out_rows, row_scale, valid, bad, self.P,
-                   offset, num_experts, *quant, self.n_quant, st)
+        route, fc1, fc2, comb = self.arguments(b, bad, x, w1, w1sf, w2, w2sf, ids, scales, alpha1, alpha2, gs, out,
+                                               offset, num_experts, _raw_stream(dev.index))
+        self.route(*route)
         if check == "sync":
             torch.cuda.current_stream(dev).synchronize()
             n_bad = int(words.host[1])
             _need(n_bad == 0, f"token_selected_experts holds {n_bad} ids outside [0, num_experts={num_experts})")
-        # W4A4: FC1 reads x as the routing launch quantised it (xq) and fake-quantises its own output
-        self.fc1(xq if self.n_quant else x.data_ptr(), a_rows, w1.data_ptr(), w1sf.data_ptr(), alpha1.data_ptr(), None,
-                 None, inter, eo, to1, *self.fc1_tail, None if gs is None else gs.data_ptr(), st)
-        self.fc2(inter, None, w2.data_ptr(), w2sf.data_ptr(), alpha2.data_ptr(), row_scale, out_rows, y, eo,
-                 to2, *self.fc2_tail, None, st)
-        # fp32 sum over the K splits and the token's local pairs, one rounding (kernels/moe_combine_kernel.py)
-        self.combine(y, valid, out.data_ptr(), *self.comb_tail, st)
+        self.fc1(*fc1)
+        self.fc2(*fc2)
+        self.combine(*comb)
         return out
 
     def floor(self, x, w1, w1sf, w2, w2sf, ids, scales, alpha1, alpha2, gs, out, offset: int, num_experts: int):
         """A zero-argument callable launching the four kernels with every argument prebuilt (workspace held,
         stream fixed): what `run` costs without its Python, the floor of the call path's host cost."""
         ws = torch.empty(self.ws_bytes, dtype=torch.uint8, device=self.device)
-        b, o, st = ws.data_ptr(), self.off, _raw_stream(self.device.index)
-        quant = (x.data_ptr(), b + o["xq"]) if self.n_quant else (None, None)
-        route = (ids.data_ptr(), scales.data_ptr(), *(b + o[n] for n in (
-            "eo", "to1", "to2", "a_rows", "out_rows", "row_scale", "valid", "bad")), self.P, offset, num_experts,
-            *quant, self.n_quant, st)
-        fc1 = (b + o["xq"] if self.n_quant else x.data_ptr(), b + o["a_rows"], w1.data_ptr(), w1sf.data_ptr(),
-               alpha1.data_ptr(), None, None, b + o["inter"], b + o["eo"], b + o["to1"], *self.fc1_tail,
-               None if gs is None else gs.data_ptr(), st)
-        fc2 = (b + o["inter"], None, w2.data_ptr(), w2sf.data_ptr(), alpha2.data_ptr(), b + o["row_scale"],
-               b + o["out_rows"], b + o["y"], b + o["eo"], b + o["to2"], *self.fc2_tail, None, st)
-        comb = (b + o["y"], b + o["valid"], out.data_ptr(), *self.comb_tail, st)
+        b = ws.data_ptr()
+        route, fc1, fc2, comb = self.arguments(b, b + self.off["bad"], x, w1, w1sf, w2, w2sf, ids, scales, alpha1,
+                                               alpha2, gs, out, offset, num_experts, _raw_stream(self.device.index))
         fns = (self.route, self.fc1, self.fc2, self.combine)
 
         def launch(ws=ws):  # ws held: the pointers stay valid
