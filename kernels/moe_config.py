@@ -311,6 +311,11 @@ def _budget_violations(sh: MoEGemmShape, cfg: MoEGemmConfig) -> list[str]:
 # moe_tests_wgmma_gemv_h100.log). WGMMA_LARGE_BATCH off restores the mma.sync tiles.
 WGMMA_LARGE_BATCH = True
 WGMMA_TILES = tuple(MoEGemmConfig(128, bn, 64, 4, 4, 2, mma="wgmma") for bn in (256, 192, 128, 96, 64))
+# bm 256 (WGMMA_BM) from WGMMA_256_ROWS rows per touched expert: gated FC1 at bn 64 and FC2 at 128 (96 for
+# N = 2880) hold 128 accumulators a thread, as the bm-128 tiles. Below it an expert's last m-tile would be
+# mostly padding (about 128 of 256 rows at 128 rows an expert).
+WGMMA_256_ROWS = 256
+WGMMA_256_TILES = tuple(MoEGemmConfig(256, bn, 64, 4, 4, 2, mma="wgmma") for bn in (128, 96, 64))
 
 
 # The decode GEMV tiles (kernels/moe_gemv_kernel.py): bm 8 (one mma n-tile), 4 warps along N of one 16-row mma
@@ -378,6 +383,8 @@ def heuristic(sh: MoEGemmShape, rows_per_expert: float, experts_touched: float =
                  MoEGemmConfig(64, 32, 64, 3, 2, 2), MoEGemmConfig(64, 16, 64, 3, 2, 1)]
         if WGMMA_LARGE_BATCH:
             wants = list(WGMMA_TILES) + wants
+            if rows_per_expert >= WGMMA_256_ROWS:
+                wants = list(WGMMA_256_TILES) + wants
     for cfg in wants + [MoEGemmConfig(16, 16, 64, 2, 1, 1)]:
         if not violations(sh, cfg, arch):
             cfg = with_splits(sh, cfg, rows_per_expert, experts_touched)

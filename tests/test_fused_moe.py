@@ -533,9 +533,12 @@ def test_wgmma_takes_large_batches_on_sm90_only(monkeypatch):
                       (7168, 2048, "silu")):
         for q in ("w4a16", "nvfp4"):
             sh2 = gemm_shapes(q, act, H, I)
-            big = mc.layer_heuristic(sh2, 1000, 8.0)
+            big = mc.layer_heuristic(sh2, 200, 8.0)
             assert (big.fc1_mma, big.fc2_mma) == ("wgmma", "wgmma") and not mc.layer_violations(sh2, big)
-            assert big.gemm("fc2").bn >= 192  # the wide FC2 tile (2880 = 15 x 192, 2688 = 14 x 192)
+            assert big.bm == 128 and big.gemm("fc2").bn >= 192  # the wide FC2 tile (2880 = 15 x 192, 2688 = 14 x 192)
+            huge = mc.layer_heuristic(sh2, mc.WGMMA_256_ROWS, 8.0)  # enough rows an expert for 256-row tiles
+            assert (huge.bm, huge.fc1_mma, huge.fc2_mma) == (256, "wgmma", "wgmma")
+            assert not mc.layer_violations(sh2, huge) and huge.gemm("fc2").bn in (96, 128)
             assert mc.layer_heuristic(sh2, 40, 8.0).fc1_mma == "sync"  # mid batches keep mma.sync
             off_sm90 = mc.layer_heuristic(sh2, 1000, 8.0, arch=100)
             assert (off_sm90.fc1_mma, off_sm90.fc2_mma) == ("sync", "sync") and \
