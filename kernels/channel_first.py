@@ -515,7 +515,7 @@ def torch_channel_first(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
 # directory): no GPU needed, fake pointers carry the signature, TVM-FFI host functions.
 _CF_CACHE_VERSION = "1"
 # the kernel's inputs (norm_kernel.py: the NVFP4 scale and e2m1 device helpers it borrows)
-_CF_SOURCES = ("channel_first_kernel.py", "channel_first.py", "problem.py", "config.py", "norm_kernel.py")
+_CF_SOURCES = ("channel_first_kernel.py", "channel_first.py", "problem.py", "config.py", "norm_kernel.py", "pdl.py")
 _COMPILES = 0
 
 

@@ -26,7 +26,7 @@ from .problem import ELEM_BYTES, FP4_BLOCK, Problem
 
 ARCHS = {"sm_90a": 90, "sm_100a": 100}
 _CACHE_VERSION = "3"  # bump when cached objects change format (2: TVM-FFI host functions; 3: --gpu-arch)
-_SOURCE_FILES = ("norm_kernel.py", "config.py", "problem.py")  # what the generated kernel depends on
+_SOURCE_FILES = ("norm_kernel.py", "pdl.py", "config.py", "problem.py")  # what the generated kernel depends on
 
 
 class KernelCompileError(RuntimeError):

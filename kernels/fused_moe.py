@@ -40,7 +40,7 @@ from .ops import _get_device, _raw_stream
 QUANT_ALIASES = {"nvfp4": "nvfp4", "w4a4": "nvfp4", "w4a16": "w4a16"}
 PRECISION_ALIASES = {"fp4": "nvfp4", "bf16": "w4a16"}
 _SOURCES = ("moe_kernel.py", "moe_wgmma_kernel.py", "moe_gemv_kernel.py", "moe_config.py", "moe_route_kernel.py",
-            "moe_combine_kernel.py")
+            "moe_combine_kernel.py", "pdl.py")
 _CACHE_VERSION = 1
 _FP4_DTYPES = tuple(getattr(torch, n) for n in ("uint8", "float4_e2m1fn_x2") if hasattr(torch, n))
 _SF_DTYPES = (torch.float8_e4m3fn, torch.uint8)
