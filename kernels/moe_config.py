@@ -312,9 +312,15 @@ def _budget_violations(sh: MoEGemmShape, cfg: MoEGemmConfig) -> list[str]:
 WGMMA_LARGE_BATCH = True
 WGMMA_TILES = tuple(MoEGemmConfig(128, bn, 64, 4, 4, 2, mma="wgmma") for bn in (256, 192, 128, 96, 64))
 # bm 256 (WGMMA_BM) from WGMMA_256_ROWS rows per touched expert: gated FC1 at bn 64 and FC2 at 128 (96 for
-# N = 2880) hold 128 accumulators a thread, as the bm-128 tiles. Below it an expert's last m-tile would be
-# mostly padding (about 128 of 256 rows at 128 rows an expert).
-WGMMA_256_ROWS = 256
+# N = 2880) hold 128 accumulators a thread, as the bm-128 tiles, and expand half the FP4 per multiply-add.
+# H100 SXM, W4A16 T=4096, public op with both GEMMs forced to each tile in one run (results/h100/e2e/
+# fused_moe_large.md; every GPU test passed, results/logs/moe_tests_wgmma256_h100.log): at 1024 rows an expert
+# (Mixtral-8x7B) 256x64/256x128 beat 128x128/128x256 by 4.6 % (8783 vs 9190 us); at 256 (Qwen3-30B-A3B) it lost
+# by 8.6 % (1763 vs 1624), at 128 (gpt-oss-120b, DeepSeek-V3) by 32 and 11 % (4595 vs 3487, 15623 vs 14111).
+# Both tiles run one CTA per SM (164 and 178 KB of shared memory); routed rows scatter around the mean, so near
+# 256 rows about half the experts pay a second, nearly empty 256-row tile where bm 128 pays a 128-row one. Five
+# stages lost everywhere (11334, 2123, 20147 us). 512 sits between the measured loss and win: not measured itself.
+WGMMA_256_ROWS = 512
 WGMMA_256_TILES = tuple(MoEGemmConfig(256, bn, 64, 4, 4, 2, mma="wgmma") for bn in (128, 96, 64))
 
 
