@@ -22,6 +22,7 @@ What a family declares:
   part of a problem validity depends on: one counted search space per key), `searchable(p, cfg)` (what
   the sampler proposes among valid configs), `simplicity(cfg, heuristic)` (tie-break sort key), and
   optionally `probes(p, arch)` (configs every sweep times after the heuristic).
+* dispatch: `dispatch_key(p)`, the problem the public op looks up for a call of `p` (default `p`).
 * cost: `ideal_bytes(p)` (each tensor moved once: GB/s and % of copy).
 * compilation: `compile_key(p)` (what a compiled kernel depends on), `canonical(p)` (the problem with the
   runtime sizes zeroed), `cache_key(p, cfg, arch)` (its compiled function's name in the disk cache and the
@@ -92,6 +93,9 @@ class Family:
     # knob -> the value a result row or LUT entry written before the knob existed means (the fused MoE's
     # fc1_mma/fc2_mma: "sync", the only MMA it had); a row without the column, or null there, reads it
     added_knobs: dict = field(default_factory=dict)
+    # the problem the public op dispatches on for a call of `p`: what its host code can see of the call (the
+    # fused MoE's routing lives on the device, so kernels/fused_moe.py keys dispatch by uniform routing)
+    dispatch_key: Callable[[object], object] = lambda p: p
 
     def __post_init__(self):
         unknown = set(self.added_knobs) - set(self.knob_choices)
@@ -224,7 +228,8 @@ def _moe_family() -> Family:
         cache_key=lambda p, cfg, arch: fused().layer_cache_key(p, cfg, arch),
         precompile=lambda p, cfg, arch: fused().precompile_layer(p, cfg, arch),
         source_hash=lambda: fused().source_hash(), runner_module="kernels.moe_runner", has_range=True,
-        valid_configs=lambda p, arch: mc.valid_layer_configs(shapes(p), arch), added_knobs=mc.ADDED_KNOBS)
+        valid_configs=lambda p, arch: mc.valid_layer_configs(shapes(p), arch), added_knobs=mc.ADDED_KNOBS,
+        dispatch_key=lambda p: replace(p, routing="uniform"))
 
 
 _FAMILIES: dict[str, Family] = {}

@@ -47,8 +47,10 @@ def bench(problems, peers: list[str], backend: str, results_dir: Path, trial_tim
             rows.append(r)
             writer.add(r)
 
-        chosen = [(p, pset, *select_config(p, arch, dev["device_class"]), family_of(p).heuristic(p, arch))
-                  for p, pset in problems]
+        # the config recorded for "lutforge" is the one the public op dispatches: looked up on what its host code
+        # sees of the call (family.dispatch_key: the fused MoE's skewed routing is timed but not seen)
+        chosen = [(p, pset, *select_config(family_of(p).dispatch_key(p), arch, dev["device_class"]),
+                   family_of(p).heuristic(p, arch)) for p, pset in problems]
         with ThreadPoolExecutor(ev.n_compile) as pool:  # compile everything first, in parallel
             list(pool.map(lambda pc: ev.compile(*pc), {(c[0], k) for c in chosen for k in (c[2], c[4])}))
         for p, pset, cfg, tier, heur in chosen:

@@ -8,7 +8,7 @@ from dataclasses import replace
 
 from click.testing import CliRunner
 
-from kernels.dispatch import Dispatcher, default_dispatcher
+from kernels.dispatch import Dispatcher, default_dispatcher, select_config
 from kernels.family import families, family_of, family_of_op
 from kernels import moe_config as mc
 from kernels.moe_config import MoEConfig, valid_gemm_configs, gemm_shapes
@@ -148,3 +148,20 @@ def test_old_moe_rows_without_mma_columns_still_export(tmp_path, monkeypatch):
     moe = {k: w for k, w in winners.items() if k[0] == "fused_moe"}
     assert len(moe) == 2 and all(isinstance(w.config, MoEConfig) for w in moe.values())
     assert all(w.config.fc1_mma == w.config.fc2_mma == "sync" for w in moe.values())
+
+
+def test_bench_records_the_config_the_public_op_dispatches_for_skewed_routing(tmp_path):
+    """The public op cannot see a call's routing (it is on the device) and dispatches on uniform routing; the
+    bench's "lutforge" row must name that config, not the skew-aware heuristic's (gpt-oss-120b at T=2048:
+    64 rows per expert uniform, ~2x that per touched expert skewed, so the two differ)."""
+    from sweep.bench_cmd import bench
+
+    p = MoEProblem("fused_moe", 2048, 128, 4, 2880, 2880, "w4a16", "silu", "skewed", 0)
+    fam = family_of(p)
+    uniform = fam.dispatch_key(p)
+    assert uniform.routing == "uniform" and fam.heuristic(p, 90) != fam.heuristic(uniform, 90)
+    rows, _, _ = bench([(p, "moe")], [], "synthetic", tmp_path)
+    got = {r["impl"]: fam.row_config(r) for r in rows}
+    assert got["lutforge"] == select_config(uniform, 90, rows[0]["device_class"])[0]
+    assert got["lutforge_heuristic"] == fam.heuristic(p, 90) != got["lutforge"]
+    assert all(r["routing"] == "skewed" and r["status"] == "ok" for r in rows)  # timed on the skewed call
