@@ -85,8 +85,11 @@ GEMV_BM = (8, 16)
 GEMV_MAX_GROUPS = 2
 GEMV_CHUNK = 32  # K elements per lane load (16 packed bytes): K must split into whole chunks per K split
 # stages - 1: the chunk rounds whose loads a lane issues together (2: load a round, then use it; 3: two rounds
-# per round trip)
-GEMV_STAGES = (2, 3)
+# per round trip; 5: four, a K group's whole share of a short K such as Qwen3-30B-A3B's FC1 at warps_m 4, 64
+# chunks a row, in one round trip). Each round holds 8 words of weights per 16-row group and 16 of activations
+# per 8-row n-tile a lane; a 512-thread CTA caps a thread at 128 registers (64K a CTA), so deep rounds on wide
+# CTAs may spill: the sweep and benchmarks/fused_moe.py --tiles time them, the heuristic keeps GEMV_TILES'
+GEMV_STAGES = (2, 3, 4, 5)
 # Programmatic dependent launch between a call's four kernels: FC1, FC2 and the combine are launched with
 # programmatic stream serialisation and wait (griddepcontrol.wait) for their predecessor's grid before touching
 # memory, and each kernel signals its dependents as soon as it runs, so the next grid's launch and CTA

@@ -586,7 +586,8 @@ def test_gemv_constraints_say_what_is_wrong():
     assert "bm in (8, 16)" in why(fc2, MoEGemmConfig(32, 64, warps_m=1, warps_n=4, **GEMV))
     assert "no k-tile pipeline" in why(fc2, MoEGemmConfig(8, 64, 128, 3, 1, 4, mma="gemv"))
     assert not why(fc2, MoEGemmConfig(8, 64, 64, 3, 1, 4, mma="gemv"))  # two chunk rounds loaded together
-    assert "stages in (2, 3)" in why(fc2, MoEGemmConfig(8, 64, 64, 4, 1, 4, mma="gemv"))
+    assert not why(fc2, MoEGemmConfig(8, 64, 64, 5, 1, 4, mma="gemv"))  # four rounds loaded together
+    assert "stages=6 not in" in why(fc2, MoEGemmConfig(8, 64, 64, 6, 1, 4, mma="gemv"))
     # a warp's weight rows fill whole 16-row mma groups, at most two
     assert "8 weight rows" in why(fc2, MoEGemmConfig(8, 32, warps_m=1, warps_n=4, **GEMV))
     assert "8 weight rows (bn / warps_n columns, doubled" in why(fc1, MoEGemmConfig(8, 16, warps_m=1, warps_n=4, **GEMV))
