@@ -314,6 +314,13 @@ def _budget_violations(sh: MoEGemmShape, cfg: MoEGemmConfig) -> list[str]:
 # moe_tests_wgmma_gemv_h100.log). WGMMA_LARGE_BATCH off restores the mma.sync tiles.
 WGMMA_LARGE_BATCH = True
 WGMMA_TILES = tuple(MoEGemmConfig(128, bn, 64, 4, 4, 2, mma="wgmma") for bn in (256, 192, 128, 96, 64))
+# ... and past WGMMA_MIN_ROWS rows per expert, where the mma.sync mid tiles (64x64x128 s3, 64x32x64 s3) ran
+# 1.4-2.2x slower than these bm-128 tiles at 32 and 64 rows an expert (H100 SXM, W4A16, both GEMMs forced
+# per tile in one run, results/h100/e2e/fused_moe_mid.md): Qwen3-30B-A3B T=1024 839 vs 602 us, Mixtral-8x7B
+# T=256 1699 vs 1097, DeepSeek-V3 T=1024 and 2048 9321 vs 8527 and 14382 vs 9434, gpt-oss-120b T=1024 and
+# 2048 2994 vs 2115 and 5045 vs 2287. The 64-row wgmma tiles won at 16 rows (Qwen T=256: 342 vs 507) and at
+# DeepSeek's 32 (6793 vs 8527) but lost at gpt-oss's 32 and every 64 but Qwen's: not taken.
+WGMMA_MIN_ROWS = 16
 # bm 256 (WGMMA_BM) from WGMMA_256_ROWS rows per touched expert: gated FC1 at bn 64 and FC2 at 128 (96 for
 # N = 2880) hold 128 accumulators a thread, as the bm-128 tiles, and expand half the FP4 per multiply-add.
 # H100 SXM, W4A16 T=4096, public op with both GEMMs forced to each tile in one run (results/h100/e2e/
@@ -343,8 +350,15 @@ WGMMA_256_TILES = tuple(MoEGemmConfig(256, bn, 64, 4, 4, 2, mma="wgmma") for bn 
 #   fake-quantised each lane's 32 activations per chunk round, ~5x the round's weight expansion (x is now
 #   quantised once per call by the routing launch, kernels/moe_route_kernel.py). 5-8 rows per expert were not
 #   measured.
+#
+# Past 8 rows, to GEMV_ROWS = 16, the same tiles at bm 16 (two mma n-tiles per weight fragment): at Mixtral-8x7B
+# T=64 (16 rows an expert) 16x32x64 s2 4x4 | 16x64x64 took 638 us against 1097 for the 64x64x128 s3 mma.sync
+# mid tile the heuristic took there (its expected rows came out at 16 + 2e-7), and 698-757 for the 8-row GEMV's
+# two m-tiles (H100 SXM, W4A16, both GEMMs forced, results/h100/e2e/fused_moe_decode_tiles.md). In that run deeper chunk rounds (stages 3, 5)
+# and other K groups than gemv_warps_m's did not beat the tiles below at T=1 on any layer nor at T=64 but
+# Qwen3-30B-A3B (s5 w2x4: 160 vs 192 us): not taken.
 GEMV_DECODE = True
-GEMV_ROWS = 8
+GEMV_ROWS = 16
 GEMV_TILES = tuple(MoEGemmConfig(8, bn, 64, 2, 1, 4, mma="gemv") for bn in (32, 64))
 # A GEMV warp keeps 32 lanes x 2 weight rows x 16 bytes = 1 KB of weights in flight per chunk round, and the
 # copy roofline needs ~4.2 TB/s x ~1 us / 132 SMs ~ 32 KB per SM in flight: ~32 warps per SM. Where the
@@ -373,8 +387,10 @@ def heuristic(sh: MoEGemmShape, rows_per_expert: float, experts_touched: float =
     mid tiles to 64, large tiles beyond (the wgmma ones first when WGMMA_LARGE_BATCH is on and the SM is 90);
     FC2's K split by split_heuristic when `experts_touched`
     (kernels.moe_problem.expected_experts_touched; 0: unknown, no split) leaves the grid short of CTAs."""
+    rows_per_expert = round(rows_per_expert, 4)  # an expectation: 16 + 2e-7 rows is 16 (Mixtral-8x7B at T=64)
     if GEMV_DECODE and rows_per_expert <= GEMV_ROWS:
-        wants = list(GEMV_TILES)
+        bm = next(b for b in GEMV_BM if b >= min(rows_per_expert, GEMV_BM[-1]))  # one m-tile per expert
+        wants = [replace(t, bm=bm) for t in GEMV_TILES]
     elif rows_per_expert <= 16:
         # 16x64x128 s3 with 4 warps first: on the H200 (results/h200/e2e/fused_moe_decode.md, both GEMMs forced
         # to each tile) it beat the 2-warp 16x32x256 s4 tile at T=1 and 64 of Qwen3-30B-A3B, Mixtral-8x7B and
@@ -390,10 +406,10 @@ def heuristic(sh: MoEGemmShape, rows_per_expert: float, experts_touched: float =
     else:
         wants = [MoEGemmConfig(128, 64, 64, 4, 4, 2), MoEGemmConfig(128, 32, 64, 4, 4, 2),
                  MoEGemmConfig(64, 32, 64, 3, 2, 2), MoEGemmConfig(64, 16, 64, 3, 2, 1)]
-        if WGMMA_LARGE_BATCH:
-            wants = list(WGMMA_TILES) + wants
-            if rows_per_expert >= WGMMA_256_ROWS:
-                wants = list(WGMMA_256_TILES) + wants
+    if WGMMA_LARGE_BATCH and rows_per_expert > WGMMA_MIN_ROWS:
+        wants = list(WGMMA_TILES) + wants
+        if rows_per_expert >= WGMMA_256_ROWS:
+            wants = list(WGMMA_256_TILES) + wants
     for cfg in wants + [MoEGemmConfig(16, 16, 64, 2, 1, 1)]:
         if not violations(sh, cfg, arch):
             cfg = with_splits(sh, cfg, rows_per_expert, experts_touched)

@@ -158,11 +158,11 @@ def test_old_moe_rows_without_mma_columns_still_export(tmp_path, monkeypatch):
 
 def test_bench_records_the_config_the_public_op_dispatches_for_skewed_routing(tmp_path):
     """The public op cannot see a call's routing (it is on the device) and dispatches on uniform routing; the
-    bench's "lutforge" row must name that config, not the skew-aware heuristic's (gpt-oss-120b at T=2048:
-    64 rows per expert uniform, ~2x that per touched expert skewed, so the two differ)."""
+    bench's "lutforge" row must name that config, not the skew-aware heuristic's (Qwen3-30B-A3B at T=256:
+    16 rows per expert uniform, the decode GEMV's last; more per touched expert skewed, wgmma tiles)."""
     from sweep.bench_cmd import bench
 
-    p = MoEProblem("fused_moe", 2048, 128, 4, 2880, 2880, "w4a16", "silu", "skewed", 0)
+    p = MoEProblem("fused_moe", 256, 128, 8, 2048, 768, "w4a16", "silu", "skewed", 0)
     fam = family_of(p)
     uniform = fam.dispatch_key(p)
     assert uniform.routing == "uniform" and fam.heuristic(p, 90) != fam.heuristic(uniform, 90)

@@ -188,7 +188,7 @@ def test_heuristic_is_valid_for_real_layers(H, I, rows, touched):
         cfg = heuristic(sh, rows, touched)
         assert not violations(sh, cfg) and smem_bytes(sh, cfg) <= 227 * 1024
         # the GEMV up to GEMV_ROWS per expert, decode tiles for a handful of rows
-        assert cfg.bm == (8 if rows <= mc.GEMV_ROWS else 16 if rows <= 16 else cfg.bm) and (cfg.bm <= 16) == (rows <= 16)
+        assert cfg.bm == (8 if rows <= 8 else 16 if rows <= 16 else cfg.bm) and (cfg.bm <= 16) == (rows <= 16)
         assert (cfg.mma == "gemv") == (rows <= mc.GEMV_ROWS)
         assert cfg.splits == 1 or (sh.layer == "fc2" and rows <= 16 and sh.K // (cfg.bk * cfg.splits) >= 2)
 
@@ -539,7 +539,11 @@ def test_wgmma_takes_large_batches_on_sm90_only(monkeypatch):
             huge = mc.layer_heuristic(sh2, mc.WGMMA_256_ROWS, 8.0)  # enough rows an expert for 256-row tiles
             assert (huge.bm, huge.fc1_mma, huge.fc2_mma) == (256, "wgmma", "wgmma")
             assert not mc.layer_violations(sh2, huge) and huge.gemm("fc2").bn in (96, 128)
-            assert mc.layer_heuristic(sh2, 40, 8.0).fc1_mma == "sync"  # mid batches keep mma.sync
+            mid = mc.layer_heuristic(sh2, 40, 8.0)  # mid batches too, past WGMMA_MIN_ROWS rows an expert
+            assert (mid.bm, mid.fc1_mma, mid.fc2_mma) == (128, "wgmma", "wgmma")
+            assert mc.layer_heuristic(sh2, mc.WGMMA_MIN_ROWS + 0.5, 8.0).fc1_mma == "wgmma"
+            assert mc.layer_heuristic(sh2, mc.WGMMA_MIN_ROWS, 8.0).fc1_mma == "gemv"
+            assert mc.layer_heuristic(sh2, 40, 8.0, arch=100).fc1_mma == "sync"
             off_sm90 = mc.layer_heuristic(sh2, 1000, 8.0, arch=100)
             assert (off_sm90.fc1_mma, off_sm90.fc2_mma) == ("sync", "sync") and \
                 not mc.layer_violations(sh2, off_sm90, arch=100)
@@ -607,13 +611,16 @@ def test_gemv_takes_decode_up_to_gemv_rows(monkeypatch):
                       (7168, 2048, "silu")):
         for q in ("w4a16", "nvfp4"):
             sh2 = gemm_shapes(q, act, H, I)
-            for arch, rows in itertools.product((90, 100), (1.0, 1.46, 4.0, mc.GEMV_ROWS)):  # one source serves both
+            # one source serves both archs; one m-tile an expert: 8 rows, then 16 (an expectation of 16 + 2e-7
+            # rows, Mixtral-8x7B's at T=64, is 16)
+            for arch, rows in itertools.product((90, 100), (1.0, 1.46, 4.0, 8.0, 8.5, 12.0, 16.0, 16 + 2e-7)):
                 cfg = mc.layer_heuristic(sh2, rows, 8.0, arch=arch)
-                assert (cfg.fc1_mma, cfg.fc2_mma, cfg.bm) == ("gemv", "gemv", 8), (H, cfg.short())
+                assert (cfg.fc1_mma, cfg.fc2_mma, cfg.bm) == ("gemv", "gemv", 8 if rows <= 8 else 16), (H, cfg.short())
                 assert cfg.gemm("fc1").bn == (32 if act == "silu" else 64) and cfg.gemm("fc2").bn == 64
                 assert not mc.layer_violations(sh2, cfg, arch=arch)
-            # past GEMV_ROWS: the mma decode tile
-            assert mc.layer_heuristic(sh2, mc.GEMV_ROWS + 0.5, 8.0).fc1_mma == "sync"
+            # past GEMV_ROWS: the wgmma tiles on SM90, the mma.sync mid tiles elsewhere
+            assert mc.layer_heuristic(sh2, mc.GEMV_ROWS + 0.5, 8.0).fc1_mma == "wgmma"
+            assert mc.layer_heuristic(sh2, mc.GEMV_ROWS + 0.5, 8.0, arch=100).fc1_mma == "sync"
     monkeypatch.setattr(mc, "GEMV_DECODE", False)
     shapes = gemm_shapes("nvfp4", "silu", 4096, 14336)
     assert all(heuristic(sh, rows).mma == "sync" for sh in shapes for rows in (0.5, 1, 4))
