@@ -31,10 +31,10 @@ activation, K and N and the output dtype: everything but the routed rows) and la
   splits: 64 KB more against 66 MB of FC2 weights and scales; the ratio grows with the rows, see
   violations: splits > 1 is declared for decode tiles, bm <= 32, only).
 
-The heuristic picks by the rows each touched expert receives: the decode GEMV to GEMV_ROWS rows, an
-mma.sync decode tile (bm 16: at T <= 64 an expert sees a handful of rows, so the weights' bytes decide the
-time) to 16, mid tiles to 64, the wgmma tiles beyond; at decode it splits FC2's K when the touched experts'
-tiles alone leave the GPU short of CTAs (split_heuristic). GEMV_DECODE and WGMMA_LARGE_BATCH cite the
+The heuristic picks by the rows each touched expert receives: the decode GEMV (one 8- or 16-row m-tile an
+expert: at decode an expert sees a handful of rows, so the weights' bytes decide the time) to GEMV_ROWS rows,
+the wgmma tiles beyond WGMMA_MIN_ROWS on SM90, the mma.sync decode, mid and large tiles elsewhere; at decode it
+splits FC2's K when the touched experts' tiles alone leave the GPU short of CTAs (split_heuristic). GEMV_DECODE and WGMMA_LARGE_BATCH cite the
 measurements that switched those backends on.
 Constraints and heuristic take the SM they are for (`arch`, 90 by default): wgmma is SM90's alone.
 """
@@ -383,8 +383,9 @@ def gemv_warps_m(sh: MoEGemmShape, cfg: MoEGemmConfig, experts_touched: float) -
 def heuristic(sh: MoEGemmShape, rows_per_expert: float, experts_touched: float = 0.0,
               arch: int = WGMMA_ARCH) -> MoEGemmConfig:
     """A valid config (on SM `arch`) from the rows each touched expert receives: the GEMV up to GEMV_ROWS
-    (when GEMV_DECODE is on), decode tiles (bm 16, deep k-tiles to keep weight bytes in flight) up to 16 rows,
-    mid tiles to 64, large tiles beyond (the wgmma ones first when WGMMA_LARGE_BATCH is on and the SM is 90);
+    (when GEMV_DECODE is on), else mma.sync decode tiles (bm 16, deep k-tiles to keep weight bytes in flight) up
+    to 16 rows, mid tiles to 64, large tiles beyond, the wgmma ones first past WGMMA_MIN_ROWS (when
+    WGMMA_LARGE_BATCH is on and the SM is 90);
     FC2's K split by split_heuristic when `experts_touched`
     (kernels.moe_problem.expected_experts_touched; 0: unknown, no split) leaves the grid short of CTAs."""
     rows_per_expert = round(rows_per_expert, 4)  # an expectation: 16 + 2e-7 rows is 16 (Mixtral-8x7B at T=64)
