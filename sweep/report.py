@@ -262,6 +262,30 @@ def picks(rows: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True)
 
 
+def stale_dispatch(p: pd.DataFrame) -> pd.DataFrame:
+    """The `LUTFORGE` picks of `p` whose timed config is not what this checkout's runtime dispatches for their
+    problem now (kernels.dispatch.select_config on the family's dispatch_key, the bench's contiguous aligned
+    tensors): a LUT export or heuristic change after the bench. Their figures are what the op did then; a new
+    `lutforge bench` of their set measures what it does now."""
+    from kernels.dispatch import select_config
+    from kernels.family import family_of
+
+    from .results_io import problem_of_row
+
+    stale = []
+    for i, r in p[p["series"] == LUTFORGE].iterrows():
+        try:
+            prob = problem_of_row(r)
+            fam = family_of(prob)
+            now = select_config(fam.dispatch_key(prob), int(r["sm"]), r["device_class"])[0]
+            was = fam.row_config(r)
+        except (ValueError, KeyError, TypeError):  # a row this checkout cannot rebuild: nothing to compare
+            continue
+        if was != now:
+            stale.append(i)
+    return p.loc[stale]
+
+
 def peer_names(p: pd.DataFrame) -> list[str]:
     return sorted(set(p["series"]) - set(OWN_SERIES))
 
@@ -284,8 +308,7 @@ def speedups(p: pd.DataFrame, against: str, ours: str | None = None) -> pd.DataF
     faster), with both picks."""
     ours = ours or reference(p)
     both = p[p["series"] == ours].merge(p[p["series"] == against], on=PROBLEM_KEY, suffixes=("", "_other"))
-    both["speedup"] = both["median_us_other"] / both["median_us"]
-    return both
+    return pd.concat([both, (both["median_us_other"] / both["median_us"]).rename("speedup")], axis=1)
 
 
 def geomean(values) -> float:
@@ -370,6 +393,14 @@ def render_report(rows: pd.DataFrame, source: str = "", worst: int = 5, allow_sy
               + (f" {int(rows['superseded'].sum())} lutforge rows measured a kernel source that a later run "
                  "replaced on the same problem; they stand for nothing here except the sweep wall time."
                  if "superseded" in rows.columns and rows["superseded"].any() else ""), ""]
+    stale = stale_dispatch(p)
+    if len(stale):
+        n_pub = int((p["series"] == LUTFORGE).sum())
+        ops = "; ".join(f"{op} {n}" for op, n in stale["op"].value_counts().sort_index().items())
+        lines += [f"> **{len(stale)} of {n_pub} public-op rows timed a config the runtime of this checkout no longer "
+                  f"dispatches** (a LUT export or heuristic change came after their bench: {ops}). Their figures, "
+                  "targets included, are what the op did then; `lutforge bench` over their sets measures what it "
+                  "does now.", ""]
     lines += ["## Device and versions", ""]
     info = [[f, _distinct(rows[f])] for f in VERSION_FIELDS if f in rows.columns]
     copy = rows["copy_gbps"].dropna()

@@ -205,3 +205,23 @@ def test_host_rows_of_an_older_kernel_source_drop_out(tmp_path):
     assert sorted(zip(rows["run_id"], rows["C"])) == [("new", 4096), ("old", 2048)]
     text = "\n".join(render_host(rows))
     assert "| rmsnorm | bf16 | 1 × 4096, bf16 in | 40.0 | – | – |" in text  # no torch row left: not judged
+
+
+def test_public_op_rows_of_a_config_the_runtime_no_longer_dispatches_are_flagged(tmp_path):
+    """A bench row of the public op stands for what a user's call gets only while dispatch still returns the
+    config it timed; after a LUT export or heuristic change the report says how many rows predate it."""
+    from kernels.dispatch import select_config
+    from kernels.problem import Problem
+    from sweep.report import render_report, stale_dispatch
+
+    now = {s: select_config(Problem("rmsnorm", *s), 90, "h100")[0] for s in (A, B, C)}
+    other = KernelConfig(threads=512, threads_per_row=512, vec_bytes=2)
+    assert all(c != other for c in now.values())
+    bench = dict(kind="bench", impl="lutforge", config_source="lut_exact", run_id="bench-1")
+    rows = [hand(A, 10, 1000, 25, cfg=now[A], **bench), hand(B, 20, 2000, 50, cfg=other, **bench),
+            hand(C, 40, 500, 12.5, cfg=other, **bench)]
+    append_rows(tmp_path, rows)
+    ok = load_ok_rows(tmp_path)
+    assert sorted(stale_dispatch(picks(ok))["T"]) == [B[0], C[0]]
+    assert "2 of 3 public-op rows timed a config the runtime of this checkout no longer dispatches" in \
+        render_report(ok)
