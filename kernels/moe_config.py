@@ -33,9 +33,9 @@ activation, K and N and the output dtype: everything but the routed rows) and la
 
 The heuristic picks by the rows each touched expert receives: the decode GEMV (one 8- or 16-row m-tile an
 expert: at decode an expert sees a handful of rows, so the weights' bytes decide the time) to GEMV_ROWS rows,
-the wgmma tiles beyond WGMMA_MIN_ROWS on SM90, the mma.sync decode, mid and large tiles elsewhere; at decode it
-splits FC2's K when the touched experts' tiles alone leave the GPU short of CTAs (split_heuristic). GEMV_DECODE and WGMMA_LARGE_BATCH cite the
-measurements that switched those backends on.
+the wgmma tiles beyond WGMMA_MIN_ROWS on SM90, the mma.sync decode, mid and large tiles elsewhere; at decode
+it splits FC2's K when the touched experts' tiles alone leave the GPU short of CTAs (split_heuristic).
+GEMV_DECODE and WGMMA_LARGE_BATCH cite the measurements that switched those backends on.
 Constraints and heuristic take the SM they are for (`arch`, 90 by default): wgmma is SM90's alone.
 """
 from __future__ import annotations
@@ -88,7 +88,7 @@ GEMV_CHUNK = 32  # K elements per lane load (16 packed bytes): K must split into
 # per round trip; 5: four, a K group's whole share of a short K such as Qwen3-30B-A3B's FC1 at warps_m 4, 64
 # chunks a row, in one round trip). Each round holds 8 words of weights per 16-row group and 16 of activations
 # per 8-row n-tile a lane; a 512-thread CTA caps a thread at 128 registers (64K a CTA), so deep rounds on wide
-# CTAs may spill: the sweep and benchmarks/fused_moe.py --tiles time them, the heuristic keeps GEMV_TILES'
+# CTAs may spill: the sweep and benchmarks/fused_moe.py --tiles time them; the heuristic keeps stages 2
 GEMV_STAGES = (2, 3, 4, 5)
 # Programmatic dependent launch between a call's four kernels: FC1, FC2 and the combine are launched with
 # programmatic stream serialisation and wait (griddepcontrol.wait) for their predecessor's grid before touching
@@ -354,9 +354,10 @@ WGMMA_256_TILES = tuple(MoEGemmConfig(256, bn, 64, 4, 4, 2, mma="wgmma") for bn 
 # Past 8 rows, to GEMV_ROWS = 16, the same tiles at bm 16 (two mma n-tiles per weight fragment): at Mixtral-8x7B
 # T=64 (16 rows an expert) 16x32x64 s2 4x4 | 16x64x64 took 638 us against 1097 for the 64x64x128 s3 mma.sync
 # mid tile the heuristic took there (its expected rows came out at 16 + 2e-7), and 698-757 for the 8-row GEMV's
-# two m-tiles (H100 SXM, W4A16, both GEMMs forced, results/h100/e2e/fused_moe_decode_tiles.md). In that run deeper chunk rounds (stages 3, 5)
-# and other K groups than gemv_warps_m's did not beat the tiles below at T=1 on any layer nor at T=64 but
-# Qwen3-30B-A3B (s5 w2x4: 160 vs 192 us): not taken.
+# two m-tiles (H100 SXM, W4A16, both GEMMs forced, results/h100/e2e/fused_moe_decode_tiles.md). In that run
+# deeper chunk rounds (stages 3, 5) and other K groups than gemv_warps_m's did not beat the tiles below at T=1
+# on any layer nor at T=64 but Qwen3-30B-A3B (s5 w2x4: 160 vs 192 us): not taken. The public op at the new
+# cut-overs, every output checked: results/h100/e2e/fused_moe_cutovers.md (Mixtral-8x7B T=64 631 us).
 GEMV_DECODE = True
 GEMV_ROWS = 16
 GEMV_TILES = tuple(MoEGemmConfig(8, bn, 64, 2, 1, 4, mma="gemv") for bn in (32, 64))
