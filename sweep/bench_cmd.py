@@ -73,6 +73,21 @@ def bench(problems, peers: list[str], backend: str, results_dir: Path, trial_tim
     return rows, skipped, info
 
 
+def stale_problems(problems, results_dir: Path) -> list[tuple]:
+    """The `problems` whose newest public-op row under `results_dir` timed a config this checkout's runtime no
+    longer dispatches (sweep.report.stale_dispatch, what `lutforge report` counts): after a LUT export or a
+    heuristic change, the ones a bench must re-measure, and no others."""
+    from .report import load_ok_rows, picks, stale_dispatch
+    from .results_io import problem_key, problem_of_row
+
+    try:
+        rows = load_ok_rows(results_dir)
+    except ValueError as e:
+        raise click.UsageError(f"--stale reads the public-op rows under --results: {e}") from None
+    stale = {problem_key(problem_of_row(r)) for _, r in stale_dispatch(picks(rows)).iterrows()}
+    return [(p, pset) for p, pset in problems if problem_key(p) in stale]
+
+
 def table_impls(peers: list[str], skipped: dict[str, list[str]], n_problems: int) -> list[str]:
     """The table's columns: lutforge, its fallback, and each peer that ran on at least one problem."""
     return ["lutforge", "lutforge_heuristic"] + [p for p in peers if len(skipped.get(p, ())) < n_problems]
@@ -155,8 +170,11 @@ def format_host_table(rows: list[dict]) -> str:
 @click.option("--backend", default="gpu", show_default=True, type=click.Choice(list(BACKENDS)),
               help="synthetic times only lutforge, with the CPU cost model (for CI).")
 @click.option("--trial-timeout", type=click.FloatRange(min=0, min_open=True), default=120.0, show_default=True)
+@click.option("--stale", is_flag=True, help="Only the chosen problems whose newest public-op row under --results "
+                                            "timed a config the runtime no longer dispatches (what `lutforge "
+                                            "report` counts): re-measure them after a LUT export or heuristic change.")
 def bench_command(problem_set, shapes, host, ops, outs, in_dtype, layouts, peer_spec, results_dir, backend,
-                  limit_shapes, trial_timeout):
+                  limit_shapes, trial_timeout, stale):
     """Time lutforge (dispatch and heuristic) beside the importable peers on one problem set."""
     from .peers import parse_peers
 
@@ -167,6 +185,13 @@ def bench_command(problem_set, shapes, host, ops, outs, in_dtype, layouts, peer_
     check_gpus(backend, None)
     problems = chosen_problems(ops, problem_set, shapes, outs, in_dtype, layouts, limit_shapes, "bench")
     results = Path(results_dir).resolve()
+    if stale:
+        chosen = len(problems)
+        problems = stale_problems(problems, results)
+        click.echo(f"--stale: {len(problems)} of {chosen} problems have a public-op row of a config the runtime "
+                   "no longer dispatches", err=True)
+        if not problems:
+            return
     if host:
         if backend != "gpu":
             raise click.UsageError("--host measures real calls: it needs --backend gpu")

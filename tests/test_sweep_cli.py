@@ -141,6 +141,31 @@ def test_bench_synthetic_times_dispatch_and_heuristic_and_lists_skipped_peers(tm
     assert "skipped torch_eager" in r.output and "skipped flashinfer" in r.output
 
 
+def test_bench_stale_re_measures_only_rows_a_dispatch_change_left_behind(tmp_path):
+    """After a LUT export or heuristic change, `bench --stale` times the problems whose newest public-op row
+    names a config the runtime no longer dispatches, and no others."""
+    from sweep.results_io import append_rows
+
+    res = tmp_path / "b"
+    args = ["bench", "--op", "rmsnorm", "--out", "bf16", "--shapes", "16x1024,256x4096", "--backend", "synthetic",
+            "--peers", "none", "--results", str(res)]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    first = read_results(res)
+    r = CliRunner().invoke(main, args + ["--stale"])
+    assert r.exit_code == 0 and "--stale: 0 of 2 problems" in r.output and len(read_results(res)) == len(first)
+    # a later row of the public op at 256x4096 on a config dispatch does not return: what a bench before a LUT
+    # change leaves
+    row = {k: None if pd.isna(v) else v
+           for k, v in first[(first["impl"] == "lutforge") & (first["T"] == 256)].iloc[0].to_dict().items()}
+    other = KernelConfig(threads=512, threads_per_row=512, vec_bytes=2)
+    row |= {f"knob_{k}": v for k, v in other.as_dict().items()} | {"timestamp": "2099-01-01T00:00:00+00:00"}
+    append_rows(res, [row], prefix="bench")
+    r = CliRunner().invoke(main, args + ["--stale"])
+    assert r.exit_code == 0 and "--stale: 1 of 2 problems" in r.output, r.output
+    new = read_results(res).loc[lambda d: ~d["run_id"].isin(set(first["run_id"]))]
+    assert set(new["T"]) == {256} and set(new["impl"]) == {"lutforge", "lutforge_heuristic"}
+
+
 def test_wall_budget_stops_the_search_then_rebenches_what_it_reached(tmp_path):
     res = tmp_path / "results"
     t0 = time.monotonic()
