@@ -78,13 +78,13 @@ def stale_problems(problems, results_dir: Path) -> list[tuple]:
     longer dispatches (sweep.report.stale_dispatch, what `lutforge report` counts): after a LUT export or a
     heuristic change, the ones a bench must re-measure, and no others."""
     from .report import load_ok_rows, picks, stale_dispatch
-    from .results_io import problem_key, problem_of_row
+    from .results_io import problem_key
 
     try:
         rows = load_ok_rows(results_dir)
     except ValueError as e:
         raise click.UsageError(f"--stale reads the public-op rows under --results: {e}") from None
-    stale = {problem_key(problem_of_row(r)) for _, r in stale_dispatch(picks(rows)).iterrows()}
+    stale = {problem_key(r) for r in stale_dispatch(picks(rows)).to_dict("records")}
     return [(p, pset) for p, pset in problems if problem_key(p) in stale]
 
 

@@ -20,7 +20,7 @@ from kernels.problem import FP4_BLOCK
 
 from .families import harness
 from .host_cost import IMPLS as HOST_IMPLS
-from .results_io import OWN_IMPLS, PROBLEM_COLUMNS, PROBLEM_DEFAULTS, read_results, superseded
+from .results_io import OWN_IMPLS, PROBLEM_COLUMNS, PROBLEM_DEFAULTS, problem_of_row, read_results, superseded
 from .schema import KNOB_CHOICES, KNOB_COLUMNS
 
 # A problem: the shape and formats one measurement answers (the device is fixed per report/heatmap).
@@ -269,8 +269,6 @@ def stale_dispatch(p: pd.DataFrame) -> pd.DataFrame:
     `lutforge bench` of their set measures what it does now."""
     from kernels.dispatch import select_config
     from kernels.family import family_of
-
-    from .results_io import problem_of_row
 
     stale = []
     for i, r in p[p["series"] == LUTFORGE].iterrows():
