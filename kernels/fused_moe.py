@@ -7,9 +7,10 @@ per pair (per pair and K split when FC2 splits K: fp32 partials [splits, pairs, 
 token's pairs (and splits) into the output, one fp32 reduction and one rounding (kernels/moe_combine_kernel.py).
 Numerics and scale conventions: kernels/moe_quant.py; the float reference: kernels/moe_reference.py.
 
-Host cost: a repeated signature costs a dict lookup, one workspace allocation (routing tables, FC1's output
-and FC2's partials are byte ranges of it, passed as integer pointers), the output's allocation when none is
-given and four TVM-FFI calls on the raw current stream (W4A4's quantised x is one more byte range); the
+Host cost: a repeated signature costs a dict lookup, its workspace (routing tables, FC1's output and FC2's
+partials are byte ranges of it, passed as integer pointers; eager calls up to decode and mid-batch sizes reuse
+their stream's arena, _workspace, instead of allocating), the output's allocation when none is given and
+four TVM-FFI calls on the raw current stream (W4A4's quantised x is one more byte range); the
 functions, grids and workspace layout are bound once per signature (_Launch).
 
 Expert ids are checked against [0, num_experts) without a host sync by default: the routing kernel counts
@@ -396,6 +397,32 @@ def workspace_layout(n_local: int, P: int, inter: int, H: int, splits: int, xq_r
 _RUN_BUFFERS = ("eo", "to1", "to2", "a_rows", "out_rows", "row_scale", "valid", "bad", "inter", "y", "xq")
 
 
+ARENA_MAX_BYTES = 32 << 20  # the largest workspace an eager call takes from its stream's arena: the decode and
+# mid batches (heuristic configs: Qwen3-30B-A3B T=64 4.8 MiB, DeepSeek-V3 T=64 16 MiB, T=256 19-22 MiB but
+# DeepSeek's 64), where the allocation is a share of the call; larger ones allocate per call
+_ARENAS: dict[tuple[int, int], torch.Tensor] = {}  # (device index, raw stream) -> that stream's workspace arena
+
+
+def _workspace(nbytes: int, device, stream: int) -> torch.Tensor:
+    """A call's workspace. Eager calls of up to ARENA_MAX_BYTES share one growing buffer per (device, stream),
+    kept for the process (at most ARENA_MAX_BYTES a stream): a call's routing launch (no PDL) starts only once
+    the stream's earlier work has finished, so the previous call on the stream is done with the buffer, as
+    with the block torch's caching allocator would hand back, minus the allocation and free each call paid
+    (every table is rewritten before it is read, so nothing needs zeroing). A CUDA-graph capture allocates
+    its own (from the graph's pool: a replay must not share a buffer eager calls or other graphs write),
+    as do larger calls."""
+    if nbytes > ARENA_MAX_BYTES or _capturing():
+        return torch.empty(nbytes, dtype=torch.uint8, device=device)
+    key = (device.index, stream)
+    ws = _ARENAS.get(key)
+    if ws is None or ws.numel() < nbytes:
+        ws = _ARENAS[key] = torch.empty(max(nbytes, 1 << 20), dtype=torch.uint8, device=device)
+    return ws
+
+
+_capturing = getattr(torch._C, "_cuda_isCurrentStreamCapturing", torch.cuda.is_current_stream_capturing)
+
+
 class _BadIds:
     """Per device, two pinned host int32 words the routing kernel writes the count of out-of-range expert ids
     into when a call has any (pinned memory is addressable from kernels by its host pointer under unified
@@ -485,7 +512,8 @@ class _Launch:
             with torch.cuda.device(dev):
                 return self.run(x, w1, w1sf, w2, w2sf, ids, scales, alpha1, alpha2, gs, out, offset, num_experts,
                                 check)
-        ws = torch.empty(self.ws_bytes, dtype=torch.uint8, device=dev)
+        st = _raw_stream(dev.index)
+        ws = _workspace(self.ws_bytes, dev, st)
         b = ws.data_ptr()
         bad = b + self.off["bad"]
         if check != "off":
@@ -496,7 +524,7 @@ class _Launch:
                 words.host[1] = 0
                 bad = words.sync_ptr
         route, fc1, fc2, comb = self.arguments(b, bad, x, w1, w1sf, w2, w2sf, ids, scales, alpha1, alpha2, gs, out,
-                                               offset, num_experts, _raw_stream(dev.index))
+                                               offset, num_experts, st)
         self.route(*route)
         if check == "sync":
             torch.cuda.current_stream(dev).synchronize()
@@ -586,7 +614,7 @@ def fused_moe(x: torch.Tensor, w1_weight: torch.Tensor, w1_weight_sf: torch.Tens
                                                                 device=x.device)
             if launch is None:
                 return out
-            if check == "sync" and torch.cuda.is_current_stream_capturing():
+            if check == "sync" and _capturing():
                 check = "deferred"
             return launch.run(x, w1_weight, w1_weight_sf, w2_weight, w2_weight_sf, token_selected_experts,
                               token_final_scales, w1_alpha, w2_alpha, fc2_input_scale if uses_fc2s else None,
@@ -641,7 +669,7 @@ def _fused_moe_first(x, w1_weight, w1_weight_sf, w2_weight, w2_weight_sf, token_
                 plan, launch, check, fc2s is not None)
     if launch is None:  # no pairs
         return out
-    if check == "sync" and torch.cuda.is_current_stream_capturing():
+    if check == "sync" and _capturing():
         check = "deferred"  # a capture cannot sync; replays report late like the default
     return launch.run(x, w1_weight, w1_weight_sf, w2_weight, w2_weight_sf, token_selected_experts,
                       token_final_scales, w1_alpha, w2_alpha, fc2s, out, local_expert_offset, num_experts, check)

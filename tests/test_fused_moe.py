@@ -675,3 +675,18 @@ def test_mma_knobs_come_last_and_older_rows_and_entries_read_sync():
     assert any("missing knob 'fc2_bk'" in e for e in _config(fam, {k: v for k, v in entry.items() if k != "fc2_bk"})[1])
     assert "fc1_mma" not in families()["row"].added_knobs
 
+
+
+def test_eager_workspace_arena_is_per_stream_grows_and_is_never_used_by_captures_or_large_calls(monkeypatch):
+    monkeypatch.setattr(fm, "_ARENAS", {})
+    monkeypatch.setattr(fm, "_capturing", lambda: False)
+    dev = torch.device("cpu")
+    a = fm._workspace(1000, dev, stream=7)
+    assert fm._workspace(4000, dev, stream=7) is a  # a 1 MiB arena serves both
+    assert fm._workspace(1000, dev, stream=8) is not a  # another stream: its own arena
+    big = fm._workspace(3 << 20, dev, stream=7)
+    assert big.numel() == 3 << 20 and fm._workspace(1000, dev, stream=7) is big  # grown, then reused
+    huge = fm._workspace(fm.ARENA_MAX_BYTES + 1, dev, stream=7)
+    assert huge is not big and fm._workspace(1000, dev, stream=7) is big  # too large: allocated per call
+    monkeypatch.setattr(fm, "_capturing", lambda: True)
+    assert fm._workspace(1000, dev, stream=7) is not big  # a capture allocates from the graph's pool

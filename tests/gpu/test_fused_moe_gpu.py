@@ -426,3 +426,29 @@ def test_gemv_agrees_with_mma_sync_at_decode():
     for b in runs[1:]:
         assert not torch.isnan(b).any()
         assert float((a - b).abs().max() / a.abs().max()) <= 2**-7
+
+
+def test_back_to_back_eager_calls_share_their_streams_workspace_and_stay_correct():
+    """Calls of two layers and sizes queued without a sync, on the current stream and a side stream: each reuses
+    its stream's workspace arena (kernels.fused_moe._workspace) the moment the previous call is done with it."""
+    layers = {H: make_layer(16, H, 128, "silu", "w4a16", seed=H) for H in (256, 512)}
+    side = torch.cuda.Stream()
+    calls = []
+    for i, (H, T, stream) in enumerate([(256, 40, None), (512, 3, None), (256, 1, side), (512, 64, None),
+                                        (256, 40, side), (256, 7, None)]):
+        ids, w = make_routing(T, 16, 4, seed=10 + i)
+        x = torch.randn(T, H, device=DEV).to(torch.bfloat16)
+        out = torch.full((T, H), float("nan"), dtype=torch.bfloat16, device=DEV)
+        torch.cuda.synchronize()  # inputs ready on every stream; nothing syncs between the calls below
+        calls.append((layers[H], x, ids, w, out, stream))
+    for layer, x, ids, w, out, stream in calls:
+        with torch.cuda.stream(stream if stream is not None else torch.cuda.current_stream()):
+            _call(layer, x, ids, w, 16, 4, out, quant_mode="w4a16")
+    torch.cuda.synchronize()
+    assert (torch.cuda.current_device(), side.cuda_stream) in fm._ARENAS
+    for layer, x, ids, w, out, _ in calls:
+        ref = fused_moe_reference(x, layer["w1_weight"], layer["w1_weight_sf"], layer["w2_weight"],
+                                  layer["w2_weight_sf"], ids, w, w1_alpha=layer["w1_alpha"],
+                                  w2_alpha=layer["w2_alpha"], quant_mode="w4a16")
+        err = float((out.float() - ref).abs().max() / ref.abs().max())
+        assert err < 2**-6, f"T={x.shape[0]} H={x.shape[1]}: max err {err}"
