@@ -397,10 +397,11 @@ def workspace_layout(n_local: int, P: int, inter: int, H: int, splits: int, xq_r
 _RUN_BUFFERS = ("eo", "to1", "to2", "a_rows", "out_rows", "row_scale", "valid", "bad", "inter", "y", "xq")
 
 
-ARENA_MAX_BYTES = 32 << 20  # the largest workspace an eager call takes from its stream's arena: the decode and
-# mid batches (heuristic configs: Qwen3-30B-A3B T=64 4.8 MiB, DeepSeek-V3 T=64 16 MiB, T=256 19-22 MiB but
-# DeepSeek's 64), where the allocation is a share of the call; larger ones allocate per call
+ARENA_MAX_BYTES = 32 << 20  # the largest workspace an eager call takes from its stream's arena: decode and mid
+# batches, where the allocation is a share of the call (heuristic configs: T=64 4.2-16 MiB, T=256 17-22 MiB
+# but DeepSeek-V3's 64 MiB); larger ones allocate per call
 _ARENAS: dict[tuple[int, int], torch.Tensor] = {}  # (device index, raw stream) -> that stream's workspace arena
+_capturing = getattr(torch._C, "_cuda_isCurrentStreamCapturing", torch.cuda.is_current_stream_capturing)
 
 
 def _workspace(nbytes: int, device, stream: int) -> torch.Tensor:
@@ -418,9 +419,6 @@ def _workspace(nbytes: int, device, stream: int) -> torch.Tensor:
     if ws is None or ws.numel() < nbytes:
         ws = _ARENAS[key] = torch.empty(max(nbytes, 1 << 20), dtype=torch.uint8, device=device)
     return ws
-
-
-_capturing = getattr(torch._C, "_cuda_isCurrentStreamCapturing", torch.cuda.is_current_stream_capturing)
 
 
 class _BadIds:
