@@ -274,13 +274,27 @@ STUDY_GROUPS_AT_ONCE = 4
 def kernel_groups(problems: list[tuple]) -> list[list[tuple]]:
     """Problems grouped by compiled kernel (the family's compile key: all but the runtime sizes), the groups
     taken in turn from each (op, dtypes) so that a sweep cut short by --wall-budget has reached every op, not
-    finished the first: on the H100 an LLM sweep of four ops in 240 s searched only the first two."""
+    finished the first: on the H100 an LLM sweep of four ops in 240 s searched only the first two. Each op's
+    groups come in spread order (spread_order over their order in the set, which lists hidden sizes
+    ascending), so the cut-off sweep has also reached the whole range of sizes, not its smallest ones: what a
+    fallback fit on its rows needs (sweep/fallback_fit.py)."""
     by_kind: dict[tuple, dict[tuple, list]] = {}
     for p, pset in problems:
         kind = (p.op, p.in_dtype, p.out_format, p.scale_layout)
         by_kind.setdefault(kind, {}).setdefault(family_of(p).compile_key(p), []).append((p, pset))
-    queues = [list(g.values()) for g in by_kind.values()]
+    queues = [spread_order(list(g.values())) for g in by_kind.values()]
     return [q[i] for i in range(max(map(len, queues), default=0)) for q in queues if i < len(q)]
+
+
+def spread_order(items: list) -> list:
+    """`items` reordered so that every prefix spans them: both ends, then the middle of each gap, halving the
+    gaps in turn (0, n-1, n/2, n/4, 3n/4, ...)."""
+    n = len(items)
+    order, gaps = ([0, n - 1], [(0, n - 1)]) if n else ([], [])
+    while gaps:
+        gaps = [g for lo, hi in gaps if hi - lo > 1 for g in ((lo, (lo + hi) // 2), ((lo + hi) // 2, hi))]
+        order += [hi for lo, hi in gaps[::2]]
+    return [items[i] for i in dict.fromkeys(order)]
 
 
 def search_groups(run, problems: list[tuple[Problem, str]], at_once: int = STUDY_GROUPS_AT_ONCE) -> None:

@@ -17,7 +17,7 @@ from sweep.cli import main
 from sweep.results_io import read_results
 from sweep.schema import STATUSES, knob_columns
 from sweep.study import study_name
-from sweep.sweep_cmd import kernel_groups, select_problems
+from sweep.sweep_cmd import kernel_groups, select_problems, spread_order
 from sweep.synthetic import FAULTS_ENV
 
 from sweep_helpers import CLI, REPO, assert_one_row_per_trial, cli_env, run_cli, studies
@@ -342,6 +342,16 @@ def test_kernel_groups_take_every_op_in_turn():
     ops = [g[0][0].op for g in groups]
     n = min(ops.count("rmsnorm"), ops.count("rmsnorm_quant"))
     assert set(zip(ops[:2 * n:2], ops[1:2 * n:2])) == {("rmsnorm", "rmsnorm_quant")}  # alternating
+    sizes = [g[0][0].C for g in groups if g[0][0].op == "rmsnorm"]
+    # spread over the set's sizes: its smallest and largest first, then the middle, so a cut-off sweep spans them
+    assert sizes[:2] == [min(sizes), max(sizes)] and min(sizes) < sizes[2] < max(sizes)
+
+
+def test_spread_order_halves_the_gaps_in_turn():
+    assert spread_order([]) == [] and spread_order(["a"]) == ["a"]
+    assert spread_order(list(range(9))) == [0, 8, 4, 2, 6, 1, 3, 5, 7]
+    for n in range(12):
+        assert sorted(spread_order(list(range(n)))) == list(range(n))  # each item once
 
 
 def test_shapes_inline_and_a_problem_set_file_of_ones_own(tmp_path):
