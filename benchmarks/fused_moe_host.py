@@ -16,31 +16,33 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import problem_sets  # noqa: E402
 from kernels import fused_moe as fm  # noqa: E402
 from kernels import moe_runner  # noqa: E402
 from kernels.moe_problem import MoEProblem  # noqa: E402
 from kernels.ops import _raw_stream  # noqa: E402
 from sweep.host_cost import time_host  # noqa: E402
 
-LAYERS = {"Qwen3-30B-A3B": (128, 8, 2048, 768), "gpt-oss-120b": (128, 4, 2880, 2880),
-          "Mixtral-8x7B": (8, 2, 4096, 14336), "DeepSeek-V3": (256, 8, 7168, 2048)}
-SPANS = (("Qwen3-30B-A3B", 1), ("Qwen3-30B-A3B", 64), ("gpt-oss-120b", 1), ("Mixtral-8x7B", 64))
+SPANS = (("qwen3-30b-a3b", 1), ("qwen3-30b-a3b", 64), ("gpt-oss-120b", 1), ("mixtral-8x7b", 64))
 
 
 def problem(layer: str, T: int) -> MoEProblem:
-    E, k, H, inter = LAYERS[layer]
-    return MoEProblem("fused_moe", T, E, k, H, inter, "w4a16", "silu", "uniform", 0)
+    """The moe problem set's `layer` at T tokens, W4A16, uniform routing."""
+    ps = problem_sets.load("moe")
+    p = dict(zip(ps.moe_names, ps.moe_problems))[layer]
+    return replace(p, T=T, quant_mode="w4a16", routing="uniform")
 
 
 def host_pieces() -> list[tuple[str, float, float, float]]:
     """(piece, median, p20, p80 host us) of the Qwen3-30B-A3B T=1 W4A16 call's fast path."""
-    p = problem("Qwen3-30B-A3B", 1)
+    p = problem("qwen3-30b-a3b", 1)
     a = moe_runner.make_case(p).args
     tensors = (a["x"], a["w1_weight"], a["w1_weight_sf"], a["w2_weight"], a["w2_weight_sf"],
                a["token_selected_experts"], a["token_final_scales"], a["w1_alpha"], a["w2_alpha"])
