@@ -160,7 +160,10 @@ def tile_times(p, tiles: tuple[str, ...]) -> dict:
         g1, g2 = parse_tiles(text)
         fc2 = mc.with_splits(shapes[1], g2, mp.rows_per_expert(p), mp.expected_experts_touched(p))
         forced = mc.MoEConfig.of(g1, fc2)
-        if not mc.layer_violations(shapes, forced):
+        bad = mc.layer_violations(shapes, forced)
+        if bad:  # named, not dropped silently: a tile given without /gemv is an mma.sync tile, often invalid here
+            print(f"tile {text} skipped at E{p.E} H{p.H} I{p.I} T={p.T}: {'; '.join(bad)}", file=sys.stderr)
+        else:
             runs[text] = forced
     # the kernels compiled side by side into the disk cache first (serially they took most of the run)
     list(_pool().map(fm.precompile_layer, [p] * len(runs), list(runs.values()), ["sm_90a"] * len(runs)))

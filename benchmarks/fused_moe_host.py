@@ -8,9 +8,11 @@ key (kernels/fused_moe._call_key), the workspace (the stream's arena, kernels/fu
 torch.empty of the same size), the output's torch.empty, the launch arguments (_Launch.arguments), each kernel's
 TVM-FFI call alone (prebuilt arguments), the four together (the floor) and _Launch.run. Qwen3-30B-A3B, T=1, W4A16.
 
-GPU: eager calls back to back under torch.profiler (CUPTI): each kernel's median duration and the span of a
-call from its first kernel's start to its last one's end. With PDL a dependent kernel starts before its
-predecessor ends and waits inside, so its duration includes that wait: only the span adds up.
+GPU: CUDA-graph replay over rotating cases (> 3x L2) of the call's kernel chain cut after each kernel, with
+prebuilt arguments and PDL as the call launches them: the routing launch alone, then with FC1, with FC2 and
+with the combine (the whole call), beside the public op. The differences say what each kernel adds to a
+call's GPU time (eager spans under a profiler measure the host's launch cadence instead: a call's four
+launches take longer on the host than its kernels on the GPU at decode).
 """
 from __future__ import annotations
 
@@ -29,8 +31,10 @@ from kernels import moe_runner  # noqa: E402
 from kernels.moe_problem import MoEProblem  # noqa: E402
 from kernels.ops import _raw_stream  # noqa: E402
 from sweep.host_cost import time_host  # noqa: E402
+from sweep.timer import l2_bytes, rotation_sets, time_launchers  # noqa: E402
 
-SPANS = (("qwen3-30b-a3b", 1), ("qwen3-30b-a3b", 64), ("gpt-oss-120b", 1), ("mixtral-8x7b", 64))
+SPANS = (("qwen3-30b-a3b", 1), ("qwen3-30b-a3b", 8), ("qwen3-30b-a3b", 64), ("gpt-oss-120b", 1),
+         ("mixtral-8x7b", 1), ("mixtral-8x7b", 64))
 
 
 def problem(layer: str, T: int) -> MoEProblem:
@@ -84,32 +88,43 @@ def host_pieces() -> list[tuple[str, float, float, float]]:
     return out
 
 
-def gpu_spans(calls: int = 10) -> list[tuple[str, int, dict, float]]:
-    """(layer, T, {kernel: median us}, median call span us) of eager back-to-back calls."""
-    from torch.profiler import ProfilerActivity, profile
+def _chains(p: MoEProblem, case) -> list:
+    """The call's four kernels with prebuilt arguments over a workspace of their own, filled by one full run:
+    [routing], [routing, FC1], [.., FC2], [.., combine] as zero-argument launchers (each a chain prefix)."""
+    a = case.args
+    tensors = (a["x"], a["w1_weight"], a["w1_weight_sf"], a["w2_weight"], a["w2_weight_sf"],
+               a["token_selected_experts"], a["token_final_scales"], a["w1_alpha"], a["w2_alpha"])
+    _, launch = fm._resolve(*tensors, None, a["out"], p.E, p.top_k, p.n_local, 0, "w4a16", "silu", torch.bfloat16,
+                            None)
+    dev = a["x"].device
+    ws = torch.empty(launch.ws_bytes, dtype=torch.uint8, device=dev)
+    base = ws.data_ptr()
+    fns = (launch.route, launch.fc1, launch.fc2, launch.combine)
 
-    out = []
-    for layer, T in SPANS:
-        p = problem(layer, T)
-        fns = [moe_runner.public_launcher(p, c) for c in moe_runner.make_cases(p, 4)]
-        for f in fns:
-            f()
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(calls):
-                for f in fns:
-                    f()
-            torch.cuda.synchronize()
-        evs = sorted((e for e in prof.events() if e.device_type.name == "CUDA"), key=lambda e: e.time_range.start)
-        per = {}
-        for e in evs:
-            name = next((n for n in ("Route", "Gemv", "Wgmma", "Gemm", "Combine") if n in e.name), e.name[:40])
-            per.setdefault(name, []).append(e.time_range.end - e.time_range.start)
-        spans = sorted(evs[i + 3].time_range.end - evs[i].time_range.start for i in range(0, len(evs) - 3, 4))
-        med = {n: sorted(d)[len(d) // 2] for n, d in per.items()}
-        out.append((layer, T, med, spans[len(spans) // 2]))
-        print(layer, T, med, spans[len(spans) // 2], flush=True)
-    return out
+    def prefix(n: int):
+        def run(ws=ws):  # ws held: the pointers stay valid; the stream is the current one (a graph captures)
+            args = launch.arguments(base, base + launch.off["bad"], *tensors, None, a["out"], 0, p.E,
+                                    _raw_stream(dev.index))
+            for f, x in zip(fns[:n], args[:n]):
+                f(*x)
+        return run
+    chains = [prefix(n) for n in range(1, 5)]
+    chains[-1]()
+    return chains
+
+
+def gpu_chain(layer: str, T: int) -> tuple[list[float], float]:
+    """CUDA-graph replay medians (us) of the call's kernel chain cut after each kernel (routing; + FC1; + FC2;
+    + combine), over rotating cases (> 3x L2, as benchmarks/fused_moe.py), and of the public op itself."""
+    p = problem(layer, T)
+    first = moe_runner.make_case(p)
+    cases = [first] + moe_runner.make_cases(p, rotation_sets(max(1, first.nbytes), l2_bytes()) - 1, seed=1)
+    per_case = [_chains(p, c) for c in cases]
+    torch.cuda.synchronize()
+    cut = [time_launchers([ch[n] for ch in per_case], set_bytes=first.nbytes).median_us for n in range(4)]
+    public = time_launchers([moe_runner.public_launcher(p, c, "off") for c in cases], set_bytes=first.nbytes)
+    print(layer, T, [f"{v:.1f}" for v in cut], f"public {public.median_us:.1f}", flush=True)
+    return cut, public.median_us
 
 
 def markdown(pieces, spans) -> str:
@@ -118,19 +133,22 @@ def markdown(pieces, spans) -> str:
              "each timed alone back to back behind a sleep kernel, median over repeats (benchmarks/fused_moe_host.py).",
              "", "| piece | µs | p20 | p80 |", "|---|---|---|---|"]
     lines += [f"| {n} | {m:.2f} | {lo:.2f} | {hi:.2f} |" for n, m, lo, hi in pieces]
-    lines += ["", "GPU: eager calls back to back (torch.profiler); a kernel's duration includes its PDL wait for "
-              "its predecessor, so only the call span adds up.", "", "| layer | T | kernel medians (µs) | call span µs |",
-              "|---|---|---|---|"]
-    lines += [f"| {layer} | {T} | {', '.join(f'{n} {v:.1f}' for n, v in med.items())} | {span:.1f} |"
-              for layer, T, med, span in spans]
+    lines += ["", "GPU: CUDA-graph replay medians over rotating cases (> 3x L2) of the call's kernel chain cut after "
+              "each kernel (prebuilt arguments, PDL as the call launches them): what each kernel adds to the chain, "
+              "and the public op (W4A16, uniform routing, expert-id check off).", "",
+              "| layer | T | routing | + FC1 | + FC2 | + combine (all four) | public op |",
+              "|---|---|---|---|---|---|---|"]
+    lines += [f"| {layer} | {T} | {cut[0]:.1f} | {cut[1]:.1f} | {cut[2]:.1f} | {cut[3]:.1f} | {pub:.1f} |"
+              for layer, T, (cut, pub) in spans]
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="fused_moe_host.md")
+    ap.add_argument("--gpu-only", action="store_true", help="only the kernel-chain table (no host pieces)")
     args = ap.parse_args()
-    text = markdown(host_pieces(), gpu_spans())
+    text = markdown([] if args.gpu_only else host_pieces(), [(layer, T, gpu_chain(layer, T)) for layer, T in SPANS])
     Path(args.out).write_text(text)
     print(f"wrote {args.out}")
 
