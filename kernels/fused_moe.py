@@ -33,7 +33,8 @@ from dataclasses import dataclass
 import torch
 
 from . import dispatch as _dispatch
-from .moe_config import PDL, MoEConfig, MoEGemmConfig, MoEGemmShape, gemm_shapes, heuristic, violations
+from .moe_config import (FC2_EARLY, PDL, MoEConfig, MoEGemmConfig, MoEGemmShape, gemm_shapes, heuristic,
+                         violations)
 from .moe_problem import ACTIVATIONS, DIM_MULTIPLE, MAX_TOP_K, MoEProblem
 from .moe_quant import NVFP4_BLOCK
 from .ops import _get_device, _raw_stream
@@ -55,7 +56,7 @@ def source_hash() -> str:
 
 
 def cache_key(sh: MoEGemmShape, cfg: MoEGemmConfig, arch: str) -> str:
-    raw = repr((_CACHE_VERSION, sh, sorted(cfg.as_dict().items()), arch, source_hash(), PDL))
+    raw = repr((_CACHE_VERSION, sh, sorted(cfg.as_dict().items()), arch, source_hash(), PDL, FC2_EARLY))
     return "moe" + hashlib.sha256(raw.encode()).hexdigest()[:21]
 
 

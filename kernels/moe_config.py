@@ -100,6 +100,17 @@ GEMV_STAGES = (2, 3, 4, 5)
 # DeepSeek-V3 96.9 / 97.7 (results/h100/e2e/fused_moe_decode.md, results/logs/moe_decode_nopdl_h100.md): 1-2 %,
 # as the call's time is inside its kernels (ncu, results/logs/ncu_moe_decode_h100.txt), not between them.
 PDL = os.environ.get("LUTFORGE_MOE_PDL", "1") != "0"
+# Under PDL the decode GEMV's FC2 starts while FC1 runs, after the routing launch has finished (FC1 waits for
+# it before releasing FC2): "regs" reads the tile's expert and rows and issues its first load batch of weights
+# before griddepcontrol.wait, "l2" only pulls those weights into L2 there, "off" waits first
+# (LUTFORGE_MOE_FC2_EARLY; part of the kernels' cache keys, for A/B timing). Why: in graph replay FC2 adds
+# 7.9 us to Qwen3-30B-A3B's T=1 call for 6.3 MB of weights (2.1 us at the copy rate; H100,
+# results/h100/e2e/fused_moe_host.md), most of it the wait, the table reads and the first DRAM round trip in
+# series. "off" (the code before the switch) stays the default until the other modes are timed and checked on
+# the GPU: benchmarks/fused_moe_host.py --gpu-only under each, and the GPU test of back-to-back calls per mode.
+FC2_EARLY = os.environ.get("LUTFORGE_MOE_FC2_EARLY", "off")
+if FC2_EARLY not in ("regs", "l2", "off"):
+    raise ValueError(f"LUTFORGE_MOE_FC2_EARLY must be regs, l2 or off, got {FC2_EARLY!r}")
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,8 @@ Work split (the config's knobs, kernels/moe_config.py, mma="gemv"):
   rounds are loaded together before the first is used (more bytes in flight per round trip where K is long).
   A round past the split's last chunk is skipped by the whole warp (mma is collective); a lane whose chunk
   is past it feeds zeros.
+PDL: FC2 may read the routing tables and load its first batch of weights before waiting for FC1
+(moe_config.FC2_EARLY, an A/B switch; "off" waits first, as every other GEMM).
 Epilogue: the accumulators go to shared memory by (K group, row, weight row), the K groups add there, then
 one thread per (row, column) applies alpha and the activation (gated SiLU, ReLU2), FC2's routing weight and
 output row, and stores; W4A4 FC1 (x quantised by the routing launch) fake-quantises its output in 16-column
@@ -40,12 +42,18 @@ import cutlass
 import cutlass.cute as cute
 from cutlass import Float32, Int32, Int64, Uint16, Uint32, const_expr
 
-from .moe_config import GEMV_CHUNK, PDL, gemv_rows
+from .moe_config import FC2_EARLY, GEMV_CHUNK, PDL, gemv_rows
 from .moe_kernel import (UNDO_SHIFT, MoEGemmSpec, _fake_quantize_block, bf16_halves, block_scale2, expert_of_tile,
                          fp4_pair, routing_tensors)
 from .pdl import await_predecessor_and_release
 
 LANES_K = 4  # lanes t of a quad: consecutive chunks of a row per round
+PREFETCH_BATCHES = 2  # FC2_EARLY=l2: the load batches pulled into L2 before the PDL wait (_prefetch_l2)
+
+
+@cute.jit
+def _prefetch_line(ptr):
+    cute.arch.inline_ptx("prefetch.global.L2 [{$r0}];", read_only_args=[Int64(ptr.toint())])
 
 
 @cute.jit
@@ -78,6 +86,7 @@ class MoEGemvKernel:
         self.bm, self.bn, self.splits = cfg.bm, cfg.bn, cfg.splits
         self.wk, self.wn = cfg.warps_m, cfg.warps_n  # warps along K, along the columns
         self.threads = 32 * self.wk * self.wn
+        self.early = FC2_EARLY if PDL and sh.layer == "fc2" else "off"  # FC2's loads before its wait (kernel)
         self.cols = cfg.bn // cfg.warps_n  # output columns per warp
         self.rows = gemv_rows(sh, cfg)  # weight rows per warp
         self.groups = self.rows // 16  # mma row groups (16 weight rows each) per warp
@@ -114,12 +123,73 @@ class MoEGemvKernel:
                mORows, mOut: cute.Tensor, mEO: cute.Tensor, mTO: cute.Tensor, mGS, n_rows: Int32, n_experts: Int32):
         tidx, _, _ = cute.arch.thread_idx()
         tile, ntile, split = cute.arch.block_idx()
-        await_predecessor_and_release(PDL)  # moe_config.PDL
-        e = expert_of_tile(mTO, tile, n_experts)
+        if const_expr(self.early != "off"):
+            # FC2 launches while FC1 runs (PDL), and the routing launch has finished by then (FC1 waited for it
+            # before releasing this grid): its tables are final and no kernel writes the weights. "regs": the
+            # tile's expert, rows and first load batch of weights come before the wait, only FC1's output (the
+            # activations) after it (_tile); "l2": those weights are pulled into L2 and the tables read again
+            # after the wait
+            e = expert_of_tile(mTO, tile, n_experts)
+            if const_expr(self.early == "l2"):
+                if tile < mTO[n_experts]:
+                    self._prefetch_l2(mW, mSF, e, ntile, split, tidx)
+        if const_expr(self.early != "regs"):
+            await_predecessor_and_release(PDL)  # moe_config.PDL
+            e = expert_of_tile(mTO, tile, n_experts)
         if tile < mTO[n_experts]:
             row0 = mEO[e] + (tile - mTO[e]) * self.bm
             self._tile(mA, mARows, mW, mSF, mAlpha, mScale, mORows, mOut, mGS, e, row0, mEO[e + 1], ntile, split,
                        n_rows, tidx)
+        else:
+            if const_expr(self.early == "regs"):
+                await_predecessor_and_release(PDL)
+
+    @cute.jit
+    def _weight_rows(self, ntile, wn, g):
+        """The lane's weight rows of the expert: group rg's A rows g and g + 8 (gated: column rg*8+g's gate and
+        up rows; else columns rg*16+g and rg*16+g+8 of the warp's)."""
+        wrow = cute.make_rmem_tensor((self.groups * 2,), Int32)
+        col0 = ntile * self.bn + wn * self.cols
+        for rg in cutlass.range_constexpr(self.groups):
+            if const_expr(self.gated):
+                wrow[2 * rg] = col0 + rg * 8 + g
+                wrow[2 * rg + 1] = self.N + col0 + rg * 8 + g
+            else:
+                wrow[2 * rg] = col0 + rg * 16 + g
+                wrow[2 * rg + 1] = col0 + rg * 16 + 8 + g
+        return wrow
+
+    @cute.jit
+    def _prefetch_l2(self, mW, mSF, e, ntile, split, tidx):
+        """Pull the chunks (and block scales) the lane's first PREFETCH_BATCHES load batches read into L2 while
+        the predecessor drains: the same addresses as _tile's loads, so its first rounds hit L2 instead of
+        waiting on DRAM after the wait. Nothing enters L1 or registers."""
+        lane = tidx % 32
+        warp = tidx // 32
+        kw = warp % self.wk
+        wrow = self._weight_rows(ntile, warp // self.wk, lane // 4)
+        mWv = cute.zipped_divide(mW, (1, 1, 4))
+        for it in cutlass.range_constexpr(min(PREFETCH_BATCHES, self.batches)):
+            for q in cutlass.range_constexpr(self.rounds):
+                cc = ((it * self.rounds + q) * self.wk + kw) * LANES_K + lane % 4
+                if cc < self.chunks:
+                    c = split * self.chunks + cc
+                    for r in cutlass.range_constexpr(self.groups * 2):
+                        _prefetch_line(mWv[(0, 0, None), (e, wrow[r], c)].iterator)
+                        if lane % 4 == 0:  # the quad's four chunks' scales: 8 consecutive bytes
+                            _prefetch_line(cute.domain_offset((e, wrow[r], c), mSF).iterator)
+
+    @cute.jit
+    def _load_weights(self, mWv, mSF, ld16, e, wrow, c, cc, q, wq, sf):
+        """Load round `q`'s weight chunks (chunk `cc` of the split, `c` of the row) of the lane's rows and their
+        block scales into wq[q] / sf[q] (zeros past the split's end: the mma is collective)."""
+        for r in cutlass.range_constexpr(self.groups * 2):
+            if cc < self.chunks:
+                cute.copy(ld16, mWv[(0, 0, None), (e, wrow[r], c)], wq[q, r, None])
+                sf[q, r] = Uint32(mSF[e, wrow[r], c])
+            else:
+                wq[q, r, None].fill(0)
+                sf[q, r] = Uint32(0)
 
     @cute.jit
     def _tile(self, mA, mARows, mW, mSF, mAlpha, mScale, mORows, mOut, mGS, e, row0, row_end, ntile, split, n_rows,
@@ -134,17 +204,7 @@ class MoEGemvKernel:
         wn = warp // wk  # and column group
         c_base = split * self.chunks  # the split's first chunk (of the row's K / 32)
 
-        # the lane's weight rows of the expert: group rg's A rows g and g + 8 (gated: column rg*8+g's gate and
-        # up rows; else columns rg*16+g and rg*16+g+8 of the warp's)
-        wrow = cute.make_rmem_tensor((groups * 2,), Int32)
-        col0 = ntile * bn + wn * cols
-        for rg in cutlass.range_constexpr(groups):
-            if const_expr(self.gated):
-                wrow[2 * rg] = col0 + rg * 8 + g
-                wrow[2 * rg + 1] = self.N + col0 + rg * 8 + g
-            else:
-                wrow[2 * rg] = col0 + rg * 16 + g
-                wrow[2 * rg + 1] = col0 + rg * 16 + 8 + g
+        wrow = self._weight_rows(ntile, wn, g)
         # the lane's token of each n-tile (its A row; rows past the expert's end are never read)
         src = cute.make_rmem_tensor((ntok,), Int32)
         live = cute.make_rmem_tensor((ntok,), cutlass.Boolean)
@@ -172,18 +232,21 @@ class MoEGemvKernel:
         sf = cute.make_rmem_tensor(cute.make_layout((rounds, groups * 2), stride=(groups * 2, 1)), Uint32)
         aw = cute.make_rmem_tensor(cute.make_layout((rounds, ntok, 4, 4), stride=(ntok * 16, 16, 1, 4)), Uint32)
         ap = cute.make_rmem_tensor(cute.make_layout((ntok, 16), stride=(16, 1)), Uint32)  # activation pairs
+        if const_expr(self.early == "regs"):  # batch 0's weights before the wait (kernel)
+            for q in cutlass.range_constexpr(rounds):
+                cc0 = (q * wk + kw) * LANES_K + t
+                self._load_weights(mWv, mSF, ld16, e, wrow, c_base + cc0, cc0, q, wq, sf)
+            await_predecessor_and_release(PDL)
         for it in cutlass.range(self.batches, unroll=1):
             # the batch's rounds of weights, scales and activations first: loads in flight before any use
             for q in cutlass.range_constexpr(rounds):
                 cc = ((it * rounds + q) * wk + kw) * LANES_K + t  # the lane's chunk within the split
                 c = c_base + cc
-                for r in cutlass.range_constexpr(groups * 2):
-                    if cc < self.chunks:
-                        cute.copy(ld16, mWv[(0, 0, None), (e, wrow[r], c)], wq[q, r, None])
-                        sf[q, r] = Uint32(mSF[e, wrow[r], c])
-                    else:  # past the split's end: zeros into the collective mma
-                        wq[q, r, None].fill(0)
-                        sf[q, r] = Uint32(0)
+                if const_expr(self.early == "regs"):
+                    if it > 0:  # batch 0's came before the wait
+                        self._load_weights(mWv, mSF, ld16, e, wrow, c, cc, q, wq, sf)
+                else:
+                    self._load_weights(mWv, mSF, ld16, e, wrow, c, cc, q, wq, sf)
                 for j in cutlass.range_constexpr(ntok):
                     if live[j] & (cc < self.chunks):
                         for v in cutlass.range_constexpr(4):
