@@ -12,7 +12,8 @@ GPU: CUDA-graph replay over rotating cases (> 3x L2) of the call's kernel chain 
 prebuilt arguments and PDL as the call launches them: the routing launch alone, then with FC1, with FC2 and
 with the combine (the whole call), beside the public op. The differences say what each kernel adds to a
 call's GPU time (eager spans under a profiler measure the host's launch cadence instead: a call's four
-launches take longer on the host than its kernels on the GPU at decode).
+launches take longer on the host than its kernels on the GPU at decode). --fc2-early off,l2,regs times FC2's
+early-load modes (kernels/moe_config.FC2_EARLY) side by side on the same cases.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import problem_sets  # noqa: E402
 from kernels import fused_moe as fm  # noqa: E402
+from kernels import moe_config as mc  # noqa: E402
 from kernels import moe_runner  # noqa: E402
 from kernels.moe_problem import MoEProblem  # noqa: E402
 from kernels.ops import _raw_stream  # noqa: E402
@@ -113,18 +115,24 @@ def _chains(p: MoEProblem, case) -> list:
     return chains
 
 
-def gpu_chain(layer: str, T: int) -> tuple[list[float], float]:
-    """CUDA-graph replay medians (us) of the call's kernel chain cut after each kernel (routing; + FC1; + FC2;
-    + combine), over rotating cases (> 3x L2, as benchmarks/fused_moe.py), and of the public op itself."""
+def gpu_chain(layer: str, T: int, modes: tuple[str, ...]) -> dict[str, tuple[list[float], float]]:
+    """Per FC2 early-load mode (kernels.moe_config.FC2_EARLY): CUDA-graph replay medians (us) of the call's kernel
+    chain cut after each kernel (routing; + FC1; + FC2; + combine), over rotating cases (> 3x L2, as
+    benchmarks/fused_moe.py), and of the public op itself; every mode on the same cases, one after another."""
     p = problem(layer, T)
     first = moe_runner.make_case(p)
     cases = [first] + moe_runner.make_cases(p, rotation_sets(max(1, first.nbytes), l2_bytes()) - 1, seed=1)
-    per_case = [_chains(p, c) for c in cases]
-    torch.cuda.synchronize()
-    cut = [time_launchers([ch[n] for ch in per_case], set_bytes=first.nbytes).median_us for n in range(4)]
-    public = time_launchers([moe_runner.public_launcher(p, c, "off") for c in cases], set_bytes=first.nbytes)
-    print(layer, T, [f"{v:.1f}" for v in cut], f"public {public.median_us:.1f}", flush=True)
-    return cut, public.median_us
+    out = {}
+    for mode in modes:
+        with fm.fc2_early_mode(mode):
+            per_case = [_chains(p, c) for c in cases]
+            torch.cuda.synchronize()
+            cut = [time_launchers([ch[n] for ch in per_case], set_bytes=first.nbytes).median_us for n in range(4)]
+            public = time_launchers([moe_runner.public_launcher(p, c, "off") for c in cases],
+                                    set_bytes=first.nbytes).median_us
+        out[mode] = (cut, public)
+        print(layer, T, mode, [f"{v:.1f}" for v in cut], f"public {public:.1f}", flush=True)
+    return out
 
 
 def markdown(pieces, spans) -> str:
@@ -136,10 +144,10 @@ def markdown(pieces, spans) -> str:
     lines += ["", "GPU: CUDA-graph replay medians over rotating cases (> 3x L2) of the call's kernel chain cut after "
               "each kernel (prebuilt arguments, PDL as the call launches them): what each kernel adds to the chain, "
               "and the public op (W4A16, uniform routing, expert-id check off).", "",
-              "| layer | T | routing | + FC1 | + FC2 | + combine (all four) | public op |",
-              "|---|---|---|---|---|---|---|"]
-    lines += [f"| {layer} | {T} | {cut[0]:.1f} | {cut[1]:.1f} | {cut[2]:.1f} | {cut[3]:.1f} | {pub:.1f} |"
-              for layer, T, (cut, pub) in spans]
+              "| layer | T | FC2 early loads | routing | + FC1 | + FC2 | + combine (all four) | public op |",
+              "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {layer} | {T} | {mode} | {cut[0]:.1f} | {cut[1]:.1f} | {cut[2]:.1f} | {cut[3]:.1f} | {pub:.1f} |"
+              for layer, T, by_mode in spans for mode, (cut, pub) in by_mode.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -147,8 +155,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="fused_moe_host.md")
     ap.add_argument("--gpu-only", action="store_true", help="only the kernel-chain table (no host pieces)")
+    ap.add_argument("--fc2-early", default=mc.FC2_EARLY, help="FC2 early-load modes to time side by side, comma "
+                                                              "list of off, l2, regs (default: the current one)")
     args = ap.parse_args()
-    text = markdown([] if args.gpu_only else host_pieces(), [(layer, T, gpu_chain(layer, T)) for layer, T in SPANS])
+    modes = tuple(m.strip() for m in args.fc2_early.split(",") if m.strip())
+    for m in modes:  # a bad name fails here, before anything runs
+        with fm.fc2_early_mode(m):
+            pass
+    spans = [(layer, T, gpu_chain(layer, T, modes)) for layer, T in SPANS]
+    text = markdown([] if args.gpu_only else host_pieces(), spans)
     Path(args.out).write_text(text)
     print(f"wrote {args.out}")
 

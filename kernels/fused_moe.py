@@ -551,6 +551,27 @@ class _Launch:
         return launch
 
 
+@contextlib.contextmanager
+def fc2_early_mode(mode: str):
+    """Compile and bind FC2 with moe_config.FC2_EARLY = `mode` inside the block (A/B timing and tests of one
+    process): the kernels' cache keys carry the mode, and the calls bound under the other mode are dropped."""
+    from . import moe_gemv_kernel
+
+    if mode not in ("regs", "l2", "off"):
+        raise ValueError(f"FC2 early mode must be regs, l2 or off, got {mode!r}")
+    global FC2_EARLY
+    saved = FC2_EARLY
+    try:
+        FC2_EARLY = moe_gemv_kernel.FC2_EARLY = mode
+        _bind.cache_clear()
+        _CALLS.clear()
+        yield
+    finally:
+        FC2_EARLY = moe_gemv_kernel.FC2_EARLY = saved
+        _bind.cache_clear()
+        _CALLS.clear()
+
+
 @functools.lru_cache(maxsize=1024)
 def _bind(plan: _Plan, cfg1: MoEGemmConfig, cfg2: MoEGemmConfig) -> _Launch:
     return _Launch(plan, cfg1, cfg2)

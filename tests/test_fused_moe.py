@@ -579,29 +579,32 @@ def test_gemv_backend_compiles_every_layer_and_mode(mode, tile, arch):
 
 
 @pytest.mark.parametrize("early", ["regs", "l2", "off"])
-def test_fc2_early_loads_compile_and_are_in_the_cache_key(early, monkeypatch):
-    """moe_config.FC2_EARLY (the A/B switch of FC2's loads before its PDL wait) compiles the decode GEMV's FC2 in
-    each mode, split and unsplit, within the registers of its constraints; FC1 never moves its wait (its
-    predecessor writes the tables it reads); the mode is part of the kernels' cache key."""
-    from kernels import moe_gemv_kernel
+def test_fc2_early_loads_compile_and_are_in_the_cache_key(early):
+    """moe_config.FC2_EARLY (the A/B switch of FC2's loads before its PDL wait, set for a block by
+    fused_moe.fc2_early_mode) compiles the decode GEMV's FC2 in each mode, split and unsplit, within the
+    registers of its constraints; FC1 never moves its wait (its predecessor writes the tables it reads); the
+    mode is part of the kernels' cache key."""
     from kernels.compile_cache import resource_usage
+    from kernels.moe_gemv_kernel import MoEGemvKernel
     from kernels.moe_kernel import MoEGemmSpec
 
-    monkeypatch.setattr(moe_gemv_kernel, "FC2_EARLY", early)
     fc1, fc2 = gemm_shapes("w4a16", "silu", 2048, 768)
-    for cfg in (MoEGemmConfig(8, 64, warps_m=4, warps_n=4, splits=2, **GEMV),
-                MoEGemmConfig(16, 128, warps_m=2, warps_n=4, **GEMV)):
-        regs, _ = resource_usage(fm.compile_gemm(fc2, cfg, "sm_90a"))
-        assert regs is not None and regs <= 224
-    assert moe_gemv_kernel.MoEGemvKernel(MoEGemmSpec(fc2, MoEGemmConfig(8, 64, warps_m=1, warps_n=4, **GEMV),
-                                                     90)).early == (early if mc.PDL else "off")
-    assert moe_gemv_kernel.MoEGemvKernel(MoEGemmSpec(fc1, MoEGemmConfig(8, 32, warps_m=1, warps_n=4, **GEMV),
-                                                     90)).early == "off"
     cfg = MoEGemmConfig(8, 64, warps_m=1, warps_n=4, **GEMV)
-    monkeypatch.setattr(fm, "FC2_EARLY", "off")
-    off = fm.cache_key(fc2, cfg, "sm_90a")
-    monkeypatch.setattr(fm, "FC2_EARLY", early)
-    assert (fm.cache_key(fc2, cfg, "sm_90a") == off) == (early == "off")
+    with fm.fc2_early_mode("off"):
+        off = fm.cache_key(fc2, cfg, "sm_90a")
+    default = fm.FC2_EARLY
+    with fm.fc2_early_mode(early):
+        for c in (MoEGemmConfig(8, 64, warps_m=4, warps_n=4, splits=2, **GEMV),
+                  MoEGemmConfig(16, 128, warps_m=2, warps_n=4, **GEMV)):
+            regs, _ = resource_usage(fm.compile_gemm(fc2, c, "sm_90a"))
+            assert regs is not None and regs <= 224
+        assert MoEGemvKernel(MoEGemmSpec(fc2, cfg, 90)).early == (early if mc.PDL else "off")
+        assert MoEGemvKernel(MoEGemmSpec(fc1, MoEGemmConfig(8, 32, warps_m=1, warps_n=4, **GEMV), 90)).early == "off"
+        assert (fm.cache_key(fc2, cfg, "sm_90a") == off) == (early == "off")
+    assert fm.FC2_EARLY == default
+    with pytest.raises(ValueError, match="regs, l2 or off"):
+        with fm.fc2_early_mode("early"):
+            pass
 
 
 def test_gemv_constraints_say_what_is_wrong():

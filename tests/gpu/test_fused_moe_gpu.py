@@ -8,6 +8,7 @@ may round to the neighbouring e2m1 code (one FP4 step on a few elements of FC2's
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import pytest
@@ -429,18 +430,16 @@ def test_gemv_agrees_with_mma_sync_at_decode():
 
 
 @pytest.mark.parametrize("fc2_early", ["default", "regs", "l2", "off"])
-def test_back_to_back_eager_calls_share_their_streams_workspace_and_stay_correct(fc2_early, monkeypatch):
+def test_back_to_back_eager_calls_share_their_streams_workspace_and_stay_correct(fc2_early):
     """Calls of two layers and sizes queued without a sync, on the current stream and a side stream: each reuses
     its stream's workspace arena (kernels.fused_moe._workspace) the moment the previous call is done with it.
     Each routing differs from the last, so an FC2 that read stale tables before its PDL wait
     (moe_config.FC2_EARLY, every mode) would compute the wrong experts' rows."""
-    if fc2_early != "default":
-        from kernels import moe_gemv_kernel
+    with contextlib.nullcontext() if fc2_early == "default" else fm.fc2_early_mode(fc2_early):
+        _back_to_back_calls()
 
-        monkeypatch.setattr(moe_gemv_kernel, "FC2_EARLY", fc2_early)
-        monkeypatch.setattr(fm, "FC2_EARLY", fc2_early)
-        fm._bind.cache_clear()  # calls bound under another mode hold its kernels
-        monkeypatch.setattr(fm, "_CALLS", type(fm._CALLS)())
+
+def _back_to_back_calls():
     layers = {H: make_layer(16, H, 128, "silu", "w4a16", seed=H) for H in (256, 512)}
     side = torch.cuda.Stream()
     calls = []
