@@ -368,7 +368,10 @@ WGMMA_256_TILES = tuple(MoEGemmConfig(256, bn, 64, 4, 4, 2, mma="wgmma") for bn 
 # two m-tiles (H100 SXM, W4A16, both GEMMs forced, results/h100/e2e/fused_moe_decode_tiles.md). In that run
 # deeper chunk rounds (stages 3, 5) and other K groups than gemv_warps_m's did not beat the tiles below at T=1
 # on any layer nor at T=64 but Qwen3-30B-A3B (s5 w2x4: 160 vs 192 us): not taken. The public op at the new
-# cut-overs, every output checked: results/h100/e2e/fused_moe_cutovers.md (Mixtral-8x7B T=64 631 us).
+# cut-overs, every output checked: results/h100/e2e/fused_moe_cutovers.md (Mixtral-8x7B T=64 631 us). A later
+# H100 run (results/h100/e2e/fused_moe_decode_rounds*.md, W4A16, every output checked) agreed but for 4 rounds
+# of 2 K groups at gpt-oss-120b T=1 (38.3 vs 41.8 us) and Qwen3-30B-A3B T=8 (77.0 vs 81.3), the same tile
+# 1.1-1.4x slower at gpt-oss-120b T=8 and Mixtral-8x7B / Qwen3-30B-A3B T=64: per-T choices, the LUT's to make.
 GEMV_DECODE = True
 GEMV_ROWS = 16
 GEMV_TILES = tuple(MoEGemmConfig(8, bn, 64, 2, 1, 4, mma="gemv") for bn in (32, 64))
