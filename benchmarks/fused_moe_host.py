@@ -46,20 +46,27 @@ def problem(layer: str, T: int) -> MoEProblem:
     return replace(p, T=T, quant_mode="w4a16", routing="uniform")
 
 
+def _bound(p: MoEProblem, a: dict) -> tuple[tuple, object]:
+    """A case's tensor arguments in fused_moe's order (x .. w2_alpha) and the _Launch the public op binds for
+    them (W4A16, SiLU, no FC2 input scale)."""
+    tensors = (a["x"], a["w1_weight"], a["w1_weight_sf"], a["w2_weight"], a["w2_weight_sf"],
+               a["token_selected_experts"], a["token_final_scales"], a["w1_alpha"], a["w2_alpha"])
+    _, launch = fm._resolve(*tensors, None, a["out"], p.E, p.top_k, p.n_local, 0, "w4a16", "silu", torch.bfloat16,
+                            None)
+    return tensors, launch
+
+
 def host_pieces() -> list[tuple[str, float, float, float]]:
     """(piece, median, p20, p80 host us) of the Qwen3-30B-A3B T=1 W4A16 call's fast path."""
     p = problem("qwen3-30b-a3b", 1)
     a = moe_runner.make_case(p).args
-    tensors = (a["x"], a["w1_weight"], a["w1_weight_sf"], a["w2_weight"], a["w2_weight_sf"],
-               a["token_selected_experts"], a["token_final_scales"], a["w1_alpha"], a["w2_alpha"])
+    tensors, launch = _bound(p, a)
 
     def call(output=None):
         return fm.fused_moe(*tensors[:7], p.E, p.top_k, w1_alpha=a["w1_alpha"], w2_alpha=a["w2_alpha"], output=output,
                             quant_mode="w4a16", check_expert_ids="off")
 
     call(), call(a["out"])
-    _, launch = fm._resolve(*tensors, None, a["out"], p.E, p.top_k, p.n_local, 0, "w4a16", "silu", torch.bfloat16,
-                            None)
     dev = a["x"].device
     ws = torch.empty(launch.ws_bytes, dtype=torch.uint8, device=dev)
     base, st = ws.data_ptr(), _raw_stream(dev.index)
@@ -94,10 +101,7 @@ def _chains(p: MoEProblem, case) -> list:
     """The call's four kernels with prebuilt arguments over a workspace of their own, filled by one full run:
     [routing], [routing, FC1], [.., FC2], [.., combine] as zero-argument launchers (each a chain prefix)."""
     a = case.args
-    tensors = (a["x"], a["w1_weight"], a["w1_weight_sf"], a["w2_weight"], a["w2_weight_sf"],
-               a["token_selected_experts"], a["token_final_scales"], a["w1_alpha"], a["w2_alpha"])
-    _, launch = fm._resolve(*tensors, None, a["out"], p.E, p.top_k, p.n_local, 0, "w4a16", "silu", torch.bfloat16,
-                            None)
+    tensors, launch = _bound(p, a)
     dev = a["x"].device
     ws = torch.empty(launch.ws_bytes, dtype=torch.uint8, device=dev)
     base = ws.data_ptr()
@@ -136,11 +140,12 @@ def gpu_chain(layer: str, T: int, modes: tuple[str, ...]) -> dict[str, tuple[lis
 
 
 def markdown(pieces, spans) -> str:
-    lines = [f"# fused_moe eager call breakdown on {torch.cuda.get_device_name()}", "",
-             "Host µs per piece of a repeated call's fast path (Qwen3-30B-A3B T=1 W4A16, expert-id check off), "
-             "each timed alone back to back behind a sleep kernel, median over repeats (benchmarks/fused_moe_host.py).",
-             "", "| piece | µs | p20 | p80 |", "|---|---|---|---|"]
-    lines += [f"| {n} | {m:.2f} | {lo:.2f} | {hi:.2f} |" for n, m, lo, hi in pieces]
+    lines = [f"# fused_moe eager call breakdown on {torch.cuda.get_device_name()}"]
+    if pieces:  # not under --gpu-only
+        lines += ["", "Host µs per piece of a repeated call's fast path (Qwen3-30B-A3B T=1 W4A16, expert-id check "
+                  "off), each timed alone back to back behind a sleep kernel, median over repeats "
+                  "(benchmarks/fused_moe_host.py).", "", "| piece | µs | p20 | p80 |", "|---|---|---|---|"]
+        lines += [f"| {n} | {m:.2f} | {lo:.2f} | {hi:.2f} |" for n, m, lo, hi in pieces]
     lines += ["", "GPU: CUDA-graph replay medians over rotating cases (> 3x L2) of the call's kernel chain cut after "
               "each kernel (prebuilt arguments, PDL as the call launches them): what each kernel adds to the chain, "
               "and the public op (W4A16, uniform routing, expert-id check off).", "",
@@ -159,9 +164,9 @@ def main() -> None:
                                                               "list of off, l2, regs (default: the current one)")
     args = ap.parse_args()
     modes = tuple(m.strip() for m in args.fc2_early.split(",") if m.strip())
-    for m in modes:  # a bad name fails here, before anything runs
-        with fm.fc2_early_mode(m):
-            pass
+    bad = [m for m in modes if m not in mc.FC2_EARLY_MODES]
+    if bad or not modes:  # before anything runs
+        ap.error(f"--fc2-early takes a comma list of {', '.join(mc.FC2_EARLY_MODES)}, got {args.fc2_early!r}")
     spans = [(layer, T, gpu_chain(layer, T, modes)) for layer, T in SPANS]
     text = markdown([] if args.gpu_only else host_pieces(), spans)
     Path(args.out).write_text(text)

@@ -33,8 +33,8 @@ from dataclasses import dataclass
 import torch
 
 from . import dispatch as _dispatch
-from .moe_config import (FC2_EARLY, FC2_EARLY_MODES, PDL, MoEConfig, MoEGemmConfig, MoEGemmShape, gemm_shapes,
-                         heuristic, violations)
+from .moe_config import (FC2_EARLY, FC2_EARLY_CHOICES, FC2_EARLY_MODES, PDL, MoEConfig, MoEGemmConfig,
+                         MoEGemmShape, gemm_shapes, heuristic, violations)
 from .moe_problem import ACTIVATIONS, DIM_MULTIPLE, MAX_TOP_K, MoEProblem
 from .moe_quant import NVFP4_BLOCK
 from .ops import _get_device, _raw_stream
@@ -558,7 +558,7 @@ def fc2_early_mode(mode: str):
     from . import moe_gemv_kernel
 
     if mode not in FC2_EARLY_MODES:
-        raise ValueError(f"FC2 early mode must be regs, l2 or off, got {mode!r}")
+        raise ValueError(f"FC2 early mode must be {FC2_EARLY_CHOICES}, got {mode!r}")
     global FC2_EARLY
     saved = FC2_EARLY
     try:

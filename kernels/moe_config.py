@@ -109,9 +109,10 @@ PDL = os.environ.get("LUTFORGE_MOE_PDL", "1") != "0"
 # series. "off" (the code before the switch) stays the default until the other modes are timed and checked on
 # the GPU: benchmarks/fused_moe_host.py --gpu-only under each, and the GPU test of back-to-back calls per mode.
 FC2_EARLY_MODES = ("regs", "l2", "off")
+FC2_EARLY_CHOICES = f"{', '.join(FC2_EARLY_MODES[:-1])} or {FC2_EARLY_MODES[-1]}"  # as error messages name them
 FC2_EARLY = os.environ.get("LUTFORGE_MOE_FC2_EARLY", "off")
 if FC2_EARLY not in FC2_EARLY_MODES:
-    raise ValueError(f"LUTFORGE_MOE_FC2_EARLY must be regs, l2 or off, got {FC2_EARLY!r}")
+    raise ValueError(f"LUTFORGE_MOE_FC2_EARLY must be {FC2_EARLY_CHOICES}, got {FC2_EARLY!r}")
 
 
 @dataclass(frozen=True)
