@@ -5,8 +5,10 @@
 Host: each piece of the call's fast path (a repeated argument signature) timed alone the way sweep/host_cost.py
 times whole calls: N back-to-back calls behind a sleep kernel, median over repeats. The pieces: the signature
 key (kernels/fused_moe._call_key), the workspace (the stream's arena, kernels/fused_moe._workspace, against a
-torch.empty of the same size), the output's torch.empty, the launch arguments (_Launch.arguments), each kernel's
-TVM-FFI call alone (prebuilt arguments), the four together (the floor) and _Launch.run. Qwen3-30B-A3B, T=1, W4A16.
+torch.empty of the same size), the output's torch.empty, the launch arguments (_Launch.arguments), the layer's
+launches with prebuilt arguments (the floor: with LUTFORGE_MOE_LAYER_CALL=1 one TVM-FFI call of the layer
+function, kernels/moe_layer_kernel.py), each kernel's own function called alone and the four of them back to
+back, and _Launch.run. Qwen3-30B-A3B, T=1, W4A16.
 
 GPU: CUDA-graph replay over rotating cases (> 3x L2) of the call's kernel chain cut after each kernel, with
 prebuilt arguments and PDL as the call launches them: the routing launch alone, then with FC1, with FC2 and
@@ -71,7 +73,8 @@ def host_pieces() -> list[tuple[str, float, float, float]]:
     ws = torch.empty(launch.ws_bytes, dtype=torch.uint8, device=dev)
     base, st = ws.data_ptr(), _raw_stream(dev.index)
     run_args = (*tensors, None, a["out"], 0, p.E)
-    route, fc1, fc2, comb = launch.arguments(base, base, *tensors, None, a["out"], 0, p.E, st)
+    route, fc1, fc2, comb = launch.split_arguments(base, base, *tensors, None, a["out"], 0, p.E, st)
+    fns = launch.parts()
     pieces = {
         "public op (output allocated)": (call, 4),
         "public op (output given)": (lambda: call(a["out"]), 4),
@@ -83,12 +86,13 @@ def host_pieces() -> list[tuple[str, float, float, float]]:
             lambda: torch.empty(launch.ws_bytes, dtype=torch.uint8, device=dev), 1),
         "launch arguments (_Launch.arguments)": (
             lambda: launch.arguments(base, base, *tensors, None, a["out"], 0, p.E, st), 1),
-        "routing TVM-FFI call": (lambda: launch.route(*route), 1),
-        "FC1 TVM-FFI call": (lambda: launch.fc1(*fc1), 1),
-        "FC2 TVM-FFI call": (lambda: launch.fc2(*fc2), 1),
-        "combine TVM-FFI call": (lambda: launch.combine(*comb), 1),
-        "four calls, prebuilt arguments (the floor)": (launch.floor(*run_args), 4),
-        "_Launch.run (arena, arguments, four calls)": (lambda: launch.run(*run_args, "off"), 4),
+        "the call's kernels, prebuilt arguments (the floor)": (launch.floor(*run_args), 4),
+        "routing function alone": (lambda: fns[0](*route), 1),
+        "FC1 function alone": (lambda: fns[1](*fc1), 1),
+        "FC2 function alone": (lambda: fns[2](*fc2), 1),
+        "combine function alone": (lambda: fns[3](*comb), 1),
+        "the four functions back to back": (lambda: (fns[0](*route), fns[1](*fc1), fns[2](*fc2), fns[3](*comb)), 4),
+        "_Launch.run (arena, arguments, launches)": (lambda: launch.run(*run_args, "off"), 4),
     }
     out = []
     for name, (fn, launches) in pieces.items():
@@ -105,12 +109,12 @@ def _chains(p: MoEProblem, case) -> list:
     dev = a["x"].device
     ws = torch.empty(launch.ws_bytes, dtype=torch.uint8, device=dev)
     base = ws.data_ptr()
-    fns = (launch.route, launch.fc1, launch.fc2, launch.combine)
+    fns = launch.parts()
 
     def prefix(n: int):
         def run(ws=ws):  # ws held: the pointers stay valid; the stream is the current one (a graph captures)
-            args = launch.arguments(base, base + launch.off["bad"], *tensors, None, a["out"], 0, p.E,
-                                    _raw_stream(dev.index))
+            args = launch.split_arguments(base, base + launch.off["bad"], *tensors, None, a["out"], 0, p.E,
+                                          _raw_stream(dev.index))
             for f, x in zip(fns[:n], args[:n]):
                 f(*x)
         return run

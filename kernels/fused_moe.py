@@ -10,7 +10,8 @@ Numerics and scale conventions: kernels/moe_quant.py; the float reference: kerne
 Host cost: a repeated signature costs a dict lookup, its workspace (routing tables, FC1's output and FC2's
 partials are byte ranges of it, passed as integer pointers; eager calls up to decode and mid-batch sizes reuse
 their stream's arena, _workspace, instead of allocating), the output's allocation when none is given and
-four TVM-FFI calls on the raw current stream (W4A4's quantised x is one more byte range); the
+four TVM-FFI calls on the raw current stream (W4A4's quantised x is one more byte range), or with
+LUTFORGE_MOE_LAYER_CALL=1 one call that launches all four kernels (kernels/moe_layer_kernel.py); the
 functions, grids and workspace layout are bound once per signature (_Launch).
 
 Expert ids are checked against [0, num_experts) without a host sync by default: the routing kernel counts
@@ -28,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import os
 from dataclasses import dataclass
 
 import torch
@@ -42,7 +44,7 @@ from .ops import _get_device, _raw_stream
 QUANT_ALIASES = {"nvfp4": "nvfp4", "w4a4": "nvfp4", "w4a16": "w4a16"}
 PRECISION_ALIASES = {"fp4": "nvfp4", "bf16": "w4a16"}
 _SOURCES = ("moe_kernel.py", "moe_wgmma_kernel.py", "moe_gemv_kernel.py", "moe_config.py", "moe_route_kernel.py",
-            "moe_combine_kernel.py", "pdl.py")
+            "moe_combine_kernel.py", "moe_layer_kernel.py", "pdl.py")
 _CACHE_VERSION = 1
 _FP4_DTYPES = tuple(getattr(torch, n) for n in ("uint8", "float4_e2m1fn_x2") if hasattr(torch, n))
 _SF_DTYPES = (torch.float8_e4m3fn, torch.uint8)
@@ -129,13 +131,28 @@ def combine_spec(p: MoEProblem, cfg):
     return MoECombineSpec(p.top_k, cfg.gemm("fc2").splits, p.H)
 
 
-def _layer_kernels(p: MoEProblem, cfg, arch: str) -> list[tuple[str, object]]:
-    """(disk-cache key, compile function) of every kernel one call runs: FC1, FC2, routing and combine."""
+def layer_spec(p: MoEProblem, cfg1: MoEGemmConfig, cfg2: MoEGemmConfig, ids_dtype: str = "int32",
+               scale_dtype: str = "fp32"):
+    """The four kernels (kernels/moe_layer_kernel.MoELayerSpec) a call of layer `p` runs with GEMM configs
+    `cfg1`, `cfg2` and routing ids and weights of these dtypes."""
+    from .moe_combine_kernel import MoECombineSpec
+    from .moe_layer_kernel import MoELayerSpec
+
     fc1, fc2 = gemm_shapes(p.quant_mode, p.activation, p.H, p.I)
-    spec, comb = route_spec(p, cfg.bm, cfg.bm), combine_spec(p, cfg)
-    return ([(cache_key(sh, cfg.gemm(sh.layer), arch), functools.partial(compile_gemm, sh, cfg.gemm(sh.layer), arch))
-             for sh in (fc1, fc2)] + [(route_cache_key(spec, arch), functools.partial(compile_route, spec, arch)),
-                                      (combine_cache_key(comb, arch), functools.partial(compile_combine, comb, arch))])
+    return MoELayerSpec(route_spec(p, cfg1.bm, cfg2.bm, ids_dtype, scale_dtype), fc1, cfg1, fc2, cfg2,
+                        MoECombineSpec(p.top_k, cfg2.splits, p.H))
+
+
+def _layer_kernels(p: MoEProblem, cfg, arch: str) -> list[tuple[str, object]]:
+    """(disk-cache key, compile function) of every function one call can run: the layer's one host function
+    (every eager call and graph capture but check_expert_ids="sync"), then FC1, FC2, routing and combine alone
+    (the "sync" check and the benchmarks' kernel chain)."""
+    ls = layer_spec(p, cfg.gemm("fc1"), cfg.gemm("fc2"))
+    return [(layer_function_key(ls, arch), functools.partial(compile_layer, ls, arch))] + [
+        (cache_key(sh, c, arch), functools.partial(compile_gemm, sh, c, arch))
+        for sh, c in ((ls.fc1, ls.cfg1), (ls.fc2, ls.cfg2))] + [
+        (route_cache_key(ls.route, arch), functools.partial(compile_route, ls.route, arch)),
+        (combine_cache_key(ls.combine, arch), functools.partial(compile_combine, ls.combine, arch))]
 
 
 def layer_cache_key(p: MoEProblem, cfg, arch: str) -> str:
@@ -153,6 +170,59 @@ def precompile_layer(p: MoEProblem, cfg, arch: str):
     worst = lambda vals: max((v for v in vals if v is not None), default=None)  # noqa: E731
     return CompileInfo(sum(i.compile_s for i in infos), worst(i.registers for i in infos),
                        worst(i.smem_bytes for i in infos), all(i.from_cache for i in infos))
+
+
+def compile_layer(ls, arch: str):
+    """Compile a call's four kernels behind one host function (kernels/moe_layer_kernel.py) for `arch` (no
+    GPU needed); ValueError for a GEMM config the constraints reject there."""
+    import cutlass
+    from cutlass.base_dsl.enums import AddressSpace
+    from cutlass.cute.runtime import make_fake_stream, nullptr
+
+    from .compile_cache import arch_number, compile_dsl
+    from .moe_combine_kernel import MoECombineKernel
+    from .moe_kernel import MoEGemmSpec
+    from .moe_layer_kernel import MoELayerKernel
+    from .moe_route_kernel import MoERouteKernel
+
+    sm = arch_number(arch)
+    for sh, c in ((ls.fc1, ls.cfg1), (ls.fc2, ls.cfg2)):
+        why = violations(sh, c, sm)
+        if why:
+            raise ValueError(f"invalid config {c.short()} for {sh} on {arch}: {'; '.join(why)}")
+
+    def ptr(dt, align=4):
+        return nullptr(dt, AddressSpace.gmem, assumed_align=align)
+
+    i32, i64, u8 = cutlass.Int32(0), cutlass.Int64(0), cutlass.Uint8
+    q = bool(ls.route.quant_h)
+    ids = cutlass.Int32 if ls.route.ids_dtype == "int32" else cutlass.Int64
+    sc = cutlass.Float32 if ls.route.scale_dtype == "fp32" else cutlass.BFloat16
+    bf = functools.partial(ptr, cutlass.BFloat16, 16)
+    args = (ptr(ids), ptr(sc), bf() if q else None, bf() if q else None, bf(), ptr(u8, 16), ptr(u8, 16),
+            ptr(cutlass.Float32), ptr(cutlass.Float32) if ls.fc1.quant_out else None, ptr(u8, 16), ptr(u8, 16),
+            ptr(cutlass.Float32), bf(), *(ptr(cutlass.Int32) for _ in range(5)), ptr(cutlass.Float32),
+            ptr(cutlass.Int32), ptr(cutlass.Int32), bf(), ptr(cutlass.Float32, 16), *(i32,) * 7, *(i64,) * 4, i32,
+            i32, make_fake_stream(use_tvm_ffi_env_stream=False))
+    kernel = MoELayerKernel(MoERouteKernel(ls.route), gemm_kernel_class(ls.cfg1)(MoEGemmSpec(ls.fc1, ls.cfg1, sm)),
+                            gemm_kernel_class(ls.cfg2)(MoEGemmSpec(ls.fc2, ls.cfg2, sm)),
+                            MoECombineKernel(ls.combine), ls.cfg2.splits)
+    return compile_dsl(kernel, args, arch, f"fused_moe layer {ls}")
+
+
+def layer_function_key(ls, arch: str) -> str:
+    """The disk-cache name of a layer's one host function: its four kernels' own keys hashed together."""
+    raw = repr((_CACHE_VERSION, cache_key(ls.fc1, ls.cfg1, arch), cache_key(ls.fc2, ls.cfg2, arch),
+                route_cache_key(ls.route, arch), combine_cache_key(ls.combine, arch)))
+    return "moel" + hashlib.sha256(raw.encode()).hexdigest()[:20]
+
+
+@functools.lru_cache(maxsize=1024)
+def get_layer(ls, arch: str):
+    """A layer's one host function, memoised like get_route."""
+    from .compile_cache import cached_function
+
+    return cached_function(layer_function_key(ls, arch), arch, lambda: compile_layer(ls, arch))
 
 
 def compile_route(spec, arch: str):
@@ -344,6 +414,10 @@ def _validate(x, w1, w1sf, w2, w2sf, ids, sc, w1_alpha, w2_alpha, fc2_input_scal
 
 
 _PLANS: dict = {}  # argument signature -> [_Plan, _Launch of the dispatched configs or None]
+# One TVM-FFI call launches a call's four kernels (kernels/moe_layer_kernel.py) when on; off, the four separate
+# functions are called one after another, as before it. Off by default until the fused-MoE GPU tests and the host
+# breakdown (benchmarks/fused_moe_host.py) have run it on a GPU. The "sync" check always calls the four.
+LAYER_CALL = os.environ.get("LUTFORGE_MOE_LAYER_CALL", "0") == "1"
 _CALLS: dict = {}  # a call's whole signature (tensors and options) -> (_Plan, _Launch or None, check mode, fc2s used)
 PLAN_CACHE_SIZE = 4096  # signatures kept (T varies per batch; the weights' signature does not)
 
@@ -457,52 +531,56 @@ CHECK_MODES = {"deferred": "deferred", "sync": "sync", "off": "off", True: "defe
 
 
 class _Launch:
-    """One call's kernels bound for an argument signature and a config pair: functions, grids, workspace
-    layout and the launch arguments that do not change between calls."""
+    """One call's kernels bound for an argument signature and a config pair: the layer's host function, grids,
+    workspace layout and the launch arguments that do not change between calls."""
 
-    __slots__ = ("device", "route", "fc1", "fc2", "combine", "ws_bytes", "off", "offsets", "P", "n_local",
-                 "fc1_tail", "fc2_tail", "comb_tail", "T", "n_quant")
+    __slots__ = ("device", "spec", "arch", "layer", "_parts", "ws_bytes", "off", "offsets", "n_quant", "fixed")
 
     def __init__(self, plan: _Plan, cfg1: MoEGemmConfig, cfg2: MoEGemmConfig):
-        from .moe_combine_kernel import MoECombineSpec, grid_for
+        from .moe_combine_kernel import grid_for
         from .moe_route_kernel import quant_ctas
 
-        p, arch = plan.problem, plan.arch
-        self.device, self.T, self.P, self.n_local = plan.device, p.T, p.pairs, p.n_local
-        P, El = self.P, self.n_local
-        spec = route_spec(p, cfg1.bm, cfg2.bm, plan.ids_dtype, plan.scale_dtype)
-        self.route = get_route(spec, arch)
-        self.n_quant = quant_ctas(spec, p.T)  # W4A4: the routing launch's CTAs quantising x into xq
-        self.fc1, self.fc2 = get_compiled(plan.fc1, cfg1, arch), get_compiled(plan.fc2, cfg2, arch)
-        comb = MoECombineSpec(p.top_k, cfg2.splits, p.H)
-        self.combine = get_combine(comb, arch)
-        off, self.ws_bytes = workspace_layout(El, P, p.I, p.H, cfg2.splits, p.T if self.n_quant else 0)
+        p = plan.problem
+        self.device, self.arch = plan.device, plan.arch
+        self.spec = layer_spec(p, cfg1, cfg2, plan.ids_dtype, plan.scale_dtype)
+        self.layer = get_layer(self.spec, plan.arch) if LAYER_CALL else None
+        self._parts = None
+        self.n_quant = quant_ctas(self.spec.route, p.T)  # W4A4: the routing launch's CTAs quantising x into xq
+        off, self.ws_bytes = workspace_layout(p.n_local, p.pairs, p.I, p.H, cfg2.splits, p.T if self.n_quant else 0)
         self.off = off
         self.offsets = tuple(off[n] for n in _RUN_BUFFERS)
-        s1, s1f, s2, s2f = plan.w_strides
-        grid1 = -(-P // cfg1.bm) + min(El, P)  # m-tiles of every expert, at most one partial tile each
-        grid2 = -(-P // cfg2.bm) + min(El, P)
-        # (a_count, n_rows, n_experts, grid_m, w_stride_e, sf_stride_e, out_count) of MoEGemmKernel.__call__
-        self.fc1_tail = (p.T, P, El, grid1, s1, s1f, P)
-        self.fc2_tail = (P, P, El, grid2, s2, s2f, cfg2.splits * P)
-        self.comb_tail = (p.T, P, grid_for(comb, p.T))
+        P, El = p.pairs, p.n_local
+        # m-tiles of every expert, at most one partial tile each
+        grid1, grid2 = -(-P // cfg1.bm) + min(El, P), -(-P // cfg2.bm) + min(El, P)
+        # T .. w2_sf_stride_e of kernels/moe_layer_kernel.ARGUMENTS
+        self.fixed = (p.T, P, El, self.n_quant, grid1, grid2, grid_for(self.spec.combine, p.T), *plan.w_strides)
+
+    def parts(self) -> tuple:
+        """The routing, FC1, FC2 and combine kernels as separate functions (loaded on first use): what the
+        "sync" expert-id check and the kernel-chain benchmarks launch one at a time."""
+        if self._parts is None:
+            s, arch = self.spec, self.arch
+            self._parts = (get_route(s.route, arch), get_compiled(s.fc1, s.cfg1, arch),
+                           get_compiled(s.fc2, s.cfg2, arch), get_combine(s.combine, arch))
+        return self._parts
 
     def arguments(self, base: int, bad: int, x, w1, w1sf, w2, w2sf, ids, scales, alpha1, alpha2, gs, out,
-                  offset: int, num_experts: int, st) -> tuple[tuple, tuple, tuple, tuple]:
-        """The four kernels' arguments (routing, FC1, FC2, combine) over the workspace at `base`, the routing
-        kernel counting bad expert ids at `bad`."""
+                  offset: int, num_experts: int, st) -> tuple:
+        """The layer function's arguments (kernels/moe_layer_kernel.ARGUMENTS) over the workspace at `base`,
+        the routing kernel counting bad expert ids at `bad`."""
         eo, to1, to2, a_rows, out_rows, row_scale, valid, _, inter, y, xq = [base + o for o in self.offsets]
-        quant = (x.data_ptr(), xq) if self.n_quant else (None, None)  # W4A4: x in, its quantised rows out
-        route = (ids.data_ptr(), scales.data_ptr(), eo, to1, to2, a_rows, out_rows, row_scale, valid, bad, self.P,
-                 offset, num_experts, *quant, self.n_quant, st)
-        # W4A4: FC1 reads x as the routing launch quantised it (xq) and fake-quantises its own output
-        fc1 = (xq if self.n_quant else x.data_ptr(), a_rows, w1.data_ptr(), w1sf.data_ptr(), alpha1.data_ptr(), None,
-               None, inter, eo, to1, *self.fc1_tail, None if gs is None else gs.data_ptr(), st)
-        fc2 = (inter, None, w2.data_ptr(), w2sf.data_ptr(), alpha2.data_ptr(), row_scale, out_rows, y, eo, to2,
-               *self.fc2_tail, None, st)
-        # fp32 sum over the K splits and the token's local pairs, one rounding (kernels/moe_combine_kernel.py)
-        comb = (y, valid, out.data_ptr(), *self.comb_tail, st)
-        return route, fc1, fc2, comb
+        xp = x.data_ptr()
+        q = self.n_quant  # W4A4: x in, its quantised rows out, FC1 reading those
+        return (ids.data_ptr(), scales.data_ptr(), xp if q else None, xq if q else None, xq if q else xp,
+                w1.data_ptr(), w1sf.data_ptr(), alpha1.data_ptr(), None if gs is None else gs.data_ptr(),
+                w2.data_ptr(), w2sf.data_ptr(), alpha2.data_ptr(), out.data_ptr(), eo, to1, to2, a_rows, out_rows,
+                row_scale, valid, bad, inter, y, *self.fixed, offset, num_experts, st)
+
+    def split_arguments(self, *args) -> tuple[tuple, tuple, tuple, tuple]:
+        """`arguments(*args)` as the four separate kernels' (routing, FC1, FC2, combine)."""
+        from .moe_layer_kernel import split_arguments
+
+        return split_arguments(self.arguments(*args), self.spec.cfg2.splits)
 
     def run(self, x, w1, w1sf, w2, w2sf, ids, scales, alpha1, alpha2, gs, out, offset: int, num_experts: int,
             check: str):
@@ -522,33 +600,44 @@ class _Launch:
             if check == "sync":
                 words.host[1] = 0
                 bad = words.sync_ptr
-        route, fc1, fc2, comb = self.arguments(b, bad, x, w1, w1sf, w2, w2sf, ids, scales, alpha1, alpha2, gs, out,
-                                               offset, num_experts, st)
-        self.route(*route)
+        if check != "sync" and LAYER_CALL:
+            self.layer(*self.arguments(b, bad, x, w1, w1sf, w2, w2sf, ids, scales, alpha1, alpha2, gs, out, offset,
+                                       num_experts, st))
+            return out
+        route, fc1, fc2, comb = self.split_arguments(b, bad, x, w1, w1sf, w2, w2sf, ids, scales, alpha1, alpha2, gs,
+                                                     out, offset, num_experts, st)
+        fns = self.parts()
+        fns[0](*route)
         if check == "sync":
             torch.cuda.current_stream(dev).synchronize()
             n_bad = int(words.host[1])
             _need(n_bad == 0, f"token_selected_experts holds {n_bad} ids outside [0, num_experts={num_experts})")
-        self.fc1(*fc1)
-        self.fc2(*fc2)
-        self.combine(*comb)
+        fns[1](*fc1)
+        fns[2](*fc2)
+        fns[3](*comb)
         return out
 
     def floor(self, x, w1, w1sf, w2, w2sf, ids, scales, alpha1, alpha2, gs, out, offset: int, num_experts: int):
-        """A zero-argument callable launching the four kernels with every argument prebuilt (workspace held,
+        """A zero-argument callable launching the call's kernels with every argument prebuilt (workspace held,
         stream fixed): what `run` costs without its Python, the floor of the call path's host cost."""
+        from .moe_layer_kernel import split_arguments
+
         ws = torch.empty(self.ws_bytes, dtype=torch.uint8, device=self.device)
         b = ws.data_ptr()
-        route, fc1, fc2, comb = self.arguments(b, b + self.off["bad"], x, w1, w1sf, w2, w2sf, ids, scales, alpha1,
-                                               alpha2, gs, out, offset, num_experts, _raw_stream(self.device.index))
-        fns = (self.route, self.fc1, self.fc2, self.combine)
+        args = self.arguments(b, b + self.off["bad"], x, w1, w1sf, w2, w2sf, ids, scales, alpha1, alpha2, gs, out,
+                              offset, num_experts, _raw_stream(self.device.index))
+        if self.layer is not None:
+            fn = self.layer
 
-        def launch(ws=ws):  # ws held: the pointers stay valid
-            fns[0](*route)
-            fns[1](*fc1)
-            fns[2](*fc2)
-            fns[3](*comb)
-        return launch
+            def launch(ws=ws):  # ws held: the pointers stay valid
+                fn(*args)
+            return launch
+        parts = tuple(zip(self.parts(), split_arguments(args, self.spec.cfg2.splits)))
+
+        def launch_parts(ws=ws):
+            for f, a in parts:
+                f(*a)
+        return launch_parts
 
 
 @contextlib.contextmanager

@@ -719,3 +719,67 @@ def test_eager_workspace_arena_is_per_stream_grows_and_is_never_used_by_captures
     assert huge is not big and fm._workspace(1000, dev, stream=7) is big  # too large: allocated per call
     monkeypatch.setattr(fm, "_capturing", lambda: True)
     assert fm._workspace(1000, dev, stream=7) is not big  # a capture allocates from the graph's pool
+
+
+def _former_arguments(launch, base, bad, x, w1, w1sf, w2, w2sf, ids, sc, a1, a2, gs, out, offset, num_experts, st):
+    """The four kernels' arguments as the call passed them before one host function launched all four (the
+    separate functions' __call__ signatures), from the bound launch's layer spec and fixed values."""
+    eo, to1, to2, a_rows, out_rows, row_scale, valid, _, inter, y, xq = [base + o for o in launch.offsets]
+    T, P, El, nq, g1, g2, gc, s1, s1f, s2, s2f = launch.fixed
+    quant = (x.data_ptr(), xq) if nq else (None, None)
+    route = (ids.data_ptr(), sc.data_ptr(), eo, to1, to2, a_rows, out_rows, row_scale, valid, bad, P, offset,
+             num_experts, *quant, nq, st)
+    fc1 = (xq if nq else x.data_ptr(), a_rows, w1.data_ptr(), w1sf.data_ptr(), a1.data_ptr(), None, None, inter, eo,
+           to1, T, P, El, g1, s1, s1f, P, None if gs is None else gs.data_ptr(), st)
+    fc2 = (inter, None, w2.data_ptr(), w2sf.data_ptr(), a2.data_ptr(), row_scale, out_rows, y, eo, to2, P, P, El, g2,
+           s2, s2f, launch.spec.cfg2.splits * P, None, st)
+    return route, fc1, fc2, (y, valid, out.data_ptr(), T, P, gc, st)
+
+
+@pytest.mark.parametrize("quant_mode, ids_dtype, scale_dtype, T, splits", [
+    ("w4a16", torch.int32, torch.float32, 1, 2), ("nvfp4", torch.int64, torch.bfloat16, 5, 1)])
+def test_one_host_function_launches_the_four_kernels_with_their_former_arguments(quant_mode, ids_dtype, scale_dtype,
+                                                                                  T, splits, monkeypatch):
+    """A call's four kernels behind one TVM-FFI function (kernels/moe_layer_kernel.py): it compiles for sm_90a
+    (W4A16 and W4A4, both id and weight dtypes, FC2 split and unsplit) into one object holding the four
+    kernels; its parameters are moe_layer_kernel.ARGUMENTS, which _Launch.arguments fills; split back into the
+    separate kernels' arguments they are exactly what the call passed those before, and each kernel's tuple
+    has its __call__'s arity."""
+    from kernels.compile_cache import cache_dir
+    from kernels.moe_combine_kernel import MoECombineKernel
+    from kernels.moe_layer_kernel import ARGUMENTS, MoELayerKernel
+    from kernels.moe_route_kernel import MoERouteKernel
+
+    E, k, H, I = 8, 2, 256, 128  # noqa: E741
+    shapes = gemm_shapes(quant_mode, "silu", H, I)
+    cfg1 = MoEGemmConfig(8, 32, warps_m=1, warps_n=4, **GEMV)
+    cfg2 = MoEGemmConfig(8, 64, warps_m=1, warps_n=4, splits=splits, **GEMV)
+    assert not violations(shapes[0], cfg1) and not violations(shapes[1], cfg2)
+    p = mp.MoEProblem("fused_moe", T, E, k, H, I, quant_mode, "silu", "uniform", 0)
+    plan = fm._Plan(p, *shapes, "sm_90a", torch.device("cuda", 0), "int32" if ids_dtype == torch.int32 else "int64",
+                    "fp32" if scale_dtype == torch.float32 else "bf16", (1 << 20, 1 << 16, 1 << 20, 1 << 16))
+    monkeypatch.setattr(fm, "LAYER_CALL", False)
+    assert fm._Launch(plan, cfg1, cfg2).layer is None  # off: the four functions, loaded on first use
+    monkeypatch.setattr(fm, "LAYER_CALL", True)
+    launch = fm._Launch(plan, cfg1, cfg2)  # compiles (or loads) the layer function; no GPU needed
+    assert type(launch.layer).__name__ == "Function"
+    key = fm.layer_function_key(launch.spec, "sm_90a")
+    objects = cache_dir() / f"{key}.o"
+    assert objects.exists() and objects.read_bytes().count(b".text.kernel_cutlass_kernel_kernels") >= 4
+
+    params = list(inspect.signature(MoELayerKernel.__call__).parameters)[1:]
+    assert [n.removesuffix("_ptr") for n in params] == list(ARGUMENTS)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(T, H, generator=g).bfloat16()
+    w1, w1sf = torch.zeros(E, 2 * I, H // 2, dtype=torch.uint8), torch.zeros(E, 2 * I, H // 16, dtype=torch.uint8)
+    w2, w2sf = torch.zeros(E, H, I // 2, dtype=torch.uint8), torch.zeros(E, H, I // 16, dtype=torch.uint8)
+    ids, sc = torch.zeros(T, k, dtype=ids_dtype), torch.zeros(T, k, dtype=scale_dtype)
+    a1, a2, out = torch.ones(E), torch.ones(E), torch.empty(T, H, dtype=torch.bfloat16)
+    gs = torch.ones(1) if quant_mode == "nvfp4" else None
+    call = (1 << 32, (1 << 32) + 96, x, w1, w1sf, w2, w2sf, ids, sc, a1, a2, gs, out, 3, 11, 77)
+    args = launch.arguments(*call)
+    assert len(args) == len(ARGUMENTS)
+    assert launch.split_arguments(*call) == _former_arguments(launch, *call)
+    kernels = (MoERouteKernel, fm.gemm_kernel_class(cfg1), fm.gemm_kernel_class(cfg2), MoECombineKernel)
+    for cls, part in zip(kernels, launch.split_arguments(*call)):
+        assert len(part) == len(inspect.signature(cls.__call__).parameters) - 1, cls.__name__
