@@ -98,15 +98,21 @@ def gemm_kernel_class(cfg: MoEGemmConfig):
     return MoEGemmKernel
 
 
+def _refuse_invalid(sh: MoEGemmShape, cfg: MoEGemmConfig, arch: str) -> None:
+    from .compile_cache import arch_number
+
+    why = violations(sh, cfg, arch_number(arch))
+    if why:
+        raise ValueError(f"invalid config {cfg.short()} for {sh} on {arch}: {'; '.join(why)}")
+
+
 def compile_gemm(sh: MoEGemmShape, cfg: MoEGemmConfig, arch: str):
     """Compile one grouped GEMM for `arch` as a TVM-FFI function (no GPU needed); ValueError for a config
     the constraints reject there (e.g. mma="wgmma" for sm_100a)."""
     from .compile_cache import arch_number, compile_dsl
     from .moe_kernel import MoEGemmSpec
 
-    why = violations(sh, cfg, arch_number(arch))
-    if why:
-        raise ValueError(f"invalid config {cfg.short()} for {sh} on {arch}: {'; '.join(why)}")
+    _refuse_invalid(sh, cfg, arch)
     return compile_dsl(gemm_kernel_class(cfg)(MoEGemmSpec(sh, cfg, arch_number(arch))), _fake_args(sh), arch,
                        f"fused_moe {sh.layer} K={sh.K} N={sh.N} {cfg.short()}")
 
@@ -144,11 +150,12 @@ def layer_spec(p: MoEProblem, cfg1: MoEGemmConfig, cfg2: MoEGemmConfig, ids_dtyp
 
 
 def _layer_kernels(p: MoEProblem, cfg, arch: str) -> list[tuple[str, object]]:
-    """(disk-cache key, compile function) of every function one call can run: the layer's one host function
-    (every eager call and graph capture but check_expert_ids="sync"), then FC1, FC2, routing and combine alone
-    (the "sync" check and the benchmarks' kernel chain)."""
+    """(disk-cache key, compile function) of every function one call can run: under LAYER_CALL the layer's one
+    host function (every eager call and graph capture but check_expert_ids="sync"), then FC1, FC2, routing and
+    combine alone (the "sync" check, the benchmarks' kernel chain, and every call without LAYER_CALL)."""
     ls = layer_spec(p, cfg.gemm("fc1"), cfg.gemm("fc2"))
-    return [(layer_function_key(ls, arch), functools.partial(compile_layer, ls, arch))] + [
+    layer = [(layer_function_key(ls, arch), functools.partial(compile_layer, ls, arch))] if LAYER_CALL else []
+    return layer + [
         (cache_key(sh, c, arch), functools.partial(compile_gemm, sh, c, arch))
         for sh, c in ((ls.fc1, ls.cfg1), (ls.fc2, ls.cfg2))] + [
         (route_cache_key(ls.route, arch), functools.partial(compile_route, ls.route, arch)),
@@ -187,9 +194,7 @@ def compile_layer(ls, arch: str):
 
     sm = arch_number(arch)
     for sh, c in ((ls.fc1, ls.cfg1), (ls.fc2, ls.cfg2)):
-        why = violations(sh, c, sm)
-        if why:
-            raise ValueError(f"invalid config {c.short()} for {sh} on {arch}: {'; '.join(why)}")
+        _refuse_invalid(sh, c, arch)
 
     def ptr(dt, align=4):
         return nullptr(dt, AddressSpace.gmem, assumed_align=align)

@@ -764,6 +764,11 @@ def test_one_host_function_launches_the_four_kernels_with_their_former_arguments
     launch = fm._Launch(plan, cfg1, cfg2)  # compiles (or loads) the layer function; no GPU needed
     assert type(launch.layer).__name__ == "Function"
     key = fm.layer_function_key(launch.spec, "sm_90a")
+    both, shipped = MoEConfig.of(cfg1, cfg2), fm.layer_function_key(fm.layer_spec(p, cfg1, cfg2), "sm_90a")
+    assert fm.layer_cache_key(p, both, "sm_90a").split("+")[0] == shipped  # precompiled (AOT) with the four
+    monkeypatch.setattr(fm, "LAYER_CALL", False)
+    assert shipped not in fm.layer_cache_key(p, both, "sm_90a").split("+")
+    monkeypatch.setattr(fm, "LAYER_CALL", True)
     objects = cache_dir() / f"{key}.o"
     assert objects.exists() and objects.read_bytes().count(b".text.kernel_cutlass_kernel_kernels") >= 4
 
