@@ -111,8 +111,8 @@ def _call(p: mp.MoEProblem, case: Case, configs=None, check_expert_ids: str = "d
 
 
 def launch_floor(problem: mp.MoEProblem, case: Case):
-    """The dispatched call's layer function with prebuilt arguments (kernels.fused_moe._Launch.floor): the floor of
-    fused_moe's host cost, what its Python costs on top of the TVM-FFI call itself."""
+    """The dispatched call's launches with prebuilt arguments (kernels.fused_moe._Launch.floor): the floor of
+    fused_moe's host cost, what its Python costs on top of the TVM-FFI calls themselves."""
     from . import fused_moe as fm
 
     a, p = case.args, problem

@@ -90,7 +90,8 @@ def warmup_moe(num_experts: int, top_k: int, hidden_size: int, intermediate_size
                device_class: str | None = None) -> WarmupReport:
     """Make resident every kernel `kernels.fused_moe.fused_moe` can run for one layer, across all T: both
     grouped GEMMs of each config dispatch returns, its combine kernel, and the routing kernel for each pair of row tiles they use
-    (per routing-id dtype, "int32"/"int64", and routing-weight dtype, "fp32"/"bf16", the call will pass).
+    (per routing-id dtype, "int32"/"int64", and routing-weight dtype, "fp32"/"bf16", the call will pass), and under
+    kernels.fused_moe.LAYER_CALL the host function launching the four.
     Same device / arch / device_class convention as `warmup`."""
     from . import fused_moe as fm
     from .moe_config import gemm_shapes
@@ -114,6 +115,11 @@ def warmup_moe(num_experts: int, top_k: int, hidden_size: int, intermediate_size
                 if spec not in done:
                     done.add(spec)
                     fm.get_route(spec, arch)
+                if fm.LAYER_CALL:  # the four behind one host function, as the call then runs them
+                    ls = fm.layer_spec(layer, cfg.gemm("fc1"), cfg.gemm("fc2"), ids, sc)
+                    if ls not in done:
+                        done.add(ls)
+                        fm.get_layer(ls, arch)
         comb = fm.combine_spec(layer, cfg)
         if comb not in done:
             done.add(comb)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import pytest
 from click.testing import CliRunner
 
 from kernels.dispatch import Dispatcher, default_dispatcher, select_config
@@ -101,8 +102,10 @@ def test_moe_sweep_export_dispatch_and_report(tmp_path):
     assert "fused_moe" in report.read_text()
 
 
-def test_warmup_moe_makes_every_T_of_a_layer_resident(monkeypatch):
-    """After warmup_moe, whatever T a call brings, its two GEMMs and its routing kernel are already loaded."""
+@pytest.mark.parametrize("layer_call", [False, True])
+def test_warmup_moe_makes_every_T_of_a_layer_resident(monkeypatch, layer_call):
+    """After warmup_moe, whatever T a call brings, its two GEMMs and its routing kernel are already loaded (and
+    under fused_moe.LAYER_CALL the host function launching the four)."""
     from kernels import fused_moe as fm
     from kernels.moe_combine_kernel import MoECombineSpec
     from kernels.moe_route_kernel import MoERouteSpec
@@ -112,6 +115,8 @@ def test_warmup_moe_makes_every_T_of_a_layer_resident(monkeypatch):
     monkeypatch.setattr(fm, "get_compiled", lambda sh, cfg, arch: loaded.append((sh, cfg, arch)))
     monkeypatch.setattr(fm, "get_route", lambda spec, arch: loaded.append((spec, arch)))
     monkeypatch.setattr(fm, "get_combine", lambda spec, arch: loaded.append((spec, arch)))
+    monkeypatch.setattr(fm, "get_layer", lambda spec, arch: loaded.append((spec, arch)))
+    monkeypatch.setattr(fm, "LAYER_CALL", layer_call)
     report = warmup_moe(8, 2, 4096, 14336, arch="sm_90a", device_class="h200")  # Mixtral: decode splits FC2
     assert report.kernels == len(set(loaded)) == len(loaded) >= 3
     shapes = gemm_shapes("nvfp4", "silu", 4096, 14336)
@@ -124,6 +129,8 @@ def test_warmup_moe_makes_every_T_of_a_layer_resident(monkeypatch):
         # W4A4 (the problem's default mode): the routing launch quantises x
         assert (MoERouteSpec(8, 2, cfg.bm, cfg.bm, "int32", "fp32", quant_h=4096), "sm_90a") in loaded, T
         assert (MoECombineSpec(2, cfg.gemm("fc2").splits, 4096), "sm_90a") in loaded, T
+        ls = fm.layer_spec(p, cfg.gemm("fc1"), cfg.gemm("fc2"))
+        assert ((ls, "sm_90a") in loaded) == layer_call, T
     assert len(cfgs) >= 2  # decode and large-batch tiles both covered
 
 

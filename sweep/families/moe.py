@@ -120,7 +120,7 @@ def peer_build(impl: str, p, case) -> tuple:
 
 def host_calls(p, device="cuda") -> dict:
     """fused_moe as called eagerly (the default, non-syncing expert-id check), with the syncing check, without
-    any check, its layer function alone with prebuilt arguments (the floor), and the torch grouped-GEMM
+    any check, its kernel launches alone with prebuilt arguments (the floor), and the torch grouped-GEMM
     baseline (W4A16 problems)."""
     from kernels import moe_runner
 
