@@ -15,11 +15,13 @@ prebuilt arguments and PDL as the call launches them: the routing launch alone, 
 with the combine (the whole call), beside the public op. The differences say what each kernel adds to a
 call's GPU time (eager spans under a profiler measure the host's launch cadence instead: a call's four
 launches take longer on the host than its kernels on the GPU at decode). --fc2-early off,l2,regs times FC2's
-early-load modes (kernels/moe_config.FC2_EARLY) side by side on the same cases.
+early-load modes (kernels/moe_config.FC2_EARLY) and --fold off,on the combine as a launch or folded into the
+decode GEMV's FC2 (kernels/moe_config.FOLD_COMBINE) side by side on the same cases, every pair of the two.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -37,6 +39,7 @@ from kernels.ops import _raw_stream  # noqa: E402
 from sweep.host_cost import time_host  # noqa: E402
 from sweep.timer import l2_bytes, rotation_sets, time_launchers  # noqa: E402
 
+FOLDS = {"off": False, "on": True}
 SPANS = (("qwen3-30b-a3b", 1), ("qwen3-30b-a3b", 8), ("qwen3-30b-a3b", 64), ("gpt-oss-120b", 1),
          ("mixtral-8x7b", 1), ("mixtral-8x7b", 64))
 
@@ -73,8 +76,9 @@ def host_pieces() -> list[tuple[str, float, float, float]]:
     ws = torch.empty(launch.ws_bytes, dtype=torch.uint8, device=dev)
     base, st = ws.data_ptr(), _raw_stream(dev.index)
     run_args = (*tensors, None, a["out"], 0, p.E)
-    route, fc1, fc2, comb = launch.split_arguments(base, base, *tensors, None, a["out"], 0, p.E, st)
-    fns = launch.parts()
+    args = launch.split_arguments(base, base, *tensors, None, a["out"], 0, p.E, st)
+    parts = [(f, x) for f, x in zip(launch.parts(), args) if x is not None]  # no combine when FC2 folds it
+    names = ("routing", "FC1", "FC2", "combine")
     pieces = {
         "public op (output allocated)": (call, 4),
         "public op (output given)": (lambda: call(a["out"]), 4),
@@ -86,13 +90,10 @@ def host_pieces() -> list[tuple[str, float, float, float]]:
             lambda: torch.empty(launch.ws_bytes, dtype=torch.uint8, device=dev), 1),
         "launch arguments (_Launch.arguments)": (
             lambda: launch.arguments(base, base, *tensors, None, a["out"], 0, p.E, st), 1),
-        "the call's kernels, prebuilt arguments (the floor)": (launch.floor(*run_args), 4),
-        "routing function alone": (lambda: fns[0](*route), 1),
-        "FC1 function alone": (lambda: fns[1](*fc1), 1),
-        "FC2 function alone": (lambda: fns[2](*fc2), 1),
-        "combine function alone": (lambda: fns[3](*comb), 1),
-        "the four functions back to back": (lambda: (fns[0](*route), fns[1](*fc1), fns[2](*fc2), fns[3](*comb)), 4),
-        "_Launch.run (arena, arguments, launches)": (lambda: launch.run(*run_args, "off"), 4),
+        "the call's kernels, prebuilt arguments (the floor)": (launch.floor(*run_args), len(parts)),
+        **{f"{n} function alone": (lambda f=f, x=x: f(*x), 1) for n, (f, x) in zip(names, parts)},
+        f"the {len(parts)} functions back to back": (lambda: [f(*x) for f, x in parts], len(parts)),
+        "_Launch.run (arena, arguments, launches)": (lambda: launch.run(*run_args, "off"), len(parts)),
     }
     out = []
     for name, (fn, launches) in pieces.items():
@@ -102,8 +103,9 @@ def host_pieces() -> list[tuple[str, float, float, float]]:
 
 
 def _chains(p: MoEProblem, case) -> list:
-    """The call's four kernels with prebuilt arguments over a workspace of their own, filled by one full run:
-    [routing], [routing, FC1], [.., FC2], [.., combine] as zero-argument launchers (each a chain prefix)."""
+    """The call's kernels with prebuilt arguments over a workspace of their own, filled by one full run:
+    [routing], [routing, FC1], [.., FC2], [.., combine] (none when FC2 folds it in) as zero-argument launchers
+    (each a chain prefix)."""
     a = case.args
     tensors, launch = _bound(p, a)
     dev = a["x"].device
@@ -118,28 +120,31 @@ def _chains(p: MoEProblem, case) -> list:
             for f, x in zip(fns[:n], args[:n]):
                 f(*x)
         return run
-    chains = [prefix(n) for n in range(1, 5)]
+    chains = [prefix(n) for n in range(1, 4 if launch.spec.combine is None else 5)]
     chains[-1]()
     return chains
 
 
-def gpu_chain(layer: str, T: int, modes: tuple[str, ...]) -> dict[str, tuple[list[float], float]]:
-    """Per FC2 early-load mode (kernels.moe_config.FC2_EARLY): CUDA-graph replay medians (us) of the call's kernel
-    chain cut after each kernel (routing; + FC1; + FC2; + combine), over rotating cases (> 3x L2, as
-    benchmarks/fused_moe.py), and of the public op itself; every mode on the same cases, one after another."""
+def gpu_chain(layer: str, T: int, variants) -> dict[tuple[str, bool], tuple[list[float], float]]:
+    """Per (FC2 early-load mode, fold) variant (kernels.moe_config.FC2_EARLY, FOLD_COMBINE): CUDA-graph replay
+    medians (us) of the call's kernel chain cut after each kernel (routing; + FC1; + FC2; + combine, absent when
+    folded), over rotating cases (> 3x L2, as benchmarks/fused_moe.py), and of the public op itself; every
+    variant on the same cases, one after another."""
     p = problem(layer, T)
     first = moe_runner.make_case(p)
     cases = [first] + moe_runner.make_cases(p, rotation_sets(max(1, first.nbytes), l2_bytes()) - 1, seed=1)
     out = {}
-    for mode in modes:
-        with fm.fc2_early_mode(mode):
+    for mode, fold in variants:
+        with fm.kernel_variant(mode, fold):
             per_case = [_chains(p, c) for c in cases]
             torch.cuda.synchronize()
-            cut = [time_launchers([ch[n] for ch in per_case], set_bytes=first.nbytes).median_us for n in range(4)]
+            cut = [time_launchers([ch[n] for ch in per_case], set_bytes=first.nbytes).median_us
+                   for n in range(len(per_case[0]))]
             public = time_launchers([moe_runner.public_launcher(p, c, "off") for c in cases],
                                     set_bytes=first.nbytes).median_us
-        out[mode] = (cut, public)
-        print(layer, T, mode, [f"{v:.1f}" for v in cut], f"public {public:.1f}", flush=True)
+        out[mode, fold] = (cut, public)
+        print(layer, T, mode, "folded" if fold else "", [f"{v:.1f}" for v in cut], f"public {public:.1f}",
+              flush=True)
     return out
 
 
@@ -153,10 +158,13 @@ def markdown(pieces, spans) -> str:
     lines += ["", "GPU: CUDA-graph replay medians over rotating cases (> 3x L2) of the call's kernel chain cut after "
               "each kernel (prebuilt arguments, PDL as the call launches them): what each kernel adds to the chain, "
               "and the public op (W4A16, uniform routing, expert-id check off).", "",
-              "| layer | T | FC2 early loads | routing | + FC1 | + FC2 | + combine (all four) | public op |",
-              "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {layer} | {T} | {mode} | {cut[0]:.1f} | {cut[1]:.1f} | {cut[2]:.1f} | {cut[3]:.1f} | {pub:.1f} |"
-              for layer, T, by_mode in spans for mode, (cut, pub) in by_mode.items()]
+              "| layer | T | FC2 early loads | combine | routing | + FC1 | + FC2 | + combine (all four) | public op |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for layer, T, by_variant in spans:
+        for (mode, fold), (cut, pub) in by_variant.items():
+            cells = [f"{v:.1f}" for v in cut] + ["–"] * (4 - len(cut))
+            lines.append(f"| {layer} | {T} | {mode} | {'in FC2' if fold else 'launch'} | {' | '.join(cells)} "
+                         f"| {pub:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -166,12 +174,19 @@ def main() -> None:
     ap.add_argument("--gpu-only", action="store_true", help="only the kernel-chain table (no host pieces)")
     ap.add_argument("--fc2-early", default=mc.FC2_EARLY, help="FC2 early-load modes to time side by side, comma "
                                                               "list of off, l2, regs (default: the current one)")
+    ap.add_argument("--fold", default="on" if mc.FOLD_COMBINE else "off",
+                    help="the combine as a launch (off) or folded into the decode GEMV's FC2 (on), comma list "
+                         "(default: the current one); the host pieces run as the process is configured")
     args = ap.parse_args()
     modes = tuple(m.strip() for m in args.fc2_early.split(",") if m.strip())
     bad = [m for m in modes if m not in mc.FC2_EARLY_MODES]
     if bad or not modes:  # before anything runs
         ap.error(f"--fc2-early takes a comma list of {', '.join(mc.FC2_EARLY_MODES)}, got {args.fc2_early!r}")
-    spans = [(layer, T, gpu_chain(layer, T, modes)) for layer, T in SPANS]
+    folds = tuple(f.strip() for f in args.fold.split(",") if f.strip())
+    if not folds or any(f not in FOLDS for f in folds):
+        ap.error(f"--fold takes a comma list of {', '.join(FOLDS)}, got {args.fold!r}")
+    variants = list(itertools.product(modes, (FOLDS[f] for f in folds)))
+    spans = [(layer, T, gpu_chain(layer, T, variants)) for layer, T in SPANS]
     text = markdown([] if args.gpu_only else host_pieces(), spans)
     Path(args.out).write_text(text)
     print(f"wrote {args.out}")

@@ -30,13 +30,13 @@ import contextlib
 import functools
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from . import dispatch as _dispatch
-from .moe_config import (FC2_EARLY, FC2_EARLY_CHOICES, FC2_EARLY_MODES, PDL, MoEConfig, MoEGemmConfig,
-                         MoEGemmShape, gemm_shapes, heuristic, violations)
+from .moe_config import (FC2_EARLY, FC2_EARLY_CHOICES, FC2_EARLY_MODES, FOLD_COMBINE, PDL, MoEConfig,
+                         MoEGemmConfig, MoEGemmShape, gemm_shapes, heuristic, violations)
 from .moe_problem import ACTIVATIONS, DIM_MULTIPLE, MAX_TOP_K, MoEProblem
 from .moe_quant import NVFP4_BLOCK
 from .ops import _get_device, _raw_stream
@@ -74,11 +74,12 @@ def _fake_args(sh: MoEGemmShape):
     fc1 = sh.layer == "fc1"
     i32, i64 = cutlass.Int32(0), cutlass.Int64(0)
     out = ptr(cutlass.Float32 if sh.out_dtype == "fp32" else cutlass.BFloat16, 16)
+    folded = (ptr(cutlass.Int32, 4), ptr(cutlass.BFloat16, 16), ptr(cutlass.Int32, 4)) if sh.combine_top_k else ()
     return (ptr(cutlass.BFloat16, 16), ptr(cutlass.Int32, 4) if fc1 else None, ptr(cutlass.Uint8, 16),
             ptr(cutlass.Uint8, 16), ptr(cutlass.Float32, 4), None if fc1 else ptr(cutlass.Float32, 4),
             None if fc1 else ptr(cutlass.Int32, 4), out, ptr(cutlass.Int32, 4), ptr(cutlass.Int32, 4),
             i32, i32, i32, i32, i64, i64, i32, ptr(cutlass.Float32, 4) if sh.quant_out else None,
-            make_fake_stream(use_tvm_ffi_env_stream=False))
+            make_fake_stream(use_tvm_ffi_env_stream=False), *folded)
 
 
 def gemm_kernel_class(cfg: MoEGemmConfig):
@@ -117,12 +118,14 @@ def compile_gemm(sh: MoEGemmShape, cfg: MoEGemmConfig, arch: str):
                        f"fused_moe {sh.layer} K={sh.K} N={sh.N} {cfg.short()}")
 
 
-def route_spec(p: MoEProblem, bm1: int, bm2: int, ids_dtype: str = "int32", scale_dtype: str = "fp32"):
+def route_spec(p: MoEProblem, bm1: int, bm2: int, ids_dtype: str = "int32", scale_dtype: str = "fp32",
+               counters: int = 0):
     """The routing kernel a call of layer `p` launches for FC1 and FC2 row tiles `bm1`, `bm2` (routing ids and
-    weights of these dtypes; int32 / fp32 unless the caller passes others)."""
+    weights of these dtypes; int32 / fp32 unless the caller passes others), zeroing `counters` FC2 column-tile
+    counters (the folded combine's)."""
     from .moe_route_kernel import MoERouteSpec
 
-    return MoERouteSpec(p.n_local, p.top_k, bm1, bm2, ids_dtype, scale_dtype, quant_h(p))
+    return MoERouteSpec(p.n_local, p.top_k, bm1, bm2, ids_dtype, scale_dtype, quant_h(p), counters)
 
 
 def quant_h(p: MoEProblem) -> int:
@@ -130,21 +133,18 @@ def quant_h(p: MoEProblem) -> int:
     return p.H if p.quant_mode == "nvfp4" else 0
 
 
-def combine_spec(p: MoEProblem, cfg):
-    """The combine kernel a call of layer `p` with knobs `cfg` launches."""
-    from .moe_combine_kernel import MoECombineSpec
-
-    return MoECombineSpec(p.top_k, cfg.gemm("fc2").splits, p.H)
-
-
 def layer_spec(p: MoEProblem, cfg1: MoEGemmConfig, cfg2: MoEGemmConfig, ids_dtype: str = "int32",
-               scale_dtype: str = "fp32"):
-    """The four kernels (kernels/moe_layer_kernel.MoELayerSpec) a call of layer `p` runs with GEMM configs
-    `cfg1`, `cfg2` and routing ids and weights of these dtypes."""
+               scale_dtype: str = "fp32", fold: bool | None = None):
+    """The kernels (kernels/moe_layer_kernel.MoELayerSpec) a call of layer `p` runs with GEMM configs `cfg1`,
+    `cfg2` and routing ids and weights of these dtypes: the combine folded into FC2 where `fold` (default
+    moe_config.FOLD_COMBINE) and FC2 is the decode GEMV, else a combine launch."""
     from .moe_combine_kernel import MoECombineSpec
     from .moe_layer_kernel import MoELayerSpec
 
     fc1, fc2 = gemm_shapes(p.quant_mode, p.activation, p.H, p.I)
+    if (FOLD_COMBINE if fold is None else fold) and cfg2.mma == "gemv":
+        return MoELayerSpec(route_spec(p, cfg1.bm, cfg2.bm, ids_dtype, scale_dtype, p.H // cfg2.bn), fc1, cfg1,
+                            replace(fc2, combine_top_k=p.top_k), cfg2, None)
     return MoELayerSpec(route_spec(p, cfg1.bm, cfg2.bm, ids_dtype, scale_dtype), fc1, cfg1, fc2, cfg2,
                         MoECombineSpec(p.top_k, cfg2.splits, p.H))
 
@@ -152,14 +152,16 @@ def layer_spec(p: MoEProblem, cfg1: MoEGemmConfig, cfg2: MoEGemmConfig, ids_dtyp
 def _layer_kernels(p: MoEProblem, cfg, arch: str) -> list[tuple[str, object]]:
     """(disk-cache key, compile function) of every function one call can run: under LAYER_CALL the layer's one
     host function (every eager call and graph capture but check_expert_ids="sync"), then FC1, FC2, routing and
-    combine alone (the "sync" check, the benchmarks' kernel chain, and every call without LAYER_CALL)."""
+    combine (unless folded into FC2) alone (the "sync" check, the benchmarks' kernel chain, and every call
+    without LAYER_CALL)."""
     ls = layer_spec(p, cfg.gemm("fc1"), cfg.gemm("fc2"))
     layer = [(layer_function_key(ls, arch), functools.partial(compile_layer, ls, arch))] if LAYER_CALL else []
+    combine = [] if ls.combine is None else [
+        (combine_cache_key(ls.combine, arch), functools.partial(compile_combine, ls.combine, arch))]
     return layer + [
         (cache_key(sh, c, arch), functools.partial(compile_gemm, sh, c, arch))
         for sh, c in ((ls.fc1, ls.cfg1), (ls.fc2, ls.cfg2))] + [
-        (route_cache_key(ls.route, arch), functools.partial(compile_route, ls.route, arch)),
-        (combine_cache_key(ls.combine, arch), functools.partial(compile_combine, ls.combine, arch))]
+        (route_cache_key(ls.route, arch), functools.partial(compile_route, ls.route, arch))] + combine
 
 
 def layer_cache_key(p: MoEProblem, cfg, arch: str) -> str:
@@ -169,7 +171,7 @@ def layer_cache_key(p: MoEProblem, cfg, arch: str) -> str:
 
 
 def precompile_layer(p: MoEProblem, cfg, arch: str):
-    """Compile a call's kernels (both GEMMs, routing and combine) into the disk cache (idempotent): one
+    """Compile a call's kernels (both GEMMs, routing and the combine) into the disk cache (idempotent): one
     compile_cache.CompileInfo, times summed, the largest register and shared-memory use."""
     from .compile_cache import CompileInfo, precompile_key
 
@@ -207,18 +209,19 @@ def compile_layer(ls, arch: str):
     args = (ptr(ids), ptr(sc), bf() if q else None, bf() if q else None, bf(), ptr(u8, 16), ptr(u8, 16),
             ptr(cutlass.Float32), ptr(cutlass.Float32) if ls.fc1.quant_out else None, ptr(u8, 16), ptr(u8, 16),
             ptr(cutlass.Float32), bf(), *(ptr(cutlass.Int32) for _ in range(5)), ptr(cutlass.Float32),
-            ptr(cutlass.Int32), ptr(cutlass.Int32), bf(), ptr(cutlass.Float32, 16), *(i32,) * 7, *(i64,) * 4, i32,
-            i32, make_fake_stream(use_tvm_ffi_env_stream=False))
+            ptr(cutlass.Int32), ptr(cutlass.Int32), bf(), ptr(cutlass.Float32, 16),
+            ptr(cutlass.Int32) if ls.combine is None else None, *(i32,) * 7, *(i64,) * 4, i32, i32,
+            make_fake_stream(use_tvm_ffi_env_stream=False))
     kernel = MoELayerKernel(MoERouteKernel(ls.route), gemm_kernel_class(ls.cfg1)(MoEGemmSpec(ls.fc1, ls.cfg1, sm)),
                             gemm_kernel_class(ls.cfg2)(MoEGemmSpec(ls.fc2, ls.cfg2, sm)),
-                            MoECombineKernel(ls.combine), ls.cfg2.splits)
+                            None if ls.combine is None else MoECombineKernel(ls.combine), ls.cfg2.splits)
     return compile_dsl(kernel, args, arch, f"fused_moe layer {ls}")
 
 
 def layer_function_key(ls, arch: str) -> str:
-    """The disk-cache name of a layer's one host function: its four kernels' own keys hashed together."""
+    """The disk-cache name of a layer's one host function: its kernels' own keys hashed together."""
     raw = repr((_CACHE_VERSION, cache_key(ls.fc1, ls.cfg1, arch), cache_key(ls.fc2, ls.cfg2, arch),
-                route_cache_key(ls.route, arch), combine_cache_key(ls.combine, arch)))
+                route_cache_key(ls.route, arch), ls.combine and combine_cache_key(ls.combine, arch)))
     return "moel" + hashlib.sha256(raw.encode()).hexdigest()[:20]
 
 
@@ -248,7 +251,7 @@ def compile_route(spec, arch: str):
     xq = nullptr(cutlass.BFloat16, AddressSpace.gmem, assumed_align=16) if spec.quant_h else None
     args = (ptr(ids), ptr(sc), *(ptr(cutlass.Int32) for _ in range(5)), ptr(cutlass.Float32), ptr(cutlass.Int32),
             ptr(cutlass.Int32), cutlass.Int32(0), cutlass.Int32(0), cutlass.Int32(0), x, xq, cutlass.Int32(0),
-            make_fake_stream(use_tvm_ffi_env_stream=False))
+            make_fake_stream(use_tvm_ffi_env_stream=False), *((ptr(cutlass.Int32),) if spec.counters else ()))
     return compile_dsl(MoERouteKernel(spec), args, arch, f"fused_moe routing {spec}")
 
 
@@ -326,8 +329,8 @@ def _sig(t):
 
 
 def _call_key(x, w1, w1sf, w2, w2sf, ids, sc, a1, a2, fc2s, output, *options) -> tuple:
-    """A call's signature (its tensors', then `options`: the other arguments as given) as one flat tuple (a per-tensor helper in a loop cost ~40 % more host time,
-    profiled on CPU with the kernels mocked): shapes, strides, dtypes and devices, and one alignment class for
+    """A call's signature (its tensors', then `options`: the other arguments as given) as one flat tuple (a
+    per-tensor helper in a loop cost ~40 % more host time, profiled on CPU with the kernels mocked): shapes, strides, dtypes and devices, and one alignment class for
     the tensors that must be 16-byte aligned (validation refuses any other, so a nonzero class never finds a
     plan). AttributeError or TypeError for an argument that is no tensor: validation names it."""
     k = (x.shape, x.stride(), x.dtype, x.device, w1.shape, w1.stride(), w1.dtype, w1.device, w1sf.shape,
@@ -458,14 +461,16 @@ def _align16(n: int) -> int:
     return (n + 15) & ~15
 
 
-def workspace_layout(n_local: int, P: int, inter: int, H: int, splits: int, xq_rows: int = 0) -> tuple[dict, int]:
+def workspace_layout(n_local: int, P: int, inter: int, H: int, splits: int, xq_rows: int = 0,
+                     counters: int = 0) -> tuple[dict, int]:
     """Byte offsets of the buffers one call uses inside its single workspace allocation, and its size: the
     routing tables (int32: expert_offsets, FC1 and FC2 tile offsets [E+1]; a_rows, out_rows, row_scale (fp32),
-    valid [P]; bad [1]), FC1's output (bf16 [P, I]), FC2's fp32 partials [splits, P, H] and W4A4's quantised x
-    (bf16 [xq_rows, H]; 0 rows otherwise). 16-byte aligned."""
+    valid [P]; bad [1]), FC1's output (bf16 [P, I]), FC2's fp32 partials [splits, P, H], its column tiles'
+    counters (int32 [counters], the folded combine's) and W4A4's quantised x (bf16 [xq_rows, H]; 0 rows
+    otherwise). 16-byte aligned."""
     sizes = {"eo": 4 * (n_local + 1), "to1": 4 * (n_local + 1), "to2": 4 * (n_local + 1), "a_rows": 4 * P,
              "out_rows": 4 * P, "row_scale": 4 * P, "valid": 4 * P, "bad": 4, "inter": 2 * P * inter,
-             "y": 4 * splits * P * H, "xq": 2 * xq_rows * H}
+             "y": 4 * splits * P * H, "counters": 4 * counters, "xq": 2 * xq_rows * H}
     offsets, at = {}, 0
     for name, n in sizes.items():
         offsets[name] = at
@@ -474,7 +479,8 @@ def workspace_layout(n_local: int, P: int, inter: int, H: int, splits: int, xq_r
 
 
 # the workspace buffers `_Launch.run` passes, in the order it unpacks their pointers
-_RUN_BUFFERS = ("eo", "to1", "to2", "a_rows", "out_rows", "row_scale", "valid", "bad", "inter", "y", "xq")
+_RUN_BUFFERS = ("eo", "to1", "to2", "a_rows", "out_rows", "row_scale", "valid", "bad", "inter", "y", "counters",
+                "xq")
 
 
 ARENA_MAX_BYTES = 32 << 20  # the largest workspace an eager call takes from its stream's arena: decode and mid
@@ -551,41 +557,44 @@ class _Launch:
         self.layer = get_layer(self.spec, plan.arch) if LAYER_CALL else None
         self._parts = None
         self.n_quant = quant_ctas(self.spec.route, p.T)  # W4A4: the routing launch's CTAs quantising x into xq
-        off, self.ws_bytes = workspace_layout(p.n_local, p.pairs, p.I, p.H, cfg2.splits, p.T if self.n_quant else 0)
+        off, self.ws_bytes = workspace_layout(p.n_local, p.pairs, p.I, p.H, cfg2.splits, p.T if self.n_quant else 0,
+                                              self.spec.route.counters)
         self.off = off
         self.offsets = tuple(off[n] for n in _RUN_BUFFERS)
         P, El = p.pairs, p.n_local
         # m-tiles of every expert, at most one partial tile each
         grid1, grid2 = -(-P // cfg1.bm) + min(El, P), -(-P // cfg2.bm) + min(El, P)
         # T .. w2_sf_stride_e of kernels/moe_layer_kernel.ARGUMENTS
-        self.fixed = (p.T, P, El, self.n_quant, grid1, grid2, grid_for(self.spec.combine, p.T), *plan.w_strides)
+        grid_c = 0 if self.spec.combine is None else grid_for(self.spec.combine, p.T)
+        self.fixed = (p.T, P, El, self.n_quant, grid1, grid2, grid_c, *plan.w_strides)
 
     def parts(self) -> tuple:
-        """The routing, FC1, FC2 and combine kernels as separate functions (loaded on first use): what the
-        "sync" expert-id check and the kernel-chain benchmarks launch one at a time."""
+        """The routing, FC1, FC2 and combine (None when folded into FC2) kernels as separate functions (loaded
+        on first use): what the "sync" expert-id check and the kernel-chain benchmarks launch one at a time."""
         if self._parts is None:
             s, arch = self.spec, self.arch
             self._parts = (get_route(s.route, arch), get_compiled(s.fc1, s.cfg1, arch),
-                           get_compiled(s.fc2, s.cfg2, arch), get_combine(s.combine, arch))
+                           get_compiled(s.fc2, s.cfg2, arch), s.combine and get_combine(s.combine, arch))
         return self._parts
 
     def arguments(self, base: int, bad: int, x, w1, w1sf, w2, w2sf, ids, scales, alpha1, alpha2, gs, out,
                   offset: int, num_experts: int, st) -> tuple:
         """The layer function's arguments (kernels/moe_layer_kernel.ARGUMENTS) over the workspace at `base`,
         the routing kernel counting bad expert ids at `bad`."""
-        eo, to1, to2, a_rows, out_rows, row_scale, valid, _, inter, y, xq = [base + o for o in self.offsets]
+        eo, to1, to2, a_rows, out_rows, row_scale, valid, _, inter, y, counters, xq = [base + o for o in self.offsets]
         xp = x.data_ptr()
         q = self.n_quant  # W4A4: x in, its quantised rows out, FC1 reading those
         return (ids.data_ptr(), scales.data_ptr(), xp if q else None, xq if q else None, xq if q else xp,
                 w1.data_ptr(), w1sf.data_ptr(), alpha1.data_ptr(), None if gs is None else gs.data_ptr(),
                 w2.data_ptr(), w2sf.data_ptr(), alpha2.data_ptr(), out.data_ptr(), eo, to1, to2, a_rows, out_rows,
-                row_scale, valid, bad, inter, y, *self.fixed, offset, num_experts, st)
+                row_scale, valid, bad, inter, y, None if self.spec.combine else counters, *self.fixed, offset,
+                num_experts, st)
 
-    def split_arguments(self, *args) -> tuple[tuple, tuple, tuple, tuple]:
-        """`arguments(*args)` as the four separate kernels' (routing, FC1, FC2, combine)."""
+    def split_arguments(self, *args) -> tuple[tuple, tuple, tuple, tuple | None]:
+        """`arguments(*args)` as the separate kernels' (routing, FC1, FC2, combine: None when folded)."""
         from .moe_layer_kernel import split_arguments
 
-        return split_arguments(self.arguments(*args), self.spec.cfg2.splits)
+        return split_arguments(self.arguments(*args), self.spec.cfg2.splits, self.spec.combine is None)
 
     def run(self, x, w1, w1sf, w2, w2sf, ids, scales, alpha1, alpha2, gs, out, offset: int, num_experts: int,
             check: str):
@@ -619,25 +628,24 @@ class _Launch:
             _need(n_bad == 0, f"token_selected_experts holds {n_bad} ids outside [0, num_experts={num_experts})")
         fns[1](*fc1)
         fns[2](*fc2)
-        fns[3](*comb)
+        if comb is not None:
+            fns[3](*comb)
         return out
 
     def floor(self, x, w1, w1sf, w2, w2sf, ids, scales, alpha1, alpha2, gs, out, offset: int, num_experts: int):
         """A zero-argument callable launching the call's kernels with every argument prebuilt (workspace held,
         stream fixed): what `run` costs without its Python, the floor of the call path's host cost."""
-        from .moe_layer_kernel import split_arguments
-
         ws = torch.empty(self.ws_bytes, dtype=torch.uint8, device=self.device)
         b = ws.data_ptr()
-        args = self.arguments(b, b + self.off["bad"], x, w1, w1sf, w2, w2sf, ids, scales, alpha1, alpha2, gs, out,
-                              offset, num_experts, _raw_stream(self.device.index))
+        call = (b, b + self.off["bad"], x, w1, w1sf, w2, w2sf, ids, scales, alpha1, alpha2, gs, out, offset,
+                num_experts, _raw_stream(self.device.index))
         if self.layer is not None:
-            fn = self.layer
+            fn, args = self.layer, self.arguments(*call)
 
             def launch(ws=ws):  # ws held: the pointers stay valid
                 fn(*args)
             return launch
-        parts = tuple(zip(self.parts(), split_arguments(args, self.spec.cfg2.splits)))
+        parts = tuple((f, a) for f, a in zip(self.parts(), self.split_arguments(*call)) if a is not None)
 
         def launch_parts(ws=ws):
             for f, a in parts:
@@ -646,22 +654,25 @@ class _Launch:
 
 
 @contextlib.contextmanager
-def fc2_early_mode(mode: str):
-    """Compile and bind FC2 with moe_config.FC2_EARLY = `mode` inside the block (A/B timing and tests of one
-    process): the kernels' cache keys carry the mode, and the calls bound under the other mode are dropped."""
+def kernel_variant(fc2_early: str | None = None, fold: bool | None = None):
+    """Compile and bind the calls inside the block with moe_config.FC2_EARLY = `fc2_early` and FOLD_COMBINE =
+    `fold` (None: as they are), for A/B timing and tests in one process: the kernels' cache keys carry both,
+    and the calls bound outside the block are dropped on the way in and out."""
     from . import moe_gemv_kernel
 
-    if mode not in FC2_EARLY_MODES:
-        raise ValueError(f"FC2 early mode must be {FC2_EARLY_CHOICES}, got {mode!r}")
-    global FC2_EARLY
-    saved = FC2_EARLY
+    if fc2_early is not None and fc2_early not in FC2_EARLY_MODES:
+        raise ValueError(f"FC2 early mode must be {FC2_EARLY_CHOICES}, got {fc2_early!r}")
+    global FC2_EARLY, FOLD_COMBINE
+    saved = FC2_EARLY, FOLD_COMBINE
     try:
-        FC2_EARLY = moe_gemv_kernel.FC2_EARLY = mode
+        FC2_EARLY = moe_gemv_kernel.FC2_EARLY = saved[0] if fc2_early is None else fc2_early
+        FOLD_COMBINE = saved[1] if fold is None else fold
         _bind.cache_clear()
         _CALLS.clear()
         yield
     finally:
-        FC2_EARLY = moe_gemv_kernel.FC2_EARLY = saved
+        FC2_EARLY = moe_gemv_kernel.FC2_EARLY = saved[0]
+        FOLD_COMBINE = saved[1]
         _bind.cache_clear()
         _CALLS.clear()
 

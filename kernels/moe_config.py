@@ -113,6 +113,14 @@ FC2_EARLY_CHOICES = f"{', '.join(FC2_EARLY_MODES[:-1])} or {FC2_EARLY_MODES[-1]}
 FC2_EARLY = os.environ.get("LUTFORGE_MOE_FC2_EARLY", "off")
 if FC2_EARLY not in FC2_EARLY_MODES:
     raise ValueError(f"LUTFORGE_MOE_FC2_EARLY must be {FC2_EARLY_CHOICES}, got {FC2_EARLY!r}")
+# The combine folded into the decode GEMV's FC2 (LUTFORGE_MOE_FOLD_COMBINE=1; kernels/moe_gemv_kernel.py): the
+# last CTA of each column tile to finish (a counter per column tile, zeroed by the routing launch) sums its
+# columns of every token's pairs and splits, in the combine kernel's order, into the output, and no combine
+# launch follows. Why: the combine adds 3.3 us to Qwen3-30B-A3B's T=1 call in graph replay, a launch and a
+# dependent wait for 8 pairs x 2 splits of one 2048-wide row (H100, results/h100/e2e/fused_moe_host.md). Off
+# by default until timed and checked on the GPU (benchmarks/fused_moe_host.py times both in one run; the fold
+# is part of FC2's shape, hence of its cache key).
+FOLD_COMBINE = os.environ.get("LUTFORGE_MOE_FOLD_COMBINE", "0") == "1"
 
 
 @dataclass(frozen=True)
@@ -123,6 +131,7 @@ class MoEGemmShape:
     N: int  # output columns: I for FC1 (per half when gated), H for FC2
     out_dtype: str = "bf16"
     quant_out: bool = False  # W4A4 FC1: NVFP4-fake-quantise the output (FC2's input) in the epilogue
+    combine_top_k: int = 0  # FC2 with the combine folded in (FOLD_COMBINE): the pairs per token it sums
 
     def __post_init__(self):
         if self.layer not in LAYERS:
@@ -131,6 +140,8 @@ class MoEGemmShape:
             raise ValueError(f"out_dtype must be one of {OUT_DTYPES}, got {self.out_dtype!r}")
         if self.quant_out and self.layer != "fc1":
             raise ValueError("only FC1 quantises its output (FC2's input)")
+        if self.combine_top_k and self.layer != "fc2":
+            raise ValueError("only FC2 takes the combine (the sum of each token's pairs)")
         if self.K % 64 or self.N % 16 or self.K < 64 or self.N < 16:
             raise ValueError(f"need K a multiple of 64 and N of 16, got K={self.K} N={self.N}")
 
@@ -290,8 +301,11 @@ def _gemv_violations(sh: MoEGemmShape, cfg: MoEGemmConfig) -> list[str]:
     return out
 
 def _tile_violations(sh: MoEGemmShape, cfg: MoEGemmConfig) -> list[str]:
-    """Every backend walks whole tiles, and splits K only in FC2 (FC1's fused activation needs the whole sum)."""
+    """Every backend walks whole tiles, and splits K only in FC2 (FC1's fused activation needs the whole sum);
+    the combine folds only into the decode GEMV."""
     out = []
+    if sh.combine_top_k and cfg.mma != "gemv":
+        out.append(f"the combine folds only into the decode GEMV's FC2 (mma=gemv), got mma={cfg.mma}")
     if cfg.splits != 1 and sh.layer != "fc2":
         out.append(f"splits={cfg.splits}: only FC2 splits K (FC1's fused activation needs the whole sum)")
     if sh.K % cfg.bk:

@@ -35,6 +35,11 @@ Epilogue: the accumulators go to shared memory by (K group, row, weight row), th
 one thread per (row, column) applies alpha and the activation (gated SiLU, ReLU2), FC2's routing weight and
 output row, and stores; W4A4 FC1 (x quantised by the routing launch) fake-quantises its output in 16-column
 NVFP4 blocks (the FC2 input's global scale), as the mma kernel.
+Folded combine (FC2 with shape.combine_top_k, moe_config.FOLD_COMBINE): after its partial rows are stored, a
+CTA counts itself in its column tile's counter (the routing launch zeroed it); the last of the tile's m-tiles
+x splits to arrive sums the tile's columns of every token's local pairs and splits, in the combine kernel's
+order (split-major, then the pair's rank: the same fp32 additions, so the same bits), and stores them as bf16
+into the output; no combine launch follows.
 """
 from __future__ import annotations
 
@@ -49,6 +54,15 @@ from .pdl import await_predecessor_and_release
 
 LANES_K = 4  # lanes t of a quad: consecutive chunks of a row per round
 PREFETCH_BATCHES = 2  # FC2_EARLY=l2: the load batches pulled into L2 before the PDL wait (_prefetch_l2)
+FOLD_VEC = 4  # the folded combine's columns per thread and step: one 16-byte load per pair, an 8-byte store
+
+
+@cute.jit
+def _load_l2(ptr):
+    """Four fp32 at `ptr` read from L2 (ld.global.cg): other CTAs wrote them in this grid, and L1 is not
+    coherent with their stores."""
+    return cute.arch.inline_ptx("ld.global.cg.v4.f32 {{$w0}, {$w1}, {$w2}, {$w3}}, [{$r0}];",
+                                write_only_types=[Float32] * 4, read_only_args=[Int64(ptr.toint())])
 
 
 @cute.jit
@@ -87,6 +101,7 @@ class MoEGemvKernel:
         self.wk, self.wn = cfg.warps_m, cfg.warps_n  # warps along K, along the columns
         self.threads = 32 * self.wk * self.wn
         self.early = FC2_EARLY if PDL and sh.layer == "fc2" else "off"  # FC2's loads before its wait (kernel)
+        self.fold = sh.combine_top_k  # FC2 also sums each token's pairs into the output (0: a combine launch does)
         self.cols = cfg.bn // cfg.warps_n  # output columns per warp
         self.rows = gemv_rows(sh, cfg)  # weight rows per warp
         self.groups = self.rows // 16  # mma row groups (16 weight rows each) per warp
@@ -101,7 +116,10 @@ class MoEGemvKernel:
                  alpha_ptr: cute.Pointer, row_scale_ptr, out_rows_ptr, out_ptr: cute.Pointer,
                  expert_offsets_ptr: cute.Pointer, tile_offsets_ptr: cute.Pointer,
                  a_count: Int32, n_rows: Int32, n_experts: Int32, grid_m: Int32,
-                 w_stride_e: Int64, sf_stride_e: Int64, out_count: Int32, gs_ptr, stream):
+                 w_stride_e: Int64, sf_stride_e: Int64, out_count: Int32, gs_ptr, stream, valid_ptr=None,
+                 final_ptr=None, sem_ptr=None):
+        """The folded combine's (shape.combine_top_k) last three: the routing kernel's valid [n_rows] flags,
+        the layer's bf16 output [n_rows / top_k, N] and the column tiles' counters [N / bn]."""
         K, N = self.K, self.N
         nw = 2 * N if self.gated else N  # weight rows per expert
         # A and W as 32-bit words (bf16 pairs, 8 packed codes); the scales as 16-bit pairs (one chunk's two)
@@ -114,13 +132,21 @@ class MoEGemvKernel:
         mAlpha, mEO, mTO, mOut, mARows, mScale, mORows, mGS = routing_tensors(
             N, n_experts, n_rows, out_count, alpha_ptr, expert_offsets_ptr, tile_offsets_ptr, out_ptr, a_rows_ptr,
             row_scale_ptr, out_rows_ptr, gs_ptr)
-        self.kernel(mA, mARows, mW, mSF, mAlpha, mScale, mORows, mOut, mEO, mTO, mGS, n_rows, n_experts).launch(
+        mValid, mFinal, mSem = None, None, None
+        if const_expr(self.fold):
+            mValid = cute.make_tensor(valid_ptr, cute.make_layout((n_rows,)))
+            mFinal = cute.make_tensor(final_ptr, cute.make_layout(
+                (n_rows // self.fold, N), stride=(cute.assume(Int64(N), divby=8), 1)))
+            mSem = cute.make_tensor(sem_ptr, cute.make_layout((N // self.bn,)))
+        self.kernel(mA, mARows, mW, mSF, mAlpha, mScale, mORows, mOut, mEO, mTO, mGS, n_rows, n_experts, mValid,
+                    mFinal, mSem).launch(
             grid=[grid_m, N // self.bn, self.splits], block=[self.threads, 1, 1], stream=stream, use_pdl=PDL)
 
     # ------------------------------------------------------------------ device side
     @cute.kernel
     def kernel(self, mA: cute.Tensor, mARows, mW: cute.Tensor, mSF: cute.Tensor, mAlpha: cute.Tensor, mScale,
-               mORows, mOut: cute.Tensor, mEO: cute.Tensor, mTO: cute.Tensor, mGS, n_rows: Int32, n_experts: Int32):
+               mORows, mOut: cute.Tensor, mEO: cute.Tensor, mTO: cute.Tensor, mGS, n_rows: Int32, n_experts: Int32,
+               mValid, mFinal, mSem):
         tidx, _, _ = cute.arch.thread_idx()
         tile, ntile, split = cute.arch.block_idx()
         if const_expr(self.early != "off"):
@@ -136,13 +162,17 @@ class MoEGemvKernel:
         if const_expr(self.early != "regs"):
             await_predecessor_and_release(PDL)  # moe_config.PDL
             e = expert_of_tile(mTO, tile, n_experts)
-        if tile < mTO[n_experts]:
+        n_tiles = mTO[n_experts]
+        if tile < n_tiles:
             row0 = mEO[e] + (tile - mTO[e]) * self.bm
             self._tile(mA, mARows, mW, mSF, mAlpha, mScale, mORows, mOut, mGS, e, row0, mEO[e + 1], ntile, split,
-                       n_rows, tidx)
+                       n_rows, tidx, mValid, mFinal, mSem, n_tiles)
         else:
             if const_expr(self.early == "regs"):
                 await_predecessor_and_release(PDL)
+            if const_expr(self.fold):
+                if n_tiles == 0 and tile == 0 and split == 0:  # no local pair: nobody arrives, the sum is zero
+                    self._combine(mOut, mValid, mFinal, ntile, n_rows, tidx, False)
 
     @cute.jit
     def _weight_rows(self, ntile, wn, g):
@@ -193,7 +223,7 @@ class MoEGemvKernel:
 
     @cute.jit
     def _tile(self, mA, mARows, mW, mSF, mAlpha, mScale, mORows, mOut, mGS, e, row0, row_end, ntile, split, n_rows,
-              tidx):
+              tidx, mValid, mFinal, mSem, n_tiles):
         bm, bn, rows, cols, wk, groups, ntok = self.bm, self.bn, self.rows, self.cols, self.wk, self.groups, self.ntok
         rounds = self.rounds
         lane = tidx % 32
@@ -219,7 +249,9 @@ class MoEGemvKernel:
         smem = cutlass.utils.SmemAllocator()
         sRed = smem.allocate_tensor(Float32, cute.make_layout(
             (wk, bm, self.wn * rows), stride=(bm * self.wn * rows, self.wn * rows, 1)), byte_alignment=16)
-        sC = None
+        sC, sLast = None, None
+        if const_expr(self.fold):  # the column tile counter's value before this CTA's arrival
+            sLast = smem.allocate_tensor(Int32, cute.make_layout((1,)), byte_alignment=16)
         if const_expr(self.quant_out):
             sC = smem.allocate_tensor(Float32, cute.make_layout((bm, bn), stride=(bn, 1)), byte_alignment=16)
 
@@ -324,6 +356,17 @@ class MoEGemvKernel:
                         if const_expr(mORows is not None):
                             dst = mORows[s]
                         mOut[dst + row_base, ntile * bn + col] = val.to(mOut.element_type)
+        if const_expr(self.fold):
+            # every thread's partials stored; one release of the tile's counter publishes them (the barrier
+            # orders them before it), and the CTA that brings it to n_tiles * splits reads them all back
+            cute.arch.barrier()
+            if tidx == 0:
+                cute.arch.fence_acq_rel_gpu()
+                sLast[0] = cute.arch.atomic_add(mSem.iterator + ntile, Int32(1), sem="acq_rel", scope="gpu")
+            cute.arch.barrier()
+            if sLast[0] == n_tiles * self.splits - 1:
+                cute.arch.fence_acq_rel_gpu()
+                self._combine(mOut, mValid, mFinal, ntile, n_rows, tidx, True)
         if const_expr(self.quant_out):  # W4A4 FC1 (no routing weight, rows in pair order): 16-column blocks
             cute.arch.barrier()
             gs = mGS[0]
@@ -341,3 +384,33 @@ class MoEGemvKernel:
                     o = cute.make_rmem_tensor((16,), mOut.element_type)
                     o.store(frag.load().to(mOut.element_type))
                     cute.autovec_copy(o, mOutv[(0, None), (s, (ntile * bn // 16) + b)])
+
+    @cute.jit
+    def _combine(self, mY, mValid, mFinal, ntile, n_rows, tidx, add):
+        """The combine kernel's sum (kernels/moe_combine_kernel.py) for the column tile's FOLD_VEC-column
+        vectors of every token: per split, every pair's vector loaded before any is added, the local ones added
+        in rank order; `add` False stores zeros (no pair is local)."""
+        top_k, bn = self.fold, self.bn
+        per_row = bn // FOLD_VEC
+        mFinalv = cute.zipped_divide(mFinal, (1, FOLD_VEC))
+        for i in cutlass.range(tidx, (n_rows // top_k) * per_row, self.threads, unroll=1):
+            t = i // per_row
+            c = ntile * bn + (i % per_row) * FOLD_VEC
+            acc = cute.make_rmem_tensor((FOLD_VEC,), Float32)
+            acc.fill(0.0)
+            if const_expr(add):
+                valid = cute.make_rmem_tensor((top_k,), Int32)
+                for k in cutlass.range_constexpr(top_k):
+                    valid[k] = mValid[t * top_k + k]
+                parts = cute.make_rmem_tensor(cute.make_layout((FOLD_VEC, top_k), stride=(1, FOLD_VEC)), Float32)
+                for z in cutlass.range_constexpr(self.splits):
+                    for k in cutlass.range_constexpr(top_k):
+                        v = _load_l2(cute.domain_offset((z * n_rows + t * top_k + k, c), mY).iterator)
+                        for x in cutlass.range_constexpr(FOLD_VEC):
+                            parts[x, k] = v[x]
+                    for k in cutlass.range_constexpr(top_k):
+                        if valid[k] != 0:
+                            acc.store(acc.load() + parts[None, k].load())
+            o = cute.make_rmem_tensor((FOLD_VEC,), cutlass.BFloat16)
+            o.store(acc.load().to(cutlass.BFloat16))
+            cute.autovec_copy(o, mFinalv[(0, None), (t, c // FOLD_VEC)])

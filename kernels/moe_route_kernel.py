@@ -9,6 +9,7 @@ local ones, covered by no tile. Per pair it also writes whether it is local (val
 kernels/moe_combine_kernel.py, skips the others' never-written FC2 rows, so no buffer is zero-filled), and
 the number of ids outside [0, num_experts) when there are any (bad [1], written only then: fused_moe points
 it at a pinned host word its check reads, kernels/fused_moe.py, instead of running its own reduction).
+With the combine folded into FC2 (kernels/moe_gemv_kernel.py) it also zeroes FC2's column-tile counters.
 
 1. count: each thread walks pairs tid, tid + threads, ... and adds 1 to its expert's shared counter (atomics);
 2. scan (warp 0): lane l sums experts [l*c, (l+1)*c), an inclusive shuffle scan gives its start, then the
@@ -50,6 +51,7 @@ class MoERouteSpec:
     ids_dtype: str  # int32 | int64
     scale_dtype: str  # fp32 | bf16
     quant_h: int = 0  # W4A4: x's hidden size, fake-quantised into xq by the other CTAs (0: no quantisation)
+    counters: int = 0  # the FC2 column tiles' arrival counters it zeroes (the folded combine's; 0: none)
 
 
 def quant_ctas(spec: MoERouteSpec, T: int) -> int:
@@ -69,7 +71,7 @@ class MoERouteKernel:
     def __call__(self, ids_ptr: cute.Pointer, scale_ptr: cute.Pointer, eo_ptr: cute.Pointer, to1_ptr: cute.Pointer,
                  to2_ptr: cute.Pointer, a_rows_ptr: cute.Pointer, out_rows_ptr: cute.Pointer,
                  row_scale_ptr: cute.Pointer, valid_ptr: cute.Pointer, bad_ptr: cute.Pointer, P: Int32,
-                 offset: Int32, num_experts: Int32, x_ptr, xq_ptr, n_quant: Int32, stream):
+                 offset: Int32, num_experts: Int32, x_ptr, xq_ptr, n_quant: Int32, stream, counters_ptr=None):
         E = self.E
         mIds = cute.make_tensor(ids_ptr, cute.make_layout((P,)))
         mScale = cute.make_tensor(scale_ptr, cute.make_layout((P,)))
@@ -86,8 +88,11 @@ class MoERouteKernel:
             blocks = (P // self.spec.top_k) * (self.spec.quant_h // 16)
             mX = cute.zipped_divide(cute.make_tensor(x_ptr, cute.make_layout((blocks * 16,))), (16,))
             mXq = cute.zipped_divide(cute.make_tensor(xq_ptr, cute.make_layout((blocks * 16,))), (16,))
+        mCounters = None
+        if const_expr(self.spec.counters):
+            mCounters = cute.make_tensor(counters_ptr, cute.make_layout((self.spec.counters,)))
         self.kernel(mIds, mScale, mEO, mTO1, mTO2, mARows, mORows, mRScale, mValid, mBad, P, offset,
-                    num_experts, mX, mXq).launch(
+                    num_experts, mX, mXq, mCounters).launch(
             grid=[1 + n_quant, 1, 1], block=[THREADS, 1, 1], stream=stream)
 
     @cute.jit
@@ -107,12 +112,18 @@ class MoERouteKernel:
     @cute.kernel
     def kernel(self, mIds: cute.Tensor, mScale: cute.Tensor, mEO: cute.Tensor, mTO1: cute.Tensor,
                mTO2: cute.Tensor, mARows: cute.Tensor, mORows: cute.Tensor, mRScale: cute.Tensor,
-               mValid: cute.Tensor, mBad: cute.Tensor, P: Int32, offset: Int32, num_experts: Int32, mX, mXq):
+               mValid: cute.Tensor, mBad: cute.Tensor, P: Int32, offset: Int32, num_experts: Int32, mX, mXq,
+               mCounters):
         bid, _, _ = cute.arch.block_idx()
         if const_expr(PDL):  # FC1 may launch now: it waits for this grid before reading anything (moe_config.PDL)
             cute.arch.griddepcontrol_launch_dependents()
         if bid == 0:
             self._route(mIds, mScale, mEO, mTO1, mTO2, mARows, mORows, mRScale, mValid, mBad, P, offset, num_experts)
+            if const_expr(self.spec.counters):  # FC2 counts on them only after FC1, which waits for this grid
+                tidx, _, _ = cute.arch.thread_idx()
+                for i in cutlass.range_constexpr(-(-self.spec.counters // THREADS)):
+                    if tidx + i * THREADS < self.spec.counters:
+                        mCounters[tidx + i * THREADS] = Int32(0)
         if const_expr(self.spec.quant_h):
             if bid > 0:
                 self._quantize(mX, mXq, bid - 1)

@@ -88,40 +88,34 @@ def warmup_moe(num_experts: int, top_k: int, hidden_size: int, intermediate_size
                quant_mode: str = "nvfp4", num_local_experts: int | None = None, ids_dtypes=("int32",),
                scale_dtypes=("fp32",), device=None, arch: str | None = None,
                device_class: str | None = None) -> WarmupReport:
-    """Make resident every kernel `kernels.fused_moe.fused_moe` can run for one layer, across all T: both
-    grouped GEMMs of each config dispatch returns, its combine kernel, and the routing kernel for each pair of row tiles they use
-    (per routing-id dtype, "int32"/"int64", and routing-weight dtype, "fp32"/"bf16", the call will pass), and under
-    kernels.fused_moe.LAYER_CALL the host function launching the four.
+    """Make resident every kernel `kernels.fused_moe.fused_moe` can run for one layer, across all T: the
+    kernels of each config dispatch returns (kernels.fused_moe.layer_spec: both grouped GEMMs, the routing
+    kernel, the combine unless FC2 folds it in) per routing-id dtype ("int32"/"int64") and routing-weight dtype
+    ("fp32"/"bf16") the call will pass, and under kernels.fused_moe.LAYER_CALL the host function launching them.
     Same device / arch / device_class convention as `warmup`."""
     from . import fused_moe as fm
-    from .moe_config import gemm_shapes
     from .moe_problem import MoEProblem
 
     arch, device_class = _target(device, arch, device_class)
     n_local = num_experts if num_local_experts is None else num_local_experts
     layer = MoEProblem("fused_moe", 0, num_experts, top_k, hidden_size, intermediate_size, quant_mode, activation,
                        "uniform", 0 if n_local == num_experts else n_local)  # what fused_moe's dispatch asks
-    shapes = gemm_shapes(quant_mode, activation, hidden_size, intermediate_size)
     before, done = compile_count(), set()
+
+    def load(key, get, *args):
+        if key not in done:
+            done.add(key)
+            get(*args, arch)
+
     for cfg in reachable_configs(layer, arch_number(arch), device_class):
-        for sh in shapes:
-            g = cfg.gemm(sh.layer)
-            if (sh, g) not in done:
-                done.add((sh, g))
-                fm.get_compiled(sh, g, arch)
         for ids in ids_dtypes:
             for sc in scale_dtypes:
-                spec = fm.route_spec(layer, cfg.bm, cfg.bm, ids, sc)
-                if spec not in done:
-                    done.add(spec)
-                    fm.get_route(spec, arch)
-                if fm.LAYER_CALL:  # the four behind one host function, as the call then runs them
-                    ls = fm.layer_spec(layer, cfg.gemm("fc1"), cfg.gemm("fc2"), ids, sc)
-                    if ls not in done:
-                        done.add(ls)
-                        fm.get_layer(ls, arch)
-        comb = fm.combine_spec(layer, cfg)
-        if comb not in done:
-            done.add(comb)
-            fm.get_combine(comb, arch)
+                ls = fm.layer_spec(layer, cfg.gemm("fc1"), cfg.gemm("fc2"), ids, sc)
+                for sh, g in ((ls.fc1, ls.cfg1), (ls.fc2, ls.cfg2)):
+                    load((sh, g), fm.get_compiled, sh, g)
+                load(ls.route, fm.get_route, ls.route)
+                if ls.combine is not None:
+                    load(ls.combine, fm.get_combine, ls.combine)
+                if fm.LAYER_CALL:  # the kernels behind one host function, as the call then runs them
+                    load(ls, fm.get_layer, ls)
     return WarmupReport(len(done), compile_count() - before, 1)

@@ -115,9 +115,9 @@ def test_combine_kernel_compiles_for_sm90a(spec):
 
 
 def test_workspace_layout_is_aligned_and_disjoint():
-    off, total = fm.workspace_layout(n_local=7, P=13, inter=768, H=2048, splits=2, xq_rows=5)
+    off, total = fm.workspace_layout(n_local=7, P=13, inter=768, H=2048, splits=2, xq_rows=5, counters=3)
     sizes = {"eo": 32, "to1": 32, "to2": 32, "a_rows": 52, "out_rows": 52, "row_scale": 52, "valid": 52, "bad": 4,
-             "inter": 2 * 13 * 768, "y": 4 * 2 * 13 * 2048, "xq": 2 * 5 * 2048}
+             "inter": 2 * 13 * 768, "y": 4 * 2 * 13 * 2048, "counters": 12, "xq": 2 * 5 * 2048}
     spans = sorted((off[k], off[k] + n) for k, n in sizes.items())
     assert all(o % 16 == 0 for o in off.values()) and set(off) == set(sizes)
     assert all(a_end <= b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:])) and spans[-1][1] <= total
@@ -581,7 +581,7 @@ def test_gemv_backend_compiles_every_layer_and_mode(mode, tile, arch):
 @pytest.mark.parametrize("early", ["regs", "l2", "off"])
 def test_fc2_early_loads_compile_and_are_in_the_cache_key(early):
     """moe_config.FC2_EARLY (the A/B switch of FC2's loads before its PDL wait, set for a block by
-    fused_moe.fc2_early_mode) compiles the decode GEMV's FC2 in each mode, split and unsplit, within the
+    fused_moe.kernel_variant) compiles the decode GEMV's FC2 in each mode, split and unsplit, within the
     registers of its constraints; FC1 never moves its wait (its predecessor writes the tables it reads); the
     mode is part of the kernels' cache key."""
     from kernels.compile_cache import resource_usage
@@ -590,10 +590,10 @@ def test_fc2_early_loads_compile_and_are_in_the_cache_key(early):
 
     fc1, fc2 = gemm_shapes("w4a16", "silu", 2048, 768)
     cfg = MoEGemmConfig(8, 64, warps_m=1, warps_n=4, **GEMV)
-    with fm.fc2_early_mode("off"):
+    with fm.kernel_variant("off"):
         off = fm.cache_key(fc2, cfg, "sm_90a")
     default = fm.FC2_EARLY
-    with fm.fc2_early_mode(early):
+    with fm.kernel_variant(early):
         for c in (MoEGemmConfig(8, 64, warps_m=4, warps_n=4, splits=2, **GEMV),
                   MoEGemmConfig(16, 128, warps_m=2, warps_n=4, **GEMV)):
             regs, _ = resource_usage(fm.compile_gemm(fc2, c, "sm_90a"))
@@ -603,8 +603,43 @@ def test_fc2_early_loads_compile_and_are_in_the_cache_key(early):
         assert (fm.cache_key(fc2, cfg, "sm_90a") == off) == (early == "off")
     assert fm.FC2_EARLY == default
     with pytest.raises(ValueError, match="regs, l2 or off"):
-        with fm.fc2_early_mode("early"):
+        with fm.kernel_variant("early"):
             pass
+
+
+@pytest.mark.parametrize("early", ["regs", "off"])
+def test_folded_combine_compiles_into_the_decode_gemv_alone(early):
+    """The combine folded into FC2 (moe_config.FOLD_COMBINE): the decode GEMV's FC2 compiles with it, split and
+    unsplit, in both early-load modes, within its registers, under a cache key of its own; the routing kernel
+    that zeroes the counters compiles; layer_spec folds only where FC2 is the GEMV; the constraints refuse the
+    fold on the other backends and on FC1."""
+    from dataclasses import replace
+
+    from kernels.compile_cache import resource_usage
+    from kernels.moe_gemv_kernel import MoEGemvKernel
+    from kernels.moe_kernel import MoEGemmSpec
+
+    fc1, fc2 = gemm_shapes("w4a16", "silu", 2048, 768)
+    folded = replace(fc2, combine_top_k=8)
+    p = mp.MoEProblem("fused_moe", 1, 128, 8, 2048, 768, "w4a16", "silu", "uniform", 0)
+    with fm.kernel_variant(early):
+        for c in (MoEGemmConfig(8, 64, warps_m=4, warps_n=4, splits=2, **GEMV),
+                  MoEGemmConfig(16, 128, warps_m=2, warps_n=4, **GEMV)):
+            assert not violations(folded, c)
+            assert fm.cache_key(folded, c, "sm_90a") != fm.cache_key(fc2, c, "sm_90a")
+            regs, _ = resource_usage(fm.compile_gemm(folded, c, "sm_90a"))
+            assert regs is not None and regs <= 224
+            assert MoEGemvKernel(MoEGemmSpec(folded, c, 90)).fold == 8
+            ls = fm.layer_spec(p, MoEGemmConfig(c.bm, 32, warps_m=1, warps_n=4, **GEMV), c, fold=True)
+            assert ls.combine is None and ls.fc2 == folded and ls.route.counters == 2048 // c.bn
+    assert fm.compile_route(ls.route, "sm_90a") is not None
+    sync = MoEGemmConfig(16, 64, 128, 3, 1, 4)
+    assert fm.layer_spec(p, sync, sync, fold=True).combine is not None  # not the GEMV: a combine launch
+    assert any("folds only into the decode GEMV" in v for v in violations(folded, sync))
+    assert any("folds only into the decode GEMV" in v
+               for v in violations(folded, MoEGemmConfig(128, 128, 64, 4, 4, 2, mma="wgmma")))
+    with pytest.raises(ValueError, match="only FC2 takes the combine"):
+        replace(fc1, combine_top_k=8)
 
 
 def test_gemv_constraints_say_what_is_wrong():
@@ -724,7 +759,7 @@ def test_eager_workspace_arena_is_per_stream_grows_and_is_never_used_by_captures
 def _former_arguments(launch, base, bad, x, w1, w1sf, w2, w2sf, ids, sc, a1, a2, gs, out, offset, num_experts, st):
     """The four kernels' arguments as the call passed them before one host function launched all four (the
     separate functions' __call__ signatures), from the bound launch's layer spec and fixed values."""
-    eo, to1, to2, a_rows, out_rows, row_scale, valid, _, inter, y, xq = [base + o for o in launch.offsets]
+    eo, to1, to2, a_rows, out_rows, row_scale, valid, _, inter, y, _, xq = [base + o for o in launch.offsets]
     T, P, El, nq, g1, g2, gc, s1, s1f, s2, s2f = launch.fixed
     quant = (x.data_ptr(), xq) if nq else (None, None)
     route = (ids.data_ptr(), sc.data_ptr(), eo, to1, to2, a_rows, out_rows, row_scale, valid, bad, P, offset,
@@ -736,15 +771,24 @@ def _former_arguments(launch, base, bad, x, w1, w1sf, w2, w2sf, ids, sc, a1, a2,
     return route, fc1, fc2, (y, valid, out.data_ptr(), T, P, gc, st)
 
 
-@pytest.mark.parametrize("quant_mode, ids_dtype, scale_dtype, T, splits", [
-    ("w4a16", torch.int32, torch.float32, 1, 2), ("nvfp4", torch.int64, torch.bfloat16, 5, 1)])
+def _arity(cls) -> tuple[int, int]:
+    """(required, all) parameters of a kernel class's __call__ (self excluded)."""
+    params = list(inspect.signature(cls.__call__).parameters.values())[1:]
+    return sum(q.default is inspect.Parameter.empty for q in params), len(params)
+
+
+@pytest.mark.parametrize("quant_mode, ids_dtype, scale_dtype, T, splits, fold", [
+    ("w4a16", torch.int32, torch.float32, 1, 2, False), ("nvfp4", torch.int64, torch.bfloat16, 5, 1, False),
+    ("w4a16", torch.int32, torch.float32, 3, 2, True)])
 def test_one_host_function_launches_the_four_kernels_with_their_former_arguments(quant_mode, ids_dtype, scale_dtype,
-                                                                                  T, splits, monkeypatch):
+                                                                                  T, splits, fold, monkeypatch):
     """A call's four kernels behind one TVM-FFI function (kernels/moe_layer_kernel.py): it compiles for sm_90a
     (W4A16 and W4A4, both id and weight dtypes, FC2 split and unsplit) into one object holding the four
     kernels; its parameters are moe_layer_kernel.ARGUMENTS, which _Launch.arguments fills; split back into the
     separate kernels' arguments they are exactly what the call passed those before, and each kernel's tuple
-    has its __call__'s arity."""
+    has its __call__'s arity. With the combine folded into FC2 (moe_config.FOLD_COMBINE) the object holds
+    three kernels, the routing kernel also gets the counters, FC2 also valid, the output and the counters
+    (its optional parameters), and no combine is launched."""
     from kernels.compile_cache import cache_dir
     from kernels.moe_combine_kernel import MoECombineKernel
     from kernels.moe_layer_kernel import ARGUMENTS, MoELayerKernel
@@ -758,6 +802,7 @@ def test_one_host_function_launches_the_four_kernels_with_their_former_arguments
     p = mp.MoEProblem("fused_moe", T, E, k, H, I, quant_mode, "silu", "uniform", 0)
     plan = fm._Plan(p, *shapes, "sm_90a", torch.device("cuda", 0), "int32" if ids_dtype == torch.int32 else "int64",
                     "fp32" if scale_dtype == torch.float32 else "bf16", (1 << 20, 1 << 16, 1 << 20, 1 << 16))
+    monkeypatch.setattr(fm, "FOLD_COMBINE", fold)
     monkeypatch.setattr(fm, "LAYER_CALL", False)
     assert fm._Launch(plan, cfg1, cfg2).layer is None  # off: the four functions, loaded on first use
     monkeypatch.setattr(fm, "LAYER_CALL", True)
@@ -770,7 +815,9 @@ def test_one_host_function_launches_the_four_kernels_with_their_former_arguments
     assert shipped not in fm.layer_cache_key(p, both, "sm_90a").split("+")
     monkeypatch.setattr(fm, "LAYER_CALL", True)
     objects = cache_dir() / f"{key}.o"
-    assert objects.exists() and objects.read_bytes().count(b".text.kernel_cutlass_kernel_kernels") >= 4
+    assert objects.exists() and objects.read_bytes().count(b".text.kernel_cutlass_kernel_kernels") >= 4 - fold
+    assert (launch.spec.combine is None) == fold and launch.spec.fc2.combine_top_k == (k if fold else 0)
+    assert launch.spec.route.counters == (H // cfg2.bn if fold else 0)
 
     params = list(inspect.signature(MoELayerKernel.__call__).parameters)[1:]
     assert [n.removesuffix("_ptr") for n in params] == list(ARGUMENTS)
@@ -784,7 +831,18 @@ def test_one_host_function_launches_the_four_kernels_with_their_former_arguments
     call = (1 << 32, (1 << 32) + 96, x, w1, w1sf, w2, w2sf, ids, sc, a1, a2, gs, out, 3, 11, 77)
     args = launch.arguments(*call)
     assert len(args) == len(ARGUMENTS)
-    assert launch.split_arguments(*call) == _former_arguments(launch, *call)
+    route, fc1, fc2, comb = launch.split_arguments(*call)
+    f_route, f_fc1, f_fc2, f_comb = _former_arguments(launch, *call)
+    counters = call[0] + launch.off["counters"]
+    if fold:
+        assert (route, fc1, fc2, comb) == ((*f_route, counters), f_fc1, (*f_fc2, f_comb[1], out.data_ptr(), counters),
+                                           None)
+        assert args[ARGUMENTS.index("counters")] == counters
+    else:
+        assert (route, fc1, fc2, comb) == (f_route, f_fc1, f_fc2, f_comb)
+        assert args[ARGUMENTS.index("counters")] is None
     kernels = (MoERouteKernel, fm.gemm_kernel_class(cfg1), fm.gemm_kernel_class(cfg2), MoECombineKernel)
-    for cls, part in zip(kernels, launch.split_arguments(*call)):
-        assert len(part) == len(inspect.signature(cls.__call__).parameters) - 1, cls.__name__
+    for cls, part, optional in zip(kernels, (route, fc1, fc2, comb), (fold, False, fold, False)):
+        if part is not None:
+            required, every = _arity(cls)
+            assert len(part) == (every if optional else required), cls.__name__

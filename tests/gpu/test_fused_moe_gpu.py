@@ -429,14 +429,68 @@ def test_gemv_agrees_with_mma_sync_at_decode():
         assert float((a - b).abs().max() / a.abs().max()) <= 2**-7
 
 
-@pytest.mark.parametrize("fc2_early", ["default", "regs", "l2", "off"])
-def test_back_to_back_eager_calls_share_their_streams_workspace_and_stay_correct(fc2_early):
+@pytest.mark.parametrize("fc2_early, fold", [("default", None), ("regs", None), ("l2", None), ("off", None),
+                                              ("off", True), ("regs", True)])
+def test_back_to_back_eager_calls_share_their_streams_workspace_and_stay_correct(fc2_early, fold):
     """Calls of two layers and sizes queued without a sync, on the current stream and a side stream: each reuses
     its stream's workspace arena (kernels.fused_moe._workspace) the moment the previous call is done with it.
     Each routing differs from the last, so an FC2 that read stale tables before its PDL wait
-    (moe_config.FC2_EARLY, every mode) would compute the wrong experts' rows."""
-    with contextlib.nullcontext() if fc2_early == "default" else fm.fc2_early_mode(fc2_early):
+    (moe_config.FC2_EARLY, every mode) would compute the wrong experts' rows, and a folded combine
+    (moe_config.FOLD_COMBINE) whose counters the routing launch did not zero would sum too early or never."""
+    with contextlib.nullcontext() if (fc2_early, fold) == ("default", None) else \
+            fm.kernel_variant(None if fc2_early == "default" else fc2_early, fold):
         _back_to_back_calls()
+
+
+FOLD_CASES = [  # (T, E, k, H, I, n_local, offset, FC1 config, FC2 config)
+    (1, 128, 8, 2048, 768, None, 0, MoEGemmConfig(8, 32, warps_m=4, warps_n=4, **GEMV),
+     MoEGemmConfig(8, 64, warps_m=2, warps_n=4, splits=2, **GEMV)),  # Qwen3-30B-A3B at decode
+    (5, 16, 4, 512, 256, None, 0, MoEGemmConfig(8, 32, warps_m=1, warps_n=4, **GEMV),
+     MoEGemmConfig(8, 64, warps_m=1, warps_n=4, **GEMV)),
+    (64, 64, 8, 1024, 512, None, 0, MoEGemmConfig(16, 64, warps_m=2, warps_n=4, **GEMV),
+     MoEGemmConfig(16, 128, warps_m=2, warps_n=4, splits=2, **GEMV)),
+    (9, 16, 2, 512, 256, 8, 4, MoEGemmConfig(8, 32, warps_m=1, warps_n=4, **GEMV),
+     MoEGemmConfig(8, 64, warps_m=1, warps_n=4, splits=2, **GEMV)),  # expert parallel: half the pairs elsewhere
+]
+
+
+@pytest.mark.parametrize("layer_call", [False, True])
+@pytest.mark.parametrize("case", range(len(FOLD_CASES)))
+def test_folded_combine_writes_the_combine_kernels_bits(case, layer_call, monkeypatch):
+    """The combine folded into the decode GEMV's FC2 (moe_config.FOLD_COMBINE) adds the same fp32 partials in
+    the same order as the combine kernel: the outputs are bit for bit those of the call with a combine launch,
+    through the four separate functions and through the layer function, split and unsplit, with non-local
+    pairs; repeated calls (counters zeroed by each routing launch) agree too; and both agree with the float64
+    reference. A call whose pairs are all elsewhere writes zeros."""
+    T, E, k, H, I, n_local, offset, c1, c2 = FOLD_CASES[case]  # noqa: E741
+    monkeypatch.setattr(fm, "LAYER_CALL", layer_call)
+    layer = make_layer(E, H, I, "silu", "w4a16", seed=case, n_local=n_local)
+    ids, w = make_routing(T, E, k, seed=case)
+    x = torch.randn(T, H, device=DEV).to(torch.bfloat16)
+
+    def call(ids):
+        out = torch.full((T, H), float("nan"), dtype=torch.bfloat16, device=DEV)
+        return fused_moe(x, layer["w1_weight"], layer["w1_weight_sf"], layer["w2_weight"], layer["w2_weight_sf"],
+                         ids, w, E, k, w1_alpha=layer["w1_alpha"], w2_alpha=layer["w2_alpha"],
+                         num_local_experts=n_local, local_expert_offset=offset, output=out, quant_mode="w4a16",
+                         configs=(c1, c2))
+
+    with fm.kernel_variant(fold=False):
+        plain = call(ids)
+    with fm.kernel_variant(fold=True):
+        folded = [call(ids) for _ in range(3)]
+        if n_local is not None:  # every id outside [offset, offset + n_local): no CTA of FC2 has rows
+            nowhere = call(torch.full_like(ids, offset + n_local))
+    torch.cuda.synchronize()
+    assert not torch.isnan(plain).any()
+    for got in folded:
+        assert torch.equal(got, plain)
+    ref = fused_moe_reference(x, layer["w1_weight"], layer["w1_weight_sf"], layer["w2_weight"], layer["w2_weight_sf"],
+                              ids, w, w1_alpha=layer["w1_alpha"], w2_alpha=layer["w2_alpha"],
+                              local_expert_offset=offset, quant_mode="w4a16")
+    assert float((plain.float() - ref).abs().max() / ref.abs().max()) < 2**-6
+    if n_local is not None:
+        assert torch.equal(nowhere, torch.zeros_like(nowhere))
 
 
 def _back_to_back_calls():
