@@ -15,8 +15,10 @@ prebuilt arguments and PDL as the call launches them: the routing launch alone, 
 with the combine (the whole call), beside the public op. The differences say what each kernel adds to a
 call's GPU time (eager spans under a profiler measure the host's launch cadence instead: a call's four
 launches take longer on the host than its kernels on the GPU at decode). --fc2-early off,l2,regs times FC2's
-early-load modes (kernels/moe_config.FC2_EARLY) and --fold off,on the combine as a launch or folded into the
-decode GEMV's FC2 (kernels/moe_config.FOLD_COMBINE) side by side on the same cases, every pair of the two.
+early-load modes (kernels/moe_config.FC2_EARLY), --fold off,on the combine as a launch or folded into the
+decode GEMV's FC2 (FOLD_COMBINE) and --fc1-early off,on FC1 waiting for the routing tables or routing its tiles
+from the ids (FC1_EARLY) side by side on the same cases, every combination of the three; --spans picks the
+(layer, T) cases.
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ from kernels.ops import _raw_stream  # noqa: E402
 from sweep.host_cost import time_host  # noqa: E402
 from sweep.timer import l2_bytes, rotation_sets, time_launchers  # noqa: E402
 
-FOLDS = {"off": False, "on": True}
+ON_OFF = {"off": False, "on": True}
 SPANS = (("qwen3-30b-a3b", 1), ("qwen3-30b-a3b", 8), ("qwen3-30b-a3b", 64), ("gpt-oss-120b", 1),
          ("mixtral-8x7b", 1), ("mixtral-8x7b", 64))
 
@@ -125,8 +127,9 @@ def _chains(p: MoEProblem, case) -> list:
     return chains
 
 
-def gpu_chain(layer: str, T: int, variants) -> dict[tuple[str, bool], tuple[list[float], float]]:
-    """Per (FC2 early-load mode, fold) variant (kernels.moe_config.FC2_EARLY, FOLD_COMBINE): CUDA-graph replay
+def gpu_chain(layer: str, T: int, variants) -> dict[tuple[str, bool, bool], tuple[list[float], float]]:
+    """Per (FC2 early-load mode, fold, FC1 early) variant (kernels.moe_config.FC2_EARLY, FOLD_COMBINE, FC1_EARLY):
+    CUDA-graph replay
     medians (us) of the call's kernel chain cut after each kernel (routing; + FC1; + FC2; + combine, absent when
     folded), over rotating cases (> 3x L2, as benchmarks/fused_moe.py), and of the public op itself; every
     variant on the same cases, one after another."""
@@ -134,17 +137,17 @@ def gpu_chain(layer: str, T: int, variants) -> dict[tuple[str, bool], tuple[list
     first = moe_runner.make_case(p)
     cases = [first] + moe_runner.make_cases(p, rotation_sets(max(1, first.nbytes), l2_bytes()) - 1, seed=1)
     out = {}
-    for mode, fold in variants:
-        with fm.kernel_variant(mode, fold):
+    for mode, fold, fc1_early in variants:
+        with fm.kernel_variant(mode, fold, fc1_early):
             per_case = [_chains(p, c) for c in cases]
             torch.cuda.synchronize()
             cut = [time_launchers([ch[n] for ch in per_case], set_bytes=first.nbytes).median_us
                    for n in range(len(per_case[0]))]
             public = time_launchers([moe_runner.public_launcher(p, c, "off") for c in cases],
                                     set_bytes=first.nbytes).median_us
-        out[mode, fold] = (cut, public)
-        print(layer, T, mode, "folded" if fold else "", [f"{v:.1f}" for v in cut], f"public {public:.1f}",
-              flush=True)
+        out[mode, fold, fc1_early] = (cut, public)
+        print(layer, T, mode, "folded" if fold else "", "fc1-ids" if fc1_early else "", [f"{v:.1f}" for v in cut],
+              f"public {public:.1f}", flush=True)
     return out
 
 
@@ -158,13 +161,13 @@ def markdown(pieces, spans) -> str:
     lines += ["", "GPU: CUDA-graph replay medians over rotating cases (> 3x L2) of the call's kernel chain cut after "
               "each kernel (prebuilt arguments, PDL as the call launches them): what each kernel adds to the chain, "
               "and the public op (W4A16, uniform routing, expert-id check off).", "",
-              "| layer | T | FC2 early loads | combine | routing | + FC1 | + FC2 | + combine (all four) | public op |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "| layer | T | FC1 routing | FC2 early loads | combine | routing | + FC1 | + FC2 | + combine (all four) "
+              "| public op |", "|---|---|---|---|---|---|---|---|---|---|"]
     for layer, T, by_variant in spans:
-        for (mode, fold), (cut, pub) in by_variant.items():
+        for (mode, fold, fc1_early), (cut, pub) in by_variant.items():
             cells = [f"{v:.1f}" for v in cut] + ["–"] * (4 - len(cut))
-            lines.append(f"| {layer} | {T} | {mode} | {'in FC2' if fold else 'launch'} | {' | '.join(cells)} "
-                         f"| {pub:.1f} |")
+            lines.append(f"| {layer} | {T} | {'from ids' if fc1_early else 'tables'} | {mode} | "
+                         f"{'in FC2' if fold else 'launch'} | {' | '.join(cells)} | {pub:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -177,16 +180,28 @@ def main() -> None:
     ap.add_argument("--fold", default="on" if mc.FOLD_COMBINE else "off",
                     help="the combine as a launch (off) or folded into the decode GEMV's FC2 (on), comma list "
                          "(default: the current one); the host pieces run as the process is configured")
+    ap.add_argument("--fc1-early", default="on" if mc.FC1_EARLY else "off",
+                    help="FC1 routing from the tables (off) or from the ids (on), comma list (default: the current)")
+    ap.add_argument("--spans", default=",".join(f"{layer}:{T}" for layer, T in SPANS),
+                    help="the kernel-chain cases, comma list of layer:T (default: %(default)s)")
     args = ap.parse_args()
     modes = tuple(m.strip() for m in args.fc2_early.split(",") if m.strip())
     bad = [m for m in modes if m not in mc.FC2_EARLY_MODES]
     if bad or not modes:  # before anything runs
         ap.error(f"--fc2-early takes a comma list of {', '.join(mc.FC2_EARLY_MODES)}, got {args.fc2_early!r}")
-    folds = tuple(f.strip() for f in args.fold.split(",") if f.strip())
-    if not folds or any(f not in FOLDS for f in folds):
-        ap.error(f"--fold takes a comma list of {', '.join(FOLDS)}, got {args.fold!r}")
-    variants = list(itertools.product(modes, (FOLDS[f] for f in folds)))
-    spans = [(layer, T, gpu_chain(layer, T, variants)) for layer, T in SPANS]
+    switches = []
+    for name, value in (("--fold", args.fold), ("--fc1-early", args.fc1_early)):
+        picked = tuple(f.strip() for f in value.split(",") if f.strip())
+        if not picked or any(f not in ON_OFF for f in picked):
+            ap.error(f"{name} takes a comma list of {', '.join(ON_OFF)}, got {value!r}")
+        switches.append([ON_OFF[f] for f in picked])
+    try:
+        cases = [(layer, int(T)) for layer, T in (c.strip().rsplit(":", 1) for c in args.spans.split(",") if c.strip())]
+        [problem(layer, T) for layer, T in cases]
+    except (ValueError, KeyError) as e:
+        ap.error(f"--spans takes a comma list of layer:T of the moe problem set, got {args.spans!r} ({e})")
+    variants = list(itertools.product(modes, *switches))
+    spans = [(layer, T, gpu_chain(layer, T, variants)) for layer, T in cases]
     text = markdown([] if args.gpu_only else host_pieces(), spans)
     Path(args.out).write_text(text)
     print(f"wrote {args.out}")

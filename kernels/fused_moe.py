@@ -35,7 +35,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from . import dispatch as _dispatch
-from .moe_config import (FC2_EARLY, FC2_EARLY_CHOICES, FC2_EARLY_MODES, FOLD_COMBINE, PDL, MoEConfig,
+from .moe_config import (FC1_EARLY, FC2_EARLY, FC2_EARLY_CHOICES, FC2_EARLY_MODES, FOLD_COMBINE, PDL, MoEConfig,
                          MoEGemmConfig, MoEGemmShape, gemm_shapes, heuristic, violations)
 from .moe_problem import ACTIVATIONS, DIM_MULTIPLE, MAX_TOP_K, MoEProblem
 from .moe_quant import NVFP4_BLOCK
@@ -75,6 +75,8 @@ def _fake_args(sh: MoEGemmShape):
     i32, i64 = cutlass.Int32(0), cutlass.Int64(0)
     out = ptr(cutlass.Float32 if sh.out_dtype == "fp32" else cutlass.BFloat16, 16)
     folded = (ptr(cutlass.Int32, 4), ptr(cutlass.BFloat16, 16), ptr(cutlass.Int32, 4)) if sh.combine_top_k else ()
+    if sh.early_ids:  # after the fold's three (None): the ids as 32-bit words, their stride, offset, num_experts
+        folded = (None, None, None, ptr(cutlass.Int32, 4), i32, i32, i32)
     return (ptr(cutlass.BFloat16, 16), ptr(cutlass.Int32, 4) if fc1 else None, ptr(cutlass.Uint8, 16),
             ptr(cutlass.Uint8, 16), ptr(cutlass.Float32, 4), None if fc1 else ptr(cutlass.Float32, 4),
             None if fc1 else ptr(cutlass.Int32, 4), out, ptr(cutlass.Int32, 4), ptr(cutlass.Int32, 4),
@@ -134,14 +136,17 @@ def quant_h(p: MoEProblem) -> int:
 
 
 def layer_spec(p: MoEProblem, cfg1: MoEGemmConfig, cfg2: MoEGemmConfig, ids_dtype: str = "int32",
-               scale_dtype: str = "fp32", fold: bool | None = None):
+               scale_dtype: str = "fp32", fold: bool | None = None, fc1_early: bool | None = None):
     """The kernels (kernels/moe_layer_kernel.MoELayerSpec) a call of layer `p` runs with GEMM configs `cfg1`,
     `cfg2` and routing ids and weights of these dtypes: the combine folded into FC2 where `fold` (default
-    moe_config.FOLD_COMBINE) and FC2 is the decode GEMV, else a combine launch."""
+    moe_config.FOLD_COMBINE) and FC2 is the decode GEMV, else a combine launch; FC1 routing its tiles from the
+    ids where `fc1_early` (default moe_config.FC1_EARLY) and FC1 is the decode GEMV."""
     from .moe_combine_kernel import MoECombineSpec
     from .moe_layer_kernel import MoELayerSpec
 
     fc1, fc2 = gemm_shapes(p.quant_mode, p.activation, p.H, p.I)
+    if (FC1_EARLY if fc1_early is None else fc1_early) and cfg1.mma == "gemv":
+        fc1 = replace(fc1, early_ids=True)
     if (FOLD_COMBINE if fold is None else fold) and cfg2.mma == "gemv":
         return MoELayerSpec(route_spec(p, cfg1.bm, cfg2.bm, ids_dtype, scale_dtype, p.H // cfg2.bn), fc1, cfg1,
                             replace(fc2, combine_top_k=p.top_k), cfg2, None)
@@ -212,9 +217,10 @@ def compile_layer(ls, arch: str):
             ptr(cutlass.Int32), ptr(cutlass.Int32), bf(), ptr(cutlass.Float32, 16),
             ptr(cutlass.Int32) if ls.combine is None else None, *(i32,) * 7, *(i64,) * 4, i32, i32,
             make_fake_stream(use_tvm_ffi_env_stream=False))
-    kernel = MoELayerKernel(MoERouteKernel(ls.route), gemm_kernel_class(ls.cfg1)(MoEGemmSpec(ls.fc1, ls.cfg1, sm)),
+    kernel = MoELayerKernel(ls, MoERouteKernel(ls.route),
+                            gemm_kernel_class(ls.cfg1)(MoEGemmSpec(ls.fc1, ls.cfg1, sm)),
                             gemm_kernel_class(ls.cfg2)(MoEGemmSpec(ls.fc2, ls.cfg2, sm)),
-                            None if ls.combine is None else MoECombineKernel(ls.combine), ls.cfg2.splits)
+                            None if ls.combine is None else MoECombineKernel(ls.combine))
     return compile_dsl(kernel, args, arch, f"fused_moe layer {ls}")
 
 
@@ -330,9 +336,9 @@ def _sig(t):
 
 def _call_key(x, w1, w1sf, w2, w2sf, ids, sc, a1, a2, fc2s, output, *options) -> tuple:
     """A call's signature (its tensors', then `options`: the other arguments as given) as one flat tuple (a
-    per-tensor helper in a loop cost ~40 % more host time, profiled on CPU with the kernels mocked): shapes, strides, dtypes and devices, and one alignment class for
-    the tensors that must be 16-byte aligned (validation refuses any other, so a nonzero class never finds a
-    plan). AttributeError or TypeError for an argument that is no tensor: validation names it."""
+    per-tensor helper in a loop cost ~40 % more host time, profiled on CPU with the kernels mocked): shapes,
+    strides, dtypes and devices, and one alignment class for the tensors that must be 16-byte aligned
+    (validation refuses any other, so a nonzero class never finds a plan). AttributeError or TypeError for an argument that is no tensor: validation names it."""
     k = (x.shape, x.stride(), x.dtype, x.device, w1.shape, w1.stride(), w1.dtype, w1.device, w1sf.shape,
          w1sf.stride(), w1sf.dtype, w1sf.device, w2.shape, w2.stride(), w2.dtype, w2.device, w2sf.shape,
          w2sf.stride(), w2sf.dtype, w2sf.device, ids.shape, ids.stride(), ids.dtype, ids.device, sc.shape,
@@ -594,7 +600,7 @@ class _Launch:
         """`arguments(*args)` as the separate kernels' (routing, FC1, FC2, combine: None when folded)."""
         from .moe_layer_kernel import split_arguments
 
-        return split_arguments(self.arguments(*args), self.spec.cfg2.splits, self.spec.combine is None)
+        return split_arguments(self.arguments(*args), self.spec)
 
     def run(self, x, w1, w1sf, w2, w2sf, ids, scales, alpha1, alpha2, gs, out, offset: int, num_experts: int,
             check: str):
@@ -654,25 +660,27 @@ class _Launch:
 
 
 @contextlib.contextmanager
-def kernel_variant(fc2_early: str | None = None, fold: bool | None = None):
-    """Compile and bind the calls inside the block with moe_config.FC2_EARLY = `fc2_early` and FOLD_COMBINE =
-    `fold` (None: as they are), for A/B timing and tests in one process: the kernels' cache keys carry both,
-    and the calls bound outside the block are dropped on the way in and out."""
+def kernel_variant(fc2_early: str | None = None, fold: bool | None = None, fc1_early: bool | None = None):
+    """Compile and bind the calls inside the block with moe_config.FC2_EARLY = `fc2_early`, FOLD_COMBINE =
+    `fold` and FC1_EARLY = `fc1_early` (None: as they are), for A/B timing and tests in one process: the
+    kernels' cache keys carry all three, and the calls bound outside the block are dropped on the way in and
+    out."""
     from . import moe_gemv_kernel
 
     if fc2_early is not None and fc2_early not in FC2_EARLY_MODES:
         raise ValueError(f"FC2 early mode must be {FC2_EARLY_CHOICES}, got {fc2_early!r}")
-    global FC2_EARLY, FOLD_COMBINE
-    saved = FC2_EARLY, FOLD_COMBINE
+    global FC2_EARLY, FOLD_COMBINE, FC1_EARLY
+    saved = FC2_EARLY, FOLD_COMBINE, FC1_EARLY
     try:
         FC2_EARLY = moe_gemv_kernel.FC2_EARLY = saved[0] if fc2_early is None else fc2_early
         FOLD_COMBINE = saved[1] if fold is None else fold
+        FC1_EARLY = saved[2] if fc1_early is None else fc1_early
         _bind.cache_clear()
         _CALLS.clear()
         yield
     finally:
         FC2_EARLY = moe_gemv_kernel.FC2_EARLY = saved[0]
-        FOLD_COMBINE = saved[1]
+        FOLD_COMBINE, FC1_EARLY = saved[1:]
         _bind.cache_clear()
         _CALLS.clear()
 

@@ -121,6 +121,14 @@ if FC2_EARLY not in FC2_EARLY_MODES:
 # by default until timed and checked on the GPU (benchmarks/fused_moe_host.py times both in one run; the fold
 # is part of FC2's shape, hence of its cache key).
 FOLD_COMBINE = os.environ.get("LUTFORGE_MOE_FOLD_COMBINE", "0") == "1"
+# FC1's loads before its wait for the routing launch (LUTFORGE_MOE_FC1_EARLY=1; kernels/moe_gemv_kernel.py): at
+# up to 32 pairs the decode GEMV's FC1 works out its tile's expert and rows from the expert ids with warp
+# shuffles (the routing kernel's layout, which is a function of the ids) and loads its first batch of weights
+# while the routing launch runs; the rows' tokens and the activations follow the wait. Why: FC1 starts its
+# weight reads only after the 2.2 us routing launch has finished (Qwen3-30B-A3B T=1 chain: routing 2.2, + FC1
+# 9.6 us for 12.6 MB, 4.2 us at the copy rate; H100, results/h100/e2e/fused_moe_host.md). Off by default until
+# timed and checked on the GPU; part of FC1's shape, hence of its cache key.
+FC1_EARLY = os.environ.get("LUTFORGE_MOE_FC1_EARLY", "0") == "1"
 
 
 @dataclass(frozen=True)
@@ -132,6 +140,7 @@ class MoEGemmShape:
     out_dtype: str = "bf16"
     quant_out: bool = False  # W4A4 FC1: NVFP4-fake-quantise the output (FC2's input) in the epilogue
     combine_top_k: int = 0  # FC2 with the combine folded in (FOLD_COMBINE): the pairs per token it sums
+    early_ids: bool = False  # FC1 routing its tile from the expert ids at decode (FC1_EARLY)
 
     def __post_init__(self):
         if self.layer not in LAYERS:
@@ -142,6 +151,8 @@ class MoEGemmShape:
             raise ValueError("only FC1 quantises its output (FC2's input)")
         if self.combine_top_k and self.layer != "fc2":
             raise ValueError("only FC2 takes the combine (the sum of each token's pairs)")
+        if self.early_ids and self.layer != "fc1":
+            raise ValueError("only FC1 routes its tiles from the expert ids (FC2 reads the routing tables)")
         if self.K % 64 or self.N % 16 or self.K < 64 or self.N < 16:
             raise ValueError(f"need K a multiple of 64 and N of 16, got K={self.K} N={self.N}")
 
@@ -302,10 +313,12 @@ def _gemv_violations(sh: MoEGemmShape, cfg: MoEGemmConfig) -> list[str]:
 
 def _tile_violations(sh: MoEGemmShape, cfg: MoEGemmConfig) -> list[str]:
     """Every backend walks whole tiles, and splits K only in FC2 (FC1's fused activation needs the whole sum);
-    the combine folds only into the decode GEMV."""
+    the combine folds, and FC1 routes from the ids, only in the decode GEMV."""
     out = []
     if sh.combine_top_k and cfg.mma != "gemv":
         out.append(f"the combine folds only into the decode GEMV's FC2 (mma=gemv), got mma={cfg.mma}")
+    if sh.early_ids and cfg.mma != "gemv":
+        out.append(f"only the decode GEMV's FC1 routes from the expert ids (mma=gemv), got mma={cfg.mma}")
     if cfg.splits != 1 and sh.layer != "fc2":
         out.append(f"splits={cfg.splits}: only FC2 splits K (FC1's fused activation needs the whole sum)")
     if sh.K % cfg.bk:

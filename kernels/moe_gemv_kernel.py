@@ -30,7 +30,11 @@ Work split (the config's knobs, kernels/moe_config.py, mma="gemv"):
   A round past the split's last chunk is skipped by the whole warp (mma is collective); a lane whose chunk
   is past it feeds zeros.
 PDL: FC2 may read the routing tables and load its first batch of weights before waiting for FC1
-(moe_config.FC2_EARLY, an A/B switch; "off" waits first, as every other GEMM).
+(moe_config.FC2_EARLY, an A/B switch; "off" waits first, as every other GEMM). FC1 with shape.early_ids
+(moe_config.FC1_EARLY) works out its tile's expert and rows from the expert ids themselves when the call has at
+most IDS_WARP pairs (one per lane of a warp: the routing kernel's count, scan and tile order, from shuffles) and
+loads its first batch of weights before waiting for the routing launch; only the rows' tokens (a_rows, whose
+order the routing kernel's atomics decide) and the activations come after the wait.
 Epilogue: the accumulators go to shared memory by (K group, row, weight row), the K groups add there, then
 one thread per (row, column) applies alpha and the activation (gated SiLU, ReLU2), FC2's routing weight and
 output row, and stores; W4A4 FC1 (x quantised by the routing launch) fake-quantises its output in 16-column
@@ -55,6 +59,7 @@ from .pdl import await_predecessor_and_release
 LANES_K = 4  # lanes t of a quad: consecutive chunks of a row per round
 PREFETCH_BATCHES = 2  # FC2_EARLY=l2: the load batches pulled into L2 before the PDL wait (_prefetch_l2)
 FOLD_VEC = 4  # the folded combine's columns per thread and step: one 16-byte load per pair, an 8-byte store
+IDS_WARP = 32  # FC1 early_ids: the most pairs whose routing a warp works out from the ids (one per lane)
 
 
 @cute.jit
@@ -102,6 +107,7 @@ class MoEGemvKernel:
         self.threads = 32 * self.wk * self.wn
         self.early = FC2_EARLY if PDL and sh.layer == "fc2" else "off"  # FC2's loads before its wait (kernel)
         self.fold = sh.combine_top_k  # FC2 also sums each token's pairs into the output (0: a combine launch does)
+        self.early_ids = sh.early_ids  # FC1 routes its tile from the ids and loads weights before its wait
         self.cols = cfg.bn // cfg.warps_n  # output columns per warp
         self.rows = gemv_rows(sh, cfg)  # weight rows per warp
         self.groups = self.rows // 16  # mma row groups (16 weight rows each) per warp
@@ -117,9 +123,11 @@ class MoEGemvKernel:
                  expert_offsets_ptr: cute.Pointer, tile_offsets_ptr: cute.Pointer,
                  a_count: Int32, n_rows: Int32, n_experts: Int32, grid_m: Int32,
                  w_stride_e: Int64, sf_stride_e: Int64, out_count: Int32, gs_ptr, stream, valid_ptr=None,
-                 final_ptr=None, sem_ptr=None):
-        """The folded combine's (shape.combine_top_k) last three: the routing kernel's valid [n_rows] flags,
-        the layer's bf16 output [n_rows / top_k, N] and the column tiles' counters [N / bn]."""
+                 final_ptr=None, sem_ptr=None, ids_ptr=None, ids_stride=None, offset=None, num_experts=None):
+        """The folded combine's (shape.combine_top_k) valid_ptr .. sem_ptr: the routing kernel's valid [n_rows]
+        flags, the layer's bf16 output [n_rows / top_k, N] and the column tiles' counters [N / bn]. FC1's
+        early_ids ids_ptr .. num_experts: the expert ids [n_rows] as 32-bit words (ids_stride 1: int32, 2: int64,
+        low word first), the first local expert and the number of experts."""
         K, N = self.K, self.N
         nw = 2 * N if self.gated else N  # weight rows per expert
         # A and W as 32-bit words (bf16 pairs, 8 packed codes); the scales as 16-bit pairs (one chunk's two)
@@ -138,17 +146,106 @@ class MoEGemvKernel:
             mFinal = cute.make_tensor(final_ptr, cute.make_layout(
                 (n_rows // self.fold, N), stride=(cute.assume(Int64(N), divby=8), 1)))
             mSem = cute.make_tensor(sem_ptr, cute.make_layout((N // self.bn,)))
+        mIds = None
+        if const_expr(self.early_ids):
+            mIds = cute.make_tensor(cute.recast_ptr(ids_ptr, dtype=Int32), cute.make_layout((n_rows * ids_stride,)))
+        else:
+            ids_stride, offset, num_experts = Int32(1), Int32(0), Int32(0)
         self.kernel(mA, mARows, mW, mSF, mAlpha, mScale, mORows, mOut, mEO, mTO, mGS, n_rows, n_experts, mValid,
-                    mFinal, mSem).launch(
+                    mFinal, mSem, mIds, ids_stride, offset, num_experts).launch(
             grid=[grid_m, N // self.bn, self.splits], block=[self.threads, 1, 1], stream=stream, use_pdl=PDL)
 
     # ------------------------------------------------------------------ device side
     @cute.kernel
     def kernel(self, mA: cute.Tensor, mARows, mW: cute.Tensor, mSF: cute.Tensor, mAlpha: cute.Tensor, mScale,
                mORows, mOut: cute.Tensor, mEO: cute.Tensor, mTO: cute.Tensor, mGS, n_rows: Int32, n_experts: Int32,
-               mValid, mFinal, mSem):
+               mValid, mFinal, mSem, mIds, ids_stride: Int32, offset: Int32, num_experts: Int32):
         tidx, _, _ = cute.arch.thread_idx()
         tile, ntile, split = cute.arch.block_idx()
+        if const_expr(self.early_ids):
+            self._fc1_early(mA, mARows, mW, mSF, mAlpha, mScale, mORows, mOut, mEO, mTO, mGS, n_rows, n_experts,
+                            mIds, ids_stride, offset, num_experts, tile, ntile, split, tidx)
+        else:
+            self._routed(mA, mARows, mW, mSF, mAlpha, mScale, mORows, mOut, mEO, mTO, mGS, n_rows, n_experts, mValid,
+                         mFinal, mSem, tile, ntile, split, tidx)
+
+    @cute.jit
+    def _fc1_early(self, mA, mARows, mW, mSF, mAlpha, mScale, mORows, mOut, mEO, mTO, mGS, n_rows, n_experts, mIds,
+                   ids_stride, offset, num_experts, tile, ntile, split, tidx):
+        """FC1 with early_ids: up to IDS_WARP pairs, the tile's expert and rows from the ids and its first
+        weights before the wait (pre = 1, _tile); more pairs, the wait first and the routing tables (pre = 0)."""
+        pre = Int32(0)
+        e, row0, row_end, n_tiles = Int32(0), Int32(0), Int32(0), Int32(0)
+        if n_rows <= IDS_WARP:
+            pre = Int32(1)
+            e, row0, row_end, n_tiles = self._route_from_ids(mIds, ids_stride, offset, num_experts, n_rows,
+                                                             n_experts, tile)
+        else:
+            await_predecessor_and_release(PDL)
+            n_tiles = mTO[n_experts]
+            e = expert_of_tile(mTO, tile, n_experts)
+            if tile < n_tiles:
+                row0 = mEO[e] + (tile - mTO[e]) * self.bm
+                row_end = mEO[e + 1]
+        if tile < n_tiles:
+            self._tile(mA, mARows, mW, mSF, mAlpha, mScale, mORows, mOut, mGS, e, row0, row_end, ntile, split,
+                       n_rows, tidx, None, None, None, n_tiles, pre)
+        else:
+            if pre == 1:
+                await_predecessor_and_release(PDL)
+
+    @cute.jit
+    def _route_from_ids(self, mIds, ids_stride, offset, num_experts, n_rows, n_experts, tile):
+        """(expert, first row, row end, tiles in all) of grid tile `tile` as the routing kernel lays them out
+        (kernels/moe_route_kernel.py: local experts in order, ceil(count / bm) tiles each, rows in expert order),
+        for n_rows <= IDS_WARP pairs, lane j holding pair j: its bucket (n_experts when the id is outside
+        [0, num_experts) or not local), then by shuffles its expert's count, whether it is the expert's first
+        lane, the tiles and rows of the experts before it, and the lane whose expert owns the tile."""
+        lane = cute.arch.lane_idx()
+        b = n_experts
+        if lane < n_rows:
+            lo = mIds[lane * ids_stride]
+            hi = Int32(0)
+            if ids_stride == 2:
+                hi = mIds[lane * 2 + 1]
+            if hi == 0 and lo >= 0 and lo < num_experts:
+                if lo - offset >= 0 and lo - offset < n_experts:
+                    b = lo - offset
+        count = Int32(0)
+        first = Int32(1)
+        for i in cutlass.range_constexpr(32):
+            bi = cute.arch.shuffle_sync(b, i)
+            if bi == b:
+                count = count + 1
+                if lane > i:
+                    first = Int32(0)
+        tiles = Int32(0)
+        if first == 1 and b < n_experts:
+            tiles = (count + (self.bm - 1)) // self.bm
+        start = Int32(0)  # tile_offsets[b]
+        before = Int32(0)  # expert_offsets[b]: local pairs of lower experts
+        total = Int32(0)
+        for i in cutlass.range_constexpr(32):
+            bi = cute.arch.shuffle_sync(b, i)
+            ti = cute.arch.shuffle_sync(tiles, i)
+            total = total + ti
+            if bi < b:
+                start = start + ti
+                before = before + 1
+        owns = tiles > 0 and tile >= start and tile < start + tiles
+        mask = cute.arch.vote_ballot_sync(owns)
+        src = cute.arch.popc((mask & (-mask)) - 1)  # the owning lane (32 when none: the tile is slack)
+        src = src % 32
+        e = cute.arch.shuffle_sync(b, src)
+        row0 = cute.arch.shuffle_sync(before, src) + (tile - cute.arch.shuffle_sync(start, src)) * self.bm
+        row_end = cute.arch.shuffle_sync(before, src) + cute.arch.shuffle_sync(count, src)
+        return e, row0, row_end, total
+
+    @cute.jit
+    def _routed(self, mA, mARows, mW, mSF, mAlpha, mScale, mORows, mOut, mEO, mTO, mGS, n_rows, n_experts, mValid,
+                mFinal, mSem, tile, ntile, split, tidx):
+        """A tile of the routing tables: FC2 (its early-load modes, the folded combine) and FC1 without
+        early_ids."""
         if const_expr(self.early != "off"):
             # FC2 launches while FC1 runs (PDL), and the routing launch has finished by then (FC1 waited for it
             # before releasing this grid): its tables are final and no kernel writes the weights. "regs": the
@@ -166,7 +263,7 @@ class MoEGemvKernel:
         if tile < n_tiles:
             row0 = mEO[e] + (tile - mTO[e]) * self.bm
             self._tile(mA, mARows, mW, mSF, mAlpha, mScale, mORows, mOut, mGS, e, row0, mEO[e + 1], ntile, split,
-                       n_rows, tidx, mValid, mFinal, mSem, n_tiles)
+                       n_rows, tidx, mValid, mFinal, mSem, n_tiles, Int32(0))
         else:
             if const_expr(self.early == "regs"):
                 await_predecessor_and_release(PDL)
@@ -222,8 +319,16 @@ class MoEGemvKernel:
                 sf[q, r] = Uint32(0)
 
     @cute.jit
+    def _first_batch_then_wait(self, mWv, mSF, ld16, e, wrow, c_base, kw, t, wq, sf):
+        """Load batch 0's weight rounds of the lane (_tile's first batch), then wait for the predecessor grid."""
+        for q in cutlass.range_constexpr(self.rounds):
+            cc0 = (q * self.wk + kw) * LANES_K + t
+            self._load_weights(mWv, mSF, ld16, e, wrow, c_base + cc0, cc0, q, wq, sf)
+        await_predecessor_and_release(PDL)
+
+    @cute.jit
     def _tile(self, mA, mARows, mW, mSF, mAlpha, mScale, mORows, mOut, mGS, e, row0, row_end, ntile, split, n_rows,
-              tidx, mValid, mFinal, mSem, n_tiles):
+              tidx, mValid, mFinal, mSem, n_tiles, pre):
         bm, bn, rows, cols, wk, groups, ntok = self.bm, self.bn, self.rows, self.cols, self.wk, self.groups, self.ntok
         rounds = self.rounds
         lane = tidx % 32
@@ -235,16 +340,6 @@ class MoEGemvKernel:
         c_base = split * self.chunks  # the split's first chunk (of the row's K / 32)
 
         wrow = self._weight_rows(ntile, wn, g)
-        # the lane's token of each n-tile (its A row; rows past the expert's end are never read)
-        src = cute.make_rmem_tensor((ntok,), Int32)
-        live = cute.make_rmem_tensor((ntok,), cutlass.Boolean)
-        for j in cutlass.range_constexpr(ntok):
-            s = row0 + 8 * j + g
-            live[j] = s < row_end
-            src[j] = s
-            if const_expr(mARows is not None):
-                if s < row_end:
-                    src[j] = mARows[s]
 
         smem = cutlass.utils.SmemAllocator()
         sRed = smem.allocate_tensor(Float32, cute.make_layout(
@@ -265,10 +360,21 @@ class MoEGemvKernel:
         aw = cute.make_rmem_tensor(cute.make_layout((rounds, ntok, 4, 4), stride=(ntok * 16, 16, 1, 4)), Uint32)
         ap = cute.make_rmem_tensor(cute.make_layout((ntok, 16), stride=(16, 1)), Uint32)  # activation pairs
         if const_expr(self.early == "regs"):  # batch 0's weights before the wait (kernel)
-            for q in cutlass.range_constexpr(rounds):
-                cc0 = (q * wk + kw) * LANES_K + t
-                self._load_weights(mWv, mSF, ld16, e, wrow, c_base + cc0, cc0, q, wq, sf)
-            await_predecessor_and_release(PDL)
+            self._first_batch_then_wait(mWv, mSF, ld16, e, wrow, c_base, kw, t, wq, sf)
+        if const_expr(self.early_ids):
+            if pre == 1:  # FC1 routed from the ids (_fc1_early): batch 0's weights before the wait
+                self._first_batch_then_wait(mWv, mSF, ld16, e, wrow, c_base, kw, t, wq, sf)
+        # the lane's token of each n-tile (its A row; rows past the expert's end are never read): after the wait,
+        # as the routing kernel writes a_rows
+        src = cute.make_rmem_tensor((ntok,), Int32)
+        live = cute.make_rmem_tensor((ntok,), cutlass.Boolean)
+        for j in cutlass.range_constexpr(ntok):
+            s = row0 + 8 * j + g
+            live[j] = s < row_end
+            src[j] = s
+            if const_expr(mARows is not None):
+                if s < row_end:
+                    src[j] = mARows[s]
         for it in cutlass.range(self.batches, unroll=1):
             # the batch's rounds of weights, scales and activations first: loads in flight before any use
             for q in cutlass.range_constexpr(rounds):
@@ -276,6 +382,9 @@ class MoEGemvKernel:
                 c = c_base + cc
                 if const_expr(self.early == "regs"):
                     if it > 0:  # batch 0's came before the wait
+                        self._load_weights(mWv, mSF, ld16, e, wrow, c, cc, q, wq, sf)
+                elif const_expr(self.early_ids):
+                    if it >= pre:  # pre = 1: batch 0's came before the wait
                         self._load_weights(mWv, mSF, ld16, e, wrow, c, cc, q, wq, sf)
                 else:
                     self._load_weights(mWv, mSF, ld16, e, wrow, c, cc, q, wq, sf)

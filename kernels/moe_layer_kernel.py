@@ -38,12 +38,13 @@ class MoELayerSpec:
     combine: MoECombineSpec | None
 
 
-def split_arguments(a: tuple, fc2_splits: int, folded: bool) -> tuple[tuple, tuple, tuple, tuple | None]:
+def split_arguments(a: tuple, spec: MoELayerSpec) -> tuple[tuple, tuple, tuple, tuple | None]:
     """The layer function's arguments (ARGUMENTS order) as the routing, FC1, FC2 and combine kernels' own
-    (their __call__ signatures). W4A4: the routing launch quantises x into xq, which FC1 reads as `fc1_a`
-    and whose output it fake-quantises with gs; W4A16 passes None for x, xq and gs, and x as `fc1_a`.
-    `folded` (the combine inside FC2): the routing launch zeroes the counters, FC2 takes valid, out and them,
-    and there is no combine launch (None)."""
+    (their __call__ signatures) for the layer `spec`. W4A4: the routing launch quantises x into xq, which FC1
+    reads as `fc1_a` and whose output it fake-quantises with gs; W4A16 passes None for x, xq and gs, and x as
+    `fc1_a`. The combine folded into FC2 (spec.combine None): the routing launch zeroes the counters, FC2
+    takes valid, out and them, and there is no combine launch (None). FC1 routing from the ids
+    (spec.fc1.early_ids): FC1 takes the ids (as 32-bit words, two per int64 id), offset and num_experts."""
     (ids, scales, x, xq, fc1_a, w1, w1_sf, alpha1, gs, w2, w2_sf, alpha2, out, eo, to1, to2, a_rows, out_rows,
      row_scale, valid, bad, inter, y, counters, T, P, n_experts, n_quant, grid1, grid2, grid_c, s1, s1f, s2, s2f,
      offset, num_experts, stream) = a
@@ -51,9 +52,11 @@ def split_arguments(a: tuple, fc2_splits: int, folded: bool) -> tuple[tuple, tup
              n_quant, stream)
     fc1 = (fc1_a, a_rows, w1, w1_sf, alpha1, None, None, inter, eo, to1, T, P, n_experts, grid1, s1, s1f, P, gs,
            stream)
+    if spec.fc1.early_ids:
+        fc1 += (None, None, None, ids, 1 if spec.route.ids_dtype == "int32" else 2, offset, num_experts)
     fc2 = (inter, None, w2, w2_sf, alpha2, row_scale, out_rows, y, eo, to2, P, P, n_experts, grid2, s2, s2f,
-           P * fc2_splits, None, stream)
-    if folded:
+           P * spec.cfg2.splits, None, stream)
+    if spec.combine is None:
         return (*route, counters), fc1, (*fc2, valid, out, counters), None
     return route, fc1, fc2, (y, valid, out, T, P, grid_c, stream)
 
@@ -63,9 +66,9 @@ class MoELayerKernel:
     config's GEMM backend, kernels/moe_combine_kernel.py; no combine when FC2 folds it in), launched in that
     order by one host function."""
 
-    def __init__(self, route, fc1, fc2, combine, fc2_splits: int):
+    def __init__(self, spec: MoELayerSpec, route, fc1, fc2, combine):
+        self.spec = spec
         self.route, self.fc1, self.fc2, self.combine = route, fc1, fc2, combine
-        self.fc2_splits = fc2_splits
 
     @cute.jit
     def __call__(self, ids_ptr: cute.Pointer, scales_ptr: cute.Pointer, x_ptr, xq_ptr, fc1_a_ptr: cute.Pointer,
@@ -81,8 +84,7 @@ class MoELayerKernel:
             ids_ptr, scales_ptr, x_ptr, xq_ptr, fc1_a_ptr, w1_ptr, w1_sf_ptr, alpha1_ptr, gs_ptr, w2_ptr, w2_sf_ptr,
             alpha2_ptr, out_ptr, eo_ptr, to1_ptr, to2_ptr, a_rows_ptr, out_rows_ptr, row_scale_ptr, valid_ptr,
             bad_ptr, inter_ptr, y_ptr, counters_ptr, T, P, n_experts, n_quant, grid1, grid2, grid_combine,
-            w1_stride_e, w1_sf_stride_e, w2_stride_e, w2_sf_stride_e, offset, num_experts, stream), self.fc2_splits,
-            self.combine is None)
+            w1_stride_e, w1_sf_stride_e, w2_stride_e, w2_sf_stride_e, offset, num_experts, stream), self.spec)
         self.route(*route)
         self.fc1(*fc1)
         self.fc2(*fc2)

@@ -608,11 +608,12 @@ def test_fc2_early_loads_compile_and_are_in_the_cache_key(early):
 
 
 @pytest.mark.parametrize("early", ["regs", "off"])
-def test_folded_combine_compiles_into_the_decode_gemv_alone(early):
+def test_folded_combine_and_fc1_routed_from_ids_compile_into_the_decode_gemv_alone(early):
     """The combine folded into FC2 (moe_config.FOLD_COMBINE): the decode GEMV's FC2 compiles with it, split and
     unsplit, in both early-load modes, within its registers, under a cache key of its own; the routing kernel
     that zeroes the counters compiles; layer_spec folds only where FC2 is the GEMV; the constraints refuse the
-    fold on the other backends and on FC1."""
+    fold on the other backends and on FC1. Likewise FC1 routing its tiles from the ids (FC1_EARLY), W4A16 and
+    W4A4."""
     from dataclasses import replace
 
     from kernels.compile_cache import resource_usage
@@ -640,6 +641,19 @@ def test_folded_combine_compiles_into_the_decode_gemv_alone(early):
                for v in violations(folded, MoEGemmConfig(128, 128, 64, 4, 4, 2, mma="wgmma")))
     with pytest.raises(ValueError, match="only FC2 takes the combine"):
         replace(fc1, combine_top_k=8)
+
+    for quant_mode in ("w4a16", "nvfp4"):
+        g1 = replace(gemm_shapes(quant_mode, "silu", 2048, 768)[0], early_ids=True)
+        c = MoEGemmConfig(8, 32, warps_m=4, warps_n=4, **GEMV)
+        assert not violations(g1, c) and fm.cache_key(g1, c, "sm_90a") != fm.cache_key(replace(g1, early_ids=False),
+                                                                                        c, "sm_90a")
+        regs, _ = resource_usage(fm.compile_gemm(g1, c, "sm_90a"))
+        assert regs is not None and regs <= 224
+    assert fm.layer_spec(p, c, c, fc1_early=True).fc1.early_ids
+    assert not fm.layer_spec(p, sync, c, fc1_early=True).fc1.early_ids  # not the GEMV: it waits for the tables
+    assert any("routes from the expert ids" in v for v in violations(g1, sync))
+    with pytest.raises(ValueError, match="only FC1 routes"):
+        replace(fc2, early_ids=True)
 
 
 def test_gemv_constraints_say_what_is_wrong():
@@ -777,18 +791,22 @@ def _arity(cls) -> tuple[int, int]:
     return sum(q.default is inspect.Parameter.empty for q in params), len(params)
 
 
-@pytest.mark.parametrize("quant_mode, ids_dtype, scale_dtype, T, splits, fold", [
-    ("w4a16", torch.int32, torch.float32, 1, 2, False), ("nvfp4", torch.int64, torch.bfloat16, 5, 1, False),
-    ("w4a16", torch.int32, torch.float32, 3, 2, True)])
+@pytest.mark.parametrize("quant_mode, ids_dtype, scale_dtype, T, splits, fold, fc1_early", [
+    ("w4a16", torch.int32, torch.float32, 1, 2, False, False),
+    ("nvfp4", torch.int64, torch.bfloat16, 5, 1, False, False),
+    ("w4a16", torch.int32, torch.float32, 3, 2, True, False),
+    ("nvfp4", torch.int64, torch.bfloat16, 2, 1, True, True)])
 def test_one_host_function_launches_the_four_kernels_with_their_former_arguments(quant_mode, ids_dtype, scale_dtype,
-                                                                                  T, splits, fold, monkeypatch):
+                                                                                  T, splits, fold, fc1_early,
+                                                                                  monkeypatch):
     """A call's four kernels behind one TVM-FFI function (kernels/moe_layer_kernel.py): it compiles for sm_90a
     (W4A16 and W4A4, both id and weight dtypes, FC2 split and unsplit) into one object holding the four
     kernels; its parameters are moe_layer_kernel.ARGUMENTS, which _Launch.arguments fills; split back into the
     separate kernels' arguments they are exactly what the call passed those before, and each kernel's tuple
     has its __call__'s arity. With the combine folded into FC2 (moe_config.FOLD_COMBINE) the object holds
     three kernels, the routing kernel also gets the counters, FC2 also valid, the output and the counters
-    (its optional parameters), and no combine is launched."""
+    (its optional parameters), and no combine is launched. With FC1 routing from the ids (FC1_EARLY) FC1 also
+    gets the ids, their 32-bit words per id, the offset and num_experts."""
     from kernels.compile_cache import cache_dir
     from kernels.moe_combine_kernel import MoECombineKernel
     from kernels.moe_layer_kernel import ARGUMENTS, MoELayerKernel
@@ -803,6 +821,7 @@ def test_one_host_function_launches_the_four_kernels_with_their_former_arguments
     plan = fm._Plan(p, *shapes, "sm_90a", torch.device("cuda", 0), "int32" if ids_dtype == torch.int32 else "int64",
                     "fp32" if scale_dtype == torch.float32 else "bf16", (1 << 20, 1 << 16, 1 << 20, 1 << 16))
     monkeypatch.setattr(fm, "FOLD_COMBINE", fold)
+    monkeypatch.setattr(fm, "FC1_EARLY", fc1_early)
     monkeypatch.setattr(fm, "LAYER_CALL", False)
     assert fm._Launch(plan, cfg1, cfg2).layer is None  # off: the four functions, loaded on first use
     monkeypatch.setattr(fm, "LAYER_CALL", True)
@@ -818,6 +837,7 @@ def test_one_host_function_launches_the_four_kernels_with_their_former_arguments
     assert objects.exists() and objects.read_bytes().count(b".text.kernel_cutlass_kernel_kernels") >= 4 - fold
     assert (launch.spec.combine is None) == fold and launch.spec.fc2.combine_top_k == (k if fold else 0)
     assert launch.spec.route.counters == (H // cfg2.bn if fold else 0)
+    assert launch.spec.fc1.early_ids == fc1_early
 
     params = list(inspect.signature(MoELayerKernel.__call__).parameters)[1:]
     assert [n.removesuffix("_ptr") for n in params] == list(ARGUMENTS)
@@ -834,6 +854,8 @@ def test_one_host_function_launches_the_four_kernels_with_their_former_arguments
     route, fc1, fc2, comb = launch.split_arguments(*call)
     f_route, f_fc1, f_fc2, f_comb = _former_arguments(launch, *call)
     counters = call[0] + launch.off["counters"]
+    if fc1_early:
+        f_fc1 = (*f_fc1, None, None, None, ids.data_ptr(), 1 if ids_dtype == torch.int32 else 2, 3, 11)
     if fold:
         assert (route, fc1, fc2, comb) == ((*f_route, counters), f_fc1, (*f_fc2, f_comb[1], out.data_ptr(), counters),
                                            None)
@@ -842,7 +864,8 @@ def test_one_host_function_launches_the_four_kernels_with_their_former_arguments
         assert (route, fc1, fc2, comb) == (f_route, f_fc1, f_fc2, f_comb)
         assert args[ARGUMENTS.index("counters")] is None
     kernels = (MoERouteKernel, fm.gemm_kernel_class(cfg1), fm.gemm_kernel_class(cfg2), MoECombineKernel)
-    for cls, part, optional in zip(kernels, (route, fc1, fc2, comb), (fold, False, fold, False)):
+    # the optional parameters each passes: the counters; FC1's ids group after the fold's three (None); the fold's
+    for cls, part, optional in zip(kernels, (route, fc1, fc2, comb), (fold, 7 * fc1_early, 3 * fold, 0)):
         if part is not None:
             required, every = _arity(cls)
-            assert len(part) == (every if optional else required), cls.__name__
+            assert len(part) == required + optional <= every, cls.__name__

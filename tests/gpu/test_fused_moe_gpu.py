@@ -429,62 +429,76 @@ def test_gemv_agrees_with_mma_sync_at_decode():
         assert float((a - b).abs().max() / a.abs().max()) <= 2**-7
 
 
-@pytest.mark.parametrize("fc2_early, fold", [("default", None), ("regs", None), ("l2", None), ("off", None),
-                                              ("off", True), ("regs", True)])
-def test_back_to_back_eager_calls_share_their_streams_workspace_and_stay_correct(fc2_early, fold):
+@pytest.mark.parametrize("fc2_early, fold, fc1_early", [
+    ("default", None, None), ("regs", None, None), ("l2", None, None), ("off", None, None), ("off", True, None),
+    ("regs", True, True)])
+def test_back_to_back_eager_calls_share_their_streams_workspace_and_stay_correct(fc2_early, fold, fc1_early):
     """Calls of two layers and sizes queued without a sync, on the current stream and a side stream: each reuses
     its stream's workspace arena (kernels.fused_moe._workspace) the moment the previous call is done with it.
     Each routing differs from the last, so an FC2 that read stale tables before its PDL wait
     (moe_config.FC2_EARLY, every mode) would compute the wrong experts' rows, and a folded combine
-    (moe_config.FOLD_COMBINE) whose counters the routing launch did not zero would sum too early or never."""
-    with contextlib.nullcontext() if (fc2_early, fold) == ("default", None) else \
-            fm.kernel_variant(None if fc2_early == "default" else fc2_early, fold):
+    (moe_config.FOLD_COMBINE) whose counters the routing launch did not zero would sum too early or never, and
+    an FC1 routed from the ids (FC1_EARLY) that read a_rows before its wait would gather another call's rows."""
+    with contextlib.nullcontext() if (fc2_early, fold, fc1_early) == ("default", None, None) else \
+            fm.kernel_variant(None if fc2_early == "default" else fc2_early, fold, fc1_early):
         _back_to_back_calls()
 
 
-FOLD_CASES = [  # (T, E, k, H, I, n_local, offset, FC1 config, FC2 config)
-    (1, 128, 8, 2048, 768, None, 0, MoEGemmConfig(8, 32, warps_m=4, warps_n=4, **GEMV),
+DECODE_CASES = [  # (T, E, k, H, I, n_local, offset, ids dtype, skew, FC1 config, FC2 config)
+    (1, 128, 8, 2048, 768, None, 0, torch.int32, None, MoEGemmConfig(8, 32, warps_m=4, warps_n=4, **GEMV),
      MoEGemmConfig(8, 64, warps_m=2, warps_n=4, splits=2, **GEMV)),  # Qwen3-30B-A3B at decode
-    (5, 16, 4, 512, 256, None, 0, MoEGemmConfig(8, 32, warps_m=1, warps_n=4, **GEMV),
-     MoEGemmConfig(8, 64, warps_m=1, warps_n=4, **GEMV)),
-    (64, 64, 8, 1024, 512, None, 0, MoEGemmConfig(16, 64, warps_m=2, warps_n=4, **GEMV),
-     MoEGemmConfig(16, 128, warps_m=2, warps_n=4, splits=2, **GEMV)),
-    (9, 16, 2, 512, 256, 8, 4, MoEGemmConfig(8, 32, warps_m=1, warps_n=4, **GEMV),
+    (5, 16, 4, 512, 256, None, 0, torch.int64, None, MoEGemmConfig(8, 32, warps_m=1, warps_n=4, **GEMV),
+     MoEGemmConfig(8, 64, warps_m=1, warps_n=4, **GEMV)),  # 20 pairs, int64 ids
+    (4, 16, 8, 512, 256, None, 0, torch.int32, "one", MoEGemmConfig(8, 32, warps_m=1, warps_n=4, **GEMV),
+     MoEGemmConfig(8, 64, warps_m=1, warps_n=4, splits=2, **GEMV)),  # 32 pairs, expert 0 in every token: 1 tile
+    (64, 64, 8, 1024, 512, None, 0, torch.int32, None, MoEGemmConfig(16, 64, warps_m=2, warps_n=4, **GEMV),
+     MoEGemmConfig(16, 128, warps_m=2, warps_n=4, splits=2, **GEMV)),  # 512 pairs: FC1 waits for the tables
+    (9, 16, 2, 512, 256, 8, 4, torch.int64, None, MoEGemmConfig(8, 32, warps_m=1, warps_n=4, **GEMV),
      MoEGemmConfig(8, 64, warps_m=1, warps_n=4, splits=2, **GEMV)),  # expert parallel: half the pairs elsewhere
 ]
 
 
 @pytest.mark.parametrize("layer_call", [False, True])
-@pytest.mark.parametrize("case", range(len(FOLD_CASES)))
-def test_folded_combine_writes_the_combine_kernels_bits(case, layer_call, monkeypatch):
+@pytest.mark.parametrize("fold, fc1_early", [(True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("case", range(len(DECODE_CASES)))
+def test_decode_overlaps_write_the_same_bits(case, fold, fc1_early, layer_call, monkeypatch):
     """The combine folded into the decode GEMV's FC2 (moe_config.FOLD_COMBINE) adds the same fp32 partials in
-    the same order as the combine kernel: the outputs are bit for bit those of the call with a combine launch,
-    through the four separate functions and through the layer function, split and unsplit, with non-local
-    pairs; repeated calls (counters zeroed by each routing launch) agree too; and both agree with the float64
-    reference. A call whose pairs are all elsewhere writes zeros."""
-    T, E, k, H, I, n_local, offset, c1, c2 = FOLD_CASES[case]  # noqa: E741
+    the same order as the combine kernel, and FC1 routing its tiles from the ids (moe_config.FC1_EARLY) reads
+    the same weights and rows as from the routing tables: either way the outputs are bit for bit those of the
+    plain call, through the four separate functions and through the layer function, split and unsplit, int32
+    and int64 ids, one expert in every token, non-local pairs, and past 32 pairs (FC1 then waits for the
+    tables); repeated calls (counters zeroed by each routing launch) agree too, and the plain call agrees with
+    the float64 reference. A call whose pairs are all elsewhere writes zeros; int64 ids past 2^32 (out of
+    range, routed nowhere with the check off) are not taken for their low word."""
+    T, E, k, H, I, n_local, offset, ids_dtype, skew, c1, c2 = DECODE_CASES[case]  # noqa: E741
     monkeypatch.setattr(fm, "LAYER_CALL", layer_call)
     layer = make_layer(E, H, I, "silu", "w4a16", seed=case, n_local=n_local)
-    ids, w = make_routing(T, E, k, seed=case)
+    ids, w = make_routing(T, E, k, seed=case, skew=skew)
+    ids = ids.to(ids_dtype)
     x = torch.randn(T, H, device=DEV).to(torch.bfloat16)
 
-    def call(ids):
+    def call(ids, check="deferred"):
         out = torch.full((T, H), float("nan"), dtype=torch.bfloat16, device=DEV)
         return fused_moe(x, layer["w1_weight"], layer["w1_weight_sf"], layer["w2_weight"], layer["w2_weight_sf"],
                          ids, w, E, k, w1_alpha=layer["w1_alpha"], w2_alpha=layer["w2_alpha"],
                          num_local_experts=n_local, local_expert_offset=offset, output=out, quant_mode="w4a16",
-                         configs=(c1, c2))
+                         configs=(c1, c2), check_expert_ids=check)
 
-    with fm.kernel_variant(fold=False):
+    far = ids.clone()
+    far[:, 0] += 1 << 32 if ids_dtype == torch.int64 else 0
+    with fm.kernel_variant(fold=False, fc1_early=False):
         plain = call(ids)
-    with fm.kernel_variant(fold=True):
-        folded = [call(ids) for _ in range(3)]
+        plain_far = call(far, "off")
+    with fm.kernel_variant(fold=fold, fc1_early=fc1_early):
+        overlapped = [call(ids) for _ in range(3)]
+        got_far = call(far, "off")
         if n_local is not None:  # every id outside [offset, offset + n_local): no CTA of FC2 has rows
             nowhere = call(torch.full_like(ids, offset + n_local))
     torch.cuda.synchronize()
     assert not torch.isnan(plain).any()
-    for got in folded:
+    for got in overlapped:
         assert torch.equal(got, plain)
+    assert torch.equal(got_far, plain_far)
     ref = fused_moe_reference(x, layer["w1_weight"], layer["w1_weight_sf"], layer["w2_weight"], layer["w2_weight_sf"],
                               ids, w, w1_alpha=layer["w1_alpha"], w2_alpha=layer["w2_alpha"],
                               local_expert_offset=offset, quant_mode="w4a16")
