@@ -197,7 +197,8 @@ def main() -> None:
         switches.append([ON_OFF[f] for f in picked])
     try:
         cases = [(layer, int(T)) for layer, T in (c.strip().rsplit(":", 1) for c in args.spans.split(",") if c.strip())]
-        [problem(layer, T) for layer, T in cases]
+        for layer, T in cases:  # each a layer of the moe set
+            problem(layer, T)
     except (ValueError, KeyError) as e:
         ap.error(f"--spans takes a comma list of layer:T of the moe problem set, got {args.spans!r} ({e})")
     variants = list(itertools.product(modes, *switches))
