@@ -338,7 +338,8 @@ def _call_key(x, w1, w1sf, w2, w2sf, ids, sc, a1, a2, fc2s, output, *options) ->
     """A call's signature (its tensors', then `options`: the other arguments as given) as one flat tuple (a
     per-tensor helper in a loop cost ~40 % more host time, profiled on CPU with the kernels mocked): shapes,
     strides, dtypes and devices, and one alignment class for the tensors that must be 16-byte aligned
-    (validation refuses any other, so a nonzero class never finds a plan). AttributeError or TypeError for an argument that is no tensor: validation names it."""
+    (validation refuses any other, so a nonzero class never finds a plan). AttributeError or TypeError for an
+    argument that is no tensor: validation names it."""
     k = (x.shape, x.stride(), x.dtype, x.device, w1.shape, w1.stride(), w1.dtype, w1.device, w1sf.shape,
          w1sf.stride(), w1sf.dtype, w1sf.device, w2.shape, w2.stride(), w2.dtype, w2.device, w2sf.shape,
          w2sf.stride(), w2sf.dtype, w2sf.device, ids.shape, ids.stride(), ids.dtype, ids.device, sc.shape,
