@@ -129,10 +129,9 @@ def _chains(p: MoEProblem, case) -> list:
 
 def gpu_chain(layer: str, T: int, variants) -> dict[tuple[str, bool, bool], tuple[list[float], float]]:
     """Per (FC2 early-load mode, fold, FC1 early) variant (kernels.moe_config.FC2_EARLY, FOLD_COMBINE, FC1_EARLY):
-    CUDA-graph replay
-    medians (us) of the call's kernel chain cut after each kernel (routing; + FC1; + FC2; + combine, absent when
-    folded), over rotating cases (> 3x L2, as benchmarks/fused_moe.py), and of the public op itself; every
-    variant on the same cases, one after another."""
+    CUDA-graph replay medians (us) of the call's kernel chain cut after each kernel (routing; + FC1; + FC2;
+    + combine, absent when folded), over rotating cases (> 3x L2, as benchmarks/fused_moe.py), and of the public
+    op itself; every variant on the same cases, one after another."""
     p = problem(layer, T)
     first = moe_runner.make_case(p)
     cases = [first] + moe_runner.make_cases(p, rotation_sets(max(1, first.nbytes), l2_bytes()) - 1, seed=1)

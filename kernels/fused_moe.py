@@ -74,14 +74,16 @@ def _fake_args(sh: MoEGemmShape):
     fc1 = sh.layer == "fc1"
     i32, i64 = cutlass.Int32(0), cutlass.Int64(0)
     out = ptr(cutlass.Float32 if sh.out_dtype == "fp32" else cutlass.BFloat16, 16)
-    folded = (ptr(cutlass.Int32, 4), ptr(cutlass.BFloat16, 16), ptr(cutlass.Int32, 4)) if sh.combine_top_k else ()
-    if sh.early_ids:  # after the fold's three (None): the ids as 32-bit words, their stride, offset, num_experts
-        folded = (None, None, None, ptr(cutlass.Int32, 4), i32, i32, i32)
+    # the optional trailing parameters (kernels/moe_gemv_kernel.py): the fold's valid, output and counters; FC1's
+    # early_ids after the fold's three (None): the ids as 32-bit words, their stride, offset, num_experts
+    optional = (ptr(cutlass.Int32, 4), ptr(cutlass.BFloat16, 16), ptr(cutlass.Int32, 4)) if sh.combine_top_k else ()
+    if sh.early_ids:
+        optional = (None, None, None, ptr(cutlass.Int32, 4), i32, i32, i32)
     return (ptr(cutlass.BFloat16, 16), ptr(cutlass.Int32, 4) if fc1 else None, ptr(cutlass.Uint8, 16),
             ptr(cutlass.Uint8, 16), ptr(cutlass.Float32, 4), None if fc1 else ptr(cutlass.Float32, 4),
             None if fc1 else ptr(cutlass.Int32, 4), out, ptr(cutlass.Int32, 4), ptr(cutlass.Int32, 4),
             i32, i32, i32, i32, i64, i64, i32, ptr(cutlass.Float32, 4) if sh.quant_out else None,
-            make_fake_stream(use_tvm_ffi_env_stream=False), *folded)
+            make_fake_stream(use_tvm_ffi_env_stream=False), *optional)
 
 
 def gemm_kernel_class(cfg: MoEGemmConfig):
@@ -147,11 +149,11 @@ def layer_spec(p: MoEProblem, cfg1: MoEGemmConfig, cfg2: MoEGemmConfig, ids_dtyp
     fc1, fc2 = gemm_shapes(p.quant_mode, p.activation, p.H, p.I)
     if (FC1_EARLY if fc1_early is None else fc1_early) and cfg1.mma == "gemv":
         fc1 = replace(fc1, early_ids=True)
-    if (FOLD_COMBINE if fold is None else fold) and cfg2.mma == "gemv":
-        return MoELayerSpec(route_spec(p, cfg1.bm, cfg2.bm, ids_dtype, scale_dtype, p.H // cfg2.bn), fc1, cfg1,
-                            replace(fc2, combine_top_k=p.top_k), cfg2, None)
-    return MoELayerSpec(route_spec(p, cfg1.bm, cfg2.bm, ids_dtype, scale_dtype), fc1, cfg1, fc2, cfg2,
-                        MoECombineSpec(p.top_k, cfg2.splits, p.H))
+    folded = (FOLD_COMBINE if fold is None else fold) and cfg2.mma == "gemv"
+    if folded:
+        fc2 = replace(fc2, combine_top_k=p.top_k)
+    return MoELayerSpec(route_spec(p, cfg1.bm, cfg2.bm, ids_dtype, scale_dtype, p.H // cfg2.bn if folded else 0),
+                        fc1, cfg1, fc2, cfg2, None if folded else MoECombineSpec(p.top_k, cfg2.splits, p.H))
 
 
 def _layer_kernels(p: MoEProblem, cfg, arch: str) -> list[tuple[str, object]]:
@@ -187,7 +189,7 @@ def precompile_layer(p: MoEProblem, cfg, arch: str):
 
 
 def compile_layer(ls, arch: str):
-    """Compile a call's four kernels behind one host function (kernels/moe_layer_kernel.py) for `arch` (no
+    """Compile a call's kernels behind one host function (kernels/moe_layer_kernel.py) for `arch` (no
     GPU needed); ValueError for a GEMM config the constraints reject there."""
     import cutlass
     from cutlass.base_dsl.enums import AddressSpace
